@@ -1,0 +1,172 @@
+"""Command line: ``tensorsurgery apply|plan|verify|inspect``. The only module that prints or exits.
+
+Errors are one line on stderr and exit code 2 (``--traceback`` shows the Python traceback);
+Ctrl-C exits 130 and SIGTERM 143, with the temporary folder removed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import TensorSurgeryError
+from .format import read_header
+from .manifest import load_manifest
+from .plan import Plan, build_plan
+from .report import format_bytes, format_plan, plan_as_dict
+from .source import resolve_source
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so cleanup runs like for Ctrl-C."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    if hasattr(signal, "SIGXFSZ"):
+        # Past RLIMIT_FSIZE a write must fail with EFBIG (reported), not kill the process.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        return args.func(args)
+    except TensorSurgeryError as e:
+        if args.traceback:
+            raise
+        print(f"tensorsurgery: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tensorsurgery: interrupted; the temporary output was removed, nothing was written", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("tensorsurgery: terminated; the temporary output was removed, nothing was written", file=sys.stderr)
+        return 143
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Terminated()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tensorsurgery", description="Build new LLM checkpoints out of old "
+                                "ones from safetensors headers and byte ranges, without loading a model.")
+    p.add_argument("--version", action="version", version=f"tensorsurgery {__version__}")
+    p.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    def manifest_command(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("manifest", type=Path, help="manifest TOML (or mergekit passthrough YAML)")
+        c.add_argument("--source", action="append", default=[], metavar="[NAME=]PATH",
+                       help="use this local folder or repo id for a source (NAME= when there are several)")
+        c.add_argument("--output", metavar="PATH", help="override output.path")
+        c.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+        return c
+
+    c = manifest_command("apply", "build the output checkpoint the manifest describes")
+    c.add_argument("--force", action="store_true", help="replace an existing output folder")
+    c.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cmd_apply)
+
+    c = manifest_command("plan", "show the plan from the headers alone: layer map, seams, shards, bytes")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=_cmd_plan)
+
+    c = sub.add_parser("inspect", help="show a checkpoint's shards, tensors, dtypes, layers and bytes")
+    c.add_argument("path", type=Path, help="a checkpoint folder or one .safetensors file")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+    c.set_defaults(func=_cmd_inspect)
+    return p
+
+
+def _source_overrides(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        # "NAME=PATH" unless the part before '=' looks like a path itself.
+        if sep and name and "/" not in name:
+            out[name] = path
+        else:
+            out[""] = v
+    return out
+
+
+def _load_plan(args: argparse.Namespace) -> Plan:
+    manifest = load_manifest(args.manifest, sources=_source_overrides(args.source), output=args.output)
+    checkpoints = {s.name: resolve_source(s.model, s.revision, name=s.name) for s in manifest.sources}
+    return build_plan(manifest, checkpoints)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    plan = _load_plan(args)
+    if args.json:
+        print(json.dumps(plan_as_dict(plan), indent=2))
+    else:
+        print(format_plan(plan, free=_free_bytes(plan.output)))
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .writer import check_output, execute_plan
+    plan = _load_plan(args)
+    check_output(plan, force=args.force)
+    if args.dry_run:
+        print(format_plan(plan, free=_free_bytes(plan.output)))
+        print("dry run: nothing written")
+        return 0
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1000, desc="writing",
+                   file=sys.stderr, smoothing=0.1)
+    try:
+        result = execute_plan(plan, force=args.force, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    rate = result.nbytes / result.seconds if result.seconds else 0
+    print(f"wrote {result.output}")
+    print(f"  {len(plan.layers)} layers, {len(plan.tensors)} tensors in {len(plan.shards)} shard(s), "
+          f"{format_bytes(result.nbytes)} in {result.seconds:.1f} s ({format_bytes(rate)}/s)")
+    print(f"  files: {', '.join(result.files)}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .report import format_checkpoint, checkpoint_as_dict
+    from .source import load_checkpoint
+    if args.path.is_file():
+        header = read_header(args.path)
+        data = {"file": str(args.path), "tensors": [
+            {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "nbytes": e.nbytes} for e in header.entries]}
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            for e in header.entries:
+                print(f"{e.name:60s} {e.dtype:6s} {str(list(e.shape)):20s} {format_bytes(e.nbytes)}")
+            print(f"{len(header.entries)} tensors, {format_bytes(header.data_size)}")
+        return 0
+    ckpt = load_checkpoint(args.path)
+    print(json.dumps(checkpoint_as_dict(ckpt), indent=2) if args.json else format_checkpoint(ckpt))
+    return 0
+
+
+def _free_bytes(output: Path) -> int | None:
+    path = output.expanduser().resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

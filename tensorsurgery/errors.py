@@ -1,0 +1,38 @@
+"""Every exception tensorsurgery raises on purpose.
+
+The library raises; only :mod:`tensorsurgery.cli` prints. Messages follow one shape:
+what failed, where (file, key path or tensor), expected vs found, and what to do.
+"""
+from __future__ import annotations
+
+
+class TensorSurgeryError(Exception):
+    """Base class: any error tensorsurgery reports to the user as one line (exit code 2)."""
+
+
+class ManifestError(TensorSurgeryError):
+    """The manifest (TOML or mergekit YAML) is unreadable, has an unknown key or a bad value."""
+
+
+class HeaderError(TensorSurgeryError):
+    """A safetensors file breaks one of the format's rules (raised by :mod:`tensorsurgery.format`)."""
+
+
+class SourceError(TensorSurgeryError):
+    """A source checkpoint is missing, inconsistent (index vs shards vs config) or unresolvable."""
+
+
+class PlanError(TensorSurgeryError):
+    """The manifest cannot be applied to these sources (layer out of range, name clash, shapes differ)."""
+
+
+class OutputExistsError(TensorSurgeryError):
+    """The output path exists (and ``--force`` was not given) or lies inside a source."""
+
+
+class WriteError(TensorSurgeryError):
+    """Writing the output failed (disk full, file too large, source changed while reading)."""
+
+
+class VerifyError(TensorSurgeryError):
+    """The output cannot be verified at all (missing folder, unreadable provenance)."""

@@ -1,0 +1,87 @@
+"""Layer arrangements and the ``layers.N`` segment of tensor names.
+
+An arrangement is the list of (source, layer) pairs that become output layers 0, 1, 2, ...
+The general DUS/iDUS rule (SOLAR, arXiv 2312.15166): copy A is layers ``0..n-m-1``, copy B is
+layers ``m..n-1``; both are cut into groups of ``g`` and interleaved A1, B1, A2, B2, ...
+DUS is ``g = n - m``; iDUS-1 is ``g = 1``; iDUS-8 is ``g = 8``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Anchored on the whole dotted segment, so "layers.1." never matches inside "layers.11." and a
+# name such as "model.layers.3.mlp.experts.1.w" rewrites only the decoder index.
+_LAYER_SEGMENT = re.compile(r"(?:^|(?<=\.))layers\.(\d+)(?=\.|$)")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRef:
+    """Output layer taken from ``layer`` of the source called ``source``."""
+
+    source: str
+    layer: int
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer index in ``name`` (``model.layers.12.mlp...`` -> 12), or None."""
+    m = _LAYER_SEGMENT.search(name)
+    return int(m.group(1)) if m else None
+
+
+def with_layer_index(name: str, index: int) -> str:
+    """``name`` with its first ``layers.N`` segment set to ``index``.
+
+    Raises:
+        ValueError: ``name`` has no ``layers.N`` segment (a programming error, not user input).
+    """
+    new, count = _LAYER_SEGMENT.subn(f"layers.{index}", name, count=1)
+    if not count:
+        raise ValueError(f"{name!r} has no layers.N segment")
+    return new
+
+
+def keep(n: int) -> tuple[int, ...]:
+    """Every layer once, in order: ``0..n-1``."""
+    return tuple(range(n))
+
+
+def interlock(n: int, overlap: int, group: int) -> tuple[int, ...]:
+    """Source layer for each output layer of a (interlocked) depth up-scale.
+
+    Args:
+        n: layers in the source.
+        overlap: ``m``, layers cut from the end of copy A and from the start of copy B.
+        group: ``g``, layers per group; ``n - overlap`` gives plain DUS.
+
+    Example:
+        >>> interlock(8, 2, 2)
+        (0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7)
+    """
+    a = range(0, n - overlap)
+    b = range(overlap, n)
+    out: list[int] = []
+    for i in range(0, len(a), group):
+        out += a[i:i + group]
+        out += b[i:i + group]
+    return tuple(out)
+
+
+def dus(n: int, overlap: int) -> tuple[int, ...]:
+    """SOLAR depth up-scaling: ``0..n-m-1`` then ``m..n-1`` (n=32, m=8: 48 layers)."""
+    return interlock(n, overlap, n - overlap)
+
+
+def seams(arrangement: tuple[LayerRef, ...]) -> tuple[tuple[int, int], ...]:
+    """Positions where the source does not continue from the previous output layer.
+
+    Returns ``(position, jump)`` pairs: output layer ``position`` takes a layer ``jump`` away from
+    ``previous + 1`` (negative when it goes back; a change of source counts with the raw
+    difference). The 'layer distance' DUS and iDUS are about.
+    """
+    out = []
+    for pos in range(1, len(arrangement)):
+        prev, cur = arrangement[pos - 1], arrangement[pos]
+        if cur.source != prev.source or cur.layer != prev.layer + 1:
+            out.append((pos, cur.layer - (prev.layer + 1)))
+    return tuple(out)

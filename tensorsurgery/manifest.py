@@ -1,0 +1,331 @@
+"""Read a manifest (TOML, see the README's reference) into a frozen :class:`Manifest`.
+
+Every key is checked: unknown keys and wrong types are :class:`ManifestError` messages that name
+the file and the key path (``solar.toml: layers.arrangement[5]: ...``), the way tomllib names a
+line and column.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import ManifestError
+
+PLANS = ("keep", "dus", "idus", "explicit")
+#: Output dtype names accepted in ``output.dtype`` and the safetensors dtype each means.
+DTYPES: Mapping[str, str] = MappingProxyType({"float16": "F16", "bfloat16": "BF16", "float32": "F32"})
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """A source model: a local folder or a Hugging Face repo id, called ``name`` in the manifest."""
+
+    name: str
+    model: str
+    revision: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RenameRule:
+    """Replace regex ``match`` with ``replace`` (``re.sub`` template) in tensor names."""
+
+    match: str
+    replace: str
+
+
+@dataclass(frozen=True, slots=True)
+class RenameSpec:
+    """Key renaming: an optional built-in preset, then ``rules`` in order; ``drop`` removes tensors."""
+
+    preset: str | None = None
+    rules: tuple[RenameRule, ...] = ()
+    drop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Layers ``start..stop-1`` of source ``source`` (``None``: the first source)."""
+
+    source: str | None
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class LayersSpec:
+    """How output layers are arranged (``plan``: keep | dus | idus | explicit)."""
+
+    plan: str = "keep"
+    overlap: int | None = None
+    group: int | None = None
+    arrangement: tuple[Segment, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSpec:
+    """Where and how the output is written."""
+
+    path: str
+    dtype: str | None = None
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A parsed manifest. ``text`` is kept verbatim for the provenance record."""
+
+    path: Path
+    text: str
+    sources: tuple[SourceSpec, ...]
+    rename: RenameSpec
+    layers: LayersSpec
+    config: Mapping[str, Any]
+    output: OutputSpec
+
+    def source(self, name: str | None) -> SourceSpec:
+        """The source called ``name``; ``None`` is the first one (the base)."""
+        if name is None:
+            return self.sources[0]
+        return next(s for s in self.sources if s.name == name)
+
+
+def parse_size(value: int | str) -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal units like Hugging Face; KiB/MiB/GiB binary).
+
+    Raises:
+        ValueError: not a positive size.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as \"5GB\", found {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"expected a size such as \"5GB\" or \"500MB\", found {value!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, found {value!r}")
+    return n
+
+
+class _Reader:
+    """Walks a TOML table, checking types and remembering the key path for messages."""
+
+    def __init__(self, file: Path, table: Mapping[str, Any], path: str = ""):
+        self.file, self.table, self.path = file, table, path
+
+    def error(self, key: str | None, message: str) -> ManifestError:
+        where = f"{self.path}.{key}" if self.path and key else (key or self.path)
+        return ManifestError(f"{self.file}: {where}: {message}" if where else f"{self.file}: {message}")
+
+    def check_keys(self, allowed: tuple[str, ...]) -> None:
+        for key in self.table:
+            if key not in allowed:
+                raise self.error(key, f"unknown key; expected one of: {', '.join(allowed)}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        if key not in self.table:
+            if required:
+                raise self.error(key, "missing; it is required")
+            return default
+        value = self.table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int subclass; TOML true must not pass for a layer count.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.error(key, f"expected {names}, found {_describe(value)}")
+        return value
+
+    def sub(self, key: str, required: bool = False) -> "_Reader":
+        table = self.get(key, dict, {}, required)
+        return _Reader(self.file, table, f"{self.path}.{key}" if self.path else key)
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", dict: "a table", list: "an array", bool: "a boolean"}
+
+
+def _describe(value: Any) -> str:
+    return f"{_TYPE_NAMES.get(type(value), type(value).__name__)} {value!r:.60}"
+
+
+def load_manifest(path: str | Path, *, sources: Mapping[str, str] | None = None,
+                  output: str | None = None) -> Manifest:
+    """Read the manifest at ``path``.
+
+    Args:
+        path: a TOML manifest (or a mergekit passthrough YAML, by suffix).
+        sources: overrides of source models by source name (``""`` means the only source),
+            as given with ``--source``.
+        output: override of ``output.path`` (``--output``).
+
+    Raises:
+        ManifestError: unreadable file, unknown key, wrong type or value; the message names the
+            file and key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read the manifest: {e}") from e
+    if path.suffix.lower() in (".yml", ".yaml"):
+        from .mergekit import manifest_from_mergekit
+        manifest = manifest_from_mergekit(path, text)
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ManifestError(f"{path}: not valid TOML: {e}") from e
+        manifest = parse_manifest(path, text, data)
+    return apply_overrides(manifest, sources or {}, output)
+
+
+def parse_manifest(path: Path, text: str, data: Mapping[str, Any]) -> Manifest:
+    """Build a :class:`Manifest` from already-parsed TOML ``data`` (pure)."""
+    root = _Reader(path, data)
+    root.check_keys(("source", "sources", "rename", "layers", "config", "output"))
+    srcs = _parse_sources(root)
+    names = tuple(s.name for s in srcs)
+    return Manifest(
+        path=path, text=text, sources=srcs,
+        rename=_parse_rename(root.sub("rename")),
+        layers=_parse_layers(root.sub("layers"), names),
+        config=MappingProxyType(dict(root.get("config", dict, {}))),
+        output=_parse_output(root.sub("output", required=True)),
+    )
+
+
+def _parse_sources(root: _Reader) -> tuple[SourceSpec, ...]:
+    if ("source" in root.table) == ("sources" in root.table):
+        raise root.error(None, "give exactly one of [source] or [sources.NAME] tables")
+    if "source" in root.table:
+        return (_parse_source(root.sub("source"), "source"),)
+    table = root.sub("sources")
+    if not table.table:
+        raise table.error(None, "no sources; add a [sources.NAME] table with a model")
+    return tuple(_parse_source(table.sub(name), name) for name in table.table)
+
+
+def _parse_source(r: _Reader, name: str) -> SourceSpec:
+    r.check_keys(("model", "revision"))
+    model = r.get("model", str, required=True)
+    if not model.strip():
+        raise r.error("model", "is empty; give a local folder or a Hugging Face repo id")
+    return SourceSpec(name=name, model=model, revision=r.get("revision", str))
+
+
+def _parse_rename(r: _Reader) -> RenameSpec:
+    r.check_keys(("preset", "rules", "drop"))
+    rules = []
+    for i, item in enumerate(r.get("rules", list, [])):
+        rr = _Reader(r.file, item if isinstance(item, dict) else {}, f"{r.path}.rules[{i}]")
+        if not isinstance(item, dict):
+            raise rr.error(None, f"expected a table {{ match = '...', replace = '...' }}, found {_describe(item)}")
+        rr.check_keys(("match", "replace"))
+        rules.append(RenameRule(_regex(rr, "match"), rr.get("replace", str, required=True)))
+    drop = r.get("drop", list, [])
+    for i, pattern in enumerate(drop):
+        _regex(_Reader(r.file, {f"drop[{i}]": pattern}, r.path), f"drop[{i}]")
+    return RenameSpec(preset=r.get("preset", str), rules=tuple(rules), drop=tuple(drop))
+
+
+def _regex(r: _Reader, key: str) -> str:
+    pattern = r.get(key, str, required=True)
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise r.error(key, f"invalid regular expression {pattern!r}: {e}") from None
+    return pattern
+
+
+def _parse_layers(r: _Reader, names: tuple[str, ...]) -> LayersSpec:
+    r.check_keys(("plan", "overlap", "group", "arrangement"))
+    plan = r.get("plan", str, "keep")
+    if plan not in PLANS:
+        raise r.error("plan", f"unknown plan {plan!r}; expected one of: {', '.join(PLANS)}")
+    overlap, group = r.get("overlap", int), r.get("group", int)
+    needs = {"keep": (), "dus": ("overlap",), "idus": ("overlap", "group"), "explicit": ("arrangement",)}[plan]
+    for key in ("overlap", "group", "arrangement"):
+        if key in r.table and key not in needs:
+            raise r.error(key, f"does not apply to plan {plan!r}")
+        if key in needs and key not in r.table:
+            raise r.error(key, f"missing; plan {plan!r} needs it")
+    for key, value, low in (("overlap", overlap, 0), ("group", group, 1)):
+        if value is not None and value < low:
+            raise r.error(key, f"must be >= {low}, found {value}")
+    arrangement = _parse_arrangement(r, names) if plan == "explicit" else ()
+    return LayersSpec(plan=plan, overlap=overlap, group=group, arrangement=arrangement)
+
+
+def _parse_arrangement(r: _Reader, names: tuple[str, ...]) -> tuple[Segment, ...]:
+    items = r.get("arrangement", list)
+    if not items:
+        raise r.error("arrangement", "is empty; list layer ranges such as [0, 24] or indices")
+    out = []
+    for i, item in enumerate(items):
+        item_r = _Reader(r.file, {}, f"{r.path}.arrangement[{i}]")
+        source = None
+        if isinstance(item, dict):
+            item_r = _Reader(r.file, item, item_r.path)
+            item_r.check_keys(("source", "layers"))
+            source = item_r.get("source", str, required=True)
+            if source not in names:
+                raise item_r.error("source", f"unknown source {source!r}; sources are: {', '.join(names)}")
+            item = item_r.get("layers", (int, list), required=True)
+        out.append(_segment(item_r, item, source))
+    return tuple(out)
+
+
+def _segment(r: _Reader, item: Any, source: str | None) -> Segment:
+    if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+        return Segment(source, item, item + 1)
+    if (isinstance(item, list) and len(item) == 2 and all(type(x) is int for x in item)
+            and 0 <= item[0] < item[1]):
+        return Segment(source, item[0], item[1])
+    raise r.error(None, f"expected a layer index or a half-open range [start, stop] with "
+                        f"0 <= start < stop, found {item!r:.60}")
+
+
+def _parse_output(r: _Reader) -> OutputSpec:
+    r.check_keys(("path", "dtype", "max_shard_size"))
+    dtype = r.get("dtype", str)
+    if dtype is not None and dtype not in DTYPES:
+        raise r.error("dtype", f"unsupported dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
+    size = r.get("max_shard_size", (int, str), DEFAULT_MAX_SHARD_SIZE)
+    try:
+        size = parse_size(size)
+    except ValueError as e:
+        raise r.error("max_shard_size", str(e)) from None
+    return OutputSpec(path=r.get("path", str, required=True), dtype=dtype, max_shard_size=size)
+
+
+def apply_overrides(manifest: Manifest, sources: Mapping[str, str], output: str | None) -> Manifest:
+    """Replace source models (``--source [NAME=]PATH``) and ``output.path`` (``--output``).
+
+    Raises:
+        ManifestError: an override names no source, or a bare override with several sources.
+    """
+    from dataclasses import replace
+    new_sources = list(manifest.sources)
+    for name, model in sources.items():
+        if not name:
+            if len(new_sources) != 1:
+                raise ManifestError(f"{manifest.path}: --source PATH is ambiguous with "
+                                    f"{len(new_sources)} sources; use --source NAME=PATH")
+            new_sources[0] = replace(new_sources[0], model=model, revision=None)
+            continue
+        idx = next((i for i, s in enumerate(new_sources) if s.name == name), None)
+        if idx is None:
+            known = ", ".join(s.name for s in new_sources)
+            raise ManifestError(f"{manifest.path}: --source {name}=...: no source called {name!r}; "
+                                f"sources are: {known}")
+        new_sources[idx] = replace(new_sources[idx], model=model, revision=None)
+    out = replace(manifest.output, path=output) if output else manifest.output
+    return replace(manifest, sources=tuple(new_sources), output=out)

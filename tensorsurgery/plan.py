@@ -1,0 +1,320 @@
+"""The pure planning step: (Manifest, Checkpoints) -> Plan. No disk or network.
+
+Every output tensor is a byte range of a source shard plus an optional transform (a dtype cast,
+the rotary row permutation). Shard files are named here, so ``plan`` and ``--dry-run`` show
+exactly what ``apply`` will write.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from . import __version__
+from .config import build_config
+from .errors import ManifestError, PlanError
+from .format import encode_header
+from .layers import LayerRef, dus, interlock, keep, layer_index, seams, with_layer_index
+from .manifest import DTYPES, Manifest
+from .rules import Renamed, compile_renamer, get_preset
+from .source import Checkpoint
+from .transforms import FLOAT_SIZES, rotary_row_order
+
+SHARD_METADATA = MappingProxyType({"format": "pt"})
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """``length`` bytes of ``path`` starting at absolute file offset ``offset``."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    """One output tensor: where its bytes come from and how they change on the way.
+
+    ``offset`` is its start in its shard's data section. ``permute_heads`` is set when rows are
+    reordered per head for the rotary convention; ``source_dtype != dtype`` means a cast.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    source_name: str
+    source_key: str
+    source_dtype: str
+    source: ByteRange
+    permute_heads: int | None = None
+
+    @property
+    def transform(self) -> str:
+        """``none``, ``cast``, ``permute`` or ``permute+cast``."""
+        parts = (["permute"] if self.permute_heads else []) + (["cast"] if self.source_dtype != self.dtype else [])
+        return "+".join(parts) or "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """An output file: its encoded header and its tensors in data order."""
+
+    filename: str
+    header: bytes
+    tensors: tuple[OutputTensor, ...]
+
+    @property
+    def data_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + self.data_size
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """A source as the plan records it (for provenance and display)."""
+
+    name: str
+    model: str
+    root: Path
+    layout: str
+    revision: str | None
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything ``apply`` will write, computed from headers alone."""
+
+    output: Path
+    sources: tuple[SourceInfo, ...]
+    layers: tuple[LayerRef, ...]
+    seams: tuple[tuple[int, int], ...]
+    shards: tuple[Shard, ...]
+    index: Mapping[str, Any] | None
+    config: Mapping[str, Any]
+    copy_files: tuple[tuple[Path, str], ...]
+    manifest_text: str
+
+    @property
+    def total_size(self) -> int:
+        """Tensor bytes (``metadata.total_size`` of the index)."""
+        return sum(s.data_size for s in self.shards)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all shard files, headers included."""
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def tensors(self) -> tuple[OutputTensor, ...]:
+        return tuple(t for s in self.shards for t in s.tensors)
+
+
+def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> Plan:
+    """Plan the output of ``manifest`` applied to ``checkpoints`` (keyed by source name).
+
+    Raises:
+        PlanError: a layer out of range (naming the arrangement position), two tensors renamed
+            to one name, a renamed layer tensor without its ``layers.N`` segment, layers whose
+            shapes cannot stack, a permutation that does not fit the head count.
+        ManifestError: an unknown preset, or a name no preset rule maps.
+
+    Example:
+        >>> plan = build_plan(load_manifest("manifests/solar-dus.toml"), {"source": ckpt})  # doctest: +SKIP
+        >>> len(plan.layers)                                                              # doctest: +SKIP
+        48
+    """
+    base = manifest.sources[0].name
+    arrangement = _arrangement(manifest, checkpoints)
+    picks = _pick_tensors(manifest, checkpoints, arrangement)
+    _check_stackable(manifest, checkpoints, picks)
+    dtype = DTYPES[manifest.output.dtype] if manifest.output.dtype else None
+    tensors = sorted((_output_tensor(p, checkpoints, dtype) for p in picks.values()),
+                     key=lambda t: _natural_key(t.name))
+    shards = _shard(tensors, manifest.output.max_shard_size)
+    preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
+    config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
+                          preset=preset, dtype=dtype, overrides=manifest.config)
+    return Plan(
+        output=Path(manifest.output.path),
+        sources=tuple(SourceInfo(s.name, s.model, checkpoints[s.name].root, checkpoints[s.name].layout,
+                                 checkpoints[s.name].revision, tuple(sorted(checkpoints[s.name].headers)))
+                      for s in manifest.sources),
+        layers=arrangement, seams=seams(arrangement), shards=shards, index=_index(shards),
+        config=MappingProxyType(config),
+        copy_files=tuple((checkpoints[base].root / f, f) for f in checkpoints[base].extra_files),
+        manifest_text=manifest.text,
+    )
+
+
+def _arrangement(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> tuple[LayerRef, ...]:
+    spec, base = manifest.layers, manifest.sources[0].name
+    n = checkpoints[base].num_layers
+    where = f"{manifest.path}: layers"
+    if spec.plan == "explicit":
+        refs = []
+        for i, seg in enumerate(spec.arrangement):
+            src = seg.source or base
+            have = checkpoints[src].num_layers
+            if seg.stop > have:
+                raise PlanError(f"{where}.arrangement[{i}]: layers {seg.start}..{seg.stop - 1} of source "
+                                f"{src!r}, which has {have} layers (0..{have - 1})")
+            refs += [LayerRef(src, layer) for layer in range(seg.start, seg.stop)]
+        return tuple(refs)
+    if spec.plan == "keep":
+        layers = keep(n)
+    else:
+        if spec.overlap >= n:
+            raise PlanError(f"{where}.overlap: {spec.overlap} must be smaller than the source's {n} layers")
+        layers = dus(n, spec.overlap) if spec.plan == "dus" else interlock(n, spec.overlap, spec.group)
+    return tuple(LayerRef(base, layer) for layer in layers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pick:
+    out: str
+    source: str
+    key: str
+    permute: str | None
+    position: int | None
+
+
+def _pick_tensors(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
+                  arrangement: tuple[LayerRef, ...]) -> dict[str, _Pick]:
+    base = manifest.sources[0].name
+    by_layer: dict[str, dict[int, list[str]]] = {}
+    renamers = {}
+    for name, ckpt in checkpoints.items():
+        try:
+            renamers[name] = compile_renamer(manifest.rename, ckpt.layout)
+        except ManifestError as e:
+            raise ManifestError(f"{manifest.path}: {e}") from None
+        by_layer[name] = {}
+        for key in ckpt.weight_map:
+            by_layer[name].setdefault(layer_index(key), []).append(key)
+    wanted = [(base, key, None) for key in by_layer[base].get(None, [])]
+    for pos, ref in enumerate(arrangement):
+        wanted += [(ref.source, key, pos) for key in by_layer[ref.source].get(ref.layer, [])]
+    picks: dict[str, _Pick] = {}
+    for src, key, pos in wanted:
+        renamed = _rename(manifest, renamers[src], key)
+        if renamed is None:
+            continue
+        out = renamed.name
+        if pos is not None:
+            if layer_index(out) is None:
+                raise PlanError(f"{manifest.path}: rename: layer tensor {key!r} became {out!r}, which "
+                                f"has no layers.N segment; keep it in the rename rules")
+            out = with_layer_index(out, pos)
+        if out in picks:
+            raise PlanError(f"{manifest.path}: rename: {picks[out].key!r} and {key!r} both become {out!r}; "
+                            f"fix the rename rules or drop one")
+        picks[out] = _Pick(out, src, key, renamed.permute, pos)
+    return picks
+
+
+def _rename(manifest: Manifest, renamer, key: str) -> Renamed | None:
+    try:
+        return renamer.rename(key)
+    except ManifestError as e:
+        raise ManifestError(f"{manifest.path}: rename: {e}") from None
+
+
+def _check_stackable(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
+                     picks: dict[str, _Pick]) -> None:
+    """Every output layer must hold the same tensor names and shapes as output layer 0."""
+    layers: dict[int, dict[str, tuple[int, ...]]] = {}
+    sources: dict[int, str] = {}
+    for p in picks.values():
+        if p.position is not None:
+            ckpt = checkpoints[p.source]
+            shape = ckpt.headers[ckpt.weight_map[p.key]].tensors[p.key].shape
+            layers.setdefault(p.position, {})[with_layer_index(p.out, 0)] = shape
+            sources[p.position] = p.source
+    if not layers:
+        return
+    first_pos = min(layers)
+    first = layers[first_pos]
+    for pos, tensors in sorted(layers.items()):
+        if tensors == first:
+            continue
+        name = sorted(k for k in first.keys() | tensors.keys() if first.get(k) != tensors.get(k))[0]
+        raise PlanError(f"{manifest.path}: layers: output layer {pos} (source {sources[pos]!r}) cannot "
+                        f"stack on output layer {first_pos}: {name!r} has shape {tensors.get(name, 'none')} "
+                        f"vs {first.get(name, 'none')}; use sources of the same architecture")
+
+
+def _output_tensor(p: _Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> OutputTensor:
+    ckpt = checkpoints[p.source]
+    shard = ckpt.weight_map[p.key]
+    header = ckpt.headers[shard]
+    entry = header.tensors[p.key]
+    out_dtype = dtype if dtype and entry.dtype in FLOAT_SIZES else entry.dtype
+    nbytes = entry.nbytes * FLOAT_SIZES.get(out_dtype, 1) // FLOAT_SIZES.get(entry.dtype, 1)
+    heads = None
+    if p.permute:
+        heads = ckpt.config.get(p.permute)
+        try:
+            rotary_row_order(entry.shape[0] if entry.shape else 0, heads if isinstance(heads, int) else 0)
+        except ValueError as e:
+            raise PlanError(f"{ckpt.root / shard}: tensor {p.key!r}: cannot permute for rotary: {e} "
+                            f"({p.permute} = {heads!r})") from None
+    return OutputTensor(
+        name=p.out, dtype=out_dtype, shape=entry.shape, offset=0, nbytes=nbytes,
+        source_name=p.source, source_key=p.key, source_dtype=entry.dtype,
+        source=ByteRange(header.path, header.data_start + entry.start, entry.nbytes),
+        permute_heads=heads)
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def _shard(tensors: list[OutputTensor], max_size: int) -> tuple[Shard, ...]:
+    """Greedy in-order sharding: a new shard starts when the next tensor would pass
+    ``max_size``. Not optimal (no bin packing, so order stays natural); a tensor larger than
+    ``max_size`` gets a shard of its own, as Hugging Face does."""
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        placed, offset = [], 0
+        for t in group:
+            placed.append(_replace_offset(t, offset))
+            offset += t.nbytes
+        header = encode_header(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in placed),
+                               SHARD_METADATA)
+        shards.append(Shard(name, header, tuple(placed)))
+    return tuple(shards)
+
+
+def _replace_offset(t: OutputTensor, offset: int) -> OutputTensor:
+    from dataclasses import replace
+    return replace(t, offset=offset)
+
+
+def _index(shards: tuple[Shard, ...]) -> Mapping[str, Any] | None:
+    """``model.safetensors.index.json`` content; None for a single ``model.safetensors``,
+    as Hugging Face writes no index then."""
+    if len(shards) == 1:
+        return None
+    return MappingProxyType({
+        "metadata": {"total_size": sum(s.data_size for s in shards), "tensorsurgery_version": __version__},
+        "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
+    })

@@ -1,0 +1,27 @@
+"""The provenance record ``tensorsurgery.json`` written into every output: tool version,
+manifest, sources, and for every output tensor its shard, source and sha256."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from . import __version__
+from .plan import Plan
+
+PROVENANCE_NAME = "tensorsurgery.json"
+
+
+def provenance_record(plan: Plan, hashes: Mapping[str, str]) -> dict[str, Any]:
+    """The record for ``plan`` whose output tensors hashed to ``hashes`` (name -> sha256)."""
+    return {
+        "tool": "tensorsurgery",
+        "version": __version__,
+        "manifest": plan.manifest_text,
+        "sources": [{"name": s.name, "model": s.model, "root": str(s.root), "layout": s.layout,
+                     "revision": s.revision, "files": list(s.files)} for s in plan.sources],
+        "layers": [{"source": r.source, "layer": r.layer} for r in plan.layers],
+        "tensors": {t.name: {"shard": shard.filename, "dtype": t.dtype, "shape": list(t.shape),
+                             "source": t.source_name, "source_file": t.source.path.name,
+                             "source_key": t.source_key, "transform": t.transform,
+                             "sha256": hashes[t.name]}
+                    for shard in plan.shards for t in shard.tensors},
+    }

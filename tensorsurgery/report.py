@@ -1,0 +1,103 @@
+"""Text and JSON views of plans and checkpoints, for ``plan``, ``apply --dry-run`` and ``inspect``.
+Pure: returns strings and dicts; :mod:`tensorsurgery.cli` prints them."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .layers import LayerRef
+from .plan import Plan
+from .source import Checkpoint
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units, as Hugging Face and disk vendors count: ``format_bytes(21.5e9) == '21.50 GB'``."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def layer_runs(layers: tuple[LayerRef, ...]) -> list[tuple[int, int, str, int, int]]:
+    """Maximal runs where the source continues: ``(out_start, out_end, source, src_start, src_end)``,
+    inclusive bounds."""
+    runs: list[list[Any]] = []
+    for pos, ref in enumerate(layers):
+        if runs and runs[-1][2] == ref.source and runs[-1][4] + 1 == ref.layer:
+            runs[-1][1], runs[-1][4] = pos, ref.layer
+        else:
+            runs.append([pos, pos, ref.source, ref.layer, ref.layer])
+    return [tuple(r) for r in runs]
+
+
+def _span(a: int, b: int) -> str:
+    return f"{a}" if a == b else f"{a}..{b}"
+
+
+def format_plan(plan: Plan, *, free: int | None = None) -> str:
+    """The plan as a screen of text: sources, layer map with seams, shards, bytes, disk."""
+    lines = ["sources:"]
+    for s in plan.sources:
+        rev = f" @ {s.revision}" if s.revision else ""
+        lines.append(f"  {s.name}: {s.model}{rev} ({s.layout} layout, {len(s.files)} file(s))")
+    lines.append(f"layers: {len(plan.layers)}")
+    seams = dict(plan.seams)
+    for a, b, src, x, y in layer_runs(plan.layers):
+        seam = f"   <- seam: jump {seams[a]:+d}" if a in seams else ""
+        lines.append(f"  out {_span(a, b):>9}  <-  {src} {_span(x, y)}{seam}")
+    if plan.seams:
+        lines.append(f"seams: {len(plan.seams)}, largest layer distance {max(abs(j) for _, j in plan.seams)}")
+    else:
+        lines.append("seams: none")
+    transforms = Counter(t.transform for t in plan.tensors)
+    lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in sorted(transforms.items())))
+    lines.append(f"shards: {len(plan.shards)}")
+    for s in plan.shards:
+        lines.append(f"  {s.filename}  {format_bytes(s.nbytes):>10}  {len(s.tensors)} tensors")
+    need = f"disk needed: {format_bytes(plan.nbytes)}"
+    if free is not None:
+        need += f" (free: {format_bytes(free)}{'; NOT ENOUGH' if free < plan.nbytes else ''})"
+    lines += [f"output: {plan.output}", f"total: {format_bytes(plan.total_size)} of tensors; {need}"]
+    return "\n".join(lines)
+
+
+def plan_as_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON-ready data (``plan --json``)."""
+    return {
+        "output": str(plan.output),
+        "sources": [{"name": s.name, "model": s.model, "root": str(s.root), "layout": s.layout,
+                     "revision": s.revision, "files": list(s.files)} for s in plan.sources],
+        "layers": [{"source": r.source, "layer": r.layer} for r in plan.layers],
+        "seams": [{"position": p, "jump": j} for p, j in plan.seams],
+        "shards": [{"filename": s.filename, "nbytes": s.nbytes, "tensors": [
+            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes,
+             "source": t.source_name, "source_key": t.source_key, "source_file": str(t.source.path),
+             "source_offset": t.source.offset, "transform": t.transform} for t in s.tensors]}
+            for s in plan.shards],
+        "total_size": plan.total_size,
+        "disk_needed": plan.nbytes,
+        "config": dict(plan.config),
+    }
+
+
+def checkpoint_as_dict(ckpt: Checkpoint) -> dict[str, Any]:
+    """A checkpoint's summary as JSON-ready data (``inspect --json``)."""
+    return {
+        "root": str(ckpt.root), "layout": ckpt.layout, "layers": ckpt.num_layers,
+        "shards": [{"file": f, "tensors": len(h.entries), "nbytes": h.file_size} for f, h in ckpt.headers.items()],
+        "dtypes": dict(Counter(h.tensors[n].dtype for n, f in ckpt.weight_map.items() for h in [ckpt.headers[f]])),
+        "tensors": len(ckpt.weight_map),
+        "nbytes": sum(h.file_size for h in ckpt.headers.values()),
+        "model_type": ckpt.config.get("model_type"),
+    }
+
+
+def format_checkpoint(ckpt: Checkpoint) -> str:
+    """A checkpoint's summary as text (``inspect``)."""
+    d = checkpoint_as_dict(ckpt)
+    lines = [f"{d['root']}: {d['layout']} layout, model_type {d['model_type']}, {d['layers']} layers, "
+             f"{d['tensors']} tensors, {format_bytes(d['nbytes'])}"]
+    lines += [f"  {s['file']}  {s['tensors']} tensors  {format_bytes(s['nbytes'])}" for s in d["shards"]]
+    lines.append("  dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(d["dtypes"].items())))
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Per-chunk tensor transforms applied while bytes stream: dtype casts and the rotary row
+permutation. Each works on a bounded slice, never on a whole tensor.
+
+Casts are bitwise equal to torch's CPU ``tensor.to(dtype)`` (2.x), NaNs included: torch
+converts to float16 with the F16C rules (NaN keeps its top payload bits and gets the quiet bit),
+float32 -> bfloat16 rounds to nearest even and turns NaN into 0xFFFF, float16 -> bfloat16 goes
+through float32 and turns NaN into 0x7FC0, and float16 -> float32 quiets NaN.
+tests/test_transforms.py checks every 16-bit pattern against torch.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+import numpy as np
+
+#: Element size in bytes of the dtypes that can be cast.
+FLOAT_SIZES: Mapping[str, int] = MappingProxyType({"F16": 2, "BF16": 2, "F32": 4})
+
+
+def _to_f32_bits(src: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "F32":
+        return src.view(np.uint32)
+    if dtype == "BF16":
+        return src.view(np.uint16).astype(np.uint32) << 16
+    bits = src.view(np.float16).astype(np.float32).view(np.uint32)
+    return np.where(_isnan32(bits), bits | 0x0040_0000, bits).astype(np.uint32, copy=False)
+
+
+def _isnan32(bits: np.ndarray) -> np.ndarray:
+    return (bits & 0x7FFF_FFFF) > 0x7F80_0000
+
+
+def _f32_to_f16(bits: np.ndarray) -> np.ndarray:
+    out = bits.view(np.float32).astype(np.float16).view(np.uint16)
+    nan = _isnan32(bits)
+    if nan.any():
+        quiet = (((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x03FF)).astype(np.uint16)
+        out = np.where(nan, quiet, out)
+    return out
+
+
+def _f32_to_bf16(bits: np.ndarray, nan_bits: int) -> np.ndarray:
+    rounded = ((bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(_isnan32(bits), np.uint16(nan_bits), rounded)
+
+
+def cast_chunk(src: bytes | memoryview | np.ndarray, src_dtype: str, dst_dtype: str) -> np.ndarray:
+    """Cast a chunk of raw little-endian ``src_dtype`` elements to ``dst_dtype``; returns a uint8
+    array of the new bytes. ``src`` must hold a whole number of elements.
+
+    Example:
+        >>> cast_chunk(np.array([1.5], np.float32).tobytes(), "F32", "BF16").tobytes()
+        b'\\xc0?'
+    """
+    raw = np.frombuffer(src, dtype=np.uint8) if not isinstance(src, np.ndarray) else src.view(np.uint8)
+    if src_dtype == dst_dtype:
+        return raw
+    bits = _to_f32_bits(raw, src_dtype)
+    if dst_dtype == "F32":
+        out = bits
+    elif dst_dtype == "F16":
+        out = _f32_to_f16(bits)
+    else:
+        out = _f32_to_bf16(bits, 0x7FC0 if src_dtype == "F16" else 0xFFFF)
+    return np.ascontiguousarray(out).view(np.uint8)
+
+
+def rotary_row_order(rows: int, heads: int) -> tuple[int, ...]:
+    """Source row of each output row when converting Mistral/Meta interleaved rotary pairs to
+    Hugging Face's half-split layout (transformers' ``permute`` in its conversion scripts):
+    within each head, even rows first, then odd rows.
+
+    Raises:
+        ValueError: rows do not split into ``heads`` heads of even size.
+    """
+    if heads <= 0 or rows % heads or (rows // heads) % 2:
+        raise ValueError(f"{rows} rows do not split into {heads} heads of an even size")
+    d = rows // heads
+    return tuple(h * d + 2 * i + j for h in range(heads) for j in (0, 1) for i in range(d // 2))
+
+
+def permute_head(head: np.ndarray, row_bytes: int) -> np.ndarray:
+    """Reorder one head's rows (raw bytes, ``d`` rows of ``row_bytes``): even rows, then odd."""
+    rows = head.view(np.uint8).reshape(-1, 2, row_bytes)
+    return np.ascontiguousarray(rows.transpose(1, 0, 2)).reshape(-1)
+
+
+Transform = Callable[[np.ndarray], np.ndarray]

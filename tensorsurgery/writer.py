@@ -1,0 +1,141 @@
+"""Run a :class:`Plan`: stream the shards into a temporary folder beside the target, write the
+index, config, copied files and provenance record, fsync, and rename the folder into place.
+
+Nothing appears under the final name until everything is written; a source is never opened for
+writing; an existing output is replaced only with ``force`` (and only after the new one is
+complete).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import OutputExistsError, WriteError
+from .plan import Plan
+from .provenance import PROVENANCE_NAME, provenance_record
+from .source import INDEX_NAME
+from .stream import Pump
+
+TMP_SUFFIX = ".tensorsurgery-tmp"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What ``apply`` wrote: the folder, its files, bytes and the time it took."""
+
+    output: Path
+    files: tuple[str, ...]
+    nbytes: int
+    seconds: float
+    tensor_hashes: Mapping[str, str]
+
+
+def temp_path(target: Path) -> Path:
+    """The temporary folder ``apply`` writes into before renaming it to ``target``."""
+    return target.parent / f".{target.name}{TMP_SUFFIX}"
+
+
+def check_output(plan: Plan, *, force: bool) -> Path:
+    """The absolute output path, after refusing unsafe targets.
+
+    Raises:
+        OutputExistsError: the output exists and ``force`` is false, or it equals, lies inside or
+            contains a source folder.
+    """
+    target = plan.output.expanduser().resolve()
+    for src in plan.sources:
+        root = src.root.resolve()
+        if target == root or root in target.parents or target in root.parents:
+            raise OutputExistsError(f"{target}: the output overlaps the source {src.name!r} ({root}); "
+                                    f"choose an output folder outside the source")
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target}: already exists; pass --force to replace it, or choose "
+                                f"another --output")
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"{target}: exists and is not a folder; remove it or choose another --output")
+    return target
+
+
+def execute_plan(plan: Plan, *, force: bool = False, progress: Callable[[int], None] | None = None,
+                 direct: bool = True) -> WriteResult:
+    """Write ``plan`` to disk, atomically.
+
+    Args:
+        plan: from :func:`tensorsurgery.build_plan`.
+        force: replace an existing output folder (only once the new one is complete).
+        progress: called with byte counts as shard bytes are written (from another thread).
+        direct: try ``O_DIRECT`` for shard writes (falls back where the filesystem refuses).
+
+    Raises:
+        OutputExistsError: see :func:`check_output`.
+        WriteError: a read or write failed; the temporary folder is removed.
+    """
+    started = time.monotonic()
+    target = check_output(plan, force=force)
+    tmp = temp_path(target)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        hashes = Pump(progress=progress, direct=direct).run((s, tmp / s.filename) for s in plan.shards)
+        for src, name in plan.copy_files:
+            shutil.copyfile(src, tmp / name)
+            _fsync_path(tmp / name)
+        if plan.index is not None:
+            _write_json(tmp / INDEX_NAME, plan.index)
+        _write_json(tmp / "config.json", plan.config)
+        _write_json(tmp / PROVENANCE_NAME, provenance_record(plan, hashes))
+        _fsync_path(tmp)
+        _move_into_place(tmp, target)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise WriteError(f"{e.filename or target}: {e.strerror or e}; nothing was written to "
+                             f"{target}") from e
+        raise
+    files = tuple(sorted(p.name for p in target.iterdir()))
+    return WriteResult(output=target, files=files, nbytes=plan.nbytes,
+                       seconds=time.monotonic() - started, tensor_hashes=hashes)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False, default=_jsonable)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "items"):
+        return dict(value.items())
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing ``target`` (``--force``) is moved aside first
+    and deleted only after the new folder is in place."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.tensorsurgery-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    _fsync_path(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
