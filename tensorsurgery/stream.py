@@ -126,11 +126,11 @@ class Pump:
                 self._put_array(permute_head(scratch, row_bytes), t, tid)
         elif t.source_dtype != t.dtype:
             step = CAST_CHUNK - CAST_CHUNK % FLOAT_SIZES[t.source_dtype]
-            scratch = np.empty(step, np.uint8)
+            scratch, out = np.empty(step, np.uint8), np.empty(2 * step, np.uint8)
             for start in range(0, t.source.length, step):
                 n = min(step, t.source.length - start)
                 self._pread(fd, memoryview(scratch)[:n], t.source.offset + start)
-                self._put(memoryview(cast_chunk(scratch[:n], t.source_dtype, t.dtype)), tid)
+                self._put(memoryview(cast_chunk(scratch[:n], t.source_dtype, t.dtype, out=out)), tid)
         else:
             done = 0
             while done < t.source.length:
