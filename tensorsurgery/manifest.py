@@ -176,7 +176,7 @@ def load_manifest(path: str | Path, *, sources: Mapping[str, str] | None = None,
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: cannot read the manifest: {e}") from e
     if path.suffix.lower() in (".yml", ".yaml"):
-        from .mergekit import manifest_from_mergekit
+        from .mergekit_config import manifest_from_mergekit
         manifest = manifest_from_mergekit(path, text)
     else:
         try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .card import model_card
 from .errors import OutputExistsError, WriteError
 from .plan import Plan
 from .provenance import PROVENANCE_NAME, provenance_record
@@ -90,6 +91,7 @@ def execute_plan(plan: Plan, *, force: bool = False, progress: Callable[[int], N
             _write_json(tmp / INDEX_NAME, plan.index)
         _write_json(tmp / "config.json", plan.config)
         _write_json(tmp / PROVENANCE_NAME, provenance_record(plan, hashes))
+        _write_card(tmp, plan)
         _fsync_path(tmp)
         _move_into_place(tmp, target)
     except BaseException as e:
@@ -101,6 +103,15 @@ def execute_plan(plan: Plan, *, force: bool = False, progress: Callable[[int], N
     files = tuple(sorted(p.name for p in target.iterdir()))
     return WriteResult(output=target, files=files, nbytes=plan.nbytes,
                        seconds=time.monotonic() - started, tensor_hashes=hashes)
+
+
+def _write_card(folder: Path, plan: Plan) -> None:
+    readme = plan.sources[0].root / "README.md"
+    source_card = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
+    card = model_card(plan, source_card)
+    if card is not None:
+        (folder / "README.md").write_text(card, encoding="utf-8")
+        _fsync_path(folder / "README.md")
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
