@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -78,6 +79,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=_cmd_plan)
 
+    c = sub.add_parser("verify", help="prove an output is what its manifest asks for, byte for byte "
+                       "(exit 0 only then, 1 with the list of differences)",
+                       description="verify MANIFEST [OUTPUT]: re-derive the plan from the sources and compare "
+                       "every file and byte. verify OUTPUT: check against its own tensorsurgery.json (hashes), "
+                       "and against the sources too when they are present.")
+    c.add_argument("target", type=Path, help="a manifest, or an output folder")
+    c.add_argument("output", type=Path, nargs="?", help="the output folder (default: the manifest's output.path)")
+    c.add_argument("--source", action="append", default=[], metavar="[NAME=]PATH",
+                   help="use this local folder or repo id for a source (NAME= when there are several)")
+    c.add_argument("--json", action="store_true", help="machine-readable report")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+    c.set_defaults(func=_cmd_verify)
+
     c = sub.add_parser("inspect", help="show a checkpoint's shards, tensors, dtypes, layers and bytes")
     c.add_argument("path", type=Path, help="a checkpoint folder or one .safetensors file")
     c.add_argument("--json", action="store_true", help="machine-readable output")
@@ -121,11 +136,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print(format_plan(plan, free=_free_bytes(plan.output)))
         print("dry run: nothing written")
         return 0
-    bar = None
-    if not args.no_progress and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1000, desc="writing",
-                   file=sys.stderr, smoothing=0.1)
+    bar = _progress_bar(args, "writing", plan.nbytes)
     try:
         result = execute_plan(plan, force=args.force, progress=bar.update if bar else None)
     finally:
@@ -137,6 +148,66 @@ def _cmd_apply(args: argparse.Namespace) -> int:
           f"{format_bytes(result.nbytes)} in {result.seconds:.1f} s ({format_bytes(rate)}/s)")
     print(f"  files: {', '.join(result.files)}")
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import iter_differences, verify_output, verify_record
+    bar = _progress_bar(args, "verifying")
+    try:
+        if args.target.is_dir() and args.output is None:
+            plan = _plan_from_record(args.target, _source_overrides(args.source))
+            report = (verify_output(plan, args.target, progress=bar and bar.update) if plan is not None
+                      else verify_record(args.target, progress=bar and bar.update))
+            if plan is not None:
+                report = replace(report, mode="record+sources")
+        else:
+            args.manifest, args.output = args.target, (str(args.output) if args.output else None)
+            plan = _load_plan(args)
+            report = verify_output(plan, plan.output, progress=bar and bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    elif report.ok:
+        print(f"verified {report.output}: {report.tensors} tensors, {format_bytes(report.nbytes)} "
+              f"({_MODES[report.mode]})")
+    else:
+        for line in iter_differences(report):
+            print(line)
+        print(f"{report.output}: {len(report.differences)} difference(s); the output is NOT what "
+              f"{'its record' if report.mode == 'record' else 'the manifest'} says")
+    return 0 if report.ok else 1
+
+
+_MODES = {"manifest": "every byte matches the manifest applied to the sources",
+          "record+sources": "every byte matches the recorded manifest applied to the sources",
+          "record": "every tensor matches the sha256 in tensorsurgery.json; sources not found, "
+                    "so not compared with them"}
+
+
+def _plan_from_record(output: Path, overrides: dict[str, str]) -> Plan | None:
+    """The plan recorded in ``output``'s tensorsurgery.json, rebuilt from its sources when they
+    are all still at hand (or given with --source); None otherwise."""
+    from .manifest import apply_overrides, parse_manifest_text
+    from .verify import read_record
+    record = read_record(output)
+    manifest = parse_manifest_text(Path(record.get("manifest_name", "manifest.toml")), record.get("manifest", ""))
+    roots = {s["name"]: s["root"] for s in record.get("sources", [])}
+    roots.update({(k or manifest.sources[0].name): v for k, v in overrides.items()})
+    if not all(Path(roots.get(s.name, "")).is_dir() for s in manifest.sources):
+        return None
+    manifest = apply_overrides(manifest, roots, str(output))
+    checkpoints = {s.name: resolve_source(s.model, name=s.name) for s in manifest.sources}
+    return build_plan(manifest, checkpoints)
+
+
+def _progress_bar(args: argparse.Namespace, desc: str, total: int | None = None):
+    if args.no_progress or getattr(args, "json", False) or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr,
+                smoothing=0.1)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -175,6 +175,15 @@ def load_manifest(path: str | Path, *, sources: Mapping[str, str] | None = None,
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: cannot read the manifest: {e}") from e
+    return apply_overrides(parse_manifest_text(path, text), sources or {}, output)
+
+
+def parse_manifest_text(path: Path, text: str) -> Manifest:
+    """Parse manifest ``text`` as read from ``path`` (TOML, or mergekit YAML by suffix).
+
+    Raises:
+        ManifestError: see :func:`load_manifest`.
+    """
     if path.suffix.lower() in (".yml", ".yaml"):
         from .mergekit_config import manifest_from_mergekit
         manifest = manifest_from_mergekit(path, text)
@@ -184,7 +193,7 @@ def load_manifest(path: str | Path, *, sources: Mapping[str, str] | None = None,
         except tomllib.TOMLDecodeError as e:
             raise ManifestError(f"{path}: not valid TOML: {e}") from e
         manifest = parse_manifest(path, text, data)
-    return apply_overrides(manifest, sources or {}, output)
+    return manifest
 
 
 def parse_manifest(path: Path, text: str, data: Mapping[str, Any]) -> Manifest:

@@ -102,6 +102,7 @@ class Plan:
     config: Mapping[str, Any]
     copy_files: tuple[tuple[Path, str], ...]
     manifest_text: str
+    manifest_name: str = "manifest.toml"
 
     @property
     def total_size(self) -> int:
@@ -151,7 +152,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> Pla
         layers=arrangement, seams=seams(arrangement), shards=shards, index=_index(shards),
         config=MappingProxyType(config),
         copy_files=tuple((checkpoints[base].root / f, f) for f in checkpoints[base].extra_files),
-        manifest_text=manifest.text,
+        manifest_text=manifest.text, manifest_name=manifest.path.name,
     )
 
 

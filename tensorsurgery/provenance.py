@@ -15,6 +15,7 @@ def provenance_record(plan: Plan, hashes: Mapping[str, str]) -> dict[str, Any]:
     return {
         "tool": "tensorsurgery",
         "version": __version__,
+        "manifest_name": plan.manifest_name,
         "manifest": plan.manifest_text,
         "sources": [{"name": s.name, "model": s.model, "root": str(s.root), "layout": s.layout,
                      "revision": s.revision, "files": list(s.files)} for s in plan.sources],

@@ -19,16 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
-
 from .errors import WriteError
 from .plan import OutputTensor, Shard
-from .transforms import FLOAT_SIZES, cast_chunk, permute_head
+from .chunks import expected_chunks, pread_exact
 
 BUFFER_SIZE = 8 << 20
 BUFFERS = 4
-#: Source bytes per cast step; small because the cast makes a few temporaries of this size.
-CAST_CHUNK = 1 << 20
 _ALIGN = 4096
 
 
@@ -117,34 +113,19 @@ class Pump:
 
     def _put_tensor(self, t: OutputTensor, tid: int) -> None:
         fd = self._source_fd(t.source.path)
-        if t.permute_heads:
-            row_bytes = t.source.length // t.shape[0]
-            head_bytes = row_bytes * (t.shape[0] // t.permute_heads)
-            scratch = np.empty(head_bytes, np.uint8)
-            for h in range(t.permute_heads):
-                self._pread(fd, memoryview(scratch), t.source.offset + h * head_bytes)
-                self._put_array(permute_head(scratch, row_bytes), t, tid)
-        elif t.source_dtype != t.dtype:
-            step = CAST_CHUNK - CAST_CHUNK % FLOAT_SIZES[t.source_dtype]
-            scratch, out = np.empty(step, np.uint8), np.empty(2 * step, np.uint8)
-            for start in range(0, t.source.length, step):
-                n = min(step, t.source.length - start)
-                self._pread(fd, memoryview(scratch)[:n], t.source.offset + start)
-                self._put(memoryview(cast_chunk(scratch[:n], t.source_dtype, t.dtype, out=out)), tid)
+        if t.transform != "none":
+            for chunk in expected_chunks(t, fd):
+                self._put(chunk, tid)
         else:
+            # Verbatim bytes are read straight into the output buffer: no copy in between.
             done = 0
             while done < t.source.length:
                 room = self.buffer_size - self._block.length
                 n = min(room, t.source.length - done)
                 view = memoryview(self._block.buf)[self._block.length:self._block.length + n]
-                self._pread(fd, view, t.source.offset + done)
+                pread_exact(fd, view, t.source.offset + done)
                 self._advance(n, tid)
                 done += n
-
-    def _put_array(self, arr: np.ndarray, t: OutputTensor, tid: int) -> None:
-        if t.source_dtype != t.dtype:
-            arr = cast_chunk(arr, t.source_dtype, t.dtype)
-        self._put(memoryview(arr), tid)
 
     def _put(self, data: memoryview, tid: int | None) -> None:
         data = data.cast("B")
@@ -182,15 +163,6 @@ class Pump:
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
-
-    @staticmethod
-    def _pread(fd: int, view: memoryview, offset: int) -> None:
-        while len(view):
-            n = os.preadv(fd, [view], offset)
-            if n == 0:
-                raise WriteError(f"{_fd_path(fd)}: ended early at byte {offset}; the source changed or "
-                                 f"is truncated since it was planned")
-            view, offset = view[n:], offset + n
 
     # -- writing and hashing (threads) -----------------------------------------------------
     def _guard(self, loop: Callable[[], None]) -> None:
@@ -267,13 +239,6 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while len(view):
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
-
-
-def _fd_path(fd: int) -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return f"fd {fd}"
 
 
 def _as_write_error(e: BaseException) -> BaseException:
