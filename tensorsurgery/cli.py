@@ -23,6 +23,10 @@ from .report import format_bytes, format_plan, plan_as_dict
 from .source import resolve_source
 
 
+_NOTHING_WRITTEN = ("nothing was written under the output name; run the same command with --resume "
+                    "to keep the finished shards, or without it to start over")
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so cleanup runs like for Ctrl-C."""
 
@@ -42,10 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tensorsurgery: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tensorsurgery: interrupted; the temporary output was removed, nothing was written", file=sys.stderr)
+        print(f"tensorsurgery: interrupted; {_NOTHING_WRITTEN}", file=sys.stderr)
         return 130
     except _Terminated:
-        print("tensorsurgery: terminated; the temporary output was removed, nothing was written", file=sys.stderr)
+        print(f"tensorsurgery: terminated; {_NOTHING_WRITTEN}", file=sys.stderr)
         return 143
 
 
@@ -71,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = manifest_command("apply", "build the output checkpoint the manifest describes")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
+    c.add_argument("--resume", action="store_true",
+                   help="keep the finished shards of an interrupted run (verified against the plan)")
     c.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_apply)
@@ -138,10 +144,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         return 0
     bar = _progress_bar(args, "writing", plan.nbytes)
     try:
-        result = execute_plan(plan, force=args.force, progress=bar.update if bar else None)
+        result = execute_plan(plan, force=args.force, resume=args.resume, progress=bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     rate = result.nbytes / result.seconds if result.seconds else 0
     print(f"wrote {result.output}")
     print(f"  {len(plan.layers)} layers, {len(plan.tensors)} tensors in {len(plan.shards)} shard(s), "

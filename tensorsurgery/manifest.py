@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -110,7 +111,8 @@ def parse_size(value: int | str) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
         if not m or m.group(2).upper() not in _UNITS:
             raise ValueError(f"expected a size such as \"5GB\" or \"500MB\", found {value!r}")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        # Decimal, not float: float("2.01") * 10**6 is 2009999.9999999998, which int() truncates.
+        n = int(Decimal(m.group(1)) * _UNITS[m.group(2).upper()])
     if n <= 0:
         raise ValueError(f"size must be positive, found {value!r}")
     return n

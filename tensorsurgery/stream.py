@@ -70,6 +70,9 @@ class Pump:
     def run(self, jobs: Iterable[tuple[Shard, Path]]) -> dict[str, str]:
         """Write every ``(shard, path)``; returns output tensor name -> sha256 hex digest.
 
+        Each shard is written as ``path`` + ``.partial`` and renamed to ``path`` once complete
+        and fsynced, so a file under its final name is always whole (``--resume`` relies on it).
+
         Raises:
             WriteError: a read or write failed (disk full, file too large, source changed).
         """
@@ -83,6 +86,9 @@ class Pump:
                 self._read_shard(shard, path, names)
         except _Failure:
             pass
+        except BaseException:
+            self._stop.set()  # Ctrl-C, SIGTERM or a read error: queued blocks are not written
+            raise
         finally:
             self._to_write.put(None)
             writer.join()
@@ -92,10 +98,6 @@ class Pump:
         if self._error is not None:
             raise _as_write_error(self._error)
         return {name: self._hashes[i].hexdigest() for i, name in enumerate(names)}
-
-    def abort(self) -> None:
-        """Ask the threads to stop (after Ctrl-C in the reading thread)."""
-        self._stop.set()
 
     # -- reading (calling thread) ----------------------------------------------------------
     def _read_shard(self, shard: Shard, path: Path, names: list[str]) -> None:
@@ -180,7 +182,7 @@ class Pump:
             if self._stop.is_set():
                 break
             if block.file not in files:
-                files[block.file] = _open_output(self._paths[block.file], self.direct)
+                files[block.file] = _open_output(_partial(self._paths[block.file]), self.direct)
             fd, dfd = files[block.file]
             with memoryview(block.buf) as whole:
                 view = whole[:block.length]
@@ -197,7 +199,7 @@ class Pump:
                     if dfd is None or block.last:
                         _pwrite_all(fd, view, block.offset)
                 except OSError as e:
-                    raise OSError(e.errno, e.strerror, str(self._paths[block.file])) from None
+                    raise OSError(e.errno, e.strerror, str(_partial(self._paths[block.file]))) from None
                 finally:
                     view.release()
             if block.last:
@@ -206,6 +208,7 @@ class Pump:
                 if dfd is not None:
                     os.close(dfd)
                 del files[block.file]
+                os.replace(_partial(self._paths[block.file]), self._paths[block.file])
             if self.progress:
                 self.progress(block.length)
             self._to_hash.put(block)
@@ -221,6 +224,13 @@ class Pump:
                 for tid, start, end in block.segments:
                     self._hashes[tid].update(view[start:end])
             self._free.put(block.buf)
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
 def _open_output(path: Path, direct: bool) -> tuple[int, int | None]:

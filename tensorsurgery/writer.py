@@ -21,19 +21,22 @@ from .plan import Plan
 from .provenance import PROVENANCE_NAME, provenance_record
 from .source import INDEX_NAME
 from .stream import Pump
+from .verify import intact_shard_hashes
 
 TMP_SUFFIX = ".tensorsurgery-tmp"
 
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """What ``apply`` wrote: the folder, its files, bytes and the time it took."""
+    """What ``apply`` wrote: the folder, its files, bytes, time, and notes for the user
+    (a leftover temporary folder removed, shards kept by ``--resume``)."""
 
     output: Path
     files: tuple[str, ...]
     nbytes: int
     seconds: float
     tensor_hashes: Mapping[str, str]
+    notes: tuple[str, ...] = ()
 
 
 def temp_path(target: Path) -> Path:
@@ -62,47 +65,106 @@ def check_output(plan: Plan, *, force: bool) -> Path:
     return target
 
 
-def execute_plan(plan: Plan, *, force: bool = False, progress: Callable[[int], None] | None = None,
-                 direct: bool = True) -> WriteResult:
+def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
+                 progress: Callable[[int], None] | None = None, direct: bool = True) -> WriteResult:
     """Write ``plan`` to disk, atomically.
+
+    Shards are streamed into a temporary folder beside the target (:func:`temp_path`); the
+    index, config.json, copied files and the provenance record follow; the folder is renamed
+    into place last. If the run fails or is interrupted, the finished shards stay in the
+    temporary folder and the unfinished one is removed.
 
     Args:
         plan: from :func:`tensorsurgery.build_plan`.
         force: replace an existing output folder (only once the new one is complete).
+        resume: keep the finished shards of an interrupted run whose bytes verify against the
+            plan, and write only the rest. Without it a leftover temporary folder is removed.
         progress: called with byte counts as shard bytes are written (from another thread).
         direct: try ``O_DIRECT`` for shard writes (falls back where the filesystem refuses).
 
     Raises:
         OutputExistsError: see :func:`check_output`.
-        WriteError: a read or write failed; the temporary folder is removed.
+        WriteError: not enough free disk, or a read or write failed.
     """
     started = time.monotonic()
     target = check_output(plan, force=force)
     tmp = temp_path(target)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    notes: list[str] = []
+    kept = _reuse_leftover(plan, tmp, resume, notes)
+    todo = [s for s in plan.shards if s.filename not in kept]
+    _check_free_space(tmp.parent, sum(s.nbytes for s in todo))
     try:
-        tmp.mkdir(parents=True)
-        hashes = Pump(progress=progress, direct=direct).run((s, tmp / s.filename) for s in plan.shards)
-        for src, name in plan.copy_files:
-            shutil.copyfile(src, tmp / name)
-            _fsync_path(tmp / name)
-        if plan.index is not None:
-            _write_json(tmp / INDEX_NAME, plan.index)
-        _write_json(tmp / "config.json", plan.config)
-        _write_json(tmp / PROVENANCE_NAME, provenance_record(plan, hashes))
-        _write_card(tmp, plan)
-        _fsync_path(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        hashes = Pump(progress=progress, direct=direct).run((s, tmp / s.filename) for s in todo)
+        for shard_hashes in kept.values():
+            hashes.update(shard_hashes)
+        _write_metadata(plan, tmp, hashes)
         _move_into_place(tmp, target)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard_unfinished(tmp)
         if isinstance(e, OSError):
-            raise WriteError(f"{e.filename or target}: {e.strerror or e}; nothing was written to "
-                             f"{target}") from e
+            raise WriteError(f"{e.filename or target}: {e.strerror or e}; nothing was written to {target} "
+                             f"(finished shards are kept for --resume)") from e
         raise
     files = tuple(sorted(p.name for p in target.iterdir()))
-    return WriteResult(output=target, files=files, nbytes=plan.nbytes,
-                       seconds=time.monotonic() - started, tensor_hashes=hashes)
+    return WriteResult(output=target, files=files, nbytes=plan.nbytes, seconds=time.monotonic() - started,
+                       tensor_hashes=hashes, notes=tuple(notes))
+
+
+def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> dict[str, dict[str, str]]:
+    """Shards of an interrupted run to keep (name -> tensor hashes); clears the rest."""
+    if not tmp.exists():
+        if resume:
+            notes.append("--resume: no interrupted run found; writing everything")
+        return {}
+    if not resume:
+        shutil.rmtree(tmp)
+        notes.append(f"removed {tmp}, left by an interrupted run (use --resume to keep its finished shards)")
+        return {}
+    kept = {}
+    for shard in plan.shards:
+        hashes = intact_shard_hashes(shard, tmp / shard.filename)
+        if hashes is not None:
+            kept[shard.filename] = hashes
+    for path in tmp.iterdir():
+        if path.name not in kept:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    notes.append(f"--resume: kept {len(kept)} of {len(plan.shards)} shard(s) that verify against the plan")
+    return kept
+
+
+def _check_free_space(folder: Path, need: int) -> None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    # A little slack for the index, config, record and filesystem metadata.
+    if need + (16 << 20) > free:
+        raise WriteError(f"{probe}: not enough free disk space: the output needs {need:,} bytes, "
+                         f"{free:,} are free; free some space or choose another --output")
+
+
+def _write_metadata(plan: Plan, folder: Path, hashes: Mapping[str, str]) -> None:
+    for src, name in plan.copy_files:
+        shutil.copyfile(src, folder / name)
+        _fsync_path(folder / name)
+    if plan.index is not None:
+        _write_json(folder / INDEX_NAME, plan.index)
+    _write_json(folder / "config.json", plan.config)
+    _write_json(folder / PROVENANCE_NAME, provenance_record(plan, hashes))
+    _write_card(folder, plan)
+    _fsync_path(folder)
+
+
+def _discard_unfinished(tmp: Path) -> None:
+    """After a failure: keep finished shards (for ``--resume``), drop everything else."""
+    if not tmp.exists():
+        return
+    for path in tmp.iterdir():
+        if not path.name.endswith(".safetensors"):
+            path.unlink(missing_ok=True) if not path.is_dir() else shutil.rmtree(path, ignore_errors=True)
+    if not any(tmp.iterdir()):
+        tmp.rmdir()
 
 
 def _write_card(folder: Path, plan: Plan) -> None:
