@@ -22,7 +22,8 @@ Usage::
         [--hidden H] [--intermediate I] [--layers L] [--vocab V]
         [--heads N] [--kv-heads N] [--head-dim D] [--max-shard-size BYTES] [--dry-run]
 
-or from Python: ``make_checkpoint(outdir, full=False, seed=0, **dims) -> Path``.
+or from Python: ``make_checkpoint(outdir, full=False, seed=0, **dims) -> Path`` (and
+``tensor_bytes(full, **dims)`` for the size without writing anything).
 """
 from __future__ import annotations
 
@@ -90,6 +91,12 @@ def _nbytes(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def tensor_bytes(full: bool = False, **dims) -> int:
+    """Bytes of tensor data of the checkpoint ``make_checkpoint(full=full, **dims)`` would write
+    (``layers=48`` gives the size of a 48-layer DUS output of the same width)."""
+    return sum(_nbytes(shape) for _, shape in tensor_specs(_resolve_dims(full, dims)))
 
 
 def plan_shards(specs, max_shard_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:

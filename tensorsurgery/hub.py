@@ -119,13 +119,18 @@ class HubClient:
 
     def resolve(self, repo_id: str, revision: str | None) -> str:
         """The commit of ``revision``; offline, from the cache's ``refs/``."""
-        return self.api.resolve_revision(repo_id, revision=revision).resolved
+        from huggingface_hub import constants
+        return self.api.resolve_revision(repo_id, revision=revision,
+                                         local_files_only=constants.is_offline_mode()).resolved
 
     def list_files(self, repo_id: str, commit: str) -> dict[str, int] | None:
         """Top-level file name -> size at ``commit``; None when the Hub cannot be reached."""
         import httpx2
         from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+        from huggingface_hub import constants
         from huggingface_hub.hf_api import RepoFile
+        if constants.is_offline_mode():
+            return None
         try:
             return {f.path: f.size for f in self.api.list_repo_tree(repo_id, revision=commit)
                     if isinstance(f, RepoFile)}
@@ -192,30 +197,41 @@ def resolve_hub_source(repo_id: str, revision: str | None = None, *, download: b
         files = select_files(names, where if listing is not None else f"{where} (cached in {snapshot})")
         client.fetch(repo_id, commit, files.small)
         weights = files.weights or index_shards(snapshot / INDEX_NAME)
-        missing = tuple(w for w in weights if not (snapshot / w).is_file())
+        absent = [w for w in weights if listing is not None and w not in listing]
+        if absent:
+            raise SourceError(f"{where}: {INDEX_NAME} names shard {absent[0]!r}, which the repo does not "
+                              f"have at this commit; the repo is broken, pick another revision")
+        missing = _missing(snapshot, weights)
         if missing and download and listing is not None:
             client.fetch(repo_id, commit, missing)
-            missing = tuple(w for w in missing if not (snapshot / w).is_file())
-        if missing and (download or listing is None):
+            missing = _missing(snapshot, missing)
+        if missing and listing is None:
             raise SourceError(f"{where}: {len(missing)} weight file(s) not in the Hugging Face cache "
-                              f"({missing[0]}{', ...' if len(missing) > 1 else ''}) and the Hub cannot be "
-                              f"reached{_offline_hint()}; download them once online")
+                              f"({missing[0]}{', ...' if len(missing) > 1 else ''}) and {_unreachable()}; "
+                              f"download them once online")
+        if missing and download:
+            raise SourceError(f"{where}: {missing[0]} is still missing from {snapshot} after the download; "
+                              f"retry")
         if missing:
             return _remote_checkpoint(client, repo_id, commit, snapshot, files, weights, listing)
     ckpt = load_checkpoint(snapshot, revision=commit, repo_id=repo_id)
     return replace(ckpt, extra_files=tuple(f for f in ckpt.extra_files if f in files.small))
 
 
+def _missing(snapshot: Path, files: Iterable[str]) -> tuple[str, ...]:
+    return tuple(f for f in files if not (snapshot / f).is_file())
+
+
 def _cached_names(snapshot: Path, where: str) -> list[str]:
     if not snapshot.is_dir():
-        raise SourceError(f"{where}: the cache holds no snapshot folder {snapshot} and the Hub cannot be "
-                          f"reached{_offline_hint()}; download the repo once online or pass --source PATH")
+        raise SourceError(f"{where}: the cache holds no snapshot folder {snapshot} and {_unreachable()}; "
+                          f"download the repo once online or pass --source PATH")
     return [p.name for p in snapshot.iterdir() if p.is_file()]
 
 
-def _offline_hint() -> str:
+def _unreachable() -> str:
     from huggingface_hub import constants
-    return " (HF_HUB_OFFLINE is set)" if constants.is_offline_mode() else ""
+    return "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the Hub cannot be reached"
 
 
 @contextmanager
@@ -228,9 +244,8 @@ def _hub_errors(where: str) -> Iterator[None]:
     try:
         yield
     except (RevisionResolutionError, LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise SourceError(f"{where}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
-                          f"cannot be reached{_offline_hint()}; download it once online, or pass --source PATH "
-                          f"to a local copy") from None
+        raise SourceError(f"{where}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                          f"{_unreachable()}; download it once online, or pass --source PATH to a local copy") from None
     except GatedRepoError:
         raise SourceError(f"{where}: the repo is gated; accept its terms on huggingface.co and set HF_TOKEN "
                           f"(or run `hf auth login`)") from None

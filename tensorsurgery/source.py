@@ -160,9 +160,11 @@ def _check_layer_count(ckpt: Checkpoint) -> None:
                           f"hold {ckpt.num_layers} layers; the config and weights do not belong together")
 
 
-def resolve_source(model: str, revision: str | None = None, *, name: str = "source") -> Checkpoint:
+def resolve_source(model: str, revision: str | None = None, *, name: str = "source",
+                   download: bool = True) -> Checkpoint:
     """The checkpoint for a manifest source: a local folder if ``model`` is one, else a Hugging
-    Face repo id resolved through :mod:`tensorsurgery.hub`.
+    Face repo id resolved through :mod:`tensorsurgery.hub` (``download=False``: weights that are
+    not cached are not downloaded, their headers are read remotely; for ``plan`` and ``--dry-run``).
 
     Raises:
         SourceError: neither a folder nor a resolvable repo id.
@@ -172,6 +174,6 @@ def resolve_source(model: str, revision: str | None = None, *, name: str = "sour
         return load_checkpoint(path, revision=revision)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith((".", "/")):
         from .hub import resolve_hub_source
-        return resolve_hub_source(model, revision)
+        return resolve_hub_source(model, revision, download=download)
     raise SourceError(f"source {name!r}: {model!r} is not a folder nor a Hugging Face repo id; "
                       f"pass --source PATH to a local copy")

@@ -23,7 +23,7 @@ from .errors import WriteError
 from .plan import OutputTensor, Shard
 from .chunks import expected_chunks, pread_exact
 
-BUFFER_SIZE = 8 << 20
+BUFFER_SIZE = 4 << 20
 BUFFERS = 4
 _ALIGN = 4096
 
