@@ -55,7 +55,8 @@ class Header:
 
     ``data_start`` is the absolute file offset of the data section (8 + header length), so a
     tensor's bytes are ``[data_start + entry.start, data_start + entry.end)`` of ``path``.
-    ``entries`` are in data order; ``tensors`` maps name to entry.
+    ``entries`` are in data order; ``tensors`` maps name to entry. ``raw`` is the file's first
+    ``data_start`` bytes, kept so a shard can be reproduced (or linked) byte for byte.
     """
 
     path: Path
@@ -63,6 +64,7 @@ class Header:
     entries: tuple[TensorEntry, ...]
     metadata: Mapping[str, str] | None
     tensors: Mapping[str, TensorEntry]
+    raw: bytes = b""
 
     @property
     def data_size(self) -> int:
@@ -148,7 +150,8 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
                      key=lambda e: (e.start, e.end))
     _check_layout(path, entries, file_size - 8 - len(raw))
     return Header(path=path, data_start=8 + len(raw), entries=tuple(entries),
-                  metadata=metadata, tensors=MappingProxyType({e.name: e for e in entries}))
+                  metadata=metadata, tensors=MappingProxyType({e.name: e for e in entries}),
+                  raw=struct.pack("<Q", len(raw)) + bytes(raw))
 
 
 class _DuplicateKey(Exception):

@@ -7,7 +7,7 @@ exactly what ``apply`` will write.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from . import __version__
 from .config import build_config
 from .errors import ManifestError, PlanError
-from .format import encode_header
+from .format import Header, encode_header
 from .layers import LayerRef, dus, interlock, keep, layer_index, seams, with_layer_index
 from .manifest import DTYPES, Manifest
 from .rules import Renamed, compile_renamer, get_preset
@@ -62,11 +62,14 @@ class OutputTensor:
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """An output file: its encoded header and its tensors in data order."""
+    """An output file: its encoded header and its tensors in data order. ``link`` names a source
+    file that is byte-identical to this shard (planned with ``link=True``): it may be hard-linked
+    or reflinked instead of written."""
 
     filename: str
     header: bytes
     tensors: tuple[OutputTensor, ...]
+    link: Path | None = None
 
     @property
     def data_size(self) -> int:
@@ -119,8 +122,13 @@ class Plan:
         return tuple(t for s in self.shards for t in s.tensors)
 
 
-def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> Plan:
+def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, link: bool = False) -> Plan:
     """Plan the output of ``manifest`` applied to ``checkpoints`` (keyed by source name).
+
+    With ``link``, every shard of the first source whose tensors all pass through unchanged
+    (same names, dtypes and bytes) becomes an output shard of its own, byte-identical to that
+    source file (its header reused), whatever ``max_shard_size`` says; the writer can then link
+    it instead of copying. The other tensors are sharded as usual.
 
     Raises:
         PlanError: a layer out of range (naming the arrangement position), two tensors renamed
@@ -140,7 +148,11 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> Pla
     dtype = DTYPES[manifest.output.dtype] if manifest.output.dtype else None
     tensors = sorted((_output_tensor(p, checkpoints, dtype) for p in picks.values()),
                      key=lambda t: _natural_key(t.name))
-    shards = _shard(tensors, manifest.output.max_shard_size)
+    linked = _identical_source_shards(tensors, checkpoints[base]) if link else []
+    taken = {t.name for _, group in linked for t in group}
+    groups = [(None, group) for group in _cut([t for t in tensors if t.name not in taken],
+                                               manifest.output.max_shard_size)]
+    shards = _name_shards(linked + groups)
     preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
     config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
                           preset=preset, dtype=dtype, overrides=manifest.config)
@@ -201,15 +213,23 @@ def _pick_tensors(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
         by_layer[name] = {}
         for key in ckpt.weight_map:
             by_layer[name].setdefault(layer_index(key), []).append(key)
-    wanted = [(base, key, None) for key in by_layer[base].get(None, [])]
+    # Non-layer tensors come from the base, or from the source manifest.tensor_sources names.
+    owners = manifest.tensor_sources
+    wanted = [(src, key, None) for src in dict.fromkeys((base, *owners.values()))
+              for key in by_layer[src].get(None, [])]
     for pos, ref in enumerate(arrangement):
         wanted += [(ref.source, key, pos) for key in by_layer[ref.source].get(ref.layer, [])]
     picks: dict[str, _Pick] = {}
+    replaced: set[str] = set()
     for src, key, pos in wanted:
         renamed = _rename(manifest, renamers[src], key)
         if renamed is None:
             continue
         out = renamed.name
+        if pos is None and owners.get(out, base) != src:
+            if src == base:  # the base's own, replaced by another source's
+                replaced.add(out)
+            continue
         if pos is not None:
             if layer_index(out) is None:
                 raise PlanError(f"{manifest.path}: rename: layer tensor {key!r} became {out!r}, which "
@@ -219,6 +239,10 @@ def _pick_tensors(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
             raise PlanError(f"{manifest.path}: rename: {picks[out].key!r} and {key!r} both become {out!r}; "
                             f"fix the rename rules or drop one")
         picks[out] = _Pick(out, src, key, renamed.permute, pos)
+    missing = sorted(replaced - picks.keys())
+    if missing:
+        raise PlanError(f"{manifest.path}: {missing[0]!r} is to come from source {owners[missing[0]]!r}, which "
+                        f"has no such tensor; use sources of the same architecture")
     return picks
 
 
@@ -279,35 +303,56 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def _shard(tensors: list[OutputTensor], max_size: int) -> tuple[Shard, ...]:
+def _identical_source_shards(tensors: list[OutputTensor], ckpt: Checkpoint) -> list[tuple[Header, list[OutputTensor]]]:
+    """Source shards whose every tensor is an output tensor of the same name, taken verbatim."""
+    by_name = {t.name: t for t in tensors}
+    found = []
+    for _, header in sorted(ckpt.headers.items()):
+        group = []
+        for e in header.entries:
+            t = by_name.get(e.name)
+            if t is None or t.transform != "none" or t.source_key != e.name or t.source.path != header.path:
+                break
+            group.append(replace(t, offset=e.start))
+        else:
+            if group and header.raw:
+                found.append((header, group))
+    return found
+
+
+def _cut(tensors: list[OutputTensor], max_size: int) -> list[list[OutputTensor]]:
     """Greedy in-order sharding: a new shard starts when the next tensor would pass
     ``max_size``. Not optimal (no bin packing, so order stays natural); a tensor larger than
     ``max_size`` gets a shard of its own, as Hugging Face does."""
-    groups: list[list[OutputTensor]] = [[]]
+    groups: list[list[OutputTensor]] = []
     size = 0
     for t in tensors:
-        if groups[-1] and size + t.nbytes > max_size:
+        if not groups or (groups[-1] and size + t.nbytes > max_size):
             groups.append([])
             size = 0
         groups[-1].append(t)
         size += t.nbytes
+    return groups
+
+
+def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]]) -> tuple[Shard, ...]:
+    """Name shards as Hugging Face does and lay out each one's header and offsets; a group
+    with a source header is that source file, reproduced as is."""
     n = len(groups)
     shards = []
-    for i, group in enumerate(groups):
+    for i, (source, group) in enumerate(groups):
         name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        if source is not None:
+            shards.append(Shard(name, source.raw, tuple(group), link=source.path))
+            continue
         placed, offset = [], 0
         for t in group:
-            placed.append(_replace_offset(t, offset))
+            placed.append(replace(t, offset=offset))
             offset += t.nbytes
         header = encode_header(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in placed),
                                SHARD_METADATA)
         shards.append(Shard(name, header, tuple(placed)))
     return tuple(shards)
-
-
-def _replace_offset(t: OutputTensor, offset: int) -> OutputTensor:
-    from dataclasses import replace
-    return replace(t, offset=offset)
 
 
 def _index(shards: tuple[Shard, ...]) -> Mapping[str, Any] | None:

@@ -20,6 +20,8 @@ def provenance_record(plan: Plan, hashes: Mapping[str, str]) -> dict[str, Any]:
         "sources": [{"name": s.name, "model": s.model, "root": str(s.root), "layout": s.layout,
                      "revision": s.revision, "files": list(s.files)} for s in plan.sources],
         "layers": [{"source": r.source, "layer": r.layer} for r in plan.layers],
+        # Planned with --link: shards identical to a source file were grouped as that file.
+        "link": any(s.link is not None for s in plan.shards),
         "tensors": {t.name: {"shard": shard.filename, "dtype": t.dtype, "shape": list(t.shape),
                              "source": t.source_name, "source_file": t.source.path.name,
                              "source_key": t.source_key, "transform": t.transform,

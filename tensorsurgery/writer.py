@@ -7,6 +7,7 @@ complete).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from .plan import Plan
 from .provenance import PROVENANCE_NAME, provenance_record
 from .source import INDEX_NAME
 from .stream import Pump
-from .verify import intact_shard_hashes
+from .verify import intact_shard_hashes, shard_tensor_hashes
 
 TMP_SUFFIX = ".tensorsurgery-tmp"
 
@@ -95,7 +96,11 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
     _check_free_space(tmp.parent, sum(s.nbytes for s in todo))
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        hashes = Pump(progress=progress, direct=direct).run((s, tmp / s.filename) for s in todo)
+        linked = [s for s in todo if s.link is not None and _link(s.link, tmp / s.filename)]
+        hashes = Pump(progress=progress, direct=direct).run((s, tmp / s.filename) for s in todo
+                                                            if s not in linked)
+        for shard in linked:
+            hashes.update(shard_tensor_hashes(shard, tmp / shard.filename))
         for shard_hashes in kept.values():
             hashes.update(shard_hashes)
         _write_metadata(plan, tmp, hashes)
@@ -109,6 +114,27 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
     files = tuple(sorted(p.name for p in target.iterdir()))
     return WriteResult(output=target, files=files, nbytes=plan.nbytes, seconds=time.monotonic() - started,
                        tensor_hashes=hashes, notes=tuple(notes))
+
+
+def _link(source: Path, dest: Path) -> bool:
+    """Make ``dest`` share ``source``'s bytes: a reflink (copy-on-write clone) where the
+    filesystem supports it, else a hard link; False when neither works (then it is copied).
+    A hard link shares the inode: editing one file in place edits the other (see README)."""
+    try:
+        with open(source, "rb") as src, open(dest, "wb") as dst:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+        return True
+    except OSError:
+        dest.unlink(missing_ok=True)
+    try:
+        os.link(source, dest)
+        return True
+    except OSError:
+        return False
+
+
+# ioctl number of FICLONE (linux/fs.h): clone a whole file on btrfs, XFS (reflink=1), bcachefs.
+_FICLONE = 0x40049409
 
 
 def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> dict[str, dict[str, str]]:
