@@ -1,0 +1,66 @@
+"""Peak memory of `apply` and `verify` stays bounded whatever the tensor sizes.
+
+Not a timing: a regression that reads a whole tensor (here 128 MB) into memory, or grows a
+buffer per tensor, pushes the child's peak RSS past the bound and fails."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from make_checkpoint import make_checkpoint  # noqa: E402
+
+#: Python + numpy + tensorsurgery is ~35 MB and the buffers 16 MB; a whole tensor is 128 MB.
+RSS_BOUND_MB = 100
+BIG_TENSOR_MB = 128
+
+
+# The child reports its own high-water mark (VmHWM belongs to the address space exec made).
+# Not wait4's ru_maxrss: Linux carries the parent's peak across fork+exec, and the pytest
+# process holds torch.
+_RUN_AND_REPORT = (
+    "import atexit, os, re, runpy, sys\n"
+    "def report():\n"
+    "    hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+    "    open(os.environ['TS_HWM_FILE'], 'w').write(hwm)\n"
+    "atexit.register(report)\n"
+    "sys.argv = ['tensorsurgery', *sys.argv[1:]]\n"
+    "runpy.run_module('tensorsurgery', run_name='__main__')\n"
+)
+
+
+def _peak_rss_mb(args: list[str], tmp_path: Path) -> float:
+    """Run the CLI in a child and return the child's own peak RSS in MB."""
+    hwm = tmp_path / "hwm"
+    proc = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT, *args], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "TS_HWM_FILE": str(hwm)})
+    assert proc.returncode == 0, proc.stderr
+    return int(hwm.read_text()) / 1024
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory) -> Path:
+    # vocab x hidden bf16 = 128 MB embeddings (and as much lm_head), two small layers.
+    hidden = 2048
+    vocab = BIG_TENSOR_MB * 2**20 // (2 * hidden)
+    return make_checkpoint(tmp_path_factory.mktemp("big") / "src", vocab=vocab, hidden=hidden,
+                           intermediate=256, heads=16, kv_heads=4, head_dim=128, layers=4)
+
+
+@pytest.mark.parametrize("cast", [None, "float32"])
+def test_apply_and_verify_peak_rss_is_bounded(big_checkpoint, tmp_path, cast):
+    manifest = tmp_path / "m.toml"
+    dtype = f'dtype = "{cast}"\n' if cast else ""
+    manifest.write_text(f'[source]\nmodel = "{big_checkpoint}"\n[rename]\npreset = "mistral-to-llama"\n'
+                        f'[layers]\nplan = "dus"\noverlap = 1\n[output]\npath = "{tmp_path / "out"}"\n{dtype}')
+    apply_rss = _peak_rss_mb(["apply", str(manifest)], tmp_path)
+    verify_rss = _peak_rss_mb(["verify", str(manifest)], tmp_path)
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert apply_rss < RSS_BOUND_MB, f"apply peaked at {apply_rss:.0f} MB"
+    assert verify_rss < RSS_BOUND_MB, f"verify peaked at {verify_rss:.0f} MB"
