@@ -21,7 +21,7 @@ from .chunks import CAST_CHUNK, expected_chunks, pread_exact
 from .errors import HeaderError, TensorSurgeryError, VerifyError
 from .format import read_header
 from .plan import OutputTensor, Plan, Shard
-from .provenance import PROVENANCE_NAME
+from .provenance import PROVENANCE_NAME, provenance_record
 from .source import INDEX_NAME
 
 Progress = Callable[[int], None] | None
@@ -258,13 +258,22 @@ def _check_record(plan: Plan, output: Path, hashes: Mapping[str, str], diffs: li
     if not isinstance(tensors, dict):
         diffs.append(Difference(PROVENANCE_NAME, "has no tensors table"))
         return
+    # What the writer records for this plan (JSON round trip: tuples become lists).
+    want = json.loads(json.dumps(provenance_record(plan, {t.name: hashes.get(t.name) for t in plan.tensors})))
+    if record.get("layers") != want["layers"]:
+        diffs.append(Difference(PROVENANCE_NAME, "layers (the layer map) differ from the plan's"))
     for t in plan.tensors:
         entry = tensors.get(t.name)
         if not isinstance(entry, dict):
             diffs.append(Difference(PROVENANCE_NAME, f"lacks tensor {t.name!r}"))
-        elif t.name in hashes and entry.get("sha256") != hashes[t.name]:
+            continue
+        if t.name in hashes and entry.get("sha256") != hashes[t.name]:
             diffs.append(Difference(PROVENANCE_NAME, f"sha256 of {t.name!r} is {entry.get('sha256')}, "
                                                      f"the output bytes hash to {hashes[t.name]}"))
+        for key, value in want["tensors"][t.name].items():
+            if key != "sha256" and entry.get(key) != value:
+                diffs.append(Difference(PROVENANCE_NAME, f"{key} of {t.name!r} is {entry.get(key)!r}, "
+                                                         f"expected {value!r}"))
     planned = {t.name for t in plan.tensors}
     diffs += [Difference(PROVENANCE_NAME, f"records unexpected tensor {n!r}") for n in tensors if n not in planned]
 
