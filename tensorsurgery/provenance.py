@@ -10,8 +10,10 @@ from .plan import Plan
 PROVENANCE_NAME = "tensorsurgery.json"
 
 
-def provenance_record(plan: Plan, hashes: Mapping[str, str]) -> dict[str, Any]:
-    """The record for ``plan`` whose output tensors hashed to ``hashes`` (name -> sha256)."""
+def provenance_record(plan: Plan, hashes: Mapping[str, str],
+                      files: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The record for ``plan`` whose output tensors hashed to ``hashes`` (name -> sha256);
+    ``files`` maps the other files written (config.json, index, copies) to their sha256."""
     return {
         "tool": "tensorsurgery",
         "version": __version__,
@@ -22,6 +24,7 @@ def provenance_record(plan: Plan, hashes: Mapping[str, str]) -> dict[str, Any]:
         "layers": [{"source": r.source, "layer": r.layer} for r in plan.layers],
         # Planned with --link: shards identical to a source file were grouped as that file.
         "link": any(s.link is not None for s in plan.shards),
+        "files": dict(files or {}),
         "tensors": {t.name: {"shard": shard.filename, "dtype": t.dtype, "shape": list(t.shape),
                              "source": t.source_name, "source_file": t.source.path.name,
                              "source_key": t.source_key, "transform": t.transform,

@@ -305,7 +305,8 @@ def verify_record(output: Path, *, progress: Progress = None) -> VerifyReport:
         VerifyError: no usable provenance record.
     """
     output = _require_folder(output)
-    tensors: dict[str, Any] = read_record(output)["tensors"]
+    record = read_record(output)
+    tensors: dict[str, Any] = record["tensors"]
     diffs: list[Difference] = []
     by_shard: dict[str, list[str]] = {}
     for name, entry in tensors.items():
@@ -316,7 +317,18 @@ def verify_record(output: Path, *, progress: Progress = None) -> VerifyReport:
     for shard, names in sorted(by_shard.items()):
         nbytes += _hash_shard(output / shard, names, tensors, diffs, progress)
     _check_record_index(output, by_shard, diffs)
+    _check_record_files(output, record.get("files") or {}, diffs)
     return VerifyReport(output, "record", len(tensors), nbytes, tuple(diffs))
+
+
+def _check_record_files(output: Path, files: Mapping[str, str], diffs: list[Difference]) -> None:
+    """config.json, the index and copied files against the sha256 the record gives them."""
+    for name, want in sorted(files.items()):
+        path = output / name
+        if not path.is_file():
+            diffs.append(Difference(name, "is missing"))
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != want:
+            diffs.append(Difference(name, "differs from what tensorsurgery wrote (sha256 in tensorsurgery.json)"))
 
 
 def _hash_shard(path: Path, names: list[str], tensors: Mapping[str, Any], diffs: list[Difference],
@@ -374,7 +386,9 @@ def _check_record_index(output: Path, by_shard: Mapping[str, list[str]], diffs: 
         return
     expected = {n: s for s, names in by_shard.items() for n in names}
     for name in sorted(expected.keys() | wmap.keys()):
-        if wmap.get(name) != expected.get(name):
+        if name not in wmap:
+            diffs.append(Difference(INDEX_NAME, f"weight_map lacks tensor {name!r} (in {expected[name]})"))
+        elif wmap.get(name) != expected.get(name):
             diffs.append(Difference(INDEX_NAME, f"weight_map puts {name!r} in {wmap.get(name)}, the record "
                                                 f"says {expected.get(name)}"))
 

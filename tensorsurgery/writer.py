@@ -8,6 +8,7 @@ complete).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -171,13 +172,15 @@ def _check_free_space(folder: Path, need: int) -> None:
 
 
 def _write_metadata(plan: Plan, folder: Path, hashes: Mapping[str, str]) -> None:
+    files: dict[str, str] = {}
     for src, name in plan.copy_files:
         shutil.copyfile(src, folder / name)
         _fsync_path(folder / name)
+        files[name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
     if plan.index is not None:
-        _write_json(folder / INDEX_NAME, plan.index)
-    _write_json(folder / "config.json", plan.config)
-    _write_json(folder / PROVENANCE_NAME, provenance_record(plan, hashes))
+        files[INDEX_NAME] = _write_json(folder / INDEX_NAME, plan.index)
+    files["config.json"] = _write_json(folder / "config.json", plan.config)
+    _write_json(folder / PROVENANCE_NAME, provenance_record(plan, hashes, files))
     _write_card(folder, plan)
     _fsync_path(folder)
 
@@ -202,12 +205,14 @@ def _write_card(folder: Path, plan: Plan) -> None:
         _fsync_path(folder / "README.md")
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False, default=_jsonable)
-        f.write("\n")
+def _write_json(path: Path, data: Mapping[str, Any]) -> str:
+    """Write ``data`` as indented JSON, fsynced; returns the sha256 of the bytes written."""
+    raw = (json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n").encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(raw)
         f.flush()
         os.fsync(f.fileno())
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _jsonable(value: Any) -> Any:
