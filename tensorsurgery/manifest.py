@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
@@ -71,11 +71,14 @@ class LayersSpec:
 
 @dataclass(frozen=True, slots=True)
 class OutputSpec:
-    """Where and how the output is written."""
+    """Where and how the output is written; ``push_to_hub`` is a repo id to upload it to (after
+    apply and verify), created ``private`` unless that is false."""
 
     path: str
     dtype: str | None = None
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    push_to_hub: str | None = None
+    private: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,10 @@ class Manifest:
     layers: LayersSpec
     config: Mapping[str, Any]
     output: OutputSpec
+    #: Output name of a non-layer tensor -> the source it comes from; any other non-layer tensor
+    #: comes from the first source. Set by mergekit YAMLs (first slice's embeddings, last slice's
+    #: final norm and lm_head); TOML has no syntax for it yet.
+    tensor_sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def source(self, name: str | None) -> SourceSpec:
         """The source called ``name``; ``None`` is the first one (the base)."""
@@ -305,7 +312,7 @@ def _segment(r: _Reader, item: Any, source: str | None) -> Segment:
 
 
 def _parse_output(r: _Reader) -> OutputSpec:
-    r.check_keys(("path", "dtype", "max_shard_size"))
+    r.check_keys(("path", "dtype", "max_shard_size", "push_to_hub", "private"))
     dtype = r.get("dtype", str)
     if dtype is not None and dtype not in DTYPES:
         raise r.error("dtype", f"unsupported dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
@@ -314,7 +321,11 @@ def _parse_output(r: _Reader) -> OutputSpec:
         size = parse_size(size)
     except ValueError as e:
         raise r.error("max_shard_size", str(e)) from None
-    return OutputSpec(path=r.get("path", str, required=True), dtype=dtype, max_shard_size=size)
+    push = r.get("push_to_hub", str)
+    if push is not None and not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", push):
+        raise r.error("push_to_hub", f"{push!r} is not a Hugging Face repo id; use \"org/name\"")
+    return OutputSpec(path=r.get("path", str, required=True), dtype=dtype, max_shard_size=size,
+                      push_to_hub=push, private=r.get("private", bool, True))
 
 
 def apply_overrides(manifest: Manifest, sources: Mapping[str, str], output: str | None) -> Manifest:

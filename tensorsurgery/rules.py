@@ -40,9 +40,11 @@ class Preset:
     config_copy: Mapping[str, str]
 
 
-# Mistral's native checkpoint (consolidated.safetensors + params.json) -> Hugging Face Llama
-# names, as transformers' convert_mistral_weights_to_hf.py maps them. q and k rows are permuted
-# from Mistral's interleaved rotary pairs to Hugging Face's half-split convention.
+# Mistral's native checkpoint (consolidated.safetensors + params.json) -> Hugging Face names
+# (Mistral's and Llama's are the same), as transformers' convert_mistral_weights_to_hf.py maps
+# them. q and k rows are permuted from Mistral's interleaved rotary pairs to Hugging Face's
+# half-split convention, per head of head_dim rows: the head count is the config field named in
+# ``permute`` (k uses the KV heads), see tensorsurgery.native. Also applied without a preset.
 _MISTRAL_NATIVE = (
     KeyRule(r"tok_embeddings\.weight", "model.embed_tokens.weight"),
     KeyRule(r"norm\.weight", "model.norm.weight"),
@@ -128,6 +130,10 @@ def compile_renamer(spec: RenameSpec, layout: str) -> Renamer:
         if layout not in preset.key_rules:
             raise ManifestError(f"rename.preset {spec.preset!r} does not handle {layout!r} checkpoints")
         preset_rules = preset.key_rules[layout]
+    elif layout == "mistral":
+        # Without a preset a native checkpoint still gets Hugging Face names: it is read as the
+        # MistralForCausalLM its params.json describes, as transformers' conversion script does.
+        preset_rules = _MISTRAL_NATIVE
     return Renamer(
         drop=tuple(re.compile(p) for p in spec.drop),
         preset_rules=tuple((re.compile(r.pattern), r) for r in preset_rules),

@@ -66,6 +66,8 @@ def load_checkpoint(root: str | os.PathLike[str], *, revision: str | None = None
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"{root}: source folder not found; give a local folder or a Hugging Face repo id")
+    # Absolute, so the provenance record still finds the source from another directory.
+    root = root.resolve()
     files = sorted(p.name for p in root.iterdir())
     if INDEX_NAME in files or SINGLE_NAME in files:
         layout, config = "hf", _read_json(root / "config.json")
@@ -73,8 +75,10 @@ def load_checkpoint(root: str | os.PathLike[str], *, revision: str | None = None
     elif any(_NATIVE_SHARD.fullmatch(f) for f in files):
         from .native import config_from_params
         layout = "mistral"
-        config = config_from_params(_read_json(root / "params.json"), root / "params.json")
+        params = _read_json(root / "params.json")
         headers, weight_map = _load_unindexed(root, [f for f in files if _NATIVE_SHARD.fullmatch(f)])
+        config = config_from_params(params, root / "params.json",
+                                    {name: headers[shard].tensors[name] for name, shard in weight_map.items()})
     else:
         raise SourceError(f"{root}: no {SINGLE_NAME}, {INDEX_NAME} or consolidated.safetensors; "
                           f"only safetensors checkpoints are supported")
@@ -156,8 +160,11 @@ def _load_unindexed(root: Path, shards: list[str]) -> tuple[dict[str, Header], d
 def _check_layer_count(ckpt: Checkpoint) -> None:
     declared = ckpt.config.get("num_hidden_layers")
     if declared is not None and declared != ckpt.num_layers:
-        raise SourceError(f"{ckpt.root}: config says num_hidden_layers = {declared} but the tensors "
-                          f"hold {ckpt.num_layers} layers; the config and weights do not belong together")
+        where, key = ((ckpt.root / "config.json", "num_hidden_layers") if ckpt.layout == "hf"
+                      else (ckpt.root / "params.json", "n_layers"))
+        raise SourceError(f"{where}: {key} = {declared} but the tensors hold {ckpt.num_layers} layers; "
+                          f"the config and weights do not belong together (use the {where.name} that "
+                          f"came with these weights)")
 
 
 def resolve_source(model: str, revision: str | None = None, *, name: str = "source",

@@ -254,7 +254,7 @@ RECORD_LINES = {
     "swap_layers": f"{A}: sha256 ",
     "delete_shard": "{x}: shard is missing",
     "truncate_shard": "{x}: invalid safetensors header: ",
-    "drop_from_index": f"{INDEX}: weight_map puts {A!r} in None, the record says model-",
+    "drop_from_index": f"{INDEX}: weight_map lacks tensor {A!r} (in model-",
     "edit_record_hash": f"{A}: sha256 ",
 }
 

@@ -1,0 +1,199 @@
+"""Read a mergekit YAML that uses ``merge_method: passthrough`` into a :class:`Manifest`.
+
+Passthrough copies layers unchanged, so it is byte ranges like any manifest. What mergekit does
+with the tensors, and how it maps here (checked against mergekit's ``plan.py`` and ``merge.py``):
+
+* each slice's one source ``{model, layer_range: [a, b]}`` gives layers ``a..b-1`` of that model,
+  in slice order: an explicit arrangement. Each distinct model (path and ``@revision``) is one
+  source, named after its folder or repo name.
+* the embeddings come from the first slice's model, the final norm and ``lm_head`` from the last
+  slice's model (mergekit's ``pre_weights`` / ``post_weights`` of the Llama-family architectures);
+  config.json and the tokenizer files come from ``base_model``, else the first slice's model.
+* ``dtype`` (and ``out_dtype``, which wins) casts the output; mergekit's names, ``torch.`` prefix
+  allowed. config.json is ours: layer count and per-layer lists follow the arrangement.
+* the architecture is kept, as mergekit keeps it: no rename preset, so a Mistral stays a
+  MistralForCausalLM (use a TOML manifest with ``preset = "mistral-to-llama"`` to relabel). A
+  native Mistral checkpoint still gets Hugging Face names (see :mod:`tensorsurgery.rules`).
+* mergekit has no output path: it is ``out/<file stem>``, and ``--output`` overrides it.
+
+Everything that would change tensor values (other merge methods, several sources in a slice,
+``parameters`` such as ``scale``, LoRA ``model+adapter`` references, tokenizer building) is a
+:class:`ManifestError` naming the file and the key path.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ManifestError
+from .manifest import DTYPES, LayersSpec, Manifest, OutputSpec, RenameSpec, Segment, SourceSpec
+
+_KEYS = ("merge_method", "slices", "dtype", "out_dtype", "base_model", "tokenizer_source")
+#: Keys mergekit knows that a passthrough copy cannot honour, and why.
+_UNSUPPORTED = MappingProxyType({
+    "models": "list the layers to copy as slices with a layer_range instead",
+    "modules": "list the layers to copy as top-level slices instead",
+    "parameters": "parameters such as scale change tensor values; only a byte-exact passthrough is supported",
+    "residual_weight": "it changes tensor values; only a byte-exact passthrough is supported",
+    "tokenizer": "building a tokenizer is not supported; the base model's tokenizer files are copied",
+    "chat_template": "it is not supported; the base model's tokenizer files are copied as they are",
+})
+#: mergekit's pre_weights (from the first slice) and post_weights (from the last slice).
+_FIRST_SLICE_TENSORS = ("model.embed_tokens.weight",)
+_LAST_SLICE_TENSORS = ("model.norm.weight", "lm_head.weight")
+
+
+def manifest_from_mergekit(path: Path, text: str) -> Manifest:
+    """The manifest equivalent to the mergekit passthrough config ``text`` read from ``path``.
+
+    Raises:
+        ManifestError: not YAML, another merge method, a missing or malformed key, or a feature
+            that would change tensor values; the message names the file and the key path.
+
+    Example:
+        >>> m = manifest_from_mergekit(Path("dus.yml"), "merge_method: passthrough\\nslices:\\n"
+        ...     "  - sources: [{model: m7b, layer_range: [0, 24]}]\\n"
+        ...     "  - sources: [{model: m7b, layer_range: [8, 32]}]\\n")
+        >>> [(s.source, s.start, s.stop) for s in m.layers.arrangement], m.output.path
+        ([('m7b', 0, 24), ('m7b', 8, 32)], 'out/dus')
+    """
+    data = _load_yaml(path, text)
+    method = data.get("merge_method")
+    if method != "passthrough":
+        found = "missing" if method is None else f"{method!r} is not supported"
+        raise ManifestError(f"{path}: merge_method: {found}; only merge_method: passthrough is supported "
+                            f"(other methods compute new tensor values)")
+    _check_keys(path, "", data, _KEYS)
+    slices = [_slice(path, i, s) for i, s in enumerate(_slices(path, data))]
+    base = _model(path, "base_model", data["base_model"]) if data.get("base_model") is not None else None
+    tokenizer_source = data.get("tokenizer_source")
+    if tokenizer_source not in (None, "base"):
+        raise ManifestError(f"{path}: tokenizer_source: {tokenizer_source!r} is not supported; the base "
+                            f"model's tokenizer files are copied (remove it or use base)")
+    models = list(dict.fromkeys(([base] if base else []) + [model for model, _, _ in slices]))
+    names = dict(zip(models, _source_names(models)))
+    first, last = names[slices[0][0]], names[slices[-1][0]]
+    owners = {t: first for t in _FIRST_SLICE_TENSORS} | {t: last for t in _LAST_SLICE_TENSORS}
+    return Manifest(
+        path=path, text=text,
+        sources=tuple(SourceSpec(names[m], m[0], m[1]) for m in models),
+        rename=RenameSpec(),
+        layers=LayersSpec(plan="explicit", arrangement=tuple(Segment(names[m], a, b) for m, a, b in slices)),
+        config=MappingProxyType({}),
+        output=OutputSpec(path=f"out/{path.stem}", dtype=_dtype(path, data)),
+        tensor_sources=MappingProxyType({t: s for t, s in owners.items() if s != names[models[0]]}),
+    )
+
+
+def _load_yaml(path: Path, text: str) -> dict[str, Any]:
+    import yaml
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (at line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ManifestError(f"{path}: not valid YAML: {problem}{where}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a mergekit config (a YAML mapping with merge_method and "
+                            f"slices), found {_describe(data)}")
+    return data
+
+
+def _check_keys(path: Path, where: str, table: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    for key in table:
+        at = f"{where}.{key}" if where else str(key)
+        if key in _UNSUPPORTED:
+            raise ManifestError(f"{path}: {at}: {_UNSUPPORTED[key]}")
+        if key not in allowed:
+            raise ManifestError(f"{path}: {at}: unknown key; expected one of: {', '.join(allowed)}")
+
+
+def _slices(path: Path, data: dict[str, Any]) -> list[Any]:
+    slices = data.get("slices")
+    if not isinstance(slices, list) or not slices:
+        found = "missing" if slices is None else f"expected a non-empty list, found {_describe(slices)}"
+        raise ManifestError(f"{path}: slices: {found}; list the layers to copy, e.g. "
+                            f"- sources: [{{model: PATH, layer_range: [0, 24]}}]")
+    return slices
+
+
+def _slice(path: Path, i: int, item: Any) -> tuple[tuple[str, str | None], int, int]:
+    where = f"slices[{i}]"
+    if not isinstance(item, dict):
+        raise ManifestError(f"{path}: {where}: expected a mapping with sources, found {_describe(item)}")
+    _check_keys(path, where, item, ("sources",))
+    sources = item.get("sources")
+    if not isinstance(sources, list) or len(sources) != 1:
+        found = (f"{len(sources)} sources: combining models in one slice is a merge, not passthrough"
+                 if isinstance(sources, list) and sources else f"found {_describe(sources)}")
+        raise ManifestError(f"{path}: {where}.sources: {found}; give each slice exactly one source")
+    source, where = sources[0], f"{where}.sources[0]"
+    if not isinstance(source, dict):
+        raise ManifestError(f"{path}: {where}: expected a mapping with model and layer_range, "
+                            f"found {_describe(source)}")
+    _check_keys(path, where, source, ("model", "layer_range"))
+    if "model" not in source:
+        raise ManifestError(f"{path}: {where}.model: missing; give a local folder or a Hugging Face repo id")
+    model = _model(path, f"{where}.model", source["model"])
+    rng = source.get("layer_range")
+    if not (isinstance(rng, list) and len(rng) == 2 and all(type(x) is int for x in rng)
+            and 0 <= rng[0] < rng[1]):
+        raise ManifestError(f"{path}: {where}.layer_range: expected [start, stop] with 0 <= start < stop "
+                            f"(stop excluded), found {_describe(rng)}")
+    return model, rng[0], rng[1]
+
+
+def _model(path: Path, where: str, value: Any) -> tuple[str, str | None]:
+    """``(model, revision)`` of a mergekit model reference ``path[@revision]``."""
+    if not isinstance(value, str) or not value.strip():
+        raise ManifestError(f"{path}: {where}: expected a local folder or a Hugging Face repo id, "
+                            f"found {_describe(value)}")
+    if "+" in value:
+        raise ManifestError(f"{path}: {where}: {value!r} applies a LoRA adapter, which changes tensor values; "
+                            f"merge the adapter first and give the merged model")
+    model, at, revision = value.partition("@")
+    if "@" in revision or not model or (at and not revision):
+        raise ManifestError(f"{path}: {where}: {value!r} is not a model reference; use PATH or REPO@REVISION")
+    return model, revision or None
+
+
+def _source_names(models: list[tuple[str, str | None]]) -> list[str]:
+    """Short unique source names: each model's folder or repo name, sanitized for --source NAME=PATH."""
+    names: list[str] = []
+    for model, _ in models:
+        stem = re.sub(r"[^\w.-]+", "_", PurePosixPath(model.replace("\\", "/").rstrip("/")).name) or "model"
+        name, n = stem, 1
+        while name in names:
+            n += 1
+            name = f"{stem}-{n}"
+        names.append(name)
+    return names
+
+
+def _dtype(path: Path, data: dict[str, Any]) -> str | None:
+    dtype, out = (_dtype_name(path, key, data.get(key)) for key in ("dtype", "out_dtype"))
+    # mergekit casts to dtype when reading and to out_dtype when saving; we cast once, which
+    # gives the same bytes only when the first cast loses nothing.
+    if dtype and out and dtype not in (out, "float32"):
+        raise ManifestError(f"{path}: dtype: {dtype} then out_dtype {out} rounds every tensor twice; "
+                            f"tensorsurgery casts once: remove dtype or set it to {out} or float32")
+    return out or dtype
+
+
+def _dtype_name(path: Path, key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    name = value.removeprefix("torch.") if isinstance(value, str) else value
+    if name not in DTYPES:
+        raise ManifestError(f"{path}: {key}: unsupported dtype {_describe(value)}; expected one of: "
+                            f"{', '.join(DTYPES)}")
+    return name
+
+
+def _describe(value: Any) -> str:
+    kinds = {dict: "a mapping", list: "a list", str: "a string", int: "an integer", bool: "a boolean",
+             float: "a number", type(None): "nothing"}
+    return f"{kinds.get(type(value), type(value).__name__)} {value!r:.60}" if value is not None else "nothing"
