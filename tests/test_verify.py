@@ -245,11 +245,11 @@ MANIFEST_LINES = {
                           f"expected {A!r}",
 }
 
-#: The same in record mode (sources absent). config.json is not in the record, and without the
-#: sources a record's claim about where a tensor came from cannot be checked, so those two edits
-#: are seen only in manifest mode. An edited hash and edited bytes look alike without the sources: both
-#: are reported on the tensor.
+#: The same in record mode (sources absent). Without the sources a record's claim about where a
+#: tensor came from cannot be checked, so that edit is seen only in manifest mode. An edited hash
+#: and edited bytes look alike without the sources: both are reported on the tensor.
 RECORD_LINES = {
+    "edit_config": "config.json: differs from what tensorsurgery wrote (sha256 in tensorsurgery.json)",
     "flip_byte": f"{A}: sha256 ",
     "swap_layers": f"{A}: sha256 ",
     "delete_shard": "{x}: shard is missing",
@@ -324,7 +324,7 @@ def test_json_report_lists_differences(capsys, damaged, solar_manifest, tiny_mis
     code, out, _ = run(capsys, "verify", output, "--json")
     report = json.loads(out)
     assert code == 1 and report["mode"] == "record" and report["ok"] is False
-    assert {d["where"] for d in report["differences"]} == {A, B}
+    assert {d["where"] for d in report["differences"]} == {A, B, "config.json"}  # config.json against its recorded sha256
 
 
 # --------------------------------------------------------------------------- missing output
