@@ -22,6 +22,7 @@ from .errors import OutputExistsError, WriteError
 from .plan import Plan
 from .provenance import PROVENANCE_NAME, provenance_record
 from .source import INDEX_NAME
+from .source_hash import SourceHasher
 from .stream import Pump
 from .verify import intact_shard_hashes, shard_tensor_hashes
 
@@ -95,8 +96,10 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
     kept = _reuse_leftover(plan, tmp, resume, notes)
     todo = [s for s in plan.shards if s.filename not in kept]
     _check_free_space(tmp.parent, sum(s.nbytes for s in todo))
+    source_hasher = None
     try:
         tmp.mkdir(parents=True, exist_ok=True)
+        source_hasher = SourceHasher(_source_files(plan))
         linked = [s for s in todo if s.link is not None and _link(s.link, tmp / s.filename)]
         hashes = Pump(progress=progress, direct=direct).run((s, tmp / s.filename) for s in todo
                                                             if s not in linked)
@@ -104,9 +107,11 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
             hashes.update(shard_tensor_hashes(shard, tmp / shard.filename))
         for shard_hashes in kept.values():
             hashes.update(shard_hashes)
-        _write_metadata(plan, tmp, hashes)
+        _write_metadata(plan, tmp, hashes, source_hasher.result())
         _move_into_place(tmp, target)
     except BaseException as e:
+        if source_hasher is not None:
+            source_hasher.cancel()
         _discard_unfinished(tmp)
         if isinstance(e, OSError):
             raise WriteError(f"{e.filename or target}: {e.strerror or e}; nothing was written to {target} "
@@ -171,7 +176,11 @@ def _check_free_space(folder: Path, need: int) -> None:
                          f"{free:,} are free; free some space or choose another --output")
 
 
-def _write_metadata(plan: Plan, folder: Path, hashes: Mapping[str, str]) -> None:
+def _source_files(plan: Plan) -> list[Path]:
+    return [s.root / name for s in plan.sources for name in s.files]
+
+
+def _write_metadata(plan: Plan, folder: Path, hashes: Mapping[str, str], source_hashes: Mapping[Path, str]) -> None:
     files: dict[str, str] = {}
     for src, name in plan.copy_files:
         shutil.copyfile(src, folder / name)
@@ -180,7 +189,7 @@ def _write_metadata(plan: Plan, folder: Path, hashes: Mapping[str, str]) -> None
     if plan.index is not None:
         files[INDEX_NAME] = _write_json(folder / INDEX_NAME, plan.index)
     files["config.json"] = _write_json(folder / "config.json", plan.config)
-    _write_json(folder / PROVENANCE_NAME, provenance_record(plan, hashes, files))
+    _write_json(folder / PROVENANCE_NAME, provenance_record(plan, hashes, files, source_hashes))
     _write_card(folder, plan)
     _fsync_path(folder)
 
