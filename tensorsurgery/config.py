@@ -39,8 +39,8 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
             cfg.pop(key, None)
         cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in preset.config_set.items()})
     for key, value in configs[base].items():
-        if _is_per_layer(key, value, configs[base]["num_hidden_layers"]) and key in cfg:
-            cfg[key] = [configs[ref.source][key][ref.layer] for ref in arrangement]
+        if _is_per_layer(key, value, configs[base]["num_hidden_layers"]) and key in cfg and key not in overrides:
+            cfg[key] = [_layer_value(configs, key, ref) for ref in arrangement]
     cfg["num_hidden_layers"] = len(arrangement)
     if dtype is not None:
         keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
@@ -48,6 +48,16 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
             cfg[key] = _DTYPE_NAMES[dtype]
     cfg.update(overrides)
     return cfg
+
+
+def _layer_value(configs: Mapping[str, Mapping[str, Any]], key: str, ref: LayerRef) -> Any:
+    """``configs[ref.source][key][ref.layer]``; a source whose config lacks the list (or that
+    entry) is a PlanError, not a KeyError."""
+    values = configs[ref.source].get(key)
+    if not isinstance(values, list) or not 0 <= ref.layer < len(values):
+        raise PlanError(f"config.json of source {ref.source!r} has no {key}[{ref.layer}] for the per-layer "
+                        f"list {key!r}; set {key} in the manifest's [config] table")
+    return values[ref.layer]
 
 
 def _is_per_layer(key: str, value: Any, n: int) -> bool:

@@ -147,7 +147,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     _check_stackable(manifest, checkpoints, picks)
     dtype = DTYPES[manifest.output.dtype] if manifest.output.dtype else None
     tensors = sorted((_output_tensor(p, checkpoints, dtype) for p in picks.values()),
-                     key=lambda t: _natural_key(t.name))
+                     key=lambda t: (_natural_key(t.name), t.name))
     linked = _identical_source_shards(tensors, checkpoints[base]) if link else []
     taken = {t.name for _, group in linked for t in group}
     groups = [(None, group) for group in _cut([t for t in tensors if t.name not in taken],
