@@ -253,6 +253,7 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 def _as_write_error(e: BaseException) -> BaseException:
     if isinstance(e, OSError):
-        return WriteError(f"{e.filename or 'output'}: write failed: {e.strerror or e}; "
-                          f"free space or raise the file size limit, then run again")
+        name = str(e.filename or "output").removesuffix(PARTIAL_SUFFIX)
+        return WriteError(f"{name}: write failed: {e.strerror or e}; free disk space or raise the file "
+                          f"size limit, then run the same command with --resume to keep the finished shards")
     return e

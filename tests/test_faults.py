@@ -1,0 +1,275 @@
+"""Real faults during ``tensorsurgery apply``, in a child process: SIGKILL, SIGINT, SIGTERM part-way
+through writing, and a full disk (a write failing with EFBIG under ``RLIMIT_FSIZE``).
+
+Whatever happens, nothing appears under the output name until it is complete, the sources are
+never touched (bytes and mtimes), unfinished ``*.partial`` shards do not survive a reported
+failure, and ``apply --resume`` finishes the job from the shards that are whole and verify.
+
+The checkpoint is a ~170 MB synthetic Mistral (benchmarks/make_checkpoint.py); the job is a
+DUS to 4 layers cut into ~40 MB shards, so a signal can land between shards. The tests wait for
+the temporary folder to hold a shard (no fixed sleeps); if a fast machine finishes the whole job
+before the signal is sent, the run is repeated.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from make_checkpoint import make_checkpoint  # noqa: E402
+from tensorsurgery.manifest import load_manifest  # noqa: E402
+from tensorsurgery.plan import build_plan  # noqa: E402
+from tensorsurgery.source import load_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals and RLIMIT_FSIZE on Linux")
+
+#: 8000 x 1280 bf16 embeddings and lm_head (20 MB each) and 3 layers of 43 MB: 169 MB.
+DIMS = dict(vocab=8000, hidden=1280, intermediate=4480, heads=32, kv_heads=8, head_dim=40, layers=3)
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+TIMEOUT = 60
+NOTHING_WRITTEN = ("nothing was written under the output name; run the same command with --resume "
+                   "to keep the finished shards, or without it to start over")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("faults") / "mistral", **DIMS)
+
+
+@pytest.fixture
+def job(source, tmp_path):
+    """(manifest, output folder, temporary folder) of a DUS of ``source`` into ~40 MB shards."""
+    out = tmp_path / "dus"
+    manifest = tmp_path / "dus.toml"
+    manifest.write_text(f'[source]\nmodel = "{source}"\n\n[rename]\npreset = "mistral-to-llama"\n\n'
+                        f'[layers]\nplan = "dus"\noverlap = 1\n\n'
+                        f'[output]\npath = "{out}"\nmax_shard_size = "40MB"\n', encoding="utf-8")
+    return manifest, out, tmp_path / ".dus.tensorsurgery-tmp"
+
+
+def shard_sizes(manifest: Path) -> list[int]:
+    m = load_manifest(manifest)
+    plan = build_plan(m, {s.name: load_checkpoint(s.model) for s in m.sources})
+    return [s.nbytes for s in plan.shards]
+
+
+def fingerprint(folder: Path) -> dict[str, tuple[str, int, int]]:
+    """name -> (sha256, size, mtime_ns) of every file in ``folder``."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(4 << 20):
+                digest.update(chunk)
+        st = p.stat()
+        out[p.name] = (digest.hexdigest(), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def listing(folder: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+
+
+def finished(folder: Path) -> list[str]:
+    return [n for n in listing(folder) if SHARD.fullmatch(n)]
+
+
+def partials(folder: Path) -> list[str]:
+    return [n for n in listing(folder) if n.endswith(".partial")]
+
+
+def _child_setup(fsize: int | None = None):
+    def setup():
+        # A child started from a shell job may inherit SIGINT ignored; Python then would not
+        # turn it into KeyboardInterrupt. Ctrl-C at a terminal finds it at its default.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    return setup
+
+
+def tensorsurgery(*args, fsize: int | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tensorsurgery", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=TIMEOUT, preexec_fn=_child_setup(fsize))
+
+
+def interrupted_apply(manifest: Path, out: Path, tmp: Path, sig: int, *, wait_for_finished: bool):
+    """Start ``apply``, wait until its temporary folder holds a finished shard (or, without
+    ``wait_for_finished``, a ``*.partial``), send ``sig``; returns (exit code, stderr, files
+    in the temporary folder once it exited). Retried if the job completes before the signal."""
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "tensorsurgery", "apply", str(manifest), "--no-progress"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_child_setup())
+        deadline = time.monotonic() + TIMEOUT
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                names = listing(tmp)
+                if any(SHARD.fullmatch(n) for n in names) or (
+                        not wait_for_finished and any(n.endswith(".partial") for n in names)):
+                    proc.send_signal(sig)
+                    break
+                time.sleep(0.0005)
+            else:
+                if proc.poll() is None:
+                    pytest.fail("apply wrote no shard within the timeout")
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode == 0:  # finished before the signal: start over
+            shutil.rmtree(out)
+            continue
+        return proc.returncode, err, listing(tmp)
+    pytest.fail("apply always finished before it could be interrupted")
+
+
+def assert_resume_finishes(manifest: Path, out: Path, tmp: Path, kept: int | None, total: int, *,
+                           verify: bool = True) -> None:
+    """``apply --resume`` keeps ``kept`` shards (None: the failed run left no temporary folder),
+    writes the rest, and (``verify``) the output then verifies against the manifest."""
+    r = tensorsurgery("apply", manifest, "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    note = (f"--resume: kept {kept} of {total} shard(s) that verify against the plan" if kept is not None
+            else "--resume: no interrupted run found; writing everything")
+    assert r.stderr == f"note: {note}\n"
+    assert r.stdout.startswith(f"wrote {out}\n")
+    assert not tmp.exists()
+    if not verify:
+        return
+    v = tensorsurgery("verify", manifest, "--no-progress")
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert v.stdout.startswith(f"verified {out}: ")
+
+
+# --- SIGKILL -------------------------------------------------------------------------------------
+
+def test_sigkill_then_resume(job, source):
+    manifest, out, tmp = job
+    total = len(shard_sizes(manifest))
+    assert total >= 4
+    before = fingerprint(source)
+
+    code, err, left = interrupted_apply(manifest, out, tmp, signal.SIGKILL, wait_for_finished=True)
+    assert code == -signal.SIGKILL
+    assert err == ""  # killed: no chance to say anything
+    assert not out.exists()
+    done = [n for n in left if SHARD.fullmatch(n)]
+    assert 1 <= len(done) < total
+    assert set(left) <= set(done) | {f"{n}.partial" for n in shard_names(total)}
+
+    assert_resume_finishes(manifest, out, tmp, kept=len(done), total=total)
+    assert fingerprint(source) == before
+
+
+def test_sigkill_then_resume_rewrites_a_damaged_shard(job):
+    manifest, out, tmp = job
+    total = len(shard_sizes(manifest))
+    _, _, left = interrupted_apply(manifest, out, tmp, signal.SIGKILL, wait_for_finished=True)
+    done = [n for n in left if SHARD.fullmatch(n)]
+    # A finished shard damaged after the crash (one flipped byte near the end) is not kept.
+    with open(tmp / done[0], "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert_resume_finishes(manifest, out, tmp, kept=len(done) - 1, total=total)
+
+
+def test_sigkill_then_plain_apply_starts_over(job, source):
+    manifest, out, tmp = job
+    before = fingerprint(source)
+    interrupted_apply(manifest, out, tmp, signal.SIGKILL, wait_for_finished=True)
+    assert tmp.is_dir() and not out.exists()
+    r = tensorsurgery("apply", manifest, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (f"note: removed {tmp}, left by an interrupted run (use --resume to keep its finished "
+            f"shards)\n") in r.stderr
+    assert not tmp.exists()
+    assert tensorsurgery("verify", manifest, "--no-progress").returncode == 0
+    assert fingerprint(source) == before
+
+
+def shard_names(total: int) -> list[str]:
+    return [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+
+
+# --- SIGINT, SIGTERM ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated")],
+                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("when", ["partial", "finished"])
+def test_signal_part_way(job, source, sig, code, word, when):
+    manifest, out, tmp = job
+    total = len(shard_sizes(manifest))
+    before = fingerprint(source)
+    rc, err, left = interrupted_apply(manifest, out, tmp, sig, wait_for_finished=when == "finished")
+    assert rc == code
+    assert err == f"tensorsurgery: {word}; {NOTHING_WRITTEN}\n"
+    assert not out.exists()
+    # The unfinished shard is removed; finished ones stay for --resume (or nothing at all).
+    assert all(SHARD.fullmatch(n) for n in left), left
+    if when == "finished":
+        assert left
+    else:
+        assert left or not tmp.exists()
+    assert fingerprint(source) == before
+    assert_resume_finishes(manifest, out, tmp, kept=len(left) if tmp.exists() else None, total=total,
+                           verify=False)
+
+
+# --- full disk: RLIMIT_FSIZE -------------------------------------------------------------------------
+
+def test_file_too_large_on_the_first_shard(job, source):
+    manifest, out, tmp = job
+    sizes = shard_sizes(manifest)
+    limit = 8 << 20
+    assert sizes[0] > limit
+    before = fingerprint(source)
+    r = tensorsurgery("apply", manifest, "--no-progress", fsize=limit)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    first = tmp / shard_names(len(sizes))[0]
+    assert r.stderr == (f"tensorsurgery: error: {first}: write failed: File too large; free disk space or "
+                        f"raise the file size limit, then run the same command with --resume to keep the "
+                        f"finished shards\n")
+    assert not out.exists()
+    assert not tmp.exists()  # nothing finished: no leftover at all
+    assert fingerprint(source) == before
+
+
+def test_file_too_large_part_way_then_resume(job, source):
+    manifest, out, tmp = job
+    sizes = shard_sizes(manifest)
+    names = shard_names(len(sizes))
+    # Unaligned, so O_DIRECT's aligned writes meet the limit mid-buffer too.
+    limit = sizes[0] + 12345
+    failing = next(i for i, n in enumerate(sizes) if n > limit)
+    assert failing >= 1
+    r = tensorsurgery("apply", manifest, "--no-progress", fsize=limit)
+    assert r.returncode == 2
+    assert r.stderr == (f"tensorsurgery: error: {tmp / names[failing]}: write failed: File too large; free "
+                        f"disk space or raise the file size limit, then run the same command with --resume "
+                        f"to keep the finished shards\n")
+    assert not out.exists()
+    left = listing(tmp)
+    assert not partials(tmp)
+    assert left == names[:failing]  # the shards before the failing one, whole
+    assert_resume_finishes(manifest, out, tmp, kept=len(left), total=len(sizes))
