@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import TensorSurgeryError
+from .errors import TensorSurgeryError, VerifyError
 from .format import read_header
-from .manifest import load_manifest
+from .manifest import Manifest, load_manifest
 from .plan import Plan, build_plan
+from .provenance import PROVENANCE_NAME
 from .report import format_bytes, format_plan, plan_as_dict
 from .source import resolve_source
 
@@ -70,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--source", action="append", default=[], metavar="[NAME=]PATH",
                        help="use this local folder or repo id for a source (NAME= when there are several)")
         c.add_argument("--output", metavar="PATH", help="override output.path")
-        c.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+        # default=SUPPRESS: a subcommand's own default would overwrite a --traceback given before it.
+        c.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return c
 
     c = manifest_command("apply", "build the output checkpoint the manifest describes")
@@ -78,11 +80,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="keep the finished shards of an interrupted run (verified against the plan)")
     c.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    c.add_argument("--link", action="store_true",
+                   help="output shards byte-identical to a source shard are reflinked or hard-linked "
+                        "instead of written (the output then shares those files with the source)")
+    c.add_argument("--push-to-hub", metavar="REPO",
+                   help="after apply and verify, upload the output to this Hugging Face model repo "
+                        "(created private unless output.private = false; overrides output.push_to_hub)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_apply)
 
     c = manifest_command("plan", "show the plan from the headers alone: layer map, seams, shards, bytes")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--link", action="store_true", help="plan as `apply --link` would")
     c.set_defaults(func=_cmd_plan)
 
     c = sub.add_parser("verify", help="prove an output is what its manifest asks for, byte for byte "
@@ -96,13 +105,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="use this local folder or repo id for a source (NAME= when there are several)")
     c.add_argument("--json", action="store_true", help="machine-readable report")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     c.set_defaults(func=_cmd_verify)
 
     c = sub.add_parser("inspect", help="show a checkpoint's shards, tensors, dtypes, layers and bytes")
     c.add_argument("path", type=Path, help="a checkpoint folder or one .safetensors file")
     c.add_argument("--json", action="store_true", help="machine-readable output")
-    c.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     c.set_defaults(func=_cmd_inspect)
     return p
 
@@ -119,14 +128,20 @@ def _source_overrides(values: list[str]) -> dict[str, str]:
     return out
 
 
-def _load_plan(args: argparse.Namespace) -> Plan:
-    manifest = load_manifest(args.manifest, sources=_source_overrides(args.source), output=args.output)
-    checkpoints = {s.name: resolve_source(s.model, s.revision, name=s.name) for s in manifest.sources}
-    return build_plan(manifest, checkpoints)
+def _load_manifest(args: argparse.Namespace) -> Manifest:
+    return load_manifest(args.manifest, sources=_source_overrides(args.source), output=args.output)
+
+
+def _load_plan(args: argparse.Namespace, manifest: Manifest | None = None, *, download: bool = True) -> Plan:
+    """``download=False``: hub sources not yet cached are planned from remote headers."""
+    manifest = manifest or _load_manifest(args)
+    checkpoints = {s.name: resolve_source(s.model, s.revision, name=s.name, download=download)
+                   for s in manifest.sources}
+    return build_plan(manifest, checkpoints, link=getattr(args, "link", False))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    plan = _load_plan(args)
+    plan = _load_plan(args, download=False)
     if args.json:
         print(json.dumps(plan_as_dict(plan), indent=2))
     else:
@@ -136,11 +151,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .writer import check_output, execute_plan
-    plan = _load_plan(args)
+    manifest = _load_manifest(args)
+    push_repo = args.push_to_hub or manifest.output.push_to_hub
+    plan = _load_plan(args, manifest, download=not args.dry_run)
     check_output(plan, force=args.force)
     if args.dry_run:
         print(format_plan(plan, free=_free_bytes(plan.output)))
-        print("dry run: nothing written")
+        print("dry run: nothing written" + (f", nothing pushed to {push_repo}" if push_repo else ""))
         return 0
     bar = _progress_bar(args, "writing", plan.nbytes)
     try:
@@ -155,11 +172,36 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     print(f"  {len(plan.layers)} layers, {len(plan.tensors)} tensors in {len(plan.shards)} shard(s), "
           f"{format_bytes(result.nbytes)} in {result.seconds:.1f} s ({format_bytes(rate)}/s)")
     print(f"  files: {', '.join(result.files)}")
+    if push_repo:
+        return _push(args, plan, result.output, push_repo, private=manifest.output.private)
+    return 0
+
+
+def _push(args: argparse.Namespace, plan: Plan, output: Path, repo: str, *, private: bool) -> int:
+    """Verify the fresh output against its plan, then upload it; a difference means no push."""
+    from .push import push_folder
+    from .verify import iter_differences, verify_output
+    bar = _progress_bar(args, "verifying")
+    try:
+        report = verify_output(plan, output, progress=bar and bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not report.ok:
+        for line in iter_differences(report):
+            print(line, file=sys.stderr)
+        print(f"tensorsurgery: {output} does not verify against the plan; not pushed to {repo}", file=sys.stderr)
+        return 1
+    url = push_folder(output, repo, private=private)
+    print(f"verified {output}; pushed to {url}")
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import iter_differences, verify_output, verify_record
+    if args.output is None and not args.target.exists() and args.target.suffix.lower() not in _MANIFEST_SUFFIXES:
+        raise VerifyError(f"{args.target}: output folder not found; give an output folder, or a manifest "
+                          f"(and optionally its output folder)")
     bar = _progress_bar(args, "verifying")
     try:
         if args.target.is_dir() and args.output is None:
@@ -170,7 +212,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 report = replace(report, mode="record+sources")
         else:
             args.manifest, args.output = args.target, (str(args.output) if args.output else None)
-            plan = _load_plan(args)
+            manifest = _load_manifest(args)
+            # An output made with --link groups shards differently; its record says so.
+            args.link = _recorded_link(Path(manifest.output.path))
+            plan = _load_plan(args, manifest)
             report = verify_output(plan, plan.output, progress=bar and bar.update)
     finally:
         if bar is not None:
@@ -188,6 +233,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+_MANIFEST_SUFFIXES = (".toml", ".yml", ".yaml")
 _MODES = {"manifest": "every byte matches the manifest applied to the sources",
           "record+sources": "every byte matches the recorded manifest applied to the sources",
           "record": "every tensor matches the sha256 in tensorsurgery.json; sources not found, "
@@ -207,7 +253,15 @@ def _plan_from_record(output: Path, overrides: dict[str, str]) -> Plan | None:
         return None
     manifest = apply_overrides(manifest, roots, str(output))
     checkpoints = {s.name: resolve_source(s.model, name=s.name) for s in manifest.sources}
-    return build_plan(manifest, checkpoints)
+    return build_plan(manifest, checkpoints, link=bool(record.get("link")))
+
+
+def _recorded_link(output: Path) -> bool:
+    """Whether the provenance record in ``output`` says it was planned with ``--link``."""
+    try:
+        return bool(json.loads((output / PROVENANCE_NAME).read_text(encoding="utf-8")).get("link"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _progress_bar(args: argparse.Namespace, desc: str, total: int | None = None):

@@ -24,15 +24,16 @@ from types import MappingProxyType
 from typing import Iterable, Iterator, Mapping
 
 from .errors import HeaderError, SourceError
-from .format import MAX_HEADER_SIZE, Header, parse_header
+from .format import MAX_HEADER_SIZE, Header, parse_header, read_header
 from .source import (INDEX_NAME, SINGLE_NAME, Checkpoint, _check_layer_count, _check_shard_name, _owners,
                      _read_json, load_checkpoint)
 
 _NATIVE_WEIGHTS = re.compile(r"consolidated(\.\d+)?\.safetensors")
 #: Small files copied into the output: tokenizer (HF, sentencepiece, tiktoken, Mistral's tekken)
 #: and generation settings.
-COPIED_FILES = re.compile(r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|generation_config\.json"
-                          r"|vocab\.(json|txt)|merges\.txt|chat_template\.(json|jinja)|tekken\.json|[^/]*\.tiktoken")
+COPIED_FILES = re.compile(r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json"
+                          r"|generation_config\.json|vocab\.(json|txt)|merges\.txt"
+                          r"|chat_template\.(json|jinja)|tekken\.json|[^/]*\.tiktoken")
 CARD_NAME = "README.md"
 #: First range read of a remote header; most headers fit (HfApi reads 100 kB for the same reason).
 _FIRST_READ = 100_000
@@ -126,8 +127,8 @@ class HubClient:
     def list_files(self, repo_id: str, commit: str) -> dict[str, int] | None:
         """Top-level file name -> size at ``commit``; None when the Hub cannot be reached."""
         import httpx2
-        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
         from huggingface_hub import constants
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
         from huggingface_hub.hf_api import RepoFile
         if constants.is_offline_mode():
             return None
@@ -201,21 +202,31 @@ def resolve_hub_source(repo_id: str, revision: str | None = None, *, download: b
         if absent:
             raise SourceError(f"{where}: {INDEX_NAME} names shard {absent[0]!r}, which the repo does not "
                               f"have at this commit; the repo is broken, pick another revision")
-        missing = _missing(snapshot, weights)
-        if missing and download and listing is not None:
-            client.fetch(repo_id, commit, missing)
-            missing = _missing(snapshot, missing)
-        if missing and listing is None:
-            raise SourceError(f"{where}: {len(missing)} weight file(s) not in the Hugging Face cache "
-                              f"({missing[0]}{', ...' if len(missing) > 1 else ''}) and {_unreachable()}; "
-                              f"download them once online")
-        if missing and download:
-            raise SourceError(f"{where}: {missing[0]} is still missing from {snapshot} after the download; "
-                              f"retry")
-        if missing:
+        if _fetch_weights(client, repo_id, commit, snapshot, weights, listing, download, where):
             return _remote_checkpoint(client, repo_id, commit, snapshot, files, weights, listing)
     ckpt = load_checkpoint(snapshot, revision=commit, repo_id=repo_id)
     return replace(ckpt, extra_files=tuple(f for f in ckpt.extra_files if f in files.small))
+
+
+def _fetch_weights(client: HubClient, repo_id: str, commit: str, snapshot: Path, weights: tuple[str, ...],
+                   listing: Mapping[str, int] | None, download: bool, where: str) -> bool:
+    """Download the weights missing from the cache (``download``); True when some are still
+    missing and may be planned from remote headers (online, ``download=False``).
+
+    Raises:
+        SourceError: weights missing while the Hub cannot be reached, or after a download.
+    """
+    missing = _missing(snapshot, weights)
+    if missing and download and listing is not None:
+        client.fetch(repo_id, commit, missing)
+        missing = _missing(snapshot, missing)
+    if missing and listing is None:
+        raise SourceError(f"{where}: {len(missing)} weight file(s) not in the Hugging Face cache "
+                          f"({missing[0]}{', ...' if len(missing) > 1 else ''}) and {_unreachable()}; "
+                          f"download them once online")
+    if missing and download:
+        raise SourceError(f"{where}: {missing[0]} is still missing from {snapshot} after the download; retry")
+    return bool(missing)
 
 
 def _missing(snapshot: Path, files: Iterable[str]) -> tuple[str, ...]:
@@ -245,7 +256,8 @@ def _hub_errors(where: str) -> Iterator[None]:
         yield
     except (RevisionResolutionError, LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise SourceError(f"{where}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                          f"{_unreachable()}; download it once online, or pass --source PATH to a local copy") from None
+                          f"{_unreachable()}; download it once online, or pass --source PATH to a local "
+                          f"copy") from None
     except GatedRepoError:
         raise SourceError(f"{where}: the repo is gated; accept its terms on huggingface.co and set HF_TOKEN "
                           f"(or run `hf auth login`)") from None
@@ -263,18 +275,20 @@ def _hub_errors(where: str) -> Iterator[None]:
 
 def _remote_checkpoint(client: HubClient, repo_id: str, commit: str, snapshot: Path, files: HubFiles,
                        weights: tuple[str, ...], sizes: Mapping[str, int]) -> Checkpoint:
-    """A checkpoint whose shard headers were read remotely; its paths are the snapshot paths the
-    weights will have once downloaded (the same headers, so the same plan)."""
-    headers = {w: _remote_header(client, repo_id, commit, snapshot / w, sizes[w]) for w in weights}
+    """A checkpoint whose uncached shard headers were read remotely; its paths are the snapshot
+    paths the weights will have once downloaded (the same headers, so the same plan)."""
+    headers = {w: read_header(snapshot / w) if (snapshot / w).is_file()
+               else _remote_header(client, repo_id, commit, snapshot / w, sizes[w]) for w in weights}
     owners = _owners(headers)
     if files.layout == "hf":
         config = _read_json(snapshot / "config.json")
         weight_map = (_read_json(snapshot / INDEX_NAME)["weight_map"] if INDEX_NAME in files.small
                       else {n: s[0] for n, s in owners.items()})
-    else:
+    else:  # as load_checkpoint does for this layout (keep the two in step)
         from .native import config_from_params
-        config = config_from_params(_read_json(snapshot / "params.json"), snapshot / "params.json")
         weight_map = {n: s[0] for n, s in owners.items()}
+        config = config_from_params(_read_json(snapshot / "params.json"), snapshot / "params.json",
+                                    {n: headers[s].tensors[n] for n, s in weight_map.items()})
     _check_weight_map(snapshot, weight_map, owners)
     ckpt = Checkpoint(root=snapshot, layout=files.layout, headers=MappingProxyType(headers),
                       weight_map=MappingProxyType(dict(weight_map)), config=MappingProxyType(config),

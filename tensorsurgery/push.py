@@ -1,0 +1,65 @@
+"""Upload a finished output folder to the Hugging Face Hub (``[output] push_to_hub``,
+``apply --push-to-hub``), with huggingface_hub: ``create_repo(exist_ok=True)`` then
+``upload_folder``. Private by default. The CLI calls this only after ``apply`` succeeded and
+``verify`` passed.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import TensorSurgeryError, WriteError
+from .provenance import PROVENANCE_NAME
+
+#: ``name`` (in the token owner's namespace) or ``org/name``, as the Hub spells repo ids.
+REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
+def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token: str | None = None,
+                api: Any = None, commit_message: str | None = None) -> str:
+    """Create the model repo ``repo_id`` if needed and upload ``folder`` into it as one commit.
+
+    Args:
+        folder: a tensorsurgery output (it must hold ``tensorsurgery.json``).
+        repo_id: ``org/name`` or ``name``.
+        private: visibility when the repo is created; an existing repo keeps its visibility.
+        token: a Hub token; None uses huggingface_hub's default (``HF_TOKEN`` or ``hf auth login``).
+        api: an ``HfApi``-like object (tests pass a recording fake); None makes an ``HfApi``.
+        commit_message: defaults to "Upload <folder name> (tensorsurgery)".
+
+    Returns:
+        The commit URL (or, from a client that returns none, the repo URL).
+
+    Raises:
+        WriteError: not a finished output, a bad repo id, or the Hub refused or could not be
+            reached; the message is one line and the local folder is untouched.
+
+    Example:
+        >>> push_folder("out/solar-10.7b-dus", "me/solar-10.7b-dus")  # doctest: +SKIP
+        'https://huggingface.co/me/solar-10.7b-dus/commit/...'
+    """
+    folder = Path(folder)
+    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise WriteError(f"push_to_hub: {repo_id!r} is not a Hugging Face repo id; use \"org/name\"")
+    if not (folder / PROVENANCE_NAME).is_file():
+        raise WriteError(f"{folder}: no {PROVENANCE_NAME}, so not a finished tensorsurgery output; "
+                         f"not pushed to {repo_id}")
+    if api is None:
+        from huggingface_hub import HfApi
+        api = HfApi(token=token)
+    try:
+        repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", token=token,
+                                   commit_message=commit_message or f"Upload {folder.name} (tensorsurgery)")
+    except TensorSurgeryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - HTTP, xet and validation errors alike: one line, folder intact
+        raise WriteError(f"{repo_id}: push to the Hugging Face Hub failed ({_first_line(e)}); the output "
+                         f"is complete in {folder}; retry with `hf upload {repo_id} {folder}`") from e
+    return str(getattr(commit, "commit_url", None) or getattr(repo, "url", None) or repo or repo_id)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

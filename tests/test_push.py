@@ -1,0 +1,162 @@
+"""Pushing an output to the Hub (:mod:`tensorsurgery.push`). The Hub is not reachable here: a
+recording client stands in for ``HfApi`` and the tests assert the calls made to it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx2
+import huggingface_hub
+import pytest
+from huggingface_hub.errors import HfHubHTTPError
+
+from tensorsurgery.cli import main
+from tensorsurgery.errors import ManifestError, WriteError
+from tensorsurgery.manifest import load_manifest
+from tensorsurgery.push import push_folder
+
+
+class RecordingApi:
+    """Records ``create_repo`` / ``upload_folder`` calls; ``fail`` is raised by ``upload_folder``."""
+
+    instances: list["RecordingApi"] = []
+
+    def __init__(self, token=None, fail: BaseException | None = None):
+        self.token, self.fail, self.calls = token, fail, []
+        RecordingApi.instances.append(self)
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return SimpleNamespace(url=f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        if self.fail is not None:
+            raise self.fail
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123")
+
+
+@pytest.fixture
+def output(tmp_path) -> Path:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "tensorsurgery.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"x")
+    return folder
+
+
+def test_push_creates_a_private_repo_and_uploads_the_folder(output):
+    api = RecordingApi()
+    url = push_folder(output, "me/tiny-dus", api=api)
+    assert url == "https://huggingface.co/me/tiny-dus/commit/abc123"
+    assert api.calls == [
+        ("create_repo", "me/tiny-dus", {"repo_type": "model", "private": True, "exist_ok": True, "token": None}),
+        ("upload_folder", {"repo_id": "me/tiny-dus", "folder_path": str(output), "repo_type": "model",
+                           "token": None, "commit_message": "Upload out (tensorsurgery)"}),
+    ]
+
+
+def test_push_public_with_a_token(output):
+    api = RecordingApi()
+    push_folder(output, "tiny-dus", private=False, token="hf_x", api=api)
+    assert api.calls[0] == ("create_repo", "tiny-dus",
+                            {"repo_type": "model", "private": False, "exist_ok": True, "token": "hf_x"})
+
+
+def test_push_refuses_a_folder_that_is_not_a_finished_output(tmp_path):
+    api = RecordingApi()
+    with pytest.raises(WriteError) as e:
+        push_folder(tmp_path, "me/x", api=api)
+    assert str(e.value) == (f"{tmp_path}: no tensorsurgery.json, so not a finished tensorsurgery output; "
+                            f"not pushed to me/x")
+    assert api.calls == []
+
+
+@pytest.mark.parametrize("repo_id", ["", "a/b/c", "../x", "me/", "/x", "me/x y"])
+def test_push_refuses_a_bad_repo_id(output, repo_id):
+    with pytest.raises(WriteError) as e:
+        push_folder(output, repo_id, api=RecordingApi())
+    assert str(e.value) == f'push_to_hub: {repo_id!r} is not a Hugging Face repo id; use "org/name"'
+
+
+def test_hub_errors_become_one_line(output):
+    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+    error = HfHubHTTPError("403 Forbidden: you don't have the rights.\nRequest id: xyz",
+                           response=httpx2.Response(403, request=request))
+    with pytest.raises(WriteError) as e:
+        push_folder(output, "me/x", api=RecordingApi(fail=error))
+    assert str(e.value) == (f"me/x: push to the Hugging Face Hub failed (HfHubHTTPError: 403 Forbidden: you don't "
+                            f"have the rights.); the output is complete in {output}; retry with "
+                            f"`hf upload me/x {output}`")
+    assert (output / "model.safetensors").read_bytes() == b"x"
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest key and CLI
+
+
+def write_manifest(tmp_path: Path, source: Path, extra: str = "") -> Path:
+    path = tmp_path / "m.toml"
+    path.write_text(f'[source]\nmodel = "{source}"\n[layers]\nplan = "dus"\noverlap = 8\n'
+                    f'[output]\npath = "{tmp_path / "out"}"\n{extra}', encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def recording_hub(monkeypatch):
+    """Every ``HfApi()`` made by push_folder is a RecordingApi."""
+    RecordingApi.instances = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    return RecordingApi.instances
+
+
+def test_manifest_push_keys(tmp_path, tiny_mistral):
+    m = load_manifest(write_manifest(tmp_path, tiny_mistral, 'push_to_hub = "me/x"\nprivate = false\n'))
+    assert (m.output.push_to_hub, m.output.private) == ("me/x", False)
+    m = load_manifest(write_manifest(tmp_path, tiny_mistral))
+    assert (m.output.push_to_hub, m.output.private) == (None, True)
+    path = write_manifest(tmp_path, tiny_mistral, 'push_to_hub = "me/x/y"\n')
+    with pytest.raises(ManifestError) as e:
+        load_manifest(path)
+    assert str(e.value) == f"{path}: output.push_to_hub: 'me/x/y' is not a Hugging Face repo id; use \"org/name\""
+
+
+def test_cli_apply_verifies_then_pushes(tmp_path, tiny_mistral, recording_hub, capsys):
+    manifest = write_manifest(tmp_path, tiny_mistral)
+    assert main(["apply", str(manifest), "--no-progress", "--push-to-hub", "me/tiny-dus"]) == 0
+    out = tmp_path / "out"
+    [api] = recording_hub
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    assert api.calls[0][2]["private"] is True
+    assert api.calls[1][1]["folder_path"] == str(out) and api.calls[1][1]["repo_id"] == "me/tiny-dus"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"verified {out}; pushed to https://huggingface.co/me/tiny-dus/commit/abc123")
+    assert json.loads((out / "tensorsurgery.json").read_text())["tool"] == "tensorsurgery"
+
+
+def test_cli_apply_pushes_to_the_manifest_repo(tmp_path, tiny_mistral, recording_hub):
+    manifest = write_manifest(tmp_path, tiny_mistral, 'push_to_hub = "org/from-manifest"\nprivate = false\n')
+    assert main(["apply", str(manifest), "--no-progress"]) == 0
+    [api] = recording_hub
+    assert api.calls[0][1:] == ("org/from-manifest",
+                                {"repo_type": "model", "private": False, "exist_ok": True, "token": None})
+
+
+def test_cli_dry_run_pushes_nothing(tmp_path, tiny_mistral, recording_hub, capsys):
+    manifest = write_manifest(tmp_path, tiny_mistral)
+    assert main(["apply", str(manifest), "--dry-run", "--push-to-hub", "me/x"]) == 0
+    assert recording_hub == [] and not (tmp_path / "out").exists()
+    assert capsys.readouterr().out.splitlines()[-1] == "dry run: nothing written, nothing pushed to me/x"
+
+
+def test_cli_push_failure_is_one_line_and_keeps_the_output(tmp_path, tiny_mistral, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub, "HfApi",
+                        lambda token=None: RecordingApi(fail=ConnectionError("Hub unreachable\ndetails")))
+    manifest = write_manifest(tmp_path, tiny_mistral)
+    assert main(["apply", str(manifest), "--no-progress", "--push-to-hub", "me/x"]) == 2
+    out = tmp_path / "out"
+    assert capsys.readouterr().err == (
+        f"tensorsurgery: error: me/x: push to the Hugging Face Hub failed (ConnectionError: Hub unreachable); "
+        f"the output is complete in {out}; retry with `hf upload me/x {out}`\n")
+    assert (out / "tensorsurgery.json").is_file()
