@@ -198,7 +198,8 @@ def _push(args: argparse.Namespace, plan: Plan, output: Path, repo: str, *, priv
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import iter_differences, verify_output, verify_record
+    from .record import verify_record
+    from .verify import iter_differences, verify_output
     if args.output is None and not args.target.exists() and args.target.suffix.lower() not in _MANIFEST_SUFFIXES:
         raise VerifyError(f"{args.target}: output folder not found; give an output folder, or a manifest "
                           f"(and optionally its output folder)")
@@ -244,7 +245,7 @@ def _plan_from_record(output: Path, overrides: dict[str, str]) -> Plan | None:
     """The plan recorded in ``output``'s tensorsurgery.json, rebuilt from its sources when they
     are all still at hand (or given with --source); None otherwise."""
     from .manifest import apply_overrides, parse_manifest_text
-    from .verify import read_record
+    from .record import read_record
     record = read_record(output)
     manifest = parse_manifest_text(Path(record.get("manifest_name", "manifest.toml")), record.get("manifest", ""))
     roots = {s["name"]: s["root"] for s in record.get("sources", [])}

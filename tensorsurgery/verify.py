@@ -3,8 +3,9 @@
 :func:`verify_output` re-derives nothing itself: it takes the :class:`Plan` built from the
 sources' headers and compares the output folder with it: the set of shard files, each header,
 every tensor's bytes against its (transformed) source bytes, the index, config.json and the
-provenance record. :func:`verify_record` checks a folder against its own ``tensorsurgery.json``
-when the sources are not at hand. Both stream in bounded chunks and hash as they read.
+provenance record, streaming in bounded chunks and hashing as it reads.
+:mod:`tensorsurgery.record` checks a folder against its own ``tensorsurgery.json`` when the
+sources are not at hand.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from .chunks import CAST_CHUNK, expected_chunks, pread_exact
-from .errors import HeaderError, TensorSurgeryError, VerifyError
+from .errors import HeaderError, VerifyError
 from .format import read_header
 from .plan import OutputTensor, Plan, Shard
 from .provenance import PROVENANCE_NAME, provenance_record
@@ -108,15 +109,6 @@ def intact_shard_hashes(shard: Shard, path: Path, *, progress: Progress = None) 
             if first_diff is not None:
                 return None
     return hashes
-
-
-def shard_tensor_hashes(shard: Shard, path: Path, *, progress: Progress = None) -> dict[str, str]:
-    """sha256 of each tensor of ``shard`` as stored in the file ``path`` (no comparison)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return {t.name: _hash_range(fd, len(shard.header) + t.offset, t.nbytes, progress) for t in shard.tensors}
-    finally:
-        os.close(fd)
 
 
 def _require_folder(output: Path) -> Path:
@@ -276,121 +268,6 @@ def _check_record(plan: Plan, output: Path, hashes: Mapping[str, str], diffs: li
                                                          f"expected {value!r}"))
     planned = {t.name for t in plan.tensors}
     diffs += [Difference(PROVENANCE_NAME, f"records unexpected tensor {n!r}") for n in tensors if n not in planned]
-
-
-def read_record(output: Path) -> dict[str, Any]:
-    """The provenance record of ``output``.
-
-    Raises:
-        VerifyError: missing or unreadable ``tensorsurgery.json``.
-    """
-    path = _require_folder(output) / PROVENANCE_NAME
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VerifyError(f"{path}: missing; this folder was not written by tensorsurgery, give the "
-                          f"manifest: tensorsurgery verify MANIFEST {output}") from None
-    except (OSError, ValueError) as e:
-        raise VerifyError(f"{path}: unreadable provenance record ({e})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("tensors"), dict):
-        raise VerifyError(f"{path}: not a tensorsurgery provenance record (no tensors table)")
-    return record
-
-
-def verify_record(output: Path, *, progress: Progress = None) -> VerifyReport:
-    """Check every tensor of ``output`` against the sha256 its ``tensorsurgery.json`` records,
-    and the index against the record's shard names. Needs no source.
-
-    Raises:
-        VerifyError: no usable provenance record.
-    """
-    output = _require_folder(output)
-    record = read_record(output)
-    tensors: dict[str, Any] = record["tensors"]
-    diffs: list[Difference] = []
-    by_shard: dict[str, list[str]] = {}
-    for name, entry in tensors.items():
-        by_shard.setdefault(str(entry.get("shard")), []).append(name)
-    present = {p.name for p in output.glob("*.safetensors")}
-    diffs += [Difference(n, "unexpected shard (not in tensorsurgery.json)") for n in sorted(present - set(by_shard))]
-    nbytes = 0
-    for shard, names in sorted(by_shard.items()):
-        nbytes += _hash_shard(output / shard, names, tensors, diffs, progress)
-    _check_record_index(output, by_shard, diffs)
-    _check_record_files(output, record.get("files") or {}, diffs)
-    return VerifyReport(output, "record", len(tensors), nbytes, tuple(diffs))
-
-
-def _check_record_files(output: Path, files: Mapping[str, str], diffs: list[Difference]) -> None:
-    """config.json, the index and copied files against the sha256 the record gives them."""
-    for name, want in sorted(files.items()):
-        path = output / name
-        if not path.is_file():
-            diffs.append(Difference(name, "is missing"))
-        elif hashlib.sha256(path.read_bytes()).hexdigest() != want:
-            diffs.append(Difference(name, "differs from what tensorsurgery wrote (sha256 in tensorsurgery.json)"))
-
-
-def _hash_shard(path: Path, names: list[str], tensors: Mapping[str, Any], diffs: list[Difference],
-                progress: Progress) -> int:
-    if not path.is_file():
-        diffs.append(Difference(path.name, "shard is missing"))
-        return 0
-    try:
-        header = read_header(path)
-    except HeaderError as e:
-        diffs.append(Difference(path.name, f"invalid safetensors header: {e}"))
-        return 0
-    nbytes = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for name in names:
-            entry, want = header.tensors.get(name), tensors[name]
-            if entry is None:
-                diffs.append(Difference(name, f"missing from {path.name}"))
-                continue
-            if [entry.dtype, list(entry.shape)] != [want.get("dtype"), want.get("shape")]:
-                diffs.append(Difference(name, f"is {entry.dtype} {list(entry.shape)}, the record says "
-                                              f"{want.get('dtype')} {want.get('shape')}"))
-            digest = _hash_range(fd, header.data_start + entry.start, entry.nbytes, progress)
-            nbytes += entry.nbytes
-            if digest != want.get("sha256"):
-                diffs.append(Difference(name, f"sha256 {digest} differs from the record's {want.get('sha256')}"))
-        diffs += [Difference(n, f"unexpected tensor in {path.name}") for n in header.tensors if n not in tensors]
-    finally:
-        os.close(fd)
-    return nbytes
-
-
-def _hash_range(fd: int, offset: int, length: int, progress: Progress) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(min(length, CAST_CHUNK * 4) or 1)
-    for start in range(0, length, len(buf)):
-        view = memoryview(buf)[:min(len(buf), length - start)]
-        pread_exact(fd, view, offset + start)
-        digest.update(view)
-        if progress:
-            progress(len(view))
-    return digest.hexdigest()
-
-
-def _check_record_index(output: Path, by_shard: Mapping[str, list[str]], diffs: list[Difference]) -> None:
-    path = output / INDEX_NAME
-    if len(by_shard) == 1 and not path.exists():
-        return
-    index = _load_json(path, diffs)
-    wmap = index.get("weight_map") if isinstance(index, dict) else None
-    if index is not None and not isinstance(wmap, dict):
-        diffs.append(Difference(INDEX_NAME, "has no weight_map"))
-    if not isinstance(wmap, dict):
-        return
-    expected = {n: s for s, names in by_shard.items() for n in names}
-    for name in sorted(expected.keys() | wmap.keys()):
-        if name not in wmap:
-            diffs.append(Difference(INDEX_NAME, f"weight_map lacks tensor {name!r} (in {expected[name]})"))
-        elif wmap.get(name) != expected.get(name):
-            diffs.append(Difference(INDEX_NAME, f"weight_map puts {name!r} in {wmap.get(name)}, the record "
-                                                f"says {expected.get(name)}"))
 
 
 def iter_differences(report: VerifyReport) -> Iterator[str]:

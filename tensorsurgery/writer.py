@@ -24,7 +24,8 @@ from .provenance import PROVENANCE_NAME, provenance_record
 from .source import INDEX_NAME
 from .source_hash import SourceHasher
 from .stream import Pump
-from .verify import intact_shard_hashes, shard_tensor_hashes
+from .record import shard_tensor_hashes
+from .verify import intact_shard_hashes
 
 TMP_SUFFIX = ".tensorsurgery-tmp"
 
