@@ -63,6 +63,8 @@ class Pump:
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._hashes: dict[int, "hashlib._Hash"] = {}
+        self._first_of: dict[tuple, int] = {}
+        self._same_as: dict[int, int] = {}
         self._paths: list[Path] = []
         self._fds: dict[Path, int] = {}
 
@@ -97,7 +99,7 @@ class Pump:
                 os.close(fd)
         if self._error is not None:
             raise _as_write_error(self._error)
-        return {name: self._hashes[i].hexdigest() for i, name in enumerate(names)}
+        return {name: self._hashes[self._same_as.get(i, i)].hexdigest() for i, name in enumerate(names)}
 
     # -- reading (calling thread) ----------------------------------------------------------
     def _read_shard(self, shard: Shard, path: Path, names: list[str]) -> None:
@@ -108,12 +110,19 @@ class Pump:
         for t in shard.tensors:
             tid = len(names)
             names.append(t.name)
-            self._hashes[tid] = hashlib.sha256()
-            self._put_tensor(t, tid)
+            # A tensor made of the same source bytes the same way as an earlier one (DUS repeats
+            # layers m..n-m-1) has the same hash: write its bytes, hash them once.
+            recipe = (t.source, t.transform, t.dtype, t.permute_heads)
+            first = self._first_of.setdefault(recipe, tid)
+            if first != tid:
+                self._same_as[tid] = first
+            else:
+                self._hashes[tid] = hashlib.sha256()
+            self._put_tensor(t, None if first != tid else tid)
         self._block.last = True
         self._flush()
 
-    def _put_tensor(self, t: OutputTensor, tid: int) -> None:
+    def _put_tensor(self, t: OutputTensor, tid: int | None) -> None:
         fd = self._source_fd(t.source.path)
         if t.transform != "none":
             for chunk in expected_chunks(t, fd):
