@@ -34,7 +34,15 @@ class _Terminated(BaseException):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take `verify MANIFEST --source S OUTPUT` (a positional after an option
+    # whose nargs='?' positional was already passed over): accept that order too.
+    if extra and getattr(args, "func", None) is _cmd_verify and args.output is None \
+            and len(extra) == 1 and not extra[0].startswith("-"):
+        args.output, extra = Path(extra[0]), []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     signal.signal(signal.SIGTERM, _raise_terminated)
     if hasattr(signal, "SIGXFSZ"):
         # Past RLIMIT_FSIZE a write must fail with EFBIG (reported), not kill the process.

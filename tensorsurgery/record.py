@@ -11,7 +11,6 @@ from typing import Any, Mapping
 from .chunks import CAST_CHUNK, pread_exact
 from .errors import HeaderError, VerifyError
 from .format import read_header
-from .plan import Shard
 from .provenance import PROVENANCE_NAME
 from .source import INDEX_NAME
 from .verify import Difference, Progress, VerifyReport, _load_json, _require_folder
@@ -130,12 +129,3 @@ def _check_record_index(output: Path, by_shard: Mapping[str, list[str]], diffs: 
         elif wmap.get(name) != expected.get(name):
             diffs.append(Difference(INDEX_NAME, f"weight_map puts {name!r} in {wmap.get(name)}, the record "
                                                 f"says {expected.get(name)}"))
-
-
-def shard_tensor_hashes(shard: Shard, path: Path, *, progress: Progress = None) -> dict[str, str]:
-    """sha256 of each tensor of ``shard`` as stored in the file ``path`` (no comparison)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return {t.name: _hash_range(fd, len(shard.header) + t.offset, t.nbytes, progress) for t in shard.tensors}
-    finally:
-        os.close(fd)

@@ -1,9 +1,11 @@
-"""sha256 of every source weight file, for the provenance record.
+"""sha256 of every source weight file, for the provenance record, and of chosen byte ranges.
 
 Files in the Hugging Face cache are named by their sha256 already (``blobs/<sha256>``), so they
-are never read for it. Local files are hashed by one background thread that reads each file
+are not hashed again. Local files are hashed by one background thread that reads each file
 sequentially while ``apply`` streams; it runs beside the byte pump (on another core) and its
-sequential reads double as read-ahead for the pump's reads of the same files.
+sequential reads double as read-ahead for the pump's reads of the same files. The same pass
+hashes any requested ranges (the tensors of shards ``--link`` shares with a source), so a linked
+file is read once.
 """
 from __future__ import annotations
 
@@ -11,19 +13,24 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from .hub import cached_sha256
 
 _CHUNK = 4 << 20
 
+#: (name, start, end): a byte range of a file to hash on its own.
+Range = tuple[str, int, int]
+
 
 class SourceHasher:
-    """Hash ``paths`` in a daemon thread; :meth:`result` waits and returns path -> sha256."""
+    """Hash ``paths`` (and ``ranges`` of them) in a daemon thread; :meth:`result` waits."""
 
-    def __init__(self, paths: Iterable[Path]):
-        self._paths = list(dict.fromkeys(paths))
+    def __init__(self, paths: Iterable[Path], ranges: Mapping[Path, list[Range]] | None = None):
+        self._paths = list(dict.fromkeys([*paths, *(ranges or {})]))
+        self._ranges = {p: sorted(r, key=lambda x: x[1]) for p, r in (ranges or {}).items()}
         self._hashes: dict[Path, str] = {}
+        self._range_hashes: dict[str, str] = {}
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ts-source-hasher", daemon=True)
@@ -33,24 +40,36 @@ class SourceHasher:
         try:
             buf = bytearray(_CHUNK)
             for path in self._paths:
-                self._hashes[path] = cached_sha256(path) or self._hash(path, buf)
+                cached = cached_sha256(path)
+                if cached is None or path in self._ranges:
+                    digest = self._hash(path, buf, whole=cached is None)
+                self._hashes[path] = cached or digest
         except BaseException as e:  # noqa: BLE001 - reported by result()
             self._error = e
 
-    def _hash(self, path: Path, buf: bytearray) -> str:
+    def _hash(self, path: Path, buf: bytearray, whole: bool) -> str:
         digest = hashlib.sha256()
+        ranges = [(name, start, end, hashlib.sha256()) for name, start, end in self._ranges.get(path, [])]
+        pos = 0
         with open(path, "rb", buffering=0) as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             while not self._stop.is_set() and (n := f.readinto(buf)):
-                digest.update(memoryview(buf)[:n])
+                view = memoryview(buf)[:n]
+                if whole:
+                    digest.update(view)
+                for _, start, end, h in ranges:
+                    if start < pos + n and end > pos:
+                        h.update(view[max(start - pos, 0):min(end - pos, n)])
+                pos += n
+        self._range_hashes.update({name: h.hexdigest() for name, _, _, h in ranges})
         return digest.hexdigest()
 
     def cancel(self) -> None:
         """Stop early (the run failed); :meth:`result` is then meaningless."""
         self._stop.set()
 
-    def result(self) -> dict[Path, str]:
-        """Wait for the hashes.
+    def result(self) -> tuple[dict[Path, str], dict[str, str]]:
+        """Wait; returns (file path -> sha256, range name -> sha256).
 
         Raises:
             OSError: a source file could not be read.
@@ -58,4 +77,4 @@ class SourceHasher:
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return dict(self._hashes)
+        return dict(self._hashes), dict(self._range_hashes)

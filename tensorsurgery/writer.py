@@ -19,12 +19,11 @@ from typing import Any, Callable, Mapping
 
 from .card import model_card
 from .errors import OutputExistsError, WriteError
-from .plan import Plan
+from .plan import Plan, Shard
 from .provenance import PROVENANCE_NAME, provenance_record
 from .source import INDEX_NAME
 from .source_hash import SourceHasher
 from .stream import Pump
-from .record import shard_tensor_hashes
 from .verify import intact_shard_hashes
 
 TMP_SUFFIX = ".tensorsurgery-tmp"
@@ -100,15 +99,16 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
     source_hasher = None
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        source_hasher = SourceHasher(_source_files(plan))
         linked = [s for s in todo if s.link is not None and _link(s.link, tmp / s.filename)]
+        # A linked shard's tensors are hashed in the same sequential pass as its source file.
+        source_hasher = SourceHasher(_source_files(plan), {s.link: _tensor_ranges(s) for s in linked})
         hashes = Pump(progress=progress, direct=direct).run((s, tmp / s.filename) for s in todo
                                                             if s not in linked)
-        for shard in linked:
-            hashes.update(shard_tensor_hashes(shard, tmp / shard.filename))
+        source_hashes, linked_hashes = source_hasher.result()
+        hashes.update(linked_hashes)
         for shard_hashes in kept.values():
             hashes.update(shard_hashes)
-        _write_metadata(plan, tmp, hashes, source_hasher.result())
+        _write_metadata(plan, tmp, hashes, source_hashes)
         _move_into_place(tmp, target)
     except BaseException as e:
         if source_hasher is not None:
@@ -175,6 +175,10 @@ def _check_free_space(folder: Path, need: int) -> None:
     if need + (16 << 20) > free:
         raise WriteError(f"{probe}: not enough free disk space: the output needs {need:,} bytes, "
                          f"{free:,} are free; free some space or choose another --output")
+
+
+def _tensor_ranges(shard: Shard) -> list[tuple[str, int, int]]:
+    return [(t.name, t.source.offset, t.source.offset + t.nbytes) for t in shard.tensors]
 
 
 def _source_files(plan: Plan) -> list[Path]:
