@@ -1,7 +1,7 @@
 """sha256 of every source weight file, for the provenance record, and of chosen byte ranges.
 
 Files in the Hugging Face cache are named by their sha256 already (``blobs/<sha256>``), so they
-are not hashed again. Local files are hashed by one background thread that reads each file
+are not hashed again. Local files are hashed by two background threads that read each file
 sequentially while ``apply`` streams; it runs beside the byte pump (on another core) and its
 sequential reads double as read-ahead for the pump's reads of the same files. The same pass
 hashes any requested ranges (the tensors of shards ``--link`` shares with a source), so a linked
@@ -18,13 +18,14 @@ from typing import Iterable, Mapping
 from .hub import cached_sha256
 
 _CHUNK = 4 << 20
+_THREADS = 2
 
 #: (name, start, end): a byte range of a file to hash on its own.
 Range = tuple[str, int, int]
 
 
 class SourceHasher:
-    """Hash ``paths`` (and ``ranges`` of them) in a daemon thread; :meth:`result` waits."""
+    """Hash ``paths`` (and ``ranges`` of them) in daemon threads; :meth:`result` waits."""
 
     def __init__(self, paths: Iterable[Path], ranges: Mapping[Path, list[Range]] | None = None):
         self._paths = list(dict.fromkeys([*paths, *(ranges or {})]))
@@ -33,13 +34,22 @@ class SourceHasher:
         self._range_hashes: dict[str, str] = {}
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ts-source-hasher", daemon=True)
-        self._thread.start()
+        # Two threads, one file each at a time: sha256 is CPU-bound, and a file whose tensors
+        # are hashed too (a linked shard) costs two hashes per byte.
+        self._queue = list(reversed(self._paths))
+        self._threads = [threading.Thread(target=self._run, name="ts-source-hasher", daemon=True)
+                         for _ in range(min(_THREADS, len(self._paths)))]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
+        buf = bytearray(_CHUNK)
         try:
-            buf = bytearray(_CHUNK)
-            for path in self._paths:
+            while self._error is None:
+                try:
+                    path = self._queue.pop()  # list.pop is atomic under the GIL
+                except IndexError:
+                    return
                 cached = cached_sha256(path)
                 if cached is None or path in self._ranges:
                     digest = self._hash(path, buf, whole=cached is None)
@@ -74,7 +84,8 @@ class SourceHasher:
         Raises:
             OSError: a source file could not be read.
         """
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
         if self._error is not None:
             raise self._error
         return dict(self._hashes), dict(self._range_hashes)
