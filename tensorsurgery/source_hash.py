@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 
 from .hub import cached_sha256
 
-_CHUNK = 4 << 20
+_CHUNK = 1 << 20  # small: two threads each hold one
 _THREADS = 2
 
 #: (name, start, end): a byte range of a file to hash on its own.
