@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -57,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tensorsurgery: interrupted; {_NOTHING_WRITTEN}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout closed early (`tensorsurgery plan ... | head`): not an error worth a traceback.
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except _Terminated:
         print(f"tensorsurgery: terminated; {_NOTHING_WRITTEN}", file=sys.stderr)
         return 143
