@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -26,6 +27,7 @@ from .provenance import PROVENANCE_NAME, provenance_record
 from .source import INDEX_NAME
 
 Progress = Callable[[int], None] | None
+_THREADS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,27 +67,31 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None) -> Ver
     output = _require_folder(output)
     diffs: list[Difference] = []
     _check_files(plan, output, diffs)
-    hashes: dict[str, str] = {}
-    nbytes = 0
-    with _Files() as files:
-        for shard in plan.shards:
-            path = output / shard.filename
-            if not path.is_file():
-                continue
-            size = path.stat().st_size
-            if size != shard.nbytes:
-                diffs.append(Difference(shard.filename, f"is {size} bytes, expected {shard.nbytes} "
-                                                        f"(truncated or padded)"))
-                continue
+    jobs: list[tuple[OutputTensor, Path, int]] = []
+    for shard in plan.shards:
+        path = output / shard.filename
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        if size != shard.nbytes:
+            diffs.append(Difference(shard.filename, f"is {size} bytes, expected {shard.nbytes} "
+                                                    f"(truncated or padded)"))
+            continue
+        with _Files() as files:
             _check_header(shard, path, files.open(path), diffs)
-            for t in shard.tensors:
-                digest, first_diff = _compare_tensor(t, files.open(path), len(shard.header), files, progress)
-                nbytes += t.nbytes
-                if first_diff is None:
-                    hashes[t.name] = digest  # the record is checked only where the bytes are right
-                else:
-                    diffs.append(Difference(t.name, f"bytes differ from {t.source_key!r} of {t.source.path.name} "
-                                                    f"(transform: {t.transform}) from byte {first_diff} on"))
+        jobs += [(t, path, len(shard.header)) for t in shard.tensors]
+    # Comparing and hashing are CPU-bound and release the GIL: tensors are checked on two
+    # threads; results come back in plan order, so the report is deterministic.
+    with ThreadPoolExecutor(_THREADS) as pool:
+        results = list(pool.map(lambda job: _check_tensor(*job, progress), jobs))
+    hashes: dict[str, str] = {}
+    for (t, _, _), (digest, first_diff) in zip(jobs, results):
+        if first_diff is None:
+            hashes[t.name] = digest  # the record is checked only where the bytes are right
+        else:
+            diffs.append(Difference(t.name, f"bytes differ from {t.source_key!r} of {t.source.path.name} "
+                                            f"(transform: {t.transform}) from byte {first_diff} on"))
+    nbytes = sum(t.nbytes for t, _, _ in jobs)
     _check_index(plan, output, diffs)
     _check_config(plan, output, diffs)
     _check_record(plan, output, hashes, diffs)
@@ -109,6 +115,11 @@ def intact_shard_hashes(shard: Shard, path: Path, *, progress: Progress = None) 
             if first_diff is not None:
                 return None
     return hashes
+
+
+def _check_tensor(t: OutputTensor, path: Path, data_start: int, progress: Progress) -> tuple[str, int | None]:
+    with _Files() as files:
+        return _compare_tensor(t, files.open(path), data_start, files, progress)
 
 
 def _require_folder(output: Path) -> Path:
