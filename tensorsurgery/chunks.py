@@ -7,6 +7,7 @@ permutation one head at a time; never a whole tensor in memory.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -36,13 +37,13 @@ def pread_exact(fd: int, view: memoryview, offset: int) -> None:
 def expected_chunks(t: OutputTensor, fd: int, chunk: int = CAST_CHUNK) -> Iterator[memoryview]:
     """Yield the output bytes of ``t`` read from the source open as ``fd``.
 
-    Each yielded view is valid only until the next one is requested (buffers are reused).
+    Each yielded view is valid only until the next one is requested: buffers are reused, per
+    thread, so a thread consumes one of these generators at a time.
     """
     if t.permute_heads:
         row_bytes = t.source.length // t.shape[0]
         head_bytes = row_bytes * (t.shape[0] // t.permute_heads)
-        scratch = np.empty(head_bytes, np.uint8)
-        out = np.empty(2 * head_bytes, np.uint8)
+        scratch, out = _scratch(head_bytes)
         for h in range(t.permute_heads):
             pread_exact(fd, memoryview(scratch), t.source.offset + h * head_bytes)
             rows = permute_head(scratch, row_bytes)
@@ -50,8 +51,9 @@ def expected_chunks(t: OutputTensor, fd: int, chunk: int = CAST_CHUNK) -> Iterat
         return
     size = FLOAT_SIZES.get(t.source_dtype, 1)
     step = max(chunk - chunk % size, size)
-    scratch = np.empty(step, np.uint8)
-    out = np.empty(2 * step, np.uint8) if t.source_dtype != t.dtype else None
+    scratch, out = _scratch(step)
+    if t.source_dtype == t.dtype:
+        out = None
     for start in range(0, t.source.length, step):
         n = min(step, t.source.length - start)
         pread_exact(fd, memoryview(scratch)[:n], t.source.offset + start)
@@ -59,6 +61,20 @@ def expected_chunks(t: OutputTensor, fd: int, chunk: int = CAST_CHUNK) -> Iterat
             yield memoryview(scratch)[:n]
         else:
             yield memoryview(cast_chunk(scratch[:n], t.source_dtype, t.dtype, out=out))
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's scratch buffers: ``n`` bytes for source bytes, ``2n`` for cast output.
+    Reused across tensors: fresh multi-MB arrays per tensor make glibc raise its mmap threshold
+    and keep the freed memory resident, which shows as creeping peak RSS."""
+    have = getattr(_local, "buffers", None)
+    if have is None or have[0].size < n:
+        _local.buffers = (np.empty(n, np.uint8), np.empty(2 * n, np.uint8))
+    src, out = _local.buffers
+    return src[:n], out[:2 * n]
 
 
 def _fd_path(fd: int) -> str:

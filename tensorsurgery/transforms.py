@@ -47,6 +47,9 @@ def _f32_to_bf16(bits: np.ndarray, nan_bits: int) -> np.ndarray:
     return np.where(_isnan32(bits), np.uint16(nan_bits), rounded)
 
 
+_TAKE_STEP = 1 << 16
+
+
 @lru_cache(maxsize=None)
 def _table(src_dtype: str, dst_dtype: str) -> np.ndarray:
     """Every 16-bit source pattern's result: a cast from a 16-bit dtype is then one lookup per
@@ -78,9 +81,12 @@ def cast_chunk(src: bytes | memoryview | np.ndarray, src_dtype: str, dst_dtype: 
         return raw
     if FLOAT_SIZES[src_dtype] == 2:
         table = _table(src_dtype, dst_dtype)
-        n = raw.size // 2 * table.itemsize
-        target = out[:n].view(table.dtype) if out is not None else None
-        result = np.take(table, raw.view(np.uint16), out=target, mode="clip")
+        index = raw.view(np.uint16)
+        result = (out[:index.size * table.itemsize].view(table.dtype) if out is not None
+                  else np.empty(index.size, table.dtype))
+        # np.take widens its indices to intp (8 bytes each): go in slices to bound that copy.
+        for i in range(0, index.size, _TAKE_STEP):
+            np.take(table, index[i:i + _TAKE_STEP], out=result[i:i + _TAKE_STEP], mode="clip")
     else:
         result = _cast_bits(raw, src_dtype, dst_dtype)
         if out is not None:
