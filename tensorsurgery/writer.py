@@ -127,8 +127,11 @@ def _link(source: Path, dest: Path) -> bool:
     """Make ``dest`` share ``source``'s bytes: a reflink (copy-on-write clone) where the
     filesystem supports it, else a hard link; False when neither works (then it is copied).
     A hard link shares the inode: editing one file in place edits the other (see README)."""
+    # Never open an existing dest for writing: were it a hard link to the source, "wb" would
+    # truncate the source itself.
+    dest.unlink(missing_ok=True)
     try:
-        with open(source, "rb") as src, open(dest, "wb") as dst:
+        with open(source, "rb") as src, open(dest, "xb") as dst:
             fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
         return True
     except OSError:
