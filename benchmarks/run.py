@@ -138,11 +138,8 @@ def write_inputs(bench: Path, source: Path) -> dict[str, Path]:
 
 def _plan(manifest: Path, **kwargs):
     sys.path.insert(0, str(REPO))
-    from tensorsurgery.manifest import load_manifest
-    from tensorsurgery.plan import build_plan
-    from tensorsurgery.source import resolve_source
-    m = load_manifest(manifest)
-    return build_plan(m, {s.name: resolve_source(s.model, s.revision, name=s.name) for s in m.sources}, **kwargs)
+    from tensorsurgery import api
+    return api.plan(manifest, **kwargs)
 
 
 def write_copy_spec(manifest: Path, output: Path, spec: Path) -> None:

@@ -1,20 +1,32 @@
 """tensorsurgery: build new LLM checkpoints out of old ones without instantiating a model.
 
-The public API follows the data flow: manifest -> checkpoints -> plan -> files -> report.
+The public API follows the data flow: manifest -> checkpoints -> plan -> files -> report::
+
+    import tensorsurgery as ts
+    plan = ts.plan("manifests/solar-dus.toml", sources={"": "./Mistral-7B-v0.1"})
+    result = ts.apply("manifests/solar-dus.toml", sources={"": "./Mistral-7B-v0.1"}, output="out/solar")
+    assert ts.verify("out/solar").ok
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .errors import (HeaderError, ManifestError, OutputExistsError, PlanError, SourceError,  # noqa: E402
+from ._version import __version__
+from .api import ApplyResult, PushResult, apply, execute, inspect, load, plan, push, resolve, verify
+from .checkpoint import Checkpoint
+from .errors import (HeaderError, ManifestError, OutputExistsError, PlanError, ReadError, SourceError,
                      TensorSurgeryError, VerifyError, WriteError)
-from .format import read_header  # noqa: E402
-from .manifest import load_manifest  # noqa: E402
-from .plan import build_plan  # noqa: E402
-from .source import load_checkpoint  # noqa: E402
+from .format import Header, read_header
+from .manifest import Manifest
+from .plan import Plan, build_plan
+from .verify import VerifyReport
 
 __all__ = [
-    "__version__", "load_manifest", "load_checkpoint", "read_header", "build_plan",
-    "TensorSurgeryError", "ManifestError", "HeaderError", "SourceError", "PlanError",
-    "OutputExistsError", "WriteError", "VerifyError",
+    "__version__",
+    # the API: one function per command
+    "load", "resolve", "plan", "apply", "execute", "verify", "push", "inspect",
+    # what it returns
+    "Manifest", "Checkpoint", "Plan", "ApplyResult", "PushResult", "VerifyReport", "Header",
+    "build_plan", "read_header",
+    # what it raises
+    "TensorSurgeryError", "ManifestError", "HeaderError", "SourceError", "PlanError", "OutputExistsError",
+    "ReadError", "WriteError", "VerifyError",
 ]

@@ -9,48 +9,38 @@ from __future__ import annotations
 
 import re
 import tomllib
+from pathlib import PurePosixPath
 from collections import Counter
 from typing import Any
 
 import yaml
 
-from . import __version__
+from ._version import __version__
 from .plan import Plan, SourceInfo
-from .report import format_bytes, layer_runs
+from .report import format_bytes, layer_runs, span
+from .repo_id import is_repo_id
 
-#: Front matter keys carried from the source's card (``license: other`` needs the other two).
-LICENSE_KEYS = ("license", "license_name", "license_link")
-_FRONT_MATTER = re.compile(r"\A\ufeff?---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|\Z)", re.DOTALL)
-_REPO_ID = re.compile(r"[\w][\w.-]*/[\w.-]+")
-_HEX40 = re.compile(r"[0-9a-f]{40}")
 _TRANSFORMS = {"none": "copied byte for byte", "cast": "cast", "permute": "rows permuted",
-               "permute+cast": "rows permuted and cast"}
+               "permute+cast": "rows permuted and cast", "slice": "a row range of a fused tensor",
+               "zeros": "zeros (the source has no such tensor)"}
 
 
-def model_card(plan: Plan, source_readme: str | None) -> str | None:
-    """README.md for the output of ``plan``.
-
-    Args:
-        plan: the plan being written.
-        source_readme: the base source's README.md (None when it has none); only the license
-            keys of its front matter are used.
-
-    Returns:
-        The card's text (never None today; None would mean "write no card").
+def model_card(plan: Plan) -> str:
+    """README.md for the output of ``plan`` (pure: everything it says is in the plan).
 
     Example:
-        >>> print(model_card(plan, None).splitlines()[1])  # doctest: +SKIP
+        >>> print(model_card(plan).splitlines()[1])  # doctest: +SKIP
         base_model: mistralai/Mistral-7B-v0.1
     """
-    meta = card_metadata(plan, source_readme)
+    meta = card_metadata(plan)
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    declared = declared_models(plan.manifest_text)
-    parts = [f"---\n{front}---", _summary(plan), _arrangement(plan), _manifest(plan, declared), _provenance(plan)]
+    parts = [f"---\n{front}---", _summary(plan), _arrangement(plan), _manifest(plan), _provenance(plan)]
     return "\n\n".join(parts) + "\n"
 
 
-def card_metadata(plan: Plan, source_readme: str | None) -> dict[str, Any]:
-    """The card's front matter as a dict (see :func:`model_card`)."""
+def card_metadata(plan: Plan) -> dict[str, Any]:
+    """The card's front matter as a dict (see :func:`model_card`): ``base_model``, library,
+    the licence keys of the base source's card, tags."""
     meta: dict[str, Any] = {}
     declared = declared_models(plan.manifest_text)
     bases = [b for b in (base_model(s, declared.get(s.name)) for s in plan.sources) if b]
@@ -58,10 +48,7 @@ def card_metadata(plan: Plan, source_readme: str | None) -> dict[str, Any]:
     if bases:
         meta["base_model"] = bases[0] if len(bases) == 1 else bases
     meta["library_name"] = "transformers"
-    source_meta = front_matter(source_readme)
-    for key in LICENSE_KEYS:
-        if isinstance(source_meta.get(key), (str, list)):
-            meta[key] = source_meta[key]
+    meta.update(plan.card_meta)
     tags = ["tensorsurgery"]
     if is_depth_up_scaled(plan):
         tags.append("depth-up-scaling")
@@ -71,33 +58,17 @@ def card_metadata(plan: Plan, source_readme: str | None) -> dict[str, Any]:
     return meta
 
 
-def front_matter(readme: str | None) -> dict[str, Any]:
-    """The YAML front matter of a card, or {} when there is none or it is not valid YAML (a
-    broken source card must not stop the write: it only loses its license)."""
-    m = _FRONT_MATTER.match(readme or "")
-    if not m:
-        return {}
-    try:
-        data = yaml.safe_load(m.group(1))
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def base_model(source: SourceInfo, declared: str | None = None) -> str | None:
     """The Hub repo id a source stands for, or None.
 
-    A source resolved from the Hub (a 40-hex commit, its root in the cache's ``snapshots/``)
-    is its model string, the repo id. A local folder is never a repo id itself (the Hub rejects
-    paths in ``base_model``, and ``examples/tiny-mistral`` only looks like one); but when
-    ``--source`` replaced the manifest's ``declared`` repo id with a local copy, the card names
-    the declared repo, as the manifest does.
+    A source resolved from the Hub is its repo id. A local folder is never a repo id itself (the
+    Hub rejects paths in ``base_model``, and ``examples/tiny-mistral`` only looks like one); but
+    when ``--source`` replaced the manifest's ``declared`` repo id with a local copy, the card
+    names the declared repo, as the manifest does.
     """
-    from_hub = (source.revision is not None and _HEX40.fullmatch(source.revision) is not None
-                and source.root.parent.name == "snapshots")
-    if from_hub:
-        return source.model if _REPO_ID.fullmatch(source.model) else None
-    if declared and declared != source.model and _REPO_ID.fullmatch(declared):
+    if source.repo_id is not None:
+        return source.repo_id
+    if declared and declared != source.model and is_repo_id(declared):
         return declared
     return None
 
@@ -123,15 +94,28 @@ def is_depth_up_scaled(plan: Plan) -> bool:
     return bool(distinct) and len(plan.layers) > max(distinct.values())
 
 
+def source_label(plan: Plan, source: SourceInfo) -> str:
+    """How the card names a source: its repo id (from the Hub, or as the manifest declares it
+    when ``--source`` gave a local copy), else its folder's name. Never a local path: the card is
+    published, and an output copied elsewhere must still hold the card its plan describes."""
+    declared = declared_models(plan.manifest_text).get(source.name)
+    return (source.repo_id or (declared if declared and is_repo_id(declared) else None)
+            or PurePosixPath(source.model.rstrip("/")).name or source.model)
+
+
 def _summary(plan: Plan) -> str:
-    sources = ", ".join(f"`{s.model}`" for s in plan.sources)
+    sources = ", ".join(f"`{source_label(plan, s)}`" for s in plan.sources)
     arch = plan.config.get("architectures")
     arch = f" ({', '.join(arch)})" if isinstance(arch, (list, tuple)) and arch else ""
-    return (f"# {plan.output.name}\n\n"
+    # The title names the base model, not the output folder: an output moved or renamed must
+    # still hold exactly the card its plan describes.
+    base = PurePosixPath(source_label(plan, plan.sources[0])).name
+    what = "depth up-scaled" if is_depth_up_scaled(plan) else "rebuilt"
+    return (f"# {base}, {what}: {len(plan.layers)} layers\n\n"
             f"{len(plan.layers)} decoder layers{arch} built from {sources} with "
             f"tensorsurgery {__version__}: every tensor is a byte "
-            f"copy of a source tensor (or a dtype cast / rotary row permutation of one), placed by the "
-            f"manifest below, without training.")
+            f"copy of a source tensor (or a transform of one: cast, row permutation, row slice, zeros), placed "
+            f"by the manifest below, without training.")
 
 
 def _arrangement(plan: Plan) -> str:
@@ -142,15 +126,11 @@ def _arrangement(plan: Plan) -> str:
             "| output layers | source | source layers | seam |", "|---|---|---|---|"]
     for out_start, out_end, source, src_start, src_end in layer_runs(plan.layers):
         seam = f"jump {seams[out_start]:+d}" if out_start in seams else ""
-        rows.append(f"| {_span(out_start, out_end)} | {source} | {_span(src_start, src_end)} | {seam} |")
+        rows.append(f"| {span(out_start, out_end)} | {source} | {span(src_start, src_end)} | {seam} |")
     return "\n".join(rows)
 
 
-def _span(a: int, b: int) -> str:
-    return str(a) if a == b else f"{a}..{b}"
-
-
-def _manifest(plan: Plan, declared: dict[str, str]) -> str:
+def _manifest(plan: Plan) -> str:
     text = plan.manifest_text.rstrip("\n")
     try:
         tomllib.loads(text)
@@ -159,17 +139,15 @@ def _manifest(plan: Plan, declared: dict[str, str]) -> str:
         lang = "yaml"  # a mergekit passthrough config
     # A fence longer than any backtick run inside, so the manifest cannot close it.
     fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
-    overrides = [f"`--source {s.name}={s.model}`" for s in plan.sources
-                 if s.name in declared and declared[s.name] != s.model]
-    note = f"\n\nRun with {', '.join(overrides)}." if overrides else ""
-    return f"## Manifest\n\n{fence}{lang}\n{text}\n{fence}{note}"
+    return f"## Manifest\n\n{fence}{lang}\n{text}\n{fence}"
 
 
 def _provenance(plan: Plan) -> str:
     lines = ["## Provenance", ""]
     for s in plan.sources:
         rev = f" at commit `{s.revision}`" if s.revision else ""
-        lines.append(f"- source `{s.name}`: `{s.model}`{rev}, {s.layout} layout, {len(s.files)} weight file(s)")
+        lines.append(f"- source `{s.name}`: `{source_label(plan, s)}`{rev}, {s.layout} layout, "
+                     f"{len(s.files)} weight file(s)")
     transforms = Counter(t.transform for t in plan.tensors)
     lines += [
         f"- output: {len(plan.tensors)} tensors ("

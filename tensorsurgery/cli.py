@@ -1,7 +1,8 @@
-"""Command line: ``tensorsurgery apply|plan|verify|inspect``. The only module that prints or exits.
+"""Command line: ``tensorsurgery apply|plan|verify|push|inspect``: argparse -> :mod:`tensorsurgery.api`
+-> print. The only module that prints or exits.
 
 Errors are one line on stderr and exit code 2 (``--traceback`` shows the Python traceback);
-Ctrl-C exits 130 and SIGTERM 143, with the temporary folder removed.
+``verify`` exits 1 when it finds differences; Ctrl-C exits 130 and SIGTERM 143.
 """
 from __future__ import annotations
 
@@ -11,26 +12,26 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import replace
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from . import __version__
-from .errors import TensorSurgeryError, VerifyError
-from .format import read_header
-from .manifest import Manifest, load_manifest
-from .plan import Plan, build_plan
-from .provenance import PROVENANCE_NAME
-from .report import format_bytes, format_plan, plan_as_dict
-from .source import resolve_source
-
-
-_NOTHING_WRITTEN = ("nothing was written under the output name; run the same command with --resume "
-                    "to keep the finished shards, or without it to start over")
+from . import api
+from ._version import __version__
+from .errors import OutputExistsError, TensorSurgeryError
+from .format import Header
+from .report import checkpoint_as_dict, format_bytes, format_checkpoint, format_header, header_as_dict, \
+    format_plan, plan_as_dict
+from .verify import VerifyReport, iter_differences
+from .writer import check_output, temp_path
 
 
 class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so cleanup runs like for Ctrl-C."""
+
+
+#: The temporary folder of the apply in progress, to say after an interrupt whether --resume helps.
+_apply_tmp: Path | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,18 +57,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tensorsurgery: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"tensorsurgery: interrupted; {_NOTHING_WRITTEN}", file=sys.stderr)
+        print(f"tensorsurgery: interrupted; {_interrupted_note()}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # stdout closed early (`tensorsurgery plan ... | head`): not an error worth a traceback.
         sys.stdout = open(os.devnull, "w")
         return 0
     except _Terminated:
-        print(f"tensorsurgery: terminated; {_NOTHING_WRITTEN}", file=sys.stderr)
+        print(f"tensorsurgery: terminated; {_interrupted_note()}", file=sys.stderr)
         return 143
 
 
-def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+def _interrupted_note() -> str:
+    if _apply_tmp is None:
+        return "nothing was written"
+    finished = sorted(_apply_tmp.glob("*.safetensors")) if _apply_tmp.is_dir() else []
+    if finished:
+        return (f"nothing was written under the output name; {len(finished)} finished shard(s) are kept in "
+                f"{_apply_tmp}: run the same command with --resume to keep them, or without it to start over")
+    return "nothing was written under the output name; run the same command to start over"
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
     raise _Terminated()
 
 
@@ -78,18 +89,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
-    def manifest_command(name: str, help: str) -> argparse.ArgumentParser:
+    def command(name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
-        c.add_argument("manifest", type=Path, help="manifest TOML (or mergekit passthrough YAML)")
-        c.add_argument("--source", action="append", default=[], metavar="[NAME=]PATH",
-                       help="use this local folder or repo id for a source (NAME= when there are several)")
-        c.add_argument("--output", metavar="PATH", help="override output.path")
         # default=SUPPRESS: a subcommand's own default would overwrite a --traceback given before it.
         c.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        c.set_defaults(func=func)
         return c
 
-    c = manifest_command("apply", "build the output checkpoint the manifest describes")
-    c.add_argument("--force", action="store_true", help="replace an existing output folder")
+    def sources(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--source", action="append", default=[], metavar="[NAME=]PATH",
+                       help="use this local folder or repo id for a source (NAME= when there are several)")
+
+    def threads(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--threads", type=int, metavar="N",
+                       help=f"threads that hash (and compare) tensors (default {api.DEFAULT_THREADS}: one per core, "
+                            f"up to 8)")
+
+    c = command("apply", "build the output checkpoint the manifest describes", _cmd_apply)
+    c.add_argument("manifest", type=Path, help="manifest TOML (or mergekit passthrough YAML)")
+    sources(c)
+    c.add_argument("--output", metavar="PATH", help="override output.path")
+    c.add_argument("--force", action="store_true",
+                   help="replace an existing output folder (only an earlier tensorsurgery output or an empty folder)")
     c.add_argument("--resume", action="store_true",
                    help="keep the finished shards of an interrupted run (verified against the plan)")
     c.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
@@ -100,32 +121,36 @@ def _parser() -> argparse.ArgumentParser:
                    help="after apply and verify, upload the output to this Hugging Face model repo "
                         "(created private unless output.private = false; overrides output.push_to_hub)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.set_defaults(func=_cmd_apply)
+    threads(c)
 
-    c = manifest_command("plan", "show the plan from the headers alone: layer map, seams, shards, bytes")
+    c = command("plan", "show the plan from the headers alone: layer map, seams, shards, bytes", _cmd_plan)
+    c.add_argument("manifest", type=Path, help="manifest TOML (or mergekit passthrough YAML)")
+    sources(c)
+    c.add_argument("--output", metavar="PATH", help="override output.path")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--link", action="store_true", help="plan as `apply --link` would")
-    c.set_defaults(func=_cmd_plan)
 
-    c = sub.add_parser("verify", help="prove an output is what its manifest asks for, byte for byte "
-                       "(exit 0 only then, 1 with the list of differences)",
-                       description="verify MANIFEST [OUTPUT]: re-derive the plan from the sources and compare "
-                       "every file and byte. verify OUTPUT: check against its own tensorsurgery.json (hashes), "
-                       "and against the sources too when they are present.")
+    c = command("verify", "prove an output is what its manifest asks for, byte for byte (exit 0 only then, "
+                "1 with the list of differences). verify MANIFEST [OUTPUT]: re-derive the plan from the sources "
+                "and compare every file. verify OUTPUT: check it against its own tensorsurgery.json, and "
+                "against the sources too when they are present.", _cmd_verify)
     c.add_argument("target", type=Path, help="a manifest, or an output folder")
     c.add_argument("output", type=Path, nargs="?", help="the output folder (default: the manifest's output.path)")
-    c.add_argument("--source", action="append", default=[], metavar="[NAME=]PATH",
-                   help="use this local folder or repo id for a source (NAME= when there are several)")
+    sources(c)
     c.add_argument("--json", action="store_true", help="machine-readable report")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    c.set_defaults(func=_cmd_verify)
+    threads(c)
 
-    c = sub.add_parser("inspect", help="show a checkpoint's shards, tensors, dtypes, layers and bytes")
+    c = command("push", "verify an output (against its record and sources), then upload it to a Hugging Face "
+                "model repo; nothing is uploaded unless it verifies", _cmd_push)
+    c.add_argument("output", type=Path, help="the output folder")
+    c.add_argument("repo", help="the model repo, org/name")
+    c.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    c = command("inspect", "show a checkpoint's shards, tensors, dtypes, layers and bytes", _cmd_inspect)
     c.add_argument("path", type=Path, help="a checkpoint folder or one .safetensors file")
     c.add_argument("--json", action="store_true", help="machine-readable output")
-    c.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    c.set_defaults(func=_cmd_inspect)
     return p
 
 
@@ -141,20 +166,23 @@ def _source_overrides(values: list[str]) -> dict[str, str]:
     return out
 
 
-def _load_manifest(args: argparse.Namespace) -> Manifest:
-    return load_manifest(args.manifest, sources=_source_overrides(args.source), output=args.output)
-
-
-def _load_plan(args: argparse.Namespace, manifest: Manifest | None = None, *, download: bool = True) -> Plan:
-    """``download=False``: hub sources not yet cached are planned from remote headers."""
-    manifest = manifest or _load_manifest(args)
-    checkpoints = {s.name: resolve_source(s.model, s.revision, name=s.name, download=download)
-                   for s in manifest.sources}
-    return build_plan(manifest, checkpoints, link=getattr(args, "link", False))
+@contextmanager
+def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> Iterator[Callable[[int], Any] | None]:
+    """A tqdm bar's ``update`` on a terminal (bytes, rate, ETA when the total is known), else None."""
+    if getattr(args, "no_progress", False) or getattr(args, "json", False) or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr,
+               smoothing=0.1, dynamic_ncols=True)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    plan = _load_plan(args, download=False)
+    plan = api.plan(args.manifest, sources=_source_overrides(args.source), output=args.output, link=args.link)
     if args.json:
         print(json.dumps(plan_as_dict(plan), indent=2))
     else:
@@ -163,145 +191,96 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .writer import check_output, execute_plan
-    manifest = _load_manifest(args)
-    push_repo = args.push_to_hub or manifest.output.push_to_hub
-    plan = _load_plan(args, manifest, download=not args.dry_run)
-    check_output(plan, force=args.force)
+    global _apply_tmp
+    manifest = api.load(args.manifest, sources=_source_overrides(args.source), output=args.output)
+    repo = args.push_to_hub or manifest.output.push_to_hub
     if args.dry_run:
+        plan = api.plan(manifest, link=args.link)
         print(format_plan(plan, free=_free_bytes(plan.output)))
-        print("dry run: nothing written" + (f", nothing pushed to {push_repo}" if push_repo else ""))
+        _dry_run_notes(plan, args)
+        print("dry run: nothing written" + (f", nothing pushed to {repo}" if repo else ""))
         return 0
-    bar = _progress_bar(args, "writing", plan.nbytes)
-    try:
-        result = execute_plan(plan, force=args.force, resume=args.resume, progress=bar.update if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
-    for note in result.notes:
+    plan = api.plan(manifest, link=args.link, download=True)
+    _apply_tmp = temp_path(Path(os.path.abspath(plan.output.expanduser())))
+    with _progress(args, "writing", plan.written_nbytes) as update:
+        result = api.execute(plan, force=args.force, resume=args.resume, progress=update, threads=args.threads)
+    _apply_tmp = None
+    written = result.written
+    for note in written.notes:
         print(f"note: {note}", file=sys.stderr)
-    rate = result.nbytes / result.seconds if result.seconds else 0
-    print(f"wrote {result.output}")
-    print(f"  {len(plan.layers)} layers, {len(plan.tensors)} tensors in {len(plan.shards)} shard(s), "
-          f"{format_bytes(result.nbytes)} in {result.seconds:.1f} s ({format_bytes(rate)}/s)")
-    print(f"  files: {', '.join(result.files)}")
-    if push_repo:
-        return _push(args, plan, result.output, push_repo, private=manifest.output.private)
+    rate = written.nbytes / written.seconds if written.seconds else 0
+    print(f"wrote {written.output}")
+    print(f"  {len(plan.layers)} layers, {len(plan.tensors)} tensors ({format_bytes(plan.total_size)} of tensor "
+          f"data) in {len(plan.shards)} shard(s)")
+    print(f"  {format_bytes(written.nbytes)} of shard files written in {written.seconds:.1f} s "
+          f"({format_bytes(rate)}/s)")
+    print(f"  files: {', '.join(written.files)}")
+    if repo:
+        return _push(args, written.output, repo, private=manifest.output.private, plan=plan)
     return 0
 
 
-def _push(args: argparse.Namespace, plan: Plan, output: Path, repo: str, *, private: bool) -> int:
-    """Verify the fresh output against its plan, then upload it; a difference means no push."""
-    from .push import push_folder
-    from .verify import iter_differences, verify_output
-    bar = _progress_bar(args, "verifying")
+def _dry_run_notes(plan: Any, args: argparse.Namespace) -> None:
+    """What apply would refuse, said without refusing: a dry run writes nothing."""
+    target = Path(os.path.abspath(plan.output.expanduser()))
+    if (target.exists() or target.is_symlink()) and not args.force:
+        print(f"note: {target} exists: apply would need --force to replace it")
     try:
-        report = verify_output(plan, output, progress=bar and bar.update)
-    finally:
-        if bar is not None:
-            bar.close()
-    if not report.ok:
-        for line in iter_differences(report):
+        check_output(plan, force=True)
+    except OutputExistsError as e:
+        print(f"note: apply would refuse: {e}")
+
+
+def _push(args: argparse.Namespace, output: Path, repo: str, *, private: bool, plan: Any = None) -> int:
+    with _progress(args, "verifying", plan.total_size if plan is not None else None) as update:
+        result = api.push(output, repo, plan=plan, private=private, progress=update,
+                          threads=getattr(args, "threads", None))
+    if result.url is None:
+        for line in iter_differences(result.verified):
             print(line, file=sys.stderr)
-        print(f"tensorsurgery: {output} does not verify against the plan; not pushed to {repo}", file=sys.stderr)
+        print(f"tensorsurgery: {output} does not verify; not pushed to {repo}", file=sys.stderr)
         return 1
-    url = push_folder(output, repo, private=private)
-    print(f"verified {output}; pushed to {url}")
+    print(f"verified {output}; pushed to {result.url}")
     return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    return _push(args, args.output, args.repo, private=not args.public)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .record import verify_record
-    from .verify import iter_differences, verify_output
-    if args.output is None and not args.target.exists() and args.target.suffix.lower() not in _MANIFEST_SUFFIXES:
-        raise VerifyError(f"{args.target}: output folder not found; give an output folder, or a manifest "
-                          f"(and optionally its output folder)")
-    bar = _progress_bar(args, "verifying")
-    try:
-        if args.target.is_dir() and args.output is None:
-            plan = _plan_from_record(args.target, _source_overrides(args.source))
-            report = (verify_output(plan, args.target, progress=bar and bar.update) if plan is not None
-                      else verify_record(args.target, progress=bar and bar.update))
-            if plan is not None:
-                report = replace(report, mode="record+sources")
-        else:
-            args.manifest, args.output = args.target, (str(args.output) if args.output else None)
-            manifest = _load_manifest(args)
-            # An output made with --link groups shards differently; its record says so.
-            args.link = _recorded_link(Path(manifest.output.path))
-            plan = _load_plan(args, manifest)
-            report = verify_output(plan, plan.output, progress=bar and bar.update)
-    finally:
-        if bar is not None:
-            bar.close()
+    with _progress(args, "verifying") as update:
+        report = api.verify(args.target, args.output, sources=_source_overrides(args.source), progress=update,
+                            threads=args.threads)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     elif report.ok:
-        print(f"verified {report.output}: {report.tensors} tensors, {format_bytes(report.nbytes)} "
-              f"({_MODES[report.mode]})")
+        print(f"verified {report.output}: {report.files} files, {report.tensors} tensors "
+              f"({format_bytes(report.nbytes)} of tensor data); {_MODES[report.mode]}")
     else:
-        for line in iter_differences(report):
-            print(line)
-        print(f"{report.output}: {len(report.differences)} difference(s); the output is NOT what "
-              f"{'its record' if report.mode == 'record' else 'the manifest'} says")
+        _print_differences(report)
     return 0 if report.ok else 1
 
 
-_MANIFEST_SUFFIXES = (".toml", ".yml", ".yaml")
+def _print_differences(report: VerifyReport) -> None:
+    for line in iter_differences(report):
+        print(line)
+    print(f"{report.output}: {len(report.differences)} difference(s); the output is NOT what "
+          f"{'its record' if report.mode == 'record' else 'the manifest'} says")
+
+
 _MODES = {"manifest": "every byte matches the manifest applied to the sources",
           "record+sources": "every byte matches the recorded manifest applied to the sources",
-          "record": "every tensor matches the sha256 in tensorsurgery.json; sources not found, "
-                    "so not compared with them"}
-
-
-def _plan_from_record(output: Path, overrides: dict[str, str]) -> Plan | None:
-    """The plan recorded in ``output``'s tensorsurgery.json, rebuilt from its sources when they
-    are all still at hand (or given with --source); None otherwise."""
-    from .manifest import apply_overrides, parse_manifest_text
-    from .record import read_record
-    record = read_record(output)
-    manifest = parse_manifest_text(Path(record.get("manifest_name", "manifest.toml")), record.get("manifest", ""))
-    roots = {s["name"]: s["root"] for s in record.get("sources", [])}
-    roots.update({(k or manifest.sources[0].name): v for k, v in overrides.items()})
-    if not all(Path(roots.get(s.name, "")).is_dir() for s in manifest.sources):
-        return None
-    manifest = apply_overrides(manifest, roots, str(output))
-    checkpoints = {s.name: resolve_source(s.model, name=s.name) for s in manifest.sources}
-    return build_plan(manifest, checkpoints, link=bool(record.get("link")))
-
-
-def _recorded_link(output: Path) -> bool:
-    """Whether the provenance record in ``output`` says it was planned with ``--link``."""
-    try:
-        return bool(json.loads((output / PROVENANCE_NAME).read_text(encoding="utf-8")).get("link"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _progress_bar(args: argparse.Namespace, desc: str, total: int | None = None):
-    if args.no_progress or getattr(args, "json", False) or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr,
-                smoothing=0.1)
+          "record": "every file matches the sha256 in tensorsurgery.json; sources not found, so not compared "
+                    "with them"}
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .report import format_checkpoint, checkpoint_as_dict
-    from .source import load_checkpoint
-    if args.path.is_file():
-        header = read_header(args.path)
-        data = {"file": str(args.path), "tensors": [
-            {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "nbytes": e.nbytes} for e in header.entries]}
-        if args.json:
-            print(json.dumps(data, indent=2))
-        else:
-            for e in header.entries:
-                print(f"{e.name:60s} {e.dtype:6s} {str(list(e.shape)):20s} {format_bytes(e.nbytes)}")
-            print(f"{len(header.entries)} tensors, {format_bytes(header.data_size)}")
-        return 0
-    ckpt = load_checkpoint(args.path)
-    print(json.dumps(checkpoint_as_dict(ckpt), indent=2) if args.json else format_checkpoint(ckpt))
+    found = api.inspect(args.path)
+    if isinstance(found, Header):
+        print(json.dumps(header_as_dict(found), indent=2) if args.json else format_header(found))
+    else:
+        print(json.dumps(checkpoint_as_dict(found), indent=2) if args.json else format_checkpoint(found))
     return 0
 
 

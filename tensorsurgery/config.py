@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from .dtypes import TORCH_NAMES
 from .errors import PlanError
 from .layers import LayerRef
 from .rules import Preset
 
 #: Lists that are never per-layer even when their length happens to equal the layer count.
 _NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pad_token_id"})
-_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 
 def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangement: tuple[LayerRef, ...],
@@ -45,7 +45,7 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
     if dtype is not None:
         keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
         for key in keys:
-            cfg[key] = _DTYPE_NAMES[dtype]
+            cfg[key] = TORCH_NAMES[dtype]
     cfg.update(overrides)
     return cfg
 

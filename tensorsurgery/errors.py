@@ -19,7 +19,8 @@ class HeaderError(TensorSurgeryError):
 
 
 class SourceError(TensorSurgeryError):
-    """A source checkpoint is missing, inconsistent (index vs shards vs config) or unresolvable."""
+    """A source checkpoint is missing, inconsistent (index vs shards vs config), unsafe to read
+    (a special file, a link out of its folder, an oversized JSON file) or unresolvable."""
 
 
 class PlanError(TensorSurgeryError):
@@ -27,12 +28,17 @@ class PlanError(TensorSurgeryError):
 
 
 class OutputExistsError(TensorSurgeryError):
-    """The output path exists (and ``--force`` was not given) or lies inside a source."""
+    """The output path exists (and ``--force`` was not given or may not replace it), lies inside a
+    source, or is not a place an output can be written."""
+
+
+class ReadError(TensorSurgeryError):
+    """A file ended early or changed while its bytes were read (after it was planned)."""
 
 
 class WriteError(TensorSurgeryError):
-    """Writing the output failed (disk full, file too large, source changed while reading)."""
+    """Writing the output failed (disk full, file too large, not writable)."""
 
 
 class VerifyError(TensorSurgeryError):
-    """The output cannot be verified at all (missing folder, unreadable provenance)."""
+    """The output cannot be verified at all (missing folder, unreadable provenance record)."""

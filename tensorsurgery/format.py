@@ -17,18 +17,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
+from .dtypes import DTYPE_BITS
 from .errors import HeaderError
+from .fsio import open_regular
 
 #: Largest header the official reader accepts (``MAX_HEADER_SIZE`` in tensor.rs).
 MAX_HEADER_SIZE = 100_000_000
 
-#: Bits per element of every dtype the official reader knows.
-DTYPE_BITS: Mapping[str, int] = MappingProxyType({
-    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8,
-    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
-})
 
 _U64_MAX = 2**64 - 1
 _METADATA_KEY = "__metadata__"
@@ -94,6 +89,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
 
     Raises:
         HeaderError: the file breaks a format rule; the message names the file and the tensor.
+        SourceError: the file is missing or not a regular file.
 
     Example:
         >>> header = read_header("model-00001-of-00002.safetensors")  # doctest: +SKIP
@@ -102,7 +98,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:

@@ -15,100 +15,19 @@ and the plan needs the absolute offset of every tensor.
 from __future__ import annotations
 
 import glob
-import re
 import struct
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from pathlib import Path
-from types import MappingProxyType
 from typing import Iterable, Iterator, Mapping
 
+from . import fsio
+from .checkpoint import Checkpoint, index_weight_map, select_files
 from .errors import HeaderError, SourceError
-from .format import MAX_HEADER_SIZE, Header, parse_header, read_header
-from .source import (INDEX_NAME, SINGLE_NAME, Checkpoint, _check_layer_count, _check_shard_name, _owners,
-                     _read_json, load_checkpoint)
+from .format import MAX_HEADER_SIZE, Header, parse_header
+from .local import FolderReader, read_checkpoint
 
-_NATIVE_WEIGHTS = re.compile(r"consolidated(\.\d+)?\.safetensors")
-#: Small files copied into the output: tokenizer (HF, sentencepiece, tiktoken, Mistral's tekken)
-#: and generation settings.
-COPIED_FILES = re.compile(r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json"
-                          r"|generation_config\.json|vocab\.(json|txt)|merges\.txt"
-                          r"|chat_template\.(json|jinja)|tekken\.json|[^/]*\.tiktoken")
-CARD_NAME = "README.md"
 #: First range read of a remote header; most headers fit (HfApi reads 100 kB for the same reason).
 _FIRST_READ = 100_000
-_SHA256_BLOB = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True, slots=True)
-class HubFiles:
-    """The files of one repo revision that a plan needs, in one weight format.
-
-    ``small`` are fetched even by ``plan``; ``weights`` is empty for an indexed Hugging Face repo
-    until its index (one of ``small``) is read, see :func:`index_shards`.
-    """
-
-    layout: str
-    small: tuple[str, ...]
-    weights: tuple[str, ...]
-
-
-def select_files(names: Iterable[str], where: str) -> HubFiles:
-    """Pick one weight format from the top-level file ``names`` of a repo (pure).
-
-    Hugging Face shards win over ``consolidated*.safetensors``: they need no key renaming and no
-    rotary permutation, and ``load_checkpoint`` prefers them the same way.
-
-    Raises:
-        SourceError: no safetensors weights, or the config of the chosen format is missing.
-    """
-    names = set(names)
-    extras = sorted(n for n in names if COPIED_FILES.fullmatch(n)) + ([CARD_NAME] if CARD_NAME in names else [])
-    if INDEX_NAME in names or SINGLE_NAME in names:
-        layout, config, weights = "hf", "config.json", () if INDEX_NAME in names else (SINGLE_NAME,)
-        small = [INDEX_NAME] if INDEX_NAME in names else []
-    elif any(_NATIVE_WEIGHTS.fullmatch(n) for n in names):
-        layout, config, small = "mistral", "params.json", []
-        weights = tuple(sorted(n for n in names if _NATIVE_WEIGHTS.fullmatch(n)))
-    else:
-        raise SourceError(f"{where}: no {SINGLE_NAME}, {INDEX_NAME} or consolidated.safetensors; only "
-                          f"safetensors checkpoints are supported")
-    if config not in names:
-        raise SourceError(f"{where}: has {layout} weights but no {config}; a checkpoint needs it")
-    return HubFiles(layout, tuple([config, *small, *extras]), weights)
-
-
-def index_shards(index_path: Path) -> tuple[str, ...]:
-    """The shard files named by the ``weight_map`` of ``model.safetensors.index.json``.
-
-    Raises:
-        SourceError: unreadable index, no weight_map, or a shard name that is not a plain
-            ``*.safetensors`` file name (it becomes a download path).
-    """
-    weight_map = _read_json(index_path).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise SourceError(f"{index_path}: no weight_map; the repo's index is broken")
-    for name, shard in weight_map.items():
-        _check_shard_name(index_path, name, shard)
-    return tuple(sorted(set(weight_map.values())))
-
-
-def cached_sha256(path: str | Path) -> str | None:
-    """The sha256 of a file in the Hugging Face cache, without reading it, or None.
-
-    The cache stores an LFS file (every safetensors shard) as ``blobs/<sha256>`` and the snapshot
-    holds a symlink to it. Small files are stored under their 40-hex git blob id, and caches
-    without symlinks (Windows) hold copies: both give None, so hash those yourself.
-    """
-    path = Path(path)
-    if not path.is_symlink():
-        return None
-    target = path.resolve()
-    if target.parent.name == "blobs" and _SHA256_BLOB.fullmatch(target.name) and target.is_file():
-        return target.name
-    return None
-
-
 class HubClient:
     """The few Hub operations a source needs, over huggingface_hub. Tests pass a fake with the
     same methods; the token is the library's default (``HF_TOKEN`` or ``hf auth login``)."""
@@ -197,21 +116,40 @@ def resolve_hub_source(repo_id: str, revision: str | None = None, *, download: b
         names = listing if listing is not None else _cached_names(snapshot, where)
         files = select_files(names, where if listing is not None else f"{where} (cached in {snapshot})")
         client.fetch(repo_id, commit, files.small)
-        weights = files.weights or index_shards(snapshot / INDEX_NAME)
+        # The snapshot's files link into the repo's blobs/: that folder is what they must stay in.
+        reader = _RemoteReader(client, repo_id, commit, snapshot, listing or {})
+        weights = files.weights
+        if files.index:
+            weights = tuple(sorted(set(index_weight_map(reader.json(files.index, limit=fsio.INDEX_LIMIT),
+                                                        f"{where}: {files.index}").values())))
         absent = [w for w in weights if listing is not None and w not in listing]
         if absent:
-            raise SourceError(f"{where}: {INDEX_NAME} names shard {absent[0]!r}, which the repo does not "
+            raise SourceError(f"{where}: {files.index} names shard {absent[0]!r}, which the repo does not "
                               f"have at this commit; the repo is broken, pick another revision")
-        if _fetch_weights(client, repo_id, commit, snapshot, weights, listing, download, where):
-            return _remote_checkpoint(client, repo_id, commit, snapshot, files, weights, listing)
-    ckpt = load_checkpoint(snapshot, revision=commit, repo_id=repo_id)
-    return replace(ckpt, extra_files=tuple(f for f in ckpt.extra_files if f in files.small))
+        reader.remote = _fetch_weights(client, repo_id, commit, snapshot, weights, listing, download, where)
+    return read_checkpoint(reader, files, revision=commit, repo_id=repo_id)
+
+
+class _RemoteReader(FolderReader):
+    """Reads a cache snapshot; the headers of shards named in ``remote`` (not downloaded, for
+    ``plan`` and ``--dry-run``) come over HTTP, at the paths the shards will have once downloaded,
+    so the plan is the same."""
+
+    def __init__(self, client: "HubClient", repo_id: str, commit: str, snapshot: Path, sizes: Mapping[str, int]):
+        super().__init__(snapshot, inside=snapshot.parent.parent)
+        self.client, self.repo_id, self.commit, self.sizes = client, repo_id, commit, sizes
+        self.remote: tuple[str, ...] = ()
+
+    def header(self, name: str) -> Header:
+        if name not in self.remote:
+            return super().header(name)
+        return _remote_header(self.client, self.repo_id, self.commit, self.root / name, self.sizes[name])
 
 
 def _fetch_weights(client: HubClient, repo_id: str, commit: str, snapshot: Path, weights: tuple[str, ...],
-                   listing: Mapping[str, int] | None, download: bool, where: str) -> bool:
-    """Download the weights missing from the cache (``download``); True when some are still
-    missing and may be planned from remote headers (online, ``download=False``).
+                   listing: Mapping[str, int] | None, download: bool, where: str) -> tuple[str, ...]:
+    """Download the weights missing from the cache (``download``); returns those still missing,
+    to be planned from remote headers (online, ``download=False``).
 
     Raises:
         SourceError: weights missing while the Hub cannot be reached, or after a download.
@@ -226,7 +164,7 @@ def _fetch_weights(client: HubClient, repo_id: str, commit: str, snapshot: Path,
                           f"download them once online")
     if missing and download:
         raise SourceError(f"{where}: {missing[0]} is still missing from {snapshot} after the download; retry")
-    return bool(missing)
+    return missing
 
 
 def _missing(snapshot: Path, files: Iterable[str]) -> tuple[str, ...]:
@@ -271,46 +209,6 @@ def _hub_errors(where: str) -> Iterator[None]:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SourceError(f"{where}: cannot resolve on the Hugging Face Hub ({reason}); retry, or pass "
                           f"--source PATH to a local copy") from None
-
-
-def _remote_checkpoint(client: HubClient, repo_id: str, commit: str, snapshot: Path, files: HubFiles,
-                       weights: tuple[str, ...], sizes: Mapping[str, int]) -> Checkpoint:
-    """A checkpoint whose uncached shard headers were read remotely; its paths are the snapshot
-    paths the weights will have once downloaded (the same headers, so the same plan)."""
-    headers = {w: read_header(snapshot / w) if (snapshot / w).is_file()
-               else _remote_header(client, repo_id, commit, snapshot / w, sizes[w]) for w in weights}
-    owners = _owners(headers)
-    if files.layout == "hf":
-        config = _read_json(snapshot / "config.json")
-        weight_map = (_read_json(snapshot / INDEX_NAME)["weight_map"] if INDEX_NAME in files.small
-                      else {n: s[0] for n, s in owners.items()})
-    else:  # as load_checkpoint does for this layout (keep the two in step)
-        from .native import config_from_params
-        weight_map = {n: s[0] for n, s in owners.items()}
-        config = config_from_params(_read_json(snapshot / "params.json"), snapshot / "params.json",
-                                    {n: headers[s].tensors[n] for n, s in weight_map.items()})
-    _check_weight_map(snapshot, weight_map, owners)
-    ckpt = Checkpoint(root=snapshot, layout=files.layout, headers=MappingProxyType(headers),
-                      weight_map=MappingProxyType(dict(weight_map)), config=MappingProxyType(config),
-                      extra_files=tuple(f for f in files.small if COPIED_FILES.fullmatch(f)),
-                      revision=commit, repo_id=repo_id)
-    _check_layer_count(ckpt)
-    return ckpt
-
-
-def _check_weight_map(snapshot: Path, weight_map: Mapping[str, str], owners: Mapping[str, list[str]]) -> None:
-    """The checks ``load_checkpoint`` makes of an index against its shards."""
-    for name, shards in owners.items():
-        if len(shards) > 1:
-            raise SourceError(f"{snapshot}: tensor {name!r} is in two shards ({shards[0]} and {shards[1]}); "
-                              f"the checkpoint is inconsistent")
-        if weight_map.get(name) != shards[0]:
-            raise SourceError(f"{snapshot / INDEX_NAME}: tensor {name!r} in {shards[0]} is not mapped to it "
-                              f"in the weight_map; the index and shards are from different versions")
-    for name, shard in weight_map.items():
-        if name not in owners:
-            raise SourceError(f"{snapshot / INDEX_NAME}: tensor {name!r} is listed in {shard} but that shard "
-                              f"does not hold it; the index and shards are from different versions")
 
 
 def _remote_header(client: HubClient, repo_id: str, commit: str, path: Path, size: int) -> Header:

@@ -9,10 +9,46 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
-# Anchored on the whole dotted segment, so "layers.1." never matches inside "layers.11." and a
-# name such as "model.layers.3.mlp.experts.1.w" rewrites only the decoder index.
-_LAYER_SEGMENT = re.compile(r"(?:^|(?<=\.))layers\.(\d+)(?=\.|$)")
+
+@dataclass(frozen=True, slots=True)
+class LayerScheme:
+    """Where a model's decoder layers live in tensor names.
+
+    ``prefixes`` are the dotted paths of the layer lists (``("model.layers",)``, or
+    ``("model.language_model.layers",)`` for a multimodal model whose vision tower has layers of
+    its own); ``None`` is the generic rule: the first ``layers.N`` segment anywhere in a name.
+    """
+
+    prefixes: tuple[str, ...] | None = None
+
+    def index(self, name: str) -> int | None:
+        """The decoder layer index in ``name`` (``model.layers.12.mlp...`` -> 12), or None."""
+        m = _pattern(self.prefixes).search(name)
+        return int(m.group(2)) if m else None
+
+    def with_index(self, name: str, index: int) -> str:
+        """``name`` with its decoder layer index set to ``index``.
+
+        Raises:
+            ValueError: ``name`` is not a decoder layer tensor (a programming error, not user input).
+        """
+        new, count = _pattern(self.prefixes).subn(lambda m: f"{m.group(1)}{index}", name, count=1)
+        if not count:
+            raise ValueError(f"{name!r} has no decoder layer index")
+        return new
+
+
+@lru_cache(maxsize=None)
+def _pattern(prefixes: tuple[str, ...] | None) -> re.Pattern[str]:
+    if prefixes is None:
+        return re.compile(r"((?:^|(?<=\.))layers\.)(\d+)(?=\.|$)")
+    alternatives = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+    return re.compile(rf"^({alternatives}\.)(\d+)(?=\.|$)")
+
+
+GENERIC_LAYERS = LayerScheme()
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,21 +60,13 @@ class LayerRef:
 
 
 def layer_index(name: str) -> int | None:
-    """The decoder layer index in ``name`` (``model.layers.12.mlp...`` -> 12), or None."""
-    m = _LAYER_SEGMENT.search(name)
-    return int(m.group(1)) if m else None
+    """The index of the first ``layers.N`` segment of ``name`` (the generic rule), or None."""
+    return GENERIC_LAYERS.index(name)
 
 
 def with_layer_index(name: str, index: int) -> str:
-    """``name`` with its first ``layers.N`` segment set to ``index``.
-
-    Raises:
-        ValueError: ``name`` has no ``layers.N`` segment (a programming error, not user input).
-    """
-    new, count = _LAYER_SEGMENT.subn(f"layers.{index}", name, count=1)
-    if not count:
-        raise ValueError(f"{name!r} has no layers.N segment")
-    return new
+    """``name`` with its first ``layers.N`` segment set to ``index`` (the generic rule)."""
+    return GENERIC_LAYERS.with_index(name, index)
 
 
 def keep(n: int) -> tuple[int, ...]:

@@ -6,19 +6,20 @@ line and column.
 """
 from __future__ import annotations
 
+import datetime
+import math
 import re
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from .dtypes import CAST_DTYPES
 from .errors import ManifestError
+from .repo_id import is_push_target
 
 PLANS = ("keep", "dus", "idus", "explicit")
-#: Output dtype names accepted in ``output.dtype`` and the safetensors dtype each means.
-DTYPES: Mapping[str, str] = MappingProxyType({"float16": "F16", "bfloat16": "BF16", "float32": "F32"})
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -165,48 +166,12 @@ def _describe(value: Any) -> str:
     return f"{_TYPE_NAMES.get(type(value), type(value).__name__)} {value!r:.60}"
 
 
-def load_manifest(path: str | Path, *, sources: Mapping[str, str] | None = None,
-                  output: str | None = None) -> Manifest:
-    """Read the manifest at ``path``.
-
-    Args:
-        path: a TOML manifest (or a mergekit passthrough YAML, by suffix).
-        sources: overrides of source models by source name (``""`` means the only source),
-            as given with ``--source``.
-        output: override of ``output.path`` (``--output``).
-
-    Raises:
-        ManifestError: unreadable file, unknown key, wrong type or value; the message names the
-            file and key.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read the manifest: {e}") from e
-    return apply_overrides(parse_manifest_text(path, text), sources or {}, output)
-
-
-def parse_manifest_text(path: Path, text: str) -> Manifest:
-    """Parse manifest ``text`` as read from ``path`` (TOML, or mergekit YAML by suffix).
-
-    Raises:
-        ManifestError: see :func:`load_manifest`.
-    """
-    if path.suffix.lower() in (".yml", ".yaml"):
-        from .mergekit_config import manifest_from_mergekit
-        manifest = manifest_from_mergekit(path, text)
-    else:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ManifestError(f"{path}: not valid TOML: {e}") from e
-        manifest = parse_manifest(path, text, data)
-    return manifest
-
-
 def parse_manifest(path: Path, text: str, data: Mapping[str, Any]) -> Manifest:
-    """Build a :class:`Manifest` from already-parsed TOML ``data`` (pure)."""
+    """Build a :class:`Manifest` from already-parsed TOML ``data`` (pure).
+
+    Raises:
+        ManifestError: an unknown key, a wrong type or value; the message names the file and key.
+    """
     root = _Reader(path, data)
     root.check_keys(("source", "sources", "rename", "layers", "config", "output"))
     srcs = _parse_sources(root)
@@ -215,7 +180,7 @@ def parse_manifest(path: Path, text: str, data: Mapping[str, Any]) -> Manifest:
         path=path, text=text, sources=srcs,
         rename=_parse_rename(root.sub("rename")),
         layers=_parse_layers(root.sub("layers"), names),
-        config=MappingProxyType(dict(root.get("config", dict, {}))),
+        config=_parse_config(root.sub("config")),
         output=_parse_output(root.sub("output", required=True)),
     )
 
@@ -237,6 +202,22 @@ def _parse_source(r: _Reader, name: str) -> SourceSpec:
     if not model.strip():
         raise r.error("model", "is empty; give a local folder or a Hugging Face repo id")
     return SourceSpec(name=name, model=model, revision=r.get("revision", str))
+
+
+def _parse_config(r: _Reader) -> Mapping[str, Any]:
+    """``[config]``: values that config.json can hold. A TOML date or time has no JSON form and
+    NaN or infinity no JSON spelling; either would make an output that can never verify."""
+    def check(value: Any, where: str) -> None:
+        if isinstance(value, (datetime.date, datetime.time)):
+            raise r.error(where, f"a TOML date/time ({value}) has no JSON form; write it as a string")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise r.error(where, f"{value} is not a JSON number; config.json cannot hold it")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            check(item, f"{where}[{key}]" if isinstance(value, list) else f"{where}.{key}")
+    for key, value in r.table.items():
+        check(value, key)
+    return MappingProxyType(dict(r.table))
 
 
 def _parse_rename(r: _Reader) -> RenameSpec:
@@ -314,18 +295,21 @@ def _segment(r: _Reader, item: Any, source: str | None) -> Segment:
 def _parse_output(r: _Reader) -> OutputSpec:
     r.check_keys(("path", "dtype", "max_shard_size", "push_to_hub", "private"))
     dtype = r.get("dtype", str)
-    if dtype is not None and dtype not in DTYPES:
-        raise r.error("dtype", f"unsupported dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in CAST_DTYPES:
+        raise r.error("dtype", f"unsupported dtype {dtype!r}; expected one of: {', '.join(CAST_DTYPES)}")
     size = r.get("max_shard_size", (int, str), DEFAULT_MAX_SHARD_SIZE)
     try:
         size = parse_size(size)
     except ValueError as e:
         raise r.error("max_shard_size", str(e)) from None
     push = r.get("push_to_hub", str)
-    if push is not None and not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", push):
+    if push is not None and not is_push_target(push):
         raise r.error("push_to_hub", f"{push!r} is not a Hugging Face repo id; use \"org/name\"")
-    return OutputSpec(path=r.get("path", str, required=True), dtype=dtype, max_shard_size=size,
-                      push_to_hub=push, private=r.get("private", bool, True))
+    path = r.get("path", str, required=True)
+    if not path.strip():
+        raise r.error("path", "is empty; give the folder to write the output to")
+    return OutputSpec(path=path, dtype=dtype, max_shard_size=size, push_to_hub=push,
+                      private=r.get("private", bool, True))
 
 
 def apply_overrides(manifest: Manifest, sources: Mapping[str, str], output: str | None) -> Manifest:
@@ -334,7 +318,6 @@ def apply_overrides(manifest: Manifest, sources: Mapping[str, str], output: str 
     Raises:
         ManifestError: an override names no source, or a bare override with several sources.
     """
-    from dataclasses import replace
     new_sources = list(manifest.sources)
     for name, model in sources.items():
         if not name:

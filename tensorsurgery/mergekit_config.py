@@ -28,7 +28,8 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ManifestError
-from .manifest import DTYPES, LayersSpec, Manifest, OutputSpec, RenameSpec, Segment, SourceSpec
+from .dtypes import CAST_DTYPES
+from .manifest import LayersSpec, Manifest, OutputSpec, RenameSpec, Segment, SourceSpec
 
 _KEYS = ("merge_method", "slices", "dtype", "out_dtype", "base_model", "tokenizer_source")
 #: Keys mergekit knows that a passthrough copy cannot honour, and why.
@@ -187,9 +188,9 @@ def _dtype_name(path: Path, key: str, value: Any) -> str | None:
     if value is None:
         return None
     name = value.removeprefix("torch.") if isinstance(value, str) else value
-    if name not in DTYPES:
+    if name not in CAST_DTYPES:
         raise ManifestError(f"{path}: {key}: unsupported dtype {_describe(value)}; expected one of: "
-                            f"{', '.join(DTYPES)}")
+                            f"{', '.join(CAST_DTYPES)}")
     return name
 
 

@@ -1,28 +1,31 @@
 """The pure planning step: (Manifest, Checkpoints) -> Plan. No disk or network.
 
-Every output tensor is a byte range of a source shard plus an optional transform (a dtype cast,
-the rotary row permutation). Shard files are named here, so ``plan`` and ``--dry-run`` show
-exactly what ``apply`` will write.
+Every output tensor is a byte range of a source shard plus typed transform steps
+(:mod:`tensorsurgery.transforms`). Shard files, config.json, the index and the model card are all
+decided here, so ``plan`` and ``--dry-run`` show exactly what ``apply`` will write and ``verify``
+knows exactly what to expect.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from . import __version__
+from ._version import __version__
+from .checkpoint import Checkpoint
 from .config import build_config
+from .dtypes import CAST_DTYPES, element_size, is_castable
 from .errors import ManifestError, PlanError
 from .format import Header, encode_header
-from .layers import LayerRef, dus, interlock, keep, layer_index, seams, with_layer_index
-from .manifest import DTYPES, Manifest
-from .rules import Renamed, compile_renamer, get_preset
-from .source import Checkpoint
-from .transforms import FLOAT_SIZES, rotary_row_order
+from .layers import LayerRef, dus, interlock, keep, seams
+from .manifest import Manifest
+from .rules import Renamed, Renamer, compile_renamer, get_preset
+from .transforms import Cast, PermuteRotary, Step, describe, rotary_row_order
 
 SHARD_METADATA = MappingProxyType({"format": "pt"})
+SINGLE_SHARD = "model.safetensors"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +39,10 @@ class ByteRange:
 
 @dataclass(frozen=True, slots=True)
 class OutputTensor:
-    """One output tensor: where its bytes come from and how they change on the way.
+    """One output tensor: where its bytes come from and the steps that change them on the way.
 
-    ``offset`` is its start in its shard's data section. ``permute_heads`` is set when rows are
-    reordered per head for the rotary convention; ``source_dtype != dtype`` means a cast.
+    ``offset`` is its start in its shard's data section; ``source`` is None only for a tensor
+    made of zeros.
     """
 
     name: str
@@ -50,14 +53,13 @@ class OutputTensor:
     source_name: str
     source_key: str
     source_dtype: str
-    source: ByteRange
-    permute_heads: int | None = None
+    source: ByteRange | None
+    steps: tuple[Step, ...] = ()
 
     @property
     def transform(self) -> str:
-        """``none``, ``cast``, ``permute`` or ``permute+cast``."""
-        parts = (["permute"] if self.permute_heads else []) + (["cast"] if self.source_dtype != self.dtype else [])
-        return "+".join(parts) or "none"
+        """The steps in one word: ``none``, ``cast``, ``permute``, ``permute+cast``, ``slice``, ``zeros``..."""
+        return describe(self.steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +84,8 @@ class Shard:
 
 @dataclass(frozen=True, slots=True)
 class SourceInfo:
-    """A source as the plan records it (for provenance and display)."""
+    """A source as the plan records it (for provenance and display). ``inside`` is the folder its
+    files must really be in; ``files`` its weight files."""
 
     name: str
     model: str
@@ -90,11 +93,23 @@ class SourceInfo:
     layout: str
     revision: str | None
     files: tuple[str, ...]
+    repo_id: str | None = None
+    inside: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CopyFile:
+    """A small file copied byte for byte from a source folder into the output."""
+
+    source: Path
+    name: str
+    inside: Path
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Everything ``apply`` will write, computed from headers alone."""
+    """Everything ``apply`` will write, computed from headers alone. ``card`` is the model card's
+    text (README.md); ``card_meta`` the front matter it carries over from the base source's card."""
 
     output: Path
     sources: tuple[SourceInfo, ...]
@@ -103,9 +118,12 @@ class Plan:
     shards: tuple[Shard, ...]
     index: Mapping[str, Any] | None
     config: Mapping[str, Any]
-    copy_files: tuple[tuple[Path, str], ...]
+    copy_files: tuple[CopyFile, ...]
     manifest_text: str
     manifest_name: str = "manifest.toml"
+    card: str | None = None
+    card_meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    family: str = "generic"
 
     @property
     def total_size(self) -> int:
@@ -116,6 +134,11 @@ class Plan:
     def nbytes(self) -> int:
         """Bytes of all shard files, headers included."""
         return sum(s.nbytes for s in self.shards)
+
+    @property
+    def written_nbytes(self) -> int:
+        """Bytes of the shard files ``apply`` writes (linked shards excluded)."""
+        return sum(s.nbytes for s in self.shards if s.link is None)
 
     @property
     def tensors(self) -> tuple[OutputTensor, ...]:
@@ -132,9 +155,10 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
 
     Raises:
         PlanError: a layer out of range (naming the arrangement position), two tensors renamed
-            to one name, a renamed layer tensor without its ``layers.N`` segment, layers whose
-            shapes cannot stack, a permutation that does not fit the head count.
-        ManifestError: an unknown preset, or a name no preset rule maps.
+            to one name, a renamed layer tensor without its layer index, layers whose shapes
+            cannot stack, a permutation that does not fit the head count, an output with no
+            tensors or a layer with none.
+        ManifestError: an unknown preset, a name no preset rule maps, an invalid replacement.
 
     Example:
         >>> plan = build_plan(load_manifest("manifests/solar-dus.toml"), {"source": ckpt})  # doctest: +SKIP
@@ -145,7 +169,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     arrangement = _arrangement(manifest, checkpoints)
     picks = _pick_tensors(manifest, checkpoints, arrangement)
     _check_stackable(manifest, checkpoints, picks)
-    dtype = DTYPES[manifest.output.dtype] if manifest.output.dtype else None
+    dtype = CAST_DTYPES[manifest.output.dtype] if manifest.output.dtype else None
     tensors = sorted((_output_tensor(p, checkpoints, dtype) for p in picks.values()),
                      key=lambda t: (_natural_key(t.name), t.name))
     linked = _identical_source_shards(tensors, checkpoints[base]) if link else []
@@ -156,16 +180,23 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
     config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
                           preset=preset, dtype=dtype, overrides=manifest.config)
-    return Plan(
+    base_ckpt = checkpoints[base]
+    plan = Plan(
         output=Path(manifest.output.path),
-        sources=tuple(SourceInfo(s.name, s.model, checkpoints[s.name].root, checkpoints[s.name].layout,
-                                 checkpoints[s.name].revision, tuple(sorted(checkpoints[s.name].headers)))
-                      for s in manifest.sources),
+        sources=tuple(_source_info(s.name, s.model, checkpoints[s.name]) for s in manifest.sources),
         layers=arrangement, seams=seams(arrangement), shards=shards, index=_index(shards),
         config=MappingProxyType(config),
-        copy_files=tuple((checkpoints[base].root / f, f) for f in checkpoints[base].extra_files),
+        copy_files=tuple(CopyFile(base_ckpt.root / f, f, base_ckpt.inside) for f in base_ckpt.extra_files),
         manifest_text=manifest.text, manifest_name=manifest.path.name,
+        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name,
     )
+    from .card import model_card  # the card describes the plan: it is made from it
+    return replace(plan, card=model_card(plan))
+
+
+def _source_info(name: str, model: str, ckpt: Checkpoint) -> SourceInfo:
+    return SourceInfo(name, model, ckpt.root, ckpt.layout, ckpt.revision, tuple(sorted(ckpt.headers)),
+                      repo_id=ckpt.repo_id, inside=ckpt.inside)
 
 
 def _arrangement(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> tuple[LayerRef, ...]:
@@ -185,9 +216,10 @@ def _arrangement(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> t
     if spec.plan == "keep":
         layers = keep(n)
     else:
+        assert spec.overlap is not None  # the manifest parser requires it for dus and idus
         if spec.overlap >= n:
             raise PlanError(f"{where}.overlap: {spec.overlap} must be smaller than the source's {n} layers")
-        layers = dus(n, spec.overlap) if spec.plan == "dus" else interlock(n, spec.overlap, spec.group)
+        layers = dus(n, spec.overlap) if spec.plan == "dus" else interlock(n, spec.overlap, spec.group or 1)
     return tuple(LayerRef(base, layer) for layer in layers)
 
 
@@ -203,7 +235,7 @@ class _Pick:
 def _pick_tensors(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
                   arrangement: tuple[LayerRef, ...]) -> dict[str, _Pick]:
     base = manifest.sources[0].name
-    by_layer: dict[str, dict[int, list[str]]] = {}
+    by_layer: dict[str, dict[int | None, list[str]]] = {}
     renamers = {}
     for name, ckpt in checkpoints.items():
         try:
@@ -211,12 +243,13 @@ def _pick_tensors(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
         except ManifestError as e:
             raise ManifestError(f"{manifest.path}: {e}") from None
         by_layer[name] = {}
+        index = ckpt.family.layers.index
         for key in ckpt.weight_map:
-            by_layer[name].setdefault(layer_index(key), []).append(key)
+            by_layer[name].setdefault(index(key), []).append(key)
     # Non-layer tensors come from the base, or from the source manifest.tensor_sources names.
     owners = manifest.tensor_sources
-    wanted = [(src, key, None) for src in dict.fromkeys((base, *owners.values()))
-              for key in by_layer[src].get(None, [])]
+    wanted: list[tuple[str, str, int | None]] = [
+        (src, key, None) for src in dict.fromkeys((base, *owners.values())) for key in by_layer[src].get(None, [])]
     for pos, ref in enumerate(arrangement):
         wanted += [(ref.source, key, pos) for key in by_layer[ref.source].get(ref.layer, [])]
     picks: dict[str, _Pick] = {}
@@ -231,10 +264,11 @@ def _pick_tensors(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
                 replaced.add(out)
             continue
         if pos is not None:
-            if layer_index(out) is None:
+            scheme = checkpoints[src].family.layers
+            if scheme.index(out) is None:
                 raise PlanError(f"{manifest.path}: rename: layer tensor {key!r} became {out!r}, which "
-                                f"has no layers.N segment; keep it in the rename rules")
-            out = with_layer_index(out, pos)
+                                f"has no layer index; keep it in the rename rules")
+            out = scheme.with_index(out, pos)
         if out in picks:
             raise PlanError(f"{manifest.path}: rename: {picks[out].key!r} and {key!r} both become {out!r}; "
                             f"fix the rename rules or drop one")
@@ -243,10 +277,24 @@ def _pick_tensors(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
     if missing:
         raise PlanError(f"{manifest.path}: {missing[0]!r} is to come from source {owners[missing[0]]!r}, which "
                         f"has no such tensor; use sources of the same architecture")
+    _check_not_empty(manifest, arrangement, picks)
     return picks
 
 
-def _rename(manifest: Manifest, renamer, key: str) -> Renamed | None:
+def _check_not_empty(manifest: Manifest, arrangement: tuple[LayerRef, ...], picks: dict[str, _Pick]) -> None:
+    """An output with no tensors, or a layer config.json counts but no tensor holds, is no model."""
+    if not picks:
+        raise PlanError(f"{manifest.path}: rename: no tensor is left (rename.drop removes every one); "
+                        f"an output needs weights, so narrow the drop patterns")
+    filled = {p.position for p in picks.values()}
+    for pos, ref in enumerate(arrangement):
+        if pos not in filled:
+            raise PlanError(f"{manifest.path}: output layer {pos} (layer {ref.layer} of source {ref.source!r}) has "
+                            f"no tensors left after rename.drop, yet config.json would count it; remove the layer "
+                            f"from [layers] instead of dropping its tensors")
+
+
+def _rename(manifest: Manifest, renamer: Renamer, key: str) -> Renamed | None:
     try:
         return renamer.rename(key)
     except ManifestError as e:
@@ -262,7 +310,7 @@ def _check_stackable(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
         if p.position is not None:
             ckpt = checkpoints[p.source]
             shape = ckpt.headers[ckpt.weight_map[p.key]].tensors[p.key].shape
-            layers.setdefault(p.position, {})[with_layer_index(p.out, 0)] = shape
+            layers.setdefault(p.position, {})[ckpt.family.layers.with_index(p.out, 0)] = shape
             sources[p.position] = p.source
     if not layers:
         return
@@ -282,9 +330,7 @@ def _output_tensor(p: _Pick, checkpoints: Mapping[str, Checkpoint], dtype: str |
     shard = ckpt.weight_map[p.key]
     header = ckpt.headers[shard]
     entry = header.tensors[p.key]
-    out_dtype = dtype if dtype and entry.dtype in FLOAT_SIZES else entry.dtype
-    nbytes = entry.nbytes * FLOAT_SIZES.get(out_dtype, 1) // FLOAT_SIZES.get(entry.dtype, 1)
-    heads = None
+    steps: list[Step] = []
     if p.permute:
         heads = ckpt.config.get(p.permute)
         try:
@@ -292,11 +338,16 @@ def _output_tensor(p: _Pick, checkpoints: Mapping[str, Checkpoint], dtype: str |
         except ValueError as e:
             raise PlanError(f"{ckpt.root / shard}: tensor {p.key!r}: cannot permute for rotary: {e} "
                             f"({p.permute} = {heads!r})") from None
+        assert isinstance(heads, int)
+        steps.append(PermuteRotary(heads))
+    out_dtype, nbytes = entry.dtype, entry.nbytes
+    if dtype and dtype != entry.dtype and is_castable(entry.dtype):
+        steps.append(Cast(entry.dtype, dtype))
+        out_dtype, nbytes = dtype, entry.nbytes // element_size(entry.dtype) * element_size(dtype)
     return OutputTensor(
         name=p.out, dtype=out_dtype, shape=entry.shape, offset=0, nbytes=nbytes,
         source_name=p.source, source_key=p.key, source_dtype=entry.dtype,
-        source=ByteRange(header.path, header.data_start + entry.start, entry.nbytes),
-        permute_heads=heads)
+        source=ByteRange(header.path, header.data_start + entry.start, entry.nbytes), steps=tuple(steps))
 
 
 def _natural_key(name: str) -> tuple:
@@ -311,7 +362,8 @@ def _identical_source_shards(tensors: list[OutputTensor], ckpt: Checkpoint) -> l
         group = []
         for e in header.entries:
             t = by_name.get(e.name)
-            if t is None or t.transform != "none" or t.source_key != e.name or t.source.path != header.path:
+            if (t is None or t.steps or t.source is None or t.source_key != e.name
+                    or t.source.path != header.path):
                 break
             group.append(replace(t, offset=e.start))
         else:
@@ -341,7 +393,7 @@ def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]]) -> tupl
     n = len(groups)
     shards = []
     for i, (source, group) in enumerate(groups):
-        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        name = SINGLE_SHARD if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         if source is not None:
             shards.append(Shard(name, source.raw, tuple(group), link=source.path))
             continue

@@ -1,19 +1,15 @@
 """Upload a finished output folder to the Hugging Face Hub (``[output] push_to_hub``,
 ``apply --push-to-hub``), with huggingface_hub: ``create_repo(exist_ok=True)`` then
-``upload_folder``. Private by default. The CLI calls this only after ``apply`` succeeded and
-``verify`` passed.
+``upload_folder``. Private by default. :func:`tensorsurgery.api.push` calls this only after ``verify`` passed.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from .errors import TensorSurgeryError, WriteError
-from .provenance import PROVENANCE_NAME
-
-#: ``name`` (in the token owner's namespace) or ``org/name``, as the Hub spells repo ids.
-REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+from .expected import RECORD_NAME
+from .repo_id import is_push_target
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token: str | None = None,
@@ -40,10 +36,10 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token
         'https://huggingface.co/me/solar-10.7b-dus/commit/...'
     """
     folder = Path(folder)
-    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+    if not is_push_target(repo_id):
         raise WriteError(f"push_to_hub: {repo_id!r} is not a Hugging Face repo id; use \"org/name\"")
-    if not (folder / PROVENANCE_NAME).is_file():
-        raise WriteError(f"{folder}: no {PROVENANCE_NAME}, so not a finished tensorsurgery output; "
+    if not (folder / RECORD_NAME).is_file():
+        raise WriteError(f"{folder}: no {RECORD_NAME}, so not a finished tensorsurgery output; "
                          f"not pushed to {repo_id}")
     if api is None:
         from huggingface_hub import HfApi

@@ -1,131 +1,182 @@
-"""Check an output against its own provenance record (``tensorsurgery.json``), without the
-sources: every tensor's sha256, the shard set and index, and the other files' sha256."""
+"""The provenance record ``tensorsurgery.json`` written into every output: what was built, from
+what, and the sha256 of every byte, so the output can be checked later, even without its sources.
+
+:func:`build_record` makes it from a plan and the hashes taken while writing (pure);
+:func:`parse_record` reads one back into typed values, refusing a record whose entries have the
+wrong types with one line.
+"""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
-from .chunks import CAST_CHUNK, pread_exact
-from .errors import HeaderError, VerifyError
-from .format import read_header
-from .provenance import PROVENANCE_NAME
-from .source import INDEX_NAME
-from .verify import Difference, Progress, VerifyReport, _load_json, _require_folder
+from ._version import __version__
+from .errors import VerifyError
+from .expected import RECORD_NAME
+from .fsio import INDEX_LIMIT, read_json
+from .errors import SourceError
+from .plan import Plan
+
+#: Version 2 added the shards table (size and header sha256 of every shard) and the hash origins.
+RECORD_VERSION = 2
 
 
-def read_record(output: Path) -> dict[str, Any]:
-    """The provenance record of ``output``.
+@dataclass(frozen=True, slots=True)
+class SourceHash:
+    """A source file's sha256 and where it came from: ``read`` (hashed by this run), ``hub-blob``
+    (the Hugging Face cache names the blob by it) or ``cache`` (tensorsurgery's own hash cache,
+    for a file whose identity (device, inode, size, mtime) has not changed)."""
+
+    sha256: str
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedShard:
+    """A shard as the record describes it."""
+
+    name: str
+    size: int
+    header_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedTensor:
+    """An output tensor as the record describes it."""
+
+    name: str
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A parsed provenance record. ``data`` is the whole JSON object, for what is not typed here
+    (the sources, the layer map)."""
+
+    path: Path
+    manifest_name: str
+    manifest: str
+    shards: Mapping[str, RecordedShard]
+    files: Mapping[str, str]
+    tensors: Mapping[str, RecordedTensor]
+    link: bool
+    data: Mapping[str, Any]
+
+
+def header_sha256(shard_header: bytes) -> str:
+    """The sha256 of a shard's header bytes (length prefix, JSON and padding)."""
+    return hashlib.sha256(shard_header).hexdigest()
+
+
+def build_record(plan: Plan, tensor_hashes: Mapping[str, str], file_hashes: Mapping[str, str],
+                 source_hashes: Mapping[Path, SourceHash] | None = None) -> dict[str, Any]:
+    """The record of ``plan``'s output.
+
+    Args:
+        plan: what was written.
+        tensor_hashes: output tensor name -> sha256 of its bytes.
+        file_hashes: every other file written but the record (config.json, the index, the card,
+            copied files) -> sha256.
+        source_hashes: each source weight file's path -> its hash and where it came from.
+    """
+    source_hashes = source_hashes or {}
+    return {
+        "tool": "tensorsurgery",
+        "version": __version__,
+        "record_version": RECORD_VERSION,
+        "manifest_name": plan.manifest_name,
+        "manifest": plan.manifest_text,
+        "sources": [{"name": s.name, "model": s.model, "root": str(s.root), "layout": s.layout,
+                     "revision": s.revision, "repo_id": s.repo_id,
+                     "files": [_source_file(s.root / f, source_hashes.get(s.root / f)) for f in s.files]}
+                    for s in plan.sources],
+        "layers": [{"source": r.source, "layer": r.layer} for r in plan.layers],
+        # Planned with --link: shards identical to a source file were grouped as that file.
+        "link": any(s.link is not None for s in plan.shards),
+        "shards": {s.filename: {"size": s.nbytes, "header_sha256": header_sha256(s.header)} for s in plan.shards},
+        "files": dict(sorted(file_hashes.items())),
+        "tensors": {t.name: {"shard": shard.filename, "dtype": t.dtype, "shape": list(t.shape),
+                             "source": t.source_name, "source_file": t.source.path.name if t.source else None,
+                             "source_key": t.source_key, "transform": t.transform,
+                             "sha256": tensor_hashes[t.name]}
+                    for shard in plan.shards for t in shard.tensors},
+    }
+
+
+def _source_file(path: Path, digest: SourceHash | None) -> dict[str, Any]:
+    try:
+        size: int | None = path.stat().st_size
+    except OSError:
+        size = None
+    return {"name": path.name, "size": size, "sha256": digest.sha256 if digest else None,
+            "sha256_from": digest.origin if digest else None}
+
+
+def read_record(output: Path) -> Record:
+    """The provenance record of the output folder ``output``.
 
     Raises:
-        VerifyError: missing or unreadable ``tensorsurgery.json``.
+        VerifyError: missing, unreadable, or not a record this version can check.
     """
-    path = _require_folder(output) / PROVENANCE_NAME
+    path = output / RECORD_NAME
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VerifyError(f"{path}: missing; this folder was not written by tensorsurgery, give the "
-                          f"manifest: tensorsurgery verify MANIFEST {output}") from None
-    except (OSError, ValueError) as e:
-        raise VerifyError(f"{path}: unreadable provenance record ({e})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("tensors"), dict):
-        raise VerifyError(f"{path}: not a tensorsurgery provenance record (no tensors table)")
-    return record
+        data = read_json(path, limit=INDEX_LIMIT, inside=output)
+    except SourceError as e:
+        if not path.exists() and not path.is_symlink():
+            raise VerifyError(f"{path}: missing; this folder was not written by tensorsurgery, give the "
+                              f"manifest: tensorsurgery verify MANIFEST {output}") from None
+        raise VerifyError(f"unreadable provenance record: {e}") from None
+    return parse_record(data, path)
 
 
-def verify_record(output: Path, *, progress: Progress = None) -> VerifyReport:
-    """Check every tensor of ``output`` against the sha256 its ``tensorsurgery.json`` records,
-    and the index against the record's shard names. Needs no source.
+def parse_record(data: Any, path: Path) -> Record:
+    """Type-check a record's JSON ``data`` (read from ``path``).
 
     Raises:
-        VerifyError: no usable provenance record.
+        VerifyError: one line naming the first entry of the wrong type.
     """
-    output = _require_folder(output)
-    record = read_record(output)
-    tensors: dict[str, Any] = record["tensors"]
-    diffs: list[Difference] = []
-    by_shard: dict[str, list[str]] = {}
-    for name, entry in tensors.items():
-        by_shard.setdefault(str(entry.get("shard")), []).append(name)
-    present = {p.name for p in output.glob("*.safetensors")}
-    diffs += [Difference(n, "unexpected shard (not in tensorsurgery.json)") for n in sorted(present - set(by_shard))]
-    nbytes = 0
-    for shard, names in sorted(by_shard.items()):
-        nbytes += _hash_shard(output / shard, names, tensors, diffs, progress)
-    _check_record_index(output, by_shard, diffs)
-    _check_record_files(output, record.get("files") or {}, diffs)
-    return VerifyReport(output, "record", len(tensors), nbytes, tuple(diffs))
+    def fail(where: str, expected: str) -> VerifyError:
+        return VerifyError(f"{path}: {where} is not {expected}; this is not a provenance record tensorsurgery "
+                           f"wrote (or it was edited): verify with the manifest instead")
+    if not isinstance(data, dict):
+        raise fail("the file", "a JSON object")
+    if "shards" not in data and isinstance(data.get("tensors"), dict):
+        raise VerifyError(f"{path}: written by tensorsurgery {data.get('version')}, which did not record shard "
+                          f"headers; verify with the manifest (tensorsurgery verify MANIFEST {path.parent})")
+    for key, kind, name in (("manifest", str, "a string"), ("manifest_name", str, "a string"),
+                            ("shards", dict, "an object"), ("files", dict, "an object"),
+                            ("tensors", dict, "an object"), ("layers", list, "a list"), ("sources", list, "a list")):
+        if not isinstance(data.get(key), kind):
+            raise fail(key, name)
+    shards = {}
+    for name, entry in data["shards"].items():
+        if not (isinstance(entry, dict) and _is_count(entry.get("size")) and _is_sha(entry.get("header_sha256"))):
+            raise fail(f"shards[{name!r}]", "{size, header_sha256}")
+        shards[name] = RecordedShard(name, entry["size"], entry["header_sha256"])
+    for name, digest in data["files"].items():
+        if not _is_sha(digest):
+            raise fail(f"files[{name!r}]", "a sha256")
+    tensors = {}
+    for name, entry in data["tensors"].items():
+        if not (isinstance(entry, dict) and entry.get("shard") in shards and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("shape"), list) and all(_is_count(d) for d in entry["shape"])
+                and _is_sha(entry.get("sha256"))):
+            raise fail(f"tensors[{name!r}]", "{shard (one of the shards), dtype, shape, sha256}")
+        tensors[name] = RecordedTensor(name, entry["shard"], entry["dtype"], tuple(entry["shape"]), entry["sha256"])
+    return Record(path=path, manifest_name=data["manifest_name"], manifest=data["manifest"],
+                  shards=MappingProxyType(shards), files=MappingProxyType(dict(data["files"])),
+                  tensors=MappingProxyType(tensors), link=data.get("link") is True, data=MappingProxyType(data))
 
 
-def _check_record_files(output: Path, files: Mapping[str, str], diffs: list[Difference]) -> None:
-    """config.json, the index and copied files against the sha256 the record gives them."""
-    for name, want in sorted(files.items()):
-        path = output / name
-        if not path.is_file():
-            diffs.append(Difference(name, "is missing"))
-        elif hashlib.sha256(path.read_bytes()).hexdigest() != want:
-            diffs.append(Difference(name, "differs from what tensorsurgery wrote (sha256 in tensorsurgery.json)"))
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
 
 
-def _hash_shard(path: Path, names: list[str], tensors: Mapping[str, Any], diffs: list[Difference],
-                progress: Progress) -> int:
-    if not path.is_file():
-        diffs.append(Difference(path.name, "shard is missing"))
-        return 0
-    try:
-        header = read_header(path)
-    except HeaderError as e:
-        diffs.append(Difference(path.name, f"invalid safetensors header: {e}"))
-        return 0
-    nbytes = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for name in names:
-            entry, want = header.tensors.get(name), tensors[name]
-            if entry is None:
-                diffs.append(Difference(name, f"missing from {path.name}"))
-                continue
-            if [entry.dtype, list(entry.shape)] != [want.get("dtype"), want.get("shape")]:
-                diffs.append(Difference(name, f"is {entry.dtype} {list(entry.shape)}, the record says "
-                                              f"{want.get('dtype')} {want.get('shape')}"))
-            digest = _hash_range(fd, header.data_start + entry.start, entry.nbytes, progress)
-            nbytes += entry.nbytes
-            if digest != want.get("sha256"):
-                diffs.append(Difference(name, f"sha256 {digest} differs from the record's {want.get('sha256')}"))
-        diffs += [Difference(n, f"unexpected tensor in {path.name}") for n in header.tensors if n not in tensors]
-    finally:
-        os.close(fd)
-    return nbytes
-
-
-def _hash_range(fd: int, offset: int, length: int, progress: Progress) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(min(length, CAST_CHUNK * 4) or 1)
-    for start in range(0, length, len(buf)):
-        view = memoryview(buf)[:min(len(buf), length - start)]
-        pread_exact(fd, view, offset + start)
-        digest.update(view)
-        if progress:
-            progress(len(view))
-    return digest.hexdigest()
-
-
-def _check_record_index(output: Path, by_shard: Mapping[str, list[str]], diffs: list[Difference]) -> None:
-    path = output / INDEX_NAME
-    if len(by_shard) == 1 and not path.exists():
-        return
-    index = _load_json(path, diffs)
-    wmap = index.get("weight_map") if isinstance(index, dict) else None
-    if index is not None and not isinstance(wmap, dict):
-        diffs.append(Difference(INDEX_NAME, "has no weight_map"))
-    if not isinstance(wmap, dict):
-        return
-    expected = {n: s for s, names in by_shard.items() for n in names}
-    for name in sorted(expected.keys() | wmap.keys()):
-        if name not in wmap:
-            diffs.append(Difference(INDEX_NAME, f"weight_map lacks tensor {name!r} (in {expected[name]})"))
-        elif wmap.get(name) != expected.get(name):
-            diffs.append(Difference(INDEX_NAME, f"weight_map puts {name!r} in {wmap.get(name)}, the record "
-                                                f"says {expected.get(name)}"))
+def _is_sha(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)

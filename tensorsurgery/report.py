@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from .checkpoint import Checkpoint
+from .format import Header
 from .layers import LayerRef
 from .plan import Plan
-from .source import Checkpoint
 
 
 def format_bytes(n: float) -> str:
@@ -31,7 +32,8 @@ def layer_runs(layers: tuple[LayerRef, ...]) -> list[tuple[int, int, str, int, i
     return [tuple(r) for r in runs]
 
 
-def _span(a: int, b: int) -> str:
+def span(a: int, b: int) -> str:
+    """``a..b``, or ``a`` when they are equal."""
     return f"{a}" if a == b else f"{a}..{b}"
 
 
@@ -45,7 +47,7 @@ def format_plan(plan: Plan, *, free: int | None = None) -> str:
     seams = dict(plan.seams)
     for a, b, src, x, y in layer_runs(plan.layers):
         seam = f"   <- seam: jump {seams[a]:+d}" if a in seams else ""
-        lines.append(f"  out {_span(a, b):>9}  <-  {src} {_span(x, y)}{seam}")
+        lines.append(f"  out {span(a, b):>9}  <-  {src} {span(x, y)}{seam}")
     if plan.seams:
         lines.append(f"seams: {len(plan.seams)}, largest layer distance {max(abs(j) for _, j in plan.seams)}")
     else:
@@ -54,10 +56,13 @@ def format_plan(plan: Plan, *, free: int | None = None) -> str:
     lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in sorted(transforms.items())))
     lines.append(f"shards: {len(plan.shards)}")
     for s in plan.shards:
-        lines.append(f"  {s.filename}  {format_bytes(s.nbytes):>10}  {len(s.tensors)} tensors")
-    need = f"disk needed: {format_bytes(plan.nbytes)}"
+        link = f"  linked to {s.link} (not written)" if s.link is not None else ""
+        lines.append(f"  {s.filename}  {format_bytes(s.nbytes):>10}  {len(s.tensors)} tensors{link}")
+    need = f"disk needed: {format_bytes(plan.written_nbytes)}"
+    if plan.written_nbytes != plan.nbytes:
+        need += f" ({format_bytes(plan.nbytes - plan.written_nbytes)} of linked shards take no space)"
     if free is not None:
-        need += f" (free: {format_bytes(free)}{'; NOT ENOUGH' if free < plan.nbytes else ''})"
+        need += f" (free: {format_bytes(free)}{'; NOT ENOUGH' if free < plan.written_nbytes else ''})"
     lines += [f"output: {plan.output}", f"total: {format_bytes(plan.total_size)} of tensors; {need}"]
     return "\n".join(lines)
 
@@ -70,13 +75,14 @@ def plan_as_dict(plan: Plan) -> dict[str, Any]:
                      "revision": s.revision, "files": list(s.files)} for s in plan.sources],
         "layers": [{"source": r.source, "layer": r.layer} for r in plan.layers],
         "seams": [{"position": p, "jump": j} for p, j in plan.seams],
-        "shards": [{"filename": s.filename, "nbytes": s.nbytes, "tensors": [
+        "shards": [{"filename": s.filename, "nbytes": s.nbytes, "link": str(s.link) if s.link else None, "tensors": [
             {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes,
-             "source": t.source_name, "source_key": t.source_key, "source_file": str(t.source.path),
-             "source_offset": t.source.offset, "transform": t.transform} for t in s.tensors]}
+             "source": t.source_name, "source_key": t.source_key,
+             "source_file": str(t.source.path) if t.source else None,
+             "source_offset": t.source.offset if t.source else None, "transform": t.transform} for t in s.tensors]}
             for s in plan.shards],
         "total_size": plan.total_size,
-        "disk_needed": plan.nbytes,
+        "disk_needed": plan.written_nbytes,
         "config": dict(plan.config),
     }
 
@@ -100,4 +106,17 @@ def format_checkpoint(ckpt: Checkpoint) -> str:
              f"{d['tensors']} tensors, {format_bytes(d['nbytes'])}"]
     lines += [f"  {s['file']}  {s['tensors']} tensors  {format_bytes(s['nbytes'])}" for s in d["shards"]]
     lines.append("  dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(d["dtypes"].items())))
+    return "\n".join(lines)
+
+
+def header_as_dict(header: Header) -> dict[str, Any]:
+    """One safetensors file's tensors as JSON-ready data (``inspect FILE --json``)."""
+    return {"file": str(header.path), "tensors": [
+        {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "nbytes": e.nbytes} for e in header.entries]}
+
+
+def format_header(header: Header) -> str:
+    """One safetensors file's tensors as text (``inspect FILE``)."""
+    lines = [f"{e.name:60s} {e.dtype:6s} {str(list(e.shape)):20s} {format_bytes(e.nbytes)}" for e in header.entries]
+    lines.append(f"{len(header.entries)} tensors, {format_bytes(header.data_size)}")
     return "\n".join(lines)

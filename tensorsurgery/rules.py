@@ -14,6 +14,9 @@ from typing import Any, Mapping
 from .errors import ManifestError
 from .manifest import RenameSpec
 
+#: The header key the safetensors format keeps for metadata: no tensor may have this name.
+RESERVED_NAME = "__metadata__"
+
 
 @dataclass(frozen=True, slots=True)
 class KeyRule:
@@ -114,7 +117,16 @@ class Renamer:
                 raise ManifestError(f"tensor {name!r} matches no rule of the preset; add a "
                                     f"[rename] rule for it or drop it")
         for pattern, template in self.rules:
-            name = pattern.sub(template, name)
+            try:
+                name = pattern.sub(template, name)
+            except (re.error, IndexError) as e:
+                # A template is checked against a match, so a bad group or escape shows only here.
+                raise ManifestError(f"rule {{ match = {pattern.pattern!r}, replace = {template!r} }}: the "
+                                    f"replacement is invalid ({e}); use \\1 or \\g<name> for groups the match "
+                                    f"defines and \\\\ for a backslash") from None
+        if name == RESERVED_NAME:
+            raise ManifestError(f"tensor {name!r} is a name the safetensors format reserves for metadata; "
+                                f"change the rename rules so no tensor is called that")
         return Renamed(name, permute)
 
 

@@ -1,5 +1,11 @@
-"""Per-chunk tensor transforms applied while bytes stream: dtype casts and the rotary row
-permutation. Each works on a bounded slice, never on a whole tensor.
+"""The typed steps that turn source bytes into output bytes, and the kernels that apply them on
+bounded chunks while bytes stream, never on a whole tensor:
+
+* :class:`RowSlice`: a contiguous row range of a fused tensor (Phi-3's ``qkv_proj``), which is a
+  byte range, so it costs nothing at run time;
+* :class:`PermuteRotary`: the rotary row permutation of Mistral's native format, one head at a time;
+* :class:`Cast`: a dtype cast;
+* :class:`Zeros`: a tensor the source lacks (a bias the target architecture needs), all zero bytes.
 
 Casts are bitwise equal to torch's CPU ``tensor.to(dtype)`` (2.x), NaNs included: torch
 converts to float16 with the F16C rules (NaN keeps its top payload bits and gets the quiet bit),
@@ -9,14 +15,56 @@ tests/test_transforms.py checks every 16-bit pattern against torch.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
-from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import ClassVar, Union
 
 import numpy as np
 
-#: Element size in bytes of the dtypes that can be cast.
-FLOAT_SIZES: Mapping[str, int] = MappingProxyType({"F16": 2, "BF16": 2, "F32": 4})
+from .dtypes import element_size
+
+
+@dataclass(frozen=True, slots=True)
+class RowSlice:
+    """Rows ``start..stop-1`` of a source tensor of ``rows`` rows (its byte range is narrowed)."""
+
+    start: int
+    stop: int
+    rows: int
+    label: ClassVar[str] = "slice"
+
+
+@dataclass(frozen=True, slots=True)
+class PermuteRotary:
+    """Mistral/Meta interleaved rotary pairs to Hugging Face's half-split rows, per head of
+    ``rows / heads`` rows (see :func:`rotary_row_order`)."""
+
+    heads: int
+    label: ClassVar[str] = "permute"
+
+
+@dataclass(frozen=True, slots=True)
+class Cast:
+    """Elements of safetensors dtype ``source`` to ``target`` (bitwise as torch's ``.to()``)."""
+
+    source: str
+    target: str
+    label: ClassVar[str] = "cast"
+
+
+@dataclass(frozen=True, slots=True)
+class Zeros:
+    """No source: every byte of the tensor is zero."""
+
+    label: ClassVar[str] = "zeros"
+
+
+Step = Union[RowSlice, PermuteRotary, Cast, Zeros]
+
+
+def describe(steps: tuple[Step, ...]) -> str:
+    """The steps as one word each, in order (``"permute+cast"``); ``"none"`` for a verbatim copy."""
+    return "+".join(step.label for step in steps) or "none"
 
 
 def _to_f32_bits(src: np.ndarray, dtype: str) -> np.ndarray:
@@ -79,7 +127,7 @@ def cast_chunk(src: bytes | memoryview | np.ndarray, src_dtype: str, dst_dtype: 
     raw = np.frombuffer(src, dtype=np.uint8) if not isinstance(src, np.ndarray) else src.view(np.uint8)
     if src_dtype == dst_dtype:
         return raw
-    if FLOAT_SIZES[src_dtype] == 2:
+    if element_size(src_dtype) == 2:
         table = _table(src_dtype, dst_dtype)
         index = raw.view(np.uint16)
         result = (out[:index.size * table.itemsize].view(table.dtype) if out is not None
@@ -114,5 +162,3 @@ def permute_head(head: np.ndarray, row_bytes: int) -> np.ndarray:
     rows = head.view(np.uint8).reshape(-1, 2, row_bytes)
     return np.ascontiguousarray(rows.transpose(1, 0, 2)).reshape(-1)
 
-
-Transform = Callable[[np.ndarray], np.ndarray]

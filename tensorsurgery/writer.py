@@ -1,38 +1,43 @@
 """Run a :class:`Plan`: stream the shards into a temporary folder beside the target, write the
-index, config, copied files and provenance record, fsync, and rename the folder into place.
+other files (:mod:`tensorsurgery.expected`) and the provenance record, fsync, and rename the folder
+into place.
 
 Nothing appears under the final name until everything is written; a source is never opened for
-writing; an existing output is replaced only with ``force`` (and only after the new one is
-complete).
+writing; an existing output is replaced only with ``force``, only if it is an earlier
+tensorsurgery output or an empty folder, and only after the new one is complete.
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
-from .card import model_card
+from .compare import compare_shard
 from .errors import OutputExistsError, WriteError
+from .expected import RECORD_NAME, ExpectedFile, expected_files, json_bytes
+from .fsio import copy_file, describe_mode
 from .plan import Plan, Shard
-from .provenance import PROVENANCE_NAME, provenance_record
-from .source import INDEX_NAME
+from .pump import Pump
+from .record import SourceHash, build_record
 from .source_hash import SourceHasher
-from .stream import Pump
-from .verify import intact_shard_hashes
 
 TMP_SUFFIX = ".tensorsurgery-tmp"
+#: Put in a temporary folder when tensorsurgery creates it: only a folder holding it is ever
+#: resumed from or deleted (a folder or link planted at that name is refused instead).
+TMP_MARKER = ".tensorsurgery-partial"
 
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """What ``apply`` wrote: the folder, its files, bytes, time, and notes for the user
-    (a leftover temporary folder removed, shards kept by ``--resume``)."""
+    """What ``apply`` wrote: the folder, its files, the bytes written (files, headers included; linked
+    shards excluded), time, and notes for the user (a leftover temporary folder removed, shards
+    kept by ``--resume``)."""
 
     output: Path
     files: tuple[str, ...]
@@ -51,43 +56,76 @@ def check_output(plan: Plan, *, force: bool) -> Path:
     """The absolute output path, after refusing unsafe targets.
 
     Raises:
-        OutputExistsError: the output exists and ``force`` is false, or it equals, lies inside or
-            contains a source folder.
+        OutputExistsError: the output exists and ``force`` is false; it exists and is not an
+            earlier tensorsurgery output nor an empty folder; it is the current folder or holds
+            it; it overlaps a source; it cannot be written.
     """
-    target = plan.output.expanduser().resolve()
+    target = Path(os.path.abspath(plan.output.expanduser()))
+    real = target.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise OutputExistsError(f"{target}: is the current folder or holds it; give the output a folder of its own "
+                                f"(for example out/NAME)")
     for src in plan.sources:
         root = src.root.resolve()
-        if target == root or root in target.parents or target in root.parents:
+        if real == root or root in real.parents or real in root.parents:
             raise OutputExistsError(f"{target}: the output overlaps the source {src.name!r} ({root}); "
                                     f"choose an output folder outside the source")
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target}: already exists; pass --force to replace it, or choose "
-                                f"another --output")
-    if target.exists() and not target.is_dir():
-        raise OutputExistsError(f"{target}: exists and is not a folder; remove it or choose another --output")
+    if target.is_symlink() or target.exists():
+        if not force:
+            raise OutputExistsError(f"{target}: already exists; pass --force to replace it, or choose another "
+                                    f"--output")
+        _check_replaceable(target)
+    _check_writable(target.parent)
     return target
 
 
+def _check_replaceable(target: Path) -> None:
+    """``--force`` replaces only what tensorsurgery made or an empty folder: a mistyped path must
+    not cost someone their files."""
+    mode = os.lstat(target).st_mode
+    if not stat.S_ISDIR(mode):
+        raise OutputExistsError(f"{target}: exists and is {describe_mode(mode)}, not a folder; --force replaces "
+                                f"only an earlier tensorsurgery output; remove it yourself or choose another --output")
+    entries = os.listdir(target)
+    record = target / RECORD_NAME
+    if entries and not (record.is_file() and not record.is_symlink()):
+        raise OutputExistsError(f"{target}: exists and is not a tensorsurgery output (no {RECORD_NAME}); --force "
+                                f"replaces only an earlier output or an empty folder; remove it yourself or choose "
+                                f"another --output")
+
+
+def _check_writable(folder: Path) -> None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"{probe}: is not a writable folder; choose an --output where you can write")
+
+
 def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
-                 progress: Callable[[int], None] | None = None, direct: bool = True) -> WriteResult:
+                 progress: Callable[[int], None] | None = None, direct: bool = True,
+                 threads: int = 1) -> WriteResult:
     """Write ``plan`` to disk, atomically.
 
     Shards are streamed into a temporary folder beside the target (:func:`temp_path`); the
-    index, config.json, copied files and the provenance record follow; the folder is renamed
-    into place last. If the run fails or is interrupted, the finished shards stay in the
+    copied files, index, config.json and card follow, then the provenance record; the folder is
+    renamed into place last. If the run fails or is interrupted, the finished shards stay in the
     temporary folder and the unfinished one is removed.
 
     Args:
-        plan: from :func:`tensorsurgery.build_plan`.
+        plan: from :func:`tensorsurgery.plan.build_plan`.
         force: replace an existing output folder (only once the new one is complete).
         resume: keep the finished shards of an interrupted run whose bytes verify against the
             plan, and write only the rest. Without it a leftover temporary folder is removed.
         progress: called with byte counts as shard bytes are written (from another thread).
         direct: try ``O_DIRECT`` for shard writes (falls back where the filesystem refuses).
+        threads: threads that hash output tensors.
 
     Raises:
-        OutputExistsError: see :func:`check_output`.
-        WriteError: not enough free disk, or a read or write failed.
+        OutputExistsError: see :func:`check_output`, or a temporary folder tensorsurgery did not make.
+        WriteError: not enough free disk, or a write failed.
+        ReadError: a source changed while it was read.
     """
     started = time.monotonic()
     target = check_output(plan, force=force)
@@ -95,31 +133,38 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
     notes: list[str] = []
     kept = _reuse_leftover(plan, tmp, resume, notes)
     todo = [s for s in plan.shards if s.filename not in kept]
-    _check_free_space(tmp.parent, sum(s.nbytes for s in todo))
+    _check_free_space(tmp.parent, sum(s.nbytes for s in todo if s.link is None))
     source_hasher = None
     try:
         tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / TMP_MARKER).touch()
         linked = [s for s in todo if s.link is not None and _link(s.link, tmp / s.filename)]
         # A linked shard's tensors are hashed in the same sequential pass as its source file.
-        source_hasher = SourceHasher(_source_files(plan), {s.link: _tensor_ranges(s) for s in linked})
-        hashes = Pump(progress=progress, direct=direct).run((s, tmp / s.filename) for s in todo
-                                                            if s not in linked)
+        source_hasher = SourceHasher([s.root / f for s in plan.sources for f in s.files],
+                                     {s.link: _tensor_ranges(s) for s in linked if s.link is not None})
+        hashes = Pump(progress=progress, direct=direct, threads=threads).run(
+            (s, tmp / s.filename) for s in todo if s not in linked)
         source_hashes, linked_hashes = source_hasher.result()
         hashes.update(linked_hashes)
         for shard_hashes in kept.values():
             hashes.update(shard_hashes)
-        _write_metadata(plan, tmp, hashes, source_hashes)
+        _write_files(plan, tmp, hashes, source_hashes)
         _move_into_place(tmp, target)
     except BaseException as e:
         if source_hasher is not None:
             source_hasher.cancel()
-        _discard_unfinished(tmp)
+        finished = _discard_unfinished(tmp)
+        then = (f"run the same command with --resume to keep the {finished} finished shard(s)" if finished
+                else "run the same command again")
+        if isinstance(e, WriteError):
+            raise WriteError(f"{e}, then {then}") from e
         if isinstance(e, OSError):
-            raise WriteError(f"{e.filename or target}: {e.strerror or e}; nothing was written to {target} "
-                             f"(finished shards are kept for --resume)") from e
+            raise WriteError(f"{e.filename or target}: {e.strerror or e}; nothing was written to {target}; "
+                             f"{then}") from e
         raise
     files = tuple(sorted(p.name for p in target.iterdir()))
-    return WriteResult(output=target, files=files, nbytes=plan.nbytes, seconds=time.monotonic() - started,
+    written = sum(s.nbytes for s in todo if s not in linked)
+    return WriteResult(output=target, files=files, nbytes=written, seconds=time.monotonic() - started,
                        tensor_hashes=hashes, notes=tuple(notes))
 
 
@@ -149,22 +194,27 @@ _FICLONE = 0x40049409
 
 def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> dict[str, dict[str, str]]:
     """Shards of an interrupted run to keep (name -> tensor hashes); clears the rest."""
-    if not tmp.exists():
+    if not tmp.exists() and not tmp.is_symlink():
         if resume:
             notes.append("--resume: no interrupted run found; writing everything")
         return {}
+    mode = os.lstat(tmp).st_mode
+    if not stat.S_ISDIR(mode) or not (tmp / TMP_MARKER).is_file():
+        what = describe_mode(mode) if not stat.S_ISDIR(mode) else "a folder tensorsurgery did not make"
+        raise OutputExistsError(f"{tmp}: is {what}, at the name of tensorsurgery's temporary folder; remove it "
+                                f"yourself, then run the same command again")
     if not resume:
         shutil.rmtree(tmp)
         notes.append(f"removed {tmp}, left by an interrupted run (use --resume to keep its finished shards)")
         return {}
     kept = {}
     for shard in plan.shards:
-        hashes = intact_shard_hashes(shard, tmp / shard.filename)
-        if hashes is not None:
+        hashes, diffs = compare_shard(shard, tmp / shard.filename, stop_early=True)
+        if not diffs:
             kept[shard.filename] = hashes
     for path in tmp.iterdir():
-        if path.name not in kept:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.name not in kept and path.name != TMP_MARKER:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     notes.append(f"--resume: kept {len(kept)} of {len(plan.shards)} shard(s) that verify against the plan")
     return kept
 
@@ -181,63 +231,49 @@ def _check_free_space(folder: Path, need: int) -> None:
 
 
 def _tensor_ranges(shard: Shard) -> list[tuple[str, int, int]]:
-    return [(t.name, t.source.offset, t.source.offset + t.nbytes) for t in shard.tensors]
+    return [(t.name, t.source.offset, t.source.offset + t.nbytes) for t in shard.tensors if t.source]
 
 
-def _source_files(plan: Plan) -> list[Path]:
-    return [s.root / name for s in plan.sources for name in s.files]
-
-
-def _write_metadata(plan: Plan, folder: Path, hashes: Mapping[str, str], source_hashes: Mapping[Path, str]) -> None:
-    files: dict[str, str] = {}
-    for src, name in plan.copy_files:
-        shutil.copyfile(src, folder / name)
-        _fsync_path(folder / name)
-        files[name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-    if plan.index is not None:
-        files[INDEX_NAME] = _write_json(folder / INDEX_NAME, plan.index)
-    files["config.json"] = _write_json(folder / "config.json", plan.config)
-    _write_json(folder / PROVENANCE_NAME, provenance_record(plan, hashes, files, source_hashes))
-    _write_card(folder, plan)
+def _write_files(plan: Plan, folder: Path, hashes: Mapping[str, str],
+                 source_hashes: Mapping[Path, SourceHash]) -> None:
+    """Everything but the shards, then the record, whose content needs all their hashes."""
+    file_hashes = {f.name: _write_file(folder, f) for f in expected_files(plan) if f.shard is None}
+    _write_bytes(folder / RECORD_NAME, json_bytes(build_record(plan, hashes, file_hashes, source_hashes)))
     _fsync_path(folder)
 
 
-def _discard_unfinished(tmp: Path) -> None:
-    """After a failure: keep finished shards (for ``--resume``), drop everything else."""
-    if not tmp.exists():
-        return
+def _write_file(folder: Path, f: ExpectedFile) -> str:
+    if f.copy is not None:
+        return copy_file(f.copy.source, folder / f.name, inside=f.copy.inside)
+    assert f.data is not None
+    return _write_bytes(folder / f.name, f.data)
+
+
+def _write_bytes(path: Path, data: bytes) -> str:
+    """Write ``data`` to the new file ``path``, fsynced; returns its sha256."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while len(view):
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _discard_unfinished(tmp: Path) -> int:
+    """After a failure: keep finished shards (for ``--resume``), drop everything else; returns
+    how many shards were kept."""
+    if not tmp.is_dir() or tmp.is_symlink() or not (tmp / TMP_MARKER).is_file():
+        return 0
     for path in tmp.iterdir():
-        if not path.name.endswith(".safetensors"):
-            path.unlink(missing_ok=True) if not path.is_dir() else shutil.rmtree(path, ignore_errors=True)
-    if not any(tmp.iterdir()):
-        tmp.rmdir()
-
-
-def _write_card(folder: Path, plan: Plan) -> None:
-    readme = plan.sources[0].root / "README.md"
-    source_card = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
-    card = model_card(plan, source_card)
-    if card is not None:
-        (folder / "README.md").write_text(card, encoding="utf-8")
-        _fsync_path(folder / "README.md")
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> str:
-    """Write ``data`` as indented JSON, fsynced; returns the sha256 of the bytes written."""
-    raw = (json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n").encode("utf-8")
-    with open(path, "wb") as f:
-        f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashlib.sha256(raw).hexdigest()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if hasattr(value, "items"):
-        return dict(value.items())
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+        if not path.name.endswith(".safetensors") and path.name != TMP_MARKER:
+            path.unlink(missing_ok=True) if not path.is_dir() or path.is_symlink() else shutil.rmtree(path)
+    kept = len([p for p in tmp.iterdir() if p.name != TMP_MARKER])
+    if not kept:
+        shutil.rmtree(tmp)
+    return kept
 
 
 def _fsync_path(path: Path) -> None:
@@ -251,10 +287,14 @@ def _fsync_path(path: Path) -> None:
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` to ``target``; an existing ``target`` (``--force``) is moved aside first
     and deleted only after the new folder is in place."""
+    (tmp / TMP_MARKER).unlink()
     old = None
-    if target.exists():
+    if target.exists() or target.is_symlink():
         old = target.parent / f".{target.name}.tensorsurgery-old"
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink() or (old.exists() and not old.is_dir()):
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
     os.replace(tmp, target)
     _fsync_path(target.parent)

@@ -1,7 +1,7 @@
 """Shared test helpers: synthetic checkpoints built from hand-made headers (no files), manifests
 parsed from TOML text, and folder snapshots.
 
-A synthetic :class:`~tensorsurgery.source.Checkpoint` holds real :class:`~tensorsurgery.format.Header`
+A synthetic :class:`~tensorsurgery.checkpoint.Checkpoint` holds real :class:`~tensorsurgery.format.Header`
 values: ``data_start`` is the length of the header :func:`~tensorsurgery.format.encode_header`
 would write for those tensors, and offsets are contiguous from 0, as in a file on disk.
 """
@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from tensorsurgery.format import Header, TensorEntry, encode_header, tensor_nbytes
 from tensorsurgery.manifest import Manifest, parse_manifest
-from tensorsurgery.source import Checkpoint
+from tensorsurgery.checkpoint import Checkpoint
 
 #: (name, safetensors dtype, shape)
 Spec = tuple[str, str, tuple[int, ...]]

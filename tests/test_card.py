@@ -12,7 +12,8 @@ import yaml
 
 from helpers import decoder_config, decoder_specs, make_checkpoint, manifest_from_text, split_in_two
 from tensorsurgery import __version__
-from tensorsurgery.card import front_matter, is_depth_up_scaled, model_card
+from tensorsurgery.card import is_depth_up_scaled, model_card
+from tensorsurgery.checkpoint import card_licence, front_matter
 from tensorsurgery.cli import main
 from tensorsurgery.plan import build_plan
 from tensorsurgery.report import layer_runs
@@ -27,14 +28,15 @@ def manifest_text(layers: str, model: str = "org/base", sources: str | None = No
     return f'{src}\n[layers]\n{layers}\n\n[output]\npath = "/out/base-dus"\n'
 
 
-def hub_checkpoint(n_layers: int = 4, root: Path = HUB_ROOT, revision: str | None = COMMIT, repo_id="org/base"):
+def hub_checkpoint(n_layers: int = 4, root: Path = HUB_ROOT, revision: str | None = COMMIT, repo_id="org/base",
+                   readme: str | None = None):
     ckpt = make_checkpoint(root, split_in_two(decoder_specs(n_layers)), decoder_config(n_layers))
-    return replace(ckpt, revision=revision, repo_id=repo_id)
+    return replace(ckpt, revision=revision, repo_id=repo_id, card_meta=card_licence(readme))
 
 
-def plan_for(layers: str, **kw):
+def plan_for(layers: str, readme: str | None = None, **kw):
     text = manifest_text(layers, **{k: v for k, v in kw.items() if k in ("model", "sources")})
-    checkpoints = kw.get("checkpoints") or {"source": hub_checkpoint()}
+    checkpoints = kw.get("checkpoints") or {"source": hub_checkpoint(readme=readme)}
     return build_plan(manifest_from_text(text), checkpoints)
 
 
@@ -52,21 +54,21 @@ def table_rows(body: str) -> list[list[str]]:
 
 
 def test_front_matter_of_a_dus_card_from_a_hub_source():
-    meta, _ = split_card(model_card(plan_for('plan = "dus"\noverlap = 1'), APACHE))
+    meta, _ = split_card(model_card(plan_for('plan = "dus"\noverlap = 1', APACHE)))
     assert meta == {"base_model": "org/base", "library_name": "transformers", "license": "apache-2.0",
                     "tags": ["tensorsurgery", "depth-up-scaling"]}
 
 
 def test_other_license_carries_its_name_and_link():
     readme = "---\nlicense: other\nlicense_name: llama2\nlicense_link: LICENSE\n---\n"
-    meta, _ = split_card(model_card(plan_for('plan = "keep"'), readme))
+    meta, _ = split_card(model_card(plan_for('plan = "keep"', readme)))
     assert (meta["license"], meta["license_name"], meta["license_link"]) == ("other", "llama2", "LICENSE")
 
 
 @pytest.mark.parametrize("readme", [None, "# No front matter\n", "---\nlicense: [unclosed\n---\n",
                                     "---\n- a list\n---\n"])
 def test_no_license_without_usable_front_matter(readme):
-    meta, _ = split_card(model_card(plan_for('plan = "keep"'), readme))
+    meta, _ = split_card(model_card(plan_for('plan = "keep"', readme)))
     assert "license" not in meta and meta["library_name"] == "transformers"
 
 
@@ -86,14 +88,14 @@ def test_front_matter_parser():
 ])
 def test_depth_up_scaling_tag_only_when_layers_are_stacked(layers, tagged):
     plan = plan_for(layers)
-    meta, _ = split_card(model_card(plan, None))
+    meta, _ = split_card(model_card(plan))
     assert ("depth-up-scaling" in meta["tags"]) is tagged is is_depth_up_scaled(plan)
 
 
 def test_table_rows_follow_the_arrangement_and_its_seams():
     plan = plan_for('plan = "idus"\noverlap = 1\ngroup = 2')
     assert [(r.source, r.layer) for r in plan.layers] == [("source", i) for i in (0, 1, 1, 2, 2, 3)]
-    _, body = split_card(model_card(plan, None))
+    _, body = split_card(model_card(plan))
     assert table_rows(body) == [["0..1", "source", "0..1", ""], ["2..3", "source", "1..2", "jump -1"],
                                 ["4..5", "source", "2..3", "jump -1"]]
     assert len(table_rows(body)) == len(layer_runs(plan.layers))
@@ -106,7 +108,7 @@ def test_table_rows_of_two_sources():
     ckpts = {"a": hub_checkpoint(root=Path("/c/models--org--a/snapshots") / COMMIT, repo_id="org/a"),
              "b": hub_checkpoint(root=Path("/c/models--org--b/snapshots") / COMMIT, repo_id="org/b")}
     plan = plan_for(layers, sources=sources, checkpoints=ckpts)
-    meta, body = split_card(model_card(plan, None))
+    meta, body = split_card(model_card(plan))
     assert meta["base_model"] == ["org/a", "org/b"]
     assert meta["tags"] == ["tensorsurgery", "depth-up-scaling", "merge"]
     rows = table_rows(body)
@@ -116,7 +118,7 @@ def test_table_rows_of_two_sources():
 def test_local_sources_are_not_named_as_base_model():
     local = hub_checkpoint(root=Path("/data/models/base"), revision=None, repo_id=None)
     meta, body = split_card(model_card(plan_for('plan = "keep"', model="models/base",
-                                                checkpoints={"source": local}), None))
+                                                checkpoints={"source": local})))
     assert "base_model" not in meta  # "models/base" is a folder here, not a repo id
     assert "Run with" not in body
 
@@ -126,14 +128,14 @@ def test_a_local_copy_of_a_declared_repo_is_named_by_the_repo():
     local = hub_checkpoint(root=Path("/data/copy"), revision=None, repo_id=None)
     m = apply_overrides(manifest_from_text(manifest_text('plan = "keep"', model="org/base")),
                         {"": "/data/copy"}, None)
-    meta, body = split_card(model_card(build_plan(m, {"source": local}), None))
+    meta, body = split_card(model_card(build_plan(m, {"source": local})))
     assert meta["base_model"] == "org/base"
-    assert "Run with `--source source=/data/copy`." in body
+    assert "/data/copy" not in body  # a local path means nothing on the Hub
 
 
 def test_manifest_and_provenance_in_the_body():
     plan = plan_for('plan = "dus"\noverlap = 1')
-    _, body = split_card(model_card(plan, APACHE))
+    _, body = split_card(model_card(plan))
     assert f"```toml\n{plan.manifest_text.rstrip()}\n```" in body
     assert f"- source `source`: `org/base` at commit `{COMMIT}`, hf layout, 2 weight file(s)" in body
     assert f"- tool: tensorsurgery {__version__}" in body
@@ -144,7 +146,7 @@ def test_manifest_and_provenance_in_the_body():
 def test_a_manifest_with_backticks_cannot_close_the_fence():
     text = manifest_text('plan = "keep"') + "# ```` four backticks\n"
     plan = build_plan(manifest_from_text(text), {"source": hub_checkpoint()})
-    _, body = split_card(model_card(plan, None))
+    _, body = split_card(model_card(plan))
     assert "`````toml\n" in body and body.rstrip().count("`````") == 2
 
 

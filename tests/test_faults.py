@@ -29,9 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from make_checkpoint import make_checkpoint  # noqa: E402
-from tensorsurgery.manifest import load_manifest  # noqa: E402
+from tensorsurgery.load import load_manifest  # noqa: E402
 from tensorsurgery.plan import build_plan  # noqa: E402
-from tensorsurgery.source import load_checkpoint  # noqa: E402
+from tensorsurgery.local import load_checkpoint  # noqa: E402
+from tensorsurgery.writer import TMP_MARKER  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals and RLIMIT_FSIZE on Linux")
 
@@ -39,8 +40,6 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals a
 DIMS = dict(vocab=8000, hidden=1280, intermediate=4480, heads=32, kv_heads=8, head_dim=40, layers=3)
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 TIMEOUT = 60
-NOTHING_WRITTEN = ("nothing was written under the output name; run the same command with --resume "
-                   "to keep the finished shards, or without it to start over")
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +171,7 @@ def test_sigkill_then_resume(job, source):
     assert not out.exists()
     done = [n for n in left if SHARD.fullmatch(n)]
     assert 1 <= len(done) < total
-    assert set(left) <= set(done) | {f"{n}.partial" for n in shard_names(total)}
+    assert set(left) <= set(done) | {f"{n}.partial" for n in shard_names(total)} | {TMP_MARKER}
 
     assert_resume_finishes(manifest, out, tmp, kept=len(done), total=total)
     assert fingerprint(source) == before
@@ -222,7 +221,14 @@ def test_signal_part_way(job, source, sig, code, word, when):
     before = fingerprint(source)
     rc, err, left = interrupted_apply(manifest, out, tmp, sig, wait_for_finished=when == "finished")
     assert rc == code
-    assert err == f"tensorsurgery: {word}; {NOTHING_WRITTEN}\n"
+    left = [n for n in left if n != TMP_MARKER]
+    if left:
+        assert err == (f"tensorsurgery: {word}; nothing was written under the output name; {len(left)} finished "
+                       f"shard(s) are kept in {tmp}: run the same command with --resume to keep them, or without "
+                       f"it to start over\n")
+    else:
+        assert err == (f"tensorsurgery: {word}; nothing was written under the output name; run the same "
+                       f"command to start over\n")
     assert not out.exists()
     # The unfinished shard is removed; finished ones stay for --resume (or nothing at all).
     assert all(SHARD.fullmatch(n) for n in left), left
@@ -248,8 +254,7 @@ def test_file_too_large_on_the_first_shard(job, source):
     assert r.stdout == ""
     first = tmp / shard_names(len(sizes))[0]
     assert r.stderr == (f"tensorsurgery: error: {first}: write failed: File too large; free disk space or "
-                        f"raise the file size limit, then run the same command with --resume to keep the "
-                        f"finished shards\n")
+                        f"raise the file size limit, then run the same command again\n")
     assert not out.exists()
     assert not tmp.exists()  # nothing finished: no leftover at all
     assert fingerprint(source) == before
@@ -267,9 +272,9 @@ def test_file_too_large_part_way_then_resume(job, source):
     assert r.returncode == 2
     assert r.stderr == (f"tensorsurgery: error: {tmp / names[failing]}: write failed: File too large; free "
                         f"disk space or raise the file size limit, then run the same command with --resume "
-                        f"to keep the finished shards\n")
+                        f"to keep the {failing} finished shard(s)\n")
     assert not out.exists()
-    left = listing(tmp)
+    left = [n for n in listing(tmp) if n != TMP_MARKER]
     assert not partials(tmp)
     assert left == names[:failing]  # the shards before the failing one, whole
     assert_resume_finishes(manifest, out, tmp, kept=len(left), total=len(sizes))

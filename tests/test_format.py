@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors import TensorSpec, safe_open
 from safetensors.numpy import save_file
 
-from tensorsurgery.errors import HeaderError
+from tensorsurgery.errors import HeaderError, SourceError
 from tensorsurgery.format import (DTYPE_BITS, MAX_HEADER_SIZE, Header, encode_header, parse_header,
                                   read_header, tensor_nbytes)
 
@@ -115,9 +115,10 @@ def test_file_shorter_than_8_bytes(tmp_path, size):
 
 def test_missing_file(tmp_path):
     path = tmp_path / "absent.safetensors"
-    with pytest.raises(HeaderError) as excinfo:
+    with pytest.raises(SourceError) as excinfo:
         read_header(path)
-    assert str(excinfo.value) == f"{path}: cannot read: No such file or directory"
+    assert str(excinfo.value) == (f"{path}: missing (or a link to a missing file); the checkpoint is incomplete, "
+                                  f"re-download it")
 
 
 @pytest.mark.parametrize("length", [MAX_HEADER_SIZE + 1, 2**64 - 1])

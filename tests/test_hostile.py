@@ -25,7 +25,7 @@ from helpers import write_manifest
 from tensorsurgery.cli import main
 from tensorsurgery.errors import HeaderError
 from tensorsurgery.format import MAX_HEADER_SIZE, encode_header, read_header
-from tensorsurgery.source import INDEX_NAME
+from tensorsurgery.checkpoint import INDEX_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -443,9 +443,8 @@ def config_not_object(b: Broken) -> tuple[Path, str]:
 
 
 def config_missing(b: Broken) -> tuple[Path, str]:
-    path = b.root / "config.json"
-    path.unlink()
-    return path, "missing; a checkpoint needs it next to its weights"
+    (b.root / "config.json").unlink()
+    return b.root, "has hf weights but no config.json; a checkpoint needs it next to its weights"
 
 
 def config_layers_disagree(b: Broken) -> tuple[Path, str]:
@@ -504,7 +503,7 @@ def test_output_overlapping_the_source_through_a_symlink(tiny_mistral, tmp_path,
     src = shutil.copytree(tiny_mistral, tmp_path / "src")
     (tmp_path / "link").symlink_to(src)
     message = apply_refused(capsys, tmp_path, MANIFEST, source=src, output=tmp_path / "link" / "out")
-    assert message.startswith(f"{src / 'out'}: the output overlaps the source 'source' ({src})"), message
+    assert message.startswith(f"{tmp_path / 'link' / 'out'}: the output overlaps the source 'source' ({src})"), message
     assert not (src / "out").exists()
 
 

@@ -25,11 +25,12 @@ from tensorsurgery import hub
 from tensorsurgery.cli import main
 from tensorsurgery.errors import SourceError
 from tensorsurgery.format import encode_header, read_header
-from tensorsurgery.hub import HubFiles, cached_sha256, index_shards, resolve_hub_source, select_files
-from tensorsurgery.manifest import load_manifest
+from tensorsurgery.hub import resolve_hub_source
+from tensorsurgery.source_hash import cached_sha256
+from tensorsurgery.load import load_manifest
 from tensorsurgery.plan import build_plan
 from tensorsurgery.report import plan_as_dict
-from tensorsurgery.source import resolve_source
+from tensorsurgery.sources import resolve_source
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -124,57 +125,6 @@ def write_manifest(path: Path, model: str, output: Path, plan: str = 'plan = "du
     path.write_text(f'[source]\nmodel = "{model}"\n\n[rename]\npreset = "mistral-to-llama"\n\n'
                     f'[layers]\n{plan}\n\n[output]\npath = "{output}"\n', encoding="utf-8")
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Choosing the files: one weight format, pure
-
-
-def test_select_files_prefers_the_hf_shards_and_never_takes_both_formats():
-    names = [*HF_SHARDS, "model.safetensors.index.json", "config.json", "consolidated.safetensors",
-             "params.json", "tokenizer.model", "tokenizer.model.v3", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "generation_config.json", "README.md", ".gitattributes",
-             "pytorch_model.bin", "pytorch_model.bin.index.json"]
-    assert select_files(names, "org/m") == HubFiles(
-        layout="hf",
-        small=("config.json", "model.safetensors.index.json", "generation_config.json",
-               "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3",
-               "tokenizer_config.json", "README.md"),
-        weights=())  # the shards come from the index
-
-
-def test_select_files_single_hf_file():
-    files = select_files(["model.safetensors", "config.json", "consolidated.safetensors", "params.json"], "org/m")
-    assert files == HubFiles("hf", ("config.json",), ("model.safetensors",))
-
-
-def test_select_files_native_layout_when_there_are_no_hf_weights():
-    names = ["consolidated.00.safetensors", "consolidated.01.safetensors", "params.json", "config.json",
-             "tekken.json", "pytorch_model.bin"]
-    assert select_files(names, "org/m") == HubFiles(
-        "mistral", ("params.json", "tekken.json"), ("consolidated.00.safetensors", "consolidated.01.safetensors"))
-
-
-def test_select_files_errors():
-    with pytest.raises(SourceError) as e:
-        select_files(["pytorch_model.bin", "config.json"], "org/m@0123456789ab")
-    assert str(e.value) == ("org/m@0123456789ab: no model.safetensors, model.safetensors.index.json or "
-                            "consolidated.safetensors; only safetensors checkpoints are supported")
-    with pytest.raises(SourceError) as e:
-        select_files(["consolidated.safetensors", "config.json"], "org/m")
-    assert str(e.value) == "org/m: has mistral weights but no params.json; a checkpoint needs it"
-
-
-def test_index_shards_are_plain_file_names(tmp_path):
-    index = tmp_path / "model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {"a": "model-2.safetensors", "b": "model-1.safetensors",
-                                                "c": "model-2.safetensors"}}))
-    assert index_shards(index) == ("model-1.safetensors", "model-2.safetensors")
-    index.write_text(json.dumps({"weight_map": {"a": "../../blobs/x.safetensors"}}))
-    with pytest.raises(SourceError) as e:
-        index_shards(index)
-    assert str(e.value) == (f"{index}: tensor 'a' maps to '../../blobs/x.safetensors'; shard names must be "
-                            f"plain *.safetensors file names inside the folder")
 
 
 # ---------------------------------------------------------------------------------------------

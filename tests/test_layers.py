@@ -109,7 +109,7 @@ def test_with_layer_index(name, index, expected):
 def test_with_layer_index_needs_a_segment(name):
     with pytest.raises(ValueError) as excinfo:
         with_layer_index(name, 1)
-    assert str(excinfo.value) == f"{name!r} has no layers.N segment"
+    assert str(excinfo.value) == f"{name!r} has no decoder layer index"
 
 
 # --- seams ----------------------------------------------------------------------------------------

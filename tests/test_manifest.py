@@ -8,7 +8,8 @@ import pytest
 
 from tensorsurgery.errors import ManifestError
 from tensorsurgery.manifest import (DEFAULT_MAX_SHARD_SIZE, LayersSpec, OutputSpec, RenameRule, RenameSpec,
-                                    Segment, SourceSpec, apply_overrides, load_manifest, parse_size)
+                                    Segment, SourceSpec, apply_overrides, parse_size)
+from tensorsurgery.load import load_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"

@@ -15,7 +15,8 @@ from reference import ARRANGEMENTS, load_source_state_dict, reference_state_dict
 
 from tensorsurgery.cli import main
 from tensorsurgery.errors import ManifestError
-from tensorsurgery.manifest import LayersSpec, RenameSpec, Segment, SourceSpec, load_manifest
+from tensorsurgery.load import load_manifest
+from tensorsurgery.manifest import LayersSpec, RenameSpec, Segment, SourceSpec
 from tensorsurgery.mergekit_config import manifest_from_mergekit
 
 DATA = Path(__file__).resolve().parent / "data"

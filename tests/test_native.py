@@ -28,11 +28,12 @@ from safetensors.torch import save_file
 from make_demo_checkpoint import build_tiny_mistral
 from tensorsurgery.cli import main
 from tensorsurgery.errors import SourceError
-from tensorsurgery.manifest import parse_manifest_text
+from tensorsurgery.load import manifest_from_text
 from tensorsurgery.native import config_from_params
 from tensorsurgery.plan import build_plan
-from tensorsurgery.source import load_checkpoint
-from tensorsurgery.stream import Pump
+from tensorsurgery.local import load_checkpoint
+from tensorsurgery.pump import Pump
+from tensorsurgery.transforms import PermuteRotary
 
 # Hugging Face name -> native name, written out independently of tensorsurgery.rules.
 _TO_NATIVE = (
@@ -257,7 +258,7 @@ def test_permutation_streams_one_head_at_a_time(tmp_path, monkeypatch, dtype):
     tensors = _synthetic_native(tmp_path / "src")
     text = (f"[source]\nmodel = '{tmp_path / 'src'}'\n[rename]\npreset = 'mistral-to-llama'\n"
             f"[output]\npath = '{tmp_path / 'out'}'\n" + (f"dtype = '{dtype}'\n" if dtype else ""))
-    plan = build_plan(parse_manifest_text(tmp_path / "m.toml", text), {"source": load_checkpoint(tmp_path / "src")})
+    plan = build_plan(manifest_from_text(text, tmp_path / "m.toml"), {"source": load_checkpoint(tmp_path / "src")})
     reads = []
     real_preadv = os.preadv
 
@@ -270,10 +271,11 @@ def test_permutation_streams_one_head_at_a_time(tmp_path, monkeypatch, dtype):
     Pump(buffer_size=4096, direct=False).run((s, tmp_path / "out" / s.filename) for s in plan.shards)
     monkeypatch.undo()
     for t in plan.tensors:
-        if t.permute_heads:  # read one head at a time, never the whole tensor
-            head = t.source.length // t.permute_heads
+        permute = next((step for step in t.steps if isinstance(step, PermuteRotary)), None)
+        if permute:  # read one head at a time, never the whole tensor
+            head = t.source.length // permute.heads
             sizes = [n for offset, n in reads if t.source.offset <= offset < t.source.offset + t.source.length]
-            assert t.source.length > 4096 and sizes == [head] * t.permute_heads, t.name
+            assert t.source.length > 4096 and sizes == [head] * permute.heads, t.name
     with safe_open(tmp_path / "out" / "model.safetensors", framework="np") as f:
         for name, heads in (("q", 4), ("k", 2)):
             native = tensors[f"layers.0.attention.w{name}.weight"]
@@ -361,5 +363,5 @@ def test_native_checkpoint_needs_params_json(tmp_path, tiny_native):
     (tmp_path / "src" / "params.json").unlink()
     with pytest.raises(SourceError) as excinfo:
         load_checkpoint(tmp_path / "src")
-    assert str(excinfo.value) == (f"{tmp_path / 'src' / 'params.json'}: missing; a checkpoint needs it next to "
-                                  f"its weights")
+    assert str(excinfo.value) == (f"{tmp_path / 'src'}: has mistral weights but no params.json; a checkpoint "
+                                  f"needs it next to its weights")

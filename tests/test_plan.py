@@ -18,7 +18,8 @@ from tensorsurgery import __version__
 from tensorsurgery.errors import ManifestError, PlanError
 from tensorsurgery.format import parse_header
 from tensorsurgery.layers import LayerRef, dus, interlock
-from tensorsurgery.plan import ByteRange, OutputTensor, SourceInfo, build_plan
+from tensorsurgery.plan import ByteRange, CopyFile, OutputTensor, SourceInfo, build_plan
+from tensorsurgery.transforms import PermuteRotary
 
 SRC = Path("/models/src")
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -70,7 +71,7 @@ def assert_layer_mapping(plan, ckpt, arrangement):
     for t in plan.tensors:
         assert t.source == source_range(ckpt, t.source_key)
         assert t.nbytes == t.source.length == size_of(t.name)
-        assert (t.dtype, t.source_dtype, t.transform, t.permute_heads) == ("BF16", "BF16", "none", None)
+        assert (t.dtype, t.source_dtype, t.transform, t.steps) == ("BF16", "BF16", "none", ())
 
 
 # --- the whole plan ----------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def test_keep_plan_whole():
         ("model.norm.weight", (4,), 368, 8, "model.norm.weight", ByteRange(s2, h2 + 104, 8)),
     ]
     assert plan.output == Path("/out/x")
-    assert plan.sources == (SourceInfo("source", "/models/src", SRC, "hf", None, (SHARD1, SHARD2)),)
+    assert plan.sources == (SourceInfo("source", "/models/src", SRC, "hf", None, (SHARD1, SHARD2), inside=SRC),)
     assert plan.layers == (LayerRef("source", 0), LayerRef("source", 1))
     assert plan.seams == ()
     assert len(plan.shards) == 1
@@ -109,14 +110,14 @@ def test_keep_plan_whole():
     assert shard.filename == "model.safetensors"
     assert shard.tensors == tuple(
         OutputTensor(name=name, dtype="BF16", shape=shape, offset=offset, nbytes=n, source_name="source",
-                     source_key=key, source_dtype="BF16", source=rng, permute_heads=None)
+                     source_key=key, source_dtype="BF16", source=rng)
         for name, shape, offset, n, key, rng in rows)
     assert plan.index is None
     assert plan.total_size == shard.data_size == 376
     assert plan.nbytes == len(shard.header) + 376
     assert dict(plan.config) == decoder_config(2)
-    assert plan.copy_files == ((SRC / "generation_config.json", "generation_config.json"),
-                               (SRC / "tokenizer.json", "tokenizer.json"))
+    assert plan.copy_files == (CopyFile(SRC / "generation_config.json", "generation_config.json", SRC),
+                               CopyFile(SRC / "tokenizer.json", "tokenizer.json", SRC))
     assert plan.manifest_text == m.text
 
 
@@ -207,10 +208,11 @@ def test_multi_source_explicit_plan():
     # Non-layer tensors come from the first source.
     for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
         assert (by_name[name].source_name, by_name[name].source.path.parent) == ("a", Path("/models/a"))
-    assert plan.sources == (SourceInfo("a", "/models/a", Path("/models/a"), "hf", None, (SHARD1, SHARD2)),
-                            SourceInfo("b", "/models/b", Path("/models/b"), "hf", None, (SHARD1, SHARD2)))
+    assert plan.sources == tuple(SourceInfo(n, f"/models/{n}", Path(f"/models/{n}"), "hf", None, (SHARD1, SHARD2),
+                                            inside=Path(f"/models/{n}")) for n in "ab")
     assert plan.config["num_hidden_layers"] == 7
-    assert plan.copy_files[0] == (Path("/models/a/generation_config.json"), "generation_config.json")
+    assert plan.copy_files[0] == CopyFile(Path("/models/a/generation_config.json"), "generation_config.json",
+                                         Path("/models/a"))
 
 
 # --- order ----------------------------------------------------------------------------------------------
@@ -395,11 +397,15 @@ def native_checkpoint(specs=NATIVE, **config):
     return make_checkpoint(SRC, {"consolidated.safetensors": specs}, cfg, layout="mistral")
 
 
+def _heads(t):
+    return next((step.heads for step in t.steps if isinstance(step, PermuteRotary)), None)
+
+
 def test_native_layout_is_renamed_and_permuted():
     ckpt = native_checkpoint()
     plan = build_plan(manifest('plan = "dus"\noverlap = 1', rename='preset = "mistral-to-llama"'),
                       {"source": ckpt})
-    got = {t.name: (t.source_key, t.permute_heads, t.transform) for t in plan.tensors}
+    got = {t.name: (t.source_key, _heads(t), t.transform) for t in plan.tensors}
     assert list(got) == ["lm_head.weight", "model.embed_tokens.weight"] + [
         f"model.layers.{i}.{k}" for i in range(2) for k in (
             "input_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
@@ -500,7 +506,7 @@ def test_rename_that_loses_the_layer_segment():
                                                     "replace = 'mlp_\\1' }]"),
                    {"source": checkpoint(2)})
     assert str(excinfo.value) == ("m.toml: rename: layer tensor 'model.layers.0.mlp.up_proj.weight' became "
-                                  "'mlp_0.up_proj.weight', which has no layers.N segment; keep it in the rename rules")
+                                  "'mlp_0.up_proj.weight', which has no layer index; keep it in the rename rules")
 
 
 def test_sources_whose_layer_shapes_differ():

@@ -13,7 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from tensorsurgery.cli import main
 from tensorsurgery.errors import ManifestError, WriteError
-from tensorsurgery.manifest import load_manifest
+from tensorsurgery.load import load_manifest
 from tensorsurgery.push import push_folder
 
 

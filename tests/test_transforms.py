@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tensorsurgery.transforms import FLOAT_SIZES, cast_chunk, permute_head, rotary_row_order
+from tensorsurgery.dtypes import element_size
+from tensorsurgery.transforms import cast_chunk, permute_head, rotary_row_order
 
 TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 INT_VIEW = {"F16": torch.int16, "BF16": torch.int16, "F32": torch.int32}
@@ -23,7 +24,7 @@ def torch_cast_bits(raw: np.ndarray, src: str, dst: str) -> np.ndarray:
 def assert_bitwise_equal(got: np.ndarray, expected: np.ndarray, src: str, dst: str, raw: np.ndarray):
     assert got.dtype == np.uint8 and got.shape == expected.shape
     if not np.array_equal(got, expected):
-        size_in, size_out = FLOAT_SIZES[src], FLOAT_SIZES[dst]
+        size_in, size_out = element_size(src), element_size(dst)
         a, b = got.view(NP_BITS[size_out]), expected.view(NP_BITS[size_out])
         bad = np.flatnonzero(a != b)
         inputs = raw.view(NP_BITS[size_in])[bad[:5]]

@@ -1,0 +1,242 @@
+"""The public Python API: what the command line does, for notebooks, CI scripts and other tools.
+
+Each function takes a manifest as a path, as text (TOML, or a mergekit passthrough YAML) or as a
+:class:`~tensorsurgery.manifest.Manifest`, with the command line's overrides (``sources`` for
+``--source``, ``output`` for ``--output``), returns typed results and raises the package's
+exceptions (:mod:`tensorsurgery.errors`); it never prints or exits.
+
+Example:
+    >>> import tensorsurgery as ts
+    >>> plan = ts.plan("manifests/demo.toml")                      # headers only
+    >>> result = ts.apply("manifests/demo.toml", force=True)        # doctest: +SKIP
+    >>> ts.verify("manifests/demo.toml").ok                         # doctest: +SKIP
+    True
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping, Union
+
+from .checkpoint import Checkpoint
+from .errors import ManifestError, VerifyError
+from .format import Header, read_header
+from .load import load_manifest, manifest_from_text
+from .local import load_checkpoint
+from .manifest import Manifest, apply_overrides
+from .plan import Plan, build_plan
+from .record import read_record
+from .sources import resolve_source
+from .verify import DEFAULT_THREADS, VerifyReport, require_folder, verify_output, verify_record
+from .writer import WriteResult, execute_plan
+
+#: A manifest as the API takes it: a path, manifest text, or a parsed Manifest.
+ManifestLike = Union[Manifest, str, "os.PathLike[str]"]
+Progress = Callable[[int], None] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What :func:`apply` did: the plan, what was written, and, when pushing, the verification that
+    came first and the URL of the upload (None when verification found differences)."""
+
+    plan: Plan
+    written: WriteResult
+    verified: VerifyReport | None = None
+    pushed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    """What :func:`push` did: the verification, and the URL of the upload (None when it failed)."""
+
+    verified: VerifyReport
+    url: str | None
+
+
+def load(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
+         output: str | os.PathLike[str] | None = None) -> Manifest:
+    """The :class:`Manifest` for ``manifest`` with the overrides applied.
+
+    A ``str`` holding a newline is manifest text (every valid manifest has more than one line);
+    any other ``str`` or path is a file to read.
+
+    Raises:
+        ManifestError: unreadable, not TOML/YAML, an unknown key, a wrong value, an empty output.
+    """
+    if output is not None and not str(output).strip():
+        raise ManifestError("--output is empty; give the folder to write the output to")
+    out = str(output) if output is not None else None
+    if isinstance(manifest, Manifest):
+        return apply_overrides(manifest, sources or {}, out)
+    if isinstance(manifest, str) and "\n" in manifest:
+        return apply_overrides(manifest_from_text(manifest), sources or {}, out)
+    return load_manifest(manifest, sources=sources, output=out)
+
+
+def resolve(manifest: Manifest, *, download: bool = True) -> dict[str, Checkpoint]:
+    """Every source of ``manifest`` as a :class:`Checkpoint`, by source name (``download=False``:
+    Hub weights not yet cached are planned from their remote headers, nothing is downloaded).
+
+    Raises:
+        SourceError: a source cannot be found, read or resolved.
+        HeaderError: a shard breaks the safetensors rules.
+    """
+    return {s.name: resolve_source(s.model, s.revision, name=s.name, download=download)
+            for s in manifest.sources}
+
+
+def plan(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
+         output: str | os.PathLike[str] | None = None, link: bool = False, download: bool = False) -> Plan:
+    """The plan of ``manifest`` from the sources' headers alone: nothing is written, and (unless
+    ``download``) no weight is downloaded.
+
+    Raises:
+        ManifestError, SourceError, HeaderError, PlanError: see :func:`load`, :func:`resolve` and
+            :func:`tensorsurgery.plan.build_plan`.
+
+    Example:
+        >>> len(plan("manifests/demo.toml").layers)
+        48
+    """
+    m = load(manifest, sources=sources, output=output)
+    return build_plan(m, resolve(m, download=download), link=link)
+
+
+def apply(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
+          output: str | os.PathLike[str] | None = None, force: bool = False, resume: bool = False,
+          link: bool = False, progress: Progress = None, threads: int | None = None,
+          push_to_hub: str | None = None, private: bool | None = None) -> ApplyResult:
+    """Build the output ``manifest`` describes, atomically; with ``push_to_hub`` (or the
+    manifest's ``output.push_to_hub``), verify it against the plan and upload it if it verifies.
+
+    Args:
+        force: replace an existing output (only an earlier tensorsurgery output or an empty folder).
+        resume: keep the finished shards of an interrupted run that verify against the plan.
+        link: share shards identical to a source file instead of writing them (see README).
+        progress: called with byte counts as shard bytes are written.
+        threads: hashing threads (default: one per core, up to 8).
+
+    Raises:
+        OutputExistsError, WriteError, ReadError and those of :func:`plan`.
+    """
+    m = load(manifest, sources=sources, output=output)
+    return execute(build_plan(m, resolve(m), link=link), force=force, resume=resume, progress=progress,
+                   threads=threads, push_to_hub=push_to_hub or m.output.push_to_hub,
+                   private=m.output.private if private is None else private)
+
+
+def execute(plan: Plan, *, force: bool = False, resume: bool = False, progress: Progress = None,
+            threads: int | None = None, push_to_hub: str | None = None, private: bool = True) -> ApplyResult:
+    """Write an already-built ``plan`` (see :func:`apply`, which plans and then calls this)."""
+    written = execute_plan(plan, force=force, resume=resume, progress=progress, threads=threads or DEFAULT_THREADS)
+    if push_to_hub is None:
+        return ApplyResult(plan, written)
+    pushed = push(written.output, push_to_hub, plan=plan, private=private, threads=threads)
+    return ApplyResult(plan, written, pushed.verified, pushed.url)
+
+
+def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *,
+           sources: Mapping[str, str] | None = None, progress: Progress = None,
+           threads: int | None = None) -> VerifyReport:
+    """Prove an output is what it should be; ``report.ok`` only when every byte is.
+
+    * ``verify(MANIFEST[, OUTPUT])``: re-derive the plan from the sources and compare every file.
+    * ``verify(OUTPUT_FOLDER)``: check it against its own ``tensorsurgery.json``; when the sources
+      it records are still there (or given in ``sources``), against them too.
+
+    Raises:
+        VerifyError: no output folder, or a record that cannot be used.
+        ManifestError, SourceError, HeaderError, PlanError: see :func:`plan`.
+    """
+    threads = threads or DEFAULT_THREADS
+    if output is None and not isinstance(target, Manifest) and _is_folder(target):
+        folder = Path(target)
+        recorded = plan_from_record(folder, sources or {})
+        if recorded is None:
+            return verify_record(folder, progress=progress)
+        return replace(verify_output(recorded, folder, progress=progress, threads=threads), mode="record+sources")
+    m = load(target, sources=sources, output=output)
+    folder = require_folder(Path(m.output.path))
+    # An output made with --link groups shards differently; its record says so.
+    the_plan = build_plan(m, resolve(m), link=_recorded_link(folder))
+    return verify_output(the_plan, folder, progress=progress, threads=threads)
+
+
+def _is_folder(target: str | os.PathLike[str]) -> bool:
+    if isinstance(target, str) and "\n" in target:
+        return False
+    path = Path(target)
+    if not path.exists() and path.suffix.lower() not in (".toml", ".yml", ".yaml"):
+        raise VerifyError(f"{path}: output folder not found; give an output folder, or a manifest (and "
+                          f"optionally its output folder)")
+    return path.is_dir()
+
+
+def plan_from_record(output: Path, sources: Mapping[str, str]) -> Plan | None:
+    """The plan recorded in ``output``'s tensorsurgery.json, rebuilt from its sources when they
+    are all still at hand (or given in ``sources``, by name; ``""`` is the first); None otherwise.
+
+    The sources keep the names apply was given, so the rebuilt plan (and the model card made from
+    it) is the one ``apply`` wrote; Hub sources resolve again by repo id and
+    recorded commit, local ones from their recorded folders.
+
+    Raises:
+        VerifyError: no usable record.
+    """
+    record = read_record(require_folder(output))
+    manifest = manifest_from_text(record.manifest, record.manifest_name)
+    recorded = {s.get("name"): s for s in record.data["sources"] if isinstance(s, dict)}
+    given = {(k or manifest.sources[0].name): v for k, v in sources.items()}
+    # The models as apply was given them (after its --source overrides), as the card names them.
+    models = {n: e["model"] for n, e in recorded.items() if isinstance(n, str) and isinstance(e.get("model"), str)}
+    manifest = apply_overrides(manifest, {**models, **given}, str(output))
+    checkpoints = {}
+    for spec in manifest.sources:
+        entry = recorded.get(spec.name, {})
+        if spec.name in given:
+            checkpoints[spec.name] = resolve_source(given[spec.name], name=spec.name)
+        elif not (isinstance(entry.get("root"), str) and Path(entry["root"]).is_dir()):
+            return None  # the sources are gone: the record alone is checked
+        elif isinstance(entry.get("repo_id"), str):
+            checkpoints[spec.name] = resolve_source(entry["repo_id"], entry.get("revision"), name=spec.name)
+        else:
+            checkpoints[spec.name] = load_checkpoint(entry["root"])
+    return build_plan(manifest, checkpoints, link=record.link)
+
+
+def _recorded_link(output: Path) -> bool:
+    """Whether the record in ``output`` says it was planned with ``--link`` (False without one)."""
+    try:
+        return read_record(output).link
+    except VerifyError:
+        return False
+
+
+def push(output: str | os.PathLike[str], repo_id: str, *, plan: Plan | None = None, private: bool = True,
+         progress: Progress = None, threads: int | None = None, api: object = None) -> PushResult:
+    """Verify ``output`` (against ``plan``, else against its record and sources), then upload it to
+    the Hub model repo ``repo_id``; nothing is uploaded unless it verifies.
+
+    Raises:
+        VerifyError: no output folder or record.
+        WriteError: the upload failed (the folder is untouched).
+    """
+    from .push import push_folder
+    folder = require_folder(Path(output))
+    report = (verify_output(plan, folder, progress=progress, threads=threads or DEFAULT_THREADS)
+              if plan is not None else verify(folder, progress=progress, threads=threads))
+    if not report.ok:
+        return PushResult(report, None)
+    return PushResult(report, push_folder(folder, repo_id, private=private, api=api))
+
+
+def inspect(path: str | os.PathLike[str]) -> Checkpoint | Header:
+    """A checkpoint folder's :class:`Checkpoint`, or one safetensors file's :class:`Header`.
+
+    Raises:
+        SourceError, HeaderError: missing, special, inconsistent or broken files.
+    """
+    path = Path(path)
+    return load_checkpoint(path) if path.is_dir() else read_header(path)

@@ -1,0 +1,242 @@
+"""One assembly of a source checkpoint, whatever read it (a local folder, the Hugging Face cache,
+headers fetched over HTTP): which files make the checkpoint, the checks between its index, shards
+and config, and which small files are copied into an output. No I/O here: readers
+(:mod:`tensorsurgery.local`, :mod:`tensorsurgery.hub`) read what :func:`select_files` names and hand
+it to :func:`assemble`.
+
+Two layouts are understood: Hugging Face's (``model.safetensors`` or shards plus
+``model.safetensors.index.json``, ``config.json``) and Mistral's native one
+(``consolidated.safetensors`` or ``consolidated.NN.safetensors``, ``params.json``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+from .errors import SourceError
+from .families import Family, family_of
+from .format import Header
+from .native import config_from_params
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PARAMS_NAME = "params.json"
+CARD_NAME = "README.md"
+NATIVE_SHARD = re.compile(r"consolidated(\.\d+)?\.safetensors")
+#: The small files an output takes from its base source, the same for every reader: tokenizers
+#: (Hugging Face, sentencepiece, tiktoken, Mistral's tekken), chat templates, generation settings,
+#: processors of multimodal models, licence texts, and the code of ``trust_remote_code`` models.
+#: An allow-list, so weights of other formats (``pytorch_model.bin``), adapters
+#: (``adapter_config.json``) and anything else a loader might pick up are never carried over.
+COPIED_FILES = re.compile(
+    r"tokenizer[\w.-]*|special_tokens_map\.json|added_tokens\.json"
+    r"|generation_config\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(json|jinja)|tekken\.json"
+    r"|[^/]*\.tiktoken|(preprocessor|processor|video_preprocessor)_config\.json"
+    r"|LICEN[CS]E(\.(md|txt))?|NOTICE(\.(md|txt))?|USE_POLICY\.md"
+    r"|(configuration|modeling|tokenization|processing|image_processing)_\w+\.py")
+#: Front matter keys of the source's card carried into the output's (``license: other`` needs all three).
+LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFiles:
+    """The files of a checkpoint folder that make the checkpoint, in one weight format.
+
+    ``weights`` is empty when an index names the shards (read it, then :func:`index_weight_map`).
+    """
+
+    layout: str
+    config: str
+    index: str | None
+    weights: tuple[str, ...]
+    copied: tuple[str, ...]
+    card: str | None
+
+    @property
+    def small(self) -> tuple[str, ...]:
+        """The files read (or downloaded) before any weight: config, index, copied files, card."""
+        return tuple(f for f in (self.config, self.index, *self.copied, self.card) if f)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A source model as planning sees it.
+
+    ``headers`` maps shard file name (relative to ``root``) to its header; ``weight_map`` maps
+    tensor name to shard file name; ``config`` is config.json (for the native layout, built from
+    params.json); ``extra_files`` are the small files copied into an output (:data:`COPIED_FILES`);
+    ``card_meta`` the licence keys of the source's model card. ``revision`` and ``repo_id`` are set
+    for Hub sources; ``trust_root`` is the folder the files' real locations must stay in (the
+    repo's cache folder for a Hub snapshot, whose files link into ``blobs/``).
+    """
+
+    root: Path
+    layout: str
+    headers: Mapping[str, Header]
+    weight_map: Mapping[str, str]
+    config: Mapping[str, Any]
+    extra_files: tuple[str, ...] = ()
+    revision: str | None = None
+    repo_id: str | None = None
+    card_meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    trust_root: Path | None = None
+
+    @property
+    def inside(self) -> Path:
+        """The folder every file of this checkpoint must really be in."""
+        return self.trust_root or self.root
+
+    @property
+    def family(self) -> Family:
+        """The model family config.json names (:data:`tensorsurgery.families.GENERIC` if unknown)."""
+        return family_of(self.config)
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers found in the tensor names (max index + 1)."""
+        scheme = self.family.layers
+        return max((i for i in map(scheme.index, self.weight_map) if i is not None), default=-1) + 1
+
+
+def select_files(names: Iterable[str], where: str) -> SourceFiles:
+    """Pick the files that make a checkpoint from the top-level file ``names`` of a folder (pure).
+
+    Hugging Face shards win over ``consolidated*.safetensors``: they need no key renaming and no
+    rotary permutation. Only one weight format is ever read.
+
+    Raises:
+        SourceError: no safetensors weights, or the config of the chosen format is missing.
+    """
+    names = set(names)
+    copied = tuple(sorted(n for n in names if COPIED_FILES.fullmatch(n)))
+    card = CARD_NAME if CARD_NAME in names else None
+    if INDEX_NAME in names or SINGLE_NAME in names:
+        index = INDEX_NAME if INDEX_NAME in names else None
+        files = SourceFiles("hf", CONFIG_NAME, index, () if index else (SINGLE_NAME,), copied, card)
+    elif native := sorted(n for n in names if NATIVE_SHARD.fullmatch(n)):
+        files = SourceFiles("mistral", PARAMS_NAME, None, tuple(native), copied, card)
+    else:
+        raise SourceError(f"{where}: no {SINGLE_NAME}, {INDEX_NAME} or consolidated.safetensors; only "
+                          f"safetensors checkpoints are supported")
+    if files.config not in names:
+        raise SourceError(f"{where}: has {files.layout} weights but no {files.config}; a checkpoint needs it "
+                          f"next to its weights")
+    return files
+
+
+def index_weight_map(index: Any, where: str) -> dict[str, str]:
+    """The validated ``weight_map`` of a parsed ``model.safetensors.index.json`` (pure).
+
+    Raises:
+        SourceError: not an object, no weight_map, ``metadata`` not an object, or a shard name that
+            is not a plain ``*.safetensors`` file name in the folder (it becomes a path).
+    """
+    if not isinstance(index, dict):
+        raise SourceError(f"{where}: expected a JSON object, found {type(index).__name__}; re-download the index")
+    if not isinstance(index.get("metadata", {}), (dict, type(None))):
+        raise SourceError(f"{where}: metadata is {type(index['metadata']).__name__}, expected an object; "
+                          f"re-download the index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{where}: no weight_map; re-download the index")
+    for name, shard in weight_map.items():
+        _check_shard_name(where, name, shard)
+    return dict(weight_map)
+
+
+def _check_shard_name(where: str, name: str, shard: object) -> None:
+    p = PurePosixPath(shard) if isinstance(shard, str) else None
+    if (p is None or p.is_absolute() or ".." in p.parts or len(p.parts) != 1 or "\\" in str(shard)
+            or re.match(r"^[A-Za-z]:", str(shard)) or p.suffix != ".safetensors"):
+        raise SourceError(f"{where}: tensor {name!r} maps to {shard!r}; shard names must be plain "
+                          f"*.safetensors file names inside the folder")
+
+
+def assemble(root: Path, files: SourceFiles, headers: Mapping[str, Header], config: Any, *,
+             weight_map: Mapping[str, str] | None = None, card_meta: Mapping[str, Any] | None = None,
+             revision: str | None = None, repo_id: str | None = None,
+             trust_root: Path | None = None) -> Checkpoint:
+    """Check what a reader read and make it a :class:`Checkpoint` (pure).
+
+    Args:
+        root: the checkpoint folder (for a Hub source, the cache snapshot).
+        files: from :func:`select_files`.
+        headers: every weight file's header, by file name.
+        config: the parsed config.json (Hugging Face) or params.json (native).
+        weight_map: the index's validated weight map, when the layout has an index.
+        card_meta: what the output's card takes from the source's (:func:`card_licence`).
+
+    Raises:
+        SourceError: an index that disagrees with its shards, a tensor in two shards, a config
+            that is not an object or disagrees with the tensors.
+    """
+    where = root / (files.index or files.config)
+    owners = _owners(headers)
+    for name, shards in owners.items():
+        if len(shards) > 1:
+            raise SourceError(f"{root}: tensor {name!r} is in two shards ({shards[0]} and {shards[1]}); "
+                              f"the checkpoint is inconsistent")
+    if weight_map is None:
+        weight_map = {name: shards[0] for name, shards in owners.items()}
+    for name, shard in weight_map.items():
+        if name not in headers[shard].tensors:
+            raise SourceError(f"{where}: tensor {name!r} is listed in {shard} but that shard does not hold "
+                              f"it; the index and shards are from different versions")
+    for name, shards in owners.items():
+        if name not in weight_map:
+            raise SourceError(f"{where}: tensor {name!r} in {shards[0]} is missing from the weight_map")
+    if not isinstance(config, dict):
+        raise SourceError(f"{root / files.config}: expected a JSON object, found {type(config).__name__}")
+    if files.layout == "mistral":
+        config = config_from_params(config, root / files.config,
+                                    {n: headers[s].tensors[n] for n, s in weight_map.items()})
+    ckpt = Checkpoint(root=root, layout=files.layout, headers=MappingProxyType(dict(headers)),
+                      weight_map=MappingProxyType(dict(weight_map)), config=MappingProxyType(config),
+                      extra_files=files.copied, revision=revision, repo_id=repo_id,
+                      card_meta=MappingProxyType(dict(card_meta or {})), trust_root=trust_root)
+    _check_layer_count(ckpt, root / files.config)
+    return ckpt
+
+
+def _check_layer_count(ckpt: Checkpoint, config_path: Path) -> None:
+    declared = ckpt.family.declared_layers(ckpt.config)
+    if declared is not None and declared != ckpt.num_layers:
+        key = "n_layers" if ckpt.layout == "mistral" else ckpt.family.count_path
+        raise SourceError(f"{config_path}: {key} = {declared!r} but the tensors hold {ckpt.num_layers} layers; "
+                          f"the config and weights do not belong together (use the {config_path.name} that "
+                          f"came with these weights)")
+
+
+def card_licence(readme: str | None) -> dict[str, Any]:
+    """The licence keys of a model card's front matter (what the output's card carries over)."""
+    meta = front_matter(readme)
+    return {k: meta[k] for k in LICENSE_KEYS if isinstance(meta.get(k), (str, list))}
+
+
+def front_matter(readme: str | None) -> dict[str, Any]:
+    """The YAML front matter of a model card, or {} when there is none or it is not valid YAML (a
+    broken source card must not stop a run: the output's card only loses the licence)."""
+    import yaml
+    m = _FRONT_MATTER.match(readme or "")
+    if not m:
+        return {}
+    try:
+        data = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+_FRONT_MATTER = re.compile(r"\A\ufeff?---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|\Z)", re.DOTALL)
+
+
+def _owners(headers: Mapping[str, Header]) -> dict[str, list[str]]:
+    owners: dict[str, list[str]] = {}
+    for shard, header in headers.items():
+        for name in header.tensors:
+            owners.setdefault(name, []).append(shard)
+    return owners

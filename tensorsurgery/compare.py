@@ -1,0 +1,256 @@
+"""Compare a file of an output folder with what it must hold (:mod:`tensorsurgery.expected`),
+streaming in bounded chunks and hashing as it reads. Used by both verify modes and by
+``--resume``. Every check yields :class:`Difference` values, one line each; nothing raises for a
+file that is merely wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import SourceError
+from .expected import CAST_CHUNK, tensor_chunks
+from .fsio import STREAM_CHUNK, OpenFiles, describe_mode, pread_exact, sha256_fd
+from .plan import CopyFile, OutputTensor, Shard
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """One way the output is not what it should be: ``where`` is a file or tensor name."""
+
+    where: str
+    what: str
+
+
+def open_output_file(path: Path, diffs: list[Difference]) -> int | None:
+    """A descriptor of the output file ``path`` if it is a regular file (not a link, a folder, a
+    FIFO or a device, which an output never holds); else None with the difference noted."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        diffs.append(Difference(path.name, "is missing"))
+        return None
+    if not stat.S_ISREG(mode):
+        diffs.append(Difference(path.name, f"is {describe_mode(mode)}, expected a regular file"))
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        diffs.append(Difference(path.name, f"cannot be read ({e.strerror or e})"))
+        return None
+
+
+def compare_shard(shard: Shard, path: Path, *, threads: int = 2, progress: Progress = None,
+                  stop_early: bool = False) -> tuple[dict[str, str], list[Difference]]:
+    """Compare the shard file ``path`` with ``shard``: size, header bytes, every tensor's bytes
+    against its source. Returns the sha256 of each tensor whose bytes are right, and the
+    differences. ``stop_early`` (for ``--resume``) stops at the first one."""
+    diffs: list[Difference] = []
+    fd = open_output_file(path, diffs)
+    if fd is None:
+        return {}, diffs
+    try:
+        size = os.fstat(fd).st_size
+        if size != shard.nbytes:
+            return {}, [Difference(shard.filename, f"is {size} bytes, expected {shard.nbytes} (truncated or padded)")]
+        header = bytearray(len(shard.header))
+        pread_exact(fd, memoryview(header), 0)
+        if header != shard.header:
+            diffs.append(Difference(shard.filename, _header_difference(bytes(header), shard.header)))
+            if stop_early:
+                return {}, diffs
+    finally:
+        os.close(fd)
+    hashes: dict[str, str] = {}
+    for t, (digest, first) in _map(threads, lambda t: _compare_tensor(t, path, len(shard.header), progress),
+                                   shard.tensors, stop_early):
+        if first is None:
+            hashes[t.name] = digest
+        else:
+            where = f"{t.source_key!r} of {t.source.path.name}" if t.source else "zeros"
+            diffs.append(Difference(t.name, f"bytes differ from {where} (transform: {t.transform}) from byte "
+                                            f"{first} on"))
+            if stop_early:
+                break
+    return hashes, diffs
+
+
+def _map(threads: int, fn: Callable[[OutputTensor], tuple[str, int | None]], tensors: tuple[OutputTensor, ...],
+         stop_early: bool) -> Iterator[tuple[OutputTensor, tuple[str, int | None]]]:
+    """``fn`` over ``tensors`` in order; on ``threads`` threads (comparing and hashing release the
+    GIL) unless stopping at the first difference, where sequential order wastes nothing."""
+    if threads <= 1 or stop_early or len(tensors) < 2:
+        yield from ((t, fn(t)) for t in tensors)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        yield from zip(tensors, pool.map(fn, tensors))
+
+
+def _header_difference(found: bytes, expected: bytes) -> str:
+    """What differs between two shard headers, in words."""
+    try:
+        got = json.loads(found[8:].decode("utf-8"))
+        want = json.loads(expected[8:].decode("utf-8"))
+    except ValueError:
+        return "header is not the planned one (not valid JSON)"
+    if got.get("__metadata__") != want.get("__metadata__"):
+        return f"header metadata is {got.get('__metadata__')!r}, expected {want.get('__metadata__')!r}"
+    extra = sorted(set(got) - set(want))
+    missing = sorted(set(want) - set(got))
+    if missing:
+        return f"header lacks tensor {missing[0]!r}"
+    if extra:
+        return f"header has unexpected tensor {extra[0]!r}"
+    changed = [k for k in want if got[k] != want[k]]
+    if changed:
+        return f"header says {changed[0]!r} is {got[changed[0]]}, expected {want[changed[0]]}"
+    return "header bytes differ from the planned ones (order, spacing or padding)"
+
+
+def _compare_tensor(t: OutputTensor, path: Path, data_start: int, progress: Progress) -> tuple[str, int | None]:
+    """sha256 of the output bytes of ``t``, and the offset of the first byte that differs from the
+    expected ones (None when all are equal)."""
+    digest = hashlib.sha256()
+    actual = bytearray(CAST_CHUNK * 2)
+    pos, first = 0, None
+    with OpenFiles() as files:
+        out = files.open(path)
+        source = files.open(t.source.path) if t.source else None
+        for chunk in tensor_chunks(t, source):
+            view = memoryview(actual)[:len(chunk)]
+            pread_exact(out, view, data_start + t.offset + pos)
+            digest.update(view)
+            if first is None:
+                # numpy compares at memcmp speed; memoryview == goes element by element.
+                got, want = np.frombuffer(view, np.uint8), np.frombuffer(chunk, np.uint8)
+                if not np.array_equal(got, want):
+                    first = pos + int(np.flatnonzero(got != want)[0])
+            pos += len(chunk)
+            if progress:
+                progress(len(chunk))
+    return digest.hexdigest(), first
+
+
+def compare_data(name: str, path: Path, expected: bytes) -> tuple[str | None, list[Difference]]:
+    """Compare the small file ``path`` (config.json, the index, the card) with its exact expected
+    bytes; returns its sha256 when equal. A JSON file that differs is described key by key, with
+    JSON types (48 is not 48.0, false is not 0)."""
+    diffs: list[Difference] = []
+    fd = open_output_file(path, diffs)
+    if fd is None:
+        return None, diffs
+    try:
+        found = os.read(fd, len(expected) + 1)
+    finally:
+        os.close(fd)
+    if found == expected:
+        return hashlib.sha256(found).hexdigest(), []
+    if name.endswith(".json"):
+        return None, list(_json_differences(name, found, expected))
+    return None, [Difference(name, "differs from what tensorsurgery writes for this output")]
+
+
+def _json_differences(name: str, found: bytes, expected: bytes) -> Iterator[Difference]:
+    try:
+        got = json.loads(found.decode("utf-8"))
+    except ValueError as e:
+        yield Difference(name, f"is not valid JSON ({e})")
+        return
+    lines = list(json_diff(json.loads(expected), got))
+    if not lines:
+        yield Difference(name, "holds the expected values but not the bytes tensorsurgery writes (formatting "
+                               "or key order)")
+    for line in lines[:20]:
+        yield Difference(name, line)
+    if len(lines) > 20:
+        yield Difference(name, f"... and {len(lines) - 20} more difference(s)")
+
+
+def json_diff(expected: Any, found: Any, where: str = "") -> Iterator[str]:
+    """Key-level differences between two JSON values, types included: ``48`` and ``48.0``,
+    ``false`` and ``0`` differ (Python's ``==`` would call them equal)."""
+    if isinstance(expected, dict) and isinstance(found, dict):
+        for key in sorted(expected.keys() | found.keys()):
+            at = f"{where}.{key}" if where else key
+            if key not in found:
+                yield f"{at} is missing, expected {_show(expected[key])}"
+            elif key not in expected:
+                yield f"{at} is unexpected ({_show(found[key])})"
+            else:
+                yield from json_diff(expected[key], found[key], at)
+    elif isinstance(expected, list) and isinstance(found, list) and len(expected) == len(found):
+        for i, (a, b) in enumerate(zip(expected, found)):
+            yield from json_diff(a, b, f"{where}[{i}]")
+    elif type(expected) is not type(found) or expected != found:
+        yield f"{where or 'the value'} is {_show(found)}, expected {_show(expected)}"
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def compare_copy(copy: CopyFile, path: Path) -> tuple[str | None, list[Difference]]:
+    """Compare the output file ``path`` with the source file it was copied from, streamed;
+    returns its sha256 when equal."""
+    diffs: list[Difference] = []
+    fd = open_output_file(path, diffs)
+    if fd is None:
+        return None, diffs
+    try:
+        with OpenFiles() as files:
+            try:
+                source = files.open(copy.source, inside=copy.inside)
+            except SourceError as e:
+                return None, [Difference(copy.name, f"cannot be compared with its source: {e}")]
+            return _compare_streams(copy.name, fd, source)
+    finally:
+        os.close(fd)
+
+
+def _compare_streams(name: str, fd: int, source: int) -> tuple[str | None, list[Difference]]:
+    if os.fstat(fd).st_size != os.fstat(source).st_size:
+        return None, [Difference(name, f"is {os.fstat(fd).st_size} bytes, its source {os.fstat(source).st_size}")]
+    digest = hashlib.sha256()
+    a, b = bytearray(STREAM_CHUNK), bytearray(STREAM_CHUNK)
+    offset = 0
+    while n := os.preadv(fd, [a], offset):
+        m = os.preadv(source, [b], offset)
+        if a[:n] != b[:m]:
+            return None, [Difference(name, f"differs from its source file from byte {offset} on")]
+        digest.update(memoryview(a)[:n])
+        offset += n
+    return digest.hexdigest(), []
+
+
+def compare_sha256(name: str, path: Path, expected: str, progress: Progress = None) -> list[Difference]:
+    """Compare the output file ``path`` with the sha256 the record gives it, streamed."""
+    diffs: list[Difference] = []
+    fd = open_output_file(path, diffs)
+    if fd is None:
+        return diffs
+    try:
+        if sha256_fd(fd, progress=progress) != expected:
+            return [Difference(name, "differs from what tensorsurgery wrote (sha256 in tensorsurgery.json)")]
+        return []
+    finally:
+        os.close(fd)
+
+
+def unexpected_entries(output: Path, expected: set[str]) -> list[Difference]:
+    """Every entry of the folder ``output`` that is not an expected file: transformers or peft
+    would load a stray ``pytorch_model.bin`` or ``adapter_config.json``, so each one is a difference."""
+    with os.scandir(output) as entries:
+        names = sorted(e.name for e in entries)
+    return [Difference(name, "unexpected file (not part of this output; remove it)")
+            for name in names if name not in expected]

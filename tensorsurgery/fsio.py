@@ -1,0 +1,227 @@
+"""Reading files without surprises: only regular files (a FIFO would hang, ``/dev/zero`` never
+ends), only inside the folder they belong to (a link out of a checkpoint could carry
+``/etc/passwd`` into an output, and a push to the Hub), JSON of bounded size, and bytes streamed
+in bounded chunks, never a whole file in memory.
+
+Every source file tensorsurgery reads by name goes through :func:`open_regular`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import stat
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ReadError, SourceError
+
+#: Largest JSON file read from a source, by role. A 1.7M-tensor index is ~130 MB; configs,
+#: params and tokenizer configs are kilobytes, so 16 MB is generous and still bounded.
+JSON_LIMIT = 16 << 20
+INDEX_LIMIT = 512 << 20
+#: Largest README.md read from a source (only its front matter is used).
+TEXT_LIMIT = 4 << 20
+#: Bytes per read when streaming a file (hashing, copying).
+STREAM_CHUNK = 1 << 20
+
+Progress = Callable[[int], None] | None
+
+
+def describe_mode(mode: int) -> str:
+    """What kind of file ``mode`` (from ``stat``) is, in words."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_inside(path: Path, root: Path) -> None:
+    """Refuse ``path`` when its real location (links followed) is outside ``root``.
+
+    Raises:
+        SourceError: the path leads out of ``root``.
+    """
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
+        raise SourceError(f"{path}: is a link to {real}, outside {root}; a checkpoint's files must be inside "
+                          f"its folder (copy the file in instead of linking it)")
+
+
+def open_regular(path: Path, *, inside: Path | None = None) -> int:
+    """A read-only descriptor of the regular file ``path``.
+
+    Opened with ``O_NONBLOCK`` so a FIFO cannot hang the open, then checked with ``fstat``, so
+    what is checked is what was opened.
+
+    Args:
+        path: the file.
+        inside: when given, the folder the file's real location must be in.
+
+    Raises:
+        SourceError: missing, unreadable, not a regular file, or outside ``inside``.
+    """
+    if inside is not None:
+        check_inside(path, inside)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: missing (or a link to a missing file); the checkpoint is incomplete, "
+                          f"re-download it") from None
+    except OSError as e:
+        raise SourceError(f"{path}: cannot open: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise SourceError(f"{path}: is {describe_mode(mode)}, not a regular file; replace it with the real file")
+    return fd
+
+
+def read_limited(path: Path, limit: int, *, inside: Path | None = None) -> bytes:
+    """The bytes of the regular file ``path``, refused past ``limit`` bytes.
+
+    Raises:
+        SourceError: see :func:`open_regular`, or the file is larger than ``limit``.
+    """
+    fd = open_regular(path, inside=inside)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, limit + 1) if size <= limit else b""
+        while size <= limit and len(data) <= limit and (more := os.read(fd, limit + 1 - len(data))):
+            data += more
+    finally:
+        os.close(fd)
+    if size > limit or len(data) > limit:
+        raise SourceError(f"{path}: is {max(size, len(data)):,} bytes, more than the {limit:,} such a file may "
+                          f"weigh; this is not the file a checkpoint holds there")
+    return data
+
+
+def read_json(path: Path, *, limit: int = JSON_LIMIT, inside: Path | None = None) -> Any:
+    """Parse the JSON file ``path`` (bounded by ``limit`` bytes; NaN and Infinity refused).
+
+    Raises:
+        SourceError: unreadable, oversized, not UTF-8 or not valid JSON.
+    """
+    raw = read_limited(path, limit, inside=inside)
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SourceError(f"{path}: not valid JSON ({e}); re-download it") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_text(path: Path, *, limit: int = TEXT_LIMIT, inside: Path | None = None) -> str:
+    """The text of ``path`` (UTF-8, undecodable bytes replaced), bounded by ``limit`` bytes."""
+    return read_limited(path, limit, inside=inside).decode("utf-8", errors="replace")
+
+
+def pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``.
+
+    Raises:
+        ReadError: the file ends first (it changed or was truncated since it was planned).
+    """
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise ReadError(f"{fd_path(fd)}: ends before byte {offset}; the file changed or was truncated "
+                            f"since it was planned")
+        view, offset = view[n:], offset + n
+
+
+def fd_path(fd: int) -> str:
+    """The path an open descriptor refers to, for messages."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
+
+
+def sha256_fd(fd: int, *, progress: Progress = None) -> str:
+    """sha256 of everything ``fd`` holds, read sequentially in bounded chunks."""
+    digest = hashlib.sha256()
+    buf = bytearray(STREAM_CHUNK)
+    offset = 0
+    while n := os.preadv(fd, [buf], offset):
+        digest.update(memoryview(buf)[:n])
+        offset += n
+        if progress:
+            progress(n)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path, *, inside: Path | None = None, progress: Progress = None) -> str:
+    """sha256 of the regular file ``path``, streamed (see :func:`open_regular` for the checks)."""
+    fd = open_regular(path, inside=inside)
+    try:
+        return sha256_fd(fd, progress=progress)
+    finally:
+        os.close(fd)
+
+
+def copy_file(src: Path, dst: Path, *, inside: Path | None = None) -> str:
+    """Copy the regular file ``src`` to the new file ``dst`` (never an existing one, never through a
+    link), streamed and fsynced; returns the sha256 of the bytes copied."""
+    fd = open_regular(src, inside=inside)
+    try:
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            digest = hashlib.sha256()
+            buf = bytearray(STREAM_CHUNK)
+            offset = 0
+            while n := os.preadv(fd, [buf], offset):
+                view = memoryview(buf)[:n]
+                digest.update(view)
+                while len(view):
+                    view = view[os.write(out, view):]
+                offset += n
+            os.fsync(out)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def is_finite_json(value: Any) -> bool:
+    """True when ``value`` holds no NaN or infinity at any depth (JSON has no spelling for them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(is_finite_json(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(is_finite_json(v) for v in value)
+    return True
+
+
+class OpenFiles:
+    """Read-only descriptors of regular files, opened on first use and closed together. A
+    context manager; not shared between threads (each thread keeps its own)."""
+
+    def __init__(self) -> None:
+        self.fds: dict[Path, int] = {}
+
+    def open(self, path: Path, *, inside: Path | None = None) -> int:
+        """The descriptor of ``path`` (see :func:`open_regular` for the checks)."""
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = open_regular(path, inside=inside)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> "OpenFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

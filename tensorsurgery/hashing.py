@@ -1,0 +1,96 @@
+"""Hashing the output tensors from the pump's buffers on a pool of threads.
+
+A tensor's bytes must be hashed in order, so each tensor belongs to one thread (by its number);
+different tensors hash in parallel (hashlib releases the GIL on large updates), so a many-core
+machine is not held to one core's sha256 speed. A buffer goes back to the pump once every thread
+that had bytes in it is done with it.
+"""
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from typing import Callable, Hashable, Iterable
+
+from .packing import Block
+
+
+def first_of_each(recipes: Iterable[Hashable]) -> dict[int, int]:
+    """For each position whose recipe (source bytes and transform) appeared at an earlier position,
+    that earlier position: the same bytes hash the same, so they are hashed once (DUS repeats
+    layers m..n-m-1)."""
+    first: dict[Hashable, int] = {}
+    same: dict[int, int] = {}
+    for i, recipe in enumerate(recipes):
+        j = first.setdefault(recipe, i)
+        if j != i:
+            same[i] = j
+    return same
+
+
+class HashPool:
+    """sha256 of tensors (by number) from the segments of the blocks passed to :meth:`submit`.
+
+    ``release`` gets each block's buffer back once it is hashed; ``threads`` >= 1.
+    """
+
+    def __init__(self, threads: int, release: Callable[[Block], None]):
+        self._release = release
+        self._digests: dict[int, "hashlib._Hash"] = {}
+        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(max(1, threads))]
+        self._pending: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self._threads = [threading.Thread(target=self._run, args=(q,), name=f"ts-hash-{i}", daemon=True)
+                         for i, q in enumerate(self._queues)]
+        for thread in self._threads:
+            thread.start()
+
+    def start(self, tid: int) -> None:
+        """Tensor ``tid`` will be hashed (call before its first block is submitted)."""
+        self._digests[tid] = hashlib.sha256()
+
+    def submit(self, block: Block) -> None:
+        """Hash the tensor bytes ``block`` holds; its buffer is released when done."""
+        parts: dict[int, list[tuple[int, int, int]]] = {}
+        for seg in block.segments:
+            parts.setdefault(seg[0] % len(self._queues), []).append(seg)
+        if not parts:
+            self._release(block)
+            return
+        with self._lock:
+            self._pending[id(block)] = len(parts)
+        for worker, segments in parts.items():
+            self._queues[worker].put((block, segments))
+
+    def close(self) -> dict[int, str]:
+        """Wait for every submitted block; returns tensor number -> sha256 hex digest.
+
+        Raises:
+            BaseException: what a hashing thread raised.
+        """
+        for q in self._queues:
+            q.put(None)
+        for thread in self._threads:
+            thread.join()
+        if self.error is not None:
+            raise self.error
+        return {tid: h.hexdigest() for tid, h in self._digests.items()}
+
+    def _run(self, q: queue.SimpleQueue) -> None:
+        while (item := q.get()) is not None:
+            block, segments = item
+            try:
+                if self.error is None:
+                    with memoryview(block.buf) as view:
+                        for tid, start, end in segments:
+                            self._digests[tid].update(view[start:end])
+            except BaseException as e:  # noqa: BLE001 - handed to close()
+                self.error = e
+            with self._lock:
+                self._pending[id(block)] -= 1
+                done = self._pending[id(block)] == 0
+                if done:
+                    del self._pending[id(block)]
+            if done:
+                self._release(block)

@@ -1,0 +1,63 @@
+"""Read a manifest from a file or from text, whatever its format: TOML (the manifest reference in
+the README) or a mergekit passthrough YAML, told apart by the file's suffix (or, for text, by its
+content)."""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Mapping
+
+from .errors import ManifestError
+from .manifest import Manifest, apply_overrides, parse_manifest
+from .mergekit_config import manifest_from_mergekit
+
+_YAML_SUFFIXES = (".yml", ".yaml")
+#: A mergekit config names its method at the top level; a TOML manifest never has that line.
+_MERGEKIT = re.compile(r"^merge_method\s*:", re.MULTILINE)
+
+
+def load_manifest(path: str | os.PathLike[str], *, sources: Mapping[str, str] | None = None,
+                  output: str | None = None) -> Manifest:
+    """Read the manifest at ``path``.
+
+    Args:
+        path: a TOML manifest (or a mergekit passthrough YAML, by suffix).
+        sources: overrides of source models by source name (``""`` means the only source),
+            as given with ``--source``.
+        output: override of ``output.path`` (``--output``).
+
+    Raises:
+        ManifestError: unreadable file, unknown key, wrong type or value; the message names the
+            file and key.
+
+    Example:
+        >>> load_manifest("manifests/solar-dus.toml").layers.plan
+        'dus'
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read the manifest: {e}") from e
+    return apply_overrides(manifest_from_text(text, path), sources or {}, output)
+
+
+def manifest_from_text(text: str, path: str | os.PathLike[str] | None = None) -> Manifest:
+    """Parse manifest ``text``, as read from ``path`` (which names it in messages and picks the
+    format by suffix; without one, a text with a top-level ``merge_method:`` is a mergekit YAML).
+
+    Raises:
+        ManifestError: see :func:`load_manifest`.
+    """
+    is_yaml = (Path(path).suffix.lower() in _YAML_SUFFIXES if path is not None
+               else _MERGEKIT.search(text) is not None)
+    path = Path(path) if path is not None else Path("manifest.yaml" if is_yaml else "manifest.toml")
+    if is_yaml:
+        return manifest_from_mergekit(path, text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ManifestError(f"{path}: not valid TOML: {e}") from e
+    return parse_manifest(path, text, data)

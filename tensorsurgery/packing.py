@@ -1,0 +1,86 @@
+"""Packing bytes into the pump's fixed-size, page-aligned buffers: each full buffer becomes a
+:class:`Block` that knows which file it belongs to, where, and which tensor bytes it holds (for
+hashing). Verbatim source bytes are read straight into a buffer (no copy in between)."""
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .fsio import pread_exact
+
+ALIGN = 4096
+
+
+@dataclass(slots=True)
+class Block:
+    """A filled buffer on its way to disk: which file, where, and which tensor bytes it holds."""
+
+    buf: mmap.mmap
+    file: int
+    offset: int
+    length: int = 0
+    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (tensor id, start, end)
+    last: bool = False
+
+
+class Packer:
+    """Fills buffers taken with ``take`` and hands each full one (and each file's last) to ``emit``.
+
+    ``tid`` arguments name the tensor the bytes belong to (None: bytes that are not hashed, such
+    as a header, or a tensor whose hash is taken from an identical one).
+    """
+
+    def __init__(self, take: Callable[[], mmap.mmap], emit: Callable[[Block], None], size: int):
+        if size % ALIGN:
+            raise ValueError(f"buffer size must be a multiple of {ALIGN}")
+        self._take, self._emit, self._size = take, emit, size
+        self._block: Block | None = None
+
+    def start_file(self, file: int) -> None:
+        """Start packing the file numbered ``file`` at offset 0."""
+        self._block = Block(self._take(), file, 0)
+
+    def put(self, data: memoryview, tid: int | None) -> None:
+        """Append ``data``."""
+        data = data.cast("B")
+        while len(data):
+            b = self._current()
+            n = min(self._size - b.length, len(data))
+            b.buf[b.length:b.length + n] = data[:n]
+            self._advance(n, tid)
+            data = data[n:]
+
+    def read_into(self, fd: int, offset: int, length: int, tid: int | None) -> None:
+        """Append ``length`` bytes of ``fd`` from ``offset``, read straight into the buffers."""
+        done = 0
+        while done < length:
+            b = self._current()
+            n = min(self._size - b.length, length - done)
+            with memoryview(b.buf) as whole:
+                pread_exact(fd, whole[b.length:b.length + n], offset + done)
+            self._advance(n, tid)
+            done += n
+
+    def finish_file(self) -> None:
+        """Hand on the file's last (partial) block."""
+        b = self._current()
+        b.last = True
+        self._emit(b)
+        self._block = None
+
+    def _current(self) -> Block:
+        assert self._block is not None, "start_file() first"
+        return self._block
+
+    def _advance(self, n: int, tid: int | None) -> None:
+        b = self._current()
+        if tid is not None:
+            if b.segments and b.segments[-1][0] == tid and b.segments[-1][2] == b.length:
+                b.segments[-1] = (tid, b.segments[-1][1], b.length + n)
+            else:
+                b.segments.append((tid, b.length, b.length + n))
+        b.length += n
+        if b.length == self._size:
+            self._emit(b)
+            self._block = Block(self._take(), b.file, b.offset + b.length)
