@@ -1,24 +1,41 @@
-"""Shared pytest fixtures: tiny random Mistral checkpoints written to temporary folders.
+"""Shared pytest fixtures: tiny synthetic Mistral checkpoints written to temporary folders.
 
-The checkpoints come from :func:`build_tiny_mistral` in ``scripts/make_demo_checkpoint.py`` (the
-script that also builds ``examples/tiny-mistral/``), with seeds other than the demo's.
+The checkpoints come from :mod:`tensorsurgery.synthetic` (real names, shapes and config.json,
+seeded finite values, a word-level tokenizer), which needs no torch. Tests that need torch or
+transformers (logits, casts against torch, mergekit) live in the modules of :data:`TORCH_MODULES`:
+they carry the ``torch`` marker, so ``pytest -m "not torch"`` runs the rest, and without torch
+installed they are not collected at all.
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-TESTS_DIR = Path(__file__).resolve().parent
-SCRIPTS_DIR = TESTS_DIR.parent / "scripts"
-# ``import reference`` from the tests and ``import make_demo_checkpoint`` below, whatever the
-# rootdir / import mode pytest runs with.
-for _path in (str(TESTS_DIR), str(SCRIPTS_DIR)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from tensorsurgery.synthetic import TINY, make_mistral
 
-from make_demo_checkpoint import build_tiny_mistral  # noqa: E402
+TESTS_DIR = Path(__file__).resolve().parent
+# ``import helpers`` / ``import reference`` from the tests, whatever the rootdir / import mode.
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+#: Test modules that need torch and transformers (and, for parity, mergekit).
+TORCH_MODULES = frozenset({
+    "test_e2e.py", "test_link.py", "test_mergekit_config.py", "test_mergekit_parity.py", "test_native.py",
+    "test_reference.py", "test_transforms.py", "test_family_models.py", "test_families_e2e.py",
+})
+
+if importlib.util.find_spec("torch") is None:
+    collect_ignore = sorted(TORCH_MODULES)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in TORCH_MODULES:
+            item.add_marker(pytest.mark.torch)
+
 
 #: Seeds of the fixtures (the demo checkpoint uses 0).
 TINY_MISTRAL_SEED = 1234
@@ -27,14 +44,12 @@ TINY_MISTRAL_SINGLE_SEED = 4321
 
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory) -> Path:
-    """A 32-layer random MistralForCausalLM in bf16, in 4 safetensors shards with an index.
+    """A 32-layer synthetic MistralForCausalLM in bf16, in 4 safetensors shards with an index.
 
     Also holds config.json, generation_config.json and a word-level tokenizer. Read-only:
     tests must not modify it (it is shared by the whole session).
     """
-    path = build_tiny_mistral(
-        tmp_path_factory.mktemp("tiny-mistral"), TINY_MISTRAL_SEED, max_shard_size="40KB",
-    )
+    path = make_mistral(tmp_path_factory.mktemp("tiny-mistral"), TINY, seed=TINY_MISTRAL_SEED, max_shard_size=40_000)
     assert len(list(path.glob("model-*-of-*.safetensors"))) >= 3
     return path
 
@@ -42,10 +57,8 @@ def tiny_mistral(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mistral_single(tmp_path_factory) -> Path:
     """Same kind of checkpoint as :func:`tiny_mistral` (other seed) as one ``model.safetensors``."""
-    path = build_tiny_mistral(
-        tmp_path_factory.mktemp("tiny-mistral-single"), TINY_MISTRAL_SINGLE_SEED,
-        max_shard_size="1GB",
-    )
+    path = make_mistral(tmp_path_factory.mktemp("tiny-mistral-single"), TINY, seed=TINY_MISTRAL_SINGLE_SEED,
+                        max_shard_size=10**9)
     assert (path / "model.safetensors").exists()
     assert not (path / "model.safetensors.index.json").exists()
     return path

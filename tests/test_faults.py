@@ -5,7 +5,7 @@ Whatever happens, nothing appears under the output name until it is complete, th
 never touched (bytes and mtimes), unfinished ``*.partial`` shards do not survive a reported
 failure, and ``apply --resume`` finishes the job from the shards that are whole and verify.
 
-The checkpoint is a ~170 MB synthetic Mistral (benchmarks/make_checkpoint.py); the job is a
+The checkpoint is a ~170 MB synthetic Mistral (tensorsurgery.synthetic); the job is a
 DUS to 4 layers cut into ~40 MB shards, so a signal can land between shards. The tests wait for
 the temporary folder to hold a shard (no fixed sleeps); if a fast machine finishes the whole job
 before the signal is sent, the run is repeated.
@@ -26,25 +26,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from make_checkpoint import make_checkpoint  # noqa: E402
 from tensorsurgery.load import load_manifest  # noqa: E402
-from tensorsurgery.plan import build_plan  # noqa: E402
 from tensorsurgery.local import load_checkpoint  # noqa: E402
+from tensorsurgery.plan import build_plan  # noqa: E402
+from tensorsurgery.synthetic import Dims, make_mistral, tensor_bytes  # noqa: E402
 from tensorsurgery.writer import TMP_MARKER  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals and RLIMIT_FSIZE on Linux")
 
 #: 8000 x 1280 bf16 embeddings and lm_head (20 MB each) and 3 layers of 43 MB: 169 MB.
-DIMS = dict(vocab=8000, hidden=1280, intermediate=4480, heads=32, kv_heads=8, head_dim=40, layers=3)
+DIMS = Dims(vocab=8000, hidden=1280, intermediate=4480, heads=32, kv_heads=8, head_dim=40, layers=3)
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("faults") / "mistral", **DIMS)
+    return make_mistral(tmp_path_factory.mktemp("faults") / "mistral", DIMS, values="bytes",
+                        max_shard_size=tensor_bytes(DIMS) * 2 // 3)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import re
 import shutil
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,14 +27,12 @@ from tensorsurgery.cli import main
 from tensorsurgery.errors import HeaderError
 from tensorsurgery.format import MAX_HEADER_SIZE, encode_header, read_header
 from tensorsurgery.checkpoint import INDEX_NAME
+from tensorsurgery.synthetic import TINY, make_mistral
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
 #: A real layer-changing job: SOLAR depth up-scaling (48 layers out of 32).
 MANIFEST = MANIFESTS / "solar-dus.toml"
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from make_checkpoint import make_checkpoint  # noqa: E402
 
 #: The shard that the header tests break (not the first, so the first reads fine before it).
 SHARD = "model-00002-of-00004.safetensors"
@@ -509,8 +508,7 @@ def test_output_overlapping_the_source_through_a_symlink(tiny_mistral, tmp_path,
 
 def test_sources_whose_layer_shapes_differ(tiny_mistral, tmp_path, capsys):
     # Same names and depth as the fixture, a wider MLP (intermediate 48 instead of 32).
-    wide = make_checkpoint(tmp_path / "wide", vocab=96, hidden=16, intermediate=48, heads=2,
-                           kv_heads=1, head_dim=8, layers=32)
+    wide = make_mistral(tmp_path / "wide", replace(TINY, intermediate=48))
     manifest = write_manifest(tmp_path / "frankenmerge.toml", f"""
 [sources.base]
 model = "{tiny_mistral}"

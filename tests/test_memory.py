@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from make_checkpoint import make_checkpoint  # noqa: E402
+from tensorsurgery.synthetic import Dims, make_mistral  # noqa: E402
 
 #: Python + numpy + tensorsurgery is ~35 MB and the buffers 16 MB; a whole tensor is 128 MB.
 RSS_BOUND_MB = 100
@@ -49,8 +48,8 @@ def big_checkpoint(tmp_path_factory) -> Path:
     # vocab x hidden bf16 = 128 MB embeddings (and as much lm_head), two small layers.
     hidden = 2048
     vocab = BIG_TENSOR_MB * 2**20 // (2 * hidden)
-    return make_checkpoint(tmp_path_factory.mktemp("big") / "src", vocab=vocab, hidden=hidden,
-                           intermediate=256, heads=16, kv_heads=4, head_dim=128, layers=4)
+    dims = Dims(vocab=vocab, hidden=hidden, intermediate=256, heads=16, kv_heads=4, head_dim=128, layers=4)
+    return make_mistral(tmp_path_factory.mktemp("big") / "src", dims, values="bytes", max_shard_size=200_000_000)
 
 
 @pytest.mark.parametrize("cast", [None, "float32"])

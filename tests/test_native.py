@@ -25,8 +25,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
-from make_demo_checkpoint import build_tiny_mistral
 from tensorsurgery.cli import main
+from tensorsurgery.synthetic import Dims, make_mistral
 from tensorsurgery.errors import SourceError
 from tensorsurgery.load import manifest_from_text
 from tensorsurgery.native import config_from_params
@@ -100,8 +100,8 @@ def odd_heads(tmp_path_factory) -> tuple[Path, Path]:
     """A 4-layer Hugging Face Mistral whose head_dim is not dim / n_heads (4 x 6 = 24 q rows for a
     hidden size of 16), with 2 KV heads and rope_theta 1e6, and its native copy."""
     root = tmp_path_factory.mktemp("odd-heads")
-    hf = build_tiny_mistral(root / "hf", 77, max_shard_size="1GB", with_tokenizer=False, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=6, rope_theta=1e6)
+    dims = Dims(vocab=96, hidden=16, intermediate=32, heads=4, kv_heads=2, head_dim=6, layers=4)
+    hf = make_mistral(root / "hf", dims, seed=77, max_shard_size=10**9, tokenizer=False, rope_theta=1e6)
     return hf, make_native(hf, root / "native")
 
 
