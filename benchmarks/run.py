@@ -444,7 +444,9 @@ def approaches(repo: Repo, bench: Path, inputs: dict[str, Path], spec: dict, arg
     has_threads = "--threads" in repo.help("apply")
     threads = ["--threads", str(args.threads)] if args.threads and has_threads else []
     if args.threads and not has_threads:
-        log(f"--threads {args.threads}: ignored, `tensorsurgery apply --help` of {repo.path} has no --threads")
+        args.notes.append(f"--threads {args.threads}: ignored, `tensorsurgery apply --help` of {repo.path} "
+                          f"has no --threads (and no --threads 1 rows)")
+        log(args.notes[-1])
     tflag = f" --threads {args.threads}" if threads else ""
 
     def apply(key: str, name: str, manifest: str, *flags: str) -> Approach:
@@ -830,6 +832,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.notes = []
     if args.copy_loop:
         return copy_loop(args.copy_loop)
     if args.raw_copy:
@@ -909,12 +912,12 @@ def benchmark(args: argparse.Namespace, repo: Repo, workdir: Path, bench: Path, 
     command = " ".join(["python", str(shown)] + argv_of(args))
     if args.json:
         print(json.dumps({"command": command, "size": args.size, "runs": args.runs, "cache": caches,
-                          "tmpfs": args.tmpfs, "baseline_plan_api": spec["api"],
+                          "tmpfs": args.tmpfs, "baseline_plan_api": spec["api"], "notes": args.notes,
                           "source_bytes": new_bytes(source), "machine": m, "results": summary}, indent=2))
     else:
         print(f"{command}\n{format_machine(m)}\nsource: {args.size}, {new_bytes(source):,} bytes; "
               f"{args.runs} run(s) each, order rotated per run; {caches}\n"
-              f"baselines planned with {spec['api']}\n")
+              f"baselines planned with {spec['api']}\n" + "".join(f"{n}\n" for n in args.notes))
         print(format_table(summary))
         print("\nvs raw copy = median wall / median wall of the raw pipelined copy (lower is faster); vs own "
               "baseline = median wall / median wall of the cat of the bytes that verify must read; user s, sys s = "
