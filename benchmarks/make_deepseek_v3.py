@@ -400,6 +400,11 @@ def _scale_argv(args: argparse.Namespace) -> list[str]:
     return out + ["--cold"] * args.cold + ["--json"] * args.json
 
 
+def run_busy() -> float:
+    import run
+    return run.BUSY
+
+
 def _scale_table(report: dict) -> str:
     lines = [report["command"],
              f"tensorsurgery {report['tensorsurgery']['version']} from {report['tensorsurgery']['repo']} "
@@ -420,7 +425,7 @@ def _scale_table(report: dict) -> str:
         if any(r["exits"]):
             errors.append(f"- {r['command']}: {r['last_line']}")
     notes = ["", f"other CPUs meanwhile = the most CPUs other processes (and steal) used during a run of the "
-             f"command; above {0.25} the timing is noisy"]
+             f"command; above {run_busy()} the timing is noisy"]
     return "\n".join(lines + ([""] + errors if errors else []) + notes)
 
 
