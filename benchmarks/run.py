@@ -85,6 +85,20 @@ RAW_BUFFER, RAW_BUFFERS = 4 << 20, 4
 CAT_BUFFER = 16 << 20
 
 
+#: Python code that makes this interpreter import tensorsurgery only from sys.path: it drops the
+#: meta-path finder of an editable install of tensorsurgery (setuptools' ``__editable__..._finder``),
+#: which otherwise resolves any submodule the checkout under test lacks from the installed tree.
+ISOLATE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'tensorsurgery' not in "
+           "getattr(sys.modules.get(getattr(f, '__module__', '')), 'MAPPING', {})]")
+#: ``python -c TS_SHIM ARGS...`` is ``python -m tensorsurgery ARGS...`` with :data:`ISOLATE` first.
+TS_SHIM = ISOLATE + "; import runpy; runpy.run_module('tensorsurgery', run_name='__main__', alter_sys=True)"
+
+
+def isolate() -> None:
+    """:data:`ISOLATE`, in this interpreter."""
+    exec(ISOLATE)  # noqa: S102 - a constant of this file
+
+
 def child_env(repo: Path) -> dict[str, str]:
     """Environment of every child: the checkout under test first on the path, never the network."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
@@ -259,8 +273,15 @@ def cat(paths: list[str]) -> int:
 def plan_spec(manifest: str, output: str, spec_path: str, link: bool) -> int:
     """Plan ``manifest`` with the ``tensorsurgery`` on PYTHONPATH and write the byte ranges of
     every output shard (and which API built them) to ``spec_path`` as JSON."""
+    isolate()
     import tensorsurgery
     plan, api = _plan_with_any_api(Path(manifest), link)
+    root = Path(tensorsurgery.__file__).resolve().parent
+    strays = sorted(f"{name} ({m.__file__})" for name, m in list(sys.modules.items())
+                    if name.startswith("tensorsurgery.") and getattr(m, "__file__", None)
+                    and not Path(m.__file__).resolve().is_relative_to(root))
+    if strays:
+        raise SystemExit(f"modules imported from outside {root}: {', '.join(strays)}")
     shards, transforms = [], 0
     for s in plan.shards:
         header = bytes(s.header)
@@ -384,7 +405,8 @@ class Repo:
     helps: dict[str, str] = field(default_factory=dict)
 
     def ts(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "tensorsurgery", *args]
+        """``python -m tensorsurgery ARGS`` of this checkout only (see :data:`TS_SHIM`)."""
+        return [sys.executable, "-c", TS_SHIM, *args]
 
     def help(self, command: str) -> str:
         """``tensorsurgery COMMAND --help`` of this checkout ("" when it fails)."""
@@ -401,7 +423,7 @@ def probe_repo(path: Path) -> Repo:
     if not (path / "tensorsurgery" / "__init__.py").is_file():
         raise SystemExit(f"run.py: error: --repo {path}: no tensorsurgery/__init__.py there; give the root of a "
                          f"checkout (e.g. `git worktree add /tmp/before <commit>`)")
-    r = subprocess.run([sys.executable, "-c", "import json, tensorsurgery as t; "
+    r = subprocess.run([sys.executable, "-c", ISOLATE + "; import json, tensorsurgery as t; "
                         "print(json.dumps([t.__file__, getattr(t, '__version__', None)]))"],
                        capture_output=True, text=True, env=child_env(path), cwd="/")
     if r.returncode != 0:
