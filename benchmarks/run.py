@@ -85,10 +85,13 @@ RAW_BUFFER, RAW_BUFFERS = 4 << 20, 4
 CAT_BUFFER = 16 << 20
 
 
-#: Python code that makes this interpreter import tensorsurgery only from sys.path: it drops the
-#: meta-path finder of an editable install of tensorsurgery (setuptools' ``__editable__..._finder``),
-#: which otherwise resolves any submodule the checkout under test lacks from the installed tree.
-ISOLATE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'tensorsurgery' not in "
+#: Python code that makes this interpreter import tensorsurgery only from PYTHONPATH: it drops the
+#: current directory from sys.path (``python -c``/``-m`` put it first: run from a checkout's root,
+#: a child would import that checkout instead) and the meta-path finder of an editable install of
+#: tensorsurgery (setuptools' ``__editable__..._finder``), which otherwise resolves any submodule
+#: the checkout under test lacks from the installed tree.
+ISOLATE = ("import sys; sys.path[:] = [p for p in sys.path if p]; "
+           "sys.meta_path[:] = [f for f in sys.meta_path if 'tensorsurgery' not in "
            "getattr(sys.modules.get(getattr(f, '__module__', '')), 'MAPPING', {})]")
 #: ``python -c TS_SHIM ARGS...`` is ``python -m tensorsurgery ARGS...`` with :data:`ISOLATE` first.
 TS_SHIM = ISOLATE + "; import runpy; runpy.run_module('tensorsurgery', run_name='__main__', alter_sys=True)"
@@ -412,7 +415,7 @@ class Repo:
         """``tensorsurgery COMMAND --help`` of this checkout ("" when it fails)."""
         if command not in self.helps:
             r = subprocess.run(self.ts(command, "--help"), capture_output=True, text=True,
-                               env=child_env(self.path))
+                               env=child_env(self.path), cwd="/")
             self.helps[command] = r.stdout if r.returncode == 0 else ""
         return self.helps[command]
 
