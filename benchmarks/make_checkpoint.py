@@ -31,17 +31,13 @@ import argparse
 import json
 import os
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-try:
-    from tensorsurgery.format import encode_header
-except ImportError:  # run as a script from a checkout: put the repo root on the path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tensorsurgery.format import encode_header
 
 #: The real Mistral-7B-v0.1 dimensions.
 FULL_DIMS = dict(vocab=32000, hidden=4096, intermediate=14336, heads=32, kv_heads=8,
@@ -61,6 +57,23 @@ CHUNK = 16 << 20
 
 DTYPE = "BF16"
 ITEMSIZE = 2
+
+
+def encode_header(tensors, metadata: dict | None = None) -> bytes:
+    """The 8-byte length plus JSON header for ``(name, dtype, shape, start, end)`` tuples, as the
+    official writer lays it out (compact JSON, space-padded to a multiple of 8 bytes).
+
+    Kept here rather than imported from ``tensorsurgery.format`` so the generators do not depend
+    on the package under test (``run.py --repo`` may point at any checkout of it).
+    """
+    obj: dict[str, object] = {}
+    if metadata is not None:
+        obj["__metadata__"] = dict(metadata)
+    for name, dtype, shape, start, end in tensors:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def tensor_specs(dims: dict) -> list[tuple[str, tuple[int, ...]]]:
