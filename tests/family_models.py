@@ -466,7 +466,13 @@ def _hub_rope(d: dict[str, Any]) -> None:
     if "partial_rotary_factor" in rope and d.get("model_type") != "phi3":
         d["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
     rope.pop("partial_rotary_factor", None)
-    d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    if rope.get("rope_type", "default") == "default":
+        d["rope_scaling"] = None
+        return
+    if rope["rope_type"] == "longrope":  # Phi-3.5: {"long_factor", "short_factor", "type": "longrope"}
+        rope.pop("original_max_position_embeddings", None)  # top level only
+        rope["type"] = rope.pop("rope_type")
+    d["rope_scaling"] = rope
 
 
 def hub_style_config(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -1070,12 +1076,18 @@ def relabel_phi3_to_llama(cfg: dict[str, Any], tensors: dict[str, torch.Tensor])
     factor below 1 has no Llama equivalent (Llama rotates the whole head). ``sliding_window`` goes
     (like the mistral-to-llama preset) - equal logits only for sequences inside the window.
     """
-    rope = dict(cfg.get("rope_parameters") or {})
+    rope_key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
+    rope = dict(cfg.get(rope_key) or {})
     if float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
         raise NotExpressible("Phi-3 with partial_rotary_factor < 1 rotates part of each head; Llama cannot")
     rope.pop("partial_rotary_factor", None)
+    for type_key in ("type", "rope_type"):  # Phi3Config reads early Phi-3-128k's "su" / "yarn" as longrope
+        if rope.get(type_key) in ("su", "yarn"):
+            rope[type_key] = "longrope"
     out = _llama_base(cfg)
-    out["rope_parameters"] = rope
+    if cfg.get(rope_key) is not None:
+        out[rope_key] = rope
+    out.pop("auto_map", None)  # Hub Phi-3 configs point at their remote code
     out["attention_bias"] = False
     for key in ("sliding_window", "resid_pdrop", "embd_pdrop", "partial_rotary_factor"):
         out.pop(key, None)

@@ -349,6 +349,19 @@ def test_hub_style_config_is_the_same_model(name, family_src, original):
     assert torch.equal(hub_ref.logits, reference_surgery(family_src(name), arrangement).logits)
 
 
+def test_sparse_gemma3_text_config_uses_class_defaults(family_src):
+    """google/gemma-3-4b-it's text_config lists only a few fields (no layer_types, no
+    sliding_window_pattern): the per-layer list comes from Gemma3TextConfig's default pattern 6."""
+    src = family_src("gemma3", hub_config=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"].pop("sliding_window_pattern")
+    assert "layer_types" not in cfg["text_config"]
+    out = rewrite_config(cfg, "gemma3", dus(8, 2))
+    assert out["text_config"]["layer_types"] == [S, S, S, S, S, F, S, S, S, F, S, S]
+    assert "sliding_window_pattern" not in out["text_config"]
+    assert rewrite_config(cfg, "gemma3", keep(8))["text_config"]["layer_types"] == [S, S, S, S, S, F, S, S]
+
+
 def test_gemma3_new_names_and_gpt2_bare_names(family_src, original, tmp_path):
     src = family_src("gemma3")
     cfg = json.loads((src / "config.json").read_text())
@@ -405,9 +418,10 @@ def test_qwen3_next_mtp_is_copied_and_silently_ignored(family_src, original):
 
 # --- relabels ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("hub_config", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qwen2_as_llama_is_exact(family_src, dtype):
-    src = family_src("qwen2")
+def test_qwen2_as_llama_is_exact(family_src, dtype, hub_config):
+    src = family_src("qwen2", hub_config=hub_config)
     cfg, tensors = json.loads((src / "config.json").read_text()), read_tensors(src)
     llama_cfg, llama_tensors = relabel_qwen2_to_llama(cfg, tensors)
     assert llama_cfg["attention_bias"] is True
@@ -419,12 +433,16 @@ def test_qwen2_as_llama_is_exact(family_src, dtype):
     assert torch.equal(logits_of(llama, inputs), logits_of(qwen, inputs))
 
 
+@pytest.mark.parametrize("hub_config", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_phi3_as_llama_is_exact(family_src, dtype):
-    src = family_src("phi3")
+def test_phi3_as_llama_is_exact(family_src, dtype, hub_config):
+    src = family_src("phi3", hub_config=hub_config)
     cfg, tensors = json.loads((src / "config.json").read_text()), read_tensors(src)
     llama_cfg, llama_tensors = relabel_phi3_to_llama(cfg, tensors)
-    assert llama_cfg["rope_parameters"]["rope_type"] == "longrope"
+    if hub_config:  # transformers 4 spelling: longrope in rope_scaling, original_max_position_embeddings on top
+        assert llama_cfg["rope_scaling"]["type"] == "longrope" and "original_max_position_embeddings" in llama_cfg
+    else:
+        assert llama_cfg["rope_parameters"]["rope_type"] == "longrope"
     phi = rebuild_model("phi3", cfg, tensors, compute_dtype=dtype)
     llama = rebuild_model("llama3", llama_cfg, llama_tensors, compute_dtype=dtype)
     inputs = model_inputs(cfg)  # 24 tokens: short factors, inside the sliding window
