@@ -690,7 +690,9 @@ LAYER_PREFIXES: dict[str, tuple[str, ...]] = {
 #: Config fields holding one value per decoder layer (follow the arrangement).
 PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
 #: Config fields that are a *pattern* from which transformers derives a per-layer list when the
-#: list is absent: (field, derived list). Kept when re-deriving gives the arranged list, else dropped.
+#: list is absent: (field, derived list). Kept when re-deriving gives the arranged list, else set to
+#: a value that does, else dropped (see :func:`rewrite_config`). Not here because transformers 5.24
+#: never reads it: DeepSeek-V3's ``moe_layer_freq`` (1 on the Hub; other engines may read it).
 PATTERN_FIELDS = (
     ("max_window_layers", "layer_types"),
     ("sliding_window_pattern", "layer_types"),
