@@ -63,7 +63,3 @@ def tiny_mistral_single(tmp_path_factory) -> Path:
     assert not (path / "model.safetensors.index.json").exists()
     return path
 
-
-def pytest_configure(config):
-    # Also declared in pyproject.toml by the package owner; registering twice is harmless.
-    config.addinivalue_line("markers", "torch: needs torch and transformers")
