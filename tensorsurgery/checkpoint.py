@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 from .errors import SourceError
 from .families import Family, family_of
 from .format import Header
+from .layers import GENERIC_LAYERS, LayerScheme
 from .native import config_from_params
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -96,10 +97,24 @@ class Checkpoint:
         return family_of(self.config)
 
     @property
-    def num_layers(self) -> int:
-        """Decoder layers found in the tensor names (max index + 1)."""
-        scheme = self.family.layers
+    def layers(self) -> LayerScheme:
+        """Where the decoder layers are in this checkpoint's own tensor names: the family's places
+        in Hugging Face's layout, ``layers.N`` in Mistral's native one."""
+        return GENERIC_LAYERS if self.layout == "mistral" else self.family.layers
+
+    @property
+    def found_layers(self) -> int:
+        """Layers found in the tensor names (max index + 1), extra layers included."""
+        scheme = self.layers
         return max((i for i in map(scheme.index, self.weight_map) if i is not None), default=-1) + 1
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers: those found in the tensor names, less the extra layers saved after them
+        (DeepSeek-V3's multi-token prediction) when the checkpoint holds them."""
+        found, declared = self.found_layers, self.family.declared_layers(self.config)
+        extra = self.family.extra_layers(self.config)
+        return declared if extra and isinstance(declared, int) and found == declared + extra else found
 
 
 def select_files(names: Iterable[str], where: str) -> SourceFiles:
@@ -206,9 +221,11 @@ def _check_layer_count(ckpt: Checkpoint, config_path: Path) -> None:
     declared = ckpt.family.declared_layers(ckpt.config)
     if declared is not None and declared != ckpt.num_layers:
         key = "n_layers" if ckpt.layout == "mistral" else ckpt.family.count_path
-        raise SourceError(f"{config_path}: {key} = {declared!r} but the tensors hold {ckpt.num_layers} layers; "
-                          f"the config and weights do not belong together (use the {config_path.name} that "
-                          f"came with these weights)")
+        extra = ckpt.family.extra_layers(ckpt.config)
+        also = f" (+{extra} {ckpt.family.extra_layers_key})" if extra else ""
+        raise SourceError(f"{config_path}: {key} = {declared!r}{also} but the tensors hold {ckpt.found_layers} "
+                          f"layers; the config and weights do not belong together (use the {config_path.name} "
+                          f"that came with these weights)")
 
 
 def card_licence(readme: str | None) -> dict[str, Any]:

@@ -28,6 +28,12 @@ class LayerScheme:
         m = _pattern(self.prefixes).search(name)
         return int(m.group(2)) if m else None
 
+    def suffix(self, name: str) -> str | None:
+        """``name`` after its layer index (``model.layers.3.mlp.up_proj.weight`` -> ``mlp.up_proj.weight``),
+        or None outside the decoder layers."""
+        m = _pattern(self.prefixes).search(name)
+        return name[m.end() + 1:] if m else None
+
     def with_index(self, name: str, index: int) -> str:
         """``name`` with its decoder layer index set to ``index``.
 

@@ -450,7 +450,7 @@ def test_unknown_preset():
     with pytest.raises(ManifestError) as excinfo:
         build_plan(manifest('plan = "keep"', rename='preset = "llama-to-mistral"'), {"source": checkpoint(2)})
     assert str(excinfo.value) == ("m.toml: rename.preset: unknown preset 'llama-to-mistral'; built-in presets: "
-                                  "mistral-to-llama")
+                                  "mistral-to-llama, qwen2-to-llama, phi3-to-llama")
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
