@@ -51,7 +51,7 @@ def _pattern(prefixes: tuple[str, ...] | None) -> re.Pattern[str]:
     if prefixes is None:
         return re.compile(r"((?:^|(?<=\.))layers\.)(\d+)(?=\.|$)")
     alternatives = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
-    return re.compile(rf"^({alternatives}\.)(\d+)(?=\.|$)")
+    return re.compile(rf"^((?:{alternatives})\.)(\d+)(?=\.|$)")
 
 
 GENERIC_LAYERS = LayerScheme()
