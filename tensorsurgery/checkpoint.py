@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
@@ -63,7 +64,7 @@ class SourceFiles:
         return tuple(f for f in (self.config, self.index, *self.copied, self.card) if f)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # not slots: the layer grouping is computed once, on first use
 class Checkpoint:
     """A source model as planning sees it.
 
@@ -102,11 +103,19 @@ class Checkpoint:
         in Hugging Face's layout, ``layers.N`` in Mistral's native one."""
         return GENERIC_LAYERS if self.layout == "mistral" else self.family.layers
 
+    @cached_property
+    def by_layer(self) -> Mapping[int | None, tuple[str, ...]]:
+        """Tensor names by decoder layer index (None: outside the layers), in weight-map order."""
+        groups: dict[int | None, list[str]] = {}
+        index = self.layers.index
+        for name in self.weight_map:
+            groups.setdefault(index(name), []).append(name)
+        return MappingProxyType({k: tuple(v) for k, v in groups.items()})
+
     @property
     def found_layers(self) -> int:
         """Layers found in the tensor names (max index + 1), extra layers included."""
-        scheme = self.layers
-        return max((i for i in map(scheme.index, self.weight_map) if i is not None), default=-1) + 1
+        return max((i for i in self.by_layer if i is not None), default=-1) + 1
 
     @property
     def num_layers(self) -> int:
@@ -158,8 +167,11 @@ def index_weight_map(index: Any, where: str) -> dict[str, str]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise SourceError(f"{where}: no weight_map; re-download the index")
+    seen: set[object] = set()
     for name, shard in weight_map.items():
-        _check_shard_name(where, name, shard)
+        if shard not in seen:  # a few hundred shards for ~100k tensors: check each name once
+            _check_shard_name(where, name, shard)
+            seen.add(shard)
     return dict(weight_map)
 
 

@@ -20,7 +20,8 @@ import numpy as np
 from .dtypes import element_size
 from .fsio import pread_exact
 from .plan import CopyFile, OutputTensor, Plan, Shard
-from .transforms import Cast, PermuteRotary, Zeros, cast_chunk, permute_head
+from .steps import Cast, PermuteRotary, Zeros
+from .transforms import cast_chunk, permute_head
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"

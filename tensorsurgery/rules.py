@@ -237,6 +237,8 @@ class Renamer:
             ManifestError: under a preset with key rules, a name that no rule maps; an invalid
                 replacement; an output name the format reserves.
         """
+        if not (self.drop or self.preset_rules or self.rules):
+            return (Renamed(name),) if name != RESERVED_NAME else (Renamed(self.apply_rules(name)),)
         if any(p.search(name) for p in self.drop):
             return ()
         outs = [Renamed(pattern.sub(rule.template, name), rule.permute, rule.rows)

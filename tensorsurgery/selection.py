@@ -94,7 +94,7 @@ def select(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> Selecti
         if preset is not None:
             check_source(preset, ckpt.family.name, ckpt.config, f"{manifest.path}: source {s.name!r}")
         _check_movable(manifest, ckpt, arrangement, s.name)
-    groups = {name: _by_layer(ckpt) for name, ckpt in checkpoints.items()}
+    groups = {name: ckpt.by_layer for name, ckpt in checkpoints.items()}
     renamers = {name: _renamer(manifest, ckpt) for name, ckpt in checkpoints.items()}
     wanted: list[tuple[str, str, int | None]] = []
     owners = manifest.tensor_sources
@@ -120,14 +120,6 @@ def _renamer(manifest: Manifest, ckpt: Checkpoint) -> Renamer:
         return compile_renamer(manifest.rename, ckpt.layout)
     except ManifestError as e:
         raise ManifestError(f"{manifest.path}: {e}") from None
-
-
-def _by_layer(ckpt: Checkpoint) -> dict[int | None, list[str]]:
-    groups: dict[int | None, list[str]] = {}
-    index = ckpt.layers.index
-    for key in ckpt.weight_map:
-        groups.setdefault(index(key), []).append(key)
-    return groups
 
 
 def _check_movable(manifest: Manifest, ckpt: Checkpoint, arrangement: tuple[LayerRef, ...], name: str) -> None:
@@ -223,13 +215,15 @@ def _layer_kinds(checkpoints: Mapping[str, Checkpoint], arrangement: tuple[Layer
     relative to the layer, with shapes)."""
     suffixes: dict[int, list[str]] = {}
     signatures: dict[int, set[tuple[str, tuple[int, ...]]]] = {}
+    several = len({ref.source for ref in arrangement}) > 1
     for p in picks.values():
         if p.position is None or p.position >= len(arrangement) or p.zeros:
             continue
         ckpt = checkpoints[p.source]
         suffixes.setdefault(p.position, []).append(_suffix(ckpt.layers, p.key))
-        shape = ckpt.headers[ckpt.weight_map[p.key]].tensors[p.key].shape
-        signatures.setdefault(p.position, set()).add((ckpt.family.layers.with_index(p.out, 0), shape))
+        if several:  # signatures only matter when layers of several sources meet
+            shape = ckpt.headers[ckpt.weight_map[p.key]].tensors[p.key].shape
+            signatures.setdefault(p.position, set()).add((ckpt.family.layers.with_index(p.out, 0), shape))
     moe = [is_moe_layer(suffixes.get(pos, ())) for pos in range(len(arrangement))]
     return moe, {pos: frozenset(s) for pos, s in signatures.items()}
 
