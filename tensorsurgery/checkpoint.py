@@ -218,6 +218,9 @@ def assemble(root: Path, files: SourceFiles, headers: Mapping[str, Header], conf
             raise SourceError(f"{where}: tensor {name!r} in {shards[0]} is missing from the weight_map")
     if not isinstance(config, dict):
         raise SourceError(f"{root / files.config}: expected a JSON object, found {type(config).__name__}")
+    # The same pairs, verified above, now with the headers' own name strings: the index's copies
+    # of ~100k names need not stay in memory.
+    weight_map = {name: shard for shard in sorted(headers) for name in headers[shard].tensors}
     if files.layout == "mistral":
         config = config_from_params(config, root / files.config,
                                     {n: headers[s].tensors[n] for n, s in weight_map.items()})

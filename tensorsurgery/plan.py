@@ -119,7 +119,6 @@ class Plan:
     layers: tuple[LayerRef, ...]
     seams: tuple[tuple[int, int], ...]
     shards: tuple[Shard, ...]
-    index: Mapping[str, Any] | None
     config: Mapping[str, Any]
     copy_files: tuple[CopyFile, ...]
     manifest_text: str
@@ -128,6 +127,12 @@ class Plan:
     card_meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     family: str = "generic"
     kinds: tuple[str, ...] = ()
+
+    @property
+    def index(self) -> Mapping[str, Any] | None:
+        """``model.safetensors.index.json`` content; None for a single ``model.safetensors``, as
+        Hugging Face writes no index then. Made when asked (90k entries for DeepSeek-V3)."""
+        return _index(self.shards)
 
     @property
     def total_size(self) -> int:
@@ -187,7 +192,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     plan = Plan(
         output=Path(manifest.output.path),
         sources=tuple(_source_info(s.name, s.model, checkpoints[s.name]) for s in manifest.sources),
-        layers=chosen.arrangement, seams=seams(chosen.arrangement), shards=shards, index=_index(shards),
+        layers=chosen.arrangement, seams=seams(chosen.arrangement), shards=shards,
         config=MappingProxyType(config),
         copy_files=tuple(CopyFile(base_ckpt.root / f, f, base_ckpt.inside) for f in base_ckpt.extra_files),
         manifest_text=manifest.text, manifest_name=manifest.path.name,
@@ -323,8 +328,6 @@ def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]]) -> tupl
 
 
 def _index(shards: tuple[Shard, ...]) -> Mapping[str, Any] | None:
-    """``model.safetensors.index.json`` content; None for a single ``model.safetensors``,
-    as Hugging Face writes no index then."""
     if len(shards) == 1:
         return None
     return MappingProxyType({
