@@ -33,8 +33,9 @@ from .layers import GENERIC_LAYERS, LayerScheme
 class Derivation(Protocol):
     """How transformers fills in a per-layer list from other config fields."""
 
-    #: The config field the derivation reads (a pattern field), if any.
-    key: str | None
+    @property
+    def key(self) -> str | None:
+        """The config field the derivation reads (a pattern field), if any."""
 
     def derive(self, config: Mapping[str, Any], n: int, lists: Mapping[str, list[Any]]) -> list[Any]:
         """The list for ``n`` layers of ``config``; ``lists`` holds lists already known."""
@@ -142,7 +143,8 @@ class Family:
     def text_config(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
         """The part of ``config`` that describes the decoder (``{}`` when it is missing)."""
         for key in self.config_path:
-            config = config.get(key) if isinstance(config.get(key), dict) else {}
+            sub = config.get(key)
+            config = sub if isinstance(sub, dict) else {}
         return config
 
     def declared_layers(self, config: Mapping[str, Any]) -> Any:

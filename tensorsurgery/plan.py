@@ -181,9 +181,10 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
                      key=lambda t: (_natural_key(t.name), t.name))
     linked = _identical_source_shards(tensors, checkpoints[base]) if link else []
     taken = {t.name for _, group in linked for t in group}
-    groups = [(None, group) for group in _cut([t for t in tensors if t.name not in taken],
+    groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
+    groups += [(None, group) for group in _cut([t for t in tensors if t.name not in taken],
                                                manifest.output.max_shard_size)]
-    shards = _name_shards(linked + groups)
+    shards = _name_shards(groups)
     base_ckpt = checkpoints[base]
     preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
     config = build_config({n: c.config for n, c in checkpoints.items()}, base, chosen.arrangement,

@@ -63,9 +63,9 @@ def format_plan(plan: Plan, *, free: int | None = None) -> str:
     transforms = Counter(t.transform for t in plan.tensors)
     lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in sorted(transforms.items())))
     lines.append(f"shards: {len(plan.shards)}")
-    for s in plan.shards:
-        link = f"  linked to {s.link} (not written)" if s.link is not None else ""
-        lines.append(f"  {s.filename}  {format_bytes(s.nbytes):>10}  {len(s.tensors)} tensors{link}")
+    for shard in plan.shards:
+        link = f"  linked to {shard.link} (not written)" if shard.link is not None else ""
+        lines.append(f"  {shard.filename}  {format_bytes(shard.nbytes):>10}  {len(shard.tensors)} tensors{link}")
     need = f"disk needed: {format_bytes(plan.written_nbytes)}"
     if plan.written_nbytes != plan.nbytes:
         need += f" ({format_bytes(plan.nbytes - plan.written_nbytes)} of linked shards take no space)"
