@@ -362,9 +362,10 @@ _ENTRY_MAKER = _entry_maker()
 
 class _Duplicates(dict):
     """A JSON object that repeated keys: its values are the last ones, as serde keeps them;
-    ``repeated`` lists the repeated keys in the order of their second appearance."""
+    ``repeated`` lists the repeated keys in the order of their second appearance, ``pairs`` all
+    of the object's (key, value) pairs (serde checks the type of every value, kept or not)."""
 
-    __slots__ = ("repeated",)
+    __slots__ = ("repeated", "pairs")
 
 
 def _object(pairs: list[tuple[str, object]]) -> dict:
@@ -377,7 +378,7 @@ def _object(pairs: list[tuple[str, object]]) -> dict:
                 repeated.append(k)
             seen.add(k)
         out = _Duplicates(out)
-        out.repeated = tuple(repeated)
+        out.repeated, out.pairs = tuple(repeated), pairs
     return out
 
 
@@ -422,6 +423,10 @@ def _parse_general(path: Path, text: str, buf: bytes, data_len: int) -> Header:
         entry, why = _parse_entry(path, name, info, shapes)
         entries.append(entry)
         stricter = stricter or why
+    if duplicate is not None:  # the official reader checks the tensors it then drops, too
+        for name, info in obj.pairs:
+            if name != _METADATA_KEY and info is not obj.get(name):
+                _parse_entry(path, name, info, shapes, kept=False)
     entries.sort(key=_data_order)
     _check_layout(path, entries, data_len)
     if duplicate is not None:
@@ -438,9 +443,11 @@ def _check_metadata(path: Path, meta: object
     """The metadata mapping, and a deliberate difference's (message, key) if it has one."""
     if meta is None:
         return None, None
-    if not isinstance(meta, dict) or not all(type(v) is str for v in meta.values()):
+    values = [v for _, v in meta.pairs] if type(meta) is _Duplicates else meta.values() \
+        if isinstance(meta, dict) else ()
+    if not isinstance(meta, dict) or not all(type(v) is str for v in values):
         raise HeaderError(f"{path}: __metadata__ must map strings to strings, found {meta!r:.200}")
-    if not all(_is_unicode(k) and _is_unicode(v) for k, v in meta.items()):
+    if not all(_is_unicode(k) for k in meta) or not all(_is_unicode(v) for v in values):
         raise HeaderError(f"{path}: __metadata__ holds a lone surrogate escape (not valid Unicode), "
                           f"found {meta!r:.200}")
     stricter = None
@@ -464,21 +471,32 @@ def _is_u64(x: object) -> bool:
     return type(x) is int and 0 <= x <= _U64_MAX
 
 
-def _depth(value: object) -> float:
-    """Nesting depth of the containers in a JSON value (a scalar is 0; too deep: infinity)."""
+def _nesting(value: object) -> tuple[float, bool]:
+    """The nesting depth of the containers in a JSON value (a scalar is 0; too deep for Python:
+    infinity), and whether a string or key in it holds a lone surrogate."""
+    if type(value) is str:
+        return 0, not _is_unicode(value)
+    if isinstance(value, dict):
+        items, lone = list(value.values()), not all(map(_is_unicode, value))
+    elif isinstance(value, list):
+        items, lone = value, False
+    else:
+        return 0, False
+    depth = 0
     try:
-        if isinstance(value, dict):
-            return 1 + max(map(_depth, value.values()), default=0)
-        if isinstance(value, list):
-            return 1 + max(map(_depth, value), default=0)
+        for item in items:
+            d, bad = _nesting(item)
+            depth, lone = max(depth, d), lone or bad
     except RecursionError:
-        return math.inf
-    return 0
+        return math.inf, lone
+    return 1 + depth, lone
 
 
-def _parse_entry(path: Path, name: str, info: object, shapes: dict
+def _parse_entry(path: Path, name: str, info: object, shapes: dict, kept: bool = True
                  ) -> tuple[TensorEntry, tuple[str, str] | None]:
-    """The entry, and a deliberate difference's (message, key) if it has one."""
+    """The entry, and a deliberate difference's (message, key) if it has one. For an entry
+    that a later one of the same name replaces (``kept`` false), only the checks the official
+    reader makes of every JSON value apply, not those it makes of the tensors it keeps."""
     where = f"{path}: tensor {name!r}"
     if not _is_unicode(name):
         raise HeaderError(f"{where}: name holds a lone surrogate escape (not valid Unicode)")
@@ -494,11 +512,17 @@ def _parse_entry(path: Path, name: str, info: object, shapes: dict
         for key in info.repeated:
             if key in _FIELDS:
                 raise HeaderError(f"{path}: header has duplicate key {key!r}")
+    pairs = info.pairs if type(info) is _Duplicates else info.items()
+    for key, value in sorted((kv for kv in pairs if kv[0] in extra), key=lambda kv: kv[0]):
+        # the official reader ignores their values but parses them first, with less leeway
+        depth, lone = _nesting(value)
+        if lone or not _is_unicode(key):
+            raise HeaderError(f"{where}: field {key!r} holds a lone surrogate escape "
+                              f"(not valid Unicode)")
+        if 2 + depth >= _MAX_DEPTH:
+            raise HeaderError(f"{where}: field {key!r} nests the header deeper than the "
+                              f"{_MAX_DEPTH - 1} levels the official JSON parser allows")
     if extra:
-        # the official reader ignores them, but still parses them: too deep a nesting fails there
-        if 2 + max(_depth(info[k]) for k in extra) >= _MAX_DEPTH:
-            raise HeaderError(f"{where}: field {sorted(extra)[0]!r} nests deeper than "
-                              f"{_MAX_DEPTH - 1} levels")
         stricter = stricter or (f"{where}: unknown field {sorted(extra)[0]!r}", "unknown-tensor-field")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if (type(dtype) is dict and len(dtype) == 1
@@ -511,7 +535,7 @@ def _parse_entry(path: Path, name: str, info: object, shapes: dict
     if type(shape) is not list or not all(_is_u64(d) for d in shape):
         raise HeaderError(f"{where}: shape must be a list of non-negative integers, found {shape!r:.100}")
     if (type(offsets) is not list or len(offsets) != 2 or not all(_is_u64(o) for o in offsets)
-            or offsets[0] > offsets[1]):
+            or (kept and offsets[0] > offsets[1])):
         raise HeaderError(f"{where}: data_offsets must be [start, end] with 0 <= start <= end, "
                           f"found {offsets!r:.100}")
     shape = tuple(shape)
