@@ -13,8 +13,10 @@ measurements), wall time of the operation and the child's peak RSS (``ru_maxrss`
   every tensor, kept in a list: what our ``Header`` holds (names, dtypes, shapes) in Python objects.
 * ``ours read_header``: ``tensorsurgery.format.read_header(path)``, the Header kept alive.
 
-and prints ratios (ours / official) for time and peak RSS. Runs alternate and the table shows
-medians. The file is removed at the end unless ``--keep``.
+and prints ratios (ours / official) for time and peak RSS. ``--baseline DIR`` adds ``baseline
+read_header``: the same child with ``DIR`` (another checkout of tensorsurgery, e.g. from ``git
+archive``) first on ``PYTHONPATH``, for before/after numbers measured side by side. Runs alternate
+and the table shows medians. The file is removed at the end unless ``--keep``.
 
 Tensor names follow a mixture-of-experts model, ``model.layers.{i}.mlp.experts.{j}.{gate,up,
 down}_proj.weight`` (``--names model``, the default: ~0.8M tensors fit in 100 MB, each entry being
@@ -25,7 +27,8 @@ shape and offsets, so 1.7M tensors cannot fit under the limit with any naming).
 Usage::
 
     python benchmarks/header_scale.py [--names model|short] [--runs N] [--workdir DIR]
-        [--max-header-bytes B] [--tensors N] [--keep] [--only official-keys,ours,...] [--json]
+        [--max-header-bytes B] [--tensors N] [--baseline DIR] [--keep] [--json]
+        [--only "official keys,ours read_header,..."]
 """
 from __future__ import annotations
 
@@ -79,6 +82,7 @@ print(json.dumps({"seconds": dt, "rss_after_imports_kb": int(rss0), "tensors": l
 """,
 }
 OFFICIAL = ("official keys", "official full")
+BASELINE = "baseline read_header"
 
 
 def entry_json(name: str, dtype: str, shape: tuple[int, ...], start: int, end: int) -> str:
@@ -136,12 +140,14 @@ def write_file(path: Path, names: str, max_header: int, tensors: int | None) -> 
     return count, len(raw)
 
 
-def measure(label: str, path: Path) -> dict:
+def measure(label: str, path: Path, baseline: Path | None = None) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    root = baseline if label == BASELINE else REPO
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    code = CHILDREN["ours read_header" if label == BASELINE else label]
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILDREN[label], str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(root))
     # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over all children)
     out = proc.stdout.read()
     err = proc.stderr.read()
@@ -165,11 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tensors", type=int, default=None,
                     help="exactly this many tensors (default: as many as fit)")
     ap.add_argument("--only", default=None, help="comma-separated labels to run")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another tensorsurgery checkout to measure as 'baseline read_header'")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    labels = list(CHILDREN) if args.only is None else [s.strip() for s in args.only.split(",")]
+    labels = list(CHILDREN) + ([BASELINE] if args.baseline else [])
+    if args.only is not None:
+        labels = [s.strip() for s in args.only.split(",")]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="header-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "model.safetensors"
@@ -183,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             order = labels[run % len(labels):] + labels[:run % len(labels)]
             for label in order:
-                r = measure(label, path)
+                r = measure(label, path, args.baseline)
                 assert r["tensors"] == count, (label, r["tensors"], count)
                 results[label].append(r)
                 print(f"# run {run + 1} {label}: {r['seconds']:.2f} s, peak {r['peak_mb']:.0f} MB",
