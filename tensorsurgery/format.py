@@ -575,13 +575,57 @@ def encode_header(tensors: Iterable[tuple[str, str, tuple[int, ...], int, int]],
     """Encode the 8-byte length plus JSON header for ``(name, dtype, shape, start, end)`` tuples.
 
     The JSON is padded with spaces to a multiple of 8 bytes so the data section is aligned,
-    as the official writer does. Tensor order in the JSON follows the data order.
+    as the official writer does. Tensor order in the JSON follows the data order. The output is
+    that of ``json.dumps`` (compact, ``ensure_ascii=False``) of the header as a dict, written
+    entry by entry without building the dict.
+
+    Raises:
+        HeaderError: the header would exceed :data:`MAX_HEADER_SIZE`, which no reader accepts.
     """
-    obj: dict[str, object] = {}
+    items = list(tensors)
+    parts = _encode_entries(items, metadata)
+    if parts is None:  # not plain str/int values, or a name twice: json.dumps of the dict decides
+        obj: dict[str, object] = {}
+        if metadata is not None:
+            obj[_METADATA_KEY] = dict(metadata)
+        for name, dtype, shape, start, end in items:
+            obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
+        parts = [b"", json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")]
+    n = sum(map(len, parts))
+    n += -n % 8
+    if n > MAX_HEADER_SIZE:
+        raise HeaderError(f"a header for {len(items)} tensors would be {n} bytes, over the "
+                          f"{MAX_HEADER_SIZE} that safetensors readers accept; spread the tensors "
+                          f"over more files")
+    parts[0] = struct.pack("<Q", n)
+    parts.append(b" " * (n - sum(map(len, parts)) + 8))
+    return b"".join(parts)
+
+
+def _encode_entries(items: list, metadata: Mapping[str, str] | None) -> list[bytes] | None:
+    """``[b"", header JSON piece by piece]``, or None where only json.dumps gives the answer."""
+    names = {item[0] for item in items}
+    if len(names) != len(items) or (metadata is not None and _METADATA_KEY in names):
+        return None
+    enc = _encode_string
+    parts = [b"", b"{"]
     if metadata is not None:
-        obj[_METADATA_KEY] = dict(metadata)
-    for name, dtype, shape, start, end in tensors:
-        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
-    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+        parts.append(b'"__metadata__":' + json.dumps(
+            dict(metadata), separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    append = parts.append
+    comma = "," if len(parts) > 2 else ""
+    ints = _INT_TYPES
+    for name, dtype, shape, start, end in items:
+        if (type(name) is not str or type(dtype) is not str or type(start) is not int
+                or type(end) is not int or not ints.issuperset(map(type, shape))):
+            return None
+        append(f'{comma}{enc(name)}:{{"dtype":{enc(dtype)},"shape":[{",".join(map(str, shape))}],'
+               f'"data_offsets":[{start},{end}]}}'.encode("utf-8"))
+        comma = ","
+    append(b"}")
+    return parts
+
+
+#: json's own string encoder (the C one where built): what json.dumps writes for a str.
+_encode_string = json.encoder.encode_basestring
+_INT_TYPES = frozenset({int})

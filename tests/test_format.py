@@ -485,6 +485,47 @@ def test_encoded_header_is_space_padded_to_8(name_len):
     assert json.loads(body) == expected
 
 
+def dumps_header(tensors, metadata=None) -> bytes:
+    """encode_header's reference: json.dumps of the header as a dict, padded, length first."""
+    obj: dict = {} if metadata is None else {"__metadata__": dict(metadata)}
+    for name, dtype, shape, start, end in tensors:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize("tensors, metadata", [
+    ([], None), ([], {}), ([("é\"\\\n\x00\u2028\U0001F600", "F32", (1, 2), 0, 8)], {"k\n": "v\""}),
+    ([("a", "F32", (), 0, 4), ("a", "U8", (1,), 4, 5)], None),  # a name twice: the dict keeps one
+    ([("__metadata__", "F32", (), 0, 4)], {"x": "y"}), ([("__metadata__", "F32", (), 0, 4)], None),
+    ([("a", "F32", (True,), 0, 4)], None), ([("a", "F32", [1.0], 0, 4)], None),
+    ([("a", None, [1], 0, 4)], None), ([(1, "U8", [1], 0, 1)], None), ([("a", "U8", [], 0, False)], None),
+], ids=["empty", "empty-metadata", "escapes", "twice", "metadata-name", "metadata-name-alone",
+        "bool-dim", "float-dim", "null-dtype", "int-name", "bool-offset"])
+def test_encode_header_writes_what_json_dumps_writes(tensors, metadata):
+    assert encode_header(iter(tensors), metadata) == dumps_header(tensors, metadata)
+
+
+@settings(max_examples=100, deadline=None)
+@given(layout=st.deferred(lambda: valid_layouts()))
+def test_encode_header_writes_what_json_dumps_writes_property(layout):
+    tensors, metadata, _ = layout
+    assert encode_header(tensors, metadata) == dumps_header(tensors, metadata)
+
+
+def test_encode_header_refuses_a_header_over_the_maximum(monkeypatch):
+    tensors = [(f"t{i}", "U8", (1,), i, i + 1) for i in range(3)]
+    size = len(encode_header(tensors)) - 8
+    monkeypatch.setattr("tensorsurgery.format.MAX_HEADER_SIZE", size)
+    assert len(encode_header(tensors)) == 8 + size
+    monkeypatch.setattr("tensorsurgery.format.MAX_HEADER_SIZE", size - 1)
+    with pytest.raises(HeaderError) as excinfo:
+        encode_header(tensors)
+    assert str(excinfo.value) == (f"a header for 3 tensors would be {size} bytes, over the {size - 1} "
+                                  f"that safetensors readers accept; spread the tensors over more files")
+
+
 # --- property: parse_header returns a valid Header or raises HeaderError, nothing else --------
 
 FUZZ_PATH = Path("fuzz.safetensors")
