@@ -9,9 +9,10 @@ official reader accepts it, except for the few stricter rules listed, each with 
 ``tests/test_format_differential.py`` holds both readers to that.
 
 Two parsers produce the same :class:`Header`: a fast one for the compact layout every known
-writer emits (the official one, ``encode_header``), a regular expression over the JSON text with
-no intermediate JSON tree, and the general one (``json`` with hooks) for everything else and for
-every error message. The fast one never raises: on anything unusual it hands over to the general.
+writer emits (the official one, ``encode_header``), a regular expression over the file's bytes
+with no decoded copy and no intermediate JSON tree, and the general one (``json`` with hooks) for
+everything else and for every error message. The fast one never raises: on anything unusual it
+hands over to the general one.
 """
 from __future__ import annotations
 
@@ -55,10 +56,10 @@ DELIBERATE_DIFFERENCES: Mapping[str, str] = MappingProxyType({
         "hold); we refuse: a rewrite would drop them and they may change the tensor's meaning",
     "tensor-entry-as-array":
         "serde also reads a tensor entry written as the array [dtype, shape, data_offsets]; no "
-        "writer emits it and other readers reject it, so we refuse it",
+        "writer emits it and code reading entry['dtype'] fails on it, so we refuse it",
     "dtype-as-map":
         "serde also reads a dtype written as the map {\"F32\": null}; no writer emits it and "
-        "other readers reject it, so we refuse it",
+        "code comparing the dtype to a string fails on it, so we refuse it",
 })
 
 _U64_MAX = 2**64 - 1
@@ -265,27 +266,28 @@ def _parse_fast(path: Path, buf: bytes, data_len: int) -> Header | None:
     infos: dict[bytes, tuple[str, tuple[int, ...], int]] = {}
     new, set_name, set_dtype, set_shape, set_start, set_end = _ENTRY_MAKER
     in_order = True
-    end = 0
+    end, e = 0, b"0"
     try:
         for m in _ENTRY.finditer(buf, pos):
             if m.start() != pos:
                 return None
-            name, key, s, e, sep = m.groups()
+            name, key, s, e_next, sep = m.groups()
             info = infos.get(key)
             if info is None:
                 info = infos[key] = _fast_info(_KEY.fullmatch(key))
                 if info is None:
                     return None
             dtype, shape, nbytes = info
-            start = int(s)
-            if start == end:
-                start = end  # one int object for an end and the next start
+            if s == e:
+                start = end  # the previous end, parsed once and one int object for both
             else:
+                start = int(s)
                 in_order = False
+            e = e_next
             end = int(e)
             if end - start != nbytes:
                 return None
-            name = str(name, "utf-8")
+            name = name.decode()  # UTF-8, strict
             entry = new(TensorEntry)
             set_name(entry, name)
             set_dtype(entry, dtype)

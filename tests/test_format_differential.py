@@ -48,6 +48,7 @@ class Verdict:
     metadata: dict | None = None
     error: str = ""
     difference: str | None = None  # ours only: the StricterHeaderError's kind
+    fast: bool = False  # ours only: the fast parser read it
 
 
 def official(path: Path, content: bytes, with_safe_open: bool) -> Verdict:
@@ -84,18 +85,19 @@ def ours(path: Path, content: bytes) -> Verdict:
                         content[header.data_start + e.start:header.data_start + e.end])
                for e in header.entries}
     assert len(tensors) == len(header.entries) == len(header.tensors)
-    _check_fast_equals_general(path, content, header)
-    return Verdict(True, tensors, None if header.metadata is None else dict(header.metadata))
+    return Verdict(True, tensors, None if header.metadata is None else dict(header.metadata),
+                   fast=_check_fast_equals_general(path, content, header))
 
 
-def _check_fast_equals_general(path: Path, content: bytes, header) -> None:
-    """Where the fast parser answers, the general one gives the same Header."""
+def _check_fast_equals_general(path: Path, content: bytes, header) -> bool:
+    """Where the fast parser answers, the general one gives the same Header; True if it did."""
     buf = content[:header.data_start]
     fast = _parse_fast(path, buf, len(content) - len(buf))
     if fast is not None:
         general = _parse_general(path, buf[8:].decode("utf-8"), buf, len(content) - len(buf))
         assert fast == general and list(fast.tensors) == list(general.tensors)
         assert fast.entries == header.entries and fast.raw == header.raw == buf
+    return fast is not None
 
 
 class Tally:
@@ -122,6 +124,7 @@ class Tally:
             assert mine.tensors == off.tensors, where
             assert mine.metadata == off.metadata, where
             self.counts["both accept"] += 1
+            self.counts["both accept, ours by the fast parser"] += mine.fast
         else:
             self.counts["both refuse"] += 1
         self.counts["cases"] += 1
