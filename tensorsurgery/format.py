@@ -445,9 +445,9 @@ def _check_metadata(path: Path, meta: object
     """The metadata mapping, and a deliberate difference's (message, key) if it has one."""
     if meta is None:
         return None, None
-    values = [v for _, v in meta.pairs] if type(meta) is _Duplicates else meta.values() \
-        if isinstance(meta, dict) else ()
-    if not isinstance(meta, dict) or not all(type(v) is str for v in values):
+    values = ([v for _, v in meta.pairs] if type(meta) is _Duplicates  # serde checks them all
+              else list(meta.values()) if isinstance(meta, dict) else None)
+    if values is None or not all(type(v) is str for v in values):
         raise HeaderError(f"{path}: __metadata__ must map strings to strings, found {meta!r:.200}")
     if not all(_is_unicode(k) for k in meta) or not all(_is_unicode(v) for v in values):
         raise HeaderError(f"{path}: __metadata__ holds a lone surrogate escape (not valid Unicode), "
