@@ -92,12 +92,12 @@ class Checkpoint:
         """The folder every file of this checkpoint must really be in."""
         return self.trust_root or self.root
 
-    @property
+    @cached_property
     def family(self) -> Family:
         """The model family config.json names (:data:`tensorsurgery.families.GENERIC` if unknown)."""
         return family_of(self.config)
 
-    @property
+    @cached_property
     def layers(self) -> LayerScheme:
         """Where the decoder layers are in this checkpoint's own tensor names: the family's places
         in Hugging Face's layout, ``layers.N`` in Mistral's native one."""
@@ -202,25 +202,19 @@ def assemble(root: Path, files: SourceFiles, headers: Mapping[str, Header], conf
             that is not an object or disagrees with the tensors.
     """
     where = root / (files.index or files.config)
-    owners = _owners(headers)
-    for name, shards in owners.items():
-        if len(shards) > 1:
-            raise SourceError(f"{root}: tensor {name!r} is in two shards ({shards[0]} and {shards[1]}); "
-                              f"the checkpoint is inconsistent")
-    if weight_map is None:
-        weight_map = {name: shards[0] for name, shards in owners.items()}
-    for name, shard in weight_map.items():
-        if name not in headers[shard].tensors:
-            raise SourceError(f"{where}: tensor {name!r} is listed in {shard} but that shard does not hold "
-                              f"it; the index and shards are from different versions")
-    for name, shards in owners.items():
-        if name not in weight_map:
-            raise SourceError(f"{where}: tensor {name!r} in {shards[0]} is missing from the weight_map")
+    # Built from the headers (so it keeps their name strings: the index's copies of ~100k names
+    # need not stay in memory), then compared with the index as one dict.
+    owned: dict[str, str] = {}
+    for shard in sorted(headers):
+        for name in headers[shard].tensors:
+            if owned.setdefault(name, shard) != shard:
+                raise SourceError(f"{root}: tensor {name!r} is in two shards ({owned[name]} and {shard}); "
+                                  f"the checkpoint is inconsistent")
+    if weight_map is not None and weight_map != owned:
+        _index_difference(where, weight_map, owned, headers)
     if not isinstance(config, dict):
         raise SourceError(f"{root / files.config}: expected a JSON object, found {type(config).__name__}")
-    # The same pairs, verified above, now with the headers' own name strings: the index's copies
-    # of ~100k names need not stay in memory.
-    weight_map = {name: shard for shard in sorted(headers) for name in headers[shard].tensors}
+    weight_map = owned
     if files.layout == "mistral":
         config = config_from_params(config, root / files.config,
                                     {n: headers[s].tensors[n] for n, s in weight_map.items()})
@@ -266,9 +260,13 @@ def front_matter(readme: str | None) -> dict[str, Any]:
 _FRONT_MATTER = re.compile(r"\A\ufeff?---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|\Z)", re.DOTALL)
 
 
-def _owners(headers: Mapping[str, Header]) -> dict[str, list[str]]:
-    owners: dict[str, list[str]] = {}
-    for shard, header in headers.items():
-        for name in header.tensors:
-            owners.setdefault(name, []).append(shard)
-    return owners
+def _index_difference(where: Path, weight_map: Mapping[str, str], owned: Mapping[str, str],
+                      headers: Mapping[str, Header]) -> None:
+    """Raise the first way an index's weight map disagrees with what the shards hold."""
+    for name, shard in weight_map.items():
+        if name not in headers[shard].tensors:
+            raise SourceError(f"{where}: tensor {name!r} is listed in {shard} but that shard does not hold "
+                              f"it; the index and shards are from different versions")
+    for name, shard in owned.items():
+        if name not in weight_map:
+            raise SourceError(f"{where}: tensor {name!r} in {shard} is missing from the weight_map")

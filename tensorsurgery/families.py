@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping, Protocol, Union
+from typing import Any, Iterable, Mapping, Protocol, Union
 
 from .layers import GENERIC_LAYERS, LayerScheme
 
@@ -225,7 +225,7 @@ def get_family(name: str) -> Family:
     raise KeyError(name)
 
 
-def is_moe_layer(suffixes: Any) -> bool:
+def is_moe_layer(suffixes: Iterable[str]) -> bool:
     """True when a layer holding tensors with these names (relative to the layer) is a mixture of
     experts (experts, a router), as opposed to a dense MLP layer."""
     return any(MOE_TENSORS.search(s) for s in suffixes)
