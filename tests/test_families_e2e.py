@@ -196,17 +196,20 @@ def test_names_saved_by_transformers_4_52_to_4_57(source, tmp_path, name):
     assert torch.equal(ref.logits, reference_surgery(src, dus(n, n // 2)).logits)
 
 
-@pytest.mark.parametrize("text", [
-    {},
-    {"no_rope_layers": []},
-    {"no_rope_layer_interval": 2, "attention_chunk_size": None},
-    {"no_rope_layers": [0, 1, 1, 0, 1], "attention_chunk_size": 16},
+@pytest.mark.parametrize("family, text", [
+    ("llama4", {}),
+    ("llama4", {"no_rope_layers": []}),  # Meta's configs: derived, as if absent
+    ("llama4", {"no_rope_layer_interval": 2, "attention_chunk_size": None}),
+    ("llama4", {"no_rope_layers": [0, 1, 1, 0, 1], "attention_chunk_size": 16}),
+    ("qwen2_5_vl", {"use_sliding_window": True, "sliding_window": 8, "num_hidden_layers": 30}),  # default 80, not 28
+    ("qwen2_5_vl", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 3}),
 ])
-def test_llama4_derivations_are_transformers_own(text):
-    """The registry derives Llama 4's per-layer lists from a text_config as Llama4TextConfig does."""
-    from transformers import Llama4TextConfig
+def test_multimodal_derivations_are_transformers_own(family, text):
+    """The registry derives the per-layer lists of a text_config as the family's text config class does."""
+    from transformers import Llama4TextConfig, Qwen2_5_VLTextConfig
 
     cfg = {"num_hidden_layers": 5, **text}
-    want = Llama4TextConfig(**cfg)
-    assert layer_lists(get_family("llama4"), cfg, 5) == {"no_rope_layers": want.no_rope_layers,
-                                                         "layer_types": want.layer_types}
+    n = cfg["num_hidden_layers"]
+    want = {"llama4": Llama4TextConfig, "qwen2_5_vl": Qwen2_5_VLTextConfig}[family](**cfg)
+    keys = {"llama4": ("no_rope_layers", "layer_types"), "qwen2_5_vl": ("layer_types",)}[family]
+    assert layer_lists(get_family(family), cfg, n) == {k: getattr(want, k) for k in keys}
