@@ -310,6 +310,21 @@ def _mistral3(n: int) -> dict[str, Any]:
     )
 
 
+#: ``build("mistral3", ..., **MINISTRAL3)``: Mistral 3 with a Ministral 3 text tower (Ministral-3-*-2512:
+#: text_config model_type ministral3, yarn rope with llama_4_scaling_beta, which scales queries past
+#: original_max_position_embeddings - 16 here, so within 24 tokens), and tied embeddings, to cover a
+#: Mistral 3 checkpoint without lm_head.weight.
+MINISTRAL3: dict[str, Any] = dict(
+    text_config=dict(
+        model_type="ministral3", tie_word_embeddings=True,
+        rope_parameters=_rope(1000000.0, rope_type="yarn", factor=16.0, original_max_position_embeddings=16,
+                              beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
+                              llama_4_scaling_beta=0.1),
+    ),
+    tie_word_embeddings=True,
+)
+
+
 def _qwen2_5_vl(n: int) -> dict[str, Any]:
     # Qwen2.5-VL-7B-Instruct shape: a Qwen2 decoder (q/k/v biases, GQA, untied) with multimodal rope
     # (mrope_section splits each head's rotary half into time/height/width: 16/24/24 of 64 on the

@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 from family_models import (  # noqa: E402
     FAMILIES,
+    MINISTRAL3,
     build,
     dus,
     idus,
@@ -178,6 +179,17 @@ def test_hub_configs_of_multimodal_families(tmp_path, name):
         n_out = 2 * (n - n // 2)
         assert len(text["no_rope_layers"]) == len(text["layer_types"]) == n_out  # written out
         assert text["interleave_moe_layer_step"] == 1 and text["moe_layers"] == ref.config["text_config"]["moe_layers"]
+
+
+def test_mistral3_with_a_ministral3_text_tower(tmp_path):
+    """Ministral 3 is Mistral 3 too (text_config model_type ministral3, yarn rope with Llama 4 query
+    scaling), here with tied embeddings: no lm_head.weight in the checkpoint."""
+    src = build("mistral3", tmp_path / "src", seed=7, **MINISTRAL3)
+    assert not any("lm_head" in k for k in read_tensors(src))
+    n = n_layers(src)
+    out = tmp_path / "out"
+    api.apply(manifest(src, out, f'plan = "idus"\noverlap = {n // 2}\ngroup = 1'))
+    assert_output_matches(out, reference_surgery(src, idus(n, n // 2, 1)))
 
 
 @pytest.mark.parametrize("name", ["mistral3", "qwen2_5_vl"])
