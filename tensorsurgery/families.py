@@ -159,7 +159,9 @@ class Family:
     after the counted ones (DeepSeek-V3's multi-token prediction), which stay after the new last
     layer. ``mirrors`` pairs a private copy of a field with the field (Gemma 3's
     ``_sliding_window_pattern``). ``position_bound`` names boolean config fields that tie a layer's
-    computation to its index, so that moving layers changes the model.
+    computation to its index, so that moving layers changes the model. ``flat_config``: configs of
+    the family written before it had a ``text_config`` (Qwen's own Qwen2.5-VL configs) keep the
+    decoder's fields at the top level; transformers reads them there, and so does this.
     """
 
     name: str
@@ -171,13 +173,26 @@ class Family:
     extra_layers_key: str | None = None
     mirrors: tuple[tuple[str, str], ...] = ()
     position_bound: tuple[str, ...] = ()
+    flat_config: bool = False
 
     def text_config(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The part of ``config`` that describes the decoder (``{}`` when it is missing)."""
+        """The part of ``config`` that describes the decoder (``{}`` when it is missing; the top
+        level for a ``flat_config`` family whose config.json has no ``config_path``)."""
+        if self.flat_config and not self.nested(config):
+            return config
         for key in self.config_path:
             sub = config.get(key)
             config = sub if isinstance(sub, dict) else {}
         return config
+
+    def nested(self, config: Mapping[str, Any]) -> bool:
+        """True when ``config`` holds the decoder's config at ``config_path``."""
+        for key in self.config_path:
+            sub = config.get(key)
+            if not isinstance(sub, dict):
+                return False
+            config = sub
+        return True
 
     def declared_layers(self, config: Mapping[str, Any]) -> Any:
         """The layer count config.json declares (None when absent; not checked to be an int)."""
@@ -240,10 +255,11 @@ FAMILIES: tuple[Family, ...] = (
     # Qwen2.5-VL: saved (5.24 and Qwen's Hub checkpoints) as model.layers, fine-tunes written by
     # transformers 4.52-4.57 as model.language_model.layers (5.24 loads both); vision blocks are
     # visual.blocks.N. 5.24 writes the decoder's fields into text_config (layer_types derived as for
-    # Qwen2, but max_window_layers defaults to 80). Hub configs written by 4.x keep them at the top
-    # level with no text_config: config_path cannot say "text_config, else the top level" yet.
+    # Qwen2, but max_window_layers defaults to 80). Qwen's own Hub configs, written by 4.x, keep them
+    # at the top level with no text_config: read and rewritten there (flat_config).
     Family("qwen2_5_vl", ("qwen2_5_vl",), LayerScheme(("model.layers", "model.language_model.layers")),
-           config_path=("text_config",), fields=(PerLayer("layer_types", WindowFrom(default=80)),)),
+           config_path=("text_config",), fields=(PerLayer("layer_types", WindowFrom(default=80)),),
+           flat_config=True),
     # Llama 4 Scout / Maverick: language_model.model.layers (5.24 and the Hub; the vision tower's are
     # vision_model.model.layers). Rope on layers with no_rope_layers 1 (Meta's configs: [], derived
     # from no_rope_layer_interval 4), those layers chunked (layer_types), MoE layers listed in
