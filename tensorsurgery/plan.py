@@ -177,8 +177,12 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     """
     base = manifest.sources[0].name
     chosen = select(manifest, checkpoints)
+    arrangement, moe, kinds = chosen.arrangement, chosen.moe, chosen.kinds
     dtype = CAST_DTYPES[manifest.output.dtype] if manifest.output.dtype else None
-    specs = [_spec(p, checkpoints, dtype) for p in sorted(chosen.picks, key=lambda p: (p.order, p.out))]
+    picks = sorted(chosen.picks, key=lambda p: (p.order, p.out))
+    del chosen  # from here on each tensor is held once: picks, then specs, then placed tensors
+    specs = [_spec(p, checkpoints, dtype) for p in picks]
+    del picks
     linked = _identical_source_shards(specs, checkpoints[base]) if link else []
     taken = {spec[0] for _, group in linked for spec, _ in group}
     groups: list[tuple[Header | None, list[tuple[_Spec, int]]]] = [*linked]
@@ -188,17 +192,17 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     shards = _name_shards(groups)
     base_ckpt = checkpoints[base]
     preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
-    config = build_config({n: c.config for n, c in checkpoints.items()}, base, chosen.arrangement,
-                          family=base_ckpt.family, moe=chosen.moe, preset=preset, dtype=dtype,
+    config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
+                          family=base_ckpt.family, moe=moe, preset=preset, dtype=dtype,
                           overrides=manifest.config, where=f"{manifest.path}: layers")
     plan = Plan(
         output=Path(manifest.output.path),
         sources=tuple(_source_info(s.name, s.model, checkpoints[s.name]) for s in manifest.sources),
-        layers=chosen.arrangement, seams=seams(chosen.arrangement), shards=shards,
+        layers=arrangement, seams=seams(arrangement), shards=shards,
         config=MappingProxyType(config),
         copy_files=tuple(CopyFile(base_ckpt.root / f, f, base_ckpt.inside) for f in base_ckpt.extra_files),
         manifest_text=manifest.text, manifest_name=manifest.path.name,
-        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=chosen.kinds,
+        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds,
     )
     from .card import model_card  # the card describes the plan: it is made from it
     return replace(plan, card=model_card(plan))

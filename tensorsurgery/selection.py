@@ -148,8 +148,8 @@ def _pick(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], renamers: M
         if parts is not None:
             # The common case, made cheap (it runs for every tensor of a 1.7M-tensor plan): the
             # name is kept, only its layer index changes.
-            head, _, tail = parts
-            out = f"{head}{pos}{tail}"
+            head, index, tail = parts
+            out = key if index == pos else f"{head}{pos}{tail}"  # a layer kept in place keeps its name
             picks_of = ((out, _KEPT, (*_natural(head), pos, *_natural(tail))),)
         else:
             picks_of = tuple(_placed(manifest, ckpt.family, key, r, pos) for r in _rename(manifest, renamer, key))
