@@ -217,7 +217,8 @@ GENERIC = Family("generic")
 
 _DECODER = LayerScheme(("model.layers",))
 _SLIDING_ALTERNATE = PerLayer("layer_types", Periodic(None, 2, "full_attention", "sliding_attention"))
-_GEMMA3_LAYERS = (PerLayer("layer_types", Periodic("sliding_window_pattern", 6, "full_attention", "sliding_attention")),)
+_GEMMA3_LAYERS = (PerLayer("layer_types",
+                            Periodic("sliding_window_pattern", 6, "full_attention", "sliding_attention")),)
 _DENSE_INDICES = LayerIndices("mlp_only_layers", "dense", (("decoder_sparse_step", 1),))
 
 FAMILIES: tuple[Family, ...] = (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,7 @@ class LayerScheme:
 _INDEX = re.compile(r"\d+(?=\.|$)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dotted(prefixes: tuple[str, ...]) -> tuple[str, ...]:
     """The prefixes with their dot, longest first (so ``transformer.h.`` wins over ``h.``)."""
     return tuple(p + "." for p in sorted(prefixes, key=len, reverse=True))

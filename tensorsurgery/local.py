@@ -8,8 +8,17 @@ import os
 from pathlib import Path
 
 from . import fsio
-from .checkpoint import (Checkpoint, IndexMismatch, SourceFiles, assemble, card_licence, index_difference,
-                         index_weight_map, select_files, summarize_index)
+from .checkpoint import (
+    Checkpoint,
+    IndexMismatch,
+    SourceFiles,
+    assemble,
+    card_licence,
+    index_difference,
+    index_weight_map,
+    select_files,
+    summarize_index,
+)
 from .errors import SourceError
 from .format import Header, read_header
 

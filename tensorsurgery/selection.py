@@ -112,7 +112,7 @@ def select(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> Selecti
         picks = _add_zeros(picks, preset.adds)
     _check_not_empty(manifest, arrangement, picks)
     moe, signatures = _layer_kinds(checkpoints, arrangement, picks)
-    _check_stackable(manifest, checkpoints, arrangement, signatures, base)
+    _check_stackable(manifest, arrangement, signatures, base)
     return Selection(arrangement, tuple(picks.values()), tuple(moe),
                      _labels(checkpoints, arrangement, moe))
 
@@ -258,8 +258,8 @@ def _layer_kinds(checkpoints: Mapping[str, Checkpoint], arrangement: tuple[Layer
     return moe, {pos: frozenset(sig) for pos, sig in signatures.items()}
 
 
-def _check_stackable(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...],
-                     signatures: Mapping[int, Signature], base: str) -> None:
+def _check_stackable(manifest: Manifest, arrangement: tuple[LayerRef, ...], signatures: Mapping[int, Signature],
+                     base: str) -> None:
     """A layer from another source must be like one of the base source's layers (same tensor
     names and shapes): config.json, which comes from the base, must be able to describe it."""
     base_layers = {pos: sig for pos, sig in signatures.items() if arrangement[pos].source == base}
@@ -277,10 +277,12 @@ def _check_stackable(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], 
                         f"use sources of the same architecture")
 
 
-def _labels(checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...], moe: list[bool]) -> tuple[str, ...]:
+def _labels(checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...],
+            moe: list[bool]) -> tuple[str, ...]:
     """A short label of each output layer's kind: its per-layer config values, and dense or MoE
     when the model has both."""
-    lists = {name: layer_lists(c.family, c.family.text_config(c.config), c.num_layers) for name, c in checkpoints.items()}
+    lists = {name: layer_lists(c.family, c.family.text_config(c.config), c.num_layers)
+             for name, c in checkpoints.items()}
     mixed = len(set(moe)) > 1
     labels = []
     for pos, ref in enumerate(arrangement):

@@ -12,8 +12,16 @@ from helpers import make_checkpoint, manifest_from_text
 from tensorsurgery.checkpoint import SourceFiles, assemble
 from tensorsurgery.config import build_config
 from tensorsurgery.errors import PlanError, SourceError
-from tensorsurgery.families import (GENERIC, NoRopeSliding, Periodic, WindowFrom, family_of, get_family,
-                                    is_moe_layer, layer_lists)
+from tensorsurgery.families import (
+    GENERIC,
+    NoRopeSliding,
+    Periodic,
+    WindowFrom,
+    family_of,
+    get_family,
+    is_moe_layer,
+    layer_lists,
+)
 from tensorsurgery.layers import LayerRef
 from tensorsurgery.plan import build_plan
 from tensorsurgery.report import format_plan
@@ -199,7 +207,8 @@ def _phi3():
     specs = [("model.embed_tokens.weight", "BF16", (8, 4))]
     for i in range(2):
         p = f"model.layers.{i}."
-        specs += [(p + "self_attn.qkv_proj.weight", "BF16", (4 + 2 + 2, 4)), (p + "self_attn.o_proj.weight", "BF16", (4, 4)),
+        specs += [(p + "self_attn.qkv_proj.weight", "BF16", (4 + 2 + 2, 4)),
+                  (p + "self_attn.o_proj.weight", "BF16", (4, 4)),
                   (p + "mlp.gate_up_proj.weight", "BF16", (12, 4)), (p + "mlp.down_proj.weight", "BF16", (4, 6))]
     cfg = {"model_type": "phi3", "num_hidden_layers": 2, "hidden_size": 4, "num_attention_heads": 2,
            "num_key_value_heads": 1, "intermediate_size": 6, "sliding_window": 64, "auto_map": {"x": "y"}}
