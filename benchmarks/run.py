@@ -847,6 +847,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait", type=float, default=120, metavar="SECONDS",
                    help="before each measurement, wait up to this long for other processes to go quiet (120)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--rows", metavar="KEY,KEY", type=lambda s: [k for k in s.split(",") if k],
+                   help="measure only these rows (keys as in --json: raw, copy, plan, apply, apply-t1, verify, "
+                        "cat-verify, verify-record, cat-output, f16, f16-t1, link, keep, keep-link, mergekit); "
+                        "a verify or cat row brings its apply row along")
     p.add_argument("--copy-loop", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--raw-copy", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--cat", nargs="+", metavar="PATH", help=argparse.SUPPRESS)
@@ -918,6 +922,12 @@ def benchmark(args: argparse.Namespace, repo: Repo, workdir: Path, bench: Path, 
     inputs["copy-spec"].write_text(json.dumps({**spec, "output": str(bench / "out" / "copy")}))
     log(f"baselines planned with {spec['api']} from {spec['module']}")
     rows = approaches(repo, bench, inputs, spec, args)
+    if args.rows:
+        known = {a.key for a in rows}
+        if unknown := [k for k in args.rows if k not in known]:
+            raise SystemExit(f"run.py: error: --rows: no row {', '.join(unknown)}; rows: {', '.join(sorted(known))}")
+        wanted = set(args.rows) | {a.after for a in rows if a.key in args.rows and a.after}
+        rows = [a for a in rows if a.key in wanted]
     for a in rows:
         if a.argv is None:
             log(f"{a.name}: {a.note}")
@@ -957,6 +967,7 @@ def argv_of(args: argparse.Namespace) -> list[str]:
     out += ["--workdir", str(args.workdir)] if args.workdir and not getattr(args, "auto_workdir", False) else []
     out += ["--repo", str(args.repo)] if args.repo.resolve() != DEFAULT_REPO else []
     out += ["--threads", str(args.threads)] if args.threads else []
+    out += ["--rows", ",".join(args.rows)] if args.rows else []
     out += ["--keep"] * args.keep + ["--no-mergekit"] * args.no_mergekit + ["--json"] * args.json
     return out + (["--max-wait", f"{args.max_wait:g}"] if args.max_wait != 120 else [])
 
