@@ -1,27 +1,37 @@
 """The byte pump: streams a plan's shards through a few preallocated page-aligned buffers.
 
-The calling thread reads source ranges (``preadv`` straight into the buffers, or through a
-bounded scratch buffer when a transform applies) and packs them (:mod:`tensorsurgery.packing`);
-a writer thread writes full buffers (:mod:`tensorsurgery.shardfile`), so reads and writes
-overlap; a pool of hashing threads takes each output tensor's sha256 from the same buffers
-(:mod:`tensorsurgery.hashing`). Memory is ``buffers * buffer_size`` plus one scratch chunk,
-whatever the model size.
+The calling thread lays out each shard in the buffers (:mod:`tensorsurgery.packing`): verbatim
+source ranges are read with ``preadv`` straight into a buffer; a cast is cut into chunks of whole
+elements that a pool of threads reads and converts straight into their place in the buffer
+(no scratch copy in between); other transforms (the rotary permutation, zeros) go through a
+bounded scratch buffer. A writer thread writes each full buffer (:mod:`tensorsurgery.shardfile`)
+once the jobs filling it are done, while a pool of hashing threads takes each output tensor's
+sha256 from the same buffer (:mod:`tensorsurgery.hashing`); a buffer is reused once both are
+done. Reads, casts, writes and hashes overlap, and the casts and hashes spread over ``threads``
+threads each. Memory is ``buffers * buffer_size`` plus a scratch chunk per cast thread, whatever
+the model size.
 """
 from __future__ import annotations
 
 import mmap
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
+from .dtypes import element_size
 from .errors import WriteError
-from .expected import tensor_chunks
-from .fsio import OpenFiles
+from .expected import CAST_CHUNK, tensor_chunks
+from .fsio import OpenFiles, pread_exact
 from .hashing import HashPool, first_of_each
 from .packing import Block, Packer
 from .plan import OutputTensor, Shard
 from .shardfile import PARTIAL_SUFFIX, ShardFile
+from .transforms import Cast, RowSlice, cast_chunk
 
 BUFFER_SIZE = 4 << 20
 BUFFERS = 4
@@ -35,19 +45,21 @@ class Pump:
     """Write shards to files; one instance per ``apply``. Use :meth:`run`.
 
     ``progress`` is called from the writer thread with the number of bytes just written;
-    ``threads`` is the number of hashing threads.
+    ``threads`` is the number of hashing threads, and of cast threads.
     """
 
     def __init__(self, *, buffer_size: int = BUFFER_SIZE, buffers: int = BUFFERS,
                  progress: Callable[[int], None] | None = None, direct: bool = True, threads: int = 1):
-        self.buffer_size, self.progress, self.direct, self.threads = buffer_size, progress, direct, threads
+        self.buffer_size, self.progress, self.direct, self.threads = buffer_size, progress, direct, max(1, threads)
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(buffers):
             self._free.put(mmap.mmap(-1, buffer_size))
         self._to_write: queue.Queue[Block | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._job_error: BaseException | None = None
         self._stop = threading.Event()
         self._paths: list[Path] = []
+        self._casts: ThreadPoolExecutor | None = None
 
     def run(self, jobs: Iterable[tuple[Shard, Path]]) -> dict[str, str]:
         """Write every ``(shard, path)``; returns output tensor name -> sha256 hex digest.
@@ -63,20 +75,22 @@ class Pump:
         for tid in range(len(tensors)):
             if tid not in same:
                 hashes.start(tid)
+        if any(_cast_of(t) is not None for t in tensors):
+            self._casts = ThreadPoolExecutor(self.threads, thread_name_prefix="ts-cast")
         writer = threading.Thread(target=self._write_loop, args=(hashes,), name="ts-writer", daemon=True)
         writer.start()
         packer = Packer(self._take, self._to_write.put, self.buffer_size)
+        sources = OpenFiles()
         try:
-            with OpenFiles() as sources:
-                tid = 0
-                for shard, path in jobs:
-                    self._paths.append(path)
-                    packer.start_file(len(self._paths) - 1)
-                    packer.put(memoryview(shard.header), None)
-                    for t in shard.tensors:
-                        self._pack_tensor(packer, sources, t, None if tid in same else tid)
-                        tid += 1
-                    packer.finish_file()
+            tid = 0
+            for shard, path in jobs:
+                self._paths.append(path)
+                packer.start_file(len(self._paths) - 1)
+                packer.put(memoryview(shard.header), None)
+                for t in shard.tensors:
+                    self._pack_tensor(packer, sources, t, None if tid in same else tid)
+                    tid += 1
+                packer.finish_file()
         except _Stopped:
             pass
         except BaseException:
@@ -85,18 +99,50 @@ class Pump:
         finally:
             self._to_write.put(None)
             writer.join()
+            if self._casts is not None:
+                # Before the sources close: a running job still reads from them.
+                self._casts.shutdown(wait=True, cancel_futures=True)
+            sources.close()
             digests = self._close(hashes)
+        if self._job_error is not None:
+            raise self._job_error  # a cast job's read failed: as the same read on this thread would
         if self._error is not None:
             raise _as_write_error(self._error)
         return {t.name: digests[same.get(i, i)] for i, t in enumerate(tensors)}
 
     def _pack_tensor(self, packer: Packer, sources: OpenFiles, t: OutputTensor, tid: int | None) -> None:
         fd = sources.open(t.source.path) if t.source is not None else None
-        if t.steps or fd is None or t.source is None:
+        if fd is None or t.source is None:
             for chunk in tensor_chunks(t, fd):
                 packer.put(chunk, tid)
-        else:
+        elif all(isinstance(s, RowSlice) for s in t.steps):  # a byte range: verbatim
             packer.read_into(fd, t.source.offset, t.source.length, tid)
+        elif (cast := _cast_of(t)) is not None and self._casts is not None:
+            self._pack_cast(packer, fd, t, cast, tid)
+        else:
+            for chunk in tensor_chunks(t, fd):
+                packer.put(chunk, tid)
+
+    def _pack_cast(self, packer: Packer, fd: int, t: OutputTensor, cast: Cast, tid: int | None) -> None:
+        """Lay out a cast tensor as jobs of whole elements, each converting up to ``CAST_CHUNK``
+        source bytes straight into its place in a buffer on a cast thread."""
+        assert t.source is not None and self._casts is not None
+        isz, osz = element_size(cast.source), element_size(cast.target)
+        chunk = max(CAST_CHUNK // isz, 1)
+        offset, left = t.source.offset, t.source.length // isz
+        while left:
+            n = min(packer.space() // osz, left, chunk)
+            if n == 0:  # an element straddles two buffers: convert it here, copy it across
+                for piece in _cast_now(fd, offset, isz, cast):
+                    packer.put(piece, tid)
+                offset, left = offset + isz, left - 1
+                continue
+            packer.fill(n * osz, tid, partial(self._start_cast, fd, offset, n * isz, cast))
+            offset, left = offset + n * isz, left - n
+
+    def _start_cast(self, fd: int, offset: int, nbytes: int, cast: Cast, buf: mmap.mmap, start: int) -> Future:
+        assert self._casts is not None
+        return self._casts.submit(_cast_into, fd, offset, nbytes, cast, buf, start)
 
     def _take(self) -> mmap.mmap:
         while True:
@@ -120,23 +166,63 @@ class Pump:
             while (block := self._to_write.get()) is not None:
                 if self._stop.is_set() or self._error is not None:
                     continue  # drain: the reader may be waiting to queue more
+                try:
+                    block.wait()
+                except BaseException as e:
+                    self._job_error = e
+                    raise
                 out = files.get(block.file)
                 if out is None:
                     out = files[block.file] = ShardFile(self._paths[block.file], direct=self.direct)
-                with memoryview(block.buf) as whole:
-                    # Full buffers are aligned in memory, offset and length: O_DIRECT takes them.
-                    out.write(whole[:block.length], block.offset, aligned=not block.last)
+                hashes.submit(block)  # hashed while it is written
+                try:
+                    with memoryview(block.buf) as whole:
+                        # Full buffers are aligned in memory, offset and length: O_DIRECT takes them.
+                        out.write(whole[:block.length], block.offset, aligned=not block.last)
+                finally:
+                    hashes.unhold(block)
                 if block.last:
                     files.pop(block.file).finish()
                 if self.progress:
                     self.progress(block.length)
-                hashes.submit(block)
         except BaseException as e:  # noqa: BLE001 - handed to the reading thread
             self._error = self._error or e
             self._stop.set()
         finally:
             for out in files.values():
                 out.close()
+
+
+def _cast_of(t: OutputTensor) -> Cast | None:
+    """The cast of a tensor whose only transform is a cast (of a byte range), else None."""
+    casts = [s for s in t.steps if isinstance(s, Cast)]
+    if len(casts) != 1 or t.source is None or not all(isinstance(s, (Cast, RowSlice)) for s in t.steps):
+        return None
+    return casts[0]
+
+
+_local = threading.local()
+
+
+def _cast_into(fd: int, offset: int, nbytes: int, cast: Cast, buf: mmap.mmap, start: int) -> None:
+    """On a cast thread: read ``nbytes`` source bytes at ``offset`` of ``fd`` and write their cast
+    into ``buf`` from ``start``."""
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.size < nbytes:
+        scratch = _local.scratch = np.empty(max(nbytes, CAST_CHUNK), np.uint8)
+    src = scratch[:nbytes]
+    pread_exact(fd, memoryview(src), offset)
+    size = nbytes // element_size(cast.source) * element_size(cast.target)
+    out = np.frombuffer(buf, np.uint8, count=size, offset=start)
+    result = cast_chunk(src, cast.source, cast.target, out=out)
+    if result.ctypes.data != out.ctypes.data:  # not converted in place after all
+        out[:] = result
+
+
+def _cast_now(fd: int, offset: int, nbytes: int, cast: Cast) -> Iterable[memoryview]:
+    src = bytearray(nbytes)
+    pread_exact(fd, memoryview(src), offset)
+    return [memoryview(cast_chunk(bytes(src), cast.source, cast.target).tobytes())]
 
 
 def _as_write_error(e: BaseException) -> BaseException:
