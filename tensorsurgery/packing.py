@@ -27,14 +27,20 @@ class Block:
     last: bool = False
     jobs: list[Future] = field(default_factory=list)  # filling parts of the buffer: wait for them
 
-    def wait(self) -> None:
-        """Wait until every job filling this block is done.
+    def wait(self, quiet: bool = False) -> None:
+        """Wait until every job filling this block is done (``quiet``: whatever they raise).
 
         Raises:
-            BaseException: what a job raised.
+            BaseException: what a job raised (unless ``quiet``).
         """
         for job in self.jobs:
-            job.result()
+            if quiet:
+                try:
+                    job.exception()
+                except BaseException:  # noqa: BLE001 - cancelled
+                    pass
+            else:
+                job.result()
 
 
 class Packer:
@@ -86,6 +92,11 @@ class Packer:
         assert 0 < n <= self._size - b.length
         b.jobs.append(start(b.buf, b.length))
         self._advance(n, tid)
+
+    def wait_current(self) -> None:
+        """Wait for the jobs filling the block not yet handed on (after a failure)."""
+        if self._block is not None:
+            self._block.wait(quiet=True)
 
     def finish_file(self) -> None:
         """Hand on the file's last (partial) block."""

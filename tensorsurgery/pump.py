@@ -28,7 +28,7 @@ from .errors import WriteError
 from .expected import CAST_CHUNK, tensor_chunks
 from .fsio import OpenFiles, pread_exact
 from .hashing import HashPool, first_of_each
-from .packing import Block, Packer
+from .packing import ALIGN, Block, Packer
 from .plan import OutputTensor, Shard
 from .shardfile import PARTIAL_SUFFIX, ShardFile
 from .transforms import Cast, RowSlice, cast_chunk
@@ -44,22 +44,19 @@ class _Stopped(Exception):
 class Pump:
     """Write shards to files; one instance per ``apply``. Use :meth:`run`.
 
-    ``progress`` is called from the writer thread with the number of bytes just written;
-    ``threads`` is the number of hashing threads, and of cast threads.
+    ``progress`` is called from the writer threads with the number of bytes just written;
+    ``threads`` is the number of hashing threads, and of cast threads. With several output
+    shards and enough threads, shards are written by ``lanes`` pipelines at once (default: one
+    per two threads), each with its share of the same buffer memory: a tensor's sha256 is
+    sequential, so tensors much larger than the buffers are hashed one per lane at a time.
     """
 
     def __init__(self, *, buffer_size: int = BUFFER_SIZE, buffers: int = BUFFERS,
-                 progress: Callable[[int], None] | None = None, direct: bool = True, threads: int = 1):
-        self.buffer_size, self.progress, self.direct, self.threads = buffer_size, progress, direct, max(1, threads)
-        self._free: queue.Queue[mmap.mmap] = queue.Queue()
-        for _ in range(buffers):
-            self._free.put(mmap.mmap(-1, buffer_size))
-        self._to_write: queue.Queue[Block | None] = queue.Queue()
-        self._error: BaseException | None = None
-        self._job_error: BaseException | None = None
-        self._stop = threading.Event()
-        self._paths: list[Path] = []
-        self._casts: ThreadPoolExecutor | None = None
+                 progress: Callable[[int], None] | None = None, direct: bool = True, threads: int = 1,
+                 lanes: int | None = None):
+        self.buffer_size, self.buffers = buffer_size, buffers
+        self.progress, self.direct, self.threads = progress, direct, max(1, threads)
+        self.lanes = lanes
 
     def run(self, jobs: Iterable[tuple[Shard, Path]]) -> dict[str, str]:
         """Write every ``(shard, path)``; returns output tensor name -> sha256 hex digest.
@@ -71,24 +68,95 @@ class Pump:
         jobs = list(jobs)
         tensors = [t for shard, _ in jobs for t in shard.tensors]
         same = first_of_each((t.source, t.steps, t.dtype) for t in tensors)
+        first_tid, n = [], 0
+        for shard, _ in jobs:
+            first_tid.append(n)
+            n += len(shard.tensors)
+        lanes = max(1, min(self.lanes or self.threads // 2, len(jobs)))
+        size = self.buffer_size if lanes == 1 else max(ALIGN, self.buffer_size // lanes // ALIGN * ALIGN)
+        stop = threading.Event()
+        casts = (ThreadPoolExecutor(self.threads, thread_name_prefix="ts-cast")
+                 if any(_cast_of(t) is not None for t in tensors) else None)
+        todo = [(i, *job) for i, job in enumerate(jobs)][::-1]  # popped from the end by the lanes
+        runs = [_Lane(self, size, max(1, self.threads // lanes), stop, casts, same, first_tid, todo)
+                for _ in range(lanes)]
+        try:
+            if lanes == 1:
+                runs[0].run()
+            else:
+                workers = [threading.Thread(target=lane.run_catching, name=f"ts-lane-{i}", daemon=True)
+                           for i, lane in enumerate(runs)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    while w.is_alive():
+                        w.join(0.1)  # interruptible
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            if casts is not None:
+                casts.shutdown(wait=True, cancel_futures=True)
+        for lane in runs:
+            if lane.raised is not None:
+                raise lane.raised
+        for lane in runs:
+            if lane.job_error is not None:
+                raise lane.job_error  # a cast job's read failed: as the same read on this thread would
+        for lane in runs:
+            if lane.error is not None:
+                raise _as_write_error(lane.error)
+        digests = {tid: d for lane in runs for tid, d in lane.digests.items()}
+        return {t.name: digests[same.get(i, i)] for i, t in enumerate(tensors)}
+
+
+class _Lane:
+    """One pipeline: a reading thread (the caller of :meth:`run`), a writer thread, a hash pool
+    and its own buffers; it takes shards from the shared ``todo`` list until none is left."""
+
+    def __init__(self, pump: Pump, size: int, threads: int, stop: threading.Event,
+                 casts: ThreadPoolExecutor | None, same: dict[int, int], first_tid: list[int],
+                 todo: list[tuple[int, Shard, Path]]):
+        self.pump, self.size, self.threads, self._stop, self._casts = pump, size, threads, stop, casts
+        self.same, self.first_tid, self.todo = same, first_tid, todo
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(pump.buffers):
+            self._free.put(mmap.mmap(-1, size))
+        self._to_write: queue.Queue[Block | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.job_error: BaseException | None = None
+        self.raised: BaseException | None = None
+        self.digests: dict[int, str] = {}
+        self._paths: list[Path] = []
+
+    def run_catching(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # noqa: BLE001 - raised by Pump.run on its thread
+            self.raised = e
+            self._stop.set()
+
+    def run(self) -> None:
         hashes = HashPool(self.threads, lambda block: self._free.put(block.buf))
-        for tid in range(len(tensors)):
-            if tid not in same:
-                hashes.start(tid)
-        if any(_cast_of(t) is not None for t in tensors):
-            self._casts = ThreadPoolExecutor(self.threads, thread_name_prefix="ts-cast")
         writer = threading.Thread(target=self._write_loop, args=(hashes,), name="ts-writer", daemon=True)
         writer.start()
-        packer = Packer(self._take, self._to_write.put, self.buffer_size)
+        packer = Packer(self._take, self._to_write.put, self.size)
         sources = OpenFiles()
         try:
-            tid = 0
-            for shard, path in jobs:
+            while not self._stop.is_set():
+                try:
+                    index, shard, path = self.todo.pop()  # list.pop is atomic under the GIL
+                except IndexError:
+                    break
+                tid = self.first_tid[index]
+                for i in range(tid, tid + len(shard.tensors)):
+                    if i not in self.same:
+                        hashes.start(i)
                 self._paths.append(path)
                 packer.start_file(len(self._paths) - 1)
                 packer.put(memoryview(shard.header), None)
                 for t in shard.tensors:
-                    self._pack_tensor(packer, sources, t, None if tid in same else tid)
+                    self._pack_tensor(packer, sources, t, None if tid in self.same else tid)
                     tid += 1
                 packer.finish_file()
         except _Stopped:
@@ -99,16 +167,9 @@ class Pump:
         finally:
             self._to_write.put(None)
             writer.join()
-            if self._casts is not None:
-                # Before the sources close: a running job still reads from them.
-                self._casts.shutdown(wait=True, cancel_futures=True)
+            packer.wait_current()  # a job may still fill the block that was never handed on
             sources.close()
-            digests = self._close(hashes)
-        if self._job_error is not None:
-            raise self._job_error  # a cast job's read failed: as the same read on this thread would
-        if self._error is not None:
-            raise _as_write_error(self._error)
-        return {t.name: digests[same.get(i, i)] for i, t in enumerate(tensors)}
+            self.digests = self._close(hashes)
 
     def _pack_tensor(self, packer: Packer, sources: OpenFiles, t: OutputTensor, tid: int | None) -> None:
         fd = sources.open(t.source.path) if t.source is not None else None
@@ -146,7 +207,7 @@ class Pump:
 
     def _take(self) -> mmap.mmap:
         while True:
-            if self._error is not None or self._stop.is_set():
+            if self.error is not None or self._stop.is_set():
                 raise _Stopped
             try:
                 return self._free.get(timeout=0.1)
@@ -157,23 +218,25 @@ class Pump:
         try:
             return hashes.close()
         except BaseException as e:  # noqa: BLE001 - reported by run()
-            self._error = self._error or e
+            self.error = self.error or e
+            self._stop.set()
             return {}
 
     def _write_loop(self, hashes: HashPool) -> None:
         files: dict[int, ShardFile] = {}
         try:
             while (block := self._to_write.get()) is not None:
-                if self._stop.is_set() or self._error is not None:
-                    continue  # drain: the reader may be waiting to queue more
+                if self._stop.is_set() or self.error is not None:
+                    block.wait(quiet=True)  # drain (the reader may be waiting to queue more), jobs done
+                    continue
                 try:
                     block.wait()
                 except BaseException as e:
-                    self._job_error = e
+                    self.job_error = e
                     raise
                 out = files.get(block.file)
                 if out is None:
-                    out = files[block.file] = ShardFile(self._paths[block.file], direct=self.direct)
+                    out = files[block.file] = ShardFile(self._paths[block.file], direct=self.pump.direct)
                 hashes.submit(block)  # hashed while it is written
                 try:
                     with memoryview(block.buf) as whole:
@@ -183,11 +246,13 @@ class Pump:
                     hashes.unhold(block)
                 if block.last:
                     files.pop(block.file).finish()
-                if self.progress:
-                    self.progress(block.length)
+                if self.pump.progress:
+                    self.pump.progress(block.length)
         except BaseException as e:  # noqa: BLE001 - handed to the reading thread
-            self._error = self._error or e
+            self.error = self.error or e
             self._stop.set()
+            while (block := self._to_write.get()) is not None:
+                block.wait(quiet=True)
         finally:
             for out in files.values():
                 out.close()

@@ -97,22 +97,25 @@ def _shards(src: Path) -> list[Shard]:
     return [_shard("a.safetensors", first), _shard("b.safetensors", second)]
 
 
-@pytest.mark.parametrize("buffer_size,threads", [(4096, 1), (4096, 3), (8192, 2), (1 << 20, 2), (4 << 20, 1)])
-def test_pump_writes_the_expected_bytes_and_hashes(source, tmp_path, buffer_size, threads, monkeypatch):
+@pytest.mark.parametrize("buffer_size,threads,lanes", [(4096, 1, None), (4096, 3, None), (8192, 2, 1), (1 << 20, 2, None),
+                                                       (4 << 20, 1, None), (8192, 4, None), (16384, 2, 2),
+                                                       (4096, 8, 3)])
+def test_pump_writes_the_expected_bytes_and_hashes(source, tmp_path, buffer_size, threads, lanes, monkeypatch):
     shards = _shards(source)
     out = tmp_path / "out"
     out.mkdir()
     straddled = []
     real = pump._cast_now
     monkeypatch.setattr(pump, "_cast_now", lambda *a: straddled.append(a) or real(*a))
-    hashes = Pump(buffer_size=buffer_size, direct=False, threads=threads).run((s, out / s.filename) for s in shards)
+    hashes = Pump(buffer_size=buffer_size, direct=False, threads=threads, lanes=lanes).run(
+        (s, out / s.filename) for s in shards)
     want_hashes = {}
     for s in shards:
         data, h = _expected(s)
         assert (out / s.filename).read_bytes() == data, s.filename
         want_hashes.update(h)
     assert hashes == want_hashes
-    if buffer_size == 4096:
+    if buffer_size == 4096 and lanes is None and threads < 4:
         assert straddled, "some cast element should straddle two buffers"
 
 
@@ -126,6 +129,18 @@ def test_a_cast_source_that_ends_early_is_a_read_error(source, tmp_path):
         Pump(buffer_size=8192, direct=False, threads=2).run((s, out / s.filename) for s in shards)
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_read_error_in_one_lane_stops_all(source, tmp_path, lanes):
+    shards = _shards(source) * 3  # six shards (names repeat: each lane writes its own folder)
+    jobs = [(s, tmp_path / f"o{i}" / s.filename) for i, s in enumerate(shards)]
+    for _, path in jobs:
+        path.parent.mkdir()
+    with open(source, "r+b") as f:
+        f.truncate(200_000)
+    with pytest.raises(ReadError):
+        Pump(buffer_size=8192, direct=False, threads=4, lanes=lanes).run(jobs)
+
+
 @pytest.mark.parametrize("dtype", [None, "float16", "float32"])
 def test_threads_1_and_n_write_identical_outputs_and_records(tiny_mistral, tmp_path, dtype):
     manifest = tmp_path / "m.toml"
@@ -133,12 +148,14 @@ def test_threads_1_and_n_write_identical_outputs_and_records(tiny_mistral, tmp_p
     if dtype:
         text = text.replace("[output]\n", f'[output]\ndtype = "{dtype}"\n')
         assert f'dtype = "{dtype}"' in text
+    text = text.replace("[output]\n", '[output]\nmax_shard_size = "60KB"\n')
     manifest.write_text(text)
     outs = []
     for threads in (1, 4):
         out = tmp_path / f"t{threads}"
         assert main(["apply", str(manifest), "--source", str(tiny_mistral), "--output", str(out), "--no-progress",
                      "--threads", str(threads)]) == 0
+        assert len(list(out.glob("*.safetensors"))) > 1  # so that --threads 4 writes two shards at once
         outs.append(out)
     names = sorted(p.name for p in outs[0].iterdir())
     assert names == sorted(p.name for p in outs[1].iterdir())
