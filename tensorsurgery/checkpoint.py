@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
@@ -19,6 +20,7 @@ from typing import Any, Iterable, Mapping
 from .errors import SourceError
 from .families import Family, family_of
 from .format import Header
+from .layers import GENERIC_LAYERS, LayerScheme
 from .native import config_from_params
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -62,7 +64,7 @@ class SourceFiles:
         return tuple(f for f in (self.config, self.index, *self.copied, self.card) if f)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # not slots: the layer grouping is computed once, on first use
 class Checkpoint:
     """A source model as planning sees it.
 
@@ -96,10 +98,32 @@ class Checkpoint:
         return family_of(self.config)
 
     @property
+    def layers(self) -> LayerScheme:
+        """Where the decoder layers are in this checkpoint's own tensor names: the family's places
+        in Hugging Face's layout, ``layers.N`` in Mistral's native one."""
+        return GENERIC_LAYERS if self.layout == "mistral" else self.family.layers
+
+    @cached_property
+    def by_layer(self) -> Mapping[int | None, tuple[str, ...]]:
+        """Tensor names by decoder layer index (None: outside the layers), in weight-map order."""
+        groups: dict[int | None, list[str]] = {}
+        index = self.layers.index
+        for name in self.weight_map:
+            groups.setdefault(index(name), []).append(name)
+        return MappingProxyType({k: tuple(v) for k, v in groups.items()})
+
+    @property
+    def found_layers(self) -> int:
+        """Layers found in the tensor names (max index + 1), extra layers included."""
+        return max((i for i in self.by_layer if i is not None), default=-1) + 1
+
+    @property
     def num_layers(self) -> int:
-        """Decoder layers found in the tensor names (max index + 1)."""
-        scheme = self.family.layers
-        return max((i for i in map(scheme.index, self.weight_map) if i is not None), default=-1) + 1
+        """Decoder layers: those found in the tensor names, less the extra layers saved after them
+        (DeepSeek-V3's multi-token prediction) when the checkpoint holds them."""
+        found, declared = self.found_layers, self.family.declared_layers(self.config)
+        extra = self.family.extra_layers(self.config)
+        return declared if extra and isinstance(declared, int) and found == declared + extra else found
 
 
 def select_files(names: Iterable[str], where: str) -> SourceFiles:
@@ -143,8 +167,11 @@ def index_weight_map(index: Any, where: str) -> dict[str, str]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise SourceError(f"{where}: no weight_map; re-download the index")
+    seen: set[object] = set()
     for name, shard in weight_map.items():
-        _check_shard_name(where, name, shard)
+        if shard not in seen:  # a few hundred shards for ~100k tensors: check each name once
+            _check_shard_name(where, name, shard)
+            seen.add(shard)
     return dict(weight_map)
 
 
@@ -191,6 +218,9 @@ def assemble(root: Path, files: SourceFiles, headers: Mapping[str, Header], conf
             raise SourceError(f"{where}: tensor {name!r} in {shards[0]} is missing from the weight_map")
     if not isinstance(config, dict):
         raise SourceError(f"{root / files.config}: expected a JSON object, found {type(config).__name__}")
+    # The same pairs, verified above, now with the headers' own name strings: the index's copies
+    # of ~100k names need not stay in memory.
+    weight_map = {name: shard for shard in sorted(headers) for name in headers[shard].tensors}
     if files.layout == "mistral":
         config = config_from_params(config, root / files.config,
                                     {n: headers[s].tensors[n] for n, s in weight_map.items()})
@@ -206,9 +236,11 @@ def _check_layer_count(ckpt: Checkpoint, config_path: Path) -> None:
     declared = ckpt.family.declared_layers(ckpt.config)
     if declared is not None and declared != ckpt.num_layers:
         key = "n_layers" if ckpt.layout == "mistral" else ckpt.family.count_path
-        raise SourceError(f"{config_path}: {key} = {declared!r} but the tensors hold {ckpt.num_layers} layers; "
-                          f"the config and weights do not belong together (use the {config_path.name} that "
-                          f"came with these weights)")
+        extra = ckpt.family.extra_layers(ckpt.config)
+        also = f" (+{extra} {ckpt.family.extra_layers_key})" if extra else ""
+        raise SourceError(f"{config_path}: {key} = {declared!r}{also} but the tensors hold {ckpt.found_layers} "
+                          f"layers; the config and weights do not belong together (use the {config_path.name} "
+                          f"that came with these weights)")
 
 
 def card_licence(readme: str | None) -> dict[str, Any]:

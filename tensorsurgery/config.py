@@ -1,64 +1,179 @@
-"""Pure rewrite of config.json for a plan: preset relabel, layer count, per-layer lists,
-dtype, then the manifest's ``[config]`` overrides (which win)."""
+"""Pure rewrite of config.json for a plan: the preset's relabel, then every field that describes
+layers one by one rewritten so that each output layer is described as the source layer it came
+from (the family's rules, :mod:`tensorsurgery.families`), the layer count, the dtype, then the
+manifest's ``[config]`` overrides (which win)."""
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping
 
 from .dtypes import TORCH_NAMES
 from .errors import PlanError
+from .families import Family, LayerIndices, LeadingCount, PerLayer, layer_lists
 from .layers import LayerRef
-from .rules import Preset
+from .rules import FIXUPS, Preset
 
 #: Lists that are never per-layer even when their length happens to equal the layer count.
 _NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pad_token_id"})
 
 
-def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangement: tuple[LayerRef, ...],
-                 *, preset: Preset | None, dtype: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangement: tuple[LayerRef, ...], *,
+                 family: Family, moe: tuple[bool, ...] = (), preset: Preset | None = None, dtype: str | None = None,
+                 overrides: Mapping[str, Any] | None = None, where: str = "layers") -> dict[str, Any]:
     """config.json of the output.
 
     Args:
         configs: each source's config by source name; ``base`` is the one the output starts from.
         arrangement: the source layer of every output layer.
+        family: the base's family, whose rules say which fields describe layers.
+        moe: whether each output layer is a mixture-of-experts layer (from its tensors).
         preset: the rename preset whose config relabel applies, if any.
         dtype: the output safetensors dtype when casting (``"F16"``), else None.
         overrides: the manifest's ``[config]`` table.
+        where: the manifest location named in messages.
 
     Raises:
-        PlanError: the base config has no ``num_hidden_layers`` to rewrite.
+        PlanError: the base config has no layer count to rewrite, a source lacks a per-layer value,
+            or the family's config cannot describe the arrangement (a dense layer after a MoE layer
+            where only a count of leading dense layers can be said).
     """
-    cfg = dict(configs[base])
-    if "num_hidden_layers" not in cfg:
-        raise PlanError("config.json of the base source has no num_hidden_layers; the layer count "
-                        "cannot be rewritten (add it to the source's config.json)")
+    cfg = copy.deepcopy(dict(configs[base]))
+    text = _text(cfg, family)
+    if family.count_key not in text:
+        raise PlanError(f"config.json of the base source has no {family.count_path}; the layer count cannot be "
+                        f"rewritten (add it to the source's config.json)")
+    sources = {name: _text(copy.deepcopy(dict(c)), family) for name, c in configs.items()}
+    overrides = overrides or {}
+    _family_fields(text, sources, base, family, arrangement, moe, where, skip=set(overrides))
+    _other_lists(text, sources, family, arrangement, skip=set(overrides))
+    text[family.count_key] = len(arrangement)
     if preset is not None:
-        for dst, src in preset.config_copy.items():
-            if cfg.get(src) is not None:
-                cfg[dst] = cfg[src]
-        for key in preset.config_drop:
-            cfg.pop(key, None)
-        cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in preset.config_set.items()})
-    for key, value in configs[base].items():
-        if _is_per_layer(key, value, configs[base]["num_hidden_layers"]) and key in cfg and key not in overrides:
-            cfg[key] = [_layer_value(configs, key, ref) for ref in arrangement]
-    cfg["num_hidden_layers"] = len(arrangement)
+        _relabel(cfg, preset)
     if dtype is not None:
-        keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
-        for key in keys:
-            cfg[key] = TORCH_NAMES[dtype]
+        _set_dtype(cfg, TORCH_NAMES[dtype])
     cfg.update(overrides)
     return cfg
 
 
-def _layer_value(configs: Mapping[str, Mapping[str, Any]], key: str, ref: LayerRef) -> Any:
-    """``configs[ref.source][key][ref.layer]``; a source whose config lacks the list (or that
+def _text(config: dict[str, Any], family: Family) -> dict[str, Any]:
+    """The (mutable) part of ``config`` that describes the decoder."""
+    for key in family.config_path:
+        if not isinstance(config.get(key), dict):
+            config[key] = {}
+        config = config[key]
+    return config
+
+
+def _relabel(cfg: dict[str, Any], preset: Preset) -> None:
+    for dst, src in preset.config_copy.items():
+        if cfg.get(src) is not None:
+            cfg[dst] = cfg[src]
+    for key in preset.config_drop:
+        cfg.pop(key, None)
+    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in preset.config_set.items()})
+    for name in preset.fixups:
+        FIXUPS[name](cfg)
+
+
+def _set_dtype(cfg: dict[str, Any], name: str) -> None:
+    """Every dtype key, at the top and in sub-configs (``text_config``...), says the cast dtype."""
+    found = False
+    for d in (cfg, *(v for v in cfg.values() if isinstance(v, dict))):
+        for key in ("torch_dtype", "dtype"):
+            if key in d:
+                d[key], found = name, True
+    if not found:
+        cfg["torch_dtype"] = name
+
+
+def _other_lists(text: dict[str, Any], sources: Mapping[str, Mapping[str, Any]], family: Family,
+                 arrangement: tuple[LayerRef, ...], skip: set[str]) -> None:
+    """Today's generic rule, for families the registry does not know and for lists it does not
+    name: every list with one entry per source layer follows the arrangement (unless ``[config]``
+    sets it: the override wins and nothing is looked up)."""
+    n = text.get(family.count_key)
+    named = {f.key for f in family.fields} | skip
+    for key, value in list(text.items()):
+        if isinstance(value, list) and len(value) == n and key not in _NOT_PER_LAYER and key not in named:
+            text[key] = [_layer_value(sources, key, ref) for ref in arrangement]
+
+
+def _layer_value(sources: Mapping[str, Mapping[str, Any]], key: str, ref: LayerRef,
+                 lists: Mapping[str, Mapping[str, list[Any]]] | None = None) -> Any:
+    """``key``'s value for source layer ``ref``; a source whose config lacks the list (or that
     entry) is a PlanError, not a KeyError."""
-    values = configs[ref.source].get(key)
+    values = (lists or {}).get(ref.source, {}).get(key, sources[ref.source].get(key))
     if not isinstance(values, list) or not 0 <= ref.layer < len(values):
         raise PlanError(f"config.json of source {ref.source!r} has no {key}[{ref.layer}] for the per-layer "
                         f"list {key!r}; set {key} in the manifest's [config] table")
     return values[ref.layer]
 
 
-def _is_per_layer(key: str, value: Any, n: int) -> bool:
-    return isinstance(value, list) and len(value) == n and key not in _NOT_PER_LAYER
+def _family_fields(text: dict[str, Any], sources: Mapping[str, Mapping[str, Any]], base: str, family: Family,
+                   arrangement: tuple[LayerRef, ...], moe: tuple[bool, ...], where: str, skip: set[str]) -> None:
+    n_out = len(arrangement)
+    # Per-layer lists as written, or derived as transformers derives them; then written out.
+    lists = {name: layer_lists(family, src, _declared(src, family)) for name, src in sources.items()}
+    for f in family.fields:
+        if f.key in skip:
+            continue
+        if isinstance(f, PerLayer):
+            if f.key in lists[base]:
+                text[f.key] = [_layer_value(sources, f.key, ref, lists) for ref in arrangement]
+        elif isinstance(f, LayerIndices):
+            if f.key in text or any(k in text for k, _ in f.also):
+                text[f.key] = [i for i in range(n_out) if _is_kind(f.kind, moe, i)]
+                text.update(dict(f.also))
+        elif isinstance(f, LeadingCount) and f.key in text:
+            text[f.key] = _leading_count(f, moe, arrangement, family, where)
+    _patterns(text, family, n_out)
+
+
+def _declared(config: Mapping[str, Any], family: Family) -> int:
+    n = config.get(family.count_key)
+    return n if isinstance(n, int) else 0
+
+
+def _is_kind(kind: str, moe: tuple[bool, ...], i: int) -> bool:
+    return (kind == "dense") != (i < len(moe) and moe[i])
+
+
+def _leading_count(f: LeadingCount, moe: tuple[bool, ...], arrangement: tuple[LayerRef, ...], family: Family,
+                   where: str) -> int:
+    kinds = [_is_kind(f.kind, moe, i) for i in range(len(arrangement))]
+    k = next((i for i, of_kind in enumerate(kinds) if not of_kind), len(kinds))
+    late = [i for i in range(k, len(kinds)) if kinds[i]]
+    if late:
+        i = late[0]
+        raise PlanError(f"{where}: output layer {i} (layer {arrangement[i].layer} of source {arrangement[i].source!r}) "
+                        f"is {f.kind} but follows a layer that is not (output layer {k}); {family.name}'s config can "
+                        f"only say that the first {f.key} layers are {f.kind}: arrange the {f.kind} layers first, "
+                        f"or relabel the model as a family with a per-layer list")
+    return k
+
+
+def _patterns(text: dict[str, Any], family: Family, n: int) -> None:
+    """Pattern fields that a derivation reads (``sliding_window_pattern``, ``max_window_layers``):
+    kept when they still derive the written list, else set to a value that does, else dropped;
+    private mirrors follow their field."""
+    known: dict[str, list[Any]] = {}
+    for f in family.fields:
+        if not isinstance(f, PerLayer) or f.derive is None or f.key not in text:
+            if isinstance(f, PerLayer) and f.key in text:
+                known[f.key] = text[f.key]
+            continue
+        key = f.derive.key
+        if key is not None and key in text:
+            for value in (text[key], *range(0, n + 2)):
+                if f.derive.derive({**text, key: value}, n, known) == text[f.key]:
+                    text[key] = value
+                    break
+            else:
+                del text[key]
+        known[f.key] = text[f.key]
+    for mirror, original in family.mirrors:
+        if mirror in text:
+            if original in text:
+                text[mirror] = text[original]
+            else:
+                del text[mirror]

@@ -17,14 +17,13 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from .checkpoint import CARD_NAME, CONFIG_NAME, INDEX_NAME
 from .dtypes import element_size
 from .fsio import pread_exact
 from .plan import CopyFile, OutputTensor, Plan, Shard
-from .transforms import Cast, PermuteRotary, Zeros, cast_chunk, permute_head
+from .steps import Cast, PermuteRotary, Zeros
+from .transforms import cast_chunk, permute_head
 
-INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
-CARD_NAME = "README.md"
 RECORD_NAME = "tensorsurgery.json"
 #: Source bytes per step of a transformed tensor; small because a cast makes a few temporaries.
 CAST_CHUNK = 1 << 20

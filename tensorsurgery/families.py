@@ -1,15 +1,120 @@
 """Model-family knowledge as data: where a family's decoder layers live, which config key counts
-them, and which config fields describe layers one by one. One :class:`Family` per family, looked
-up from config.json by ``model_type`` (never by if/elif); a model no entry knows uses
-:data:`GENERIC`, today's rules for Llama-like decoders.
+them, which config fields describe the layers one by one (and how transformers fills them in when a
+config.json leaves them out), and which layers come after the counted ones.
+
+One :class:`Family` per family, looked up from config.json's ``model_type`` (never by if/elif). A
+model no entry knows uses :data:`GENERIC`: today's rules for Llama-like decoders (a ``layers.N``
+segment anywhere in a name; any config list with one entry per layer follows the arrangement).
+Adding a family is one entry here plus a test in ``tests/test_families_e2e.py``.
+
+What each field kind means for an arrangement (output layer ``i`` is source layer ``src(i)``):
+
+* :class:`PerLayer`: a list with one value per layer (``layer_types``, ``no_rope_layers``): the output
+  list is ``[value[src(i)] for i]``; when the source config lacks it, it is first derived the way
+  transformers does (:class:`Periodic`, :class:`WindowFrom`, :class:`NoRopeSliding`), then written out.
+* :class:`LayerIndices`: the indices of the layers of one kind (``mlp_only_layers``: the dense
+  layers of a MoE model): recomputed from each output layer's kind.
+* :class:`LeadingCount`: the first k layers are of one kind (``first_k_dense_replace``): recomputed,
+  and an arrangement it cannot describe (a dense layer after a MoE one) is refused.
+* pattern fields (the period or threshold a derivation reads, such as ``sliding_window_pattern`` or
+  ``max_window_layers``) are kept when they still derive the written list, else set to a value that
+  does, else dropped: the explicit list is what transformers reads.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, Union
 
 from .layers import GENERIC_LAYERS, LayerScheme
+
+
+class Derivation(Protocol):
+    """How transformers fills in a per-layer list from other config fields."""
+
+    @property
+    def key(self) -> str | None:
+        """The config field the derivation reads (a pattern field), if any."""
+
+    def derive(self, config: Mapping[str, Any], n: int, lists: Mapping[str, list[Any]]) -> list[Any]:
+        """The list for ``n`` layers of ``config``; ``lists`` holds lists already known."""
+
+
+@dataclass(frozen=True, slots=True)
+class Periodic:
+    """Layer ``i`` is ``on`` when ``(i + 1) % period == 0``, else ``off``; ``period`` is config
+    ``key`` (``default`` when absent; ``key`` None: always ``default``)."""
+
+    key: str | None
+    default: int
+    on: Any
+    off: Any
+
+    def derive(self, config: Mapping[str, Any], n: int, lists: Mapping[str, list[Any]]) -> list[Any]:
+        period = config.get(self.key, self.default) if self.key else self.default
+        if not isinstance(period, int) or isinstance(period, bool) or period <= 0:
+            return []  # transformers cannot derive from it either
+        return [self.off if (i + 1) % period else self.on for i in range(n)]
+
+
+@dataclass(frozen=True, slots=True)
+class WindowFrom:
+    """Qwen2/Qwen3: layers from config ``key`` (``max_window_layers``) on use the sliding window, when
+    ``use_sliding_window`` is on and ``sliding_window`` is set."""
+
+    key: str = "max_window_layers"
+    default: int = 28
+
+    def derive(self, config: Mapping[str, Any], n: int, lists: Mapping[str, list[Any]]) -> list[Any]:
+        on = bool(config.get("use_sliding_window")) and config.get("sliding_window") is not None
+        start = config.get(self.key, self.default)
+        return ["sliding_attention" if on and i >= start else "full_attention" for i in range(n)]
+
+
+@dataclass(frozen=True, slots=True)
+class NoRopeSliding:
+    """SmolLM3: a layer slides when the window is on and the layer has no rope (``no_rope_layers``
+    holds 1 where rope IS used)."""
+
+    key: None = None
+
+    def derive(self, config: Mapping[str, Any], n: int, lists: Mapping[str, list[Any]]) -> list[Any]:
+        on = bool(config.get("use_sliding_window")) and config.get("sliding_window") is not None
+        rope = lists.get("no_rope_layers") or [1] * n
+        return ["sliding_attention" if on and not rope[i] else "full_attention" for i in range(n)]
+
+
+@dataclass(frozen=True, slots=True)
+class PerLayer:
+    """A config list with one value per layer; ``derive`` says how transformers fills it in."""
+
+    key: str
+    derive: Derivation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LayerIndices:
+    """A config list of the indices of the layers of ``kind`` (``"dense"``); ``also`` are fields
+    set beside it so that the list alone decides (``decoder_sparse_step = 1``)."""
+
+    key: str
+    kind: str
+    also: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LeadingCount:
+    """A config count: the first k layers are of ``kind`` (``"dense"``), the rest are not."""
+
+    key: str
+    kind: str
+
+
+LayerField = Union[PerLayer, LayerIndices, LeadingCount]
+
+#: A layer holding one of these (relative to the layer) is a mixture-of-experts layer.
+MOE_TENSORS = re.compile(r"(?:^|\.)(?:experts|block_sparse_moe|router|shared_experts?)\.|^mlp\.gate\.weight$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +123,11 @@ class Family:
 
     ``layers`` finds decoder layers in tensor names; ``config_path`` is where the decoder's config
     sits in config.json (``()`` top level, ``("text_config",)`` for multimodal models) and
-    ``count_key`` the key there that counts its layers.
+    ``count_key`` the key there that counts its layers. ``extra_layers_key`` counts layers saved
+    after the counted ones (DeepSeek-V3's multi-token prediction), which stay after the new last
+    layer. ``mirrors`` pairs a private copy of a field with the field (Gemma 3's
+    ``_sliding_window_pattern``). ``position_bound`` names boolean config fields that tie a layer's
+    computation to its index, so that moving layers changes the model.
     """
 
     name: str
@@ -26,26 +135,74 @@ class Family:
     layers: LayerScheme = GENERIC_LAYERS
     config_path: tuple[str, ...] = ()
     count_key: str = "num_hidden_layers"
+    fields: tuple[LayerField, ...] = ()
+    extra_layers_key: str | None = None
+    mirrors: tuple[tuple[str, str], ...] = ()
+    position_bound: tuple[str, ...] = ()
 
     def text_config(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
         """The part of ``config`` that describes the decoder (``{}`` when it is missing)."""
         for key in self.config_path:
-            config = config.get(key) if isinstance(config.get(key), dict) else {}
+            sub = config.get(key)
+            config = sub if isinstance(sub, dict) else {}
         return config
 
     def declared_layers(self, config: Mapping[str, Any]) -> Any:
         """The layer count config.json declares (None when absent; not checked to be an int)."""
         return self.text_config(config).get(self.count_key)
 
+    def extra_layers(self, config: Mapping[str, Any]) -> int:
+        """How many layers are saved after the counted ones (0 when the family has none)."""
+        value = self.text_config(config).get(self.extra_layers_key) if self.extra_layers_key else 0
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
     @property
     def count_path(self) -> str:
         """The dotted config.json path of the layer count, for messages."""
         return ".".join((*self.config_path, self.count_key))
 
+    @property
+    def generic(self) -> bool:
+        return self is GENERIC
+
 
 GENERIC = Family("generic")
 
-FAMILIES: tuple[Family, ...] = ()
+_DECODER = LayerScheme(("model.layers",))
+_SLIDING_ALTERNATE = PerLayer("layer_types", Periodic(None, 2, "full_attention", "sliding_attention"))
+_GEMMA3_LAYERS = (PerLayer("layer_types", Periodic("sliding_window_pattern", 6, "full_attention", "sliding_attention")),)
+_DENSE_INDICES = LayerIndices("mlp_only_layers", "dense", (("decoder_sparse_step", 1),))
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("llama",), _DECODER),
+    Family("mistral", ("mistral",), _DECODER),
+    Family("qwen2", ("qwen2",), _DECODER, fields=(PerLayer("layer_types", WindowFrom()),)),
+    Family("qwen3", ("qwen3",), _DECODER, fields=(PerLayer("layer_types", WindowFrom()),)),
+    Family("qwen3_moe", ("qwen3_moe",), _DECODER, fields=(_DENSE_INDICES,)),
+    Family("qwen3_next", ("qwen3_next",), _DECODER, fields=(
+        PerLayer("layer_types", Periodic("full_attention_interval", 4, "full_attention", "linear_attention")),
+        _DENSE_INDICES)),
+    Family("deepseek_v3", ("deepseek_v3",), _DECODER, fields=(LeadingCount("first_k_dense_replace", "dense"),),
+           extra_layers_key="num_nextn_predict_layers"),
+    Family("mixtral", ("mixtral",), _DECODER),
+    Family("gpt_oss", ("gpt_oss",), _DECODER, fields=(_SLIDING_ALTERNATE,)),
+    Family("gemma2", ("gemma2",), _DECODER, fields=(_SLIDING_ALTERNATE,)),
+    Family("gemma3_text", ("gemma3_text",), _DECODER, fields=_GEMMA3_LAYERS,
+           mirrors=(("_sliding_window_pattern", "sliding_window_pattern"),)),
+    # Gemma 3 with its vision tower: transformers saves the decoder as language_model.model.layers
+    # (Hub checkpoints too) or model.language_model.layers; the tower's own layers.N are not decoder layers.
+    Family("gemma3", ("gemma3",), LayerScheme(("language_model.model.layers", "model.language_model.layers")),
+           config_path=("text_config",), fields=_GEMMA3_LAYERS,
+           mirrors=(("_sliding_window_pattern", "sliding_window_pattern"),)),
+    Family("phi3", ("phi3",), _DECODER),
+    Family("olmo2", ("olmo2",), _DECODER),
+    Family("smollm3", ("smollm3",), _DECODER, fields=(
+        PerLayer("no_rope_layers", Periodic("no_rope_layer_interval", 4, 0, 1)),
+        PerLayer("layer_types", NoRopeSliding()))),
+    # GPT-2: GPT2LMHeadModel saves transformer.h.N; GPT2Model checkpoints (openai-community/gpt2) bare h.N.
+    Family("gpt2", ("gpt2",), LayerScheme(("transformer.h", "h")), count_key="n_layer",
+           position_bound=("scale_attn_by_inverse_layer_idx",)),
+)
 
 _BY_MODEL_TYPE: Mapping[str, Family] = MappingProxyType({t: f for f in FAMILIES for t in f.model_types})
 
@@ -54,3 +211,37 @@ def family_of(config: Mapping[str, Any]) -> Family:
     """The family ``config`` (a config.json) belongs to; :data:`GENERIC` when no entry knows it."""
     model_type = config.get("model_type")
     return _BY_MODEL_TYPE.get(model_type, GENERIC) if isinstance(model_type, str) else GENERIC
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name`` (as presets name the families they accept).
+
+    Raises:
+        KeyError: no such family.
+    """
+    for family in (*FAMILIES, GENERIC):
+        if family.name == name:
+            return family
+    raise KeyError(name)
+
+
+def is_moe_layer(suffixes: Any) -> bool:
+    """True when a layer holding tensors with these names (relative to the layer) is a mixture of
+    experts (experts, a router), as opposed to a dense MLP layer."""
+    return any(MOE_TENSORS.search(s) for s in suffixes)
+
+
+def layer_lists(family: Family, config: Mapping[str, Any], n: int) -> dict[str, list[Any]]:
+    """The family's per-layer lists for a model of ``n`` layers whose (text) config is ``config``:
+    as written, or derived the way transformers derives them when absent. A list of the wrong
+    length is left out (the config does not describe these weights; the caller says so)."""
+    lists: dict[str, list[Any]] = {}
+    for f in family.fields:
+        if not isinstance(f, PerLayer):
+            continue
+        value = config.get(f.key)
+        if value is None and f.derive is not None:
+            value = f.derive.derive(config, n, lists)
+        if isinstance(value, list) and len(value) == n:
+            lists[f.key] = value
+    return lists

@@ -28,6 +28,12 @@ class LayerScheme:
         m = _pattern(self.prefixes).search(name)
         return int(m.group(2)) if m else None
 
+    def suffix(self, name: str) -> str | None:
+        """``name`` after its layer index (``model.layers.3.mlp.up_proj.weight`` -> ``mlp.up_proj.weight``),
+        or None outside the decoder layers."""
+        m = _pattern(self.prefixes).search(name)
+        return name[m.end() + 1:] if m else None
+
     def with_index(self, name: str, index: int) -> str:
         """``name`` with its decoder layer index set to ``index``.
 
@@ -45,7 +51,7 @@ def _pattern(prefixes: tuple[str, ...] | None) -> re.Pattern[str]:
     if prefixes is None:
         return re.compile(r"((?:^|(?<=\.))layers\.)(\d+)(?=\.|$)")
     alternatives = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
-    return re.compile(rf"^({alternatives}\.)(\d+)(?=\.|$)")
+    return re.compile(rf"^((?:{alternatives})\.)(\d+)(?=\.|$)")
 
 
 GENERIC_LAYERS = LayerScheme()

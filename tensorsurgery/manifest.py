@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from .dtypes import CAST_DTYPES
 from .errors import ManifestError
 from .repo_id import is_push_target
+from .rules import PRESETS
 
 PLANS = ("keep", "dus", "idus", "explicit")
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
@@ -232,7 +233,10 @@ def _parse_rename(r: _Reader) -> RenameSpec:
     drop = r.get("drop", list, [])
     for i, pattern in enumerate(drop):
         _regex(_Reader(r.file, {f"drop[{i}]": pattern}, r.path), f"drop[{i}]")
-    return RenameSpec(preset=r.get("preset", str), rules=tuple(rules), drop=tuple(drop))
+    preset = r.get("preset", str)
+    if preset is not None and preset not in PRESETS:
+        raise r.error("preset", f"unknown preset {preset!r}; built-in presets: {', '.join(PRESETS)}")
+    return RenameSpec(preset=preset, rules=tuple(rules), drop=tuple(drop))
 
 
 def _regex(r: _Reader, key: str) -> str:

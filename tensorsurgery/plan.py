@@ -17,12 +17,13 @@ from ._version import __version__
 from .checkpoint import Checkpoint
 from .config import build_config
 from .dtypes import CAST_DTYPES, element_size, is_castable
-from .errors import ManifestError, PlanError
+from .errors import PlanError
 from .format import Header, encode_header
-from .layers import LayerRef, dus, interlock, keep, seams
+from .layers import LayerRef, seams
 from .manifest import Manifest
-from .rules import Renamed, Renamer, compile_renamer, get_preset
-from .transforms import Cast, PermuteRotary, Step, describe, rotary_row_order
+from .rules import get_preset
+from .selection import Pick, select
+from .steps import Cast, PermuteRotary, RowSlice, Step, Zeros, describe, rotary_row_order
 
 SHARD_METADATA = MappingProxyType({"format": "pt"})
 SINGLE_SHARD = "model.safetensors"
@@ -109,14 +110,15 @@ class CopyFile:
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Everything ``apply`` will write, computed from headers alone. ``card`` is the model card's
-    text (README.md); ``card_meta`` the front matter it carries over from the base source's card."""
+    text (README.md); ``card_meta`` the front matter it carries over from the base source's card;
+    ``family`` the :mod:`tensorsurgery.families` entry whose rules were used (``generic`` when the
+    base's model_type is not in the registry); ``kinds`` a label of each output layer's kind."""
 
     output: Path
     sources: tuple[SourceInfo, ...]
     layers: tuple[LayerRef, ...]
     seams: tuple[tuple[int, int], ...]
     shards: tuple[Shard, ...]
-    index: Mapping[str, Any] | None
     config: Mapping[str, Any]
     copy_files: tuple[CopyFile, ...]
     manifest_text: str
@@ -124,6 +126,13 @@ class Plan:
     card: str | None = None
     card_meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     family: str = "generic"
+    kinds: tuple[str, ...] = ()
+
+    @property
+    def index(self) -> Mapping[str, Any] | None:
+        """``model.safetensors.index.json`` content; None for a single ``model.safetensors``, as
+        Hugging Face writes no index then. Made when asked (90k entries for DeepSeek-V3)."""
+        return _index(self.shards)
 
     @property
     def total_size(self) -> int:
@@ -166,29 +175,29 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         48
     """
     base = manifest.sources[0].name
-    arrangement = _arrangement(manifest, checkpoints)
-    picks = _pick_tensors(manifest, checkpoints, arrangement)
-    _check_stackable(manifest, checkpoints, picks)
+    chosen = select(manifest, checkpoints)
     dtype = CAST_DTYPES[manifest.output.dtype] if manifest.output.dtype else None
-    tensors = sorted((_output_tensor(p, checkpoints, dtype) for p in picks.values()),
+    tensors = sorted((_output_tensor(p, checkpoints, dtype) for p in chosen.picks),
                      key=lambda t: (_natural_key(t.name), t.name))
     linked = _identical_source_shards(tensors, checkpoints[base]) if link else []
     taken = {t.name for _, group in linked for t in group}
-    groups = [(None, group) for group in _cut([t for t in tensors if t.name not in taken],
+    groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
+    groups += [(None, group) for group in _cut([t for t in tensors if t.name not in taken],
                                                manifest.output.max_shard_size)]
-    shards = _name_shards(linked + groups)
-    preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
-    config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
-                          preset=preset, dtype=dtype, overrides=manifest.config)
+    shards = _name_shards(groups)
     base_ckpt = checkpoints[base]
+    preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
+    config = build_config({n: c.config for n, c in checkpoints.items()}, base, chosen.arrangement,
+                          family=base_ckpt.family, moe=chosen.moe, preset=preset, dtype=dtype,
+                          overrides=manifest.config, where=f"{manifest.path}: layers")
     plan = Plan(
         output=Path(manifest.output.path),
         sources=tuple(_source_info(s.name, s.model, checkpoints[s.name]) for s in manifest.sources),
-        layers=arrangement, seams=seams(arrangement), shards=shards, index=_index(shards),
+        layers=chosen.arrangement, seams=seams(chosen.arrangement), shards=shards,
         config=MappingProxyType(config),
         copy_files=tuple(CopyFile(base_ckpt.root / f, f, base_ckpt.inside) for f in base_ckpt.extra_files),
         manifest_text=manifest.text, manifest_name=manifest.path.name,
-        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name,
+        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=chosen.kinds,
     )
     from .card import model_card  # the card describes the plan: it is made from it
     return replace(plan, card=model_card(plan))
@@ -199,159 +208,71 @@ def _source_info(name: str, model: str, ckpt: Checkpoint) -> SourceInfo:
                       repo_id=ckpt.repo_id, inside=ckpt.inside)
 
 
-def _arrangement(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> tuple[LayerRef, ...]:
-    spec, base = manifest.layers, manifest.sources[0].name
-    n = checkpoints[base].num_layers
-    where = f"{manifest.path}: layers"
-    if spec.plan == "explicit":
-        refs = []
-        for i, seg in enumerate(spec.arrangement):
-            src = seg.source or base
-            have = checkpoints[src].num_layers
-            if seg.stop > have:
-                raise PlanError(f"{where}.arrangement[{i}]: layers {seg.start}..{seg.stop - 1} of source "
-                                f"{src!r}, which has {have} layers (0..{have - 1})")
-            refs += [LayerRef(src, layer) for layer in range(seg.start, seg.stop)]
-        return tuple(refs)
-    if spec.plan == "keep":
-        layers = keep(n)
-    else:
-        assert spec.overlap is not None  # the manifest parser requires it for dus and idus
-        if spec.overlap >= n:
-            raise PlanError(f"{where}.overlap: {spec.overlap} must be smaller than the source's {n} layers")
-        layers = dus(n, spec.overlap) if spec.plan == "dus" else interlock(n, spec.overlap, spec.group or 1)
-    return tuple(LayerRef(base, layer) for layer in layers)
-
-
-@dataclass(frozen=True, slots=True)
-class _Pick:
-    out: str
-    source: str
-    key: str
-    permute: str | None
-    position: int | None
-
-
-def _pick_tensors(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
-                  arrangement: tuple[LayerRef, ...]) -> dict[str, _Pick]:
-    base = manifest.sources[0].name
-    by_layer: dict[str, dict[int | None, list[str]]] = {}
-    renamers = {}
-    for name, ckpt in checkpoints.items():
-        try:
-            renamers[name] = compile_renamer(manifest.rename, ckpt.layout)
-        except ManifestError as e:
-            raise ManifestError(f"{manifest.path}: {e}") from None
-        by_layer[name] = {}
-        index = ckpt.family.layers.index
-        for key in ckpt.weight_map:
-            by_layer[name].setdefault(index(key), []).append(key)
-    # Non-layer tensors come from the base, or from the source manifest.tensor_sources names.
-    owners = manifest.tensor_sources
-    wanted: list[tuple[str, str, int | None]] = [
-        (src, key, None) for src in dict.fromkeys((base, *owners.values())) for key in by_layer[src].get(None, [])]
-    for pos, ref in enumerate(arrangement):
-        wanted += [(ref.source, key, pos) for key in by_layer[ref.source].get(ref.layer, [])]
-    picks: dict[str, _Pick] = {}
-    replaced: set[str] = set()
-    for src, key, pos in wanted:
-        renamed = _rename(manifest, renamers[src], key)
-        if renamed is None:
-            continue
-        out = renamed.name
-        if pos is None and owners.get(out, base) != src:
-            if src == base:  # the base's own, replaced by another source's
-                replaced.add(out)
-            continue
-        if pos is not None:
-            scheme = checkpoints[src].family.layers
-            if scheme.index(out) is None:
-                raise PlanError(f"{manifest.path}: rename: layer tensor {key!r} became {out!r}, which "
-                                f"has no layer index; keep it in the rename rules")
-            out = scheme.with_index(out, pos)
-        if out in picks:
-            raise PlanError(f"{manifest.path}: rename: {picks[out].key!r} and {key!r} both become {out!r}; "
-                            f"fix the rename rules or drop one")
-        picks[out] = _Pick(out, src, key, renamed.permute, pos)
-    missing = sorted(replaced - picks.keys())
-    if missing:
-        raise PlanError(f"{manifest.path}: {missing[0]!r} is to come from source {owners[missing[0]]!r}, which "
-                        f"has no such tensor; use sources of the same architecture")
-    _check_not_empty(manifest, arrangement, picks)
-    return picks
-
-
-def _check_not_empty(manifest: Manifest, arrangement: tuple[LayerRef, ...], picks: dict[str, _Pick]) -> None:
-    """An output with no tensors, or a layer config.json counts but no tensor holds, is no model."""
-    if not picks:
-        raise PlanError(f"{manifest.path}: rename: no tensor is left (rename.drop removes every one); "
-                        f"an output needs weights, so narrow the drop patterns")
-    filled = {p.position for p in picks.values()}
-    for pos, ref in enumerate(arrangement):
-        if pos not in filled:
-            raise PlanError(f"{manifest.path}: output layer {pos} (layer {ref.layer} of source {ref.source!r}) has "
-                            f"no tensors left after rename.drop, yet config.json would count it; remove the layer "
-                            f"from [layers] instead of dropping its tensors")
-
-
-def _rename(manifest: Manifest, renamer: Renamer, key: str) -> Renamed | None:
-    try:
-        return renamer.rename(key)
-    except ManifestError as e:
-        raise ManifestError(f"{manifest.path}: rename: {e}") from None
-
-
-def _check_stackable(manifest: Manifest, checkpoints: Mapping[str, Checkpoint],
-                     picks: dict[str, _Pick]) -> None:
-    """Every output layer must hold the same tensor names and shapes as output layer 0."""
-    layers: dict[int, dict[str, tuple[int, ...]]] = {}
-    sources: dict[int, str] = {}
-    for p in picks.values():
-        if p.position is not None:
-            ckpt = checkpoints[p.source]
-            shape = ckpt.headers[ckpt.weight_map[p.key]].tensors[p.key].shape
-            layers.setdefault(p.position, {})[ckpt.family.layers.with_index(p.out, 0)] = shape
-            sources[p.position] = p.source
-    if not layers:
-        return
-    first_pos = min(layers)
-    first = layers[first_pos]
-    for pos, tensors in sorted(layers.items()):
-        if tensors == first:
-            continue
-        name = sorted(k for k in first.keys() | tensors.keys() if first.get(k) != tensors.get(k))[0]
-        raise PlanError(f"{manifest.path}: layers: output layer {pos} (source {sources[pos]!r}) cannot "
-                        f"stack on output layer {first_pos}: {name!r} has shape {tensors.get(name, 'none')} "
-                        f"vs {first.get(name, 'none')}; use sources of the same architecture")
-
-
-def _output_tensor(p: _Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> OutputTensor:
+def _output_tensor(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> OutputTensor:
+    """The output tensor of pick ``p``: its source byte range and the steps that make its bytes."""
     ckpt = checkpoints[p.source]
     shard = ckpt.weight_map[p.key]
     header = ckpt.headers[shard]
     entry = header.tensors[p.key]
+    out_dtype = dtype if dtype and is_castable(entry.dtype) else entry.dtype
+    if p.zeros:
+        shape = entry.shape[:1]
+        return OutputTensor(name=p.out, dtype=out_dtype, shape=shape, offset=0,
+                            nbytes=(shape[0] if shape else 1) * element_size(out_dtype), source_name=p.source,
+                            source_key="", source_dtype=out_dtype, source=None, steps=(Zeros(),))
     steps: list[Step] = []
+    shape, source = entry.shape, ByteRange(header.path, header.data_start + entry.start, entry.nbytes)
+    if p.rows is not None:
+        start, stop, total = _rows(p, ckpt.family.text_config(ckpt.config), _where(ckpt, shard, p.key))
+        if not shape or shape[0] != total:
+            raise PlanError(f"{_where(ckpt, shard, p.key)}: has {shape[0] if shape else 0} rows, but config.json "
+                            f"makes the fused parts {total} rows; the config does not describe these weights")
+        row_bytes = entry.nbytes // total
+        shape = (stop - start, *shape[1:])
+        source = ByteRange(source.path, source.offset + start * row_bytes, (stop - start) * row_bytes)
+        steps.append(RowSlice(start, stop, total))
     if p.permute:
         heads = ckpt.config.get(p.permute)
         try:
-            rotary_row_order(entry.shape[0] if entry.shape else 0, heads if isinstance(heads, int) else 0)
+            rotary_row_order(shape[0] if shape else 0, heads if isinstance(heads, int) else 0)
         except ValueError as e:
-            raise PlanError(f"{ckpt.root / shard}: tensor {p.key!r}: cannot permute for rotary: {e} "
+            raise PlanError(f"{_where(ckpt, shard, p.key)}: cannot permute for rotary: {e} "
                             f"({p.permute} = {heads!r})") from None
         assert isinstance(heads, int)
         steps.append(PermuteRotary(heads))
-    out_dtype, nbytes = entry.dtype, entry.nbytes
-    if dtype and dtype != entry.dtype and is_castable(entry.dtype):
-        steps.append(Cast(entry.dtype, dtype))
-        out_dtype, nbytes = dtype, entry.nbytes // element_size(entry.dtype) * element_size(dtype)
-    return OutputTensor(
-        name=p.out, dtype=out_dtype, shape=entry.shape, offset=0, nbytes=nbytes,
-        source_name=p.source, source_key=p.key, source_dtype=entry.dtype,
-        source=ByteRange(header.path, header.data_start + entry.start, entry.nbytes), steps=tuple(steps))
+    nbytes = source.length
+    if out_dtype != entry.dtype:
+        steps.append(Cast(entry.dtype, out_dtype))
+        nbytes = nbytes // element_size(entry.dtype) * element_size(out_dtype)
+    return OutputTensor(name=p.out, dtype=out_dtype, shape=shape, offset=0, nbytes=nbytes, source_name=p.source,
+                        source_key=p.key, source_dtype=entry.dtype, source=source, steps=tuple(steps))
+
+
+def _where(ckpt: Checkpoint, shard: str, key: str) -> str:
+    return f"{ckpt.root / shard}: tensor {key!r}"
+
+
+def _at(t: OutputTensor, offset: int) -> OutputTensor:
+    """``t`` placed at ``offset`` of its shard (positional: ``dataclasses.replace`` is 5x slower, and a
+    plan makes one per tensor, 90k for DeepSeek-V3)."""
+    return OutputTensor(t.name, t.dtype, t.shape, offset, t.nbytes, t.source_name, t.source_key, t.source_dtype,
+                        t.source, t.steps)
+
+
+def _rows(p: Pick, config: Mapping[str, Any], where: str) -> tuple[int, int, int]:
+    assert p.rows is not None
+    try:
+        return p.rows.rows(config)
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise PlanError(f"{where}: config.json lacks what splitting the fused tensor needs ({e}); add it "
+                        f"in [config]") from None
+
+
+_DIGITS = re.compile(r"(\d+)")
 
 
 def _natural_key(name: str) -> tuple:
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+    return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(name))
 
 
 def _identical_source_shards(tensors: list[OutputTensor], ckpt: Checkpoint) -> list[tuple[Header, list[OutputTensor]]]:
@@ -365,7 +286,7 @@ def _identical_source_shards(tensors: list[OutputTensor], ckpt: Checkpoint) -> l
             if (t is None or t.steps or t.source is None or t.source_key != e.name
                     or t.source.path != header.path):
                 break
-            group.append(replace(t, offset=e.start))
+            group.append(_at(t, e.start))
         else:
             if group and header.raw:
                 found.append((header, group))
@@ -399,7 +320,7 @@ def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]]) -> tupl
             continue
         placed, offset = [], 0
         for t in group:
-            placed.append(replace(t, offset=offset))
+            placed.append(_at(t, offset))
             offset += t.nbytes
         header = encode_header(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in placed),
                                SHARD_METADATA)
@@ -408,8 +329,6 @@ def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]]) -> tupl
 
 
 def _index(shards: tuple[Shard, ...]) -> Mapping[str, Any] | None:
-    """``model.safetensors.index.json`` content; None for a single ``model.safetensors``,
-    as Hugging Face writes no index then."""
     if len(shards) == 1:
         return None
     return MappingProxyType({

@@ -43,21 +43,29 @@ def format_plan(plan: Plan, *, free: int | None = None) -> str:
     for s in plan.sources:
         rev = f" @ {s.revision}" if s.revision else ""
         lines.append(f"  {s.name}: {s.model}{rev} ({s.layout} layout, {len(s.files)} file(s))")
+    rules = "generic rules (its model_type is not in the registry)" if plan.family == "generic" else "registry entry"
+    lines.append(f"family: {plan.family} ({rules})")
     lines.append(f"layers: {len(plan.layers)}")
     seams = dict(plan.seams)
     for a, b, src, x, y in layer_runs(plan.layers):
         seam = f"   <- seam: jump {seams[a]:+d}" if a in seams else ""
+        if seam and plan.kinds and plan.kinds[a - 1] != plan.kinds[a]:
+            seam += f"; kinds differ: {plan.kinds[a - 1]} | {plan.kinds[a]}"
         lines.append(f"  out {span(a, b):>9}  <-  {src} {span(x, y)}{seam}")
     if plan.seams:
         lines.append(f"seams: {len(plan.seams)}, largest layer distance {max(abs(j) for _, j in plan.seams)}")
     else:
         lines.append("seams: none")
+    if any(plan.kinds):
+        counts = Counter(plan.kinds)
+        lines.append("layer kinds: " + ", ".join(f"{k or 'plain'} x{n}" for k, n in counts.items())
+                     + "  (" + " ".join(_kind_runs(plan.kinds)) + ")")
     transforms = Counter(t.transform for t in plan.tensors)
     lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in sorted(transforms.items())))
     lines.append(f"shards: {len(plan.shards)}")
-    for s in plan.shards:
-        link = f"  linked to {s.link} (not written)" if s.link is not None else ""
-        lines.append(f"  {s.filename}  {format_bytes(s.nbytes):>10}  {len(s.tensors)} tensors{link}")
+    for shard in plan.shards:
+        link = f"  linked to {shard.link} (not written)" if shard.link is not None else ""
+        lines.append(f"  {shard.filename}  {format_bytes(shard.nbytes):>10}  {len(shard.tensors)} tensors{link}")
     need = f"disk needed: {format_bytes(plan.written_nbytes)}"
     if plan.written_nbytes != plan.nbytes:
         need += f" ({format_bytes(plan.nbytes - plan.written_nbytes)} of linked shards take no space)"
@@ -67,14 +75,28 @@ def format_plan(plan: Plan, *, free: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def _kind_runs(kinds: tuple[str, ...]) -> list[str]:
+    """``kind@a..b`` for each run of output layers of one kind."""
+    runs: list[list[Any]] = []
+    for i, kind in enumerate(kinds):
+        if runs and runs[-1][0] == kind:
+            runs[-1][2] = i
+        else:
+            runs.append([kind, i, i])
+    return [f"{k or 'plain'}@{span(a, b)}" for k, a, b in runs]
+
+
 def plan_as_dict(plan: Plan) -> dict[str, Any]:
     """The plan as JSON-ready data (``plan --json``)."""
     return {
         "output": str(plan.output),
         "sources": [{"name": s.name, "model": s.model, "root": str(s.root), "layout": s.layout,
                      "revision": s.revision, "files": list(s.files)} for s in plan.sources],
-        "layers": [{"source": r.source, "layer": r.layer} for r in plan.layers],
-        "seams": [{"position": p, "jump": j} for p, j in plan.seams],
+        "family": plan.family,
+        "layers": [{"source": r.source, "layer": r.layer, "kind": plan.kinds[i] if plan.kinds else ""}
+                   for i, r in enumerate(plan.layers)],
+        "seams": [{"position": p, "jump": j,
+                   "kinds_differ": bool(plan.kinds) and plan.kinds[p - 1] != plan.kinds[p]} for p, j in plan.seams],
         "shards": [{"filename": s.filename, "nbytes": s.nbytes, "link": str(s.link) if s.link else None, "tensors": [
             {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes,
              "source": t.source_name, "source_key": t.source_key,

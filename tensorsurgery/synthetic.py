@@ -212,7 +212,7 @@ def _write_values(f: BinaryIO, rng: np.random.Generator, name: str, shape: tuple
         else:
             x = rng.standard_normal(n // size, dtype=np.float32) * scale + np.float32(1.0 if norm else 0.0)
             chunk = cast_chunk(x.view(np.uint8), "F32", dtype) if dtype != "F32" else x.view(np.uint8)
-        f.write(memoryview(chunk))
+        f.write(chunk.data)
         nbytes -= n
 
 

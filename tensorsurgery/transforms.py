@@ -1,11 +1,5 @@
-"""The typed steps that turn source bytes into output bytes, and the kernels that apply them on
-bounded chunks while bytes stream, never on a whole tensor:
-
-* :class:`RowSlice`: a contiguous row range of a fused tensor (Phi-3's ``qkv_proj``), which is a
-  byte range, so it costs nothing at run time;
-* :class:`PermuteRotary`: the rotary row permutation of Mistral's native format, one head at a time;
-* :class:`Cast`: a dtype cast;
-* :class:`Zeros`: a tensor the source lacks (a bias the target architecture needs), all zero bytes.
+"""The kernels that apply transform steps (:mod:`tensorsurgery.steps`) to bounded chunks while bytes
+stream, never to a whole tensor: dtype casts and the rotary row permutation.
 
 Casts are bitwise equal to torch's CPU ``tensor.to(dtype)`` (2.x), NaNs included: torch
 converts to float16 with the F16C rules (NaN keeps its top payload bits and gets the quiet bit),
@@ -15,56 +9,11 @@ tests/test_transforms.py checks every 16-bit pattern against torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import ClassVar, Union
 
 import numpy as np
 
 from .dtypes import element_size
-
-
-@dataclass(frozen=True, slots=True)
-class RowSlice:
-    """Rows ``start..stop-1`` of a source tensor of ``rows`` rows (its byte range is narrowed)."""
-
-    start: int
-    stop: int
-    rows: int
-    label: ClassVar[str] = "slice"
-
-
-@dataclass(frozen=True, slots=True)
-class PermuteRotary:
-    """Mistral/Meta interleaved rotary pairs to Hugging Face's half-split rows, per head of
-    ``rows / heads`` rows (see :func:`rotary_row_order`)."""
-
-    heads: int
-    label: ClassVar[str] = "permute"
-
-
-@dataclass(frozen=True, slots=True)
-class Cast:
-    """Elements of safetensors dtype ``source`` to ``target`` (bitwise as torch's ``.to()``)."""
-
-    source: str
-    target: str
-    label: ClassVar[str] = "cast"
-
-
-@dataclass(frozen=True, slots=True)
-class Zeros:
-    """No source: every byte of the tensor is zero."""
-
-    label: ClassVar[str] = "zeros"
-
-
-Step = Union[RowSlice, PermuteRotary, Cast, Zeros]
-
-
-def describe(steps: tuple[Step, ...]) -> str:
-    """The steps as one word each, in order (``"permute+cast"``); ``"none"`` for a verbatim copy."""
-    return "+".join(step.label for step in steps) or "none"
 
 
 def _to_f32_bits(src: np.ndarray, dtype: str) -> np.ndarray:
@@ -141,20 +90,6 @@ def cast_chunk(src: bytes | memoryview | np.ndarray, src_dtype: str, dst_dtype: 
             out[:result.nbytes] = result.view(np.uint8)
             result = out[:result.nbytes]
     return np.ascontiguousarray(result).view(np.uint8)
-
-
-def rotary_row_order(rows: int, heads: int) -> tuple[int, ...]:
-    """Source row of each output row when converting Mistral/Meta interleaved rotary pairs to
-    Hugging Face's half-split layout (transformers' ``permute`` in its conversion scripts):
-    within each head, even rows first, then odd rows.
-
-    Raises:
-        ValueError: rows do not split into ``heads`` heads of even size.
-    """
-    if heads <= 0 or rows % heads or (rows // heads) % 2:
-        raise ValueError(f"{rows} rows do not split into {heads} heads of an even size")
-    d = rows // heads
-    return tuple(h * d + 2 * i + j for h in range(heads) for j in (0, 1) for i in range(d // 2))
 
 
 def permute_head(head: np.ndarray, row_bytes: int) -> np.ndarray:

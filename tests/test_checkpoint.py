@@ -83,7 +83,7 @@ def _assemble(tmp_path, config, weight_map=None, specs=None):
 
 def test_assemble_counts_layers_and_checks_the_config(tmp_path):
     ckpt = _assemble(tmp_path, decoder_config(2))
-    assert ckpt.num_layers == 2 and ckpt.family.name == "generic"
+    assert ckpt.num_layers == 2 and ckpt.family.name == "mistral"
     with pytest.raises(SourceError) as e:
         _assemble(tmp_path, decoder_config(3))
     assert str(e.value) == (f"{tmp_path / 'config.json'}: num_hidden_layers = 3 but the tensors hold 2 layers; "

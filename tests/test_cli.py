@@ -73,7 +73,8 @@ def test_plan_json(tiny_mistral, tmp_path, capsys):
     assert [(d["source"], d["layer"]) for d in data["layers"]] == [
         ("source", i) for k in range(24) for i in (k, k + 8)]
     assert len(data["layers"]) == 48
-    assert data["seams"] == [{"position": p, "jump": 7 if p % 2 else -8} for p in range(1, 48)]
+    assert data["seams"] == [{"position": p, "jump": 7 if p % 2 else -8, "kinds_differ": False} for p in range(1, 48)]
+    assert data["family"] == "mistral" and {d["kind"] for d in data["layers"]} == {""}
     assert [s["filename"] for s in data["shards"]] == ["model.safetensors"]
     tensors = data["shards"][0]["tensors"]
     assert len(tensors) == 435

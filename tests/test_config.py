@@ -10,6 +10,7 @@ import pytest
 from helpers import decoder_config, decoder_specs, make_checkpoint, manifest_from_text
 from tensorsurgery.config import build_config
 from tensorsurgery.errors import PlanError
+from tensorsurgery.families import family_of
 from tensorsurgery.layers import LayerRef, dus
 from tensorsurgery.plan import build_plan
 from tensorsurgery.rules import get_preset
@@ -46,8 +47,8 @@ def refs(layers, source="source"):
 
 
 def build(config, arrangement=refs(range(32)), *, preset=PRESET, dtype=None, overrides=None, configs=None):
-    return build_config(configs or {"source": config}, "source", arrangement, preset=preset, dtype=dtype,
-                        overrides=overrides or {})
+    return build_config(configs or {"source": config}, "source", arrangement, family=family_of(config or MISTRAL_V4),
+                        preset=preset, dtype=dtype, overrides=overrides or {})
 
 
 def without(d, *keys):
@@ -126,7 +127,7 @@ def test_per_layer_lists_from_several_sources():
     a = {"num_hidden_layers": 3, "layer_types": ["a0", "a1", "a2"], "model_type": "mistral"}
     b = {"num_hidden_layers": 3, "layer_types": ["b0", "b1", "b2"], "model_type": "mistral"}
     arrangement = (LayerRef("a", 2), LayerRef("b", 0), LayerRef("b", 2), LayerRef("a", 0))
-    cfg = build_config({"a": a, "b": b}, "a", arrangement, preset=None, dtype=None, overrides={})
+    cfg = build_config({"a": a, "b": b}, "a", arrangement, family=family_of(a), preset=None, dtype=None, overrides={})
     assert cfg == {"num_hidden_layers": 4, "layer_types": ["a2", "b0", "b2", "a0"], "model_type": "mistral"}
 
 
@@ -135,11 +136,11 @@ def test_per_layer_list_missing_from_a_source():
     b = {"num_hidden_layers": 3}
     arrangement = (LayerRef("a", 2), LayerRef("b", 1))
     with pytest.raises(PlanError) as excinfo:
-        build_config({"a": a, "b": b}, "a", arrangement, preset=None, dtype=None, overrides={})
+        build_config({"a": a, "b": b}, "a", arrangement, family=family_of(a), preset=None, dtype=None, overrides={})
     assert str(excinfo.value) == ("config.json of source 'b' has no layer_types[1] for the per-layer list "
                                   "'layer_types'; set layer_types in the manifest's [config] table")
     # The suggested fix works: the override wins and nothing is looked up.
-    cfg = build_config({"a": a, "b": b}, "a", arrangement, preset=None, dtype=None,
+    cfg = build_config({"a": a, "b": b}, "a", arrangement, family=family_of(a), preset=None, dtype=None,
                        overrides={"layer_types": ["x", "y"]})
     assert cfg["layer_types"] == ["x", "y"]
 

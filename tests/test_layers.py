@@ -145,3 +145,21 @@ def test_forward_jump_and_repeat():
 def test_source_change_is_a_seam_even_when_the_index_continues():
     arrangement = (LayerRef("a", 0), LayerRef("a", 1), LayerRef("b", 2), LayerRef("b", 3), LayerRef("a", 0))
     assert seams(arrangement) == ((2, 0), (4, -4))
+
+
+# --- family layer places ------------------------------------------------------------------------------
+
+def test_a_scheme_with_several_prefixes_finds_each_and_nothing_else():
+    from tensorsurgery.layers import LayerScheme
+    scheme = LayerScheme(("language_model.model.layers", "model.language_model.layers"))
+    assert scheme.index("language_model.model.layers.12.mlp.up_proj.weight") == 12
+    assert scheme.index("model.language_model.layers.3.self_attn.q_proj.weight") == 3
+    # A vision tower's own layers, and the decoder's name as a substring, are not decoder layers.
+    assert scheme.index("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight") is None
+    assert scheme.index("x.language_model.model.layers.1.w") is None
+    assert scheme.with_index("language_model.model.layers.12.mlp.experts.1.w", 40) == \
+        "language_model.model.layers.40.mlp.experts.1.w"
+    assert scheme.suffix("model.language_model.layers.3.self_attn.q_proj.weight") == "self_attn.q_proj.weight"
+    gpt2 = LayerScheme(("transformer.h", "h"))
+    assert (gpt2.index("transformer.h.7.attn.c_attn.weight"), gpt2.index("h.2.mlp.c_fc.bias")) == (7, 2)
+    assert gpt2.index("transformer.wte.weight") is None

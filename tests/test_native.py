@@ -33,7 +33,7 @@ from tensorsurgery.native import config_from_params
 from tensorsurgery.plan import build_plan
 from tensorsurgery.local import load_checkpoint
 from tensorsurgery.pump import Pump
-from tensorsurgery.transforms import PermuteRotary
+from tensorsurgery.steps import PermuteRotary
 
 # Hugging Face name -> native name, written out independently of tensorsurgery.rules.
 _TO_NATIVE = (

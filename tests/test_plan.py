@@ -19,7 +19,7 @@ from tensorsurgery.errors import ManifestError, PlanError
 from tensorsurgery.format import parse_header
 from tensorsurgery.layers import LayerRef, dus, interlock
 from tensorsurgery.plan import ByteRange, CopyFile, OutputTensor, SourceInfo, build_plan
-from tensorsurgery.transforms import PermuteRotary
+from tensorsurgery.steps import PermuteRotary
 
 SRC = Path("/models/src")
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -450,7 +450,7 @@ def test_unknown_preset():
     with pytest.raises(ManifestError) as excinfo:
         build_plan(manifest('plan = "keep"', rename='preset = "llama-to-mistral"'), {"source": checkpoint(2)})
     assert str(excinfo.value) == ("m.toml: rename.preset: unknown preset 'llama-to-mistral'; built-in presets: "
-                                  "mistral-to-llama")
+                                  "mistral-to-llama, qwen2-to-llama, phi3-to-llama")
 
 
 # --- errors ---------------------------------------------------------------------------------------------------

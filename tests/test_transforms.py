@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tensorsurgery.dtypes import element_size
-from tensorsurgery.transforms import cast_chunk, permute_head, rotary_row_order
+from tensorsurgery.steps import rotary_row_order
+from tensorsurgery.transforms import cast_chunk, permute_head
 
 TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 INT_VIEW = {"F16": torch.int16, "BF16": torch.int16, "F32": torch.int32}

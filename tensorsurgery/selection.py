@@ -1,0 +1,267 @@
+"""Which source tensors become which output tensors (pure, part of planning).
+
+The arrangement says which source layer each output layer is; every output layer is that source
+layer, with its own tensors and its own kind (dense or MoE, sliding or full attention...), so layers
+that differ in kind inside one model are planned like any other. Tensors outside the decoder
+layers (embeddings, final norm, a vision tower, a projector) are copied as they are; layers saved
+after the counted ones (DeepSeek-V3's multi-token prediction) stay after the new last layer.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from .checkpoint import Checkpoint
+from .errors import ManifestError, PlanError
+from .families import Family, is_moe_layer, layer_lists
+from .layers import LayerRef, LayerScheme, dus, interlock, keep
+from .manifest import Manifest
+from .rules import Renamed, Renamer, RowPart, check_source, compile_renamer, get_preset
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """An output tensor chosen from a source tensor ``key`` of source ``source``.
+
+    ``position`` is its output layer (None outside the layers; extra layers count on after the
+    last arranged one); ``zeros`` means it is not the source tensor's bytes but zeros shaped like
+    its rows (a tensor the target needs that the source lacks)."""
+
+    out: str
+    source: str
+    key: str
+    permute: str | None = None
+    rows: RowPart | None = None
+    position: int | None = None
+    zeros: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The arrangement, every output tensor's pick, and each output layer's kind: ``moe`` (a
+    mixture-of-experts layer) and ``kinds`` (a label for display: its per-layer config values)."""
+
+    arrangement: tuple[LayerRef, ...]
+    picks: tuple[Pick, ...]
+    moe: tuple[bool, ...]
+    kinds: tuple[str, ...]
+
+
+def arrange(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> tuple[LayerRef, ...]:
+    """The source layer of every output layer.
+
+    Raises:
+        PlanError: a layer out of range (naming the arrangement position), an overlap too large.
+    """
+    spec, base = manifest.layers, manifest.sources[0].name
+    n = checkpoints[base].num_layers
+    where = f"{manifest.path}: layers"
+    if spec.plan == "explicit":
+        refs = []
+        for i, seg in enumerate(spec.arrangement):
+            src = seg.source or base
+            have = checkpoints[src].num_layers
+            if seg.stop > have:
+                raise PlanError(f"{where}.arrangement[{i}]: layers {seg.start}..{seg.stop - 1} of source "
+                                f"{src!r}, which has {have} layers (0..{have - 1})")
+            refs += [LayerRef(src, layer) for layer in range(seg.start, seg.stop)]
+        return tuple(refs)
+    if spec.plan == "keep":
+        layers = keep(n)
+    else:
+        assert spec.overlap is not None  # the manifest parser requires it for dus and idus
+        if spec.overlap >= n:
+            raise PlanError(f"{where}.overlap: {spec.overlap} must be smaller than the source's {n} layers")
+        layers = dus(n, spec.overlap) if spec.plan == "dus" else interlock(n, spec.overlap, spec.group or 1)
+    return tuple(LayerRef(base, layer) for layer in layers)
+
+
+def select(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> Selection:
+    """Choose every output tensor of ``manifest`` applied to ``checkpoints``.
+
+    Raises:
+        PlanError: see :func:`arrange`; two tensors renamed to one name; a renamed layer tensor
+            without its layer index; a layer of another source unlike any of the base's; a
+            preset given a source it does not convert; an output with no tensors or a layer with none.
+        ManifestError: a name no preset rule maps, an invalid replacement, a reserved name.
+    """
+    base = manifest.sources[0].name
+    arrangement = arrange(manifest, checkpoints)
+    preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
+    for s in manifest.sources:
+        ckpt = checkpoints[s.name]
+        if preset is not None:
+            check_source(preset, ckpt.family.name, ckpt.config, f"{manifest.path}: source {s.name!r}")
+        _check_movable(manifest, ckpt, arrangement, s.name)
+    groups = {name: ckpt.by_layer for name, ckpt in checkpoints.items()}
+    renamers = {name: _renamer(manifest, ckpt) for name, ckpt in checkpoints.items()}
+    wanted: list[tuple[str, str, int | None]] = []
+    owners = manifest.tensor_sources
+    for src in dict.fromkeys((base, *owners.values())):
+        wanted += [(src, key, None) for key in groups[src].get(None, [])]
+    for pos, ref in enumerate(arrangement):
+        wanted += [(ref.source, key, pos) for key in groups[ref.source].get(ref.layer, [])]
+    n_base = checkpoints[base].num_layers
+    for index in sorted(i for i in groups[base] if i is not None and i >= n_base):
+        wanted += [(base, key, len(arrangement) + index - n_base) for key in groups[base][index]]
+    picks = _pick(manifest, checkpoints, renamers, wanted)
+    if preset is not None:
+        picks = _add_zeros(picks, preset.adds)
+    _check_not_empty(manifest, arrangement, picks)
+    moe, signatures = _layer_kinds(checkpoints, arrangement, picks)
+    _check_stackable(manifest, checkpoints, arrangement, signatures, base)
+    return Selection(arrangement, tuple(picks.values()), tuple(moe),
+                     _labels(checkpoints, arrangement, moe))
+
+
+def _renamer(manifest: Manifest, ckpt: Checkpoint) -> Renamer:
+    try:
+        return compile_renamer(manifest.rename, ckpt.layout)
+    except ManifestError as e:
+        raise ManifestError(f"{manifest.path}: {e}") from None
+
+
+def _check_movable(manifest: Manifest, ckpt: Checkpoint, arrangement: tuple[LayerRef, ...], name: str) -> None:
+    """A family whose config ties a layer's computation to its index (GPT-2's
+    ``scale_attn_by_inverse_layer_idx``) cannot have its layers moved."""
+    text = ckpt.family.text_config(ckpt.config)
+    for flag in ckpt.family.position_bound:
+        moved = [i for i, ref in enumerate(arrangement) if ref.source == name and ref.layer != i]
+        if text.get(flag) and moved:
+            raise PlanError(f"{manifest.path}: source {name!r} sets {flag}, which ties each layer's computation to "
+                            f"its index, and output layer {moved[0]} is its layer {arrangement[moved[0]].layer}; keep "
+                            f"its layers in place, or set {flag} = false in [config] if that is what you want")
+
+
+def _pick(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], renamers: Mapping[str, Renamer],
+          wanted: list[tuple[str, str, int | None]]) -> dict[str, Pick]:
+    base = manifest.sources[0].name
+    owners = manifest.tensor_sources
+    picks: dict[str, Pick] = {}
+    replaced: set[str] = set()
+    for src, key, pos in wanted:
+        for renamed in _rename(manifest, renamers[src], key):
+            out = renamed.name
+            if pos is None and owners.get(out, base) != src:
+                if src == base:  # the base's own, replaced by another source's
+                    replaced.add(out)
+                continue
+            if pos is not None:
+                out = _renumber(manifest, checkpoints[src].family, key, out, pos)
+            if out in picks:
+                raise PlanError(f"{manifest.path}: rename: {picks[out].key!r} and {key!r} both become {out!r}; "
+                                f"fix the rename rules or drop one")
+            picks[out] = Pick(out, src, key, renamed.permute, renamed.rows, pos)
+    missing = sorted(replaced - picks.keys())
+    if missing:
+        raise PlanError(f"{manifest.path}: {missing[0]!r} is to come from source {owners[missing[0]]!r}, which "
+                        f"has no such tensor; use sources of the same architecture")
+    return picks
+
+
+def _rename(manifest: Manifest, renamer: Renamer, key: str) -> tuple[Renamed, ...]:
+    try:
+        return renamer.rename(key)
+    except ManifestError as e:
+        raise ManifestError(f"{manifest.path}: rename: {e}") from None
+
+
+def _renumber(manifest: Manifest, family: Family, key: str, out: str, pos: int) -> str:
+    if family.layers.index(out) is None:
+        raise PlanError(f"{manifest.path}: rename: layer tensor {key!r} became {out!r}, which has no layer "
+                        f"index; keep it in the rename rules")
+    return family.layers.with_index(out, pos)
+
+
+def _add_zeros(picks: dict[str, Pick], adds: tuple) -> dict[str, Pick]:
+    """The preset's zero tensors, one per output tensor they are modelled on (unless the source
+    has that tensor already)."""
+    out = dict(picks)
+    for add in adds:
+        like = re.compile(add.like)
+        for p in picks.values():
+            if like.fullmatch(p.out):
+                name = like.sub(add.template, p.out)
+                out.setdefault(name, Pick(name, p.source, p.key, position=p.position, zeros=True))
+    return out
+
+
+def _check_not_empty(manifest: Manifest, arrangement: tuple[LayerRef, ...], picks: Mapping[str, Pick]) -> None:
+    """An output with no tensors, or a layer config.json counts but no tensor holds, is no model."""
+    if not picks:
+        raise PlanError(f"{manifest.path}: rename: no tensor is left (rename.drop removes every one); "
+                        f"an output needs weights, so narrow the drop patterns")
+    filled = {p.position for p in picks.values()}
+    for pos, ref in enumerate(arrangement):
+        if pos not in filled:
+            raise PlanError(f"{manifest.path}: output layer {pos} (layer {ref.layer} of source {ref.source!r}) has "
+                            f"no tensors left after rename.drop, yet config.json would count it; remove the layer "
+                            f"from [layers] instead of dropping its tensors")
+
+
+Signature = frozenset[tuple[str, tuple[int, ...]]]
+
+
+def _suffix(layers: LayerScheme, name: str) -> str:
+    """``name`` without its layer prefix and index (``mlp.experts.0.up_proj.weight``)."""
+    suffix = layers.suffix(name)
+    return name if suffix is None else suffix
+
+
+def _layer_kinds(checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...],
+                 picks: Mapping[str, Pick]) -> tuple[list[bool], dict[int, Signature]]:
+    """Each output layer's MoE flag (from its source tensors) and its signature (tensor names
+    relative to the layer, with shapes)."""
+    suffixes: dict[int, list[str]] = {}
+    signatures: dict[int, set[tuple[str, tuple[int, ...]]]] = {}
+    several = len({ref.source for ref in arrangement}) > 1
+    for p in picks.values():
+        if p.position is None or p.position >= len(arrangement) or p.zeros:
+            continue
+        ckpt = checkpoints[p.source]
+        suffixes.setdefault(p.position, []).append(_suffix(ckpt.layers, p.key))
+        if several:  # signatures only matter when layers of several sources meet
+            shape = ckpt.headers[ckpt.weight_map[p.key]].tensors[p.key].shape
+            signatures.setdefault(p.position, set()).add((ckpt.family.layers.with_index(p.out, 0), shape))
+    moe = [is_moe_layer(suffixes.get(pos, ())) for pos in range(len(arrangement))]
+    return moe, {pos: frozenset(s) for pos, s in signatures.items()}
+
+
+def _check_stackable(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...],
+                     signatures: Mapping[int, Signature], base: str) -> None:
+    """A layer from another source must be like one of the base source's layers (same tensor
+    names and shapes): config.json, which comes from the base, must be able to describe it."""
+    base_layers = {pos: sig for pos, sig in signatures.items() if arrangement[pos].source == base}
+    known = set(base_layers.values())
+    for pos, sig in sorted(signatures.items()):
+        ref = arrangement[pos]
+        if ref.source == base or sig in known:
+            continue
+        other_pos = min(base_layers) if base_layers else None
+        other = dict(base_layers[other_pos]) if other_pos is not None else {}
+        mine = dict(sig)
+        name = sorted(k for k in other.keys() | mine.keys() if other.get(k) != mine.get(k))[0] if other else "?"
+        raise PlanError(f"{manifest.path}: layers: output layer {pos} (source {ref.source!r}) cannot stack on output "
+                        f"layer {other_pos}: {name!r} has shape {mine.get(name, 'none')} vs {other.get(name, 'none')}; "
+                        f"use sources of the same architecture")
+
+
+def _labels(checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...], moe: list[bool]) -> tuple[str, ...]:
+    """A short label of each output layer's kind: its per-layer config values, and dense or MoE
+    when the model has both."""
+    lists = {name: layer_lists(c.family, c.family.text_config(c.config), c.num_layers) for name, c in checkpoints.items()}
+    mixed = len(set(moe)) > 1
+    labels = []
+    for pos, ref in enumerate(arrangement):
+        parts = [_show(key, values[ref.layer]) for key, values in lists[ref.source].items()]
+        if mixed:
+            parts.append("moe" if moe[pos] else "dense")
+        labels.append("/".join(p for p in parts if p))
+    return tuple(labels)
+
+
+def _show(key: str, value: object) -> str:
+    if key == "no_rope_layers":
+        return "" if value else "no-rope"
+    return str(value).removesuffix("_attention")
