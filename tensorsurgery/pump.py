@@ -31,7 +31,8 @@ from .hashing import HashPool, first_of_each
 from .packing import ALIGN, Block, Packer
 from .plan import OutputTensor, Shard
 from .shardfile import PARTIAL_SUFFIX, ShardFile
-from .transforms import Cast, RowSlice, cast_chunk
+from .steps import Cast, RowSlice
+from .transforms import cast_chunk
 
 BUFFER_SIZE = 4 << 20
 BUFFERS = 4
@@ -276,7 +277,7 @@ def _cast_into(fd: int, offset: int, nbytes: int, cast: Cast, buf: mmap.mmap, st
     if scratch is None or scratch.size < nbytes:
         scratch = _local.scratch = np.empty(max(nbytes, CAST_CHUNK), np.uint8)
     src = scratch[:nbytes]
-    pread_exact(fd, memoryview(src), offset)
+    pread_exact(fd, src.data, offset)
     size = nbytes // element_size(cast.source) * element_size(cast.target)
     out = np.frombuffer(buf, np.uint8, count=size, offset=start)
     result = cast_chunk(src, cast.source, cast.target, out=out)

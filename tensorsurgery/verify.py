@@ -22,8 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .compare import (Difference, Progress, compare_copy, compare_data, compare_sha256, compare_shard,
-                      first_difference, hash_output_range, json_diff, open_output_file, unexpected_entries)
+from .compare import (
+    Difference,
+    Progress,
+    compare_copy,
+    compare_data,
+    compare_sha256,
+    compare_shard,
+    first_difference,
+    hash_output_range,
+    json_diff,
+    open_output_file,
+    unexpected_entries,
+)
 from .errors import HeaderError, TensorSurgeryError, VerifyError
 from .expected import RECORD_NAME, expected_files
 from .format import Header, parse_header

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tensorsurgery import pump
 from tensorsurgery.cli import main
 from tensorsurgery.dtypes import element_size
 from tensorsurgery.errors import ReadError
 from tensorsurgery.expected import tensor_chunks
 from tensorsurgery.format import encode_header
 from tensorsurgery.plan import ByteRange, OutputTensor, Shard
-from tensorsurgery import pump
 from tensorsurgery.pump import Pump
-from tensorsurgery.transforms import Cast, RowSlice, Zeros
+from tensorsurgery.steps import Cast, RowSlice, Zeros
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 
@@ -46,7 +46,8 @@ def _shard(filename: str, tensors: list[OutputTensor]) -> Shard:
     for t in tensors:
         placed.append(OutputTensor(**{**{f: getattr(t, f) for f in t.__slots__}, "offset": offset}))
         offset += t.nbytes
-    header = encode_header(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in placed), {"format": "pt"})
+    header = encode_header(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in placed),
+                           {"format": "pt"})
     return Shard(filename=filename, header=header, tensors=tuple(placed))
 
 
@@ -97,9 +98,9 @@ def _shards(src: Path) -> list[Shard]:
     return [_shard("a.safetensors", first), _shard("b.safetensors", second)]
 
 
-@pytest.mark.parametrize("buffer_size,threads,lanes", [(4096, 1, None), (4096, 3, None), (8192, 2, 1), (1 << 20, 2, None),
-                                                       (4 << 20, 1, None), (8192, 4, None), (16384, 2, 2),
-                                                       (4096, 8, 3)])
+@pytest.mark.parametrize("buffer_size,threads,lanes", [
+    (4096, 1, None), (4096, 3, None), (8192, 2, 1), (1 << 20, 2, None), (4 << 20, 1, None), (8192, 4, None),
+    (16384, 2, 2), (4096, 8, 3)])
 def test_pump_writes_the_expected_bytes_and_hashes(source, tmp_path, buffer_size, threads, lanes, monkeypatch):
     shards = _shards(source)
     out = tmp_path / "out"

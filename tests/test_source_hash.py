@@ -42,7 +42,7 @@ def test_second_hash_comes_from_the_cache_without_reading(tmp_path, cache, monke
     assert (first.sha256, first.origin) == (hashlib.sha256(path.read_bytes()).hexdigest(), "read")
     assert len(list(cache.folder.iterdir())) == 1
 
-    def no_read(*args, **kwargs):
+    def no_read(*_args, **_kwargs):
         raise AssertionError("a cached file was read")
     monkeypatch.setattr(SourceHasher, "_read", no_read)
     second = _hash(path, cache)
