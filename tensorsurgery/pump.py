@@ -81,6 +81,7 @@ class Pump:
         todo = [(i, *job) for i, job in enumerate(jobs)][::-1]  # popped from the end by the lanes
         runs = [_Lane(self, size, max(1, self.threads // lanes), stop, casts, same, first_tid, todo)
                 for _ in range(lanes)]
+        workers: list[threading.Thread] = []
         try:
             if lanes == 1:
                 runs[0].run()
@@ -94,6 +95,8 @@ class Pump:
                         w.join(0.1)  # interruptible
         except BaseException:
             stop.set()
+            for w in workers:
+                w.join()  # the lanes stop within a buffer; nothing is written after this returns
             raise
         finally:
             if casts is not None:
