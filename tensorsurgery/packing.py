@@ -81,6 +81,16 @@ class Packer:
             self._advance(n, tid)
             done += n
 
+    def position(self) -> tuple[int, int]:
+        """(file, offset) of the next byte appended; every byte before the current buffer's start
+        has been handed on."""
+        b = self._current()
+        return b.file, b.offset + b.length
+
+    def handed_on(self) -> int:
+        """Offset in the current file up to which every byte has been handed on (emitted)."""
+        return self._current().offset
+
     def space(self) -> int:
         """Bytes left in the current buffer (always > 0 between calls)."""
         return self._size - self._current().length

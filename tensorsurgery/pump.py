@@ -14,6 +14,7 @@ the model size.
 from __future__ import annotations
 
 import mmap
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -132,6 +133,12 @@ class _Lane:
         self.raised: BaseException | None = None
         self.digests: dict[int, str] = {}
         self._paths: list[Path] = []
+        # A transformed tensor this lane wrote: tensor id -> (file, offset in it, length), so that
+        # a repeat of it (DUS) is read back from the output (page cache) instead of cast again.
+        self._placed: dict[int, tuple[int, int, int]] = {}
+        self._written: dict[int, int] = {}  # file -> bytes written from its start, in order
+        self._readback: dict[int, int] = {}  # file -> read descriptor, when written through the page cache
+        self._progress = threading.Condition()
 
     def run_catching(self) -> None:
         try:
@@ -160,7 +167,10 @@ class _Lane:
                 packer.start_file(len(self._paths) - 1)
                 packer.put(memoryview(shard.header), None)
                 for t in shard.tensors:
-                    self._pack_tensor(packer, sources, t, None if tid in self.same else tid)
+                    if not (t.steps and tid in self.same and self._read_back(packer, tid, t.nbytes)):
+                        if t.steps:
+                            self._placed[tid] = (*packer.position(), t.nbytes)
+                        self._pack_tensor(packer, sources, t, None if tid in self.same else tid)
                     tid += 1
                 packer.finish_file()
         except _Stopped:
@@ -173,7 +183,32 @@ class _Lane:
             writer.join()
             packer.wait_current()  # a job may still fill the block that was never handed on
             sources.close()
+            for fd in self._readback.values():
+                os.close(fd)
             self.digests = self._close(hashes)
+
+    def _read_back(self, packer: Packer, tid: int, nbytes: int) -> bool:
+        """Append the bytes of the repeated tensor ``tid`` by reading its first copy back from
+        this lane's output, when that copy is in a file written through the page cache (tmpfs,
+        or where O_DIRECT is refused: a read costs far less than a cast there) and already
+        handed on; False when it cannot (then the tensor is made again)."""
+        where = self._placed.get(self.same[tid])
+        if where is None:
+            return False
+        file, offset, length = where
+        current, _ = packer.position()
+        if length != nbytes or (file == current and offset + length > packer.handed_on()):
+            return False  # still in a buffer being filled: waiting for its write would never end
+        with self._progress:
+            while self._written.get(file, 0) < offset + length:
+                if self._stop.is_set() or self.error is not None:
+                    raise _Stopped
+                self._progress.wait(0.1)
+            fd = self._readback.get(file)
+        if fd is None:
+            return False
+        packer.read_into(fd, offset, length, None)
+        return True
 
     def _pack_tensor(self, packer: Packer, sources: OpenFiles, t: OutputTensor, tid: int | None) -> None:
         fd = sources.open(t.source.path) if t.source is not None else None
@@ -241,6 +276,8 @@ class _Lane:
                 out = files.get(block.file)
                 if out is None:
                     out = files[block.file] = ShardFile(self._paths[block.file], direct=self.pump.direct)
+                    if not out.direct:
+                        self._readback[block.file] = os.open(out.partial, os.O_RDONLY | os.O_CLOEXEC)
                 hashes.submit(block)  # hashed while it is written
                 try:
                     with memoryview(block.buf) as whole:
@@ -248,6 +285,9 @@ class _Lane:
                         out.write(whole[:block.length], block.offset, aligned=not block.last)
                 finally:
                     hashes.unhold(block)
+                with self._progress:  # the reader may be waiting for these bytes (_read_back)
+                    self._written[block.file] = block.offset + block.length
+                    self._progress.notify_all()
                 if block.last:
                     files.pop(block.file).finish()
                 if self.pump.progress:

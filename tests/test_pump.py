@@ -105,9 +105,11 @@ def test_pump_writes_the_expected_bytes_and_hashes(source, tmp_path, buffer_size
     shards = _shards(source)
     out = tmp_path / "out"
     out.mkdir()
-    straddled = []
+    straddled, read_back = [], []
     real = pump._cast_now
     monkeypatch.setattr(pump, "_cast_now", lambda *a: straddled.append(a) or real(*a))
+    real_back = pump._Lane._read_back
+    monkeypatch.setattr(pump._Lane, "_read_back", lambda *a: real_back(*a) and not read_back.append(a[2]))
     hashes = Pump(buffer_size=buffer_size, direct=False, threads=threads, lanes=lanes).run(
         (s, out / s.filename) for s in shards)
     want_hashes = {}
@@ -116,6 +118,8 @@ def test_pump_writes_the_expected_bytes_and_hashes(source, tmp_path, buffer_size
         assert (out / s.filename).read_bytes() == data, s.filename
         want_hashes.update(h)
     assert hashes == want_hashes
+    if (lanes or max(1, threads // 2)) == 1:
+        assert read_back, "the repeated cast in the second shard should be read back from the first"
     if buffer_size == 4096 and lanes is None and threads < 4:
         assert straddled, "some cast element should straddle two buffers"
 
