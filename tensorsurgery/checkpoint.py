@@ -92,12 +92,12 @@ class Checkpoint:
         """The folder every file of this checkpoint must really be in."""
         return self.trust_root or self.root
 
-    @property
+    @cached_property
     def family(self) -> Family:
         """The model family config.json names (:data:`tensorsurgery.families.GENERIC` if unknown)."""
         return family_of(self.config)
 
-    @property
+    @cached_property
     def layers(self) -> LayerScheme:
         """Where the decoder layers are in this checkpoint's own tensor names: the family's places
         in Hugging Face's layout, ``layers.N`` in Mistral's native one."""
@@ -183,8 +183,34 @@ def _check_shard_name(where: str, name: str, shard: object) -> None:
                           f"*.safetensors file names inside the folder")
 
 
+@dataclass(frozen=True, slots=True)
+class IndexSummary:
+    """What an index says, kept small while the shards' headers are read: its shards, its tensor
+    count and a digest of its (name, shard) pairs (the ~100k names of a large model need not stay
+    in memory beside the headers that hold the same names). On a mismatch the reader reads the
+    index again for the message (:func:`index_difference`)."""
+
+    shards: tuple[str, ...]
+    count: int
+    digest: int
+
+
+def summarize_index(weight_map: Mapping[str, str]) -> IndexSummary:
+    """The :class:`IndexSummary` of a validated weight map."""
+    return IndexSummary(tuple(sorted(set(weight_map.values()))), len(weight_map), _digest(weight_map))
+
+
+def _digest(weight_map: Mapping[str, str]) -> int:
+    # Order-free: a sum of the pairs' hashes (Python's str hash is fixed within a process).
+    return sum(hash(pair) for pair in weight_map.items()) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+class IndexMismatch(SourceError):
+    """The index and the shards disagree; :func:`index_difference` says how."""
+
+
 def assemble(root: Path, files: SourceFiles, headers: Mapping[str, Header], config: Any, *,
-             weight_map: Mapping[str, str] | None = None, card_meta: Mapping[str, Any] | None = None,
+             index: IndexSummary | None = None, card_meta: Mapping[str, Any] | None = None,
              revision: str | None = None, repo_id: str | None = None,
              trust_root: Path | None = None) -> Checkpoint:
     """Check what a reader read and make it a :class:`Checkpoint` (pure).
@@ -194,33 +220,29 @@ def assemble(root: Path, files: SourceFiles, headers: Mapping[str, Header], conf
         files: from :func:`select_files`.
         headers: every weight file's header, by file name.
         config: the parsed config.json (Hugging Face) or params.json (native).
-        weight_map: the index's validated weight map, when the layout has an index.
+        index: the summary of the index's validated weight map, when the layout has an index.
         card_meta: what the output's card takes from the source's (:func:`card_licence`).
 
     Raises:
-        SourceError: an index that disagrees with its shards, a tensor in two shards, a config
-            that is not an object or disagrees with the tensors.
+        IndexMismatch: the index disagrees with its shards (the reader says where).
+        SourceError: a tensor in two shards, a config that is not an object or disagrees with the
+            tensors.
     """
     where = root / (files.index or files.config)
-    owners = _owners(headers)
-    for name, shards in owners.items():
-        if len(shards) > 1:
-            raise SourceError(f"{root}: tensor {name!r} is in two shards ({shards[0]} and {shards[1]}); "
-                              f"the checkpoint is inconsistent")
-    if weight_map is None:
-        weight_map = {name: shards[0] for name, shards in owners.items()}
-    for name, shard in weight_map.items():
-        if name not in headers[shard].tensors:
-            raise SourceError(f"{where}: tensor {name!r} is listed in {shard} but that shard does not hold "
-                              f"it; the index and shards are from different versions")
-    for name, shards in owners.items():
-        if name not in weight_map:
-            raise SourceError(f"{where}: tensor {name!r} in {shards[0]} is missing from the weight_map")
+    # Built from the headers (so it keeps their name strings: the index's copies of ~100k names
+    # need not stay in memory), then compared with the index as one dict.
+    owned: dict[str, str] = {}
+    for shard in sorted(headers):
+        for name in headers[shard].tensors:
+            if owned.setdefault(name, shard) != shard:
+                raise SourceError(f"{root}: tensor {name!r} is in two shards ({owned[name]} and {shard}); "
+                                  f"the checkpoint is inconsistent")
+    if index is not None and (index.count, index.digest) != (len(owned), _digest(owned)):
+        raise IndexMismatch(f"{where}: the weight_map and the shards disagree; the index and shards are from "
+                            f"different versions")
     if not isinstance(config, dict):
         raise SourceError(f"{root / files.config}: expected a JSON object, found {type(config).__name__}")
-    # The same pairs, verified above, now with the headers' own name strings: the index's copies
-    # of ~100k names need not stay in memory.
-    weight_map = {name: shard for shard in sorted(headers) for name in headers[shard].tensors}
+    weight_map = owned
     if files.layout == "mistral":
         config = config_from_params(config, root / files.config,
                                     {n: headers[s].tensors[n] for n, s in weight_map.items()})
@@ -266,9 +288,15 @@ def front_matter(readme: str | None) -> dict[str, Any]:
 _FRONT_MATTER = re.compile(r"\A\ufeff?---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|\Z)", re.DOTALL)
 
 
-def _owners(headers: Mapping[str, Header]) -> dict[str, list[str]]:
-    owners: dict[str, list[str]] = {}
-    for shard, header in headers.items():
-        for name in header.tensors:
-            owners.setdefault(name, []).append(shard)
-    return owners
+def index_difference(where: Path, weight_map: Mapping[str, str], headers: Mapping[str, Header]) -> SourceError:
+    """The first way an index's weight map disagrees with what the shards hold, as an error."""
+    owned = {name: shard for shard in sorted(headers) for name in headers[shard].tensors}
+    for name, shard in weight_map.items():
+        if name not in headers[shard].tensors:
+            return SourceError(f"{where}: tensor {name!r} is listed in {shard} but that shard does not hold "
+                               f"it; the index and shards are from different versions")
+    for name, shard in owned.items():
+        if name not in weight_map:
+            return SourceError(f"{where}: tensor {name!r} in {shard} is missing from the weight_map")
+    return SourceError(f"{where}: the weight_map and the shards disagree; the index and shards are from "
+                       f"different versions")

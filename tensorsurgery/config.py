@@ -57,6 +57,8 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
 
 def _text(config: dict[str, Any], family: Family) -> dict[str, Any]:
     """The (mutable) part of ``config`` that describes the decoder."""
+    if family.flat_config and not family.nested(config):
+        return config
     for key in family.config_path:
         if not isinstance(config.get(key), dict):
             config[key] = {}

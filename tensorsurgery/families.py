@@ -11,9 +11,10 @@ What each field kind means for an arrangement (output layer ``i`` is source laye
 
 * :class:`PerLayer`: a list with one value per layer (``layer_types``, ``no_rope_layers``): the output
   list is ``[value[src(i)] for i]``; when the source config lacks it, it is first derived the way
-  transformers does (:class:`Periodic`, :class:`WindowFrom`, :class:`NoRopeSliding`), then written out.
+  transformers does (:class:`Periodic`, :class:`WindowFrom`, :class:`NoRopeSliding`, :class:`RopeChunked`;
+  :class:`OrEmpty` when transformers also derives it in place of an empty list), then written out.
 * :class:`LayerIndices`: the indices of the layers of one kind (``mlp_only_layers``: the dense
-  layers of a MoE model): recomputed from each output layer's kind.
+  layers of a MoE model; Llama 4's ``moe_layers``: kind ``"moe"``): recomputed from each output layer's kind.
 * :class:`LeadingCount`: the first k layers are of one kind (``first_k_dense_replace``): recomputed,
   and an arrangement it cannot describe (a dense layer after a MoE one) is refused.
 * pattern fields (the period or threshold a derivation reads, such as ``sliding_window_pattern`` or
@@ -25,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping, Protocol, Union
+from typing import Any, Iterable, Mapping, Protocol, Union
 
 from .layers import GENERIC_LAYERS, LayerScheme
 
@@ -86,6 +87,37 @@ class NoRopeSliding:
 
 
 @dataclass(frozen=True, slots=True)
+class RopeChunked:
+    """Llama 4: a layer that uses rope (``no_rope_layers`` holds 1) attends within chunks of
+    ``attention_chunk_size`` tokens (8192 when the key is absent; ``null`` turns chunking off); the
+    NoPE layers attend to everything."""
+
+    key: None = None
+
+    def derive(self, config: Mapping[str, Any], n: int, lists: Mapping[str, list[Any]]) -> list[Any]:
+        on = config.get("attention_chunk_size", 8192) is not None
+        rope = lists.get("no_rope_layers")
+        if rope is None:
+            return []  # the rope list does not describe these layers: nothing to derive from
+        return ["chunked_attention" if on and rope[i] else "full_attention" for i in range(n)]
+
+
+@dataclass(frozen=True, slots=True)
+class OrEmpty:
+    """``inner``, which transformers also applies when config.json holds an empty list (Llama 4:
+    ``no_rope_layers if no_rope_layers else <derived>``; Meta's Hub configs say ``"no_rope_layers": []``)."""
+
+    inner: Periodic
+
+    @property
+    def key(self) -> str | None:
+        return self.inner.key
+
+    def derive(self, config: Mapping[str, Any], n: int, lists: Mapping[str, list[Any]]) -> list[Any]:
+        return self.inner.derive(config, n, lists)
+
+
+@dataclass(frozen=True, slots=True)
 class PerLayer:
     """A config list with one value per layer; ``derive`` says how transformers fills it in."""
 
@@ -127,7 +159,9 @@ class Family:
     after the counted ones (DeepSeek-V3's multi-token prediction), which stay after the new last
     layer. ``mirrors`` pairs a private copy of a field with the field (Gemma 3's
     ``_sliding_window_pattern``). ``position_bound`` names boolean config fields that tie a layer's
-    computation to its index, so that moving layers changes the model.
+    computation to its index, so that moving layers changes the model. ``flat_config``: configs of
+    the family written before it had a ``text_config`` (Qwen's own Qwen2.5-VL configs) keep the
+    decoder's fields at the top level; transformers reads them there, and so does this.
     """
 
     name: str
@@ -139,13 +173,26 @@ class Family:
     extra_layers_key: str | None = None
     mirrors: tuple[tuple[str, str], ...] = ()
     position_bound: tuple[str, ...] = ()
+    flat_config: bool = False
 
     def text_config(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The part of ``config`` that describes the decoder (``{}`` when it is missing)."""
+        """The part of ``config`` that describes the decoder (``{}`` when it is missing; the top
+        level for a ``flat_config`` family whose config.json has no ``config_path``)."""
+        if self.flat_config and not self.nested(config):
+            return config
         for key in self.config_path:
             sub = config.get(key)
             config = sub if isinstance(sub, dict) else {}
         return config
+
+    def nested(self, config: Mapping[str, Any]) -> bool:
+        """True when ``config`` holds the decoder's config at ``config_path``."""
+        for key in self.config_path:
+            sub = config.get(key)
+            if not isinstance(sub, dict):
+                return False
+            config = sub
+        return True
 
     def declared_layers(self, config: Mapping[str, Any]) -> Any:
         """The layer count config.json declares (None when absent; not checked to be an int)."""
@@ -199,6 +246,29 @@ FAMILIES: tuple[Family, ...] = (
     Family("smollm3", ("smollm3",), _DECODER, fields=(
         PerLayer("no_rope_layers", Periodic("no_rope_layer_interval", 4, 0, 1)),
         PerLayer("layer_types", NoRopeSliding()))),
+    # Mistral Small 3.1/3.2, Ministral 3 (Pixtral vision tower + a mistral / ministral3 text_config):
+    # saved (5.24 and the Hub) as language_model.model.layers; checkpoints written by transformers
+    # 4.52-4.57 use model.language_model.layers, which 5.24 loads too. The tower's transformer.layers.N
+    # are not decoder layers. No per-layer config lists.
+    Family("mistral3", ("mistral3",), LayerScheme(("language_model.model.layers", "model.language_model.layers")),
+           config_path=("text_config",)),
+    # Qwen2.5-VL: saved (5.24 and Qwen's Hub checkpoints) as model.layers, fine-tunes written by
+    # transformers 4.52-4.57 as model.language_model.layers (5.24 loads both); vision blocks are
+    # visual.blocks.N. 5.24 writes the decoder's fields into text_config (layer_types derived as for
+    # Qwen2, but max_window_layers defaults to 80). Qwen's own Hub configs, written by 4.x, keep them
+    # at the top level with no text_config: read and rewritten there (flat_config).
+    Family("qwen2_5_vl", ("qwen2_5_vl",), LayerScheme(("model.layers", "model.language_model.layers")),
+           config_path=("text_config",), fields=(PerLayer("layer_types", WindowFrom(default=80)),),
+           flat_config=True),
+    # Llama 4 Scout / Maverick: language_model.model.layers (5.24 and the Hub; the vision tower's are
+    # vision_model.model.layers). Rope on layers with no_rope_layers 1 (Meta's configs: [], derived
+    # from no_rope_layer_interval 4), those layers chunked (layer_types), MoE layers listed in
+    # moe_layers (Hub configs: absent, derived from interleave_moe_layer_step); a written moe_layers
+    # decides alone, so interleave_moe_layer_step is set to 1 beside it (as decoder_sparse_step).
+    Family("llama4", ("llama4",), LayerScheme(("language_model.model.layers",)), config_path=("text_config",),
+           fields=(PerLayer("no_rope_layers", OrEmpty(Periodic("no_rope_layer_interval", 4, 0, 1))),
+                   PerLayer("layer_types", RopeChunked()),
+                   LayerIndices("moe_layers", "moe", (("interleave_moe_layer_step", 1),)))),
     # GPT-2: GPT2LMHeadModel saves transformer.h.N; GPT2Model checkpoints (openai-community/gpt2) bare h.N.
     Family("gpt2", ("gpt2",), LayerScheme(("transformer.h", "h")), count_key="n_layer",
            position_bound=("scale_attn_by_inverse_layer_idx",)),
@@ -225,7 +295,7 @@ def get_family(name: str) -> Family:
     raise KeyError(name)
 
 
-def is_moe_layer(suffixes: Any) -> bool:
+def is_moe_layer(suffixes: Iterable[str]) -> bool:
     """True when a layer holding tensors with these names (relative to the layer) is a mixture of
     experts (experts, a router), as opposed to a dense MLP layer."""
     return any(MOE_TENSORS.search(s) for s in suffixes)
@@ -240,7 +310,7 @@ def layer_lists(family: Family, config: Mapping[str, Any], n: int) -> dict[str, 
         if not isinstance(f, PerLayer):
             continue
         value = config.get(f.key)
-        if value is None and f.derive is not None:
+        if f.derive is not None and (value is None or (value == [] and isinstance(f.derive, OrEmpty))):
             value = f.derive.derive(config, n, lists)
         if isinstance(value, list) and len(value) == n:
             lists[f.key] = value

@@ -89,15 +89,20 @@ def read_limited(path: Path, limit: int, *, inside: Path | None = None) -> bytes
     fd = open_regular(path, inside=inside)
     try:
         size = os.fstat(fd).st_size
-        data = os.read(fd, limit + 1) if size <= limit else b""
-        while size <= limit and len(data) <= limit and (more := os.read(fd, limit + 1 - len(data))):
-            data += more
+        if size > limit:
+            raise SourceError(f"{path}: is {size:,} bytes, more than the {limit:,} such a file may weigh; this is "
+                              f"not the file a checkpoint holds there")
+        # What fstat says, plus one byte to see a file that grew: never a buffer of ``limit`` bytes.
+        chunks, total = [], 0
+        while total <= limit and (chunk := os.read(fd, min(size - total, limit - total) + 1)):
+            chunks.append(chunk)
+            total += len(chunk)
     finally:
         os.close(fd)
-    if size > limit or len(data) > limit:
-        raise SourceError(f"{path}: is {max(size, len(data)):,} bytes, more than the {limit:,} such a file may "
-                          f"weigh; this is not the file a checkpoint holds there")
-    return data
+    if total > limit:
+        raise SourceError(f"{path}: grew past the {limit:,} bytes such a file may weigh while it was read; this is "
+                          f"not the file a checkpoint holds there")
+    return b"".join(chunks)
 
 
 def read_json(path: Path, *, limit: int = JSON_LIMIT, inside: Path | None = None) -> Any:

@@ -23,16 +23,35 @@ class LayerScheme:
 
     prefixes: tuple[str, ...] | None = None
 
+    def split(self, name: str) -> tuple[str, int, str] | None:
+        """``(head, index, tail)`` of a decoder layer tensor's name (``("model.layers.", 12,
+        ".mlp.up_proj.weight")``), or None outside the decoder layers. String operations, not a
+        regex search: planning splits every name, 1.7M of them in the largest headers."""
+        if self.prefixes is None:
+            start = 0
+            while (i := name.find("layers.", start)) >= 0:
+                if i == 0 or name[i - 1] == ".":
+                    m = _INDEX.match(name, i + 7)
+                    if m:
+                        return name[:i + 7], int(m.group()), name[m.end():]
+                start = i + 1
+            return None
+        for prefix in _dotted(self.prefixes):
+            if name.startswith(prefix):
+                m = _INDEX.match(name, len(prefix))
+                return (prefix, int(m.group()), name[m.end():]) if m else None
+        return None
+
     def index(self, name: str) -> int | None:
         """The decoder layer index in ``name`` (``model.layers.12.mlp...`` -> 12), or None."""
-        m = _pattern(self.prefixes).search(name)
-        return int(m.group(2)) if m else None
+        parts = self.split(name)
+        return parts[1] if parts else None
 
     def suffix(self, name: str) -> str | None:
         """``name`` after its layer index (``model.layers.3.mlp.up_proj.weight`` -> ``mlp.up_proj.weight``),
         or None outside the decoder layers."""
-        m = _pattern(self.prefixes).search(name)
-        return name[m.end() + 1:] if m else None
+        parts = self.split(name)
+        return parts[2][1:] if parts else None
 
     def with_index(self, name: str, index: int) -> str:
         """``name`` with its decoder layer index set to ``index``.
@@ -40,18 +59,21 @@ class LayerScheme:
         Raises:
             ValueError: ``name`` is not a decoder layer tensor (a programming error, not user input).
         """
-        new, count = _pattern(self.prefixes).subn(lambda m: f"{m.group(1)}{index}", name, count=1)
-        if not count:
+        parts = self.split(name)
+        if parts is None:
             raise ValueError(f"{name!r} has no decoder layer index")
-        return new
+        return f"{parts[0]}{index}{parts[2]}"
+
+
+# The digits of a layer index: a whole dotted segment, so "layers.1." never matches inside
+# "layers.11." and "model.layers.3.mlp.experts.1.w" has one decoder index, 3.
+_INDEX = re.compile(r"\d+(?=\.|$)")
 
 
 @lru_cache(maxsize=None)
-def _pattern(prefixes: tuple[str, ...] | None) -> re.Pattern[str]:
-    if prefixes is None:
-        return re.compile(r"((?:^|(?<=\.))layers\.)(\d+)(?=\.|$)")
-    alternatives = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
-    return re.compile(rf"^((?:{alternatives})\.)(\d+)(?=\.|$)")
+def _dotted(prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    """The prefixes with their dot, longest first (so ``transformer.h.`` wins over ``h.``)."""
+    return tuple(p + "." for p in sorted(prefixes, key=len, reverse=True))
 
 
 GENERIC_LAYERS = LayerScheme()

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from . import fsio
-from .checkpoint import Checkpoint, SourceFiles, assemble, card_licence, index_weight_map, select_files
+from .checkpoint import (Checkpoint, IndexMismatch, SourceFiles, assemble, card_licence, index_difference,
+                         index_weight_map, select_files, summarize_index)
 from .errors import SourceError
 from .format import Header, read_header
 
@@ -49,11 +50,13 @@ def read_checkpoint(reader: FolderReader, files: SourceFiles, *, revision: str |
         HeaderError: a shard breaks the safetensors rules.
     """
     root = reader.root
-    weight_map = None
+    index = None
     shards = files.weights
     if files.index:
-        weight_map = index_weight_map(reader.json(files.index, limit=fsio.INDEX_LIMIT), str(root / files.index))
-        shards = tuple(sorted(set(weight_map.values())))
+        # Summarized and let go before the headers are read: at ~100k tensors the parsed index
+        # weighs as much as the headers themselves.
+        index = summarize_index(_weight_map(reader, files))
+        shards = index.shards
     headers = {}
     for shard in shards:
         try:
@@ -64,9 +67,17 @@ def read_checkpoint(reader: FolderReader, files: SourceFiles, *, revision: str |
                                   f"re-download it") from None
             raise e
     card_meta = card_licence(reader.text(files.card)) if files.card else {}
-    return assemble(root, files, headers, reader.json(files.config), weight_map=weight_map, card_meta=card_meta,
-                    revision=revision, repo_id=repo_id,
-                    trust_root=reader.inside if reader.inside != root else None)
+    try:
+        return assemble(root, files, headers, reader.json(files.config), index=index, card_meta=card_meta,
+                        revision=revision, repo_id=repo_id,
+                        trust_root=reader.inside if reader.inside != root else None)
+    except IndexMismatch:
+        raise index_difference(root / files.index, _weight_map(reader, files), headers) from None
+
+
+def _weight_map(reader: FolderReader, files: SourceFiles) -> dict[str, str]:
+    assert files.index is not None
+    return index_weight_map(reader.json(files.index, limit=fsio.INDEX_LIMIT), str(reader.root / files.index))
 
 
 def load_checkpoint(root: str | os.PathLike[str], *, revision: str | None = None) -> Checkpoint:

@@ -7,11 +7,10 @@ knows exactly what to expect.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from ._version import __version__
 from .checkpoint import Checkpoint
@@ -29,8 +28,10 @@ SHARD_METADATA = MappingProxyType({"format": "pt"})
 SINGLE_SHARD = "model.safetensors"
 
 
-@dataclass(frozen=True, slots=True)
-class ByteRange:
+# ByteRange and OutputTensor are NamedTuples, not frozen dataclasses: as immutable and typed, but
+# a plan makes one of each per tensor (1.7M in the largest headers) and a frozen dataclass's
+# __init__ costs ten times a tuple's.
+class ByteRange(NamedTuple):
     """``length`` bytes of ``path`` starting at absolute file offset ``offset``."""
 
     path: Path
@@ -38,8 +39,7 @@ class ByteRange:
     length: int
 
 
-@dataclass(frozen=True, slots=True)
-class OutputTensor:
+class OutputTensor(NamedTuple):
     """One output tensor: where its bytes come from and the steps that change them on the way.
 
     ``offset`` is its start in its shard's data section; ``source`` is None only for a tensor
@@ -73,10 +73,11 @@ class Shard:
     header: bytes
     tensors: tuple[OutputTensor, ...]
     link: Path | None = None
+    data_size: int = -1
 
-    @property
-    def data_size(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+    def __post_init__(self) -> None:
+        if self.data_size < 0:  # summed once: plans ask for it often, and a shard may hold 100k tensors
+            object.__setattr__(self, "data_size", sum(t.nbytes for t in self.tensors))
 
     @property
     def nbytes(self) -> int:
@@ -176,28 +177,32 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     """
     base = manifest.sources[0].name
     chosen = select(manifest, checkpoints)
+    arrangement, moe, kinds = chosen.arrangement, chosen.moe, chosen.kinds
     dtype = CAST_DTYPES[manifest.output.dtype] if manifest.output.dtype else None
-    tensors = sorted((_output_tensor(p, checkpoints, dtype) for p in chosen.picks),
-                     key=lambda t: (_natural_key(t.name), t.name))
-    linked = _identical_source_shards(tensors, checkpoints[base]) if link else []
-    taken = {t.name for _, group in linked for t in group}
-    groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
-    groups += [(None, group) for group in _cut([t for t in tensors if t.name not in taken],
+    picks = sorted(chosen.picks, key=lambda p: (p.order, p.out))
+    del chosen  # from here on each tensor is held once: picks, then specs, then placed tensors
+    specs = [_spec(p, checkpoints, dtype) for p in picks]
+    del picks
+    linked = _identical_source_shards(specs, checkpoints[base]) if link else []
+    taken = {spec[0] for _, group in linked for spec, _ in group}
+    groups: list[tuple[Header | None, list[tuple[_Spec, int]]]] = [*linked]
+    groups += [(None, group) for group in _cut([s for s in specs if s[0] not in taken],
                                                manifest.output.max_shard_size)]
+    del specs  # each tensor is made once, placed: the specs go as the shards are made
     shards = _name_shards(groups)
     base_ckpt = checkpoints[base]
     preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
-    config = build_config({n: c.config for n, c in checkpoints.items()}, base, chosen.arrangement,
-                          family=base_ckpt.family, moe=chosen.moe, preset=preset, dtype=dtype,
+    config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
+                          family=base_ckpt.family, moe=moe, preset=preset, dtype=dtype,
                           overrides=manifest.config, where=f"{manifest.path}: layers")
     plan = Plan(
         output=Path(manifest.output.path),
         sources=tuple(_source_info(s.name, s.model, checkpoints[s.name]) for s in manifest.sources),
-        layers=chosen.arrangement, seams=seams(chosen.arrangement), shards=shards,
+        layers=arrangement, seams=seams(arrangement), shards=shards,
         config=MappingProxyType(config),
         copy_files=tuple(CopyFile(base_ckpt.root / f, f, base_ckpt.inside) for f in base_ckpt.extra_files),
         manifest_text=manifest.text, manifest_name=manifest.path.name,
-        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=chosen.kinds,
+        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds,
     )
     from .card import model_card  # the card describes the plan: it is made from it
     return replace(plan, card=model_card(plan))
@@ -208,8 +213,15 @@ def _source_info(name: str, model: str, ckpt: Checkpoint) -> SourceInfo:
                       repo_id=ckpt.repo_id, inside=ckpt.inside)
 
 
-def _output_tensor(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> OutputTensor:
-    """The output tensor of pick ``p``: its source byte range and the steps that make its bytes."""
+#: An output tensor before it is placed in a shard: OutputTensor's fields but ``offset`` (a plain
+#: tuple: a plan makes one per tensor, 1.7M for the largest headers, and frozen dataclasses are slow
+#: to build).
+_Spec = tuple
+
+
+def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> _Spec:
+    """The output tensor of pick ``p``: ``(name, dtype, shape, nbytes, source name, source key, source
+    dtype, source byte range, steps)``."""
     ckpt = checkpoints[p.source]
     shard = ckpt.weight_map[p.key]
     header = ckpt.headers[shard]
@@ -217,9 +229,11 @@ def _output_tensor(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | 
     out_dtype = dtype if dtype and is_castable(entry.dtype) else entry.dtype
     if p.zeros:
         shape = entry.shape[:1]
-        return OutputTensor(name=p.out, dtype=out_dtype, shape=shape, offset=0,
-                            nbytes=(shape[0] if shape else 1) * element_size(out_dtype), source_name=p.source,
-                            source_key="", source_dtype=out_dtype, source=None, steps=(Zeros(),))
+        nbytes = (shape[0] if shape else 1) * element_size(out_dtype)
+        return p.out, out_dtype, shape, nbytes, p.source, "", out_dtype, None, (Zeros(),)
+    if p.rows is None and p.permute is None and out_dtype == entry.dtype:  # a verbatim copy
+        return (p.out, out_dtype, entry.shape, entry.nbytes, p.source, p.key, entry.dtype,
+                ByteRange(header.path, header.data_start + entry.start, entry.nbytes), ())
     steps: list[Step] = []
     shape, source = entry.shape, ByteRange(header.path, header.data_start + entry.start, entry.nbytes)
     if p.rows is not None:
@@ -244,19 +258,15 @@ def _output_tensor(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | 
     if out_dtype != entry.dtype:
         steps.append(Cast(entry.dtype, out_dtype))
         nbytes = nbytes // element_size(entry.dtype) * element_size(out_dtype)
-    return OutputTensor(name=p.out, dtype=out_dtype, shape=shape, offset=0, nbytes=nbytes, source_name=p.source,
-                        source_key=p.key, source_dtype=entry.dtype, source=source, steps=tuple(steps))
+    return p.out, out_dtype, shape, nbytes, p.source, p.key, entry.dtype, source, tuple(steps)
 
 
 def _where(ckpt: Checkpoint, shard: str, key: str) -> str:
     return f"{ckpt.root / shard}: tensor {key!r}"
 
 
-def _at(t: OutputTensor, offset: int) -> OutputTensor:
-    """``t`` placed at ``offset`` of its shard (positional: ``dataclasses.replace`` is 5x slower, and a
-    plan makes one per tensor, 90k for DeepSeek-V3)."""
-    return OutputTensor(t.name, t.dtype, t.shape, offset, t.nbytes, t.source_name, t.source_key, t.source_dtype,
-                        t.source, t.steps)
+def _placed(spec: _Spec, offset: int) -> OutputTensor:
+    return OutputTensor._make((*spec[:3], offset, *spec[3:]))
 
 
 def _rows(p: Pick, config: Mapping[str, Any], where: str) -> tuple[int, int, int]:
@@ -268,63 +278,64 @@ def _rows(p: Pick, config: Mapping[str, Any], where: str) -> tuple[int, int, int
                         f"in [config]") from None
 
 
-_DIGITS = re.compile(r"(\d+)")
-
-
-def _natural_key(name: str) -> tuple:
-    return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(name))
-
-
-def _identical_source_shards(tensors: list[OutputTensor], ckpt: Checkpoint) -> list[tuple[Header, list[OutputTensor]]]:
-    """Source shards whose every tensor is an output tensor of the same name, taken verbatim."""
-    by_name = {t.name: t for t in tensors}
+def _identical_source_shards(specs: list[_Spec], ckpt: Checkpoint) -> list[tuple[Header, list[tuple[_Spec, int]]]]:
+    """Source shards whose every tensor is an output tensor of the same name, taken verbatim:
+    each with its tensors placed where the source file has them."""
+    by_name = {spec[0]: spec for spec in specs}
     found = []
     for _, header in sorted(ckpt.headers.items()):
         group = []
         for e in header.entries:
-            t = by_name.get(e.name)
-            if (t is None or t.steps or t.source is None or t.source_key != e.name
-                    or t.source.path != header.path):
+            spec = by_name.get(e.name)
+            if spec is None or spec[8] or spec[7] is None or spec[5] != e.name or spec[7].path != header.path:
                 break
-            group.append(_at(t, e.start))
+            group.append((spec, e.start))
         else:
             if group and header.raw:
                 found.append((header, group))
     return found
 
 
-def _cut(tensors: list[OutputTensor], max_size: int) -> list[list[OutputTensor]]:
-    """Greedy in-order sharding: a new shard starts when the next tensor would pass
-    ``max_size``. Not optimal (no bin packing, so order stays natural); a tensor larger than
-    ``max_size`` gets a shard of its own, as Hugging Face does."""
-    groups: list[list[OutputTensor]] = []
-    size = 0
-    for t in tensors:
-        if not groups or (groups[-1] and size + t.nbytes > max_size):
+#: Header bytes a shard of our own may take (safetensors readers refuse headers over 100 MB):
+#: ``max_shard_size`` bounds data bytes, this bounds the tensor count of shards of tiny tensors.
+MAX_SHARD_HEADER = 50_000_000
+
+
+def _cut(specs: list[_Spec], max_size: int) -> list[list[tuple[_Spec, int]]]:
+    """Greedy in-order sharding, each tensor with its offset in its shard: a new shard starts when
+    the next tensor would pass ``max_size`` (or the header :data:`MAX_SHARD_HEADER`). Not optimal
+    (no bin packing, so order stays natural); a tensor larger than ``max_size`` gets a shard of its
+    own, as Hugging Face does."""
+    groups: list[list[tuple[_Spec, int]]] = []
+    size = header = 0
+    for spec in specs:
+        name, nbytes = spec[0], spec[3]
+        # An upper bound of the tensor's entry in the JSON header.
+        entry = (len(name) if name.isascii() else len(name.encode("utf-8"))) + 100 + 24 * len(spec[2])
+        if not groups or (groups[-1] and (size + nbytes > max_size or header + entry > MAX_SHARD_HEADER)):
             groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
+            size = header = 0
+        groups[-1].append((spec, size))
+        size += nbytes
+        header += entry
     return groups
 
 
-def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]]) -> tuple[Shard, ...]:
-    """Name shards as Hugging Face does and lay out each one's header and offsets; a group
-    with a source header is that source file, reproduced as is."""
+def _name_shards(groups: list[tuple[Header | None, list[tuple[_Spec, int]]]]) -> tuple[Shard, ...]:
+    """Name shards as Hugging Face does and lay out each one's header; a group with a source
+    header is that source file, reproduced as is."""
     n = len(groups)
     shards = []
     for i, (source, group) in enumerate(groups):
         name = SINGLE_SHARD if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        placed = tuple(_placed(spec, offset) for spec, offset in group)
+        group.clear()  # each spec is needed once
         if source is not None:
-            shards.append(Shard(name, source.raw, tuple(group), link=source.path))
+            shards.append(Shard(name, source.raw, placed, link=source.path))
             continue
-        placed, offset = [], 0
-        for t in group:
-            placed.append(_at(t, offset))
-            offset += t.nbytes
         header = encode_header(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in placed),
                                SHARD_METADATA)
-        shards.append(Shard(name, header, tuple(placed)))
+        shards.append(Shard(name, header, placed))
     return tuple(shards)
 
 

@@ -229,6 +229,11 @@ class Renamer:
     rules: tuple[tuple[re.Pattern[str], str], ...]
     strict: bool
 
+    @property
+    def trivial(self) -> bool:
+        """True when every name maps to itself (no drop, no preset rule, no rule)."""
+        return not (self.drop or self.preset_rules or self.rules)
+
     def rename(self, name: str) -> tuple[Renamed, ...]:
         """The output tensors made from source tensor ``name`` (none when a ``drop`` pattern
         matches; several when a preset splits a fused tensor).
@@ -237,8 +242,8 @@ class Renamer:
             ManifestError: under a preset with key rules, a name that no rule maps; an invalid
                 replacement; an output name the format reserves.
         """
-        if not (self.drop or self.preset_rules or self.rules):
-            return (Renamed(name),) if name != RESERVED_NAME else (Renamed(self.apply_rules(name)),)
+        if self.trivial:
+            return (Renamed(self.apply_rules(name)),) if name == RESERVED_NAME else (Renamed(name),)
         if any(p.search(name) for p in self.drop):
             return ()
         outs = [Renamed(pattern.sub(rule.template, name), rule.permute, rule.rows)

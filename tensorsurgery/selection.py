@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from functools import lru_cache
+from typing import Mapping, NamedTuple
 
 from .checkpoint import Checkpoint
 from .errors import ManifestError, PlanError
@@ -20,13 +21,13 @@ from .manifest import Manifest
 from .rules import Renamed, Renamer, RowPart, check_source, compile_renamer, get_preset
 
 
-@dataclass(frozen=True, slots=True)
-class Pick:
+class Pick(NamedTuple):  # not a frozen dataclass: one per output tensor, 1.7M in the largest plans
     """An output tensor chosen from a source tensor ``key`` of source ``source``.
 
     ``position`` is its output layer (None outside the layers; extra layers count on after the
     last arranged one); ``zeros`` means it is not the source tensor's bytes but zeros shaped like
-    its rows (a tensor the target needs that the source lacks)."""
+    its rows (a tensor the target needs that the source lacks); ``order`` is the natural sort key of
+    ``out`` (``layers.2`` before ``layers.10``), the order of the output."""
 
     out: str
     source: str
@@ -35,6 +36,7 @@ class Pick:
     rows: RowPart | None = None
     position: int | None = None
     zeros: bool = False
+    order: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,18 +143,25 @@ def _pick(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], renamers: M
     picks: dict[str, Pick] = {}
     replaced: set[str] = set()
     for src, key, pos in wanted:
-        for renamed in _rename(manifest, renamers[src], key):
-            out = renamed.name
+        ckpt, renamer = checkpoints[src], renamers[src]
+        parts = ckpt.layers.split(key) if pos is not None and renamer.trivial else None
+        if parts is not None:
+            # The common case, made cheap (it runs for every tensor of a 1.7M-tensor plan): the
+            # name is kept, only its layer index changes.
+            head, index, tail = parts
+            out = key if index == pos else f"{head}{pos}{tail}"  # a layer kept in place keeps its name
+            picks_of = ((out, _KEPT, (*_natural(head), pos, *_natural(tail))),)
+        else:
+            picks_of = tuple(_placed(manifest, ckpt.family, key, r, pos) for r in _rename(manifest, renamer, key))
+        for out, renamed, order in picks_of:
             if pos is None and owners.get(out, base) != src:
                 if src == base:  # the base's own, replaced by another source's
                     replaced.add(out)
                 continue
-            if pos is not None:
-                out = _renumber(manifest, checkpoints[src].family, key, out, pos)
             if out in picks:
                 raise PlanError(f"{manifest.path}: rename: {picks[out].key!r} and {key!r} both become {out!r}; "
                                 f"fix the rename rules or drop one")
-            picks[out] = Pick(out, src, key, renamed.permute, renamed.rows, pos)
+            picks[out] = Pick(out, src, key, renamed.permute, renamed.rows, pos, order=order)
     missing = sorted(replaced - picks.keys())
     if missing:
         raise PlanError(f"{manifest.path}: {missing[0]!r} is to come from source {owners[missing[0]]!r}, which "
@@ -160,18 +169,36 @@ def _pick(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], renamers: M
     return picks
 
 
+def _placed(manifest: Manifest, family: Family, key: str, renamed: Renamed, pos: int | None) -> tuple:
+    """``(output name, renamed, order)`` of a renamed tensor: a layer tensor gets output layer ``pos``."""
+    if pos is None:
+        return renamed.name, renamed, _natural(renamed.name)
+    parts = family.layers.split(renamed.name)
+    if parts is None:
+        raise PlanError(f"{manifest.path}: rename: layer tensor {key!r} became {renamed.name!r}, which has no "
+                        f"layer index; keep it in the rename rules")
+    head, _, tail = parts
+    return f"{head}{pos}{tail}", renamed, (*_natural(head), pos, *_natural(tail))
+
+
+#: What a kept name was renamed to: itself, no permutation, no row part.
+_KEPT = Renamed("")
+_DIGITS = re.compile(r"(\d+)")
+
+
+@lru_cache(maxsize=1 << 16)
+def _natural(text: str) -> tuple:
+    """The natural sort key of ``text``: digit runs compare as numbers. A layer tensor's key is its
+    head's, its index, its tail's: the same few hundred tails repeat in every layer, so each is
+    split once (and the result equals the whole name's key)."""
+    return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(text))
+
+
 def _rename(manifest: Manifest, renamer: Renamer, key: str) -> tuple[Renamed, ...]:
     try:
         return renamer.rename(key)
     except ManifestError as e:
         raise ManifestError(f"{manifest.path}: rename: {e}") from None
-
-
-def _renumber(manifest: Manifest, family: Family, key: str, out: str, pos: int) -> str:
-    if family.layers.index(out) is None:
-        raise PlanError(f"{manifest.path}: rename: layer tensor {key!r} became {out!r}, which has no layer "
-                        f"index; keep it in the rename rules")
-    return family.layers.with_index(out, pos)
 
 
 def _add_zeros(picks: dict[str, Pick], adds: tuple) -> dict[str, Pick]:
@@ -183,7 +210,8 @@ def _add_zeros(picks: dict[str, Pick], adds: tuple) -> dict[str, Pick]:
         for p in picks.values():
             if like.fullmatch(p.out):
                 name = like.sub(add.template, p.out)
-                out.setdefault(name, Pick(name, p.source, p.key, position=p.position, zeros=True))
+                out.setdefault(name, Pick(name, p.source, p.key, position=p.position, zeros=True,
+                                          order=_natural(name)))
     return out
 
 
@@ -211,21 +239,23 @@ def _suffix(layers: LayerScheme, name: str) -> str:
 
 def _layer_kinds(checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...],
                  picks: Mapping[str, Pick]) -> tuple[list[bool], dict[int, Signature]]:
-    """Each output layer's MoE flag (from its source tensors) and its signature (tensor names
-    relative to the layer, with shapes)."""
-    suffixes: dict[int, list[str]] = {}
+    """Each output layer's MoE flag (from its source layer's tensors, looked at once per source
+    layer) and, when layers of several sources meet, its signature (names with shapes)."""
+    moe_of: dict[tuple[str, int], bool] = {}
+    for ref in set(arrangement):
+        ckpt = checkpoints[ref.source]
+        moe_of[(ref.source, ref.layer)] = is_moe_layer(
+            _suffix(ckpt.layers, key) for key in ckpt.by_layer.get(ref.layer, ()))
+    moe = [moe_of[(ref.source, ref.layer)] for ref in arrangement]
     signatures: dict[int, set[tuple[str, tuple[int, ...]]]] = {}
-    several = len({ref.source for ref in arrangement}) > 1
-    for p in picks.values():
-        if p.position is None or p.position >= len(arrangement) or p.zeros:
-            continue
-        ckpt = checkpoints[p.source]
-        suffixes.setdefault(p.position, []).append(_suffix(ckpt.layers, p.key))
-        if several:  # signatures only matter when layers of several sources meet
+    if len({ref.source for ref in arrangement}) > 1:  # signatures only matter when sources meet
+        for p in picks.values():
+            if p.position is None or p.position >= len(arrangement) or p.zeros:
+                continue
+            ckpt = checkpoints[p.source]
             shape = ckpt.headers[ckpt.weight_map[p.key]].tensors[p.key].shape
             signatures.setdefault(p.position, set()).add((ckpt.family.layers.with_index(p.out, 0), shape))
-    moe = [is_moe_layer(suffixes.get(pos, ())) for pos in range(len(arrangement))]
-    return moe, {pos: frozenset(s) for pos, s in signatures.items()}
+    return moe, {pos: frozenset(sig) for pos, sig in signatures.items()}
 
 
 def _check_stackable(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...],

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar, Union
 
 
@@ -51,6 +52,7 @@ class Zeros:
 Step = Union[RowSlice, PermuteRotary, Cast, Zeros]
 
 
+@lru_cache(maxsize=256)
 def describe(steps: tuple[Step, ...]) -> str:
     """The steps as one word each, in order (``"permute+cast"``); ``"none"`` for a verbatim copy."""
     return "+".join(step.label for step in steps) or "none"

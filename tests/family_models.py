@@ -288,6 +288,95 @@ def _smollm3(n: int) -> dict[str, Any]:
     )
 
 
+def _mistral3(n: int) -> dict[str, Any]:
+    # Mistral-Small-3.1-24B-Instruct-2503 shape: a Mistral text_config (GQA, head_dim set, rope theta
+    # 1e9, no sliding window, untied lm_head), a Pixtral vision tower (2D rope, gated MLP) with layers
+    # of its own, RMS norm + 2x2 patch merger + 2-layer projector. The Hub's image token is id 10;
+    # here the last id, outside the ordinary tokens model_inputs draws.
+    return dict(
+        text_config=dict(
+            model_type="mistral", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+            rms_norm_eps=1e-5, hidden_act="silu", rope_parameters=_rope(1000000000.0), sliding_window=None,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        ),
+        vision_config=dict(
+            model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            head_dim=8, image_size=28, patch_size=7, num_channels=3, hidden_act="gelu",
+            rope_parameters=_rope(10000.0, rope_type="axial"),
+        ),
+        image_token_index=VOCAB - 1, spatial_merge_size=2, vision_feature_layer=-1, projector_hidden_act="gelu",
+        multimodal_projector_bias=False, tie_word_embeddings=False,
+    )
+
+
+#: ``build("mistral3", ..., **MINISTRAL3)``: Mistral 3 with a Ministral 3 text tower (Ministral-3-*-2512:
+#: text_config model_type ministral3, yarn rope with llama_4_scaling_beta, which scales queries past
+#: original_max_position_embeddings - 16 here, so within 24 tokens), and tied embeddings, to cover a
+#: Mistral 3 checkpoint without lm_head.weight.
+MINISTRAL3: dict[str, Any] = dict(
+    text_config=dict(
+        model_type="ministral3", tie_word_embeddings=True,
+        rope_parameters=_rope(1000000.0, rope_type="yarn", factor=16.0, original_max_position_embeddings=16,
+                              beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
+                              llama_4_scaling_beta=0.1),
+    ),
+    tie_word_embeddings=True,
+)
+
+
+def _qwen2_5_vl(n: int) -> dict[str, Any]:
+    # Qwen2.5-VL-7B-Instruct shape: a Qwen2 decoder (q/k/v biases, GQA, untied) with multimodal rope
+    # (mrope_section splits each head's rotary half into time/height/width: 16/24/24 of 64 on the
+    # Hub, 2/3/3 of 8 here), the sliding window configured but off (max_window_layers = all layers);
+    # a vision tower of window-attention blocks (full attention in fullatt_block_indexes), SwiGLU
+    # MLPs, a 2x2 patch merger into the text width.
+    return dict(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-6, hidden_act="silu",
+            rope_parameters=_rope(1000000.0, mrope_section=[2, 3, 3]),
+            use_sliding_window=False, sliding_window=32, max_window_layers=n,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=16, intermediate_size=24, num_heads=2, in_channels=3, patch_size=2,
+            spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, window_size=8, out_hidden_size=32,
+            fullatt_block_indexes=[1], hidden_act="silu",
+        ),
+        image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
+        vision_end_token_id=VOCAB - 4, tie_word_embeddings=False,
+    )
+
+
+def _llama4(n: int) -> dict[str, Any]:
+    # Llama-4-Maverick shape (dense and MoE layers alternate: interleave_moe_layer_step 2; dense
+    # layers of intermediate_size_mlp, MoE layers of a sigmoid top-1 router over fused experts plus a
+    # shared expert) with Scout's qk L2 norm and llama3 rope scaling. Every 4th layer has no rope
+    # (no_rope_layers 0); the rope layers attend in chunks (attention_chunk_size: 8 < 24 tokens here),
+    # the NoPE layers scale queries by position (attention temperature tuning; floor_scale 8 so that
+    # it acts within 24 tokens). A vision tower with layers of its own, pixel shuffle, adapter MLP.
+    return dict(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=16, intermediate_size_mlp=64, num_hidden_layers=n,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+            rms_norm_eps=1e-5, hidden_act="silu", num_local_experts=4, num_experts_per_tok=1,
+            interleave_moe_layer_step=2, no_rope_layer_interval=4, attention_chunk_size=8,
+            attn_temperature_tuning=True, floor_scale=8, attn_scale=0.1, use_qk_norm=True,
+            rope_parameters=_rope(500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                  high_freq_factor=4.0, original_max_position_embeddings=64),
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=[2, 3], pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=16, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+            patch_size=7, vision_output_dim=32, pixel_shuffle_ratio=0.5, projector_input_dim=32,
+            projector_output_dim=32, norm_eps=1e-5, rope_parameters=_rope(10000.0),
+        ),
+        boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1,
+        tie_word_embeddings=False,
+    )
+
+
 def _gpt2(n: int) -> dict[str, Any]:
     return dict(
         vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=n, n_head=4,
@@ -320,6 +409,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("smollm3", "smollm3", "SmolLM3ForCausalLM", "model.layers", "num_hidden_layers", _smollm3,
            default_layers=8),
     Family("gpt2", "gpt2", "GPT2LMHeadModel", "transformer.h", "n_layer", _gpt2),
+    # Multimodal decoders up-scaled today. Odd layer counts, so that DUS with overlap n // 2 repeats layers.
+    Family("mistral3", "mistral3", "Mistral3ForConditionalGeneration", "language_model.model.layers",
+           "num_hidden_layers", _mistral3, default_layers=5, text_config="text_config",
+           notes="Pixtral tower layers vision_tower.transformer.layers.N are not decoder layers"),
+    Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "model.layers", "num_hidden_layers",
+           _qwen2_5_vl, default_layers=5, text_config="text_config",
+           notes="vision blocks visual.blocks.N; Hub configs (transformers 4.x) have no text_config"),
+    Family("llama4", "llama4", "Llama4ForConditionalGeneration", "language_model.model.layers",
+           "num_hidden_layers", _llama4, default_layers=5, text_config="text_config",
+           notes="vision tower layers vision_model.model.layers.N are not decoder layers"),
 ]}
 
 
@@ -466,7 +565,7 @@ def _hub_rope(d: dict[str, Any]) -> None:
     if "partial_rotary_factor" in rope and d.get("model_type") != "phi3":
         d["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
     rope.pop("partial_rotary_factor", None)
-    if rope.get("rope_type", "default") == "default":
+    if rope.get("rope_type", "default") in ("default", "axial"):  # axial: 5.x's name for vision towers' 2D rope
         d["rope_scaling"] = None
         return
     if rope["rope_type"] == "longrope":  # Phi-3.5: {"long_factor", "short_factor", "type": "longrope"}
@@ -480,9 +579,12 @@ def hub_style_config(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
     written by transformers 4.x): ``torch_dtype``, ``rope_theta`` + ``rope_scaling``, and no
     per-layer lists that transformers derives at load time (``layer_types`` of Qwen2/Qwen3, Gemma 2,
     Gemma 3, Qwen3-Next - the latter with ``full_attention_interval`` instead; no
-    ``_sliding_window_pattern``), Qwen3-MoE's ``num_experts``. transformers 5 loads both spellings
-    into the same model (``test_family_models.py`` checks the logits)."""
+    ``_sliding_window_pattern``), Qwen3-MoE's ``num_experts``; Qwen2.5-VL flat (no text_config, see
+    :func:`_hub_qwen2_5_vl`); Llama 4 with ``"no_rope_layers": []`` and no ``moe_layers``. transformers 5
+    loads both spellings into the same model (``test_family_models.py`` checks the logits)."""
     out = copy.deepcopy(cfg)
+    if name == "qwen2_5_vl":
+        _hub_qwen2_5_vl(out)
     subs = [out] + [v for v in out.values() if isinstance(v, dict) and "model_type" in v]
     for d in subs:
         if "dtype" in d:
@@ -498,7 +600,40 @@ def hub_style_config(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
         text["sliding_window"] = text["max_position_embeddings"]  # set but unused (use_sliding_window false)
     if name == "qwen3_moe" and "num_local_experts" in text:
         text["num_experts"] = text.pop("num_local_experts")
+    if name in ("mistral3", "llama4"):  # the Hub's text and vision configs say rope_theta only
+        for d in (text, out["vision_config"]):
+            if d.get("rope_scaling", 0) is None:
+                del d["rope_scaling"]
+    if name == "llama4":
+        # Meta's configs (transformers 4.51): "no_rope_layers": [] (derived from the default interval 4),
+        # no moe_layers (derived from interleave_moe_layer_step), no layer_types. (Some say
+        # "attn_temperature_tuning": 4, which 5.24's strict config refuses: kept a bool here.)
+        text["no_rope_layers"] = []
+        for key in ("moe_layers", "layer_types"):
+            text.pop(key, None)
+        if text.get("no_rope_layer_interval") == 4:
+            del text["no_rope_layer_interval"]
     return out
+
+
+def _hub_qwen2_5_vl(cfg: dict[str, Any]) -> None:
+    """Qwen's Qwen2.5-VL configs (transformers 4.49): the decoder's fields at the top level (no
+    text_config; 5.x builds one from them), mrope in ``rope_scaling`` as ``{"type": "mrope",
+    "mrope_section"}``, the sliding window set but off, a vision_config without model_type or rope."""
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    for key in ("model_type", "dtype", "layer_types"):
+        text.pop(key, None)
+    if text.get("sliding_window") is None:
+        text["sliding_window"] = text["max_position_embeddings"]
+    cfg.update(text)
+    cfg["rope_theta"] = rope["rope_theta"]
+    cfg["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    vision = cfg["vision_config"]
+    for key in ("model_type", "dtype", "rope_parameters"):
+        vision.pop(key, None)
+    vision["in_chans"] = vision.pop("in_channels")
+    vision["spatial_patch_size"] = vision["patch_size"]
 
 
 def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -616,9 +751,9 @@ def model_inputs(folder_or_config: str | Path | dict, seq_len: int = SEQ_LEN, ba
     """Fixed model inputs for a checkpoint (its folder or config.json dict).
 
     Token ids are drawn from a fixed generator in ``[4, vocab - 4)`` (no special or image tokens).
-    Multimodal (``vision_config`` present): each row also holds one image (``boi``, ``mm_tokens_per_image``
-    image tokens, ``eoi`` at positions 2...), with ``token_type_ids`` and fixed ``pixel_values``, so
-    the vision tower takes part in the logits.
+    Multimodal (``vision_config`` present): each row also holds one image from position 2 on, as the
+    family's processor lays it out (:data:`IMAGE_INPUTS`), with fixed pixels, so that the vision
+    tower takes part in the logits.
     """
     cfg = _config_dict(folder_or_config)
     text = cfg.get("text_config", cfg)
@@ -626,15 +761,68 @@ def model_inputs(folder_or_config: str | Path | dict, seq_len: int = SEQ_LEN, ba
     ids = torch.randint(4, text["vocab_size"] - 4, (batch, seq_len), generator=gen)
     inputs = {"input_ids": ids}
     if "vision_config" in cfg:
-        k = cfg["mm_tokens_per_image"]
-        ids[:, 2] = cfg["boi_token_index"]
-        ids[:, 3:3 + k] = cfg["image_token_index"]
-        ids[:, 3 + k] = cfg["eoi_token_index"]
-        inputs["token_type_ids"] = (ids == cfg["image_token_index"]).long()
-        v = cfg["vision_config"]
-        inputs["pixel_values"] = torch.randn(batch, v.get("num_channels", 3), v["image_size"], v["image_size"],
-                                             generator=gen)
+        inputs.update(IMAGE_INPUTS[cfg["model_type"]](cfg, ids, gen))
     return inputs
+
+
+def _gemma3_image(cfg: dict[str, Any], ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    # boi, mm_tokens_per_image image tokens, eoi; token_type_ids mark the image tokens.
+    k = cfg["mm_tokens_per_image"]
+    ids[:, 2] = cfg["boi_token_index"]
+    ids[:, 3:3 + k] = cfg["image_token_index"]
+    ids[:, 3 + k] = cfg["eoi_token_index"]
+    v = cfg["vision_config"]
+    return {"token_type_ids": (ids == cfg["image_token_index"]).long(),
+            "pixel_values": torch.randn(ids.shape[0], v.get("num_channels", 3), v["image_size"], v["image_size"],
+                                        generator=gen)}
+
+
+def _mistral3_image(cfg: dict[str, Any], ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    # One image token per merged patch (Pixtral's [IMG_BREAK] / [IMG_END] tokens are ordinary text to
+    # the model); image_sizes in pixels.
+    v = cfg["vision_config"]
+    side = v["image_size"] // v["patch_size"] // cfg.get("spatial_merge_size", 2)
+    ids[:, 2:2 + side * side] = cfg["image_token_index"]
+    return {"pixel_values": torch.randn(ids.shape[0], v.get("num_channels", 3), v["image_size"], v["image_size"],
+                                        generator=gen),
+            "image_sizes": torch.tensor([[v["image_size"], v["image_size"]]] * ids.shape[0])}
+
+
+def _qwen2_5_vl_image(cfg: dict[str, Any], ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    # <|vision_start|>, one image token per merged 2x2 patch group, <|vision_end|>; pixel_values are
+    # the flattened patches (t x h x w rows of channels x temporal x patch x patch), image_grid_thw
+    # the grid. An 8 x 8 patch grid: 16 image tokens in 4 attention windows of the tower.
+    v = cfg["vision_config"]
+    grid, merge = 8, v["spatial_merge_size"]
+    k = (grid // merge) ** 2
+    ids[:, 2] = cfg["vision_start_token_id"]
+    ids[:, 3:3 + k] = cfg["image_token_id"]
+    ids[:, 3 + k] = cfg["vision_end_token_id"]
+    channels = v.get("in_channels", v.get("in_chans", 3))
+    width = channels * v["temporal_patch_size"] * v["patch_size"] ** 2
+    return {"pixel_values": torch.randn(ids.shape[0] * grid * grid, width, generator=gen),
+            "image_grid_thw": torch.tensor([[1, grid, grid]] * ids.shape[0])}
+
+
+def _llama4_image(cfg: dict[str, Any], ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    # <|image_start|>, one image token per patch left after the pixel shuffle, <|image_end|>.
+    v = cfg["vision_config"]
+    k = int((v["image_size"] // v["patch_size"]) ** 2 * v["pixel_shuffle_ratio"] ** 2)
+    ids[:, 2] = cfg["boi_token_index"]
+    ids[:, 3:3 + k] = cfg["image_token_index"]
+    ids[:, 3 + k] = cfg["eoi_token_index"]
+    return {"pixel_values": torch.randn(ids.shape[0], v.get("num_channels", 3), v["image_size"], v["image_size"],
+                                        generator=gen)}
+
+
+#: The image part of :func:`model_inputs`, by top-level ``model_type``: ``f(config, input_ids, generator)``
+#: writes the image's tokens into ``input_ids`` and returns the other model inputs.
+IMAGE_INPUTS: dict[str, Callable[[dict[str, Any], torch.Tensor, torch.Generator], dict[str, torch.Tensor]]] = {
+    "gemma3": _gemma3_image,
+    "mistral3": _mistral3_image,
+    "qwen2_5_vl": _qwen2_5_vl_image,
+    "llama4": _llama4_image,
+}
 
 
 def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -642,7 +830,24 @@ def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
     dtype = next(model.parameters()).dtype
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():
+        if type(model).__name__ == "Llama4ForConditionalGeneration":
+            return _llama4_logits(model.eval(), inputs)
         return model.eval()(**inputs, use_cache=False).logits
+
+
+def _llama4_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Llama4ForConditionalGeneration.forward of transformers 5.24, up to its last line: that line
+    reads ``image_outputs`` from the language model's output, which has none (AttributeError on every
+    call). The same modules in the same order: image features, projector, scatter into the token
+    embeddings, the language model."""
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    if "pixel_values" in inputs:
+        features = model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).last_hidden_state
+        flat = model.multi_modal_projector(features.view(-1, features.size(-1))).to(embeds.device, embeds.dtype)
+        mask = model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=flat)
+        embeds = embeds.masked_scatter(mask, flat)
+    return model.language_model(inputs_embeds=embeds, use_cache=False).logits
 
 
 @dataclass
@@ -685,6 +890,11 @@ LAYER_PREFIXES: dict[str, tuple[str, ...]] = {
     "gemma3": ("language_model.model.layers", "model.language_model.layers"),
     # GPT-2: GPT2LMHeadModel saves transformer.h; openai-community/gpt2 has bare h.N (GPT2Model).
     "gpt2": ("transformer.h", "h"),
+    # Mistral 3 and Qwen2.5-VL: save_pretrained (5.x) and the original Hub checkpoints use the first;
+    # checkpoints saved by transformers 4.52-4.57 the second (model.visual.* for Qwen's tower).
+    "mistral3": ("language_model.model.layers", "model.language_model.layers"),
+    "qwen2_5_vl": ("model.layers", "model.language_model.layers"),
+    "llama4": ("language_model.model.layers",),
 }
 
 #: Config fields holding one value per decoder layer (follow the arrangement).
@@ -740,12 +950,15 @@ def split_layers(tensors: dict[str, torch.Tensor], prefix: str):
 
 def is_sparse_layer(layer: dict[str, torch.Tensor]) -> bool:
     """A MoE layer (experts / router tensors), as opposed to a dense MLP layer."""
-    return any(s.startswith(("mlp.experts.", "mlp.gate.", "block_sparse_moe.", "mlp.router."))
+    return any(s.startswith(("mlp.experts.", "mlp.gate.", "block_sparse_moe.", "mlp.router.",
+                             "feed_forward.experts.", "feed_forward.router."))  # Llama 4
                for s in layer)
 
 
 def _text(cfg: dict[str, Any], family: Family) -> dict[str, Any]:
-    return cfg[family.text_config] if family.text_config else cfg
+    """The decoder's part of a config.json: ``text_config``, or the top level when the file has none
+    (Qwen2.5-VL's Hub configs, written by transformers 4.x, from which 5.x builds the text_config)."""
+    return cfg[family.text_config] if family.text_config and family.text_config in cfg else cfg
 
 
 def _text_config_class(family: Family):
@@ -757,12 +970,21 @@ def _text_config_class(family: Family):
 
 def _derived(family: Family, text: dict[str, Any], drop: str, field_name: str):
     """``field_name`` as transformers derives it from ``text`` without ``drop`` (None if it cannot)."""
-    kwargs = {k: v for k, v in text.items() if k not in (drop, "model_type", "transformers_version")}
+    kwargs = copy.deepcopy({k: v for k, v in text.items() if k not in (drop, "model_type", "transformers_version")})
     if field_name != drop:
         kwargs.pop(field_name, None)
     try:
         return getattr(_text_config_class(family)(**kwargs), field_name, None)
     except Exception:  # noqa: BLE001 - a config transformers rejects derives nothing
+        return None
+
+
+def _as_read(family: Family, text: dict[str, Any], field_name: str):
+    """``field_name`` of the config transformers builds from ``text`` as it is (None if it cannot)."""
+    kwargs = copy.deepcopy({k: v for k, v in text.items() if k not in ("model_type", "transformers_version")})
+    try:
+        return getattr(_text_config_class(family)(**kwargs), field_name, None)
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -776,6 +998,9 @@ def rewrite_config(cfg: dict[str, Any], family: str, arrangement: list[int],
       own config class from the source config, then written out explicitly;
     * ``mlp_only_layers`` (list of dense layer indices, Qwen3-MoE / Qwen3-Next) = the output layers
       whose source layer is dense (``sparse[s]`` False), with ``decoder_sparse_step`` = 1;
+    * ``moe_layers`` (Llama 4: list of MoE layer indices; Hub configs leave it to
+      ``interleave_moe_layer_step``) = the output layers whose source layer is MoE, with
+      ``interleave_moe_layer_step`` = 1 (the explicit list decides alone, as ``decoder_sparse_step``);
     * ``first_k_dense_replace`` (DeepSeek-V3: the first k layers dense) = the number of leading dense
       output layers; :class:`NotExpressible` if a dense layer follows a MoE layer;
     * pattern fields (:data:`PATTERN_FIELDS`: ``max_window_layers``, ``sliding_window_pattern``, ...):
@@ -799,8 +1024,10 @@ def rewrite_config(cfg: dict[str, Any], family: str, arrangement: list[int],
     src_text = _text(cfg, fam)
     for name in PER_LAYER_FIELDS:
         values = src_text.get(name)
-        if values is None:
-            values = _derived(fam, src_text, name, name)
+        if values is None or values == []:
+            # Absent: derived. Empty: Llama 4 derives it too (Meta's configs say "no_rope_layers": []);
+            # other families keep it (and cannot load it), so it is left alone.
+            values = _derived(fam, src_text, name, name) if values is None else _as_read(fam, src_text, name)
             if not isinstance(values, list) or len(values) != n_src:
                 continue  # not a field of this family
         if len(values) != n_src:
@@ -813,6 +1040,11 @@ def rewrite_config(cfg: dict[str, Any], family: str, arrangement: list[int],
             raise ValueError("mlp_only_layers needs the sparse/dense flag of each source layer")
         text["mlp_only_layers"] = [i for i, s in enumerate(arrangement) if not sparse[s]]
         text["decoder_sparse_step"] = 1
+    if "moe_layers" in text or "interleave_moe_layer_step" in text:
+        if sparse is None:
+            raise ValueError("moe_layers needs the sparse/dense flag of each source layer")
+        text["moe_layers"] = [i for i, s in enumerate(arrangement) if sparse[s]]
+        text["interleave_moe_layer_step"] = 1
     if "first_k_dense_replace" in text:
         if sparse is None:
             raise ValueError("first_k_dense_replace needs the sparse/dense flag of each source layer")
@@ -882,7 +1114,7 @@ def to_module_names(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, 
     if family == "mixtral":
         renamed = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()}
         return _merge_experts(renamed, "w1", "w3", "w2")
-    if family == "gemma3":
+    if family in ("gemma3", "mistral3"):  # transformers' "llava" key mapping
         out = {}
         for k, v in tensors.items():
             for old, new in (("language_model.model.", "model.language_model."),
@@ -893,6 +1125,15 @@ def to_module_names(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, 
                 if k.startswith(old):
                     k = new + k[len(old):]
                     break
+            out[k] = v
+        return out
+    if family == "qwen2_5_vl":  # Qwen2VLForConditionalGeneration's mapping; 4.52-4.57 names pass unchanged
+        out = {}
+        for k, v in tensors.items():
+            if k.startswith("visual."):
+                k = "model." + k
+            elif k.startswith("model.") and not k.startswith(("model.language_model.", "model.visual.")):
+                k = "model.language_model." + k[len("model."):]
             out[k] = v
         return out
     if family == "gpt2":
@@ -1004,7 +1245,9 @@ def rebuild_model(family: str, config: dict[str, Any], state: dict[str, torch.Te
                   compute_dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
     """The family's model built from a config.json dict, ``state`` (checkpoint names) loaded strictly."""
     cls = model_class(config["architectures"][0])
-    conf = cls.config_class.from_dict({k: v for k, v in config.items() if k != "transformers_version"})
+    # A copy: config classes edit nested dicts in place (rope_scaling gains rope_theta), and ``config``
+    # is the reference's config.json.
+    conf = cls.config_class.from_dict(copy.deepcopy({k: v for k, v in config.items() if k != "transformers_version"}))
     model = cls._from_config(conf, dtype=compute_dtype, attn_implementation=attn_implementation)
     wanted = model.state_dict()
     converted = to_module_names(family, state)

@@ -74,11 +74,11 @@ def test_index_weight_map_errors(index, message):
     assert str(e.value) == message
 
 
-def _assemble(tmp_path, config, weight_map=None, specs=None):
+def _assemble(tmp_path, config, index=None, specs=None):
     specs = specs or decoder_specs(2)
     header = make_header(tmp_path / "model.safetensors", specs)
     files = SourceFiles("hf", "config.json", None, ("model.safetensors",), (), None)
-    return assemble(tmp_path, files, {"model.safetensors": header}, config, weight_map=weight_map)
+    return assemble(tmp_path, files, {"model.safetensors": header}, config, index=index)
 
 
 def test_assemble_counts_layers_and_checks_the_config(tmp_path):
@@ -92,3 +92,17 @@ def test_assemble_counts_layers_and_checks_the_config(tmp_path):
     with pytest.raises(SourceError) as e:
         _assemble(tmp_path, [1, 2])
     assert str(e.value) == f"{tmp_path / 'config.json'}: expected a JSON object, found list"
+
+
+def test_an_index_that_disagrees_with_its_shards_is_found_by_its_summary(tmp_path):
+    from tensorsurgery.checkpoint import IndexMismatch, index_difference, summarize_index
+    specs = decoder_specs(2)
+    right = {name: "model.safetensors" for name, _, _ in specs}
+    assert _assemble(tmp_path, decoder_config(2), index=summarize_index(right)).num_layers == 2
+    wrong = dict(right)
+    wrong.pop("model.norm.weight")
+    with pytest.raises(IndexMismatch):
+        _assemble(tmp_path, decoder_config(2), index=summarize_index(wrong))
+    header = make_header(tmp_path / "model.safetensors", specs)
+    assert str(index_difference(tmp_path / "idx.json", wrong, {"model.safetensors": header})) == (
+        f"{tmp_path / 'idx.json'}: tensor 'model.norm.weight' in model.safetensors is missing from the weight_map")

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from helpers import make_checkpoint, manifest_from_text
-from tensorsurgery.checkpoint import _check_layer_count
+from tensorsurgery.checkpoint import SourceFiles, assemble
 from tensorsurgery.config import build_config
 from tensorsurgery.errors import PlanError, SourceError
 from tensorsurgery.families import (GENERIC, NoRopeSliding, Periodic, WindowFrom, family_of, get_family,
@@ -171,10 +171,13 @@ def test_a_seam_between_kinds_is_marked():
 
 def test_a_checkpoint_whose_config_misses_its_mtp_layer_is_refused():
     ckpt = _deepseek()
-    bad = replace(ckpt, config=dict(ckpt.config, num_nextn_predict_layers=0))
+    files = SourceFiles("hf", "config.json", None, ("model.safetensors",), (), None)
+    assert assemble(ckpt.root, files, ckpt.headers, dict(ckpt.config)).num_layers == 3
     with pytest.raises(SourceError) as e:
-        _check_layer_count(bad, bad.root / "config.json")
-    assert "num_hidden_layers = 3 but the tensors hold 4 layers" in str(e.value)
+        assemble(ckpt.root, files, ckpt.headers, dict(ckpt.config, num_nextn_predict_layers=0))
+    assert str(e.value) == (f"{ckpt.root / 'config.json'}: num_hidden_layers = 3 but the tensors hold 4 layers; the "
+                            f"config and weights do not belong together (use the config.json that came with these "
+                            f"weights)")
 
 
 def test_gpt2_layers_tied_to_their_index_do_not_move():

@@ -17,9 +17,23 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from family_models import FAMILIES, build, dus, idus, keep, load_output, reference_surgery  # noqa: E402
+from family_models import (  # noqa: E402
+    FAMILIES,
+    MINISTRAL3,
+    build,
+    dus,
+    idus,
+    keep,
+    layer_prefix,
+    load_output,
+    read_tensors,
+    reference_surgery,
+    to_module_names,
+    write_checkpoint,
+)
 from tensorsurgery import api  # noqa: E402
 from tensorsurgery.errors import PlanError  # noqa: E402
+from tensorsurgery.families import get_family, layer_lists  # noqa: E402
 
 NAMES = list(FAMILIES)
 
@@ -69,8 +83,14 @@ def assert_output_matches(out: Path, ref) -> None:
 
 
 #: (plan, arrangement of an n-layer source)
+def overlap(n: int) -> int:
+    """The m of the DUS and iDUS tests: not n / 2, for dus(n, n / 2) is the identity; this one
+    repeats layers."""
+    return max(1, n // 4)
+
+
 def arrangements(n: int) -> dict[str, tuple[str, list[int], str]]:
-    m = n // 2
+    m = overlap(n)
     return {
         "keep+float16": ('plan = "keep"', keep(n), 'dtype = "float16"'),
         "dus": (f'plan = "dus"\noverlap = {m}', dus(n, m), ""),
@@ -106,9 +126,9 @@ def test_deepseek_v3_dense_after_moe_is_one_line(source, tmp_path):
 def test_qwen3_moe_dense_layers_move_with_their_source_layers(source, tmp_path):
     src = source("qwen3_moe")
     n = n_layers(src)
-    plan = api.plan(manifest(src, tmp_path / "out", f'plan = "dus"\noverlap = {n // 2}'))
+    plan = api.plan(manifest(src, tmp_path / "out", f'plan = "dus"\noverlap = {overlap(n)}'))
     src_dense = json.loads((src / "config.json").read_text())["mlp_only_layers"]
-    arrangement = dus(n, n // 2)
+    arrangement = dus(n, overlap(n))
     assert plan.config["mlp_only_layers"] == [i for i, s in enumerate(arrangement) if s in src_dense]
     assert plan.config["decoder_sparse_step"] == 1
     assert [k.endswith("dense") for k in plan.kinds] == [s in src_dense for s in arrangement]
@@ -138,3 +158,75 @@ def test_mistral_to_llama_refuses_other_families(source, tmp_path, name):
         name, "remove the preset (no built-in preset converts it)")
     assert str(e.value) == (f"manifest.toml: source 'source': rename.preset 'mistral-to-llama' converts mistral "
                             f"checkpoints, but this source is {model_type} ({arch}); {hint}")
+
+
+# --- multimodal families as the Hub spells them -----------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    "mistral3",
+    "llama4",
+    "qwen2_5_vl",
+])
+def test_hub_configs_of_multimodal_families(tmp_path, name):
+    """Source configs spelled as on the Hub (transformers 4.x): Llama 4 with "no_rope_layers": [] and no
+    moe_layers or layer_types (all derived by transformers, written out by the tool), Mistral 3 with
+    rope_theta, Qwen2.5-VL with no text_config at all."""
+    src = build(name, tmp_path / "src", seed=zlib.crc32(name.encode()) % 1000, hub_config=True)
+    n = n_layers(src)
+    out = tmp_path / "out"
+    m = overlap(n)
+    api.apply(manifest(src, out, f'plan = "dus"\noverlap = {m}'))
+    assert api.verify(out).ok
+    ref = reference_surgery(src, dus(n, m))
+    assert_output_matches(out, ref)
+    if name == "llama4":
+        text = json.loads((out / "config.json").read_text())["text_config"]
+        n_out = 2 * (n - m)
+        assert len(text["no_rope_layers"]) == len(text["layer_types"]) == n_out  # written out
+        assert text["interleave_moe_layer_step"] == 1 and text["moe_layers"] == ref.config["text_config"]["moe_layers"]
+
+
+def test_mistral3_with_a_ministral3_text_tower(tmp_path):
+    """Ministral 3 is Mistral 3 too (text_config model_type ministral3, yarn rope with Llama 4 query
+    scaling), here with tied embeddings: no lm_head.weight in the checkpoint."""
+    src = build("mistral3", tmp_path / "src", seed=7, **MINISTRAL3)
+    assert not any("lm_head" in k for k in read_tensors(src))
+    n = n_layers(src)
+    out = tmp_path / "out"
+    api.apply(manifest(src, out, f'plan = "idus"\noverlap = {n // 2}\ngroup = 1'))
+    assert_output_matches(out, reference_surgery(src, idus(n, n // 2, 1)))
+
+
+@pytest.mark.parametrize("name", ["mistral3", "qwen2_5_vl"])
+def test_names_saved_by_transformers_4_52_to_4_57(source, tmp_path, name):
+    """Checkpoints saved by transformers 4.52-4.57 name the decoder model.language_model.layers.N (and
+    the towers model.vision_tower / model.visual); 5.24 loads them, and the tool finds their layers."""
+    src = source(name)
+    renamed = to_module_names(name, read_tensors(src))
+    folder = write_checkpoint(tmp_path / "src", json.loads((src / "config.json").read_text()), renamed)
+    assert layer_prefix(name, renamed) == "model.language_model.layers"
+    n = n_layers(folder)
+    out = tmp_path / "out"
+    api.apply(manifest(folder, out, f'plan = "dus"\noverlap = {overlap(n)}'))
+    ref = reference_surgery(folder, dus(n, overlap(n)))
+    assert_output_matches(out, ref)
+    assert torch.equal(ref.logits, reference_surgery(src, dus(n, overlap(n))).logits)
+
+
+@pytest.mark.parametrize("family, text", [
+    ("llama4", {}),
+    ("llama4", {"no_rope_layers": []}),  # Meta's configs: derived, as if absent
+    ("llama4", {"no_rope_layer_interval": 2, "attention_chunk_size": None}),
+    ("llama4", {"no_rope_layers": [0, 1, 1, 0, 1], "attention_chunk_size": 16}),
+    ("qwen2_5_vl", {"use_sliding_window": True, "sliding_window": 8, "num_hidden_layers": 30}),  # default 80, not 28
+    ("qwen2_5_vl", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 3}),
+])
+def test_multimodal_derivations_are_transformers_own(family, text):
+    """The registry derives the per-layer lists of a text_config as the family's text config class does."""
+    from transformers import Llama4TextConfig, Qwen2_5_VLTextConfig
+
+    cfg = {"num_hidden_layers": 5, **text}
+    n = cfg["num_hidden_layers"]
+    want = {"llama4": Llama4TextConfig, "qwen2_5_vl": Qwen2_5_VLTextConfig}[family](**cfg)
+    keys = {"llama4": ("no_rope_layers", "layer_types"), "qwen2_5_vl": ("layer_types",)}[family]
+    assert layer_lists(get_family(family), cfg, n) == {k: getattr(want, k) for k in keys}

@@ -19,8 +19,8 @@ from safetensors import TensorSpec, safe_open
 from safetensors.numpy import save_file
 
 from tensorsurgery.errors import HeaderError, SourceError
-from tensorsurgery.format import (DTYPE_BITS, MAX_HEADER_SIZE, Header, encode_header, parse_header,
-                                  read_header, tensor_nbytes)
+from tensorsurgery.format import (DTYPE_BITS, MAX_HEADER_SIZE, Header, StricterHeaderError,
+                                  encode_header, parse_header, read_header, tensor_nbytes)
 
 #: The dtypes of the official reader, in the order its own error message lists them.
 KNOWN_DTYPES = ("BOOL, F4, F6_E2M3, F6_E3M2, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, F8_E4M3FNUZ, "
@@ -46,18 +46,22 @@ def entry(**fields: object) -> dict:
     return {k: v for k, v in out.items() if v is not DROP}
 
 
-def hostile(tmp_path: Path, content: bytes) -> tuple[Path, str]:
-    """Write ``content`` to a file, read it, and return the path and the HeaderError's text."""
+def hostile(tmp_path: Path, content: bytes, stricter: str | None = None) -> tuple[Path, str]:
+    """Write ``content`` to a file, read it, and return the path and the HeaderError's text;
+    the error is a StricterHeaderError of kind ``stricter`` if given, a plain one otherwise."""
     path = tmp_path / "hostile.safetensors"
     path.write_bytes(content)
     with pytest.raises(HeaderError) as excinfo:
         read_header(path)
+    assert getattr(excinfo.value, "difference", None) == stricter
+    assert isinstance(excinfo.value, StricterHeaderError) == (stricter is not None)
     return path, str(excinfo.value)
 
 
-def hostile_entry(tmp_path: Path, data: bytes = b"\0", **fields: object) -> tuple[Path, str]:
+def hostile_entry(tmp_path: Path, data: bytes = b"\0", stricter: str | None = None,
+                  **fields: object) -> tuple[Path, str]:
     """:func:`hostile` for a file holding one tensor ``x`` built by :func:`entry`."""
-    return hostile(tmp_path, file_bytes({"x": entry(**fields)}, data))
+    return hostile(tmp_path, file_bytes({"x": entry(**fields)}, data), stricter)
 
 
 Expected = dict[str, tuple[str, tuple[int, ...], bytes]]  # name: (dtype, shape, data bytes)
@@ -168,15 +172,52 @@ def test_header_not_an_object(tmp_path, header, kind):
     assert message == f"{path}: header is JSON {kind}, expected an object"
 
 
-@pytest.mark.parametrize("header, key", [
+@pytest.mark.parametrize("header, key, stricter", [
     ('{"x":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},'
-     '"x":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}', "x"),
-    ('{"x":{"dtype":"U8","dtype":"U8","shape":[0],"data_offsets":[0,0]}}', "dtype"),
-    ('{"__metadata__":{},"__metadata__":{}}', "__metadata__"),
-], ids=["tensor", "field", "metadata"])
-def test_duplicate_key(tmp_path, header, key):
-    path, message = hostile(tmp_path, file_bytes(header))
+     '"x":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}', "x", "duplicate-tensor-name"),
+    ('{"x":{"dtype":"U8","dtype":"U8","shape":[0],"data_offsets":[0,0]}}', "dtype", None),
+    ('{"__metadata__":{},"__metadata__":{}}', "__metadata__", None),
+    ('{"__metadata__":{"a":"b","a":"b"}}', "a", "duplicate-metadata-key"),
+], ids=["tensor", "field", "metadata", "metadata-key"])
+def test_duplicate_key(tmp_path, header, key, stricter):
+    """Repeated fields of serde's structs are refused by the official reader too; repeated
+    tensor names and metadata keys only by us (a deliberate difference)."""
+    path, message = hostile(tmp_path, file_bytes(header), stricter)
     assert message == f"{path}: header has duplicate key {key!r}"
+
+
+@pytest.mark.parametrize("header, reason", [
+    ('{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,NaN]}}', "NaN is not a JSON value"),
+    ('{"x":{"dtype":"U8","shape":[Infinity],"data_offsets":[0,1]}}',
+     "Infinity is not a JSON value"),
+    ('{"x":{"dtype":"U8","shape":[-Infinity],"data_offsets":[0,1]}}',
+     "-Infinity is not a JSON value"),
+    ('{"x":{"dtype":"U8","shape":[1e999],"data_offsets":[0,1]}}', "number out of range: 1e999"),
+    ('{"x":{"dtype":"U8","shape":[' + "9" * 400 + '],"data_offsets":[0,1]}}',
+     "number out of range: " + "9" * 40),
+])
+def test_numbers_serde_json_cannot_read(tmp_path, header, reason):
+    path, message = hostile(tmp_path, file_bytes(header, b"\0"))
+    assert message == f"{path}: header is not valid JSON ({reason})"
+
+
+@pytest.mark.parametrize("offsets, shown", [
+    ("[-0,1]", "[-0.0, 1]"), ("[0,-0]", "[0, -0.0]"), ("[0,1.0]", "[0, 1.0]"),
+    ("[0,1e0]", "[0, 1.0]"), ("[0," + "1" * 21 + "]", "[0, 1.1111111111111111e+20]"),
+])
+def test_offsets_spelled_as_floats(tmp_path, offsets, shown):
+    """serde_json reads -0, any fraction or exponent, and integers past 20 digits as floats."""
+    header = '{"x":{"dtype":"U8","shape":[1],"data_offsets":' + offsets + '}}'
+    path, message = hostile(tmp_path, file_bytes(header, b"\0"))
+    assert message == (f"{path}: tensor 'x': data_offsets must be [start, end] with "
+                       f"0 <= start <= end, found {shown}")
+
+
+def test_shape_minus_zero(tmp_path):
+    path, message = hostile(tmp_path, file_bytes('{"x":{"dtype":"U8","shape":[-0],'
+                                                 '"data_offsets":[0,0]}}'))
+    assert message == (f"{path}: tensor 'x': shape must be a list of non-negative integers, "
+                       f"found [-0.0]")
 
 
 @pytest.mark.parametrize("metadata, shown", [
@@ -238,8 +279,37 @@ def test_bad_data_offsets(tmp_path, offsets, shown):
 
 
 def test_unknown_field_in_tensor_entry(tmp_path):
-    path, message = hostile_entry(tmp_path, zeta=1, alpha=2)
+    path, message = hostile_entry(tmp_path, zeta=1, alpha=2, stricter="unknown-tensor-field")
     assert message == f"{path}: tensor 'x': unknown field 'alpha'"
+
+
+def test_unknown_field_checked_after_the_official_rules(tmp_path):
+    """A file the official reader refuses anyway gets the official rule's message."""
+    path, message = hostile_entry(tmp_path, data=b"", zeta=1)
+    assert message.startswith(f"{path}: tensors cover 1 bytes of data but the file holds 0")
+
+
+@pytest.mark.parametrize("value, message", [
+    ('"\\ud800"', "field 'zeta' holds a lone surrogate escape (not valid Unicode)"),
+    ('{"\\udc00":1}', "field 'zeta' holds a lone surrogate escape (not valid Unicode)"),
+    ("[" * 126 + "]" * 126,
+     "field 'zeta' nests the header deeper than the 127 levels the official JSON parser allows"),
+])
+def test_unknown_field_the_official_reader_cannot_parse(tmp_path, value, message):
+    header = '{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"zeta":' + value + '}}'
+    path, got = hostile(tmp_path, file_bytes(header, b"\0"))
+    assert got == f"{path}: tensor 'x': {message}"
+
+
+@pytest.mark.parametrize("header, stricter, message", [
+    ('{"x":["U8",[1],[0,1]]}', "tensor-entry-as-array",
+     "tensor 'x': expected an object with dtype, shape, data_offsets, found an array"),
+    ('{"x":{"dtype":{"U8":null},"shape":[1],"data_offsets":[0,1]}}', "dtype-as-map",
+     "tensor 'x': dtype must be a string, found {'U8': None}"),
+])
+def test_serde_alternative_forms(tmp_path, header, stricter, message):
+    path, got = hostile(tmp_path, file_bytes(header, b"\0"), stricter)
+    assert got == f"{path}: {message}"
 
 
 def test_first_offset_not_zero(tmp_path):
@@ -271,6 +341,16 @@ def test_size_mismatch(tmp_path, dtype, shape, end, needed):
 def test_shape_overflows_u64(tmp_path, dtype, shape):
     path, message = hostile_entry(tmp_path, data=b"", dtype=dtype, shape=shape, data_offsets=[0, 0])
     assert message == f"{path}: tensor 'x': shape {shape} overflows a 64-bit byte count"
+
+
+@pytest.mark.parametrize("dtype, shape", [("U8", [2**64 - 1, 0]), ("F64", [2**61 - 1, 0]),
+                                          ("BOOL", [2**61, 0]), ("F4", [0, 2**64 - 1])])
+def test_shape_with_a_zero_after_a_huge_dimension(tmp_path, dtype, shape):
+    """The official reader multiplies the dimensions in u64 (checked), then by the dtype's bits:
+    a zero-element shape whose first dimensions fit in u64 is fine whatever the dtype."""
+    path = tmp_path / "zero.safetensors"
+    path.write_bytes(file_bytes({"x": entry(dtype=dtype, shape=shape, data_offsets=[0, 0])}))
+    assert read_header(path).tensors["x"].shape == tuple(shape)
 
 
 @pytest.mark.parametrize("dtype, shape, numel", [("F4", [3], 3), ("F4", [], 1),
@@ -404,6 +484,47 @@ def test_encoded_header_is_space_padded_to_8(name_len):
     expected.update({name: {"dtype": dt, "shape": list(shape), "data_offsets": [start, end]}
                      for name, dt, shape, start, end in tensors})
     assert json.loads(body) == expected
+
+
+def dumps_header(tensors, metadata=None) -> bytes:
+    """encode_header's reference: json.dumps of the header as a dict, padded, length first."""
+    obj: dict = {} if metadata is None else {"__metadata__": dict(metadata)}
+    for name, dtype, shape, start, end in tensors:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize("tensors, metadata", [
+    ([], None), ([], {}), ([("é\"\\\n\x00\u2028\U0001F600", "F32", (1, 2), 0, 8)], {"k\n": "v\""}),
+    ([("a", "F32", (), 0, 4), ("a", "U8", (1,), 4, 5)], None),  # a name twice: the dict keeps one
+    ([("__metadata__", "F32", (), 0, 4)], {"x": "y"}), ([("__metadata__", "F32", (), 0, 4)], None),
+    ([("a", "F32", (True,), 0, 4)], None), ([("a", "F32", [1.0], 0, 4)], None),
+    ([("a", None, [1], 0, 4)], None), ([(1, "U8", [1], 0, 1)], None), ([("a", "U8", [], 0, False)], None),
+], ids=["empty", "empty-metadata", "escapes", "twice", "metadata-name", "metadata-name-alone",
+        "bool-dim", "float-dim", "null-dtype", "int-name", "bool-offset"])
+def test_encode_header_writes_what_json_dumps_writes(tensors, metadata):
+    assert encode_header(iter(tensors), metadata) == dumps_header(tensors, metadata)
+
+
+@settings(max_examples=100, deadline=None)
+@given(layout=st.deferred(lambda: valid_layouts()))
+def test_encode_header_writes_what_json_dumps_writes_property(layout):
+    tensors, metadata, _ = layout
+    assert encode_header(tensors, metadata) == dumps_header(tensors, metadata)
+
+
+def test_encode_header_refuses_a_header_over_the_maximum(monkeypatch):
+    tensors = [(f"t{i}", "U8", (1,), i, i + 1) for i in range(3)]
+    size = len(encode_header(tensors)) - 8
+    monkeypatch.setattr("tensorsurgery.format.MAX_HEADER_SIZE", size)
+    assert len(encode_header(tensors)) == 8 + size
+    monkeypatch.setattr("tensorsurgery.format.MAX_HEADER_SIZE", size - 1)
+    with pytest.raises(HeaderError) as excinfo:
+        encode_header(tensors)
+    assert str(excinfo.value) == (f"a header for 3 tensors would be {size} bytes, over the {size - 1} "
+                                  f"that safetensors readers accept; spread the tensors over more files")
 
 
 # --- property: parse_header returns a valid Header or raises HeaderError, nothing else --------

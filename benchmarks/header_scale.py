@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""How long and how much memory reading one huge safetensors header takes: ours vs the official.
+
+One invocation writes a sparse safetensors file whose header is just under the official reader's
+100 MB limit (``MAX_HEADER_SIZE``) and whose data section is a hole (``truncate``: it costs no
+disk), then measures, each in its own child process (a fresh interpreter, so nothing leaks between
+measurements), wall time of the operation and the child's peak RSS (``ru_maxrss`` from
+``os.wait4``; the RSS right after the imports is shown too):
+
+* ``official keys``: ``safetensors.safe_open(path, framework="numpy")`` and ``keys()``: the Rust
+  reader parses and validates the whole header at open, ``keys()`` makes the Python names.
+* ``official full``: the same plus ``get_slice(name)`` with ``get_dtype()`` and ``get_shape()`` of
+  every tensor, kept in a list: what our ``Header`` holds (names, dtypes, shapes) in Python objects.
+* ``ours read_header``: ``tensorsurgery.format.read_header(path)``, the Header kept alive.
+
+and prints ratios (ours / official) for time and peak RSS. ``--baseline DIR`` adds ``baseline
+read_header``: the same child with ``DIR`` (another checkout of tensorsurgery, e.g. from ``git
+archive``) first on ``PYTHONPATH``, for before/after numbers measured side by side. Runs alternate
+and the table shows medians. The file is removed at the end unless ``--keep``.
+
+Tensor names follow a mixture-of-experts model, ``model.layers.{i}.mlp.experts.{j}.{gate,up,
+down}_proj.weight`` (``--names model``, the default: ~0.8M tensors fit in 100 MB, each entry being
+~125 bytes of JSON), or are short, ``l{i}.e{j}.{g,u,d}`` with zero-size tensors (``--names short``:
+the most tensors a 100 MB header can hold, ~1.6M; JSON needs ~48 bytes per entry before the name,
+shape and offsets, so 1.7M tensors cannot fit under the limit with any naming).
+
+Latest results (2 shared, busy CPUs, so seconds vary by up to 2x between runs; ratios are of
+medians of interleaved runs; "baseline" is read_header before this benchmark's fixes, git bf81657)::
+
+    git archive bf81657 | tar -x -C /tmp/old && cp benchmarks/header_scale.py /tmp/old/benchmarks/
+    python benchmarks/header_scale.py --runs 3 --baseline /tmp/old [--names short]
+
+    model names, 841,336 tensors, 99,999,888-byte header
+    | reader               | seconds | peak RSS MB | time / official keys | RSS / official keys |
+    | official keys        |    6.40 |         759 |                1.00x |               1.00x |
+    | official full        |    9.90 |         898 |                1.55x |               1.18x |
+    | ours read_header     |    3.65 |         354 |                0.57x |               0.47x |
+    | baseline read_header |   19.06 |        1033 |                2.98x |               1.36x |
+
+    short names, 1,569,944 tensors, 99,999,928-byte header
+    | official keys        |   10.76 |        1316 |                1.00x |               1.00x |
+    | official full        |   13.66 |        1462 |                1.27x |               1.11x |
+    | ours read_header     |    6.52 |         421 |                0.61x |               0.32x |
+    | baseline read_header |   26.17 |        1575 |                2.43x |               1.20x |
+
+Usage::
+
+    python benchmarks/header_scale.py [--names model|short] [--runs N] [--workdir DIR]
+        [--max-header-bytes B] [--tensors N] [--baseline DIR] [--keep] [--json]
+        [--only "official keys,ours read_header,..."]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MAX_HEADER = 100_000_000
+
+#: Child programs: argv[1] is the file. Each prints one JSON line: seconds and RSS after imports.
+CHILDREN = {
+    "official keys": """
+import sys, time, json
+from safetensors import safe_open
+rss0 = open('/proc/self/status').read().split('VmRSS:')[1].split()[0]
+t = time.perf_counter()
+f = safe_open(sys.argv[1], framework="numpy")
+keys = f.keys()
+dt = time.perf_counter() - t
+print(json.dumps({"seconds": dt, "rss_after_imports_kb": int(rss0), "tensors": len(keys)}))
+""",
+    "official full": """
+import sys, time, json
+from safetensors import safe_open
+rss0 = open('/proc/self/status').read().split('VmRSS:')[1].split()[0]
+t = time.perf_counter()
+f = safe_open(sys.argv[1], framework="numpy")
+info = []
+for k in f.keys():
+    s = f.get_slice(k)
+    info.append((k, s.get_dtype(), s.get_shape()))
+dt = time.perf_counter() - t
+print(json.dumps({"seconds": dt, "rss_after_imports_kb": int(rss0), "tensors": len(info)}))
+""",
+    "ours read_header": """
+import sys, time, json
+from tensorsurgery.format import read_header
+rss0 = open('/proc/self/status').read().split('VmRSS:')[1].split()[0]
+t = time.perf_counter()
+h = read_header(sys.argv[1])
+dt = time.perf_counter() - t
+print(json.dumps({"seconds": dt, "rss_after_imports_kb": int(rss0), "tensors": len(h.entries)}))
+""",
+}
+OFFICIAL = ("official keys", "official full")
+BASELINE = "baseline read_header"
+
+
+def entry_json(name: str, dtype: str, shape: tuple[int, ...], start: int, end: int) -> str:
+    shape_s = ",".join(map(str, shape))
+    return (f'"{name}":{{"dtype":"{dtype}","shape":[{shape_s}],'
+            f'"data_offsets":[{start},{end}]}}')
+
+
+def tensor_stream(names: str):
+    """Endless ``(name, dtype, shape, nbytes)`` in a model's order."""
+    if names == "model":
+        projs = [("gate_proj", (16, 8)), ("up_proj", (16, 8)), ("down_proj", (8, 16))]
+        experts = 256
+        layer = 0
+        while True:
+            for j in range(experts):
+                for proj, shape in projs:
+                    yield (f"model.layers.{layer}.mlp.experts.{j}.{proj}.weight", "BF16", shape,
+                           shape[0] * shape[1] * 2)
+            layer += 1
+    else:
+        layer = 0
+        while True:
+            for j in range(10000):
+                for p in "gud":
+                    yield f"l{layer}.e{j}.{p}", "BF16", (0,), 0
+            layer += 1
+
+
+def write_file(path: Path, names: str, max_header: int, tensors: int | None) -> tuple[int, int]:
+    """Write the sparse file; return (tensor count, header bytes)."""
+    parts: list[str] = []
+    size = 1  # "{"
+    offset = 0
+    count = 0
+    for name, dtype, shape, nbytes in tensor_stream(names):
+        if tensors is not None and count == tensors:
+            break
+        piece = entry_json(name, dtype, shape, offset, offset + nbytes)
+        if tensors is None and size + len(piece) + 1 + 1 + 7 > max_header:  # "," "}" padding
+            break
+        parts.append(piece)
+        size += len(piece) + 1
+        offset += nbytes
+        count += 1
+    raw = ("{" + ",".join(parts) + "}").encode()
+    raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER:
+        raise SystemExit(f"header of {len(raw)} bytes exceeds {MAX_HEADER}: the official reader "
+                         f"would refuse it; use fewer --tensors or --names short")
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        f.truncate(8 + len(raw) + offset)  # data section: a hole
+    return count, len(raw)
+
+
+def measure(label: str, path: Path, baseline: Path | None = None) -> dict:
+    env = dict(os.environ)
+    root = baseline if label == BASELINE else REPO
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    code = CHILDREN["ours read_header" if label == BASELINE else label]
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(root))
+    # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over all children)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{label} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result.update(label=label, wall=wall, peak_mb=usage.ru_maxrss / 1024,
+                  base_mb=result["rss_after_imports_kb"] / 1024)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--names", choices=["model", "short"], default="model")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", default=None, help="where to write the file (default: a tmp dir)")
+    ap.add_argument("--max-header-bytes", type=int, default=MAX_HEADER - 64)
+    ap.add_argument("--tensors", type=int, default=None,
+                    help="exactly this many tensors (default: as many as fit)")
+    ap.add_argument("--only", default=None, help="comma-separated labels to run")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another tensorsurgery checkout to measure as 'baseline read_header'")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    labels = list(CHILDREN) + ([BASELINE] if args.baseline else [])
+    if args.only is not None:
+        labels = [s.strip() for s in args.only.split(",")]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="header-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "model.safetensors"
+    t = time.perf_counter()
+    count, header_len = write_file(path, args.names, args.max_header_bytes, args.tensors)
+    print(f"# {path}: {count:,} tensors, header {header_len:,} bytes, file "
+          f"{path.stat().st_size:,} bytes (sparse), written in {time.perf_counter() - t:.1f} s",
+          file=sys.stderr)
+    results: dict[str, list[dict]] = {label: [] for label in labels}
+    try:
+        for run in range(args.runs):
+            order = labels[run % len(labels):] + labels[:run % len(labels)]
+            for label in order:
+                r = measure(label, path, args.baseline)
+                assert r["tensors"] == count, (label, r["tensors"], count)
+                results[label].append(r)
+                print(f"# run {run + 1} {label}: {r['seconds']:.2f} s, peak {r['peak_mb']:.0f} MB",
+                      file=sys.stderr)
+    finally:
+        if not args.keep:
+            path.unlink()
+            if args.workdir is None:
+                workdir.rmdir()
+
+    summary = {label: {"seconds": statistics.median(r["seconds"] for r in rs),
+                       "peak_mb": statistics.median(r["peak_mb"] for r in rs),
+                       "base_mb": statistics.median(r["base_mb"] for r in rs),
+                       "runs": [round(r["seconds"], 3) for r in rs]}
+               for label, rs in results.items()}
+    if args.json:
+        print(json.dumps({"tensors": count, "header_bytes": header_len, "names": args.names,
+                          "results": summary}, indent=1))
+        return 0
+    print(f"{count:,} tensors, header {header_len:,} bytes ({args.names} names), "
+          f"median of {args.runs} run(s)\n")
+    refs = [o for o in OFFICIAL if o in summary]
+    head = "| reader | seconds | peak RSS MB | RSS after imports MB |"
+    sep = "|---|---:|---:|---:|"
+    for o in refs:
+        head += f" time / {o} | RSS / {o} |"
+        sep += "---:|---:|"
+    print(head)
+    print(sep)
+    for label, s in summary.items():
+        row = f"| {label} | {s['seconds']:.2f} | {s['peak_mb']:.0f} | {s['base_mb']:.0f} |"
+        for o in refs:
+            row += (f" {s['seconds'] / summary[o]['seconds']:.2f}x |"
+                    f" {s['peak_mb'] / summary[o]['peak_mb']:.2f}x |")
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
