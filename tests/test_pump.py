@@ -44,7 +44,7 @@ def _tensor(name: str, src: Path, offset: int, count: int, src_dtype: str, dtype
 def _shard(filename: str, tensors: list[OutputTensor]) -> Shard:
     placed, offset = [], 0
     for t in tensors:
-        placed.append(OutputTensor(**{**{f: getattr(t, f) for f in t.__slots__}, "offset": offset}))
+        placed.append(t._replace(offset=offset))
         offset += t.nbytes
     header = encode_header(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in placed),
                            {"format": "pt"})
