@@ -69,7 +69,11 @@ LAYERS, OVERLAP = 32, 8
 #: --size -> (full shape?, dimension overrides for make_checkpoint). ``tiny`` (~90 MB) is for
 #: proving the runner works, not for numbers.
 SIZES = {"tiny": (False, {"hidden": 256, "intermediate": 896, "head_dim": 8}),
-         "default": (False, {}), "full": (True, {})}
+         "default": (False, {}), "mid": (False, {"hidden": 2048, "intermediate": 6144, "head_dim": 64}),
+         "full": (True, {})}
+#: The environment variable of tensorsurgery's source-file hash cache (a checkout without the
+#: cache ignores it).
+HASH_CACHE_ENV = "TENSORSURGERY_HASH_CACHE"
 #: Left free on the workdir's filesystem after the source and two outputs.
 MARGIN = 5_000_000_000
 #: With --tmpfs: RAM left available after the source and two outputs (tmpfs pages are RAM).
@@ -455,6 +459,7 @@ class Approach:
     baseline: str | None = None  # key of the row this one is also compared with ("vs own baseline")
     hide: Path | None = None  # renamed away during the measurement (the source, for record mode)
     show_output: bool = False  # the command's last output line goes into the notes
+    env: dict[str, str] = field(default_factory=dict)  # on top of the children's environment
     samples: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -501,6 +506,11 @@ def approaches(repo: Repo, bench: Path, inputs: dict[str, Path], spec: dict, arg
         apply("keep-link", f"apply --link (relabel, 32 layers){tflag}", "keep", "--link", *threads),
         Approach("mergekit", "mergekit-yaml passthrough (DUS, float16)", None, out / "mergekit"),
     ]
+    at = next(i for i, a in enumerate(rows) if a.key == "apply")
+    nocache = apply("apply-nocache", f"apply (DUS, source hashes not cached){tflag}", "dus", *threads)
+    nocache.env = {HASH_CACHE_ENV: "off"}
+    nocache.note = f"{HASH_CACHE_ENV}=off: every source file is read and hashed again, as on a first run"
+    rows.insert(at + 1, nocache)
     if has_threads and args.threads != 1:
         at = next(i for i, a in enumerate(rows) if a.key == "apply")
         rows.insert(at + 1, apply("apply-t1", "apply --threads 1 (DUS)", "dus", "--threads", "1"))
@@ -660,11 +670,12 @@ def run_one(a: Approach, bench: Path, run: int, ctx: dict) -> bool:
     if hidden is not None:
         os.rename(a.hide, hidden)
     try:
-        s = measure(a.argv, logfile, ctx["env"])
+        s = measure(a.argv, logfile, {**ctx["env"], **a.env})
     finally:
         if hidden is not None:
             os.rename(hidden, a.hide)
-    s.update(run=run, waited_s=round(waited, 1), bytes_written=new_bytes(a.output))
+    s.update(run=run, waited_s=round(waited, 1), bytes_written=new_bytes(a.output),
+             sha256_from=_hash_origins(a.output))
     label = f"[run {run}/{ctx['runs']}] {a.name}:"
     if s["exit"] != 0:
         a.failures.append(f"run {run} failed: exit {s['exit']}: {_tail(logfile)}")
@@ -678,6 +689,32 @@ def run_one(a: Approach, bench: Path, run: int, ctx: dict) -> bool:
         f"other processes {s['other_cpus']:.2f} CPUs, steal {s['steal_cpus']:.2f}"
         + (f" (waited {waited:.0f} s for quiet)" if waited > 3 else ""))
     return True
+
+
+def warm_hash_cache(repo: Repo, bench: Path, manifest: Path, env: dict[str, str], args: argparse.Namespace) -> None:
+    """One untimed ``apply`` first, so that the measured ones find the source files' sha256 in
+    the run's own hash cache (``bench/hash-cache``), as every run after the first on a machine
+    does; the ``apply-nocache`` row measures a first run."""
+    out = bench / "out" / "warm-up"
+    log(f"warming the source hash cache in {bench / 'hash-cache'} (one untimed apply) ...")
+    r = subprocess.run(repo.ts("apply", str(manifest), "--no-progress", "--output", str(out)), env=env, cwd="/",
+                       capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    cached = (bench / "hash-cache").is_dir() and any((bench / "hash-cache").iterdir())
+    args.notes.append("source-file sha256 cache: " + (
+        f"warmed by one untimed apply, so apply rows take the sources' hashes from it ({HASH_CACHE_ENV}="
+        f"{bench / 'hash-cache'})" if cached and r.returncode == 0 else
+        "none (this tensorsurgery has no hash cache, or the warm-up failed): every apply hashes the sources"))
+    log(f"  {args.notes[-1]}")
+
+
+def _hash_origins(output: Path | None) -> list[str]:
+    """Where the provenance record of ``output`` says its source-file hashes came from."""
+    try:
+        record = json.loads((output / "tensorsurgery.json").read_text()) if output is not None else {}
+    except (OSError, ValueError):
+        return []
+    return sorted({str(f.get("sha256_from")) for src in record.get("sources", []) for f in src.get("files", [])})
 
 
 def run_all(rows: list[Approach], bench: Path, runs: int, ctx: dict) -> None:
@@ -707,8 +744,10 @@ def summarize(rows: list[Approach]) -> list[dict]:
     medians = {a.key: statistics.median(s["wall_s"] for s in a.samples) for a in rows if a.samples}
     out = []
     for a in rows:
+        origins = sorted({o for smp in a.samples for o in smp.get("sha256_from", [])})
+        origin_note = f"source sha256 from: {', '.join(origins)}" if origins else ""
         row = {"key": a.key, "approach": a.name, "argv": a.argv,
-               "note": "; ".join(filter(None, [a.note, *a.failures])), "samples": a.samples}
+               "note": "; ".join(filter(None, [a.note, origin_note, *a.failures])), "samples": a.samples}
         if a.samples:
             walls = [s["wall_s"] for s in a.samples]
             row.update(median_wall_s=statistics.median(walls), min_wall_s=min(walls), max_wall_s=max(walls),
@@ -829,7 +868,8 @@ def check_disk(workdir: Path, size: str, tmpfs: bool) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=tuple(SIZES), default="default",
-                   help="tiny: ~90 MB, to check the runner works; default: ~1.5 GB narrow Mistral; "
+                   help="tiny: ~90 MB, to check the runner works; default: ~1.5 GB narrow Mistral; mid: ~3.35 GB "
+                        "(hidden 2048, ~5 GB of DUS out; fits --tmpfs on 24 GB); "
                         "full: the real 7B shape, ~14.5 GB in, ~21.5 GB out")
     p.add_argument("--runs", type=int, default=3, help="measurements of each approach (3)")
     p.add_argument("--workdir", type=Path, help="where to write (default: a new folder in $TMPDIR, or in "
@@ -847,6 +887,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait", type=float, default=120, metavar="SECONDS",
                    help="before each measurement, wait up to this long for other processes to go quiet (120)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--rows", metavar="KEY,KEY", type=lambda s: [k for k in s.split(",") if k],
+                   help="measure only these rows (keys as in --json: raw, copy, plan, apply, apply-t1, verify, "
+                        "cat-verify, verify-record, cat-output, f16, f16-t1, link, keep, keep-link, mergekit); "
+                        "a verify or cat row brings its apply row along")
     p.add_argument("--copy-loop", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--raw-copy", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--cat", nargs="+", metavar="PATH", help=argparse.SUPPRESS)
@@ -918,10 +962,19 @@ def benchmark(args: argparse.Namespace, repo: Repo, workdir: Path, bench: Path, 
     inputs["copy-spec"].write_text(json.dumps({**spec, "output": str(bench / "out" / "copy")}))
     log(f"baselines planned with {spec['api']} from {spec['module']}")
     rows = approaches(repo, bench, inputs, spec, args)
+    if args.rows:
+        known = {a.key for a in rows}
+        if unknown := [k for k in args.rows if k not in known]:
+            raise SystemExit(f"run.py: error: --rows: no row {', '.join(unknown)}; rows: {', '.join(sorted(known))}")
+        wanted = set(args.rows) | {a.after for a in rows if a.key in args.rows and a.after}
+        rows = [a for a in rows if a.key in wanted]
     for a in rows:
         if a.argv is None:
             log(f"{a.name}: {a.note}")
-    ctx = {"dropped": 0, "why": None, "max_wait": args.max_wait, "tmpfs": args.tmpfs, "env": child_env(repo.path)}
+    env = {**child_env(repo.path), HASH_CACHE_ENV: str(bench / "hash-cache")}
+    ctx = {"dropped": 0, "why": None, "max_wait": args.max_wait, "tmpfs": args.tmpfs, "env": env}
+    if any(a.argv and a.key not in ("raw", "copy", "plan", "apply-nocache", "mergekit") for a in rows):
+        warm_hash_cache(repo, bench, inputs["dus"], env, args)
     run_all(rows, bench, args.runs, ctx)
     summary = summarize(rows)
     m = machine(workdir, repo)
@@ -957,6 +1010,7 @@ def argv_of(args: argparse.Namespace) -> list[str]:
     out += ["--workdir", str(args.workdir)] if args.workdir and not getattr(args, "auto_workdir", False) else []
     out += ["--repo", str(args.repo)] if args.repo.resolve() != DEFAULT_REPO else []
     out += ["--threads", str(args.threads)] if args.threads else []
+    out += ["--rows", ",".join(args.rows)] if args.rows else []
     out += ["--keep"] * args.keep + ["--no-mergekit"] * args.no_mergekit + ["--json"] * args.json
     return out + (["--max-wait", f"{args.max_wait:g}"] if args.max_wait != 120 else [])
 

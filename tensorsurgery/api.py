@@ -155,7 +155,7 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
         folder = Path(target)
         recorded = plan_from_record(folder, sources or {})
         if recorded is None:
-            return verify_record(folder, progress=progress)
+            return verify_record(folder, progress=progress, threads=threads)
         return replace(verify_output(recorded, folder, progress=progress, threads=threads), mode="record+sources")
     m = load(target, sources=sources, output=output)
     folder = require_folder(Path(m.output.path))

@@ -9,10 +9,11 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterator
 
 import numpy as np
 
@@ -51,10 +52,12 @@ def open_output_file(path: Path, diffs: list[Difference]) -> int | None:
 
 
 def compare_shard(shard: Shard, path: Path, *, threads: int = 2, progress: Progress = None,
-                  stop_early: bool = False) -> tuple[dict[str, str], list[Difference]]:
+                  stop_early: bool = False, unhashed: Container[str] = ()) -> tuple[dict[str, str], list[Difference]]:
     """Compare the shard file ``path`` with ``shard``: size, header bytes, every tensor's bytes
     against its source. Returns the sha256 of each tensor whose bytes are right, and the
-    differences. ``stop_early`` (for ``--resume``) stops at the first one."""
+    differences. ``stop_early`` (for ``--resume``) stops at the first one. Tensors named in
+    ``unhashed`` are compared but not hashed (the caller knows an identical tensor's hash): when
+    their bytes are right they map to ``""``."""
     diffs: list[Difference] = []
     fd = open_output_file(path, diffs)
     if fd is None:
@@ -72,8 +75,10 @@ def compare_shard(shard: Shard, path: Path, *, threads: int = 2, progress: Progr
     finally:
         os.close(fd)
     hashes: dict[str, str] = {}
-    for t, (digest, first) in _map(threads, lambda t: _compare_tensor(t, path, len(shard.header), progress),
-                                   shard.tensors, stop_early):
+    def compare(t: OutputTensor) -> tuple[str, int | None]:
+        return _compare_tensor(t, path, len(shard.header), progress, hashed=t.name not in unhashed)
+
+    for t, (digest, first) in _map(threads, compare, shard.tensors, stop_early):
         if first is None:
             hashes[t.name] = digest
         else:
@@ -117,11 +122,12 @@ def _header_difference(found: bytes, expected: bytes) -> str:
     return "header bytes differ from the planned ones (order, spacing or padding)"
 
 
-def _compare_tensor(t: OutputTensor, path: Path, data_start: int, progress: Progress) -> tuple[str, int | None]:
-    """sha256 of the output bytes of ``t``, and the offset of the first byte that differs from the
-    expected ones (None when all are equal)."""
+def _compare_tensor(t: OutputTensor, path: Path, data_start: int, progress: Progress,
+                    hashed: bool = True) -> tuple[str, int | None]:
+    """sha256 of the output bytes of ``t`` ("" unless ``hashed``), and the offset of the first
+    byte that differs from the expected ones (None when all are equal)."""
     digest = hashlib.sha256()
-    actual = bytearray(CAST_CHUNK * 2)
+    actual = _buffer("actual", CAST_CHUNK * 2)
     pos, first = 0, None
     with OpenFiles() as files:
         out = files.open(path)
@@ -129,16 +135,55 @@ def _compare_tensor(t: OutputTensor, path: Path, data_start: int, progress: Prog
         for chunk in tensor_chunks(t, source):
             view = memoryview(actual)[:len(chunk)]
             pread_exact(out, view, data_start + t.offset + pos)
-            digest.update(view)
-            if first is None:
-                # numpy compares at memcmp speed; memoryview == goes element by element.
-                got, want = np.frombuffer(view, np.uint8), np.frombuffer(chunk, np.uint8)
-                if not np.array_equal(got, want):
-                    first = pos + int(np.flatnonzero(got != want)[0])
+            if hashed:
+                digest.update(view)
+            if first is None and (at := first_difference(view, chunk)) is not None:
+                first = pos + at
             pos += len(chunk)
             if progress:
                 progress(len(chunk))
-    return digest.hexdigest(), first
+    return (digest.hexdigest() if hashed else ""), first
+
+
+def first_difference(got: memoryview | bytes, want: memoryview | bytes) -> int | None:
+    """Offset of the first byte where two equally long buffers differ, or None (at memcmp
+    speed: numpy compares eight bytes at a time; ``memoryview ==`` goes element by element)."""
+    a, b = np.frombuffer(got, np.uint8), np.frombuffer(want, np.uint8)
+    if len(a) != len(b):
+        return min(len(a), len(b))
+    n = len(a) - len(a) % 8
+    if np.array_equal(a[:n].view(np.uint64), b[:n].view(np.uint64)) and np.array_equal(a[n:], b[n:]):
+        return None
+    return int(np.flatnonzero(a != b)[0])
+
+
+_local = threading.local()
+
+
+def _buffer(name: str, size: int) -> bytearray:
+    """A scratch buffer of this thread, reused from tensor to tensor."""
+    buf = getattr(_local, name, None)
+    if buf is None or len(buf) < size:
+        buf = bytearray(size)
+        setattr(_local, name, buf)
+    return buf
+
+
+def hash_output_range(path: Path, offset: int, length: int, progress: Progress = None) -> str:
+    """sha256 of ``length`` bytes of the output file ``path`` from ``offset``."""
+    digest = hashlib.sha256()
+    buf = _buffer("hash", STREAM_CHUNK)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for start in range(0, length, len(buf)):
+            view = memoryview(buf)[:min(len(buf), length - start)]
+            pread_exact(fd, view, offset + start)
+            digest.update(view)
+            if progress:
+                progress(len(view))
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def compare_data(name: str, path: Path, expected: bytes) -> tuple[str | None, list[Difference]]:

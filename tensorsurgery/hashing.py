@@ -2,8 +2,9 @@
 
 A tensor's bytes must be hashed in order, so each tensor belongs to one thread (by its number);
 different tensors hash in parallel (hashlib releases the GIL on large updates), so a many-core
-machine is not held to one core's sha256 speed. A buffer goes back to the pump once every thread
-that had bytes in it is done with it.
+machine is not held to one core's sha256 speed. A block is hashed while it is being written (both
+only read the buffer); its buffer goes back to the pump once the write and every thread that had
+bytes in it are done with it.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def first_of_each(recipes: Iterable[Hashable]) -> dict[int, int]:
 class HashPool:
     """sha256 of tensors (by number) from the segments of the blocks passed to :meth:`submit`.
 
-    ``release`` gets each block's buffer back once it is hashed; ``threads`` >= 1.
+    ``release`` gets each block back once it is hashed and :meth:`unhold` was called for it;
+    ``threads`` >= 1.
     """
 
     def __init__(self, threads: int, release: Callable[[Block], None]):
@@ -51,17 +53,28 @@ class HashPool:
         self._digests[tid] = hashlib.sha256()
 
     def submit(self, block: Block) -> None:
-        """Hash the tensor bytes ``block`` holds; its buffer is released when done."""
+        """Hash the tensor bytes ``block`` holds. The caller holds the block (it is being
+        written) until it calls :meth:`unhold`; it is released once that and the hashing are done."""
         parts: dict[int, list[tuple[int, int, int]]] = {}
         for seg in block.segments:
             parts.setdefault(seg[0] % len(self._queues), []).append(seg)
-        if not parts:
-            self._release(block)
-            return
         with self._lock:
-            self._pending[id(block)] = len(parts)
+            self._pending[id(block)] = len(parts) + 1
         for worker, segments in parts.items():
             self._queues[worker].put((block, segments))
+
+    def unhold(self, block: Block) -> None:
+        """The caller is done with ``block`` (written, or given up)."""
+        self._unref(block)
+
+    def _unref(self, block: Block) -> None:
+        with self._lock:
+            self._pending[id(block)] -= 1
+            done = self._pending[id(block)] == 0
+            if done:
+                del self._pending[id(block)]
+        if done:
+            self._release(block)
 
     def close(self) -> dict[int, str]:
         """Wait for every submitted block; returns tensor number -> sha256 hex digest.
@@ -87,10 +100,4 @@ class HashPool:
                             self._digests[tid].update(view[start:end])
             except BaseException as e:  # noqa: BLE001 - handed to close()
                 self.error = e
-            with self._lock:
-                self._pending[id(block)] -= 1
-                done = self._pending[id(block)] == 0
-                if done:
-                    del self._pending[id(block)]
-            if done:
-                self._release(block)
+            self._unref(block)

@@ -1,9 +1,12 @@
 """Packing bytes into the pump's fixed-size, page-aligned buffers: each full buffer becomes a
 :class:`Block` that knows which file it belongs to, where, and which tensor bytes it holds (for
-hashing). Verbatim source bytes are read straight into a buffer (no copy in between)."""
+hashing). Verbatim source bytes are read straight into a buffer (no copy in between), and a
+transform can fill a reserved range of a buffer from another thread (:meth:`Packer.fill`): the
+block then carries the pending jobs, which its consumer waits for before using the bytes."""
 from __future__ import annotations
 
 import mmap
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +25,22 @@ class Block:
     length: int = 0
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # (tensor id, start, end)
     last: bool = False
+    jobs: list[Future] = field(default_factory=list)  # filling parts of the buffer: wait for them
+
+    def wait(self, quiet: bool = False) -> None:
+        """Wait until every job filling this block is done (``quiet``: whatever they raise).
+
+        Raises:
+            BaseException: what a job raised (unless ``quiet``).
+        """
+        for job in self.jobs:
+            if quiet:
+                try:
+                    job.exception()
+                except BaseException:  # noqa: BLE001 - cancelled
+                    pass
+            else:
+                job.result()
 
 
 class Packer:
@@ -61,6 +80,33 @@ class Packer:
                 pread_exact(fd, whole[b.length:b.length + n], offset + done)
             self._advance(n, tid)
             done += n
+
+    def position(self) -> tuple[int, int]:
+        """(file, offset) of the next byte appended; every byte before the current buffer's start
+        has been handed on."""
+        b = self._current()
+        return b.file, b.offset + b.length
+
+    def handed_on(self) -> int:
+        """Offset in the current file up to which every byte has been handed on (emitted)."""
+        return self._current().offset
+
+    def space(self) -> int:
+        """Bytes left in the current buffer (always > 0 between calls)."""
+        return self._size - self._current().length
+
+    def fill(self, n: int, tid: int | None, start: Callable[[mmap.mmap, int], Future]) -> None:
+        """Append ``n`` bytes (at most :meth:`space`) that ``start(buffer, offset)`` writes into
+        the buffer from another thread; the returned future goes with the block."""
+        b = self._current()
+        assert 0 < n <= self._size - b.length
+        b.jobs.append(start(b.buf, b.length))
+        self._advance(n, tid)
+
+    def wait_current(self) -> None:
+        """Wait for the jobs filling the block not yet handed on (after a failure)."""
+        if self._block is not None:
+            self._block.wait(quiet=True)
 
     def finish_file(self) -> None:
         """Hand on the file's last (partial) block."""

@@ -1,27 +1,39 @@
 """The byte pump: streams a plan's shards through a few preallocated page-aligned buffers.
 
-The calling thread reads source ranges (``preadv`` straight into the buffers, or through a
-bounded scratch buffer when a transform applies) and packs them (:mod:`tensorsurgery.packing`);
-a writer thread writes full buffers (:mod:`tensorsurgery.shardfile`), so reads and writes
-overlap; a pool of hashing threads takes each output tensor's sha256 from the same buffers
-(:mod:`tensorsurgery.hashing`). Memory is ``buffers * buffer_size`` plus one scratch chunk,
-whatever the model size.
+The calling thread lays out each shard in the buffers (:mod:`tensorsurgery.packing`): verbatim
+source ranges are read with ``preadv`` straight into a buffer; a cast is cut into chunks of whole
+elements that a pool of threads reads and converts straight into their place in the buffer
+(no scratch copy in between); other transforms (the rotary permutation, zeros) go through a
+bounded scratch buffer. A writer thread writes each full buffer (:mod:`tensorsurgery.shardfile`)
+once the jobs filling it are done, while a pool of hashing threads takes each output tensor's
+sha256 from the same buffer (:mod:`tensorsurgery.hashing`); a buffer is reused once both are
+done. Reads, casts, writes and hashes overlap, and the casts and hashes spread over ``threads``
+threads each. Memory is ``buffers * buffer_size`` plus a scratch chunk per cast thread, whatever
+the model size.
 """
 from __future__ import annotations
 
 import mmap
+import os
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
+from .dtypes import element_size
 from .errors import WriteError
-from .expected import tensor_chunks
-from .fsio import OpenFiles
+from .expected import CAST_CHUNK, tensor_chunks
+from .fsio import OpenFiles, pread_exact
 from .hashing import HashPool, first_of_each
-from .packing import Block, Packer
+from .packing import ALIGN, Block, Packer
 from .plan import OutputTensor, Shard
 from .shardfile import PARTIAL_SUFFIX, ShardFile
+from .steps import Cast, RowSlice
+from .transforms import cast_chunk
 
 BUFFER_SIZE = 4 << 20
 BUFFERS = 4
@@ -34,20 +46,19 @@ class _Stopped(Exception):
 class Pump:
     """Write shards to files; one instance per ``apply``. Use :meth:`run`.
 
-    ``progress`` is called from the writer thread with the number of bytes just written;
-    ``threads`` is the number of hashing threads.
+    ``progress`` is called from the writer threads with the number of bytes just written;
+    ``threads`` is the number of hashing threads, and of cast threads. With several output
+    shards and enough threads, shards are written by ``lanes`` pipelines at once (default: one
+    per two threads), each with its share of the same buffer memory: a tensor's sha256 is
+    sequential, so tensors much larger than the buffers are hashed one per lane at a time.
     """
 
     def __init__(self, *, buffer_size: int = BUFFER_SIZE, buffers: int = BUFFERS,
-                 progress: Callable[[int], None] | None = None, direct: bool = True, threads: int = 1):
-        self.buffer_size, self.progress, self.direct, self.threads = buffer_size, progress, direct, threads
-        self._free: queue.Queue[mmap.mmap] = queue.Queue()
-        for _ in range(buffers):
-            self._free.put(mmap.mmap(-1, buffer_size))
-        self._to_write: queue.Queue[Block | None] = queue.Queue()
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
-        self._paths: list[Path] = []
+                 progress: Callable[[int], None] | None = None, direct: bool = True, threads: int = 1,
+                 lanes: int | None = None):
+        self.buffer_size, self.buffers = buffer_size, buffers
+        self.progress, self.direct, self.threads = progress, direct, max(1, threads)
+        self.lanes = lanes
 
     def run(self, jobs: Iterable[tuple[Shard, Path]]) -> dict[str, str]:
         """Write every ``(shard, path)``; returns output tensor name -> sha256 hex digest.
@@ -59,24 +70,109 @@ class Pump:
         jobs = list(jobs)
         tensors = [t for shard, _ in jobs for t in shard.tensors]
         same = first_of_each((t.source, t.steps, t.dtype) for t in tensors)
+        first_tid, n = [], 0
+        for shard, _ in jobs:
+            first_tid.append(n)
+            n += len(shard.tensors)
+        lanes = max(1, min(self.lanes or self.threads // 2, len(jobs)))
+        size = self.buffer_size if lanes == 1 else max(ALIGN, self.buffer_size // lanes // ALIGN * ALIGN)
+        stop = threading.Event()
+        casts = (ThreadPoolExecutor(self.threads, thread_name_prefix="ts-cast")
+                 if any(_cast_of(t) is not None for t in tensors) else None)
+        todo = [(i, *job) for i, job in enumerate(jobs)][::-1]  # popped from the end by the lanes
+        runs = [_Lane(self, size, max(1, self.threads // lanes), stop, casts, same, first_tid, todo)
+                for _ in range(lanes)]
+        workers: list[threading.Thread] = []
+        try:
+            if lanes == 1:
+                runs[0].run()
+            else:
+                workers = [threading.Thread(target=lane.run_catching, name=f"ts-lane-{i}", daemon=True)
+                           for i, lane in enumerate(runs)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    while w.is_alive():
+                        w.join(0.1)  # interruptible
+        except BaseException:
+            stop.set()
+            for w in workers:
+                w.join()  # the lanes stop within a buffer; nothing is written after this returns
+            raise
+        finally:
+            if casts is not None:
+                casts.shutdown(wait=True, cancel_futures=True)
+        for lane in runs:
+            if lane.raised is not None:
+                raise lane.raised
+        for lane in runs:
+            if lane.job_error is not None:
+                raise lane.job_error  # a cast job's read failed: as the same read on this thread would
+        for lane in runs:
+            if lane.error is not None:
+                raise _as_write_error(lane.error)
+        digests = {tid: d for lane in runs for tid, d in lane.digests.items()}
+        return {t.name: digests[same.get(i, i)] for i, t in enumerate(tensors)}
+
+
+class _Lane:
+    """One pipeline: a reading thread (the caller of :meth:`run`), a writer thread, a hash pool
+    and its own buffers; it takes shards from the shared ``todo`` list until none is left."""
+
+    def __init__(self, pump: Pump, size: int, threads: int, stop: threading.Event,
+                 casts: ThreadPoolExecutor | None, same: dict[int, int], first_tid: list[int],
+                 todo: list[tuple[int, Shard, Path]]):
+        self.pump, self.size, self.threads, self._stop, self._casts = pump, size, threads, stop, casts
+        self.same, self.first_tid, self.todo = same, first_tid, todo
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(pump.buffers):
+            self._free.put(mmap.mmap(-1, size))
+        self._to_write: queue.Queue[Block | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.job_error: BaseException | None = None
+        self.raised: BaseException | None = None
+        self.digests: dict[int, str] = {}
+        self._paths: list[Path] = []
+        # A transformed tensor this lane wrote: tensor id -> (file, offset in it, length), so that
+        # a repeat of it (DUS) is read back from the output (page cache) instead of cast again.
+        self._placed: dict[int, tuple[int, int, int]] = {}
+        self._written: dict[int, int] = {}  # file -> bytes written from its start, in order
+        self._readback: dict[int, int] = {}  # file -> read descriptor, when written through the page cache
+        self._progress = threading.Condition()
+
+    def run_catching(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # noqa: BLE001 - raised by Pump.run on its thread
+            self.raised = e
+            self._stop.set()
+
+    def run(self) -> None:
         hashes = HashPool(self.threads, lambda block: self._free.put(block.buf))
-        for tid in range(len(tensors)):
-            if tid not in same:
-                hashes.start(tid)
         writer = threading.Thread(target=self._write_loop, args=(hashes,), name="ts-writer", daemon=True)
         writer.start()
-        packer = Packer(self._take, self._to_write.put, self.buffer_size)
+        packer = Packer(self._take, self._to_write.put, self.size)
+        sources = OpenFiles()
         try:
-            with OpenFiles() as sources:
-                tid = 0
-                for shard, path in jobs:
-                    self._paths.append(path)
-                    packer.start_file(len(self._paths) - 1)
-                    packer.put(memoryview(shard.header), None)
-                    for t in shard.tensors:
-                        self._pack_tensor(packer, sources, t, None if tid in same else tid)
-                        tid += 1
-                    packer.finish_file()
+            while not self._stop.is_set():
+                try:
+                    index, shard, path = self.todo.pop()  # list.pop is atomic under the GIL
+                except IndexError:
+                    break
+                tid = self.first_tid[index]
+                for i in range(tid, tid + len(shard.tensors)):
+                    if i not in self.same:
+                        hashes.start(i)
+                self._paths.append(path)
+                packer.start_file(len(self._paths) - 1)
+                packer.put(memoryview(shard.header), None)
+                for t in shard.tensors:
+                    if not (t.steps and tid in self.same and self._read_back(packer, tid, t.nbytes)):
+                        if t.steps:
+                            self._placed[tid] = (*packer.position(), t.nbytes)
+                        self._pack_tensor(packer, sources, t, None if tid in self.same else tid)
+                    tid += 1
+                packer.finish_file()
         except _Stopped:
             pass
         except BaseException:
@@ -85,22 +181,72 @@ class Pump:
         finally:
             self._to_write.put(None)
             writer.join()
-            digests = self._close(hashes)
-        if self._error is not None:
-            raise _as_write_error(self._error)
-        return {t.name: digests[same.get(i, i)] for i, t in enumerate(tensors)}
+            packer.wait_current()  # a job may still fill the block that was never handed on
+            sources.close()
+            for fd in self._readback.values():
+                os.close(fd)
+            self.digests = self._close(hashes)
+
+    def _read_back(self, packer: Packer, tid: int, nbytes: int) -> bool:
+        """Append the bytes of the repeated tensor ``tid`` by reading its first copy back from
+        this lane's output, when that copy is in a file written through the page cache (tmpfs,
+        or where O_DIRECT is refused: a read costs far less than a cast there) and already
+        handed on; False when it cannot (then the tensor is made again)."""
+        where = self._placed.get(self.same[tid])
+        if where is None:
+            return False
+        file, offset, length = where
+        current, _ = packer.position()
+        if length != nbytes or (file == current and offset + length > packer.handed_on()):
+            return False  # still in a buffer being filled: waiting for its write would never end
+        with self._progress:
+            while self._written.get(file, 0) < offset + length:
+                if self._stop.is_set() or self.error is not None:
+                    raise _Stopped
+                self._progress.wait(0.1)
+            fd = self._readback.get(file)
+        if fd is None:
+            return False
+        packer.read_into(fd, offset, length, None)
+        return True
 
     def _pack_tensor(self, packer: Packer, sources: OpenFiles, t: OutputTensor, tid: int | None) -> None:
         fd = sources.open(t.source.path) if t.source is not None else None
-        if t.steps or fd is None or t.source is None:
+        if fd is None or t.source is None:
             for chunk in tensor_chunks(t, fd):
                 packer.put(chunk, tid)
-        else:
+        elif all(isinstance(s, RowSlice) for s in t.steps):  # a byte range: verbatim
             packer.read_into(fd, t.source.offset, t.source.length, tid)
+        elif (cast := _cast_of(t)) is not None and self._casts is not None:
+            self._pack_cast(packer, fd, t, cast, tid)
+        else:
+            for chunk in tensor_chunks(t, fd):
+                packer.put(chunk, tid)
+
+    def _pack_cast(self, packer: Packer, fd: int, t: OutputTensor, cast: Cast, tid: int | None) -> None:
+        """Lay out a cast tensor as jobs of whole elements, each converting up to ``CAST_CHUNK``
+        source bytes straight into its place in a buffer on a cast thread."""
+        assert t.source is not None and self._casts is not None
+        isz, osz = element_size(cast.source), element_size(cast.target)
+        chunk = max(CAST_CHUNK // isz, 1)
+        offset, left = t.source.offset, t.source.length // isz
+        while left:
+            n = min(packer.space() // osz, left, chunk)
+            if n == 0:  # an element straddles two buffers: convert it here, copy it across
+                for piece in _cast_now(fd, offset, isz, cast):
+                    packer.put(piece, tid)
+                offset, left = offset + isz, left - 1
+                continue
+            packer.fill(n * osz, tid, partial(self._start_cast, fd, offset, n * isz, cast))
+            offset, left = offset + n * isz, left - n
+
+    def _start_cast(self, fd: int, offset: int, nbytes: int, cast: Cast, buf: mmap.mmap, start: int) -> Future:
+        assert self._casts is not None
+        return self._casts.submit(_cast_into, fd, offset, nbytes, cast, buf, start)
 
     def _take(self) -> mmap.mmap:
         while True:
-            if self._error is not None or self._stop.is_set():
+            if self.error is not None or self._stop.is_set():
                 raise _Stopped
             try:
                 return self._free.get(timeout=0.1)
@@ -111,32 +257,81 @@ class Pump:
         try:
             return hashes.close()
         except BaseException as e:  # noqa: BLE001 - reported by run()
-            self._error = self._error or e
+            self.error = self.error or e
+            self._stop.set()
             return {}
 
     def _write_loop(self, hashes: HashPool) -> None:
         files: dict[int, ShardFile] = {}
         try:
             while (block := self._to_write.get()) is not None:
-                if self._stop.is_set() or self._error is not None:
-                    continue  # drain: the reader may be waiting to queue more
+                if self._stop.is_set() or self.error is not None:
+                    block.wait(quiet=True)  # drain (the reader may be waiting to queue more), jobs done
+                    continue
+                try:
+                    block.wait()
+                except BaseException as e:
+                    self.job_error = e
+                    raise
                 out = files.get(block.file)
                 if out is None:
-                    out = files[block.file] = ShardFile(self._paths[block.file], direct=self.direct)
-                with memoryview(block.buf) as whole:
-                    # Full buffers are aligned in memory, offset and length: O_DIRECT takes them.
-                    out.write(whole[:block.length], block.offset, aligned=not block.last)
+                    out = files[block.file] = ShardFile(self._paths[block.file], direct=self.pump.direct)
+                    if not out.direct:
+                        self._readback[block.file] = os.open(out.partial, os.O_RDONLY | os.O_CLOEXEC)
+                hashes.submit(block)  # hashed while it is written
+                try:
+                    with memoryview(block.buf) as whole:
+                        # Full buffers are aligned in memory, offset and length: O_DIRECT takes them.
+                        out.write(whole[:block.length], block.offset, aligned=not block.last)
+                finally:
+                    hashes.unhold(block)
+                with self._progress:  # the reader may be waiting for these bytes (_read_back)
+                    self._written[block.file] = block.offset + block.length
+                    self._progress.notify_all()
                 if block.last:
                     files.pop(block.file).finish()
-                if self.progress:
-                    self.progress(block.length)
-                hashes.submit(block)
+                if self.pump.progress:
+                    self.pump.progress(block.length)
         except BaseException as e:  # noqa: BLE001 - handed to the reading thread
-            self._error = self._error or e
+            self.error = self.error or e
             self._stop.set()
+            while (block := self._to_write.get()) is not None:
+                block.wait(quiet=True)
         finally:
             for out in files.values():
                 out.close()
+
+
+def _cast_of(t: OutputTensor) -> Cast | None:
+    """The cast of a tensor whose only transform is a cast (of a byte range), else None."""
+    casts = [s for s in t.steps if isinstance(s, Cast)]
+    if len(casts) != 1 or t.source is None or not all(isinstance(s, (Cast, RowSlice)) for s in t.steps):
+        return None
+    return casts[0]
+
+
+_local = threading.local()
+
+
+def _cast_into(fd: int, offset: int, nbytes: int, cast: Cast, buf: mmap.mmap, start: int) -> None:
+    """On a cast thread: read ``nbytes`` source bytes at ``offset`` of ``fd`` and write their cast
+    into ``buf`` from ``start``."""
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.size < nbytes:
+        scratch = _local.scratch = np.empty(max(nbytes, CAST_CHUNK), np.uint8)
+    src = scratch[:nbytes]
+    pread_exact(fd, src.data, offset)
+    size = nbytes // element_size(cast.source) * element_size(cast.target)
+    out = np.frombuffer(buf, np.uint8, count=size, offset=start)
+    result = cast_chunk(src, cast.source, cast.target, out=out)
+    if result.ctypes.data != out.ctypes.data:  # not converted in place after all
+        out[:] = result
+
+
+def _cast_now(fd: int, offset: int, nbytes: int, cast: Cast) -> Iterable[memoryview]:
+    src = bytearray(nbytes)
+    pread_exact(fd, memoryview(src), offset)
+    return [memoryview(cast_chunk(bytes(src), cast.source, cast.target).tobytes())]
 
 
 def _as_write_error(e: BaseException) -> BaseException:

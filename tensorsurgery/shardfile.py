@@ -32,6 +32,11 @@ class ShardFile:
             except OSError:
                 self._direct = None  # tmpfs and some others refuse O_DIRECT
 
+    @property
+    def direct(self) -> bool:
+        """Full buffers still go through O_DIRECT (the page cache is bypassed)."""
+        return self._direct is not None
+
     def write(self, view: memoryview, offset: int, *, aligned: bool) -> None:
         """Write ``view`` at ``offset``; ``aligned`` (buffer, offset and length all aligned to the
         page) lets it go through ``O_DIRECT``.

@@ -16,16 +16,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .compare import (Difference, Progress, compare_copy, compare_data, compare_sha256, compare_shard,
-                      json_diff, open_output_file, unexpected_entries)
+from .compare import (
+    Difference,
+    Progress,
+    compare_copy,
+    compare_data,
+    compare_sha256,
+    compare_shard,
+    first_difference,
+    hash_output_range,
+    json_diff,
+    open_output_file,
+    unexpected_entries,
+)
 from .errors import HeaderError, TensorSurgeryError, VerifyError
 from .expected import RECORD_NAME, expected_files
 from .format import Header, parse_header
-from .fsio import INDEX_LIMIT, pread_exact
+from .fsio import INDEX_LIMIT, STREAM_CHUNK, pread_exact
+from .hashing import first_of_each
 from .plan import Plan
 from .record import Record, build_record, header_sha256, read_record
 
@@ -72,18 +86,23 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None,
                   threads: int = DEFAULT_THREADS) -> VerifyReport:
     """Compare the folder ``output`` with ``plan``, reading every byte of both sides once.
 
+    A tensor made by the same recipe (source bytes, steps, dtype) as an earlier one (the layers
+    DUS repeats) is compared with its source but not hashed again: equal bytes, equal hash.
+
     Raises:
         VerifyError: ``output`` is not a folder.
     """
     output = require_folder(output)
     files = expected_files(plan)
     diffs = unexpected_entries(output, {f.name for f in files} | {RECORD_NAME})
+    same = first_of_each((t.source, t.steps, t.dtype) for t in plan.tensors)
+    unhashed = {plan.tensors[i].name for i in same}
     tensor_hashes: dict[str, str] = {}
     file_hashes: dict[str, str] = {}
     for f in files:
         path = output / f.name
         if f.shard is not None:
-            hashes, found = compare_shard(f.shard, path, threads=threads, progress=progress)
+            hashes, found = compare_shard(f.shard, path, threads=threads, progress=progress, unhashed=unhashed)
             tensor_hashes.update(hashes)
         else:
             digest, found = (compare_copy(f.copy, path) if f.copy is not None
@@ -91,9 +110,26 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None,
             if digest is not None:
                 file_hashes[f.name] = digest
         diffs += found
+    _borrow_hashes(plan, output, same, tensor_hashes)
     diffs += _check_record(plan, output, tensor_hashes, file_hashes)
     nbytes = sum(t.nbytes for t in plan.tensors)
     return VerifyReport(output, "manifest", len(plan.tensors), nbytes, len(files) + 1, tuple(diffs))
+
+
+def _borrow_hashes(plan: Plan, output: Path, same: dict[int, int], tensor_hashes: dict[str, str]) -> None:
+    """Fill in the hash of each right tensor that was not hashed: its first copy's, when that one
+    is right too (same recipe, same expected bytes), else its own, read again (rare)."""
+    tensors = plan.tensors
+    for i, j in same.items():
+        name = tensors[i].name
+        if tensor_hashes.get(name) != "":
+            continue
+        if tensor_hashes.get(tensors[j].name):
+            tensor_hashes[name] = tensor_hashes[tensors[j].name]
+            continue
+        shard = next(s for s in plan.shards if any(t.name == name for t in s.tensors))
+        t = next(t for t in shard.tensors if t.name == name)
+        tensor_hashes[name] = hash_output_range(output / shard.filename, len(shard.header) + t.offset, t.nbytes)
 
 
 def _check_record(plan: Plan, output: Path, tensor_hashes: dict[str, str],
@@ -122,9 +158,13 @@ def _check_record(plan: Plan, output: Path, tensor_hashes: dict[str, str],
     return diffs
 
 
-def verify_record(output: Path, *, progress: Progress = None) -> VerifyReport:
+def verify_record(output: Path, *, progress: Progress = None, threads: int = DEFAULT_THREADS) -> VerifyReport:
     """Check ``output`` against its own ``tensorsurgery.json``: every shard's size and header bytes,
     every tensor's sha256, every other file's sha256, and no file besides. Needs no source.
+
+    Tensors are checked on ``threads`` threads. A tensor whose recorded sha256 and size equal an
+    earlier tensor's (a layer DUS repeats) is compared byte for byte with that one instead of
+    being hashed again, once that one matched its hash: equal bytes, equal hash.
 
     Raises:
         VerifyError: no usable provenance record.
@@ -133,51 +173,112 @@ def verify_record(output: Path, *, progress: Progress = None) -> VerifyReport:
     record = read_record(output)
     expected = set(record.shards) | set(record.files) | {RECORD_NAME}
     diffs = unexpected_entries(output, expected)
-    nbytes = 0
-    for shard in record.shards.values():
-        nbytes += _check_recorded_shard(output, record, shard.name, diffs, progress)
+    fds: list[int] = []
+    try:
+        tensors: list[_Recorded] = []
+        for shard in record.shards.values():
+            tensors += _recorded_tensors(output, record, shard.name, diffs, fds)
+        diffs += _check_recorded_tensors(tensors, threads, progress)
+    finally:
+        for fd in fds:
+            os.close(fd)
     for name, digest in sorted(record.files.items()):
         diffs += compare_sha256(name, output / name, digest)
-    return VerifyReport(output, "record", len(record.tensors), nbytes, len(expected), tuple(diffs))
+    return VerifyReport(output, "record", len(record.tensors), sum(t.nbytes for t in tensors), len(expected),
+                        tuple(diffs))
 
 
-def _check_recorded_shard(output: Path, record: Record, name: str, diffs: list[Difference],
-                          progress: Progress) -> int:
-    """Check one shard against the record; returns the tensor bytes hashed."""
+@dataclass(frozen=True, slots=True)
+class _Recorded:
+    """A tensor of an output shard to check against the record: where its bytes are (``fd``, an
+    open descriptor of the shard) and the sha256 the record gives them."""
+
+    name: str
+    fd: int
+    offset: int
+    nbytes: int
+    sha256: str
+
+
+def _recorded_tensors(output: Path, record: Record, name: str, diffs: list[Difference],
+                      fds: list[int]) -> list[_Recorded]:
+    """Check one shard's size, header and tensor names against the record; returns its tensors
+    to check, in file order (none when the shard itself is wrong). Its descriptor goes in ``fds``."""
     shard = record.shards[name]
     path = output / name
     fd = open_output_file(path, diffs)
     if fd is None:
-        return 0
+        return []
+    fds.append(fd)
+    size = os.fstat(fd).st_size
+    if size != shard.size:
+        diffs.append(Difference(name, f"is {size} bytes, the record says {shard.size} (truncated or padded)"))
+        return []
     try:
-        size = os.fstat(fd).st_size
-        if size != shard.size:
-            diffs.append(Difference(name, f"is {size} bytes, the record says {shard.size} (truncated or padded)"))
-            return 0
-        try:
-            header = _read_header(fd, path, size)
-        except (HeaderError, TensorSurgeryError) as e:
-            diffs.append(Difference(name, f"invalid safetensors header: {e}"))
-            return 0
-        if header_sha256(header.raw) != shard.header_sha256:
-            diffs.append(Difference(name, "header bytes differ from what tensorsurgery wrote (sha256 in "
-                                          "tensorsurgery.json): metadata, order or padding changed"))
-            return 0
-        recorded = {t.name: t for t in record.tensors.values() if t.shard == name}
-        diffs += [Difference(n, f"unexpected tensor in {name}") for n in header.tensors if n not in recorded]
-        diffs += [Difference(n, f"missing from {name}") for n in recorded if n not in header.tensors]
-        nbytes = 0
-        for entry in header.entries:
-            want = recorded.get(entry.name)
-            if want is None:
-                continue
-            digest = _hash_range(fd, header.data_start + entry.start, entry.nbytes, progress)
-            nbytes += entry.nbytes
-            if digest != want.sha256:
-                diffs.append(Difference(entry.name, f"sha256 {digest} differs from the record's {want.sha256}"))
-        return nbytes
-    finally:
-        os.close(fd)
+        header = _read_header(fd, path, size)
+    except (HeaderError, TensorSurgeryError) as e:
+        diffs.append(Difference(name, f"invalid safetensors header: {e}"))
+        return []
+    if header_sha256(header.raw) != shard.header_sha256:
+        diffs.append(Difference(name, "header bytes differ from what tensorsurgery wrote (sha256 in "
+                                      "tensorsurgery.json): metadata, order or padding changed"))
+        return []
+    recorded = {t.name: t for t in record.tensors.values() if t.shard == name}
+    diffs += [Difference(n, f"unexpected tensor in {name}") for n in header.tensors if n not in recorded]
+    diffs += [Difference(n, f"missing from {name}") for n in recorded if n not in header.tensors]
+    return [_Recorded(entry.name, fd, header.data_start + entry.start, entry.nbytes, recorded[entry.name].sha256)
+            for entry in header.entries if entry.name in recorded]
+
+
+def _check_recorded_tensors(tensors: list[_Recorded], threads: int, progress: Progress) -> list[Difference]:
+    """sha256 of every tensor against the record, on ``threads`` threads; a repeat of an earlier
+    tensor (same recorded sha256 and size) is compared with it instead, once it matched."""
+    first: dict[tuple[str, int], int] = {}
+    jobs: list[Future] = []
+    # FIFO: a repeat starts after its first copy has started, so waiting for it cannot deadlock.
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for i, t in enumerate(tensors):
+            j = first.setdefault((t.sha256, t.nbytes), i)
+            if j == i:
+                jobs.append(pool.submit(_hash_tensor, t, progress))
+            else:
+                jobs.append(pool.submit(_check_repeat, t, tensors[j], jobs[j], progress))
+        digests = [job.result() for job in jobs]
+    return [Difference(t.name, f"sha256 {digest} differs from the record's {t.sha256}")
+            for t, digest in zip(tensors, digests) if digest != t.sha256]
+
+
+def _hash_tensor(t: _Recorded, progress: Progress) -> str:
+    return _hash_range(t.fd, t.offset, t.nbytes, progress)
+
+
+def _check_repeat(t: _Recorded, original: _Recorded, original_digest: Future, progress: Progress) -> str:
+    """The sha256 of ``t``'s bytes: the record's when they equal ``original``'s bytes and those
+    matched the record; else hashed."""
+    if original_digest.result() != original.sha256:
+        return _hash_tensor(t, progress)
+    a, b = _scratch("a"), _scratch("b")
+    for start in range(0, t.nbytes, len(a)):
+        n = min(len(a), t.nbytes - start)
+        got, want = memoryview(a)[:n], memoryview(b)[:n]
+        pread_exact(t.fd, got, t.offset + start)
+        pread_exact(original.fd, want, original.offset + start)
+        if first_difference(got, want) is not None:
+            return _hash_tensor(t, None)
+        if progress:
+            progress(n)
+    return t.sha256
+
+
+_local = threading.local()
+
+
+def _scratch(name: str) -> bytearray:
+    buf = getattr(_local, name, None)
+    if buf is None:
+        buf = bytearray(STREAM_CHUNK)
+        setattr(_local, name, buf)
+    return buf
 
 
 def _read_header(fd: int, path: Path, size: int) -> Header:
@@ -193,7 +294,7 @@ def _read_header(fd: int, path: Path, size: int) -> Header:
 
 def _hash_range(fd: int, offset: int, length: int, progress: Progress) -> str:
     digest = hashlib.sha256()
-    buf = bytearray(min(length, 4 << 20) or 1)
+    buf = _scratch("a")
     for start in range(0, length, len(buf)):
         view = memoryview(buf)[:min(len(buf), length - start)]
         pread_exact(fd, view, offset + start)

@@ -9,7 +9,10 @@ installed they are not collected at all.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in TORCH_MODULES:
             item.add_marker(pytest.mark.torch)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_hash_cache():
+    """Source-file hashes cached by the tests' applies go to a folder of this session (children
+    inherit it), never to the user's ~/.cache; a test that needs its own sets the variable."""
+    folder = tempfile.mkdtemp(prefix="ts-hash-cache-")
+    old = os.environ.get("TENSORSURGERY_HASH_CACHE")
+    os.environ["TENSORSURGERY_HASH_CACHE"] = folder
+    yield
+    if old is None:
+        os.environ.pop("TENSORSURGERY_HASH_CACHE", None)
+    else:
+        os.environ["TENSORSURGERY_HASH_CACHE"] = old
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 #: Seeds of the fixtures (the demo checkpoint uses 0).
