@@ -39,6 +39,16 @@ def describe_mode(mode: int) -> str:
     return "not a regular file"
 
 
+def describe_entry(path: Path, mode: int) -> str:
+    """What the folder entry ``path`` (``mode`` from ``lstat``) is, in words; a link says where it leads."""
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link (to {os.readlink(path)})"
+        except OSError:
+            return "a symbolic link"
+    return describe_mode(mode)
+
+
 def check_inside(path: Path, root: Path) -> None:
     """Refuse ``path`` when its real location (links followed) is outside ``root``.
 
@@ -220,7 +230,7 @@ class OpenFiles:
             os.close(fd)
         self.fds.clear()
 
-    def __enter__(self) -> "OpenFiles":
+    def __enter__(self) -> OpenFiles:
         return self
 
     def __exit__(self, *exc: object) -> None:

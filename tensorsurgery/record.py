@@ -8,16 +8,17 @@ wrong types with one line.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from ._version import __version__
-from .errors import VerifyError
+from .errors import SourceError, VerifyError
 from .expected import RECORD_NAME
-from .fsio import INDEX_LIMIT, read_json
-from .errors import SourceError
+from .fsio import INDEX_LIMIT, describe_entry, read_json
 from .plan import Plan
 
 #: Version 2 added the shards table (size and header sha256 of every shard) and the hash origins.
@@ -126,11 +127,18 @@ def read_record(output: Path) -> Record:
     """
     path = output / RECORD_NAME
     try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise VerifyError(f"{path}: missing; this folder was not written by tensorsurgery, give the "
+                          f"manifest: tensorsurgery verify MANIFEST {output}") from None
+    except OSError as e:
+        raise VerifyError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise VerifyError(f"{path}: is {describe_entry(path, mode)}, expected a regular file; cannot verify "
+                          f"against it: verify with the manifest instead")
+    try:
         data = read_json(path, limit=INDEX_LIMIT, inside=output)
     except SourceError as e:
-        if not path.exists() and not path.is_symlink():
-            raise VerifyError(f"{path}: missing; this folder was not written by tensorsurgery, give the "
-                              f"manifest: tensorsurgery verify MANIFEST {output}") from None
         raise VerifyError(f"unreadable provenance record: {e}") from None
     return parse_record(data, path)
 

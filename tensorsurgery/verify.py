@@ -20,12 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .compare import (Difference, Progress, compare_copy, compare_data, compare_sha256, compare_shard,
-                      json_diff, open_output_file, unexpected_entries)
-from .errors import HeaderError, TensorSurgeryError, VerifyError
+from .compare import (
+    Difference,
+    Progress,
+    compare_copy,
+    compare_data,
+    compare_sha256,
+    compare_shard,
+    json_diff,
+    open_output_file,
+    read_raw_header,
+    unexpected_entries,
+)
+from .errors import HeaderError, VerifyError
 from .expected import RECORD_NAME, expected_files
-from .format import Header, parse_header
-from .fsio import INDEX_LIMIT, pread_exact
+from .format import parse_header
+from .fsio import pread_exact
 from .plan import Plan
 from .record import Record, build_record, header_sha256, read_record
 
@@ -151,17 +161,21 @@ def _check_recorded_shard(output: Path, record: Record, name: str, diffs: list[D
         return 0
     try:
         size = os.fstat(fd).st_size
+        raw = read_raw_header(fd, size)
+        if raw is None:
+            diffs.append(Difference(name, "has no valid safetensors header (its length prefix does not fit the file)"))
+            return 0
+        if header_sha256(raw) != shard.header_sha256:
+            diffs.append(Difference(name, "header bytes differ from what tensorsurgery wrote (sha256 in "
+                                          "tensorsurgery.json): metadata, order or padding changed"))
+            return 0
         if size != shard.size:
             diffs.append(Difference(name, f"is {size} bytes, the record says {shard.size} (truncated or padded)"))
             return 0
         try:
-            header = _read_header(fd, path, size)
-        except (HeaderError, TensorSurgeryError) as e:
+            header = parse_header(path, raw[8:], size)
+        except HeaderError as e:
             diffs.append(Difference(name, f"invalid safetensors header: {e}"))
-            return 0
-        if header_sha256(header.raw) != shard.header_sha256:
-            diffs.append(Difference(name, "header bytes differ from what tensorsurgery wrote (sha256 in "
-                                          "tensorsurgery.json): metadata, order or padding changed"))
             return 0
         recorded = {t.name: t for t in record.tensors.values() if t.shard == name}
         diffs += [Difference(n, f"unexpected tensor in {name}") for n in header.tensors if n not in recorded]
@@ -178,17 +192,6 @@ def _check_recorded_shard(output: Path, record: Record, name: str, diffs: list[D
         return nbytes
     finally:
         os.close(fd)
-
-
-def _read_header(fd: int, path: Path, size: int) -> Header:
-    prefix = bytearray(8)
-    pread_exact(fd, memoryview(prefix), 0)
-    n = int.from_bytes(prefix, "little")
-    if n > min(size - 8, INDEX_LIMIT):
-        raise HeaderError(f"header length {n} does not fit the file")
-    raw = bytearray(n)
-    pread_exact(fd, memoryview(raw), 8)
-    return parse_header(path, bytes(raw), size)
 
 
 def _hash_range(fd: int, offset: int, length: int, progress: Progress) -> str:
