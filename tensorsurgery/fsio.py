@@ -31,8 +31,9 @@ Progress = Callable[[int], None] | None
 
 def describe_mode(mode: int) -> str:
     """What kind of file ``mode`` (from ``stat``) is, in words."""
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
         if test(mode):
             return name
@@ -88,6 +89,12 @@ def open_regular(path: Path, *, inside: Path | None = None) -> int:
         os.close(fd)
         raise SourceError(f"{path}: is {describe_mode(mode)}, not a regular file; replace it with the real file")
     return fd
+
+
+def check_regular(path: Path, *, inside: Path | None = None) -> None:
+    """Refuse ``path`` unless it is a regular file whose real location is in ``inside``; nothing is
+    read (see :func:`open_regular`)."""
+    os.close(open_regular(path, inside=inside))
 
 
 def read_limited(path: Path, limit: int, *, inside: Path | None = None) -> bytes:

@@ -106,20 +106,27 @@ def kind(path: Path) -> str:
     return "special"
 
 
+#: Files up to this size are hashed by :func:`snapshot`; larger ones (sparse test files of GBs)
+#: are compared by size and modification time.
+HASHED = 64 << 20
+
+
 def snapshot(folder: Path) -> dict[str, tuple]:
     """Every entry under ``folder`` (links not followed, FIFOs not opened): relative path ->
-    (kind, sha256 and size of a file, or a link's target), to compare before and after."""
+    (kind, sha256, size and mtime of a file, or a link's target), to compare before and after."""
     out: dict[str, tuple] = {}
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
             path = Path(root) / name
             what = kind(path)
             if what == "file":
+                st = path.stat()
                 digest = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        digest.update(chunk)
-                detail: tuple = (digest.hexdigest(), path.stat().st_size)
+                if st.st_size <= HASHED:
+                    with open(path, "rb") as f:
+                        while chunk := f.read(1 << 20):
+                            digest.update(chunk)
+                detail: tuple = (digest.hexdigest(), st.st_size, st.st_mtime_ns)
             elif what == "link":
                 detail = (os.readlink(path),)
             else:
