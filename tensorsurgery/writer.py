@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,8 +151,10 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
     _check_free_space(tmp.parent, sum(s.nbytes for s in todo if s.link is None))
     source_hasher = None
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / TMP_MARKER).touch()
+        if not _is_ours(tmp):
+            # Never exist_ok: a folder or link that appeared at this name since the check is not ours.
+            tmp.mkdir(parents=True)
+            (tmp / TMP_MARKER).touch()
         linked = [s for s in todo if s.link is not None and _link(s.link, tmp / s.filename)]
         # A linked shard's tensors are hashed in the same sequential pass as its source file.
         source_hasher = SourceHasher([s.root / f for s in plan.sources for f in s.files],
@@ -213,7 +216,7 @@ def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> di
             notes.append("--resume: no interrupted run found; writing everything")
         return {}
     mode = os.lstat(tmp).st_mode
-    if not stat.S_ISDIR(mode) or not _is_ours(tmp):
+    if not _is_ours(tmp):
         what = describe_entry(tmp, mode) if not stat.S_ISDIR(mode) else "a folder tensorsurgery did not make"
         raise OutputExistsError(f"{tmp}: is {what}, at the name of tensorsurgery's temporary folder; remove it "
                                 f"yourself, then run the same command again")
@@ -234,10 +237,10 @@ def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> di
 
 
 def _is_ours(tmp: Path) -> bool:
-    """Whether the folder ``tmp`` is a temporary folder tensorsurgery made: it holds the marker,
-    a regular file (not a link planted to look like one)."""
+    """Whether ``tmp`` is a temporary folder tensorsurgery made: a folder (not a link to one)
+    holding the marker, a regular file (not a link planted to look like one)."""
     try:
-        return stat.S_ISREG(os.lstat(tmp / TMP_MARKER).st_mode)
+        return stat.S_ISDIR(os.lstat(tmp).st_mode) and stat.S_ISREG(os.lstat(tmp / TMP_MARKER).st_mode)
     except OSError:
         return False
 
@@ -288,7 +291,7 @@ def _write_bytes(path: Path, data: bytes) -> str:
 def _discard_unfinished(tmp: Path) -> int:
     """After a failure: keep finished shards (for ``--resume``), drop everything else; returns
     how many shards were kept."""
-    if not tmp.is_dir() or tmp.is_symlink() or not _is_ours(tmp):
+    if not _is_ours(tmp):
         return 0
     for path in tmp.iterdir():
         if not path.name.endswith(".safetensors") and path.name != TMP_MARKER:
@@ -313,11 +316,9 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     (tmp / TMP_MARKER).unlink()
     old = None
     if target.exists() or target.is_symlink():
-        old = target.parent / f".{target.name}.tensorsurgery-old"
-        if old.is_symlink() or (old.exists() and not old.is_dir()):
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+        # A fresh empty folder of our own to rename the old output onto: whatever else is beside
+        # the target, under any name, is never replaced or deleted.
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.tensorsurgery-old-", dir=target.parent))
         os.replace(target, old)
     os.replace(tmp, target)
     _fsync_path(target.parent)

@@ -158,6 +158,22 @@ def test_force_replaces_an_earlier_output_and_an_empty_folder(capsys, tiny_mistr
     assert run(capsys, "verify", manifest)[0] == 0
 
 
+def test_force_keeps_a_folder_at_the_name_it_moves_the_old_output_to(capsys, tiny_mistral, tmp_path):
+    """--force moves the earlier output aside before deleting it: under a name of its own, never
+    over (or by deleting) what someone keeps at `.out.tensorsurgery-old`."""
+    target = tmp_path / "out"
+    manifest = write_manifest(tmp_path, tiny_mistral, target)
+    assert run(capsys, "apply", manifest)[0] == 0
+    kept = tmp_path / ".out.tensorsurgery-old"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    before = snapshot(kept)
+    code, _, err = run(capsys, "apply", manifest, "--force")
+    assert (code, err) == (0, "")
+    assert snapshot(kept) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tensorsurgery-old", "m.toml", "out"]
+
+
 # --------------------------------------------------------------------------- the temporary folder's name
 
 def _tmp(target: Path) -> Path:
