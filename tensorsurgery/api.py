@@ -158,7 +158,8 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
             return verify_record(folder, progress=progress)
         return replace(verify_output(recorded, folder, progress=progress, threads=threads), mode="record+sources")
     m = load(target, sources=sources, output=output)
-    folder = require_folder(Path(m.output.path))
+    folder = Path(m.output.path)
+    # The plan first: a manifest that cannot be applied is that error, output folder or not.
     # An output made with --link groups shards differently; its record says so.
     the_plan = build_plan(m, resolve(m), link=_recorded_link(folder))
     return verify_output(the_plan, folder, progress=progress, threads=threads)

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from trust_helpers import child_env, write_manifest
 
 RSS_BOUND_MB = 100
