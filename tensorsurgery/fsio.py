@@ -135,8 +135,17 @@ def _no_constant(name: str) -> Any:
 
 
 def read_text(path: Path, *, limit: int = TEXT_LIMIT, inside: Path | None = None) -> str:
-    """The text of ``path`` (UTF-8, undecodable bytes replaced), bounded by ``limit`` bytes."""
-    return read_limited(path, limit, inside=inside).decode("utf-8", errors="replace")
+    """The first ``limit`` bytes of the regular file ``path`` as text (UTF-8, undecodable bytes
+    replaced); the rest is not read. For a model card, whose front matter comes first: cards
+    with embedded images run to megabytes, and that is no reason to refuse a checkpoint."""
+    fd = open_regular(path, inside=inside)
+    try:
+        data = b""
+        while len(data) < limit and (more := os.read(fd, limit - len(data))):
+            data += more
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", errors="replace")
 
 
 def pread_exact(fd: int, view: memoryview, offset: int) -> None:

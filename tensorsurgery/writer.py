@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 from .compare import compare_shard
 from .errors import OutputExistsError, WriteError
 from .expected import RECORD_NAME, ExpectedFile, expected_files, json_bytes
-from .fsio import copy_file, describe_entry
+from .fsio import copy_file, describe_entry, open_regular
 from .plan import Plan, Shard
 from .pump import Pump
 from .record import SourceHash, build_record
@@ -193,7 +193,9 @@ def _link(source: Path, dest: Path) -> bool:
     # truncate the source itself.
     dest.unlink(missing_ok=True)
     try:
-        with open(source, "rb") as src, open(dest, "xb") as dst:
+        # open_regular: the planned source file, still a regular file (a FIFO swapped in since
+        # the plan would block a plain open).
+        with os.fdopen(open_regular(source), "rb") as src, open(dest, "xb") as dst:
             fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
         return True
     except OSError:

@@ -428,3 +428,26 @@ def test_plan_link_names_the_linked_shards(capsys, tiny_mistral, tmp_path):
     assert re.search(r"disk needed: 0 B \([\d.]+ kB of linked shards take no space\)", out), out
     code, out, err = run(capsys, "plan", manifest)
     assert "linked" not in out and "disk needed: 0 B" not in out
+
+
+@pytest.mark.parametrize("what", ["fifo", "dev-zero"])
+def test_inspect_of_a_special_file(capsys, tmp_path, what):
+    path = tmp_path / "model.safetensors"
+    if what == "fifo":
+        os.mkfifo(path)
+        expected = f"{path}: is a FIFO (named pipe), not a regular file; replace it with the real file"
+    else:
+        path = Path("/dev/zero")
+        expected = "/dev/zero: is a character device, not a regular file; replace it with the real file"
+    assert error_line(*run(capsys, "inspect", path)) == expected
+
+
+def test_a_large_model_card_in_the_source(capsys, src, tmp_path):
+    """Only the card's front matter is used (its licence): a card with embedded images, megabytes
+    long, is read no further than needed and is no reason to refuse the checkpoint."""
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Model\n\n![chart](data:image/png;base64,"
+                                   + "A" * (6 << 20) + ")\n")
+    manifest = write_manifest(tmp_path, src, tmp_path / "out")
+    code, _, err = run(capsys, "apply", manifest, "--no-progress")
+    assert (code, err) == (0, "")
+    assert "\nlicense: apache-2.0\n" in (tmp_path / "out" / "README.md").read_text()

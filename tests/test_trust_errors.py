@@ -266,3 +266,23 @@ def test_hostile_record_through_push(capsys, outputs, tmp_path, name):
     live, _, _, _ = outputs
     out, message = _hostile(live, tmp_path, name)
     assert error_line(*run(capsys, "push", out, "someone/model")) == message
+
+
+# --------------------------------------------------------------------------- the manifest itself
+
+# (`verify FOLDER` is verify from a record: a folder is not a manifest there)
+@pytest.mark.parametrize("command, what", [(c, w) for c in ("plan", "apply", "verify")
+                                           for w in ("dev-zero", "folder", "large") if (c, w) != ("verify", "folder")])
+def test_manifest_that_is_not_a_manifest(capsys, tmp_path, what, command):
+    """/dev/zero given as the manifest was read to the end (a MemoryError); now one line at once."""
+    path = tmp_path / "m.toml"
+    if what == "dev-zero":
+        path.symlink_to("/dev/zero")
+        why = "it holds more than 1,048,576 bytes; is this the manifest?"
+    elif what == "folder":
+        path.mkdir()
+        why = f"[Errno 21] Is a directory: '{path}'"
+    else:
+        path.write_text("# " + "x" * (1 << 20) + "\n")
+        why = "it holds more than 1,048,576 bytes; is this the manifest?"
+    assert error_line(*run(capsys, command, path, timeout=10)) == f"{path}: cannot read the manifest: {why}"
