@@ -204,6 +204,12 @@ def _check_sources(sources: list[Any], fail: Callable[[str, str], VerifyError]) 
                                                                                           "layout"))
                 and all(isinstance(entry.get(k), (str, type(None))) for k in ("revision", "repo_id"))):
             raise fail(f"sources[{i}]", "{name, model, root, layout, revision, repo_id}")
+        files = entry.get("files")
+        if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("name"), str)
+                                                 and _is_file_name(f["name"])
+                                                 and (f.get("size") is None or _is_count(f["size"]))
+                                                 for f in files)):
+            raise fail(f"sources[{i}].files", "a list of {name, size} of file names in the source folder")
 
 
 def _is_file_name(name: str) -> bool:

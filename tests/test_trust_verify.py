@@ -26,7 +26,7 @@ RECORD = "tensorsurgery.json"
 #: What the verdict line says for a clean output in each mode.
 VERDICT = {"manifest": "every byte matches the manifest applied to the sources",
            "record+sources": "every byte matches the recorded manifest applied to the sources",
-           "record": "sources not found, so not compared with them"}
+           "record": "sources not found"}
 
 
 class Built:
@@ -303,3 +303,26 @@ def test_same_values_other_formatting(case, capsys):
     else:
         assert lines == ["config.json: holds the expected values but not the bytes tensorsurgery writes "
                          "(formatting or key order)"]
+
+
+# --------------------------------------------------------------------------- recorded sources that changed
+
+@pytest.mark.parametrize("change", ["shard-deleted", "shard-replaced", "folder-gone"])
+def test_record_mode_when_the_recorded_source_changed(capsys, tiny_mistral, tmp_path, change):
+    """`verify OUTPUT` compares with the recorded sources only when they are as apply read them;
+    a source shard deleted or replaced by another version leaves the record to check against
+    (a deleted shard was an error, exit 2; another version would have reported every tensor)."""
+    src = shutil.copytree(tiny_mistral, tmp_path / "src")
+    manifest = write_manifest(tmp_path, src, tmp_path / "out")
+    assert run(capsys, "apply", manifest, "--no-progress")[0] == 0
+    shard = src / shard_names(src)[0]
+    if change == "shard-deleted":
+        shard.unlink()
+    elif change == "shard-replaced":
+        shard.write_bytes(shard.read_bytes() + b"\0" * 8)
+    else:
+        shutil.rmtree(src)
+    code, out, err = run(capsys, "verify", tmp_path / "out")
+    assert (code, err) == (0, "")
+    assert out.endswith("every file matches the sha256 in tensorsurgery.json; sources not found (or changed since "
+                        "apply), so not compared with them\n")
