@@ -207,7 +207,12 @@ def _hash_range(fd: int, offset: int, length: int, progress: Progress) -> str:
 
 
 def iter_differences(report: VerifyReport) -> Iterator[str]:
-    """One line per difference, for printing."""
+    """One line per difference, for printing. A file or tensor name that is not printable (a
+    newline in a name could forge a line of the report) is shown as a Python literal."""
     for d in report.differences:
-        yield f"{d.where}: {d.what}"
+        yield f"{_printable(d.where)}: {_printable(d.what)}"
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else repr(text)
 

@@ -326,3 +326,9 @@ def test_record_mode_when_the_recorded_source_changed(capsys, tiny_mistral, tmp_
     assert (code, err) == (0, "")
     assert out.endswith("every file matches the sha256 in tensorsurgery.json; sources not found (or changed since "
                         "apply), so not compared with them\n")
+
+
+def test_a_file_name_cannot_forge_a_line_of_the_report(case, capsys):
+    (case.out / "x\nverified everything").write_text("")
+    lines = differences(*case.verify(capsys))
+    assert lines == ["'x\\nverified everything': unexpected file (not part of this output; remove it)"]
