@@ -259,10 +259,12 @@ def _compare_streams(name: str, fd: int, source: int, source_path: Path) -> tupl
     offset = 0
     while n := os.preadv(fd, [a], offset):
         m = os.preadv(source, [b], offset)
-        k = min(n, m)  # the same size, unless a file changed while it was read
+        k = min(n, m)  # n == m unless a file changed while it was read
         got, want = np.frombuffer(a, np.uint8, k), np.frombuffer(b, np.uint8, k)
-        if n != m or not np.array_equal(got, want):
-            first = offset + (int(np.flatnonzero(got != want)[0]) if not np.array_equal(got, want) else k)
+        first = None if np.array_equal(got, want) else offset + int(np.flatnonzero(got != want)[0])
+        if first is None and n != m:
+            first = offset + k
+        if first is not None:
             return None, [Difference(name, f"differs from its source file {source_path} from byte {first} on")]
         digest.update(memoryview(a)[:n])
         offset += n
