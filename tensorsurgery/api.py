@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Union
@@ -158,7 +159,8 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
             return verify_record(folder, progress=progress, threads=threads)
         return replace(verify_output(recorded, folder, progress=progress, threads=threads), mode="record+sources")
     m = load(target, sources=sources, output=output)
-    folder = require_folder(Path(m.output.path))
+    folder = Path(m.output.path)
+    # The plan first: a manifest that cannot be applied is that error, output folder or not.
     # An output made with --link groups shards differently; its record says so.
     the_plan = build_plan(m, resolve(m), link=_recorded_link(folder))
     return verify_output(the_plan, folder, progress=progress, threads=threads)
@@ -197,13 +199,34 @@ def plan_from_record(output: Path, sources: Mapping[str, str]) -> Plan | None:
         entry = recorded.get(spec.name, {})
         if spec.name in given:
             checkpoints[spec.name] = resolve_source(given[spec.name], name=spec.name)
-        elif not (isinstance(entry.get("root"), str) and Path(entry["root"]).is_dir()):
-            return None  # the sources are gone: the record alone is checked
+        elif not _still_there(entry):
+            return None  # the sources are gone (or changed): the record alone is checked
         elif isinstance(entry.get("repo_id"), str):
-            checkpoints[spec.name] = resolve_source(entry["repo_id"], entry.get("revision"), name=spec.name)
+            # Cached weights only: verifying an output must never download a model (a record can
+            # name any repo).
+            checkpoints[spec.name] = resolve_source(entry["repo_id"], entry.get("revision"), name=spec.name,
+                                                    download=False)
         else:
             checkpoints[spec.name] = load_checkpoint(entry["root"])
     return build_plan(manifest, checkpoints, link=record.link)
+
+
+def _still_there(entry: Mapping[str, object]) -> bool:
+    """Whether a recorded source is still where the record says, as apply read it: its folder
+    holds every recorded weight file, a regular file (a Hub snapshot's links into the cache
+    followed) of the recorded size. A file removed from the cache, or a source replaced by
+    another version, leaves the record alone to check against."""
+    root, files = entry.get("root"), entry.get("files")
+    if not (isinstance(root, str) and Path(root).is_dir() and isinstance(files, list)):
+        return False
+    for f in files:
+        try:
+            st = os.stat(Path(root) / f["name"])
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or (f.get("size") is not None and st.st_size != f["size"]):
+            return False
+    return True
 
 
 def _recorded_link(output: Path) -> bool:

@@ -20,8 +20,15 @@ from . import api
 from ._version import __version__
 from .errors import OutputExistsError, TensorSurgeryError
 from .format import Header
-from .report import checkpoint_as_dict, format_bytes, format_checkpoint, format_header, header_as_dict, \
-    format_plan, plan_as_dict
+from .report import (
+    checkpoint_as_dict,
+    format_bytes,
+    format_checkpoint,
+    format_header,
+    format_plan,
+    header_as_dict,
+    plan_as_dict,
+)
 from .verify import VerifyReport, iter_differences
 from .writer import check_output, temp_path
 
@@ -271,8 +278,8 @@ def _print_differences(report: VerifyReport) -> None:
 
 _MODES = {"manifest": "every byte matches the manifest applied to the sources",
           "record+sources": "every byte matches the recorded manifest applied to the sources",
-          "record": "every file matches the sha256 in tensorsurgery.json; sources not found, so not compared "
-                    "with them"}
+          "record": "every file matches the sha256 in tensorsurgery.json; sources not found (or changed since "
+                    "apply), so not compared with them"}
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -19,7 +19,8 @@ import numpy as np
 
 from .errors import SourceError
 from .expected import CAST_CHUNK, tensor_chunks
-from .fsio import STREAM_CHUNK, OpenFiles, describe_mode, pread_exact, sha256_fd
+from .format import MAX_HEADER_SIZE
+from .fsio import STREAM_CHUNK, OpenFiles, describe_entry, describe_mode, pread_exact, sha256_fd
 from .plan import CopyFile, OutputTensor, Shard
 
 Progress = Callable[[int], None] | None
@@ -35,25 +36,52 @@ class Difference:
 
 def open_output_file(path: Path, diffs: list[Difference]) -> int | None:
     """A descriptor of the output file ``path`` if it is a regular file (not a link, a folder, a
-    FIFO or a device, which an output never holds); else None with the difference noted."""
+    FIFO or a device, which an output never holds); else None with the difference noted.
+
+    tensorsurgery never writes a link into an output, so any link is a difference, wherever it
+    leads: a loader would read whatever it points to, and a link out of the folder could make a
+    pushed or archived output carry another file. Opened with ``O_NONBLOCK`` (a FIFO swapped in
+    after the check cannot hang the open) and checked again with ``fstat``.
+    """
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         diffs.append(Difference(path.name, "is missing"))
         return None
     if not stat.S_ISREG(mode):
-        diffs.append(Difference(path.name, f"is {describe_mode(mode)}, expected a regular file"))
+        diffs.append(Difference(path.name, f"is {describe_entry(path, mode)}, expected a regular file"))
         return None
     try:
-        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         diffs.append(Difference(path.name, f"cannot be read ({e.strerror or e})"))
         return None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        diffs.append(Difference(path.name, f"is {describe_mode(mode)}, expected a regular file"))
+        return None
+    return fd
+
+
+def read_raw_header(fd: int, size: int) -> bytes | None:
+    """A shard's header bytes as the file holds them (length prefix, JSON, padding), or None when
+    the length prefix does not fit the file."""
+    if size < 8:
+        return None
+    prefix = bytearray(8)
+    pread_exact(fd, memoryview(prefix), 0)
+    n = int.from_bytes(prefix, "little")
+    if n > min(size - 8, MAX_HEADER_SIZE):
+        return None
+    raw = bytearray(n)
+    pread_exact(fd, memoryview(raw), 8)
+    return bytes(prefix + raw)
 
 
 def compare_shard(shard: Shard, path: Path, *, threads: int = 2, progress: Progress = None,
                   stop_early: bool = False, unhashed: Container[str] = ()) -> tuple[dict[str, str], list[Difference]]:
-    """Compare the shard file ``path`` with ``shard``: size, header bytes, every tensor's bytes
+    """Compare the shard file ``path`` with ``shard``: header bytes, size, every tensor's bytes
     against its source. Returns the sha256 of each tensor whose bytes are right, and the
     differences. ``stop_early`` (for ``--resume``) stops at the first one. Tensors named in
     ``unhashed`` are compared but not hashed (the caller knows an identical tensor's hash): when
@@ -64,14 +92,13 @@ def compare_shard(shard: Shard, path: Path, *, threads: int = 2, progress: Progr
         return {}, diffs
     try:
         size = os.fstat(fd).st_size
-        if size != shard.nbytes:
-            return {}, [Difference(shard.filename, f"is {size} bytes, expected {shard.nbytes} (truncated or padded)")]
-        header = bytearray(len(shard.header))
-        pread_exact(fd, memoryview(header), 0)
+        header = read_raw_header(fd, size)
         if header != shard.header:
-            diffs.append(Difference(shard.filename, _header_difference(bytes(header), shard.header)))
-            if stop_early:
+            diffs.append(Difference(shard.filename, _header_difference(header, shard.header)))
+            if stop_early or size != shard.nbytes:
                 return {}, diffs
+        elif size != shard.nbytes:
+            return {}, [Difference(shard.filename, f"is {size} bytes, expected {shard.nbytes} (truncated or padded)")]
     finally:
         os.close(fd)
     hashes: dict[str, str] = {}
@@ -101,13 +128,17 @@ def _map(threads: int, fn: Callable[[OutputTensor], tuple[str, int | None]], ten
         yield from zip(tensors, pool.map(fn, tensors))
 
 
-def _header_difference(found: bytes, expected: bytes) -> str:
+def _header_difference(found: bytes | None, expected: bytes) -> str:
     """What differs between two shard headers, in words."""
+    if found is None:
+        return "has no valid safetensors header (its length prefix does not fit the file)"
     try:
         got = json.loads(found[8:].decode("utf-8"))
         want = json.loads(expected[8:].decode("utf-8"))
     except ValueError:
         return "header is not the planned one (not valid JSON)"
+    if not isinstance(got, dict):
+        return "header is not the planned one (not a JSON object)"
     if got.get("__metadata__") != want.get("__metadata__"):
         return f"header metadata is {got.get('__metadata__')!r}, expected {want.get('__metadata__')!r}"
     extra = sorted(set(got) - set(want))
@@ -258,21 +289,28 @@ def compare_copy(copy: CopyFile, path: Path) -> tuple[str | None, list[Differenc
                 source = files.open(copy.source, inside=copy.inside)
             except SourceError as e:
                 return None, [Difference(copy.name, f"cannot be compared with its source: {e}")]
-            return _compare_streams(copy.name, fd, source)
+            return _compare_streams(copy.name, fd, source, copy.source)
     finally:
         os.close(fd)
 
 
-def _compare_streams(name: str, fd: int, source: int) -> tuple[str | None, list[Difference]]:
-    if os.fstat(fd).st_size != os.fstat(source).st_size:
-        return None, [Difference(name, f"is {os.fstat(fd).st_size} bytes, its source {os.fstat(source).st_size}")]
+def _compare_streams(name: str, fd: int, source: int, source_path: Path) -> tuple[str | None, list[Difference]]:
+    size, source_size = os.fstat(fd).st_size, os.fstat(source).st_size
+    if size != source_size:
+        return None, [Difference(name, f"differs from its source file {source_path} ({size} bytes, the source "
+                                       f"{source_size})")]
     digest = hashlib.sha256()
     a, b = bytearray(STREAM_CHUNK), bytearray(STREAM_CHUNK)
     offset = 0
     while n := os.preadv(fd, [a], offset):
         m = os.preadv(source, [b], offset)
-        if a[:n] != b[:m]:
-            return None, [Difference(name, f"differs from its source file from byte {offset} on")]
+        k = min(n, m)  # n == m unless a file changed while it was read
+        got, want = np.frombuffer(a, np.uint8, k), np.frombuffer(b, np.uint8, k)
+        first = None if np.array_equal(got, want) else offset + int(np.flatnonzero(got != want)[0])
+        if first is None and n != m:
+            first = offset + k
+        if first is not None:
+            return None, [Difference(name, f"differs from its source file {source_path} from byte {first} on")]
         digest.update(memoryview(a)[:n])
         offset += n
     return digest.hexdigest(), []
@@ -296,6 +334,11 @@ def unexpected_entries(output: Path, expected: set[str]) -> list[Difference]:
     """Every entry of the folder ``output`` that is not an expected file: transformers or peft
     would load a stray ``pytorch_model.bin`` or ``adapter_config.json``, so each one is a difference."""
     with os.scandir(output) as entries:
-        names = sorted(e.name for e in entries)
-    return [Difference(name, "unexpected file (not part of this output; remove it)")
-            for name in names if name not in expected]
+        found = sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in entries)
+    return [Difference(name, f"unexpected {_ENTRY_KINDS.get(stat.S_IFMT(mode), 'file')} (not part of this "
+                             f"output; remove it)")
+            for name, mode in found if name not in expected]
+
+
+_ENTRY_KINDS = {stat.S_IFDIR: "folder", stat.S_IFLNK: "symbolic link", stat.S_IFIFO: "FIFO",
+                stat.S_IFSOCK: "socket", stat.S_IFCHR: "device", stat.S_IFBLK: "device"}

@@ -31,12 +31,23 @@ Progress = Callable[[int], None] | None
 
 def describe_mode(mode: int) -> str:
     """What kind of file ``mode`` (from ``stat``) is, in words."""
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
         if test(mode):
             return name
     return "not a regular file"
+
+
+def describe_entry(path: Path, mode: int) -> str:
+    """What the folder entry ``path`` (``mode`` from ``lstat``) is, in words; a link says where it leads."""
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link (to {os.readlink(path)})"
+        except OSError:
+            return "a symbolic link"
+    return describe_mode(mode)
 
 
 def check_inside(path: Path, root: Path) -> None:
@@ -78,6 +89,12 @@ def open_regular(path: Path, *, inside: Path | None = None) -> int:
         os.close(fd)
         raise SourceError(f"{path}: is {describe_mode(mode)}, not a regular file; replace it with the real file")
     return fd
+
+
+def check_regular(path: Path, *, inside: Path | None = None) -> None:
+    """Refuse ``path`` unless it is a regular file whose real location is in ``inside``; nothing is
+    read (see :func:`open_regular`)."""
+    os.close(open_regular(path, inside=inside))
 
 
 def read_limited(path: Path, limit: int, *, inside: Path | None = None) -> bytes:
@@ -123,8 +140,17 @@ def _no_constant(name: str) -> Any:
 
 
 def read_text(path: Path, *, limit: int = TEXT_LIMIT, inside: Path | None = None) -> str:
-    """The text of ``path`` (UTF-8, undecodable bytes replaced), bounded by ``limit`` bytes."""
-    return read_limited(path, limit, inside=inside).decode("utf-8", errors="replace")
+    """The first ``limit`` bytes of the regular file ``path`` as text (UTF-8, undecodable bytes
+    replaced); the rest is not read. For a model card, whose front matter comes first: cards
+    with embedded images run to megabytes, and that is no reason to refuse a checkpoint."""
+    fd = open_regular(path, inside=inside)
+    try:
+        data = b""
+        while len(data) < limit and (more := os.read(fd, limit - len(data))):
+            data += more
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", errors="replace")
 
 
 def pread_exact(fd: int, view: memoryview, offset: int) -> None:
@@ -225,7 +251,7 @@ class OpenFiles:
             os.close(fd)
         self.fds.clear()
 
-    def __enter__(self) -> "OpenFiles":
+    def __enter__(self) -> OpenFiles:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,6 +14,8 @@ from .manifest import Manifest, apply_overrides, parse_manifest
 from .mergekit_config import manifest_from_mergekit
 
 _YAML_SUFFIXES = (".yml", ".yaml")
+#: Largest manifest read (TOML or YAML); real ones are a few kB.
+MANIFEST_LIMIT = 1 << 20
 #: A mergekit config names its method at the top level; a TOML manifest never has that line.
 _MERGEKIT = re.compile(r"^merge_method\s*:", re.MULTILINE)
 
@@ -38,7 +40,14 @@ def load_manifest(path: str | os.PathLike[str], *, sources: Mapping[str, str] | 
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # Bounded: a manifest is a few kB; /dev/zero or a model file given by mistake must not be
+        # read to the end. Not only regular files: `apply <(generate-manifest)` reads a pipe.
+        with open(path, "rb") as f:
+            raw = f.read(MANIFEST_LIMIT + 1)
+        if len(raw) > MANIFEST_LIMIT:
+            raise ManifestError(f"{path}: cannot read the manifest: it holds more than {MANIFEST_LIMIT:,} bytes; "
+                                f"is this the manifest?")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: cannot read the manifest: {e}") from e
     return apply_overrides(manifest_from_text(text, path), sources or {}, output)

@@ -45,6 +45,10 @@ class FolderReader:
     def text(self, name: str) -> str:
         return fsio.read_text(self.root / name, inside=self.inside)
 
+    def check(self, name: str) -> None:
+        """Refuse ``name`` unless it is a regular file inside the folder (a file copied later)."""
+        fsio.check_regular(self.root / name, inside=self.inside)
+
     def header(self, name: str) -> Header:
         fsio.check_inside(self.root / name, self.inside)
         return read_header(self.root / name)
@@ -75,6 +79,10 @@ def read_checkpoint(reader: FolderReader, files: SourceFiles, *, revision: str |
                 raise SourceError(f"{root / files.index}: names shard {shard!r}, which is missing; "
                                   f"re-download it") from None
             raise e
+    # The copied files are only streamed into the output later: refuse a FIFO, a device or a link
+    # out of the folder now, before anything is written (and before plan says all is well).
+    for name in files.copied:
+        reader.check(name)
     card_meta = card_licence(reader.text(files.card)) if files.card else {}
     try:
         return assemble(root, files, headers, reader.json(files.config), index=index, card_meta=card_meta,

@@ -8,16 +8,17 @@ wrong types with one line.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ._version import __version__
-from .errors import VerifyError
-from .expected import RECORD_NAME
-from .fsio import INDEX_LIMIT, read_json
-from .errors import SourceError
+from .errors import SourceError, VerifyError
+from .expected import CONFIG_NAME, RECORD_NAME
+from .fsio import INDEX_LIMIT, describe_entry, read_json
 from .plan import Plan
 
 #: Version 2 added the shards table (size and header sha256 of every shard) and the hash origins.
@@ -126,11 +127,18 @@ def read_record(output: Path) -> Record:
     """
     path = output / RECORD_NAME
     try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise VerifyError(f"{path}: missing; this folder was not written by tensorsurgery, give the "
+                          f"manifest: tensorsurgery verify MANIFEST {output}") from None
+    except OSError as e:
+        raise VerifyError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise VerifyError(f"{path}: is {describe_entry(path, mode)}, expected a regular file; cannot verify "
+                          f"against it: verify with the manifest instead")
+    try:
         data = read_json(path, limit=INDEX_LIMIT, inside=output)
     except SourceError as e:
-        if not path.exists() and not path.is_symlink():
-            raise VerifyError(f"{path}: missing; this folder was not written by tensorsurgery, give the "
-                              f"manifest: tensorsurgery verify MANIFEST {output}") from None
         raise VerifyError(f"unreadable provenance record: {e}") from None
     return parse_record(data, path)
 
@@ -139,7 +147,9 @@ def parse_record(data: Any, path: Path) -> Record:
     """Type-check a record's JSON ``data`` (read from ``path``).
 
     Raises:
-        VerifyError: one line naming the first entry of the wrong type.
+        VerifyError: one line naming the first entry of the wrong type, or a file name that is not
+            a plain name in the output folder (a record naming ``../../etc/passwd`` must not make
+            verify read it).
     """
     def fail(where: str, expected: str) -> VerifyError:
         return VerifyError(f"{path}: {where} is not {expected}; this is not a provenance record tensorsurgery "
@@ -149,19 +159,32 @@ def parse_record(data: Any, path: Path) -> Record:
     if "shards" not in data and isinstance(data.get("tensors"), dict):
         raise VerifyError(f"{path}: written by tensorsurgery {data.get('version')}, which did not record shard "
                           f"headers; verify with the manifest (tensorsurgery verify MANIFEST {path.parent})")
+    version = data.get("record_version")
+    if not (_is_count(version) and 2 <= version <= RECORD_VERSION):
+        raise VerifyError(f"{path}: record_version {version!r} is not one this tensorsurgery {__version__} reads "
+                          f"(2 to {RECORD_VERSION}); upgrade tensorsurgery, or verify with the manifest")
     for key, kind, name in (("manifest", str, "a string"), ("manifest_name", str, "a string"),
                             ("shards", dict, "an object"), ("files", dict, "an object"),
                             ("tensors", dict, "an object"), ("layers", list, "a list"), ("sources", list, "a list")):
         if not isinstance(data.get(key), kind):
             raise fail(key, name)
+    _check_sources(data["sources"], fail)
+    if not data["shards"]:
+        raise fail("shards", "an object naming at least one shard")
     shards = {}
     for name, entry in data["shards"].items():
+        if not (_is_file_name(name) and name.endswith(".safetensors")):
+            raise fail(f"shards[{name!r}]", "a file name in the output folder")
         if not (isinstance(entry, dict) and _is_count(entry.get("size")) and _is_sha(entry.get("header_sha256"))):
             raise fail(f"shards[{name!r}]", "{size, header_sha256}")
         shards[name] = RecordedShard(name, entry["size"], entry["header_sha256"])
     for name, digest in data["files"].items():
+        if not _is_file_name(name):
+            raise fail(f"files[{name!r}]", "a file name in the output folder")
         if not _is_sha(digest):
             raise fail(f"files[{name!r}]", "a sha256")
+    if CONFIG_NAME not in data["files"]:
+        raise fail("files", f"an object naming {CONFIG_NAME}")
     tensors = {}
     for name, entry in data["tensors"].items():
         if not (isinstance(entry, dict) and entry.get("shard") in shards and isinstance(entry.get("dtype"), str)
@@ -172,6 +195,26 @@ def parse_record(data: Any, path: Path) -> Record:
     return Record(path=path, manifest_name=data["manifest_name"], manifest=data["manifest"],
                   shards=MappingProxyType(shards), files=MappingProxyType(dict(data["files"])),
                   tensors=MappingProxyType(tensors), link=data.get("link") is True, data=MappingProxyType(data))
+
+
+def _check_sources(sources: list[Any], fail: Callable[[str, str], VerifyError]) -> None:
+    """Each source entry is what :func:`build_record` writes (``verify OUTPUT`` resolves them again)."""
+    for i, entry in enumerate(sources):
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("name", "model", "root",
+                                                                                          "layout"))
+                and all(isinstance(entry.get(k), (str, type(None))) for k in ("revision", "repo_id"))):
+            raise fail(f"sources[{i}]", "{name, model, root, layout, revision, repo_id}")
+        files = entry.get("files")
+        if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("name"), str)
+                                                 and _is_file_name(f["name"])
+                                                 and (f.get("size") is None or _is_count(f["size"]))
+                                                 for f in files)):
+            raise fail(f"sources[{i}].files", "a list of {name, size} of file names in the source folder")
+
+
+def _is_file_name(name: str) -> bool:
+    """A plain file name: no folder part, not ``.`` or ``..``, no NUL."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def _is_count(value: Any) -> bool:

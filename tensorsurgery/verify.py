@@ -33,12 +33,13 @@ from .compare import (
     hash_output_range,
     json_diff,
     open_output_file,
+    read_raw_header,
     unexpected_entries,
 )
-from .errors import HeaderError, TensorSurgeryError, VerifyError
+from .errors import HeaderError, VerifyError
 from .expected import RECORD_NAME, expected_files
-from .format import Header, parse_header
-from .fsio import INDEX_LIMIT, STREAM_CHUNK, pread_exact
+from .format import parse_header
+from .fsio import STREAM_CHUNK, pread_exact
 from .hashing import first_of_each
 from .plan import Plan
 from .record import Record, build_record, header_sha256, read_record
@@ -211,24 +212,32 @@ def _recorded_tensors(output: Path, record: Record, name: str, diffs: list[Diffe
         return []
     fds.append(fd)
     size = os.fstat(fd).st_size
+    try:
+        raw = read_raw_header(fd, size)
+    except OSError as e:
+        diffs.append(Difference(name, f"cannot be read ({e.strerror or e})"))
+        return []
+    if raw is None:
+        diffs.append(Difference(name, "has no valid safetensors header (its length prefix does not fit the file)"))
+        return []
+    # The header first: an added metadata key changes the size too, and is better named as such.
+    if header_sha256(raw) != shard.header_sha256:
+        diffs.append(Difference(name, "header bytes differ from what tensorsurgery wrote (sha256 in "
+                                      "tensorsurgery.json): metadata, order or padding changed"))
+        return []
     if size != shard.size:
         diffs.append(Difference(name, f"is {size} bytes, the record says {shard.size} (truncated or padded)"))
         return []
     try:
-        header = _read_header(fd, path, size)
-    except (HeaderError, TensorSurgeryError) as e:
+        header = parse_header(path, raw[8:], size)
+    except HeaderError as e:
         diffs.append(Difference(name, f"invalid safetensors header: {e}"))
-        return []
-    if header_sha256(header.raw) != shard.header_sha256:
-        diffs.append(Difference(name, "header bytes differ from what tensorsurgery wrote (sha256 in "
-                                      "tensorsurgery.json): metadata, order or padding changed"))
         return []
     recorded = {t.name: t for t in record.tensors.values() if t.shard == name}
     diffs += [Difference(n, f"unexpected tensor in {name}") for n in header.tensors if n not in recorded]
     diffs += [Difference(n, f"missing from {name}") for n in recorded if n not in header.tensors]
     return [_Recorded(entry.name, fd, header.data_start + entry.start, entry.nbytes, recorded[entry.name].sha256)
             for entry in header.entries if entry.name in recorded]
-
 
 def _check_recorded_tensors(tensors: list[_Recorded], threads: int, progress: Progress) -> list[Difference]:
     """sha256 of every tensor against the record, on ``threads`` threads; a repeat of an earlier
@@ -281,17 +290,6 @@ def _scratch(name: str) -> bytearray:
     return buf
 
 
-def _read_header(fd: int, path: Path, size: int) -> Header:
-    prefix = bytearray(8)
-    pread_exact(fd, memoryview(prefix), 0)
-    n = int.from_bytes(prefix, "little")
-    if n > min(size - 8, INDEX_LIMIT):
-        raise HeaderError(f"header length {n} does not fit the file")
-    raw = bytearray(n)
-    pread_exact(fd, memoryview(raw), 8)
-    return parse_header(path, bytes(raw), size)
-
-
 def _hash_range(fd: int, offset: int, length: int, progress: Progress) -> str:
     digest = hashlib.sha256()
     buf = _scratch("a")
@@ -305,7 +303,12 @@ def _hash_range(fd: int, offset: int, length: int, progress: Progress) -> str:
 
 
 def iter_differences(report: VerifyReport) -> Iterator[str]:
-    """One line per difference, for printing."""
+    """One line per difference, for printing. A file or tensor name that is not printable (a
+    newline in a name could forge a line of the report) is shown as a Python literal."""
     for d in report.differences:
-        yield f"{d.where}: {d.what}"
+        yield f"{_printable(d.where)}: {_printable(d.what)}"
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else repr(text)
 

@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Callable, Mapping
 from .compare import compare_shard
 from .errors import OutputExistsError, WriteError
 from .expected import RECORD_NAME, ExpectedFile, expected_files, json_bytes
-from .fsio import copy_file, describe_mode
+from .fsio import copy_file, describe_entry, open_regular
 from .plan import Plan, Shard
 from .pump import Pump
 from .record import SourceHash, build_record
@@ -85,8 +86,9 @@ def _check_replaceable(target: Path) -> None:
     not cost someone their files."""
     mode = os.lstat(target).st_mode
     if not stat.S_ISDIR(mode):
-        raise OutputExistsError(f"{target}: exists and is {describe_mode(mode)}, not a folder; --force replaces "
-                                f"only an earlier tensorsurgery output; remove it yourself or choose another --output")
+        raise OutputExistsError(f"{target}: exists and is {describe_entry(target, mode)}, not a folder; --force "
+                                f"replaces only an earlier tensorsurgery output; remove it yourself or choose another "
+                                f"--output")
     entries = os.listdir(target)
     record = target / RECORD_NAME
     if entries and not (record.is_file() and not record.is_symlink()):
@@ -96,11 +98,24 @@ def _check_replaceable(target: Path) -> None:
 
 
 def _check_writable(folder: Path) -> None:
+    """Refuse an output whose nearest existing parent cannot take it, before the free-space check
+    (which would call /proc "full"). Checked without writing anything (a dry run asks too)."""
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"{probe}: is not a writable folder; choose an --output where you can write")
+    why = None
+    if not probe.is_dir():
+        why = "not a folder"
+    else:
+        fs = os.statvfs(probe)
+        if fs.f_blocks == 0:
+            why = "a virtual filesystem that holds no files"
+        elif fs.f_flag & os.ST_RDONLY:
+            why = "a read-only filesystem"
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            why = "no write permission"
+    if why is not None:
+        raise OutputExistsError(f"{probe}: is not a writable folder ({why}); choose an --output where you can write")
 
 
 def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
@@ -136,8 +151,10 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
     _check_free_space(tmp.parent, sum(s.nbytes for s in todo if s.link is None))
     source_hasher = None
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / TMP_MARKER).touch()
+        if not _is_ours(tmp):
+            # Never exist_ok: a folder or link that appeared at this name since the check is not ours.
+            tmp.mkdir(parents=True)
+            (tmp / TMP_MARKER).touch()
         linked = [s for s in todo if s.link is not None and _link(s.link, tmp / s.filename)]
         # A linked shard's tensors are hashed in the same sequential pass as its source file.
         source_hasher = SourceHasher([s.root / f for s in plan.sources for f in s.files],
@@ -176,7 +193,9 @@ def _link(source: Path, dest: Path) -> bool:
     # truncate the source itself.
     dest.unlink(missing_ok=True)
     try:
-        with open(source, "rb") as src, open(dest, "xb") as dst:
+        # open_regular: the planned source file, still a regular file (a FIFO swapped in since
+        # the plan would block a plain open).
+        with os.fdopen(open_regular(source), "rb") as src, open(dest, "xb") as dst:
             fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
         return True
     except OSError:
@@ -199,8 +218,8 @@ def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> di
             notes.append("--resume: no interrupted run found; writing everything")
         return {}
     mode = os.lstat(tmp).st_mode
-    if not stat.S_ISDIR(mode) or not (tmp / TMP_MARKER).is_file():
-        what = describe_mode(mode) if not stat.S_ISDIR(mode) else "a folder tensorsurgery did not make"
+    if not _is_ours(tmp):
+        what = describe_entry(tmp, mode) if not stat.S_ISDIR(mode) else "a folder tensorsurgery did not make"
         raise OutputExistsError(f"{tmp}: is {what}, at the name of tensorsurgery's temporary folder; remove it "
                                 f"yourself, then run the same command again")
     if not resume:
@@ -217,6 +236,15 @@ def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> di
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     notes.append(f"--resume: kept {len(kept)} of {len(plan.shards)} shard(s) that verify against the plan")
     return kept
+
+
+def _is_ours(tmp: Path) -> bool:
+    """Whether ``tmp`` is a temporary folder tensorsurgery made: a folder (not a link to one)
+    holding the marker, a regular file (not a link planted to look like one)."""
+    try:
+        return stat.S_ISDIR(os.lstat(tmp).st_mode) and stat.S_ISREG(os.lstat(tmp / TMP_MARKER).st_mode)
+    except OSError:
+        return False
 
 
 def _check_free_space(folder: Path, need: int) -> None:
@@ -265,7 +293,7 @@ def _write_bytes(path: Path, data: bytes) -> str:
 def _discard_unfinished(tmp: Path) -> int:
     """After a failure: keep finished shards (for ``--resume``), drop everything else; returns
     how many shards were kept."""
-    if not tmp.is_dir() or tmp.is_symlink() or not (tmp / TMP_MARKER).is_file():
+    if not _is_ours(tmp):
         return 0
     for path in tmp.iterdir():
         if not path.name.endswith(".safetensors") and path.name != TMP_MARKER:
@@ -290,11 +318,9 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     (tmp / TMP_MARKER).unlink()
     old = None
     if target.exists() or target.is_symlink():
-        old = target.parent / f".{target.name}.tensorsurgery-old"
-        if old.is_symlink() or (old.exists() and not old.is_dir()):
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+        # A fresh empty folder of our own to rename the old output onto: whatever else is beside
+        # the target, under any name, is never replaced or deleted.
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.tensorsurgery-old-", dir=target.parent))
         os.replace(target, old)
     os.replace(tmp, target)
     _fsync_path(target.parent)
