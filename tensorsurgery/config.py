@@ -52,7 +52,23 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
     if dtype is not None:
         _set_dtype(cfg, TORCH_NAMES[dtype])
     cfg.update(overrides)
+    _check_overrides(cfg, family, len(arrangement), overrides, where)
     return cfg
+
+
+def _check_overrides(cfg: Mapping[str, Any], family: Family, n: int, overrides: Mapping[str, Any], where: str) -> None:
+    """``[config]`` wins, but may not make config.json describe other layers than the output holds:
+    a layer count or a per-layer list of another length would load a model unlike its weights."""
+    text = family.text_config(cfg)
+    manifest = where.split(": ")[0]
+    if text.get(family.count_key) != n:
+        raise PlanError(f"{manifest}: config.{family.count_path} = {text.get(family.count_key)!r} but the arrangement "
+                        f"has {n} layers; remove it from [config] (tensorsurgery sets it)")
+    for f in family.fields:
+        value = text.get(f.key)
+        if isinstance(f, PerLayer) and f.key in overrides and isinstance(value, list) and len(value) != n:
+            raise PlanError(f"{manifest}: config.{f.key} has {len(value)} entries but the arrangement has {n} layers; "
+                            f"give one per output layer, or remove it from [config]")
 
 
 def _text(config: dict[str, Any], family: Family) -> dict[str, Any]:
