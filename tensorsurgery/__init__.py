@@ -12,12 +12,20 @@ from __future__ import annotations
 from ._version import __version__
 from .api import ApplyResult, PushResult, apply, execute, inspect, load, plan, push, resolve, verify
 from .checkpoint import Checkpoint
-from .errors import (HeaderError, ManifestError, OutputExistsError, PlanError, ReadError, SourceError,
-                     TensorSurgeryError, VerifyError, WriteError)
+from .errors import (
+    HeaderError,
+    ManifestError,
+    OutputExistsError,
+    PlanError,
+    ReadError,
+    SourceError,
+    TensorSurgeryError,
+    VerifyError,
+    WriteError,
+)
 from .format import Header, read_header
 from .manifest import Manifest
 from .plan import Plan, build_plan
-from .verify import VerifyReport
 
 __all__ = [
     "__version__",
@@ -30,3 +38,11 @@ __all__ = [
     "TensorSurgeryError", "ManifestError", "HeaderError", "SourceError", "PlanError", "OutputExistsError",
     "ReadError", "WriteError", "VerifyError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # VerifyReport comes with the verify module, which loads numpy: not needed to plan or inspect.
+    if name == "VerifyReport":
+        from .verify import VerifyReport
+        return VerifyReport
+    raise AttributeError(f"module 'tensorsurgery' has no attribute {name!r}")

@@ -18,19 +18,22 @@ import os
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Union
 
 from .checkpoint import Checkpoint
 from .errors import ManifestError, VerifyError
 from .format import Header, read_header
+from .hashing import DEFAULT_THREADS
 from .load import load_manifest, manifest_from_text
 from .local import load_checkpoint
 from .manifest import Manifest, apply_overrides
 from .plan import Plan, build_plan
-from .record import read_record
+from .record import read_record, require_folder
 from .sources import resolve_source
-from .verify import DEFAULT_THREADS, VerifyReport, require_folder, verify_output, verify_record
-from .writer import WriteResult, execute_plan
+
+if TYPE_CHECKING:  # imported where used: they load numpy, which plan and inspect do without
+    from .verify import VerifyReport
+    from .writer import WriteResult
 
 #: A manifest as the API takes it: a path, manifest text, or a parsed Manifest.
 ManifestLike = Union[Manifest, str, "os.PathLike[str]"]
@@ -76,15 +79,16 @@ def load(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
     return load_manifest(manifest, sources=sources, output=out)
 
 
-def resolve(manifest: Manifest, *, download: bool = True) -> dict[str, Checkpoint]:
-    """Every source of ``manifest`` as a :class:`Checkpoint`, by source name (``download=False``:
+def resolve(manifest: Manifest, *, download: bool = True, keep_raw: bool = True) -> dict[str, Checkpoint]:
+    """Every source of ``manifest`` as a :class:`Checkpoint`, by source name (``keep_raw``: keep
+    the shard headers' bytes, which only planning with ``link`` needs; ``download=False``:
     Hub weights not yet cached are planned from their remote headers, nothing is downloaded).
 
     Raises:
         SourceError: a source cannot be found, read or resolved.
         HeaderError: a shard breaks the safetensors rules.
     """
-    return {s.name: resolve_source(s.model, s.revision, name=s.name, download=download)
+    return {s.name: resolve_source(s.model, s.revision, name=s.name, download=download, keep_raw=keep_raw)
             for s in manifest.sources}
 
 
@@ -102,7 +106,7 @@ def plan(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
         48
     """
     m = load(manifest, sources=sources, output=output)
-    return build_plan(m, resolve(m, download=download), link=link)
+    return build_plan(m, resolve(m, download=download, keep_raw=link), link=link)
 
 
 def apply(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
@@ -123,7 +127,7 @@ def apply(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
         OutputExistsError, WriteError, ReadError and those of :func:`plan`.
     """
     m = load(manifest, sources=sources, output=output)
-    return execute(build_plan(m, resolve(m), link=link), force=force, resume=resume, progress=progress,
+    return execute(build_plan(m, resolve(m, keep_raw=link), link=link), force=force, resume=resume, progress=progress,
                    threads=threads, push_to_hub=push_to_hub or m.output.push_to_hub,
                    private=m.output.private if private is None else private)
 
@@ -131,6 +135,7 @@ def apply(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
 def execute(plan: Plan, *, force: bool = False, resume: bool = False, progress: Progress = None,
             threads: int | None = None, push_to_hub: str | None = None, private: bool = True) -> ApplyResult:
     """Write an already-built ``plan`` (see :func:`apply`, which plans and then calls this)."""
+    from .writer import execute_plan
     written = execute_plan(plan, force=force, resume=resume, progress=progress, threads=threads or DEFAULT_THREADS)
     if push_to_hub is None:
         return ApplyResult(plan, written)
@@ -151,6 +156,7 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
         VerifyError: no output folder, or a record that cannot be used.
         ManifestError, SourceError, HeaderError, PlanError: see :func:`plan`.
     """
+    from .verify import verify_output, verify_record
     threads = threads or DEFAULT_THREADS
     if output is None and not isinstance(target, Manifest) and _is_folder(target):
         folder = Path(target)
@@ -162,7 +168,8 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
     folder = Path(m.output.path)
     # The plan first: a manifest that cannot be applied is that error, output folder or not.
     # An output made with --link groups shards differently; its record says so.
-    the_plan = build_plan(m, resolve(m), link=_recorded_link(folder))
+    link = _recorded_link(folder)
+    the_plan = build_plan(m, resolve(m, keep_raw=link), link=link)
     return verify_output(the_plan, folder, progress=progress, threads=threads)
 
 
@@ -198,16 +205,16 @@ def plan_from_record(output: Path, sources: Mapping[str, str]) -> Plan | None:
     for spec in manifest.sources:
         entry = recorded.get(spec.name, {})
         if spec.name in given:
-            checkpoints[spec.name] = resolve_source(given[spec.name], name=spec.name)
+            checkpoints[spec.name] = resolve_source(given[spec.name], name=spec.name, keep_raw=record.link)
         elif not _still_there(entry):
             return None  # the sources are gone (or changed): the record alone is checked
         elif isinstance(entry.get("repo_id"), str):
             # Cached weights only: verifying an output must never download a model (a record can
             # name any repo).
             checkpoints[spec.name] = resolve_source(entry["repo_id"], entry.get("revision"), name=spec.name,
-                                                    download=False)
+                                                    download=False, keep_raw=record.link)
         else:
-            checkpoints[spec.name] = load_checkpoint(entry["root"])
+            checkpoints[spec.name] = load_checkpoint(entry["root"], keep_raw=record.link)
     return build_plan(manifest, checkpoints, link=record.link)
 
 
@@ -247,6 +254,7 @@ def push(output: str | os.PathLike[str], repo_id: str, *, plan: Plan | None = No
         WriteError: the upload failed (the folder is untouched).
     """
     from .push import push_folder
+    from .verify import verify_output
     folder = require_folder(Path(output))
     report = (verify_output(plan, folder, progress=progress, threads=threads or DEFAULT_THREADS)
               if plan is not None else verify(folder, progress=progress, threads=threads))

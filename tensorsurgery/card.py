@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import PurePosixPath
 from collections import Counter
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
 
 from ._version import __version__
 from .plan import Plan, SourceInfo
-from .report import format_bytes, layer_runs, span
 from .repo_id import is_repo_id
+from .report import format_bytes, layer_runs, span
 
 _TRANSFORMS = {"none": "copied byte for byte", "cast": "cast", "permute": "rows permuted",
                "permute+cast": "rows permuted and cast", "slice": "a row range of a fused tensor",

@@ -28,6 +28,8 @@ SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PARAMS_NAME = "params.json"
 CARD_NAME = "README.md"
+#: The provenance record every output holds (and a folder --force may replace).
+RECORD_NAME = "tensorsurgery.json"
 NATIVE_SHARD = re.compile(r"consolidated(\.\d+)?\.safetensors")
 #: The small files an output takes from its base source, the same for every reader: tokenizers
 #: (Hugging Face, sentencepiece, tiktoken, Mistral's tekken), chat templates, generation settings,

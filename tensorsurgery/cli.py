@@ -14,7 +14,7 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import api
 from ._version import __version__
@@ -27,10 +27,13 @@ from .report import (
     format_header,
     format_plan,
     header_as_dict,
+    iter_differences,
     plan_as_dict,
 )
-from .verify import VerifyReport, iter_differences
-from .writer import check_output, temp_path
+from .target import check_output, temp_path
+
+if TYPE_CHECKING:
+    from .verify import VerifyReport
 
 
 class _Terminated(BaseException):

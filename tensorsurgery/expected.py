@@ -24,7 +24,6 @@ from .plan import CopyFile, OutputTensor, Plan, Shard
 from .steps import Cast, PermuteRotary, Zeros
 from .transforms import cast_chunk, permute_head
 
-RECORD_NAME = "tensorsurgery.json"
 #: Source bytes per step of a transformed tensor; small because a cast makes a few temporaries.
 CAST_CHUNK = 1 << 20
 

@@ -9,12 +9,15 @@ bytes in it are done with it.
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 from typing import Callable, Hashable, Iterable
 
 from .packing import Block
 
+#: Threads that hash (and cast, and compare) tensors by default: one per core, up to 8.
+DEFAULT_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 def first_of_each(recipes: Iterable[Hashable]) -> dict[int, int]:
     """For each position whose recipe (source bytes and transform) appeared at an earlier position,
@@ -38,7 +41,7 @@ class HashPool:
 
     def __init__(self, threads: int, release: Callable[[Block], None]):
         self._release = release
-        self._digests: dict[int, "hashlib._Hash"] = {}
+        self._digests: dict[int, hashlib._Hash] = {}
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(max(1, threads))]
         self._pending: dict[int, int] = {}
         self._lock = threading.Lock()

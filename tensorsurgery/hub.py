@@ -86,7 +86,7 @@ class HubClient:
 
 
 def resolve_hub_source(repo_id: str, revision: str | None = None, *, download: bool = True,
-                       client: HubClient | None = None) -> Checkpoint:
+                       client: HubClient | None = None, keep_raw: bool = True) -> Checkpoint:
     """The checkpoint of ``repo_id`` at ``revision`` (default: the main branch), from the cache.
 
     Args:
@@ -117,7 +117,7 @@ def resolve_hub_source(repo_id: str, revision: str | None = None, *, download: b
         files = select_files(names, where if listing is not None else f"{where} (cached in {snapshot})")
         client.fetch(repo_id, commit, files.small)
         # The snapshot's files link into the repo's blobs/: that folder is what they must stay in.
-        reader = _RemoteReader(client, repo_id, commit, snapshot, listing or {})
+        reader = _RemoteReader(client, repo_id, commit, snapshot, listing or {}, keep_raw=keep_raw)
         weights = files.weights
         if files.index:
             weights = tuple(sorted(set(index_weight_map(reader.json(files.index, limit=fsio.INDEX_LIMIT),
@@ -135,8 +135,9 @@ class _RemoteReader(FolderReader):
     ``plan`` and ``--dry-run``) come over HTTP, at the paths the shards will have once downloaded,
     so the plan is the same."""
 
-    def __init__(self, client: "HubClient", repo_id: str, commit: str, snapshot: Path, sizes: Mapping[str, int]):
-        super().__init__(snapshot, inside=snapshot.parent.parent)
+    def __init__(self, client: HubClient, repo_id: str, commit: str, snapshot: Path, sizes: Mapping[str, int], *,
+                 keep_raw: bool = True):
+        super().__init__(snapshot, inside=snapshot.parent.parent, keep_raw=keep_raw)
         self.client, self.repo_id, self.commit, self.sizes = client, repo_id, commit, sizes
         self.remote: tuple[str, ...] = ()
 
@@ -187,9 +188,15 @@ def _unreachable() -> str:
 def _hub_errors(where: str) -> Iterator[None]:
     """Turn huggingface_hub's exceptions (often several lines long) into one-line SourceErrors."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
-                                        RevisionResolutionError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        RevisionResolutionError,
+    )
     try:
         yield
     except (RevisionResolutionError, LocalEntryNotFoundError, OfflineModeIsEnabled):

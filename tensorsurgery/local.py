@@ -28,8 +28,8 @@ class FolderReader:
     ``inside`` (default: ``root``). :mod:`tensorsurgery.hub` subclasses it to read uncached shard
     headers over HTTP."""
 
-    def __init__(self, root: Path, inside: Path | None = None):
-        self.root, self.inside = root, inside or root
+    def __init__(self, root: Path, inside: Path | None = None, *, keep_raw: bool = True):
+        self.root, self.inside, self.keep_raw = root, inside or root, keep_raw
 
     def names(self) -> list[str]:
         """The top-level entries of the folder that are not folders (files and links)."""
@@ -51,7 +51,7 @@ class FolderReader:
 
     def header(self, name: str) -> Header:
         fsio.check_inside(self.root / name, self.inside)
-        return read_header(self.root / name)
+        return read_header(self.root / name, keep_raw=self.keep_raw)
 
 
 def read_checkpoint(reader: FolderReader, files: SourceFiles, *, revision: str | None = None,
@@ -97,8 +97,9 @@ def _weight_map(reader: FolderReader, files: SourceFiles) -> dict[str, str]:
     return index_weight_map(reader.json(files.index, limit=fsio.INDEX_LIMIT), str(reader.root / files.index))
 
 
-def load_checkpoint(root: str | os.PathLike[str], *, revision: str | None = None) -> Checkpoint:
-    """Read the checkpoint folder ``root``: headers only, cross-checked with index and config.
+def load_checkpoint(root: str | os.PathLike[str], *, revision: str | None = None, keep_raw: bool = True) -> Checkpoint:
+    """Read the checkpoint folder ``root``: headers only, cross-checked with index and config
+    (``keep_raw=False``: the headers' bytes are not kept, see :func:`tensorsurgery.format.read_header`).
 
     Raises:
         SourceError: missing folder or files, an index that disagrees with its shards, an unsafe
@@ -115,5 +116,5 @@ def load_checkpoint(root: str | os.PathLike[str], *, revision: str | None = None
     if not path.is_dir():
         raise SourceError(f"{path}: source folder not found; give a local folder or a Hugging Face repo id")
     # Absolute, so the provenance record still finds the source from another directory.
-    reader = FolderReader(path.resolve())
+    reader = FolderReader(path.resolve(), keep_raw=keep_raw)
     return read_checkpoint(reader, select_files(reader.names(), str(reader.root)), revision=revision)

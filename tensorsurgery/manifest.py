@@ -155,7 +155,7 @@ class _Reader:
             raise self.error(key, f"expected {names}, found {_describe(value)}")
         return value
 
-    def sub(self, key: str, required: bool = False) -> "_Reader":
+    def sub(self, key: str, required: bool = False) -> _Reader:
         table = self.get(key, dict, {}, required)
         return _Reader(self.file, table, f"{self.path}.{key}" if self.path else key)
 

@@ -27,8 +27,8 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
 
-from .errors import ManifestError
 from .dtypes import CAST_DTYPES
+from .errors import ManifestError
 from .manifest import LayersSpec, Manifest, OutputSpec, RenameSpec, Segment, SourceSpec
 
 _KEYS = ("merge_method", "slices", "dtype", "out_dtype", "base_model", "tokenizer_source")

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import RECORD_NAME
 from .errors import TensorSurgeryError, WriteError
-from .expected import RECORD_NAME
 from .repo_id import is_push_target
 
 

@@ -16,8 +16,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ._version import __version__
+from .checkpoint import CONFIG_NAME, RECORD_NAME
 from .errors import SourceError, VerifyError
-from .expected import CONFIG_NAME, RECORD_NAME
 from .fsio import INDEX_LIMIT, describe_entry, read_json
 from .plan import Plan
 
@@ -117,6 +117,19 @@ def _source_file(path: Path, digest: SourceHash | None) -> dict[str, Any]:
         size = None
     return {"name": path.name, "size": size, "sha256": digest.sha256 if digest else None,
             "sha256_from": digest.origin if digest else None}
+
+
+def require_folder(output: Path) -> Path:
+    """``output`` if it is a folder.
+
+    Raises:
+        VerifyError: it is not.
+    """
+    output = Path(output)
+    if not output.is_dir():
+        raise VerifyError(f"{output}: output folder not found; run `tensorsurgery apply` first or give the "
+                          f"output path")
+    return output
 
 
 def read_record(output: Path) -> Record:

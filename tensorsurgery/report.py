@@ -3,12 +3,15 @@ Pure: returns strings and dicts; :mod:`tensorsurgery.cli` prints them."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .checkpoint import Checkpoint
 from .format import Header
 from .layers import LayerRef
 from .plan import Plan
+
+if TYPE_CHECKING:
+    from .verify import VerifyReport
 
 
 def format_bytes(n: float) -> str:
@@ -142,3 +145,15 @@ def format_header(header: Header) -> str:
     lines = [f"{e.name:60s} {e.dtype:6s} {str(list(e.shape)):20s} {format_bytes(e.nbytes)}" for e in header.entries]
     lines.append(f"{len(header.entries)} tensors, {format_bytes(header.data_size)}")
     return "\n".join(lines)
+
+
+def iter_differences(report: VerifyReport) -> Iterator[str]:
+    """One line per difference, for printing. A file or tensor name that is not printable (a
+    newline in a name could forge a line of the report) is shown as a Python literal."""
+    for d in report.differences:
+        yield f"{_printable(d.where)}: {_printable(d.what)}"
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else repr(text)
+

@@ -10,10 +10,11 @@ from .repo_id import is_repo_id
 
 
 def resolve_source(model: str, revision: str | None = None, *, name: str = "source",
-                   download: bool = True) -> Checkpoint:
+                   download: bool = True, keep_raw: bool = True) -> Checkpoint:
     """The checkpoint for a manifest source: a local folder if ``model`` is one, else a Hugging
     Face repo id resolved through :mod:`tensorsurgery.hub` (``download=False``: weights that are
-    not cached are not downloaded, their headers are read remotely; for ``plan`` and ``--dry-run``).
+    not cached are not downloaded, their headers are read remotely; for ``plan`` and ``--dry-run``;
+    ``keep_raw``: keep the headers' bytes, which only ``--link`` needs).
 
     Raises:
         SourceError: neither a folder nor a resolvable repo id.
@@ -21,9 +22,9 @@ def resolve_source(model: str, revision: str | None = None, *, name: str = "sour
     """
     path = Path(model).expanduser()
     if path.is_dir():
-        return load_checkpoint(path, revision=revision)
+        return load_checkpoint(path, revision=revision, keep_raw=keep_raw)
     if is_repo_id(model):
         from .hub import resolve_hub_source
-        return resolve_hub_source(model, revision, download=download)
+        return resolve_hub_source(model, revision, download=download, keep_raw=keep_raw)
     raise SourceError(f"source {name!r}: {model!r} is not a folder nor a Hugging Face repo id; "
                       f"pass --source PATH to a local copy")

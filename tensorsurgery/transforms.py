@@ -9,7 +9,7 @@ tests/test_transforms.py checks every 16-bit pattern against torch.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -47,7 +47,7 @@ def _f32_to_bf16(bits: np.ndarray, nan_bits: int) -> np.ndarray:
 _TAKE_STEP = 1 << 16
 
 
-@lru_cache(maxsize=None)
+@cache
 def _table(src_dtype: str, dst_dtype: str) -> np.ndarray:
     """Every 16-bit source pattern's result: a cast from a 16-bit dtype is then one lookup per
     element, as fast on inf, NaN and subnormals as on ordinary weights."""

@@ -20,8 +20,9 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from .checkpoint import RECORD_NAME
 from .compare import (
     Difference,
     Progress,
@@ -37,15 +38,12 @@ from .compare import (
     unexpected_entries,
 )
 from .errors import HeaderError, VerifyError
-from .expected import RECORD_NAME, expected_files
+from .expected import expected_files
 from .format import parse_header
 from .fsio import STREAM_CHUNK, pread_exact
-from .hashing import first_of_each
+from .hashing import DEFAULT_THREADS, first_of_each
 from .plan import Plan
-from .record import Record, build_record, header_sha256, read_record
-
-#: Threads comparing and hashing tensors by default.
-DEFAULT_THREADS = max(1, min(8, os.cpu_count() or 1))
+from .record import Record, build_record, header_sha256, read_record, require_folder
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,19 +66,6 @@ class VerifyReport:
         return {"output": str(self.output), "mode": self.mode, "ok": self.ok, "tensors": self.tensors,
                 "tensor_bytes": self.nbytes, "files": self.files,
                 "differences": [{"where": d.where, "what": d.what} for d in self.differences]}
-
-
-def require_folder(output: Path) -> Path:
-    """``output`` if it is a folder.
-
-    Raises:
-        VerifyError: it is not.
-    """
-    output = Path(output)
-    if not output.is_dir():
-        raise VerifyError(f"{output}: output folder not found; run `tensorsurgery apply` first or give the "
-                          f"output path")
-    return output
 
 
 def verify_output(plan: Plan, output: Path, *, progress: Progress = None,
@@ -300,15 +285,3 @@ def _hash_range(fd: int, offset: int, length: int, progress: Progress) -> str:
         if progress:
             progress(len(view))
     return digest.hexdigest()
-
-
-def iter_differences(report: VerifyReport) -> Iterator[str]:
-    """One line per difference, for printing. A file or tensor name that is not printable (a
-    newline in a name could forge a line of the report) is shown as a Python literal."""
-    for d in report.differences:
-        yield f"{_printable(d.where)}: {_printable(d.what)}"
-
-
-def _printable(text: str) -> str:
-    return text if text.isprintable() else repr(text)
-

@@ -19,19 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+from .checkpoint import RECORD_NAME
 from .compare import compare_shard
 from .errors import OutputExistsError, WriteError
-from .expected import RECORD_NAME, ExpectedFile, expected_files, json_bytes
+from .expected import ExpectedFile, expected_files, json_bytes
 from .fsio import copy_file, describe_entry, open_regular
 from .plan import Plan, Shard
 from .pump import Pump
 from .record import SourceHash, build_record
 from .source_hash import SourceHasher
-
-TMP_SUFFIX = ".tensorsurgery-tmp"
-#: Put in a temporary folder when tensorsurgery creates it: only a folder holding it is ever
-#: resumed from or deleted (a folder or link planted at that name is refused instead).
-TMP_MARKER = ".tensorsurgery-partial"
+from .target import TMP_MARKER, check_output, is_ours, temp_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,76 +43,6 @@ class WriteResult:
     seconds: float
     tensor_hashes: Mapping[str, str]
     notes: tuple[str, ...] = ()
-
-
-def temp_path(target: Path) -> Path:
-    """The temporary folder ``apply`` writes into before renaming it to ``target``."""
-    return target.parent / f".{target.name}{TMP_SUFFIX}"
-
-
-def check_output(plan: Plan, *, force: bool) -> Path:
-    """The absolute output path, after refusing unsafe targets.
-
-    Raises:
-        OutputExistsError: the output exists and ``force`` is false; it exists and is not an
-            earlier tensorsurgery output nor an empty folder; it is the current folder or holds
-            it; it overlaps a source; it cannot be written.
-    """
-    target = Path(os.path.abspath(plan.output.expanduser()))
-    real = target.resolve()
-    cwd = Path.cwd().resolve()
-    if real == cwd or real in cwd.parents:
-        raise OutputExistsError(f"{target}: is the current folder or holds it; give the output a folder of its own "
-                                f"(for example out/NAME)")
-    for src in plan.sources:
-        root = src.root.resolve()
-        if real == root or root in real.parents or real in root.parents:
-            raise OutputExistsError(f"{target}: the output overlaps the source {src.name!r} ({root}); "
-                                    f"choose an output folder outside the source")
-    if target.is_symlink() or target.exists():
-        if not force:
-            raise OutputExistsError(f"{target}: already exists; pass --force to replace it, or choose another "
-                                    f"--output")
-        _check_replaceable(target)
-    _check_writable(target.parent)
-    return target
-
-
-def _check_replaceable(target: Path) -> None:
-    """``--force`` replaces only what tensorsurgery made or an empty folder: a mistyped path must
-    not cost someone their files."""
-    mode = os.lstat(target).st_mode
-    if not stat.S_ISDIR(mode):
-        raise OutputExistsError(f"{target}: exists and is {describe_entry(target, mode)}, not a folder; --force "
-                                f"replaces only an earlier tensorsurgery output; remove it yourself or choose another "
-                                f"--output")
-    entries = os.listdir(target)
-    record = target / RECORD_NAME
-    if entries and not (record.is_file() and not record.is_symlink()):
-        raise OutputExistsError(f"{target}: exists and is not a tensorsurgery output (no {RECORD_NAME}); --force "
-                                f"replaces only an earlier output or an empty folder; remove it yourself or choose "
-                                f"another --output")
-
-
-def _check_writable(folder: Path) -> None:
-    """Refuse an output whose nearest existing parent cannot take it, before the free-space check
-    (which would call /proc "full"). Checked without writing anything (a dry run asks too)."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    why = None
-    if not probe.is_dir():
-        why = "not a folder"
-    else:
-        fs = os.statvfs(probe)
-        if fs.f_blocks == 0:
-            why = "a virtual filesystem that holds no files"
-        elif fs.f_flag & os.ST_RDONLY:
-            why = "a read-only filesystem"
-        elif not os.access(probe, os.W_OK | os.X_OK):
-            why = "no write permission"
-    if why is not None:
-        raise OutputExistsError(f"{probe}: is not a writable folder ({why}); choose an --output where you can write")
 
 
 def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
@@ -151,7 +78,7 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
     _check_free_space(tmp.parent, sum(s.nbytes for s in todo if s.link is None))
     source_hasher = None
     try:
-        if not _is_ours(tmp):
+        if not is_ours(tmp):
             # Never exist_ok: a folder or link that appeared at this name since the check is not ours.
             tmp.mkdir(parents=True)
             (tmp / TMP_MARKER).touch()
@@ -218,7 +145,7 @@ def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> di
             notes.append("--resume: no interrupted run found; writing everything")
         return {}
     mode = os.lstat(tmp).st_mode
-    if not _is_ours(tmp):
+    if not is_ours(tmp):
         what = describe_entry(tmp, mode) if not stat.S_ISDIR(mode) else "a folder tensorsurgery did not make"
         raise OutputExistsError(f"{tmp}: is {what}, at the name of tensorsurgery's temporary folder; remove it "
                                 f"yourself, then run the same command again")
@@ -236,15 +163,6 @@ def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> di
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     notes.append(f"--resume: kept {len(kept)} of {len(plan.shards)} shard(s) that verify against the plan")
     return kept
-
-
-def _is_ours(tmp: Path) -> bool:
-    """Whether ``tmp`` is a temporary folder tensorsurgery made: a folder (not a link to one)
-    holding the marker, a regular file (not a link planted to look like one)."""
-    try:
-        return stat.S_ISDIR(os.lstat(tmp).st_mode) and stat.S_ISREG(os.lstat(tmp / TMP_MARKER).st_mode)
-    except OSError:
-        return False
 
 
 def _check_free_space(folder: Path, need: int) -> None:
@@ -293,7 +211,7 @@ def _write_bytes(path: Path, data: bytes) -> str:
 def _discard_unfinished(tmp: Path) -> int:
     """After a failure: keep finished shards (for ``--resume``), drop everything else; returns
     how many shards were kept."""
-    if not _is_ours(tmp):
+    if not is_ours(tmp):
         return 0
     for path in tmp.iterdir():
         if not path.name.endswith(".safetensors") and path.name != TMP_MARKER:

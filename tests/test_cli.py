@@ -3,6 +3,7 @@ inspect, one-line errors with exit code 2, and the README's demo command in a su
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,15 @@ def test_demo_manifest_runs(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 48
     assert (out / "model.safetensors").is_file()
+
+
+def test_plan_and_inspect_do_without_numpy(tiny_mistral, tmp_path):
+    """Planning reads headers only: the numpy kernels (casts, comparisons) are not even imported,
+    which keeps `plan` on a 90k-tensor checkpoint small and quick."""
+    code = ("import sys\nfrom tensorsurgery.cli import main\n"
+            f"assert main(['plan', {str(MANIFESTS / 'solar-dus.toml')!r}, '--source', {str(tiny_mistral)!r}]) == 0\n"
+            f"assert main(['inspect', {str(tiny_mistral)!r}]) == 0\n"
+            "assert 'numpy' not in sys.modules, 'numpy was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr

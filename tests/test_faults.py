@@ -31,7 +31,7 @@ from tensorsurgery.load import load_manifest  # noqa: E402
 from tensorsurgery.local import load_checkpoint  # noqa: E402
 from tensorsurgery.plan import build_plan  # noqa: E402
 from tensorsurgery.synthetic import Dims, make_mistral, tensor_bytes  # noqa: E402
-from tensorsurgery.writer import TMP_MARKER  # noqa: E402
+from tensorsurgery.target import TMP_MARKER  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals and RLIMIT_FSIZE on Linux")
 
