@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 #: The real Mistral-7B-v0.1 dimensions.
 FULL_DIMS = dict(vocab=32000, hidden=4096, intermediate=14336, heads=32, kv_heads=8,
                  head_dim=128, layers=32)

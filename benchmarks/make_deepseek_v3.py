@@ -302,7 +302,8 @@ def _manifests(bench: Path, source: Path, tag: str, layers: int, moe_only: bool)
     overlap = 8 if layers > 16 else max(1, layers // 2)
     texts = {
         f"{tag}-keep": head + f'[layers]\nplan = "keep"\n\n[output]\npath = "{out / (tag + "-keep")}"\n',
-        f"{tag}-dus": head + f'[layers]\nplan = "dus"\noverlap = {overlap}\n\n[output]\npath = "{out / (tag + "-dus")}"\n',
+        f"{tag}-dus": (head + f'[layers]\nplan = "dus"\noverlap = {overlap}\n\n'
+                       f'[output]\npath = "{out / (tag + "-dus")}"\n'),
     }
     if moe_only and layers > FIRST_K_DENSE:
         texts[f"{tag}-moe"] = (head + f'[layers]\nplan = "explicit"\narrangement = [[{FIRST_K_DENSE}, {layers}]]\n\n'

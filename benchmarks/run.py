@@ -469,7 +469,8 @@ def _mergekit() -> str | None:
     return str(here) if here.exists() else shutil.which("mergekit-yaml")
 
 
-def approaches(repo: Repo, bench: Path, inputs: dict[str, Path], spec: dict, args: argparse.Namespace) -> list[Approach]:
+def approaches(repo: Repo, bench: Path, inputs: dict[str, Path], spec: dict,
+               args: argparse.Namespace) -> list[Approach]:
     out = bench / "out"
     has_threads = "--threads" in repo.help("apply")
     threads = ["--threads", str(args.threads)] if args.threads and has_threads else []

@@ -77,7 +77,7 @@ def tensor_chunks(t: OutputTensor, fd: int | None, chunk: int = CAST_CHUNK) -> I
     thread, so a thread consumes one of these generators at a time.
     """
     if any(isinstance(s, Zeros) for s in t.steps):
-        zeros = memoryview(_scratch(min(t.nbytes, chunk))[1]).cast("B")
+        zeros = _scratch(min(t.nbytes, chunk))[1].data
         zeros[:] = bytes(len(zeros))
         for start in range(0, t.nbytes, len(zeros) or 1):
             yield zeros[:min(len(zeros), t.nbytes - start)]
@@ -94,13 +94,13 @@ def tensor_chunks(t: OutputTensor, fd: int | None, chunk: int = CAST_CHUNK) -> I
     scratch, out = _scratch(step)
     for start in range(0, t.source.length, step):
         n = min(step, t.source.length - start)
-        pread_exact(fd, memoryview(scratch)[:n], t.source.offset + start)
+        pread_exact(fd, scratch.data[:n], t.source.offset + start)
         data = scratch[:n]
         if permute is not None:
             data = permute_head(data, row_bytes)
         if cast is not None:
             data = cast_chunk(data, cast.source, cast.target, out=out)
-        yield memoryview(data)
+        yield data.data
 
 
 _local = threading.local()

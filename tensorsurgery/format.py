@@ -273,9 +273,10 @@ def _parse_fast(path: Path, buf: bytes, data_len: int) -> Header | None:
             name, key, s, e_next, sep = m.groups()
             info = infos.get(key)
             if info is None:
-                info = infos[key] = _fast_info(_KEY.fullmatch(key))
-                if info is None:
+                made = _fast_info(_KEY.fullmatch(key))
+                if made is None:
                     return None
+                info = infos[key] = made
             dtype, shape, nbytes = info
             if s == e:
                 start = end  # the previous end, parsed once and one int object for both
@@ -352,8 +353,9 @@ def _data_order(e: TensorEntry) -> tuple[int, int]:
 def _entry_maker():
     """Build a frozen TensorEntry by its slots: the dataclass's own ``__init__`` goes through
     ``object.__setattr__`` five times, which is most of the fast parser's time per tensor."""
-    return (object.__new__, TensorEntry.name.__set__, TensorEntry.dtype.__set__,
-            TensorEntry.shape.__set__, TensorEntry.start.__set__, TensorEntry.end.__set__)
+    slots = TensorEntry.__dict__  # the slot descriptors, which mypy cannot see as such
+    return (object.__new__, slots["name"].__set__, slots["dtype"].__set__, slots["shape"].__set__,
+            slots["start"].__set__, slots["end"].__set__)
 
 
 _ENTRY_MAKER = _entry_maker()
@@ -367,6 +369,8 @@ class _Duplicates(dict):
     of the object's (key, value) pairs (serde checks the type of every value, kept or not)."""
 
     __slots__ = ("repeated", "pairs")
+    repeated: tuple[str, ...]
+    pairs: list[tuple[str, object]]
 
 
 def _object(pairs: list[tuple[str, object]]) -> dict:
@@ -413,8 +417,8 @@ def _parse_general(path: Path, text: str, buf: bytes, data_len: int) -> Header:
         raise HeaderError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise HeaderError(f"{path}: header is JSON {type(obj).__name__}, expected an object")
-    duplicate = obj.repeated[0] if type(obj) is _Duplicates else None
-    if duplicate is not None and _METADATA_KEY in obj.repeated:
+    duplicate = obj.repeated[0] if isinstance(obj, _Duplicates) else None
+    if isinstance(obj, _Duplicates) and _METADATA_KEY in obj.repeated:
         # a field of serde's struct: the official reader refuses it too
         raise HeaderError(f"{path}: header has duplicate key {_METADATA_KEY!r}")
     metadata, stricter = _check_metadata(path, obj.pop(_METADATA_KEY, None))
@@ -424,7 +428,7 @@ def _parse_general(path: Path, text: str, buf: bytes, data_len: int) -> Header:
         entry, why = _parse_entry(path, name, info, shapes)
         entries.append(entry)
         stricter = stricter or why
-    if duplicate is not None:  # the official reader checks the tensors it then drops, too
+    if isinstance(obj, _Duplicates):  # the official reader checks the tensors it then drops, too
         for name, info in obj.pairs:
             if name != _METADATA_KEY and info is not obj.get(name):
                 _parse_entry(path, name, info, shapes, kept=False)
@@ -444,15 +448,15 @@ def _check_metadata(path: Path, meta: object
     """The metadata mapping, and a deliberate difference's (message, key) if it has one."""
     if meta is None:
         return None, None
-    values = ([v for _, v in meta.pairs] if type(meta) is _Duplicates  # serde checks them all
+    values = ([v for _, v in meta.pairs] if isinstance(meta, _Duplicates)  # serde checks them all
               else list(meta.values()) if isinstance(meta, dict) else None)
-    if values is None or not all(type(v) is str for v in values):
+    if not isinstance(meta, dict) or values is None or not all(type(v) is str for v in values):
         raise HeaderError(f"{path}: __metadata__ must map strings to strings, found {meta!r:.200}")
-    if not all(_is_unicode(k) for k in meta) or not all(_is_unicode(v) for v in values):
+    if not all(_is_unicode(k) for k in meta) or not all(_is_unicode(str(v)) for v in values):
         raise HeaderError(f"{path}: __metadata__ holds a lone surrogate escape (not valid Unicode), "
                           f"found {meta!r:.200}")
     stricter = None
-    if type(meta) is _Duplicates:
+    if isinstance(meta, _Duplicates):
         stricter = (f"{path}: header has duplicate key {meta.repeated[0]!r}",
                     "duplicate-metadata-key")
     return MappingProxyType(dict(meta)), stricter
@@ -483,7 +487,7 @@ def _nesting(value: object) -> tuple[float, bool]:
         items, lone = value, False
     else:
         return 0, False
-    depth = 0
+    depth: float = 0
     try:
         for item in items:
             d, bad = _nesting(item)
@@ -509,11 +513,11 @@ def _parse_entry(path: Path, name: str, info: object, shapes: dict, kept: bool =
     if not isinstance(info, dict):
         raise HeaderError(f"{where}: expected an object with dtype, shape, data_offsets")
     extra = set(info) - _FIELDS
-    if type(info) is _Duplicates:  # serde refuses a repeated field, ignores a repeated unknown one
+    if isinstance(info, _Duplicates):  # serde refuses a repeated field, ignores a repeated unknown one
         for key in info.repeated:
             if key in _FIELDS:
                 raise HeaderError(f"{path}: header has duplicate key {key!r}")
-    pairs = info.pairs if type(info) is _Duplicates else info.items()
+    pairs = info.pairs if isinstance(info, _Duplicates) else info.items()
     for key, value in sorted((kv for kv in pairs if kv[0] in extra), key=lambda kv: kv[0]):
         # the official reader ignores their values but parses them first, with less leeway
         depth, lone = _nesting(value)

@@ -89,6 +89,7 @@ def read_checkpoint(reader: FolderReader, files: SourceFiles, *, revision: str |
                         revision=revision, repo_id=repo_id,
                         trust_root=reader.inside if reader.inside != root else None)
     except IndexMismatch:
+        assert files.index is not None  # only an index can disagree
         raise index_difference(root / files.index, _weight_map(reader, files), headers) from None
 
 

@@ -173,7 +173,7 @@ def parse_record(data: Any, path: Path) -> Record:
         raise VerifyError(f"{path}: written by tensorsurgery {data.get('version')}, which did not record shard "
                           f"headers; verify with the manifest (tensorsurgery verify MANIFEST {path.parent})")
     version = data.get("record_version")
-    if not (_is_count(version) and 2 <= version <= RECORD_VERSION):
+    if not (isinstance(version, int) and _is_count(version) and 2 <= version <= RECORD_VERSION):
         raise VerifyError(f"{path}: record_version {version!r} is not one this tensorsurgery {__version__} reads "
                           f"(2 to {RECORD_VERSION}); upgrade tensorsurgery, or verify with the manifest")
     for key, kind, name in (("manifest", str, "a string"), ("manifest_name", str, "a string"),

@@ -150,7 +150,7 @@ def _pick(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], renamers: M
             # name is kept, only its layer index changes.
             head, index, tail = parts
             out = key if index == pos else f"{head}{pos}{tail}"  # a layer kept in place keeps its name
-            picks_of = ((out, _KEPT, (*_natural(head), pos, *_natural(tail))),)
+            picks_of: tuple[tuple[str, Renamed, tuple], ...] = ((out, _KEPT, (*_natural(head), pos, *_natural(tail))),)
         else:
             picks_of = tuple(_placed(manifest, ckpt.family, key, r, pos) for r in _rename(manifest, renamer, key))
         for out, renamed, order in picks_of:

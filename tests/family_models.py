@@ -747,7 +747,8 @@ def _config_dict(folder_or_config: str | Path | dict) -> dict[str, Any]:
     return json.loads((Path(folder_or_config) / "config.json").read_text())
 
 
-def model_inputs(folder_or_config: str | Path | dict, seq_len: int = SEQ_LEN, batch: int = 2) -> dict[str, torch.Tensor]:
+def model_inputs(folder_or_config: str | Path | dict, seq_len: int = SEQ_LEN,
+                 batch: int = 2) -> dict[str, torch.Tensor]:
     """Fixed model inputs for a checkpoint (its folder or config.json dict).
 
     Token ids are drawn from a fixed generator in ``[4, vocab - 4)`` (no special or image tokens).

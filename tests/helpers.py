@@ -13,9 +13,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
+from tensorsurgery.checkpoint import Checkpoint
 from tensorsurgery.format import Header, TensorEntry, encode_header, tensor_nbytes
 from tensorsurgery.manifest import Manifest, parse_manifest
-from tensorsurgery.checkpoint import Checkpoint
 
 #: (name, safetensors dtype, shape)
 Spec = tuple[str, str, tuple[int, ...]]

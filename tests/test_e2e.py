@@ -11,8 +11,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import snapshot, write_manifest
-from reference import (ARRANGEMENTS, load_source_state_dict, reference_config_dict, reference_model,
-                       reference_state_dict)
+from reference import ARRANGEMENTS, load_source_state_dict, reference_config_dict, reference_model, reference_state_dict
 from tensorsurgery.cli import main
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"

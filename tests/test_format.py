@@ -19,8 +19,16 @@ from safetensors import TensorSpec, safe_open
 from safetensors.numpy import save_file
 
 from tensorsurgery.errors import HeaderError, SourceError
-from tensorsurgery.format import (DTYPE_BITS, MAX_HEADER_SIZE, Header, StricterHeaderError,
-                                  encode_header, parse_header, read_header, tensor_nbytes)
+from tensorsurgery.format import (
+    DTYPE_BITS,
+    MAX_HEADER_SIZE,
+    Header,
+    StricterHeaderError,
+    encode_header,
+    parse_header,
+    read_header,
+    tensor_nbytes,
+)
 
 #: The dtypes of the official reader, in the order its own error message lists them.
 KNOWN_DTYPES = ("BOOL, F4, F6_E2M3, F6_E3M2, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, F8_E4M3FNUZ, "

@@ -28,12 +28,19 @@ import safetensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from test_format import mutated_headers, valid_layouts
 
 from tensorsurgery.errors import HeaderError
-from tensorsurgery.format import (DELIBERATE_DIFFERENCES, DTYPE_BITS, MAX_HEADER_SIZE,
-                                  StricterHeaderError, _parse_fast, _parse_general, encode_header,
-                                  read_header)
-from test_format import mutated_headers, valid_layouts
+from tensorsurgery.format import (
+    DELIBERATE_DIFFERENCES,
+    DTYPE_BITS,
+    MAX_HEADER_SIZE,
+    StricterHeaderError,
+    _parse_fast,
+    _parse_general,
+    encode_header,
+    read_header,
+)
 
 EXAMPLES = int(os.environ.get("TS_FUZZ_EXAMPLES", "1500"))
 SEED = int(os.environ.get("TS_FUZZ_SEED", "20240607"))

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import struct
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -23,10 +22,10 @@ from typing import Callable
 import pytest
 
 from helpers import write_manifest
+from tensorsurgery.checkpoint import INDEX_NAME
 from tensorsurgery.cli import main
 from tensorsurgery.errors import HeaderError
 from tensorsurgery.format import MAX_HEADER_SIZE, encode_header, read_header
-from tensorsurgery.checkpoint import INDEX_NAME
 from tensorsurgery.synthetic import TINY, make_mistral
 
 REPO = Path(__file__).resolve().parent.parent

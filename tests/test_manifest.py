@@ -7,9 +7,18 @@ from pathlib import Path
 import pytest
 
 from tensorsurgery.errors import ManifestError
-from tensorsurgery.manifest import (DEFAULT_MAX_SHARD_SIZE, LayersSpec, OutputSpec, RenameRule, RenameSpec,
-                                    Segment, SourceSpec, apply_overrides, parse_size)
 from tensorsurgery.load import load_manifest
+from tensorsurgery.manifest import (
+    DEFAULT_MAX_SHARD_SIZE,
+    LayersSpec,
+    OutputSpec,
+    RenameRule,
+    RenameSpec,
+    Segment,
+    SourceSpec,
+    apply_overrides,
+    parse_size,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"

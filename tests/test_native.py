@@ -20,20 +20,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import ARRANGEMENTS, load_source_state_dict, reference_state_dict
 from safetensors import safe_open
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
+from reference import ARRANGEMENTS, load_source_state_dict, reference_state_dict
 from tensorsurgery.cli import main
-from tensorsurgery.synthetic import Dims, make_mistral
 from tensorsurgery.errors import SourceError
 from tensorsurgery.load import manifest_from_text
+from tensorsurgery.local import load_checkpoint
 from tensorsurgery.native import config_from_params
 from tensorsurgery.plan import build_plan
-from tensorsurgery.local import load_checkpoint
 from tensorsurgery.pump import Pump
 from tensorsurgery.steps import PermuteRotary
+from tensorsurgery.synthetic import Dims, make_mistral
 
 # Hugging Face name -> native name, written out independently of tensorsurgery.rules.
 _TO_NATIVE = (

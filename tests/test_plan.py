@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (decoder_config, decoder_specs, layer_specs, make_checkpoint, manifest_from_text,
-                     split_in_two)
+from helpers import decoder_config, decoder_specs, layer_specs, make_checkpoint, manifest_from_text, split_in_two
 from tensorsurgery import __version__
 from tensorsurgery.errors import ManifestError, PlanError
 from tensorsurgery.format import parse_header
@@ -493,7 +492,8 @@ def test_two_tensors_renamed_to_one_name():
 
 def test_two_layer_tensors_renamed_to_one_name():
     with pytest.raises(PlanError) as excinfo:
-        build_plan(manifest('plan = "keep"', rename="rules = [{ match = 'mlp\\.up_proj', replace = 'self_attn.q_proj' }]"),
+        rules = "rules = [{ match = 'mlp\\.up_proj', replace = 'self_attn.q_proj' }]"
+        build_plan(manifest('plan = "keep"', rename=rules),
                    {"source": checkpoint(2)})
     assert str(excinfo.value) == ("m.toml: rename: 'model.layers.0.self_attn.q_proj.weight' and "
                                   "'model.layers.0.mlp.up_proj.weight' both become "

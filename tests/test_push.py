@@ -20,7 +20,7 @@ from tensorsurgery.push import push_folder
 class RecordingApi:
     """Records ``create_repo`` / ``upload_folder`` calls; ``fail`` is raised by ``upload_folder``."""
 
-    instances: list["RecordingApi"] = []
+    instances: list[RecordingApi] = []
 
     def __init__(self, token=None, fail: BaseException | None = None):
         self.token, self.fail, self.calls = token, fail, []

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from trust_helpers import (
     child_env,
     child_error,

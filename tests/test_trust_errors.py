@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from trust_helpers import differences, error_line, run, snapshot, write_manifest
 
 INDEX = "model.safetensors.index.json"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from trust_helpers import child_env, write_manifest
 
 RSS_BOUND_MB = 100

@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from trust_helpers import differences, error_line, replace_with, run, shard_names, write_manifest
 
 MODES = ["manifest", "record+sources", "record"]

@@ -324,7 +324,8 @@ def test_json_report_lists_differences(capsys, damaged, solar_manifest, tiny_mis
     code, out, _ = run(capsys, "verify", output, "--json")
     report = json.loads(out)
     assert code == 1 and report["mode"] == "record" and report["ok"] is False
-    assert {d["where"] for d in report["differences"]} == {A, B, "config.json"}  # config.json against its recorded sha256
+    # config.json against its recorded sha256
+    assert {d["where"] for d in report["differences"]} == {A, B, "config.json"}
 
 
 # --------------------------------------------------------------------------- missing output
