@@ -5,6 +5,7 @@ buffers (a cast element split between two buffers, odd offsets, repeated tensors
 from __future__ import annotations
 
 import filecmp
+import json
 import hashlib
 import os
 from pathlib import Path
@@ -165,4 +166,12 @@ def test_threads_1_and_n_write_identical_outputs_and_records(tiny_mistral, tmp_p
     names = sorted(p.name for p in outs[0].iterdir())
     assert names == sorted(p.name for p in outs[1].iterdir())
     _, mismatch, errors = filecmp.cmpfiles(outs[0], outs[1], names, shallow=False)
-    assert not mismatch and not errors
+    # The records may differ only in where a source file's sha256 came from: the first run of the
+    # session reads the file, the second finds it in the hash cache.
+    assert not errors and set(mismatch) <= {"tensorsurgery.json"}
+    records = [json.loads((out / "tensorsurgery.json").read_text()) for out in outs]
+    for record in records:
+        for source in record["sources"]:
+            for f in source["files"]:
+                assert f.pop("sha256_from") in ("read", "cache")
+    assert records[0] == records[1]
