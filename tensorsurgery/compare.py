@@ -158,7 +158,7 @@ def _compare_tensor(t: OutputTensor, path: Path, data_start: int, progress: Prog
     """sha256 of the output bytes of ``t`` ("" unless ``hashed``), and the offset of the first
     byte that differs from the expected ones (None when all are equal)."""
     digest = hashlib.sha256()
-    actual = _buffer("actual", CAST_CHUNK * 2)
+    actual = thread_buffer("actual", CAST_CHUNK * 2)
     pos, first = 0, None
     with OpenFiles() as files:
         out = files.open(path)
@@ -191,7 +191,7 @@ def first_difference(got: memoryview | bytes, want: memoryview | bytes) -> int |
 _local = threading.local()
 
 
-def _buffer(name: str, size: int) -> bytearray:
+def thread_buffer(name: str, size: int = STREAM_CHUNK) -> bytearray:
     """A scratch buffer of this thread, reused from tensor to tensor."""
     buf = getattr(_local, name, None)
     if buf is None or len(buf) < size:
@@ -202,18 +202,23 @@ def _buffer(name: str, size: int) -> bytearray:
 
 def hash_output_range(path: Path, offset: int, length: int, progress: Progress = None) -> str:
     """sha256 of ``length`` bytes of the output file ``path`` from ``offset``."""
-    digest = hashlib.sha256()
-    buf = _buffer("hash", STREAM_CHUNK)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        for start in range(0, length, len(buf)):
-            view = memoryview(buf)[:min(len(buf), length - start)]
-            pread_exact(fd, view, offset + start)
-            digest.update(view)
-            if progress:
-                progress(len(view))
+        return hash_fd_range(fd, offset, length, progress)
     finally:
         os.close(fd)
+
+
+def hash_fd_range(fd: int, offset: int, length: int, progress: Progress = None) -> str:
+    """sha256 of ``length`` bytes of the open file ``fd`` from ``offset``, through this thread's buffer."""
+    digest = hashlib.sha256()
+    buf = thread_buffer("hash")
+    for start in range(0, length, len(buf)):
+        view = memoryview(buf)[:min(len(buf), length - start)]
+        pread_exact(fd, view, offset + start)
+        digest.update(view)
+        if progress:
+            progress(len(view))
     return digest.hexdigest()
 
 

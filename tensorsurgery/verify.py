@@ -13,10 +13,8 @@ expected is a difference.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +29,18 @@ from .compare import (
     compare_sha256,
     compare_shard,
     first_difference,
+    hash_fd_range,
     hash_output_range,
     json_diff,
     open_output_file,
     read_raw_header,
+    thread_buffer,
     unexpected_entries,
 )
 from .errors import HeaderError, VerifyError
 from .expected import expected_files
 from .format import parse_header
-from .fsio import STREAM_CHUNK, pread_exact
+from .fsio import pread_exact
 from .hashing import DEFAULT_THREADS, first_of_each
 from .plan import Plan
 from .record import Record, build_record, header_sha256, read_record, require_folder
@@ -243,7 +243,7 @@ def _check_recorded_tensors(tensors: list[_Recorded], threads: int, progress: Pr
 
 
 def _hash_tensor(t: _Recorded, progress: Progress) -> str:
-    return _hash_range(t.fd, t.offset, t.nbytes, progress)
+    return hash_fd_range(t.fd, t.offset, t.nbytes, progress)
 
 
 def _check_repeat(t: _Recorded, original: _Recorded, original_digest: Future, progress: Progress) -> str:
@@ -251,7 +251,7 @@ def _check_repeat(t: _Recorded, original: _Recorded, original_digest: Future, pr
     matched the record; else hashed."""
     if original_digest.result() != original.sha256:
         return _hash_tensor(t, progress)
-    a, b = _scratch("a"), _scratch("b")
+    a, b = thread_buffer("a"), thread_buffer("b")
     for start in range(0, t.nbytes, len(a)):
         n = min(len(a), t.nbytes - start)
         got, want = memoryview(a)[:n], memoryview(b)[:n]
@@ -264,24 +264,3 @@ def _check_repeat(t: _Recorded, original: _Recorded, original_digest: Future, pr
     return t.sha256
 
 
-_local = threading.local()
-
-
-def _scratch(name: str) -> bytearray:
-    buf = getattr(_local, name, None)
-    if buf is None:
-        buf = bytearray(STREAM_CHUNK)
-        setattr(_local, name, buf)
-    return buf
-
-
-def _hash_range(fd: int, offset: int, length: int, progress: Progress) -> str:
-    digest = hashlib.sha256()
-    buf = _scratch("a")
-    for start in range(0, length, len(buf)):
-        view = memoryview(buf)[:min(len(buf), length - start)]
-        pread_exact(fd, view, offset + start)
-        digest.update(view)
-        if progress:
-            progress(len(view))
-    return digest.hexdigest()
