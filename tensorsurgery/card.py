@@ -11,14 +11,16 @@ import re
 import tomllib
 from collections import Counter
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ._version import __version__
-from .plan import Plan, SourceInfo
 from .repo_id import is_repo_id
 from .report import format_bytes, layer_runs, span
+
+if TYPE_CHECKING:  # the card is made from a plan: plan.py imports this module
+    from .plan import Plan, SourceInfo
 
 _TRANSFORMS = {"none": "copied byte for byte", "cast": "cast", "permute": "rows permuted",
                "permute+cast": "rows permuted and cast", "slice": "a row range of a fused tensor",

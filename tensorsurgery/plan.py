@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
 
 from ._version import __version__
+from .card import model_card
 from .checkpoint import Checkpoint
 from .config import build_config
 from .dtypes import CAST_DTYPES, element_size, is_castable
@@ -204,7 +205,6 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         manifest_text=manifest.text, manifest_name=manifest.path.name,
         card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds,
     )
-    from .card import model_card  # the card describes the plan: it is made from it
     return replace(plan, card=model_card(plan))
 
 

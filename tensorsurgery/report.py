@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .checkpoint import Checkpoint
-from .format import Header
 from .layers import LayerRef
-from .plan import Plan
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # views of these; plan.py makes its card with this module's helpers
+    from .checkpoint import Checkpoint
+    from .format import Header
+    from .plan import Plan
     from .verify import VerifyReport
 
 
