@@ -81,3 +81,19 @@ def tiny_mistral_single(tmp_path_factory) -> Path:
     assert not (path / "model.safetensors.index.json").exists()
     return path
 
+
+@pytest.fixture(scope="module")
+def quiet_transformers():
+    """transformers without progress bars or warnings, and torch on one thread: the family models
+    are tiny, and a second thread only adds synchronisation (57 s -> 18 s under load)."""
+    import torch
+    import transformers.utils.logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity(level)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import run
 from helpers import snapshot, write_manifest
 from tensorsurgery.cli import main
 from tensorsurgery.errors import HeaderError, ManifestError, TensorSurgeryError
@@ -18,10 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(err: str, message: str) -> None:

@@ -35,21 +35,11 @@ from tensorsurgery import api  # noqa: E402
 from tensorsurgery.errors import PlanError  # noqa: E402
 from tensorsurgery.families import get_family, layer_lists  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
+
 NAMES = list(FAMILIES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_single_threaded():
-    import transformers.utils.logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
-    hf_logging.set_verbosity(level)
 
 
 @pytest.fixture(scope="module")

@@ -38,23 +38,11 @@ from family_models import (  # noqa: E402 - after the importorskips
     write_checkpoint,
 )
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("quiet_transformers")]
 
 NAMES = list(FAMILIES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_single_threaded():
-    import transformers.utils.logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
-    hf_logging.set_verbosity(level)
 
 
 @pytest.fixture(scope="session")

@@ -4,43 +4,16 @@ Not a timing: a regression that reads a whole tensor (here 128 MB) into memory, 
 buffer per tensor, pushes the child's peak RSS past the bound and fails."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-from tensorsurgery.synthetic import Dims, make_mistral  # noqa: E402
+from cli_helpers import peak_rss_mb
+from tensorsurgery.synthetic import Dims, make_mistral
 
 #: Python + numpy + tensorsurgery is ~35 MB and the buffers 16 MB; a whole tensor is 128 MB.
 RSS_BOUND_MB = 100
 BIG_TENSOR_MB = 128
-
-
-# The child reports its own high-water mark (VmHWM belongs to the address space exec made).
-# Not wait4's ru_maxrss: Linux carries the parent's peak across fork+exec, and the pytest
-# process holds torch.
-_RUN_AND_REPORT = (
-    "import atexit, os, re, runpy, sys\n"
-    "def report():\n"
-    "    hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
-    "    open(os.environ['TS_HWM_FILE'], 'w').write(hwm)\n"
-    "atexit.register(report)\n"
-    "sys.argv = ['tensorsurgery', *sys.argv[1:]]\n"
-    "runpy.run_module('tensorsurgery', run_name='__main__')\n"
-)
-
-
-def _peak_rss_mb(args: list[str], tmp_path: Path) -> float:
-    """Run the CLI in a child and return the child's own peak RSS in MB."""
-    hwm = tmp_path / "hwm"
-    proc = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT, *args], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "TS_HWM_FILE": str(hwm)})
-    assert proc.returncode == 0, proc.stderr
-    return int(hwm.read_text()) / 1024
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +31,8 @@ def test_apply_and_verify_peak_rss_is_bounded(big_checkpoint, tmp_path, cast):
     dtype = f'dtype = "{cast}"\n' if cast else ""
     manifest.write_text(f'[source]\nmodel = "{big_checkpoint}"\n[rename]\npreset = "mistral-to-llama"\n'
                         f'[layers]\nplan = "dus"\noverlap = 1\n[output]\npath = "{tmp_path / "out"}"\n{dtype}')
-    apply_rss = _peak_rss_mb(["apply", str(manifest)], tmp_path)
-    verify_rss = _peak_rss_mb(["verify", str(manifest)], tmp_path)
+    apply_rss = peak_rss_mb(tmp_path, "apply", manifest)
+    verify_rss = peak_rss_mb(tmp_path, "verify", manifest)
     assert (tmp_path / "out" / "config.json").is_file()
     assert apply_rss < RSS_BOUND_MB, f"apply peaked at {apply_rss:.0f} MB"
     assert verify_rss < RSS_BOUND_MB, f"verify peaked at {verify_rss:.0f} MB"

@@ -5,8 +5,8 @@ buffers (a cast element split between two buffers, odd offsets, repeated tensors
 from __future__ import annotations
 
 import filecmp
-import json
 import hashlib
+import json
 import os
 from pathlib import Path
 

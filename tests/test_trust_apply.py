@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from trust_helpers import (
+from cli_helpers import (
     child_env,
     child_error,
     error_line,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from trust_helpers import differences, error_line, run, snapshot, write_manifest
+from cli_helpers import differences, error_line, run, snapshot, write_manifest
 
 INDEX = "model.safetensors.index.json"
 RECORD = "tensorsurgery.json"

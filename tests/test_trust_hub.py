@@ -7,8 +7,8 @@ import pytest
 from huggingface_hub import constants
 from test_hub import COMMIT, HF_SHARDS, FakeHub, add_to_cache
 
+from cli_helpers import run, write_manifest
 from tensorsurgery import hub
-from trust_helpers import run, write_manifest
 
 
 @pytest.fixture

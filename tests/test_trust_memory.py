@@ -6,35 +6,14 @@ sources; each child's own peak RSS (VmHWM) must stay under the bound test_memory
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from trust_helpers import child_env, write_manifest
+from cli_helpers import peak_rss_mb, write_manifest
 
 RSS_BOUND_MB = 100
 EXTRA_MB = 150
-
-_RUN_AND_REPORT = (
-    "import atexit, os, re, runpy, sys\n"
-    "def report():\n"
-    "    hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
-    "    open(os.environ['TS_HWM_FILE'], 'w').write(hwm)\n"
-    "atexit.register(report)\n"
-    "sys.argv = ['tensorsurgery', *sys.argv[1:]]\n"
-    "runpy.run_module('tensorsurgery', run_name='__main__')\n"
-)
-
-
-def peak_rss_mb(tmp_path: Path, *argv: object) -> float:
-    hwm = tmp_path / "hwm"
-    proc = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT, *map(str, argv)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env=child_env(TS_HWM_FILE=str(hwm)))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return int(hwm.read_text()) / 1024
-
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc/self/status")
 def test_a_large_copied_file_keeps_memory_flat(tiny_mistral, tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from trust_helpers import REPO, TIMEOUT, Hung, child_env
+from cli_helpers import REPO, TIMEOUT, Hung, child_env
 
 #: What a drawn tqdm bar leaves in the terminal: a carriage return and a rate in bytes.
 BAR = ("\r", "B/s")

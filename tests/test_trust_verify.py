@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from trust_helpers import differences, error_line, replace_with, run, shard_names, write_manifest
+from cli_helpers import differences, error_line, replace_with, run, shard_names, write_manifest
 
 MODES = ["manifest", "record+sources", "record"]
 INDEX = "model.safetensors.index.json"

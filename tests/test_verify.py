@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import run
 from tensorsurgery.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,11 +49,6 @@ def manifest_copy(folder: Path, name: str, **output: str) -> Path:
     return path
 
 
-def run(capsys, *argv: object) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def apply(capsys, manifest: Path, source: Path, output: Path) -> Path:

@@ -1,7 +1,8 @@
-"""Helpers of the tests that try tensorsurgery as a user and as an attacker would (issue 9):
+"""Helpers of the tests that use tensorsurgery as a person would, through its command line:
 manifests written into a folder, the command line run in this process or in a child (with a
-timeout, so a FIFO that hangs fails the test instead of the suite), one-line error checks, and
-snapshots of folders that see links, FIFOs and folders without opening them.
+timeout, so a FIFO that hangs fails the test instead of the suite), a child's own peak memory,
+one-line error checks, and snapshots of folders that see links, FIFOs and folders without
+opening them.
 
 Only ``tensorsurgery.cli.main`` and the standard library are used, so these tests run unchanged
 against an older checkout of the package (``PYTHONPATH=OLD python -m pytest ...``).
@@ -168,3 +169,25 @@ def argv_of(*parts: Sequence[object] | object) -> list[str]:
     for p in parts:
         out += [str(x) for x in p] if isinstance(p, (list, tuple)) else [str(p)]
     return out
+
+
+_RUN_AND_REPORT = (
+    "import atexit, os, re, runpy, sys\n"
+    "def report():\n"
+    "    hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+    "    open(os.environ['TS_HWM_FILE'], 'w').write(hwm)\n"
+    "atexit.register(report)\n"
+    "sys.argv = ['tensorsurgery', *sys.argv[1:]]\n"
+    "runpy.run_module('tensorsurgery', run_name='__main__')\n"
+)
+
+
+def peak_rss_mb(tmp_path: Path, *argv: object) -> float:
+    """Run ``tensorsurgery ARGV`` in a child and return the child's own peak RSS in MB. The child
+    reports its VmHWM itself: wait4's ru_maxrss would carry the parent's peak across fork+exec
+    (and the pytest process holds torch)."""
+    hwm = tmp_path / "hwm"
+    proc = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT, *map(str, argv)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=child_env(TS_HWM_FILE=str(hwm)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return int(hwm.read_text()) / 1024
