@@ -12,10 +12,15 @@ measurements), wall time of the operation and the child's peak RSS (``ru_maxrss`
 * ``official full``: the same plus ``get_slice(name)`` with ``get_dtype()`` and ``get_shape()`` of
   every tensor, kept in a list: what our ``Header`` holds (names, dtypes, shapes) in Python objects.
 * ``ours read_header``: ``tensorsurgery.format.read_header(path)``, the Header kept alive.
+* ``plan keep`` and ``plan dus`` (``--names model`` only): ``tensorsurgery plan MANIFEST`` as a user
+  runs it (the command line in-process, its summary printed to a buffer) on a manifest beside the
+  file that keeps the layers or stacks them DUS-style (overlap: a quarter of the layers), with a
+  Qwen3-MoE config.json: headers read, every output tensor planned, shard headers encoded.
 
 and prints ratios (ours / official) for time and peak RSS. ``--baseline DIR`` adds ``baseline
-read_header``: the same child with ``DIR`` (another checkout of tensorsurgery, e.g. from ``git
-archive``) first on ``PYTHONPATH``, for before/after numbers measured side by side. Runs alternate
+...`` rows: our rows again with ``DIR`` (another checkout of tensorsurgery, e.g. from ``git
+archive`` or ``git worktree``) first on ``PYTHONPATH``, for before/after numbers measured side by
+side (the plan rows need a checkout with ``tensorsurgery.cli.main``). Runs alternate
 and the table shows medians. The file is removed at the end unless ``--keep``.
 
 Tensor names follow a mixture-of-experts model, ``model.layers.{i}.mlp.experts.{j}.{gate,up,
@@ -100,8 +105,26 @@ dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "rss_after_imports_kb": int(rss0), "tensors": len(h.entries)}))
 """,
 }
+# ``tensorsurgery plan`` as a user runs it (the command line, its summary printed), on a manifest
+# next to the file: argv[2] is the manifest. Only with --names model, whose layers a config.json
+# beside the file describes.
+_PLAN_CHILD = """
+import io, sys, time, json, contextlib
+from tensorsurgery.cli import main
+rss0 = open('/proc/self/status').read().split('VmRSS:')[1].split()[0]
+out = io.StringIO()
+t = time.perf_counter()
+with contextlib.redirect_stdout(out):
+    code = main(["plan", sys.argv[2]])
+dt = time.perf_counter() - t
+assert code == 0, code
+print(json.dumps({"seconds": dt, "rss_after_imports_kb": int(rss0), "tensors": None}))
+"""
+PLANS = {"plan keep": 'plan = "keep"', "plan dus": 'plan = "dus"\noverlap = {overlap}'}
+CHILDREN.update({label: _PLAN_CHILD for label in PLANS})
 OFFICIAL = ("official keys", "official full")
-BASELINE = "baseline read_header"
+OURS = ("ours read_header", *PLANS)
+BASELINE = "baseline "
 
 
 def entry_json(name: str, dtype: str, shape: tuple[int, ...], start: int, end: int) -> str:
@@ -156,16 +179,38 @@ def write_file(path: Path, names: str, max_header: int, tensors: int | None) -> 
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         f.truncate(8 + len(raw) + offset)  # data section: a hole
+    if names == "model":
+        write_plans(path.parent, layers=int(parts[-1].split(".", 3)[2]) + 1)
     return count, len(raw)
+
+
+def write_plans(folder: Path, layers: int) -> None:
+    """config.json of a Qwen3-MoE-shaped model with ``layers`` layers, and a manifest per plan
+    row (``plan-keep.toml``, ``plan-dus.toml``; DUS overlaps a quarter of the layers)."""
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_moe", "num_hidden_layers": layers, "mlp_only_layers": [],
+        "decoder_sparse_step": 1}))
+    for label, layer_spec in PLANS.items():
+        out = folder / "out"  # never written: plan only
+        text = (f'[source]\nmodel = "{folder}"\n\n[layers]\n{layer_spec.format(overlap=layers // 4)}\n\n'
+                f'[output]\npath = "{out}"\n')
+        (folder / manifest_name(label)).write_text(text)
+
+
+def manifest_name(label: str) -> str:
+    return label.replace(" ", "-") + ".toml"
 
 
 def measure(label: str, path: Path, baseline: Path | None = None) -> dict:
     env = dict(os.environ)
-    root = baseline if label == BASELINE else REPO
+    own = label.removeprefix(BASELINE)
+    root = baseline if own != label and baseline is not None else REPO
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    code = CHILDREN["ours read_header" if label == BASELINE else label]
+    argv = [sys.executable, "-c", CHILDREN[own], str(path)]
+    if own in PLANS:
+        argv.append(str(path.parent / manifest_name(own)))
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env,
+    proc = subprocess.Popen(argv, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(root))
     # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over all children)
     out = proc.stdout.read()
@@ -191,12 +236,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="exactly this many tensors (default: as many as fit)")
     ap.add_argument("--only", default=None, help="comma-separated labels to run")
     ap.add_argument("--baseline", type=Path, default=None,
-                    help="another tensorsurgery checkout to measure as 'baseline read_header'")
+                    help="another tensorsurgery checkout whose read_header and plan rows to measure too "
+                         "('baseline ...')")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    labels = list(CHILDREN) + ([BASELINE] if args.baseline else [])
+    labels = [label for label in CHILDREN if args.names == "model" or label not in PLANS]
+    if args.baseline:
+        labels += [BASELINE + label for label in OURS if label in labels]
     if args.only is not None:
         labels = [s.strip() for s in args.only.split(",")]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="header-scale-"))
@@ -213,13 +261,14 @@ def main(argv: list[str] | None = None) -> int:
             order = labels[run % len(labels):] + labels[:run % len(labels)]
             for label in order:
                 r = measure(label, path, args.baseline)
-                assert r["tensors"] == count, (label, r["tensors"], count)
+                assert r["tensors"] in (count, None), (label, r["tensors"], count)
                 results[label].append(r)
                 print(f"# run {run + 1} {label}: {r['seconds']:.2f} s, peak {r['peak_mb']:.0f} MB",
                       file=sys.stderr)
     finally:
         if not args.keep:
-            path.unlink()
+            for made in [path, workdir / "config.json", *(workdir / manifest_name(p) for p in PLANS)]:
+                made.unlink(missing_ok=True)
             if args.workdir is None:
                 workdir.rmdir()
 

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 from .errors import SourceError
 from .families import Family, family_of
 from .format import Header
+from .gcpause import paused_gc
 from .layers import GENERIC_LAYERS, LayerScheme
 from .native import config_from_params
 
@@ -110,9 +111,10 @@ class Checkpoint:
         """Tensor names by decoder layer index (None: outside the layers), in weight-map order."""
         groups: dict[int | None, list[str]] = {}
         index = self.layers.index
-        for name in self.weight_map:
-            groups.setdefault(index(name), []).append(name)
-        return MappingProxyType({k: tuple(v) for k, v in groups.items()})
+        with paused_gc():  # a list entry per tensor, no cycles: see gcpause
+            for name in self.weight_map:
+                groups.setdefault(index(name), []).append(name)
+            return MappingProxyType({k: tuple(v) for k, v in groups.items()})
 
     @property
     def found_layers(self) -> int:

@@ -16,7 +16,6 @@ hands over to the general one.
 """
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from typing import Iterable, Mapping
 from .dtypes import DTYPE_BITS
 from .errors import HeaderError
 from .fsio import open_regular
+from .gcpause import paused_gc
 
 #: Largest header the official reader accepts (``MAX_HEADER_SIZE`` in tensor.rs).
 MAX_HEADER_SIZE = 100_000_000
@@ -188,12 +188,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
 def _parse(path: Path, buf: bytes, file_size: int) -> Header:
     """``buf`` is the file's first bytes: the 8-byte length, then that many bytes of header."""
     data_len = file_size - len(buf)
-    # Parsing makes a few container objects per tensor and frees none of them, so the cyclic
-    # garbage collector's passes over the growing heap find nothing: a third of the time of a
-    # million-tensor header. Paused for the parse, restored after, whatever happens.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with paused_gc():  # a few containers per tensor, none freed: see gcpause
         header = _parse_fast(path, buf, data_len)
         if header is None:
             try:
@@ -202,9 +197,6 @@ def _parse(path: Path, buf: bytes, file_size: int) -> Header:
                 raise HeaderError(f"{path}: header is not valid UTF-8 (byte {e.start})") from None
             header = _parse_general(path, text, buf, data_len)
         return header
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 # --- the fast parser: the compact layout of every known writer, or None -----------------------
@@ -617,17 +609,25 @@ def _encode_entries(items: list, metadata: Mapping[str, str] | None) -> list[byt
     if metadata is not None:
         parts.append(b'"__metadata__":' + json.dumps(
             dict(metadata), separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    append = parts.append
     comma = "," if len(parts) > 2 else ""
+    # The same few (dtype, shape) pairs repeat in every layer: their JSON is made once each.
+    middles: dict[tuple[str, tuple[int, ...]], str] = {}
     ints = _INT_TYPES
+    pieces: list[str] = []
+    append = pieces.append
     for name, dtype, shape, start, end in items:
-        if (type(name) is not str or type(dtype) is not str or type(start) is not int
+        # Types checked every time: (True, 8) equals (1, 8) as a key, but json writes it otherwise.
+        if (type(name) is not str or type(dtype) is not str or type(shape) is not tuple or type(start) is not int
                 or type(end) is not int or not ints.issuperset(map(type, shape))):
             return None
-        append(f'{comma}{enc(name)}:{{"dtype":{enc(dtype)},"shape":[{",".join(map(str, shape))}],'
-               f'"data_offsets":[{start},{end}]}}'.encode())
+        middle = middles.get((dtype, shape))
+        if middle is None:
+            middle = middles[dtype, shape] = (f':{{"dtype":{enc(dtype)},"shape":[{",".join(map(str, shape))}],'
+                                              f'"data_offsets":[')
+        append(f"{comma}{enc(name)}{middle}{start},{end}]}}")
         comma = ","
-    append(b"}")
+    parts.append("".join(pieces).encode())
+    parts.append(b"}")
     return parts
 
 

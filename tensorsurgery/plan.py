@@ -19,6 +19,7 @@ from .config import build_config
 from .dtypes import CAST_DTYPES, element_size, is_castable
 from .errors import PlanError
 from .format import Header, encode_header
+from .gcpause import paused_gc
 from .layers import LayerRef, seams
 from .manifest import Manifest
 from .rules import get_preset
@@ -156,6 +157,7 @@ class Plan:
         return tuple(t for s in self.shards for t in s.tensors)
 
 
+@paused_gc()  # a few objects per tensor, no cycles: see gcpause
 def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, link: bool = False) -> Plan:
     """Plan the output of ``manifest`` applied to ``checkpoints`` (keyed by source name).
 
