@@ -150,10 +150,9 @@ def _provenance(plan: Plan) -> str:
         rev = f" at commit `{s.revision}`" if s.revision else ""
         lines.append(f"- source `{s.name}`: `{source_label(plan, s)}`{rev}, {s.layout} layout, "
                      f"{len(s.files)} weight file(s)")
-    transforms = Counter(t.transform for t in plan.tensors)
     lines += [
-        f"- output: {len(plan.tensors)} tensors ("
-        + ", ".join(f"{n} {_TRANSFORMS.get(k, k)}" for k, n in sorted(transforms.items()))
+        f"- output: {plan.tensor_count} tensors ("
+        + ", ".join(f"{n} {_TRANSFORMS.get(k, k)}" for k, n in plan.transform_counts.items())
         + f") in {len(plan.shards)} shard(s), {format_bytes(plan.total_size)}",
         f"- tool: tensorsurgery {__version__}",
         "",

@@ -220,7 +220,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     rate = written.nbytes / written.seconds if written.seconds else 0
     print(f"wrote {written.output}")
-    print(f"  {len(plan.layers)} layers, {len(plan.tensors)} tensors ({format_bytes(plan.total_size)} of tensor "
+    print(f"  {len(plan.layers)} layers, {plan.tensor_count} tensors ({format_bytes(plan.total_size)} of tensor "
           f"data) in {len(plan.shards)} shard(s)")
     print(f"  {format_bytes(written.nbytes)} of shard files written in {written.seconds:.1f} s "
           f"({format_bytes(rate)}/s)")

@@ -22,4 +22,12 @@ def paused_gc() -> Iterator[None]:
         yield
     finally:
         if was_enabled:
+            if not gc.get_freeze_count():
+                # The objects made while paused count as new, so the first allocation after
+                # enable() would walk them all (half a second for a million tensors). Moving them
+                # to the oldest generation (freeze, then unfreeze: no walk) leaves them to the
+                # next full collection, as if they had survived the young ones. Skipped if the
+                # program froze objects itself: unfreeze() would release them.
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()

@@ -7,7 +7,9 @@ knows exactly what to expect.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
@@ -154,7 +156,24 @@ class Plan:
 
     @property
     def tensors(self) -> tuple[OutputTensor, ...]:
+        """Every output tensor, shard by shard (a new tuple each time: keep it if used often)."""
         return tuple(t for s in self.shards for t in s.tensors)
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def transform_counts(self) -> Mapping[str, int]:
+        """How many output tensors each transform makes (``{"none": 280, "cast": 11}``), sorted by
+        transform. Counted by steps, in C (a 1.7M-tensor plan has a handful of distinct ones)."""
+        by_steps: Counter[tuple[Step, ...]] = Counter()
+        for shard in self.shards:
+            by_steps.update(map(_STEPS, shard.tensors))
+        counts: Counter[str] = Counter()
+        for steps, n in by_steps.items():
+            counts[describe(steps)] += n
+        return dict(sorted(counts.items()))
 
 
 @paused_gc()  # a few objects per tensor, no cycles: see gcpause
@@ -182,16 +201,16 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     chosen = select(manifest, checkpoints)
     arrangement, moe, kinds = chosen.arrangement, chosen.moe, chosen.kinds
     dtype = CAST_DTYPES[manifest.output.dtype] if manifest.output.dtype else None
-    picks = sorted(chosen.picks, key=lambda p: (p.order, p.out))
+    picks = sorted(chosen.picks, key=_ORDER)
     del chosen  # from here on each tensor is held once: picks, then specs, then placed tensors
-    specs = [_spec(p, checkpoints, dtype) for p in picks]
+    specs = _specs(picks, checkpoints, dtype)
     del picks
     linked = _identical_source_shards(specs, checkpoints[base]) if link else []
-    taken = {spec[0] for _, group in linked for spec, _ in group}
-    groups: list[tuple[Header | None, list[tuple[_Spec, int]]]] = [*linked]
-    groups += [(None, group) for group in _cut([s for s in specs if s[0] not in taken],
+    taken = {t.name for _, group in linked for t in group}
+    groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
+    groups += [(None, group) for group in _cut([s for s in specs if s[0] not in taken] if taken else specs,
                                                manifest.output.max_shard_size)]
-    del specs  # each tensor is made once, placed: the specs go as the shards are made
+    del specs
     shards = _name_shards(groups)
     base_ckpt = checkpoints[base]
     preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
@@ -210,6 +229,11 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     return replace(plan, card=model_card(plan))
 
 
+_STEPS = itemgetter(9)  # OutputTensor.steps
+#: The output order: natural order of names (``layers.2`` before ``layers.10``), then the names.
+_ORDER = itemgetter(7, 0)  # Pick.order, Pick.out
+
+
 def _source_info(name: str, model: str, ckpt: Checkpoint) -> SourceInfo:
     return SourceInfo(name, model, ckpt.root, ckpt.layout, ckpt.revision, tuple(sorted(ckpt.headers)),
                       repo_id=ckpt.repo_id, inside=ckpt.inside)
@@ -219,6 +243,28 @@ def _source_info(name: str, model: str, ckpt: Checkpoint) -> SourceInfo:
 #: tuple: a plan makes one per tensor, 1.7M for the largest headers, and frozen dataclasses are slow
 #: to build).
 _Spec = tuple
+#: A plain tuple's constructor, used for the NamedTuples made per tensor: theirs costs 3x.
+_new = tuple.__new__
+
+
+def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> list[_Spec]:
+    """The output tensor of each pick (:func:`_spec`), verbatim copies inline: they are most tensors
+    of most plans, and the loop runs for every tensor of a 1.7M-tensor plan."""
+    sources = {name: (c.weight_map, c.headers) for name, c in checkpoints.items()}
+    specs: list[_Spec] = []
+    append = specs.append
+    for p in picks:
+        weight_map, headers = sources[p.source]
+        header = headers[weight_map[p.key]]
+        e = header.tensors[p.key]
+        if p.rows is None and p.permute is None and not p.zeros and (
+                not dtype or e.dtype == dtype or not is_castable(e.dtype)):
+            n = e.end - e.start
+            append((p.out, e.dtype, e.shape, n, p.source, p.key, e.dtype,
+                    _new(ByteRange, (header.path, header.data_start + e.start, n)), ()))
+        else:
+            append(_spec(p, checkpoints, dtype))
+    return specs
 
 
 def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> _Spec:
@@ -233,9 +279,6 @@ def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> 
         shape = entry.shape[:1]
         nbytes = (shape[0] if shape else 1) * element_size(out_dtype)
         return p.out, out_dtype, shape, nbytes, p.source, "", out_dtype, None, (Zeros(),)
-    if p.rows is None and p.permute is None and out_dtype == entry.dtype:  # a verbatim copy
-        return (p.out, out_dtype, entry.shape, entry.nbytes, p.source, p.key, entry.dtype,
-                ByteRange(header.path, header.data_start + entry.start, entry.nbytes), ())
     steps: list[Step] = []
     shape, source = entry.shape, ByteRange(header.path, header.data_start + entry.start, entry.nbytes)
     if p.rows is not None:
@@ -268,7 +311,7 @@ def _where(ckpt: Checkpoint, shard: str, key: str) -> str:
 
 
 def _placed(spec: _Spec, offset: int) -> OutputTensor:
-    return OutputTensor._make((*spec[:3], offset, *spec[3:]))
+    return _new(OutputTensor, (*spec[:3], offset, *spec[3:]))
 
 
 def _rows(p: Pick, config: Mapping[str, Any], where: str) -> tuple[int, int, int]:
@@ -280,7 +323,7 @@ def _rows(p: Pick, config: Mapping[str, Any], where: str) -> tuple[int, int, int
                         f"in [config]") from None
 
 
-def _identical_source_shards(specs: list[_Spec], ckpt: Checkpoint) -> list[tuple[Header, list[tuple[_Spec, int]]]]:
+def _identical_source_shards(specs: list[_Spec], ckpt: Checkpoint) -> list[tuple[Header, list[OutputTensor]]]:
     """Source shards whose every tensor is an output tensor of the same name, taken verbatim:
     each with its tensors placed where the source file has them."""
     by_name = {spec[0]: spec for spec in specs}
@@ -291,7 +334,7 @@ def _identical_source_shards(specs: list[_Spec], ckpt: Checkpoint) -> list[tuple
             spec = by_name.get(e.name)
             if spec is None or spec[8] or spec[7] is None or spec[5] != e.name or spec[7].path != header.path:
                 break
-            group.append((spec, e.start))
+            group.append(_placed(spec, e.start))
         else:
             if group and header.raw:
                 found.append((header, group))
@@ -303,35 +346,38 @@ def _identical_source_shards(specs: list[_Spec], ckpt: Checkpoint) -> list[tuple
 MAX_SHARD_HEADER = 50_000_000
 
 
-def _cut(specs: list[_Spec], max_size: int) -> list[list[tuple[_Spec, int]]]:
-    """Greedy in-order sharding, each tensor with its offset in its shard: a new shard starts when
-    the next tensor would pass ``max_size`` (or the header :data:`MAX_SHARD_HEADER`). Not optimal
-    (no bin packing, so order stays natural); a tensor larger than ``max_size`` gets a shard of its
-    own, as Hugging Face does."""
-    groups: list[list[tuple[_Spec, int]]] = []
+def _cut(specs: list[_Spec], max_size: int) -> list[list[OutputTensor]]:
+    """Greedy in-order sharding, each tensor placed at its offset in its shard: a new shard starts
+    when the next tensor would pass ``max_size`` (or the header :data:`MAX_SHARD_HEADER`). Not
+    optimal (no bin packing, so order stays natural); a tensor larger than ``max_size`` gets a shard
+    of its own, as Hugging Face does. Empties ``specs`` (each is freed as it is placed: a plan
+    holds each tensor once)."""
+    groups: list[list[OutputTensor]] = []
     size = header = 0
-    for spec in specs:
+    specs.reverse()
+    pop = specs.pop
+    for _ in range(len(specs)):
+        spec = pop()
         name, nbytes = spec[0], spec[3]
         # An upper bound of the tensor's entry in the JSON header.
         entry = (len(name) if name.isascii() else len(name.encode("utf-8"))) + 100 + 24 * len(spec[2])
         if not groups or (groups[-1] and (size + nbytes > max_size or header + entry > MAX_SHARD_HEADER)):
             groups.append([])
             size = header = 0
-        groups[-1].append((spec, size))
+        groups[-1].append(_new(OutputTensor, (name, spec[1], spec[2], size, *spec[3:])))
         size += nbytes
         header += entry
     return groups
 
 
-def _name_shards(groups: list[tuple[Header | None, list[tuple[_Spec, int]]]]) -> tuple[Shard, ...]:
+def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]]) -> tuple[Shard, ...]:
     """Name shards as Hugging Face does and lay out each one's header; a group with a source
     header is that source file, reproduced as is."""
     n = len(groups)
     shards = []
     for i, (source, group) in enumerate(groups):
         name = SINGLE_SHARD if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        placed = tuple(_placed(spec, offset) for spec, offset in group)
-        group.clear()  # each spec is needed once
+        placed = tuple(group)
         if source is not None:
             shards.append(Shard(name, source.raw, placed, link=source.path))
             continue

@@ -63,8 +63,7 @@ def format_plan(plan: Plan, *, free: int | None = None) -> str:
         counts = Counter(plan.kinds)
         lines.append("layer kinds: " + ", ".join(f"{k or 'plain'} x{n}" for k, n in counts.items())
                      + "  (" + " ".join(_kind_runs(plan.kinds)) + ")")
-    transforms = Counter(t.transform for t in plan.tensors)
-    lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in sorted(transforms.items())))
+    lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in plan.transform_counts.items()))
     lines.append(f"shards: {len(plan.shards)}")
     for shard in plan.shards:
         link = f"  linked to {shard.link} (not written)" if shard.link is not None else ""

@@ -98,15 +98,14 @@ def select(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> Selecti
         _check_movable(manifest, ckpt, arrangement, s.name)
     groups = {name: ckpt.by_layer for name, ckpt in checkpoints.items()}
     renamers = {name: _renamer(manifest, ckpt) for name, ckpt in checkpoints.items()}
-    wanted: list[tuple[str, str, int | None]] = []
+    # What to pick, a block of tensors at a time: (source, source layer or None, output layer or None).
+    wanted: list[tuple[str, int | None, int | None]] = []
     owners = manifest.tensor_sources
-    for src in dict.fromkeys((base, *owners.values())):
-        wanted += [(src, key, None) for key in groups[src].get(None, [])]
-    for pos, ref in enumerate(arrangement):
-        wanted += [(ref.source, key, pos) for key in groups[ref.source].get(ref.layer, [])]
+    wanted += [(src, None, None) for src in dict.fromkeys((base, *owners.values()))]
+    wanted += [(ref.source, ref.layer, pos) for pos, ref in enumerate(arrangement)]
     n_base = checkpoints[base].num_layers
-    for index in sorted(i for i in groups[base] if i is not None and i >= n_base):
-        wanted += [(base, key, len(arrangement) + index - n_base) for key in groups[base][index]]
+    wanted += [(base, index, len(arrangement) + index - n_base)
+               for index in sorted(i for i in groups[base] if i is not None and i >= n_base)]
     picks = _pick(manifest, checkpoints, renamers, wanted)
     if preset is not None:
         picks = _add_zeros(picks, preset.adds)
@@ -137,33 +136,34 @@ def _check_movable(manifest: Manifest, ckpt: Checkpoint, arrangement: tuple[Laye
 
 
 def _pick(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], renamers: Mapping[str, Renamer],
-          wanted: list[tuple[str, str, int | None]]) -> dict[str, Pick]:
+          wanted: list[tuple[str, int | None, int | None]]) -> dict[str, Pick]:
     base = manifest.sources[0].name
     owners = manifest.tensor_sources
     picks: dict[str, Pick] = {}
     replaced: set[str] = set()
-    natural = _natural
-    for src, key, pos in wanted:
+    natural, new = _natural, tuple.__new__  # a plain tuple's constructor: a NamedTuple's costs 3x
+    for src, layer, pos in wanted:
         ckpt, renamer = checkpoints[src], renamers[src]
-        parts = ckpt.layers.split(key) if pos is not None and renamer.trivial else None
-        if parts is not None:
+        keys = ckpt.by_layer.get(layer, ())
+        if pos is not None and renamer.trivial:
             # The common case, made cheap (it runs for every tensor of a 1.7M-tensor plan): the
             # name is kept, only its layer index changes (a layer kept in place keeps its name).
-            head, index, tail = parts
-            out = key if index == pos else f"{head}{pos}{tail}"
-            if out in picks:
-                raise _clash(manifest, picks[out].key, key, out)
-            picks[out] = Pick(out, src, key, None, None, pos, False, (*natural(head), pos, *natural(tail)))
+            for key, (head, tail) in zip(keys, ckpt.layer_parts[layer]):  # type: ignore[index]
+                out = key if layer == pos else f"{head}{pos}{tail}"
+                if out in picks:
+                    raise _clash(manifest, picks[out].key, key, out)
+                picks[out] = new(Pick, (out, src, key, None, None, pos, False, (*natural(head), pos, *natural(tail))))
             continue
-        for renamed_one in _rename(manifest, renamer, key):
-            out, renamed, order = _placed(manifest, ckpt.family, key, renamed_one, pos)
-            if pos is None and owners.get(out, base) != src:
-                if src == base:  # the base's own, replaced by another source's
-                    replaced.add(out)
-                continue
-            if out in picks:
-                raise _clash(manifest, picks[out].key, key, out)
-            picks[out] = Pick(out, src, key, renamed.permute, renamed.rows, pos, order=order)
+        for key in keys:
+            for renamed_one in _rename(manifest, renamer, key):
+                out, renamed, order = _placed(manifest, ckpt.family, key, renamed_one, pos)
+                if pos is None and owners.get(out, base) != src:
+                    if src == base:  # the base's own, replaced by another source's
+                        replaced.add(out)
+                    continue
+                if out in picks:
+                    raise _clash(manifest, picks[out].key, key, out)
+                picks[out] = Pick(out, src, key, renamed.permute, renamed.rows, pos, order=order)
     missing = sorted(replaced - picks.keys())
     if missing:
         raise PlanError(f"{manifest.path}: {missing[0]!r} is to come from source {owners[missing[0]]!r}, which "

@@ -42,7 +42,7 @@ from .expected import expected_files
 from .format import parse_header
 from .fsio import pread_exact
 from .hashing import DEFAULT_THREADS, first_of_each
-from .plan import Plan
+from .plan import OutputTensor, Plan
 from .record import Record, build_record, header_sha256, read_record, require_folder
 
 
@@ -81,8 +81,9 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None,
     output = require_folder(output)
     files = expected_files(plan)
     diffs = unexpected_entries(output, {f.name for f in files} | {RECORD_NAME})
-    same = first_of_each((t.source, t.steps, t.dtype) for t in plan.tensors)
-    unhashed = {plan.tensors[i].name for i in same}
+    tensors = plan.tensors  # made once: Plan.tensors builds a new tuple each time
+    same = first_of_each((t.source, t.steps, t.dtype) for t in tensors)
+    unhashed = {tensors[i].name for i in same}
     tensor_hashes: dict[str, str] = {}
     file_hashes: dict[str, str] = {}
     for f in files:
@@ -96,16 +97,17 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None,
             if digest is not None:
                 file_hashes[f.name] = digest
         diffs += found
-    _borrow_hashes(plan, output, same, tensor_hashes)
+    _borrow_hashes(plan, tensors, output, same, tensor_hashes)
     diffs += _check_record(plan, output, tensor_hashes, file_hashes)
-    nbytes = sum(t.nbytes for t in plan.tensors)
-    return VerifyReport(output, "manifest", len(plan.tensors), nbytes, len(files) + 1, tuple(diffs))
+    nbytes = sum(t.nbytes for t in tensors)
+    return VerifyReport(output, "manifest", len(tensors), nbytes, len(files) + 1, tuple(diffs))
 
 
-def _borrow_hashes(plan: Plan, output: Path, same: dict[int, int], tensor_hashes: dict[str, str]) -> None:
-    """Fill in the hash of each right tensor that was not hashed: its first copy's, when that one
-    is right too (same recipe, same expected bytes), else its own, read again (rare)."""
-    tensors = plan.tensors
+def _borrow_hashes(plan: Plan, tensors: tuple[OutputTensor, ...], output: Path, same: dict[int, int],
+                   tensor_hashes: dict[str, str]) -> None:
+    """Fill in the hash of each right tensor (``tensors`` is ``plan.tensors``) that was not hashed:
+    its first copy's, when that one is right too (same recipe, same expected bytes), else its own,
+    read again (rare)."""
     for i, j in same.items():
         name = tensors[i].name
         if tensor_hashes.get(name) != "":

@@ -56,3 +56,36 @@ def test_planning_restores_the_collector_on_a_plan_error_and_after_a_plan(tmp_pa
     assert gc.isenabled()
     assert api.plan(text.format(1)).layers  # a plan was made, and the collector is back on
     assert gc.isenabled()
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+
+def test_objects_made_while_paused_are_not_walked_at_once_but_cycles_are_still_freed():
+    import weakref
+    with paused_gc():
+        made = [(i, str(i)) for i in range(50_000)]  # tracked tuples, counted as new allocations
+        cycle = _Node()
+    ref = weakref.ref(cycle)
+    del cycle
+    # Promoted to the oldest generation on exit: the young generation starts empty again, so the
+    # next allocation does not walk the 50,000 tuples.
+    assert gc.get_count()[0] < 1_000
+    assert ref() is not None  # not yet collected...
+    gc.collect()
+    assert ref() is None  # ...but a full collection still finds the cycle
+    assert len(made) == 50_000
+
+
+def test_objects_the_program_froze_stay_frozen():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with paused_gc():
+            _ = [(i,) for i in range(1000)]
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
