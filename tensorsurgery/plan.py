@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from operator import itemgetter
+from operator import add, itemgetter
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
@@ -67,6 +67,10 @@ class OutputTensor(NamedTuple):
         return describe(self.steps)
 
 
+#: OutputTensor's fields by position, for loops in C over a plan's tensors.
+_NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES, _STEPS = (itemgetter(i) for i in (0, 1, 2, 3, 4, 9))
+
+
 @dataclass(frozen=True, slots=True)
 class Shard:
     """An output file: its encoded header and its tensors in data order. ``link`` names a source
@@ -81,7 +85,7 @@ class Shard:
 
     def __post_init__(self) -> None:
         if self.data_size < 0:  # summed once: plans ask for it often, and a shard may hold 100k tensors
-            object.__setattr__(self, "data_size", sum(t.nbytes for t in self.tensors))
+            object.__setattr__(self, "data_size", sum(map(_NBYTES, self.tensors)))
 
     @property
     def nbytes(self) -> int:
@@ -229,7 +233,6 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     return replace(plan, card=model_card(plan))
 
 
-_STEPS = itemgetter(9)  # OutputTensor.steps
 #: The output order: natural order of names (``layers.2`` before ``layers.10``), then the names.
 _ORDER = itemgetter(7, 0)  # Pick.order, Pick.out
 
@@ -254,14 +257,14 @@ def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str 
     specs: list[_Spec] = []
     append = specs.append
     for p in picks:
-        weight_map, headers = sources[p.source]
-        header = headers[weight_map[p.key]]
-        e = header.tensors[p.key]
-        if p.rows is None and p.permute is None and not p.zeros and (
-                not dtype or e.dtype == dtype or not is_castable(e.dtype)):
-            n = e.end - e.start
-            append((p.out, e.dtype, e.shape, n, p.source, p.key, e.dtype,
-                    _new(ByteRange, (header.path, header.data_start + e.start, n)), ()))
+        out, source, key, permute, rows, _, zeros, _ = p
+        weight_map, headers = sources[source]
+        header = headers[weight_map[key]]
+        _, e_dtype, shape, start, end = header.tensors[key]
+        if rows is None and permute is None and not zeros and (
+                not dtype or e_dtype == dtype or not is_castable(e_dtype)):
+            append((out, e_dtype, shape, end - start, source, key, e_dtype,
+                    _new(ByteRange, (header.path, header.data_start + start, end - start)), ()))
         else:
             append(_spec(p, checkpoints, dtype))
     return specs
@@ -381,8 +384,10 @@ def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]]) -> tupl
         if source is not None:
             shards.append(Shard(name, source.raw, placed, link=source.path))
             continue
-        header = encode_header(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in placed),
-                               SHARD_METADATA)
+        # (name, dtype, shape, start, end) of each tensor, zipped in C.
+        starts = list(map(_OFFSET, placed))
+        header = encode_header(zip(map(_NAME, placed), map(_DTYPE, placed), map(_SHAPE, placed), starts,
+                                   map(add, starts, map(_NBYTES, placed))), SHARD_METADATA)
         shards.append(Shard(name, header, placed))
     return tuple(shards)
 
