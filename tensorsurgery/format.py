@@ -22,6 +22,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from pathlib import Path
 from types import MappingProxyType
 from typing import Iterable, Mapping, NamedTuple
@@ -587,7 +588,7 @@ def encode_header(tensors: Iterable[tuple[str, str, tuple[int, ...], int, int]],
 
 def _encode_entries(items: list, metadata: Mapping[str, str] | None) -> list[bytes] | None:
     """``[b"", header JSON piece by piece]``, or None where only json.dumps gives the answer."""
-    names = {item[0] for item in items}
+    names = set(map(_FIRST, items))
     if len(names) != len(items) or (metadata is not None and _METADATA_KEY in names):
         return None
     enc = _encode_string
@@ -596,21 +597,29 @@ def _encode_entries(items: list, metadata: Mapping[str, str] | None) -> list[byt
         parts.append(b'"__metadata__":' + json.dumps(
             dict(metadata), separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
     comma = "," if len(parts) > 2 else ""
-    # The same few (dtype, shape) pairs repeat in every layer: their JSON is made once each.
-    middles: dict[tuple[str, tuple[int, ...]], str] = {}
+    # The same few (dtype, shape) pairs repeat in every layer: their JSON is made once each, and
+    # kept with the shape object it was made from. Plans share one shape object per pair, so the
+    # elements' types are checked again only for another object: (True, 8) equals (1, 8) as a
+    # key, but json writes it otherwise.
+    middles: dict[str, dict[tuple[int, ...], tuple[tuple[int, ...], str]]] = {}
     ints = _INT_TYPES
     pieces: list[str] = []
     append = pieces.append
     for name, dtype, shape, start, end in items:
-        # Types checked every time: (True, 8) equals (1, 8) as a key, but json writes it otherwise.
         if (type(name) is not str or type(dtype) is not str or type(shape) is not tuple or type(start) is not int
-                or type(end) is not int or not ints.issuperset(map(type, shape))):
+                or type(end) is not int):
             return None
-        middle = middles.get((dtype, shape))
-        if middle is None:
-            middle = middles[dtype, shape] = (f':{{"dtype":{enc(dtype)},"shape":[{",".join(map(str, shape))}],'
-                                              f'"data_offsets":[')
-        append(f"{comma}{enc(name)}{middle}{start},{end}]}}")
+        by_shape = middles.get(dtype)
+        if by_shape is None:
+            by_shape = middles[dtype] = {}
+        cached = by_shape.get(shape)
+        if cached is None or cached[0] is not shape:
+            if not ints.issuperset(map(type, shape)):
+                return None
+            if cached is None:
+                cached = by_shape[shape] = (shape, f':{{"dtype":{enc(dtype)},"shape":[{",".join(map(str, shape))}],'
+                                                   f'"data_offsets":[')
+        append(f"{comma}{enc(name)}{cached[1]}{start},{end}]}}")
         comma = ","
     parts.append("".join(pieces).encode())
     parts.append(b"}")
@@ -620,3 +629,4 @@ def _encode_entries(items: list, metadata: Mapping[str, str] | None) -> list[byt
 #: json's own string encoder (the C one where built): what json.dumps writes for a str.
 _encode_string = json.encoder.encode_basestring
 _INT_TYPES = frozenset({int})
+_FIRST = itemgetter(0)

@@ -142,13 +142,22 @@ def _pick(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], renamers: M
     picks: dict[str, Pick] = {}
     replaced: set[str] = set()
     natural, new = _natural, tuple.__new__  # a plain tuple's constructor: a NamedTuple's costs 3x
+    in_order: dict[tuple[tuple[str, str], ...], list[int]] = {}
     for src, layer, pos in wanted:
         ckpt, renamer = checkpoints[src], renamers[src]
         keys = ckpt.by_layer.get(layer, ())
         if pos is not None and renamer.trivial:
             # The common case, made cheap (it runs for every tensor of a 1.7M-tensor plan): the
             # name is kept, only its layer index changes (a layer kept in place keeps its name).
-            for key, (head, tail) in zip(keys, ckpt.layer_parts[layer]):  # type: ignore[index]
+            # Picked in natural order of the names' tails (worked out once per set of tails: the
+            # layers of a kind share theirs), so that the plan's sort of the output order finds
+            # long runs already in order.
+            parts = ckpt.layer_parts[layer]  # type: ignore[index]
+            order = in_order.get(parts)
+            if order is None:
+                order = in_order[parts] = sorted(range(len(parts)), key=lambda i: (natural(parts[i][1]), parts[i]))
+            for i in order:
+                key, (head, tail) = keys[i], parts[i]
                 out = key if layer == pos else f"{head}{pos}{tail}"
                 if out in picks:
                     raise _clash(manifest, picks[out].key, key, out)

@@ -512,8 +512,11 @@ def dumps_header(tensors, metadata=None) -> bytes:
     ([("a", None, [1], 0, 4)], None), ([(1, "U8", [1], 0, 1)], None), ([("a", "U8", [], 0, False)], None),
     # a shape seen before (its JSON reused), then one equal to it as a key but not in JSON
     ([("a", "F32", (1,), 0, 4), ("b", "F32", (1,), 4, 8), ("c", "F32", (True,), 8, 12)], None),
+    # an equal shape, another tuple object (its element types checked again), then another dtype
+    ([("a", "F32", (2, 3), 0, 24), ("b", "F32", tuple(range(2, 4)), 24, 48), ("c", "F16", (2, 3), 48, 60)], None),
 ], ids=["empty", "empty-metadata", "escapes", "twice", "metadata-name", "metadata-name-alone",
-        "bool-dim", "float-dim", "null-dtype", "int-name", "bool-offset", "bool-dim-after-int"])
+        "bool-dim", "float-dim", "null-dtype", "int-name", "bool-offset", "bool-dim-after-int",
+        "equal-shape-other-object"])
 def test_encode_header_writes_what_json_dumps_writes(tensors, metadata):
     assert encode_header(iter(tensors), metadata) == dumps_header(tensors, metadata)
 
