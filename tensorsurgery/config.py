@@ -163,8 +163,9 @@ def _leading_count(f: LeadingCount, moe: tuple[bool, ...], arrangement: tuple[La
     late = [i for i in range(k, len(kinds)) if kinds[i]]
     if late:
         i = late[0]
+        whose = "this model's" if family.generic else f"{family.name}'s"
         raise PlanError(f"{where}: output layer {i} (layer {arrangement[i].layer} of source {arrangement[i].source!r}) "
-                        f"is {f.kind} but follows a layer that is not (output layer {k}); {family.name}'s config can "
+                        f"is {f.kind} but follows a layer that is not (output layer {k}); {whose} config can "
                         f"only say that the first {f.key} layers are {f.kind}: arrange the {f.kind} layers first, "
                         f"or relabel the model as a family with a per-layer list")
     return k

@@ -4,7 +4,8 @@ config.json leaves them out), and which layers come after the counted ones.
 
 One :class:`Family` per family, looked up from config.json's ``model_type`` (never by if/elif). A
 model no entry knows uses :data:`GENERIC`: today's rules for Llama-like decoders (a ``layers.N``
-segment anywhere in a name; any config list with one entry per layer follows the arrangement).
+segment anywhere in a name; any config list with one entry per layer follows the arrangement; the
+dense/MoE fields that several families share by name are recomputed).
 Adding a family is one entry here plus a test in ``tests/test_families_e2e.py``.
 
 What each field kind means for an arrangement (output layer ``i`` is source layer ``src(i)``):
@@ -213,24 +214,32 @@ class Family:
         return self is GENERIC
 
 
-GENERIC = Family("generic")
-
 _DECODER = LayerScheme(("model.layers",))
 _SLIDING_ALTERNATE = PerLayer("layer_types", Periodic(None, 2, "full_attention", "sliding_attention"))
 _GEMMA3_LAYERS = (PerLayer("layer_types",
                             Periodic("sliding_window_pattern", 6, "full_attention", "sliding_attention")),)
 _DENSE_INDICES = LayerIndices("mlp_only_layers", "dense", (("decoder_sparse_step", 1),))
+_MOE_INDICES = LayerIndices("moe_layers", "moe", (("interleave_moe_layer_step", 1),))
+_LEADING_DENSE = LeadingCount("first_k_dense_replace", "dense")
+
+#: The rules for a model_type no entry knows. Its per-layer lists follow the arrangement (the
+#: generic rule in :mod:`tensorsurgery.config`); the fields that say which layers are dense or MoE
+#: are named the same across the families that have them (Qwen-MoE's ``mlp_only_layers``, Llama 4's
+#: ``moe_layers``, DeepSeek/GLM/Kimi's ``first_k_dense_replace``), so they are recomputed where a
+#: config has them, rather than left describing the source's layers.
+GENERIC = Family("generic", fields=(_DENSE_INDICES, _MOE_INDICES, _LEADING_DENSE))
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",), _DECODER),
     Family("mistral", ("mistral",), _DECODER),
     Family("qwen2", ("qwen2",), _DECODER, fields=(PerLayer("layer_types", WindowFrom()),)),
     Family("qwen3", ("qwen3",), _DECODER, fields=(PerLayer("layer_types", WindowFrom()),)),
+    Family("qwen2_moe", ("qwen2_moe",), _DECODER, fields=(_DENSE_INDICES,)),
     Family("qwen3_moe", ("qwen3_moe",), _DECODER, fields=(_DENSE_INDICES,)),
     Family("qwen3_next", ("qwen3_next",), _DECODER, fields=(
         PerLayer("layer_types", Periodic("full_attention_interval", 4, "full_attention", "linear_attention")),
         _DENSE_INDICES)),
-    Family("deepseek_v3", ("deepseek_v3",), _DECODER, fields=(LeadingCount("first_k_dense_replace", "dense"),),
+    Family("deepseek_v3", ("deepseek_v3",), _DECODER, fields=(_LEADING_DENSE,),
            extra_layers_key="num_nextn_predict_layers"),
     Family("mixtral", ("mixtral",), _DECODER),
     Family("gpt_oss", ("gpt_oss",), _DECODER, fields=(_SLIDING_ALTERNATE,)),
@@ -269,7 +278,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama4", ("llama4",), LayerScheme(("language_model.model.layers",)), config_path=("text_config",),
            fields=(PerLayer("no_rope_layers", OrEmpty(Periodic("no_rope_layer_interval", 4, 0, 1))),
                    PerLayer("layer_types", RopeChunked()),
-                   LayerIndices("moe_layers", "moe", (("interleave_moe_layer_step", 1),)))),
+                   _MOE_INDICES)),
     # GPT-2: GPT2LMHeadModel saves transformer.h.N; GPT2Model checkpoints (openai-community/gpt2) bare h.N.
     Family("gpt2", ("gpt2",), LayerScheme(("transformer.h", "h")), count_key="n_layer",
            position_bound=("scale_attn_by_inverse_layer_idx",)),

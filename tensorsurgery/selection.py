@@ -127,9 +127,10 @@ def _check_movable(manifest: Manifest, ckpt: Checkpoint, arrangement: tuple[Laye
     """A family whose config ties a layer's computation to its index (GPT-2's
     ``scale_attn_by_inverse_layer_idx``) cannot have its layers moved."""
     text = ckpt.family.text_config(ckpt.config)
+    overrides = ckpt.family.text_config(manifest.config)  # [config] wins: the user may turn the flag off
     for flag in ckpt.family.position_bound:
         moved = [i for i, ref in enumerate(arrangement) if ref.source == name and ref.layer != i]
-        if text.get(flag) and moved:
+        if overrides.get(flag, text.get(flag)) and moved:
             raise PlanError(f"{manifest.path}: source {name!r} sets {flag}, which ties each layer's computation to "
                             f"its index, and output layer {moved[0]} is its layer {arrangement[moved[0]].layer}; keep "
                             f"its layers in place, or set {flag} = false in [config] if that is what you want")

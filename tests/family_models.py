@@ -153,6 +153,20 @@ def _qwen3_moe(n: int) -> dict[str, Any]:
     )
 
 
+def _qwen2_moe(n: int) -> dict[str, Any]:
+    # Qwen1.5-MoE-A2.7B / Qwen2-57B-A14B shape: experts plus a gated shared expert, q/k/v biases, and
+    # here dense layers too (mlp_only_layers, which Qwen2MoeConfig reads as Qwen3-MoE's does).
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rms_norm_eps=1e-6, rope_parameters=_rope(1000000.0),
+        use_sliding_window=False, sliding_window=None, max_window_layers=n,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+        norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1, n - 1],
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+
+
 def _qwen3_next(n: int) -> dict[str, Any]:
     # Qwen3-Next-80B-A3B shape: 3 gated-delta-net (linear attention) layers then 1 full attention,
     # every layer MoE with a shared expert, partial rotary 0.25.
@@ -391,6 +405,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("qwen3", "qwen3", "Qwen3ForCausalLM", "model.layers", "num_hidden_layers", _qwen3),
     Family("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "model.layers", "num_hidden_layers",
            _qwen3_moe, default_layers=6),
+    Family("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", "model.layers", "num_hidden_layers",
+           _qwen2_moe, default_layers=6),
     Family("qwen3_next", "qwen3_next", "Qwen3NextForCausalLM", "model.layers", "num_hidden_layers",
            _qwen3_next, notes="mtp.* tensors (after the layers, not numbered with them)"),
     Family("deepseek_v3", "deepseek_v3", "DeepseekV3ForCausalLM", "model.layers", "num_hidden_layers",
@@ -1110,7 +1126,7 @@ def _merge_experts(tensors: dict[str, torch.Tensor], gate: str, up: str, down: s
 
 def to_module_names(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint tensors renamed / fused into the parameter names of the family's transformers class."""
-    if family in ("qwen3_moe", "qwen3_next", "deepseek_v3"):
+    if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "deepseek_v3"):
         return _merge_experts(tensors, "gate_proj", "up_proj", "down_proj")
     if family == "mixtral":
         renamed = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()}

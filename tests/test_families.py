@@ -170,8 +170,10 @@ def test_a_seam_between_kinds_is_marked():
         build_plan(manifest('plan = "explicit"\narrangement = [[0, 2], [0, 2]]'), {"source": ckpt})
     plan = build_plan(manifest('plan = "explicit"\narrangement = [0, [1, 3], 1]'), {"source": ckpt})
     assert "  out         3  <-  source 1   <- seam: jump -2" in format_plan(plan)  # both moe: kinds alike
-    # A family the registry does not know: no config field says dense or MoE, so nothing is refused.
-    unknown = replace(ckpt, config=dict(ckpt.config, model_type="not_in_the_registry"))
+    # A family the registry does not know, with no config field that says dense or MoE: nothing is
+    # refused, and plan marks the seam.
+    config = {k: v for k, v in ckpt.config.items() if k != "first_k_dense_replace"}
+    unknown = replace(ckpt, config=dict(config, model_type="not_in_the_registry"))
     plan = build_plan(manifest('plan = "explicit"\narrangement = [[1, 3], 0]'), {"source": unknown})
     assert plan.family == "generic"
     assert "  out         2  <-  source 0   <- seam: jump -3; kinds differ: moe | dense" in format_plan(plan)
@@ -199,6 +201,10 @@ def test_gpt2_layers_tied_to_their_index_do_not_move():
     assert str(e.value) == ("m.toml: source 'source' sets scale_attn_by_inverse_layer_idx, which ties each layer's "
                             "computation to its index, and output layer 2 is its layer 1; keep its layers in place, "
                             "or set scale_attn_by_inverse_layer_idx = false in [config] if that is what you want")
+    # What the message suggests works: the override turns the flag off, and the output says so.
+    turned_off = manifest('plan = "dus"\noverlap = 1', extra="[config]\nscale_attn_by_inverse_layer_idx = false\n")
+    plan = build_plan(turned_off, {"source": ckpt})
+    assert plan.config["n_layer"] == 4 and plan.config["scale_attn_by_inverse_layer_idx"] is False
 
 
 # --- presets ----------------------------------------------------------------------------------------
@@ -279,3 +285,42 @@ def test_config_overrides_cannot_miscount_the_layers():
                    {"source": gemma})
     assert str(e.value) == ("m.toml: config.layer_types has 1 entries but the arrangement has 2 layers; give one per "
                             "output layer, or remove it from [config]")
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "some_future_moe"])
+def test_dense_layer_lists_follow_the_arrangement_in_families_the_registry_may_not_know(model_type):
+    """mlp_only_layers (Qwen-MoE), moe_layers (Llama 4) and first_k_dense_replace (DeepSeek, GLM-4.5,
+    Kimi) are named alike across families: the generic rules recompute them too, rather than
+    leave them describing the source's layers."""
+    specs = [("model.embed_tokens.weight", "F32", (8, 4))]
+    for i in range(4):
+        mlp = ["mlp.down_proj.weight"] if i in (0, 3) else [f"mlp.experts.{j}.down_proj.weight" for j in range(2)]
+        specs += [(f"model.layers.{i}.{t}", "F32", (4, 4)) for t in ["self_attn.q_proj.weight", *mlp]]
+    cfg = {"model_type": model_type, "num_hidden_layers": 4, "mlp_only_layers": [0, 3], "decoder_sparse_step": 2}
+    if model_type != "qwen2_moe":
+        cfg |= {"moe_layers": [1, 2], "interleave_moe_layer_step": 2}
+    ckpt = make_checkpoint(ROOT, {"model.safetensors": specs}, cfg)
+    plan = build_plan(manifest('plan = "dus"\noverlap = 1'), {"source": ckpt})
+    arrangement = [ref.layer for ref in plan.layers]
+    assert arrangement == [0, 1, 2, 1, 2, 3]
+    assert plan.config["mlp_only_layers"] == [0, 5] and plan.config["decoder_sparse_step"] == 1
+    if model_type != "qwen2_moe":
+        assert plan.config["moe_layers"] == [1, 2, 3, 4] and plan.config["interleave_moe_layer_step"] == 1
+    assert plan.family == ("qwen2_moe" if model_type == "qwen2_moe" else "generic")
+
+
+def test_a_leading_dense_count_is_recomputed_or_refused_by_the_generic_rules():
+    specs = [("model.embed_tokens.weight", "F32", (8, 4))]
+    for i in range(4):
+        mlp = ["mlp.down_proj.weight"] if i == 0 else [f"mlp.experts.{j}.down_proj.weight" for j in range(2)]
+        specs += [(f"model.layers.{i}.{t}", "F32", (4, 4)) for t in ["self_attn.q_proj.weight", *mlp]]
+    ckpt = make_checkpoint(ROOT, {"model.safetensors": specs},
+                           {"model_type": "glm4_moe", "num_hidden_layers": 4, "first_k_dense_replace": 1})
+    kept = build_plan(manifest('plan = "keep"'), {"source": ckpt})
+    assert kept.family == "generic" and kept.config["first_k_dense_replace"] == 1
+    with pytest.raises(PlanError) as e:
+        build_plan(manifest('plan = "dus"\noverlap = 0'), {"source": ckpt})  # 0 1 2 3 0 1 2 3: dense after MoE
+    assert str(e.value) == (
+        "m.toml: layers: output layer 4 (layer 0 of source 'source') is dense but follows a layer that is not "
+        "(output layer 1); this model's config can only say that the first first_k_dense_replace layers are dense: "
+        "arrange the dense layers first, or relabel the model as a family with a per-layer list")
