@@ -219,6 +219,7 @@ _SLIDING_ALTERNATE = PerLayer("layer_types", Periodic(None, 2, "full_attention",
 _GEMMA3_LAYERS = (PerLayer("layer_types",
                             Periodic("sliding_window_pattern", 6, "full_attention", "sliding_attention")),)
 _DENSE_INDICES = LayerIndices("mlp_only_layers", "dense", (("decoder_sparse_step", 1),))
+_LINEAR_FULL = PerLayer("layer_types", Periodic("full_attention_interval", 4, "full_attention", "linear_attention"))
 _MOE_INDICES = LayerIndices("moe_layers", "moe", (("interleave_moe_layer_step", 1),))
 _LEADING_DENSE = LeadingCount("first_k_dense_replace", "dense")
 
@@ -236,9 +237,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3", ("qwen3",), _DECODER, fields=(PerLayer("layer_types", WindowFrom()),)),
     Family("qwen2_moe", ("qwen2_moe",), _DECODER, fields=(_DENSE_INDICES,)),
     Family("qwen3_moe", ("qwen3_moe",), _DECODER, fields=(_DENSE_INDICES,)),
-    Family("qwen3_next", ("qwen3_next",), _DECODER, fields=(
-        PerLayer("layer_types", Periodic("full_attention_interval", 4, "full_attention", "linear_attention")),
-        _DENSE_INDICES)),
+    Family("qwen3_next", ("qwen3_next",), _DECODER, fields=(_LINEAR_FULL, _DENSE_INDICES)),
+    # Qwen3.5 and Qwen3.5-MoE, as published (vision tower included): the decoder in text_config,
+    # saved as model.language_model.layers (mtp.* and model.visual.blocks.N copied as they are);
+    # the text-only classes' configs are flat and their decoder is model.layers.
+    Family("qwen3_5", ("qwen3_5", "qwen3_5_moe"), LayerScheme(("model.language_model.layers",)),
+           config_path=("text_config",), fields=(_LINEAR_FULL,)),
+    Family("qwen3_5_text", ("qwen3_5_text", "qwen3_5_moe_text"), _DECODER, fields=(_LINEAR_FULL,)),
     Family("deepseek_v3", ("deepseek_v3",), _DECODER, fields=(_LEADING_DENSE,),
            extra_layers_key="num_nextn_predict_layers"),
     Family("mixtral", ("mixtral",), _DECODER),

@@ -363,6 +363,44 @@ def _qwen2_5_vl(n: int) -> dict[str, Any]:
     )
 
 
+def _qwen3_5(n: int) -> dict[str, Any]:
+    # Qwen3.5 shape (as on the Hub: Qwen3_5ForConditionalGeneration): a Qwen3-Next-style hybrid decoder
+    # (3 gated-delta-net layers then 1 full attention, partial rotary 0.25, interleaved multimodal
+    # rope) in text_config, a ViT tower with learned position embeddings and a 2x2 patch merger.
+    return dict(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+            rms_norm_eps=1e-6, rope_parameters=_rope(10000000.0, partial_rotary_factor=0.25, mrope_section=[1, 1, 0],
+                                                     mrope_interleaved=True),
+            linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_num_key_heads=2, linear_num_value_heads=4, full_attention_interval=4,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=16, intermediate_size=24, num_heads=2, in_channels=3, patch_size=2,
+            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64,
+        ),
+        image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
+        vision_end_token_id=VOCAB - 4, tie_word_embeddings=False,
+    )
+
+
+def _qwen3_5_text(n: int) -> dict[str, Any]:
+    # The same decoder as a text-only model (Qwen3_5ForCausalLM: flat config, model.layers.N).
+    text = _qwen3_5(n)["text_config"]
+    text["rope_parameters"] = _rope(10000000.0, partial_rotary_factor=0.25)
+    return text
+
+
+def _qwen3_5_moe(n: int) -> dict[str, Any]:
+    # Qwen3.5-MoE: the same hybrid, every layer a mixture of experts with a gated shared expert.
+    cfg = _qwen3_5(n)
+    cfg["text_config"].update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                              shared_expert_intermediate_size=16)
+    return cfg
+
+
 def _llama4(n: int) -> dict[str, Any]:
     # Llama-4-Maverick shape (dense and MoE layers alternate: interleave_moe_layer_step 2; dense
     # layers of intermediate_size_mlp, MoE layers of a sigmoid top-1 router over fused experts plus a
@@ -432,6 +470,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "model.layers", "num_hidden_layers",
            _qwen2_5_vl, default_layers=5, text_config="text_config",
            notes="vision blocks visual.blocks.N; Hub configs (transformers 4.x) have no text_config"),
+    Family("qwen3_5", "qwen3_5", "Qwen3_5ForConditionalGeneration", "model.language_model.layers",
+           "num_hidden_layers", _qwen3_5, default_layers=5, text_config="text_config",
+           notes="vision blocks model.visual.blocks.N; layer_types written out by transformers"),
+    Family("qwen3_5_moe", "qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "model.language_model.layers",
+           "num_hidden_layers", _qwen3_5_moe, default_layers=5, text_config="text_config"),
+    Family("qwen3_5_text", "qwen3_5_text", "Qwen3_5ForCausalLM", "model.layers", "num_hidden_layers",
+           _qwen3_5_text, default_layers=5),
     Family("llama4", "llama4", "Llama4ForConditionalGeneration", "language_model.model.layers",
            "num_hidden_layers", _llama4, default_layers=5, text_config="text_config",
            notes="vision tower layers vision_model.model.layers.N are not decoder layers"),
@@ -821,6 +866,14 @@ def _qwen2_5_vl_image(cfg: dict[str, Any], ids: torch.Tensor, gen: torch.Generat
             "image_grid_thw": torch.tensor([[1, grid, grid]] * ids.shape[0])}
 
 
+def _qwen3_5_image(cfg: dict[str, Any], ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    # Qwen2.5-VL's layout (vision start, merged patches, vision end), plus the processor's
+    # mm_token_type_ids (1 at image tokens), from which the model places its multimodal rope.
+    inputs = _qwen2_5_vl_image(cfg, ids, gen)
+    inputs["mm_token_type_ids"] = (ids == cfg["image_token_id"]).long()
+    return inputs
+
+
 def _llama4_image(cfg: dict[str, Any], ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
     # <|image_start|>, one image token per patch left after the pixel shuffle, <|image_end|>.
     v = cfg["vision_config"]
@@ -838,6 +891,8 @@ IMAGE_INPUTS: dict[str, Callable[[dict[str, Any], torch.Tensor, torch.Generator]
     "gemma3": _gemma3_image,
     "mistral3": _mistral3_image,
     "qwen2_5_vl": _qwen2_5_vl_image,
+    "qwen3_5": _qwen3_5_image,
+    "qwen3_5_moe": _qwen3_5_image,
     "llama4": _llama4_image,
 }
 
@@ -912,6 +967,8 @@ LAYER_PREFIXES: dict[str, tuple[str, ...]] = {
     "mistral3": ("language_model.model.layers", "model.language_model.layers"),
     "qwen2_5_vl": ("model.layers", "model.language_model.layers"),
     "llama4": ("language_model.model.layers",),
+    "qwen3_5": ("model.language_model.layers",),  # save_pretrained (5.x) and the Hub checkpoints alike
+    "qwen3_5_moe": ("model.language_model.layers",),
 }
 
 #: Config fields holding one value per decoder layer (follow the arrangement).
@@ -1126,7 +1183,7 @@ def _merge_experts(tensors: dict[str, torch.Tensor], gate: str, up: str, down: s
 
 def to_module_names(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint tensors renamed / fused into the parameter names of the family's transformers class."""
-    if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "deepseek_v3"):
+    if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "deepseek_v3"):
         return _merge_experts(tensors, "gate_proj", "up_proj", "down_proj")
     if family == "mixtral":
         renamed = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()}

@@ -43,6 +43,8 @@ def manifest(layers: str, rename: str = "", extra: str = ""):
 
 def test_families_are_found_by_model_type():
     assert family_of({"model_type": "qwen3_moe"}).name == "qwen3_moe"
+    assert family_of({"model_type": "qwen3_5_moe"}).name == "qwen3_5"  # one entry, two model types
+    assert family_of({"model_type": "qwen3_5_moe_text"}).name == "qwen3_5_text"
     assert family_of({"model_type": "gemma3"}).config_path == ("text_config",)
     assert family_of({"model_type": "somebody_new"}) is GENERIC
     assert family_of({}) is GENERIC and family_of({"model_type": 3}) is GENERIC
