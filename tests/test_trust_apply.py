@@ -452,3 +452,22 @@ def test_a_large_model_card_in_the_source(capsys, src, tmp_path):
     code, _, err = run(capsys, "apply", manifest, "--no-progress")
     assert (code, err) == (0, "")
     assert "\nlicense: apache-2.0\n" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_a_minus_zero_offset_is_refused_before_it_can_become_a_linked_shard(capsys, tmp_path, src, link):
+    """The official reader refuses ``-0`` as an offset (serde_json reads it as a float). With
+    ``--link`` such a source file would become an output shard as is, one transformers cannot
+    open: it is refused with one line, with and without ``--link``, and nothing is written."""
+    shard = sorted(src.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].replace(b'"data_offsets":[0,', b'"data_offsets":[-0,', 1)
+    assert len(header) == n + 1
+    shard.write_bytes((n + 1).to_bytes(8, "little") + header + data[8 + n:])
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path, src, out, layers='plan = "keep"')
+    message = refused(capsys, tmp_path, "apply", manifest, *(["--link"] if link else []))
+    assert re.fullmatch(rf"{re.escape(str(shard))}: tensor '[a-z_.0-9]+': data_offsets must be \[start, end\] with "
+                        rf"0 <= start <= end, found \[-0\.0, [0-9]+\]", message), message
+    assert not out.exists()
