@@ -183,8 +183,16 @@ def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> 
         yield None
         return
     from tqdm import tqdm
+    try:
+        columns, lines = os.get_terminal_size(sys.stderr.fileno())
+    except OSError:
+        columns = lines = 0
+    # A terminal that reports no size (`script`, some CI runners' ptys) gets no bar at all from
+    # tqdm's dynamic size (0 rows: nothing is drawn): give it a fixed one.
+    width: dict[str, Any] = ({"dynamic_ncols": True} if columns and lines
+                             else {"ncols": columns or 80, "nrows": lines or 24})
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr,
-               smoothing=0.1, dynamic_ncols=True)
+               smoothing=0.1, **width)
     try:
         yield bar.update
     finally:

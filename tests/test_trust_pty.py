@@ -31,11 +31,11 @@ from cli_helpers import REPO, TIMEOUT, Hung, child_env
 BAR = ("\r", "B/s")
 
 
-def run_in_pty(*argv: object, cwd: Path, cols: int = 100, **env: str) -> tuple[int, str]:
-    """``python -m tensorsurgery ARGV`` with a terminal of ``cols`` columns as stdin, stdout and
+def run_in_pty(*argv: object, cwd: Path, cols: int = 100, rows: int = 30, **env: str) -> tuple[int, str]:
+    """``python -m tensorsurgery ARGV`` with a terminal of ``cols`` x ``rows`` as stdin, stdout and
     stderr; returns the exit code and everything written to the terminal (``\\r\\n`` as ``\\n``)."""
     master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, cols, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "tensorsurgery", *map(str, argv)], stdin=slave, stdout=slave,
                             stderr=slave, cwd=cwd, env=child_env(**env), start_new_session=True)
     os.close(slave)
@@ -82,15 +82,16 @@ def demo(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("cols", [100, 0], ids=["100-columns", "size-unknown"])
-def test_readme_commands_in_a_terminal(demo, cols):
+@pytest.mark.parametrize("cols, rows", [(100, 30), (0, 30), (0, 0)],
+                         ids=["100-columns", "width-unknown", "size-unknown"])  # the last: as `script` makes it
+def test_readme_commands_in_a_terminal(demo, cols, rows):
     """`tensorsurgery apply manifests/demo.toml --force && tensorsurgery verify manifests/demo.toml`."""
-    code, text = run_in_pty("apply", "manifests/demo.toml", "--force", cwd=demo, cols=cols)
+    code, text = run_in_pty("apply", "manifests/demo.toml", "--force", cwd=demo, cols=cols, rows=rows)
     assert_clean(code, text, 0)
     assert_bar(text, "writing")
     assert f"wrote {demo / 'out' / 'demo-dus'}" in text
 
-    code, text = run_in_pty("verify", "manifests/demo.toml", cwd=demo, cols=cols)
+    code, text = run_in_pty("verify", "manifests/demo.toml", cwd=demo, cols=cols, rows=rows)
     assert_clean(code, text, 0)
     assert_bar(text, "verifying")
     assert "verified out/demo-dus: " in text
