@@ -49,9 +49,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tensorsurgery.format import encode_header
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from make_checkpoint import encode_header  # noqa: E402
 
 # deepseek-ai/DeepSeek-V3 config.json
 HIDDEN = 7168

@@ -113,15 +113,18 @@ class Checkpoint:
         return self._layer_split[0]
 
     @cached_property
-    def layer_parts(self) -> Mapping[int, tuple[tuple[str, str], ...]]:
-        """``(head, tail)`` of each name of ``by_layer[i]`` (same order): the name is
-        ``f"{head}{i}{tail}"``. Planning renumbers every layer tensor, so names are split once here."""
+    def layer_parts(self) -> Mapping[int, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """``(heads, tails)`` of the names of ``by_layer[i]`` (same order): name ``j`` is
+        ``f"{heads[j]}{i}{tails[j]}"``. Planning renumbers every layer tensor, so names are split
+        once here; two tuples of shared (interned) strings cost 16 bytes a name."""
         return self._layer_split[1]
 
     @cached_property
-    def _layer_split(self) -> tuple[Mapping[int | None, tuple[str, ...]], Mapping[int, tuple[tuple[str, str], ...]]]:
+    def _layer_split(self) -> tuple[Mapping[int | None, tuple[str, ...]],
+                                    Mapping[int, tuple[tuple[str, ...], tuple[str, ...]]]]:
         groups: dict[int | None, list[str]] = {}
-        parts: dict[int, list[tuple[str, str]]] = {}
+        heads: dict[int, list[str]] = {}
+        tails: dict[int, list[str]] = {}
         split, intern = self.layers.split, sys.intern
         with paused_gc():  # a list entry per tensor, no cycles: see gcpause
             for name in self.weight_map:
@@ -132,9 +135,10 @@ class Checkpoint:
                 head, index, tail = found
                 groups.setdefault(index, []).append(name)
                 # Interned: the same few heads and tails repeat in every layer.
-                parts.setdefault(index, []).append((intern(head), intern(tail)))
+                heads.setdefault(index, []).append(intern(head))
+                tails.setdefault(index, []).append(intern(tail))
             return (MappingProxyType({k: tuple(v) for k, v in groups.items()}),
-                    MappingProxyType({k: tuple(v) for k, v in parts.items()}))
+                    MappingProxyType({k: (tuple(heads[k]), tuple(tails[k])) for k in heads}))
 
     @property
     def found_layers(self) -> int:

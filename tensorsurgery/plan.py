@@ -252,11 +252,15 @@ _new = tuple.__new__
 
 def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> list[_Spec]:
     """The output tensor of each pick (:func:`_spec`), verbatim copies inline: they are most tensors
-    of most plans, and the loop runs for every tensor of a 1.7M-tensor plan."""
+    of most plans, and the loop runs for every tensor of a 1.7M-tensor plan. Empties ``picks``
+    (each is freed as its spec is made, so the two lists never both hold every tensor)."""
     sources = {name: (c.weight_map, c.headers) for name, c in checkpoints.items()}
     specs: list[_Spec] = []
     append = specs.append
-    for p in picks:
+    picks.reverse()
+    pop = picks.pop
+    for _ in range(len(picks)):
+        p = pop()
         out, source, key, permute, rows, _, zeros, _ = p
         weight_map, headers = sources[source]
         header = headers[weight_map[key]]

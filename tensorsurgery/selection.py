@@ -143,7 +143,7 @@ def _pick(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], renamers: M
     picks: dict[str, Pick] = {}
     replaced: set[str] = set()
     natural, new = _natural, tuple.__new__  # a plain tuple's constructor: a NamedTuple's costs 3x
-    in_order: dict[tuple[tuple[str, str], ...], list[int]] = {}
+    in_order: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
     for src, layer, pos in wanted:
         ckpt, renamer = checkpoints[src], renamers[src]
         keys = ckpt.by_layer.get(layer, ())
@@ -154,11 +154,12 @@ def _pick(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], renamers: M
             # layers of a kind share theirs), so that the plan's sort of the output order finds
             # long runs already in order.
             parts = ckpt.layer_parts[layer]  # type: ignore[index]
+            heads, tails = parts
             order = in_order.get(parts)
             if order is None:
-                order = in_order[parts] = sorted(range(len(parts)), key=lambda i: (natural(parts[i][1]), parts[i]))
+                order = in_order[parts] = sorted(range(len(tails)), key=lambda i: (natural(tails[i]), tails[i]))
             for i in order:
-                key, (head, tail) = keys[i], parts[i]
+                key, head, tail = keys[i], heads[i], tails[i]
                 out = key if layer == pos else f"{head}{pos}{tail}"
                 if out in picks:
                     raise _clash(manifest, picks[out].key, key, out)
