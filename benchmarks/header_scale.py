@@ -29,24 +29,7 @@ down}_proj.weight`` (``--names model``, the default: ~0.8M tensors fit in 100 MB
 the most tensors a 100 MB header can hold, ~1.6M; JSON needs ~48 bytes per entry before the name,
 shape and offsets, so 1.7M tensors cannot fit under the limit with any naming).
 
-Latest results (2 shared, busy CPUs, so seconds vary by up to 2x between runs; ratios are of
-medians of interleaved runs; "baseline" is read_header before this benchmark's fixes, git bf81657)::
-
-    git archive bf81657 | tar -x -C /tmp/old && cp benchmarks/header_scale.py /tmp/old/benchmarks/
-    python benchmarks/header_scale.py --runs 3 --baseline /tmp/old [--names short]
-
-    model names, 841,336 tensors, 99,999,888-byte header
-    | reader               | seconds | peak RSS MB | time / official keys | RSS / official keys |
-    | official keys        |    6.40 |         759 |                1.00x |               1.00x |
-    | official full        |    9.90 |         898 |                1.55x |               1.18x |
-    | ours read_header     |    3.65 |         354 |                0.57x |               0.47x |
-    | baseline read_header |   19.06 |        1033 |                2.98x |               1.36x |
-
-    short names, 1,569,944 tensors, 99,999,928-byte header
-    | official keys        |   10.76 |        1316 |                1.00x |               1.00x |
-    | official full        |   13.66 |        1462 |                1.27x |               1.11x |
-    | ours read_header     |    6.52 |         421 |                0.61x |               0.32x |
-    | baseline read_header |   26.17 |        1575 |                2.43x |               1.20x |
+Results and the commands that made them: ``benchmarks/README.md``, section "Header scale".
 
 Usage::
 
