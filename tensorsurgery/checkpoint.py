@@ -285,6 +285,11 @@ def assemble(root: Path, files: SourceFiles, headers: Mapping[str, Header], conf
 
 
 def _check_layer_count(ckpt: Checkpoint, config_path: Path) -> None:
+    missing = next((i for i in range(ckpt.found_layers) if i not in ckpt.by_layer), None)
+    if missing is not None:
+        raise SourceError(f"{ckpt.root}: the tensors hold layers 0 to {ckpt.found_layers - 1} but none of layer "
+                          f"{missing}; the checkpoint is incomplete (a shard or its tensors are missing): "
+                          f"re-download it")
     declared = ckpt.family.declared_layers(ckpt.config)
     if declared is not None and declared != ckpt.num_layers:
         key = "n_layers" if ckpt.layout == "mistral" else ckpt.family.count_path

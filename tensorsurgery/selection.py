@@ -153,12 +153,14 @@ def _pick(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], renamers: M
             # Picked in natural order of the names' tails (worked out once per set of tails: the
             # layers of a kind share theirs), so that the plan's sort of the output order finds
             # long runs already in order.
-            parts = ckpt.layer_parts[layer]  # type: ignore[index]
+            parts = ckpt.layer_parts.get(layer)  # type: ignore[arg-type]
+            if parts is None:  # no tensors (assemble refuses such a checkpoint; a Checkpoint made by hand)
+                continue
             heads, tails = parts
-            order = in_order.get(parts)
-            if order is None:
-                order = in_order[parts] = sorted(range(len(tails)), key=lambda i: (natural(tails[i]), tails[i]))
-            for i in order:
+            perm = in_order.get(parts)
+            if perm is None:
+                perm = in_order[parts] = sorted(range(len(tails)), key=lambda i: (natural(tails[i]), tails[i]))
+            for i in perm:
                 key, head, tail = keys[i], heads[i], tails[i]
                 out = key if layer == pos else f"{head}{pos}{tail}"
                 if out in picks:

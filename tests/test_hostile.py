@@ -454,11 +454,30 @@ def config_layers_disagree(b: Broken) -> tuple[Path, str]:
                   "not belong together (use the config.json that came with these weights)")
 
 
+def layer_missing(b: Broken) -> tuple[Path, str]:
+    # Every tensor of layer 5 gone from the shards and the index: each file is valid on its own.
+    gone = "model.layers.5."
+    for shard in sorted(b.root.glob("*.safetensors")):
+        header, data = read_shard(shard)
+        kept = [k for k in data_order(header) if not k.startswith(gone)]
+        entries, out, at = [], bytearray(), 0
+        for k in kept:
+            start, end = header[k]["data_offsets"]
+            entries.append((k, header[k]["dtype"], header[k]["shape"], at, at + end - start))
+            out += data[start:end]
+            at += end - start
+        shard.write_bytes(encode_header(entries, {"format": "pt"}) + bytes(out))
+    b.index["weight_map"] = {k: v for k, v in b.index["weight_map"].items() if not k.startswith(gone)}
+    b.write_index()
+    return b.root, ("the tensors hold layers 0 to 31 but none of layer 5; the checkpoint is incomplete (a shard "
+                    "or its tensors are missing): re-download it")
+
+
 CHECKPOINT_CASES = [
     missing_shard, dotdot_path, dotdot_inside, absolute_path, absolute_system_path,
     not_safetensors_name, listed_but_absent, in_two_shards, not_in_weight_map, index_not_json,
     index_without_weight_map, config_not_json, config_not_object, config_missing,
-    config_layers_disagree,
+    config_layers_disagree, layer_missing,
 ]
 
 

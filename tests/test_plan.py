@@ -547,3 +547,15 @@ def test_layer_specs_helper_matches_sizes():
         ("model.layers.0.self_attn.q_proj.weight", (4, 4)), ("model.layers.0.mlp.up_proj.weight", (8, 4)),
         ("model.layers.0.input_layernorm.weight", (4,))]
     assert sum(SIZES[s] for s in SUFFIXES) == 104
+
+
+def test_a_layer_without_tensors_is_a_plan_error_not_a_crash():
+    """assemble refuses a checkpoint with a gap in its layers (test_hostile); a Checkpoint made by
+    hand still gets a PlanError, not a KeyError."""
+    specs = [("model.embed_tokens.weight", "F32", (8, 4))] + [(f"model.layers.{i}.mlp.w", "F32", (4, 4))
+                                                             for i in (0, 1, 3)]
+    ckpt = make_checkpoint(Path("/src"), {"model.safetensors": specs}, {"model_type": "llama", "num_hidden_layers": 4})
+    for layers in ('plan = "keep"', 'plan = "dus"\noverlap = 1'):
+        m = manifest_from_text(f'[source]\nmodel = "/src"\n[layers]\n{layers}\n[output]\npath = "/out/x"\n')
+        with pytest.raises(PlanError, match="output layer 2 .layer 2 of source 'source'. has no tensors"):
+            build_plan(m, {"source": ckpt})
