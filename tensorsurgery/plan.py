@@ -165,6 +165,7 @@ class Plan:
 
     @property
     def tensor_count(self) -> int:
+        """How many output tensors (without building :attr:`tensors`)."""
         return sum(len(s.tensors) for s in self.shards)
 
     @property
@@ -371,7 +372,7 @@ def _cut(specs: list[_Spec], max_size: int) -> list[list[OutputTensor]]:
         if not groups or (groups[-1] and (size + nbytes > max_size or header + entry > MAX_SHARD_HEADER)):
             groups.append([])
             size = header = 0
-        groups[-1].append(_new(OutputTensor, (name, spec[1], spec[2], size, *spec[3:])))
+        groups[-1].append(_placed(spec, size))
         size += nbytes
         header += entry
     return groups
