@@ -220,3 +220,36 @@ def test_multimodal_derivations_are_transformers_own(family, text):
     want = {"llama4": Llama4TextConfig, "qwen2_5_vl": Qwen2_5_VLTextConfig}[family](**cfg)
     keys = {"llama4": ("no_rope_layers", "layer_types"), "qwen2_5_vl": ("layer_types",)}[family]
     assert layer_lists(get_family(family), cfg, n) == {k: getattr(want, k) for k in keys}
+
+
+# --- sliding windows on, and relabels after an up-scale --------------------------------------------
+
+@pytest.mark.parametrize("name, window", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    ("smollm3", dict(use_sliding_window=True, sliding_window=8)),
+], ids=["qwen2", "qwen3", "smollm3"])
+def test_sliding_layers_move_with_their_source_layers(tmp_path, name, window):
+    """The Hub's Qwen2/Qwen3/SmolLM3 configs have the window off; with it on (a window of 8 in a
+    sequence of 24), layer_types says which layers slide, and a DUS must keep each layer's own."""
+    src = build(name, tmp_path / "src", seed=5, **window)
+    n = n_layers(src)
+    out = tmp_path / "out"
+    api.apply(manifest(src, out, f'plan = "dus"\noverlap = {overlap(n)}'))
+    text = json.loads((out / "config.json").read_text())
+    assert len(set(text["layer_types"])) == 2  # both kinds present: the test exercises the window
+    assert_output_matches(out, reference_surgery(src, dus(n, overlap(n))))
+
+
+@pytest.mark.parametrize("name, preset", [("qwen2", "qwen2-to-llama"), ("phi3", "phi3-to-llama")])
+def test_relabel_after_an_up_scale_equals_the_up_scaled_original(source, tmp_path, name, preset):
+    """A relabel preset with a DUS: the Llama it writes gives the logits of the same DUS of the
+    original family, done in memory."""
+    src = source(name)
+    n = n_layers(src)
+    out = tmp_path / "out"
+    api.apply(manifest(src, out, f'plan = "dus"\noverlap = {overlap(n)}', rename=f'[rename]\npreset = "{preset}"\n'))
+    relabelled = load_output(out)
+    assert type(relabelled.model).__name__ == "LlamaForCausalLM"
+    assert relabelled.missing_keys == relabelled.unexpected_keys == set()
+    assert torch.equal(relabelled.logits, reference_surgery(src, dus(n, overlap(n))).logits)
