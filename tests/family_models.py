@@ -117,6 +117,17 @@ def _llama3(n: int) -> dict[str, Any]:
     )
 
 
+def _mistral(n: int) -> dict[str, Any]:
+    # Mistral-7B-v0.3 shape: GQA, untied, no sliding window (v0.1's 4096 window covers every layer
+    # alike, so an arrangement does not touch it).
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        rms_norm_eps=1e-5, hidden_act="silu", rope_parameters=_rope(1000000.0), sliding_window=None,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+
+
 def _qwen2(n: int) -> dict[str, Any]:
     # Qwen2.5-0.5B shape: q/k/v biases (always on in Qwen2), tied, sliding window configured but off.
     return dict(
@@ -439,6 +450,7 @@ def _gpt2(n: int) -> dict[str, Any]:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("llama3", "llama", "LlamaForCausalLM", "model.layers", "num_hidden_layers", _llama3),
+    Family("mistral", "mistral", "MistralForCausalLM", "model.layers", "num_hidden_layers", _mistral),
     Family("qwen2", "qwen2", "Qwen2ForCausalLM", "model.layers", "num_hidden_layers", _qwen2),
     Family("qwen3", "qwen3", "Qwen3ForCausalLM", "model.layers", "num_hidden_layers", _qwen3),
     Family("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "model.layers", "num_hidden_layers",
