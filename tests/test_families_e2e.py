@@ -187,7 +187,7 @@ def test_mistral3_with_a_ministral3_text_tower(tmp_path):
     assert_output_matches(out, reference_surgery(src, idus(n, n // 2, 1)))
 
 
-@pytest.mark.parametrize("name", ["mistral3", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["mistral3", "qwen2_5_vl", "gemma3"])
 def test_names_saved_by_transformers_4_52_to_4_57(source, tmp_path, name):
     """Checkpoints saved by transformers 4.52-4.57 name the decoder model.language_model.layers.N (and
     the towers model.vision_tower / model.visual); 5.24 loads them, and the tool finds their layers."""
