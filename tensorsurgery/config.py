@@ -47,6 +47,8 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
     _family_fields(text, sources, base, family, arrangement, moe, where, skip=set(overrides))
     _other_lists(text, sources, family, arrangement, skip=set(overrides))
     text[family.count_key] = len(arrangement)
+    if text is not cfg:
+        _top_level_copies(cfg, sources[base], text)
     if preset is not None:
         _relabel(cfg, preset)
     if dtype is not None:
@@ -80,6 +82,18 @@ def _text(config: dict[str, Any], family: Family) -> dict[str, Any]:
             config[key] = {}
         config = config[key]
     return config
+
+
+def _top_level_copies(cfg: dict[str, Any], before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
+    """Some configs of nested families keep top-level copies of the decoder's fields (Qwen2.5-VL as
+    saved by transformers 4.5x: ``num_hidden_layers``, ``layer_types``... beside ``text_config``).
+    transformers reads ``text_config``; other readers may read the copies, so a copy of a field the
+    rewrite changed follows it (or goes, with a field the rewrite dropped)."""
+    for key in [k for k in cfg if k in before and cfg[k] == before[k] and after.get(k) != before[k]]:
+        if key in after:
+            cfg[key] = copy.deepcopy(after[key])
+        else:
+            del cfg[key]
 
 
 def _relabel(cfg: dict[str, Any], preset: Preset) -> None:

@@ -326,3 +326,24 @@ def test_a_leading_dense_count_is_recomputed_or_refused_by_the_generic_rules():
         "m.toml: layers: output layer 4 (layer 0 of source 'source') is dense but follows a layer that is not "
         "(output layer 1); this model's config can only say that the first first_k_dense_replace layers are dense: "
         "arrange the dense layers first, or relabel the model as a family with a per-layer list")
+
+
+def test_top_level_copies_of_the_decoder_fields_follow_the_rewrite():
+    """Qwen2.5-VL configs saved by transformers 4.5x hold the decoder's fields twice: in text_config
+    (what transformers reads) and at the top level. The copies follow, so no reader sees 4 layers
+    in a 6-layer model; top-level fields that are not copies stay as they are."""
+    specs = [("model.embed_tokens.weight", "F32", (8, 4)), ("visual.blocks.0.attn.qkv.weight", "F32", (4, 4))]
+    specs += [(f"model.layers.{i}.mlp.down_proj.weight", "F32", (4, 4)) for i in range(4)]
+    types = ["full_attention"] * 2 + ["sliding_attention"] * 2
+    text = {"model_type": "qwen2_5_vl_text", "num_hidden_layers": 4, "layer_types": types, "max_window_layers": 2,
+            "use_sliding_window": True, "sliding_window": 8}
+    cfg = {"model_type": "qwen2_5_vl", **{k: v for k, v in text.items() if k != "model_type"},
+           "vision_start_token_id": 4, "text_config": text}
+    ckpt = make_checkpoint(ROOT, {"model.safetensors": specs}, cfg)
+    plan = build_plan(manifest('plan = "dus"\noverlap = 1'), {"source": ckpt})  # layers 0 1 2 1 2 3
+    nested = plan.config["text_config"]
+    assert nested["num_hidden_layers"] == 6 and nested["layer_types"] == [types[i] for i in (0, 1, 2, 1, 2, 3)]
+    for key in ("num_hidden_layers", "layer_types"):
+        assert plan.config[key] == nested[key]
+    assert plan.config.get("max_window_layers") == nested.get("max_window_layers")  # kept, reset or dropped alike
+    assert plan.config["vision_start_token_id"] == 4 and plan.config["sliding_window"] == 8
