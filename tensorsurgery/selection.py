@@ -16,7 +16,7 @@ from typing import Mapping, NamedTuple
 from .checkpoint import Checkpoint
 from .errors import ManifestError, PlanError
 from .families import Family, is_moe_layer, layer_lists
-from .layers import LayerRef, LayerScheme, dus, interlock, keep
+from .layers import LayerRef, dus, interlock, keep
 from .manifest import Manifest
 from .rules import Renamed, Renamer, RowPart, check_source, compile_renamer, get_preset
 
@@ -251,12 +251,6 @@ def _check_not_empty(manifest: Manifest, arrangement: tuple[LayerRef, ...], pick
 Signature = frozenset[tuple[str, tuple[int, ...]]]
 
 
-def _suffix(layers: LayerScheme, name: str) -> str:
-    """``name`` without its layer prefix and index (``mlp.experts.0.up_proj.weight``)."""
-    suffix = layers.suffix(name)
-    return name if suffix is None else suffix
-
-
 def _layer_kinds(checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...],
                  picks: Mapping[str, Pick]) -> tuple[list[bool], dict[int, Signature]]:
     """Each output layer's MoE flag (from its source layer's tensors, looked at once per source
@@ -264,8 +258,8 @@ def _layer_kinds(checkpoints: Mapping[str, Checkpoint], arrangement: tuple[Layer
     moe_of: dict[tuple[str, int], bool] = {}
     for ref in set(arrangement):
         ckpt = checkpoints[ref.source]
-        moe_of[(ref.source, ref.layer)] = is_moe_layer(
-            _suffix(ckpt.layers, key) for key in ckpt.by_layer.get(ref.layer, ()))
+        _, tails = ckpt.layer_parts.get(ref.layer, ((), ()))  # ".mlp.experts.0.up_proj.weight"...
+        moe_of[(ref.source, ref.layer)] = is_moe_layer(tail[1:] for tail in tails)
     moe = [moe_of[(ref.source, ref.layer)] for ref in arrangement]
     signatures: dict[int, set[tuple[str, tuple[int, ...]]]] = {}
     if len({ref.source for ref in arrangement}) > 1:  # signatures only matter when sources meet

@@ -273,17 +273,14 @@ def test_a_preset_refuses_another_family():
 def test_config_overrides_cannot_miscount_the_layers():
     ckpt = _deepseek(mtp=False)
     with pytest.raises(PlanError) as e:
-        build_plan(manifest_from_text(f'[source]\nmodel = "{ROOT}"\n[layers]\nplan = "dus"\noverlap = 1\n'
-                                      f'[config]\nnum_hidden_layers = 3\n[output]\npath = "/out/x"\n'),
-                   {"source": ckpt})
+        build_plan(manifest('plan = "dus"\noverlap = 1', extra="[config]\nnum_hidden_layers = 3\n"), {"source": ckpt})
     assert str(e.value) == ("m.toml: config.num_hidden_layers = 3 but the arrangement has 4 layers; remove it from "
                             "[config] (tensorsurgery sets it)")
     gemma = make_checkpoint(ROOT, {"model.safetensors": [(f"model.layers.{i}.input_layernorm.weight", "BF16", (4,))
                                                         for i in range(2)]},
                             {"model_type": "gemma2", "num_hidden_layers": 2})
     with pytest.raises(PlanError) as e:
-        build_plan(manifest_from_text(f'[source]\nmodel = "{ROOT}"\n[layers]\nplan = "dus"\noverlap = 1\n'
-                                      f'[config]\nlayer_types = ["full_attention"]\n[output]\npath = "/out/x"\n'),
+        build_plan(manifest('plan = "dus"\noverlap = 1', extra='[config]\nlayer_types = ["full_attention"]\n'),
                    {"source": gemma})
     assert str(e.value) == ("m.toml: config.layer_types has 1 entries but the arrangement has 2 layers; give one per "
                             "output layer, or remove it from [config]")

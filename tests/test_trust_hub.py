@@ -4,23 +4,14 @@ any repo), and weights that left the cache leave the record to check against, no
 from __future__ import annotations
 
 import pytest
+import test_hub
 from huggingface_hub import constants
 from test_hub import COMMIT, HF_SHARDS, FakeHub, add_to_cache
 
 from cli_helpers import run, write_manifest
 from tensorsurgery import hub
 
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, offline (as in test_hub.py)."""
-    hub_cache = tmp_path / "hf_home" / "hub"
-    hub_cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(hub_cache.parent))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return hub_cache
+cache = test_hub.cache  # the same empty offline Hugging Face cache, a fixture
 
 
 @pytest.fixture
