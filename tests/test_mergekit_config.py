@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from reference import ARRANGEMENTS, load_source_state_dict, reference_state_dict
 from tensorsurgery.cli import main
@@ -99,7 +100,12 @@ def test_seed_yaml_equals_mergekit(tmp_path, tiny_mistral):
     assert main(["apply", str(tmp_path / "dus.yml"), "--output", str(tmp_path / "ours"), "--no-progress"]) == 0
     theirs = run_mergekit(text, tmp_path / "theirs")
     assert_same_tensors(load_source_state_dict(tmp_path / "ours"), load_source_state_dict(theirs))
-    ours_cfg, theirs_cfg = (json.loads((p / "config.json").read_text()) for p in (tmp_path / "ours", theirs))
+    ours_cfg, theirs_cfg, source_cfg = (json.loads((p / "config.json").read_text())
+                                        for p in (tmp_path / "ours", theirs, tiny_mistral))
+    # mergekit re-saves config.json through transformers, which stamps its own version; we keep the
+    # source's (no transformers re-saved it). Every other field must be the same.
+    assert theirs_cfg.pop("transformers_version") == transformers.__version__
+    assert ours_cfg.pop("transformers_version") == source_cfg["transformers_version"]
     assert ours_cfg == theirs_cfg
 
 
