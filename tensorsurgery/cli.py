@@ -66,19 +66,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"tensorsurgery: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"tensorsurgery: interrupted; {_interrupted_note()}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"tensorsurgery: interrupted; {_interrupted_note(e)}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # stdout closed early (`tensorsurgery plan ... | head`): not an error worth a traceback.
         sys.stdout = open(os.devnull, "w")
         return 0
-    except _Terminated:
-        print(f"tensorsurgery: terminated; {_interrupted_note()}", file=sys.stderr)
+    except _Terminated as e:
+        print(f"tensorsurgery: terminated; {_interrupted_note(e)}", file=sys.stderr)
         return 143
 
 
-def _interrupted_note() -> str:
+def _interrupted_note(e: BaseException) -> str:
+    placed = getattr(e, "output_note", None)  # set by the writer once the new output is in place
+    if placed is not None:
+        return str(placed)
     if _apply_tmp is None:
         return "nothing was written"
     finished = sorted(_apply_tmp.glob("*.safetensors")) if _apply_tmp.is_dir() else []

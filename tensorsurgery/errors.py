@@ -42,3 +42,7 @@ class WriteError(TensorSurgeryError):
 
 class VerifyError(TensorSurgeryError):
     """The output cannot be verified at all (missing folder, unreadable provenance record)."""
+
+
+class OutputBusyError(TensorSurgeryError):
+    """Another tensorsurgery run holds the lock of this output (it is writing it now)."""

@@ -30,8 +30,30 @@ def check_output(plan: Plan, *, force: bool) -> Path:
 
     Raises:
         OutputExistsError: the output exists and ``force`` is false; it exists and is not an
-            earlier tensorsurgery output nor an empty folder; it is the current folder or holds
-            it; it overlaps a source; it cannot be written.
+            earlier tensorsurgery output nor an empty folder; it is a mount point; it is the
+            current folder or holds it; it overlaps a source; it cannot be written.
+    """
+    target = check_place(plan)
+    if target.is_symlink() or target.exists():
+        if target.is_dir() and not target.is_symlink() and is_mount_point(target):
+            # Found before writing: the final rename onto a mount point fails (EBUSY) only after
+            # every byte was written, and --force would not help.
+            raise OutputExistsError(f"{target}: is a mount point (a volume); an output is written beside it and "
+                                    f"renamed into place, which a mount point cannot take; write into a folder "
+                                    f"inside it: --output {target / plan.output.name}")
+        if not force:
+            raise OutputExistsError(f"{target}: already exists; pass --force to replace it, or choose another "
+                                    f"--output")
+        _check_replaceable(target)
+    return target
+
+
+def check_place(plan: Plan) -> Path:
+    """The absolute output path, after refusing places an output may never go, whatever is there
+    now: the current folder or one holding it, over or inside a source, not writable.
+
+    Raises:
+        OutputExistsError: as :func:`check_output`, except for what concerns an existing output.
     """
     target = Path(os.path.abspath(plan.output.expanduser()))
     real = target.resolve()
@@ -44,13 +66,14 @@ def check_output(plan: Plan, *, force: bool) -> Path:
         if real == root or root in real.parents or real in root.parents:
             raise OutputExistsError(f"{target}: the output overlaps the source {src.name!r} ({root}); "
                                     f"choose an output folder outside the source")
-    if target.is_symlink() or target.exists():
-        if not force:
-            raise OutputExistsError(f"{target}: already exists; pass --force to replace it, or choose another "
-                                    f"--output")
-        _check_replaceable(target)
     _check_writable(target.parent)
     return target
+
+
+def is_mount_point(folder: Path) -> bool:
+    """Whether ``folder`` is a mount point (its device differs from its parent's, or it is its
+    own parent): a container volume, which cannot be renamed or replaced."""
+    return os.path.ismount(folder)
 
 
 def _check_replaceable(target: Path) -> None:

@@ -13,7 +13,6 @@ import hashlib
 import os
 import shutil
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,13 @@ from .compare import compare_shard
 from .errors import OutputExistsError, WriteError
 from .expected import ExpectedFile, expected_files, json_bytes
 from .fsio import copy_file, describe_entry, open_regular
+from .outlock import output_lock
 from .plan import Plan, Shard
 from .pump import Pump
 from .record import SourceHash, build_record
 from .source_hash import SourceHasher
-from .target import TMP_MARKER, check_output, is_ours, temp_path
+from .swap import finish_interrupted, make_temp_folder, move_into_place, remove_folder
+from .target import TMP_MARKER, check_output, check_place, is_ours, temp_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,18 +71,43 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
         ReadError: a source changed while it was read.
     """
     started = time.monotonic()
-    target = check_output(plan, force=force)
+    target = check_place(plan)
     tmp = temp_path(target)
-    notes: list[str] = []
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"{e.filename or target.parent}: {e.strerror or e}; nothing was written to {target}; "
+                         f"choose an --output where you can write") from e
+    with output_lock(target):
+        # What an interrupted run left is finished (or undone) first, then the output is checked
+        # again: it may have appeared (another run, or a restored --force) since the first look.
+        try:
+            notes = finish_interrupted(target)
+        except OSError as e:
+            raise WriteError(f"{e.filename or target}: {e.strerror or e}, while finishing what an interrupted run "
+                             f"left; nothing was written to {target}; run the same command again") from e
+        try:
+            target = check_output(plan, force=force)
+        except OutputExistsError as e:
+            if any(n.startswith("completed ") for n in notes):
+                raise OutputExistsError(f"{target}: is complete: an interrupted run had renamed it into place and "
+                                        f"this run finished it; pass --force to replace it") from e
+            raise
+        return _write(plan, target, tmp, notes, started, resume=resume, progress=progress, direct=direct,
+                      threads=threads)
+
+
+def _write(plan: Plan, target: Path, tmp: Path, notes: list[str], started: float, *, resume: bool,
+           progress: Callable[[int], None] | None, direct: bool, threads: int) -> WriteResult:
+    """:func:`execute_plan` once the lock is held and the output checked."""
     kept = _reuse_leftover(plan, tmp, resume, notes)
     todo = [s for s in plan.shards if s.filename not in kept]
     _check_free_space(tmp.parent, sum(s.nbytes for s in todo if s.link is None))
     source_hasher = None
+    swapping = False
     try:
         if not is_ours(tmp):
-            # Never exist_ok: a folder or link that appeared at this name since the check is not ours.
-            tmp.mkdir(parents=True)
-            (tmp / TMP_MARKER).touch()
+            make_temp_folder(target, tmp)
         linked = [s for s in todo if s.link is not None and _link(s.link, tmp / s.filename)]
         # A linked shard's tensors are hashed in the same sequential pass as its source file.
         source_hasher = SourceHasher([s.root / f for s in plan.sources for f in s.files],
@@ -93,10 +119,17 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
         for shard_hashes in kept.values():
             hashes.update(shard_hashes)
         _write_files(plan, tmp, hashes, source_hashes)
-        _move_into_place(tmp, target)
+        swapping = True
+        move_into_place(tmp, target)
     except BaseException as e:
         if source_hasher is not None:
             source_hasher.cancel()
+        if swapping:
+            # Undo a half-done swap (the earlier output back under its name) or complete one
+            # whose new output is already in place; which one, the disk says.
+            finish_interrupted(target)
+            if not os.path.lexists(tmp):
+                _placed(e, target)
         finished = _discard_unfinished(tmp)
         then = (f"run the same command with --resume to keep the {finished} finished shard(s)" if finished
                 else "run the same command again")
@@ -150,7 +183,7 @@ def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> di
         raise OutputExistsError(f"{tmp}: is {what}, at the name of tensorsurgery's temporary folder; remove it "
                                 f"yourself, then run the same command again")
     if not resume:
-        shutil.rmtree(tmp)
+        remove_folder(tmp, last=TMP_MARKER)
         notes.append(f"removed {tmp}, left by an interrupted run (use --resume to keep its finished shards)")
         return {}
     kept = {}
@@ -218,7 +251,7 @@ def _discard_unfinished(tmp: Path) -> int:
             path.unlink(missing_ok=True) if not path.is_dir() or path.is_symlink() else shutil.rmtree(path)
     kept = len([p for p in tmp.iterdir() if p.name != TMP_MARKER])
     if not kept:
-        shutil.rmtree(tmp)
+        remove_folder(tmp, last=TMP_MARKER)
     return kept
 
 
@@ -230,17 +263,12 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` (``--force``) is moved aside first
-    and deleted only after the new folder is in place."""
-    (tmp / TMP_MARKER).unlink()
-    old = None
-    if target.exists() or target.is_symlink():
-        # A fresh empty folder of our own to rename the old output onto: whatever else is beside
-        # the target, under any name, is never replaced or deleted.
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.tensorsurgery-old-", dir=target.parent))
-        os.replace(target, old)
-    os.replace(tmp, target)
-    _fsync_path(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _placed(e: BaseException, target: Path) -> None:
+    """An interrupt or error after the new output was renamed into place: the run is done but for
+    deleting the earlier output, which the next run finishes."""
+    if isinstance(e, OSError):
+        raise WriteError(f"{e.filename or target}: {e.strerror or e}; {target} is complete and in place, but the "
+                         f"earlier output it replaced may remain beside it; the next apply to {target} removes "
+                         f"it") from e
+    # Read by the command line to say what an interrupt left (see cli._interrupted_note).
+    e.output_note = f"{target} is complete and in place; nothing is left to do"  # type: ignore[attr-defined]

@@ -278,3 +278,109 @@ def test_file_too_large_part_way_then_resume(job, source):
     assert not partials(tmp)
     assert left == names[:failing]  # the shards before the failing one, whole
     assert_resume_finishes(manifest, out, tmp, kept=len(left), total=len(sizes))
+
+
+# --- two runs, one output: the lock ---------------------------------------------------------------
+
+from cli_helpers import REPO as CHECKOUT  # noqa: E402
+from cli_helpers import child_env, error_line, run  # noqa: E402
+
+from tensorsurgery.outlock import lock_path, output_lock  # noqa: E402
+from tensorsurgery.shardfile import PARTIAL_SUFFIX  # noqa: E402
+
+
+def tiny_job(folder: Path, source: Path, *, overlap: int = 8, name: str = "m.toml") -> Path:
+    """A manifest of a DUS of ``source`` into ``folder/out``, in a few shards."""
+    manifest = folder / name
+    manifest.write_text(f'[source]\nmodel = "{source}"\n\n[layers]\nplan = "dus"\noverlap = {overlap}\n\n'
+                        f'[output]\npath = "{folder / "out"}"\nmax_shard_size = "400KB"\n', encoding="utf-8")
+    return manifest
+
+
+def busy_line(pid: int, out: Path) -> str:
+    return f"another tensorsurgery (pid {pid}) is writing {out}; wait for it or stop it"
+
+
+def test_a_second_run_is_refused_and_touches_nothing(capsys, tiny_mistral, tmp_path):
+    manifest = tiny_job(tmp_path, tiny_mistral)
+    out = tmp_path / "out"
+    tmp = tmp_path / ".out.tensorsurgery-tmp"
+    # What a first run, still writing, has on disk: its temporary folder with a finished shard.
+    tmp.mkdir()
+    (tmp / TMP_MARKER).touch()
+    (tmp / "model-00001-of-00003.safetensors").write_bytes(b"x" * 100)
+    (tmp / f"model-00002-of-00003.safetensors{PARTIAL_SUFFIX}").write_bytes(b"y" * 10)
+    before = sorted(p.name for p in tmp.iterdir())
+    with output_lock(out):
+        for flags in ([], ["--force"], ["--resume"], ["--force", "--resume"]):
+            assert error_line(*run(capsys, "apply", manifest, *flags)) == busy_line(os.getpid(), out)
+            assert sorted(p.name for p in tmp.iterdir()) == before
+            assert not out.exists()
+    assert run(capsys, "apply", manifest)[0] == 0
+    assert run(capsys, "verify", manifest)[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["m.toml", "out"]  # the lock file goes with the run
+
+
+def test_a_lock_left_by_a_dead_run_is_stale(capsys, tiny_mistral, tmp_path):
+    manifest = tiny_job(tmp_path, tiny_mistral)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_path(tmp_path / "out").write_text(f"{dead.stdout.strip():<19}\n")  # not locked by anyone
+    code, _, err = run(capsys, "apply", manifest)
+    assert (code, err) == (0, "")
+    assert run(capsys, "verify", manifest)[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["m.toml", "out"]
+
+
+_GO = """
+import os, sys, time
+from tensorsurgery.cli import main
+go = sys.argv[1]
+open(f"{go}.{os.getpid()}", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.0005)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_two_runs_at_once(capsys, tiny_mistral, tmp_path, force):
+    """Two applies started at the same instant (both imported, then released together), many times,
+    either started first: one writes a complete output, the other says why it did not, in one line."""
+    busy = 0
+    for i in range(8):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        manifest = tiny_job(folder, tiny_mistral)
+        out = folder / "out"
+        if force:
+            assert run(capsys, "apply", manifest)[0] == 0
+        go = folder / "go"
+        argv = ["apply", str(manifest), "--no-progress"] + (["--force"] if force else [])
+        procs = [subprocess.Popen([sys.executable, "-c", _GO, str(go), *argv], cwd=CHECKOUT, env=child_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        if i % 2:
+            procs.reverse()
+        deadline = time.monotonic() + TIMEOUT
+        while not all((folder / f"go.{p.pid}").exists() for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.001)  # both imported and waiting
+        go.touch()
+        results = [(p.wait(timeout=TIMEOUT), *p.communicate()) for p in procs]
+        pids = [p.pid for p in procs]
+        codes = sorted(r[0] for r in results)
+        assert codes in ([0, 2], [0, 0] if force else [0, 2]), results
+        for (code, stdout, stderr), pid in zip(results, pids):
+            assert "Traceback" not in stderr, stderr
+            if code == 2:
+                other = pids[1 - pids.index(pid)]
+                line = error_line(code, "", stderr)
+                # Either it met the lock, or the other run had finished before it started.
+                assert line in (busy_line(other, out),
+                                f"{out}: already exists; pass --force to replace it, or choose another --output")
+                busy += line == busy_line(other, out)
+            else:
+                assert stderr == ""
+        v = run(capsys, "verify", manifest)
+        assert v[0] == 0, v
+        assert sorted(os.listdir(folder)) == sorted(["go", "m.toml", "out", *(f"go.{p}" for p in pids)])
+    print(f"{busy} of 8 met the lock")
+    assert busy >= 2  # the runs did overlap (a machine that serialises them every time proves nothing)
