@@ -284,7 +284,6 @@ def test_file_too_large_part_way_then_resume(job, source):
 
 from cli_helpers import REPO as CHECKOUT  # noqa: E402
 from cli_helpers import child_env, error_line, run  # noqa: E402
-
 from tensorsurgery.outlock import lock_path, output_lock  # noqa: E402
 from tensorsurgery.shardfile import PARTIAL_SUFFIX  # noqa: E402
 
@@ -368,7 +367,7 @@ def test_two_runs_at_once(capsys, tiny_mistral, tmp_path, force):
         pids = [p.pid for p in procs]
         codes = sorted(r[0] for r in results)
         assert codes in ([0, 2], [0, 0] if force else [0, 2]), results
-        for (code, stdout, stderr), pid in zip(results, pids):
+        for (code, _, stderr), pid in zip(results, pids):
             assert "Traceback" not in stderr, stderr
             if code == 2:
                 other = pids[1 - pids.index(pid)]
