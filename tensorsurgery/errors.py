@@ -27,6 +27,12 @@ class PlanError(TensorSurgeryError):
     """The manifest cannot be applied to these sources (layer out of range, name clash, shapes differ)."""
 
 
+class ConsistencyError(PlanError):
+    """The output's config.json and tensors would not describe the same model (a ``[config]``
+    override or a rename broke it), or layers come from a source whose config computes them
+    otherwise than the one config the output has."""
+
+
 class OutputExistsError(TensorSurgeryError):
     """The output path exists (and ``--force`` was not given or may not replace it), lies inside a
     source, or is not a place an output can be written."""

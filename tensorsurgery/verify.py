@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import RECORD_NAME
+from .checkpoint import CONFIG_NAME, RECORD_NAME
 from .compare import (
     Difference,
     Progress,
@@ -37,10 +37,12 @@ from .compare import (
     thread_buffer,
     unexpected_entries,
 )
-from .errors import HeaderError, VerifyError
+from .consistency import check_consistency
+from .errors import HeaderError, SourceError, VerifyError
 from .expected import expected_files
-from .format import parse_header
-from .fsio import pread_exact
+from .families import family_of
+from .format import parse_header, read_header
+from .fsio import pread_exact, read_json
 from .hashing import DEFAULT_THREADS, first_of_each
 from .plan import OutputTensor, Plan
 from .record import Record, build_record, header_sha256, read_record, require_folder
@@ -99,6 +101,7 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None,
         diffs += found
     _borrow_hashes(plan, tensors, output, same, tensor_hashes)
     diffs += _check_record(plan, output, tensor_hashes, file_hashes)
+    diffs += check_meaning(output, [s.filename for s in plan.shards], skip=plan.unchecked)
     nbytes = sum(t.nbytes for t in tensors)
     return VerifyReport(output, "manifest", len(tensors), nbytes, len(files) + 1, tuple(diffs))
 
@@ -171,9 +174,37 @@ def verify_record(output: Path, *, progress: Progress = None, threads: int = DEF
         for fd in fds:
             os.close(fd)
     for name, digest in sorted(record.files.items()):
-        diffs += compare_sha256(name, output / name, digest)
+        found = compare_sha256(name, output / name, digest)
+        if found and name == CONFIG_NAME:
+            # Which checks apply to the family is known from its source, not here: the check
+            # only says what a changed config.json breaks.
+            found += check_meaning(output, list(record.shards))
+        diffs += found
     return VerifyReport(output, "record", len(record.tensors), sum(t.nbytes for t in tensors), len(expected),
                         tuple(diffs))
+
+
+def check_meaning(output: Path, shards: list[str], skip: tuple[str, ...] = ()) -> list[Difference]:
+    """config.json of ``output`` against its shards' headers (:mod:`tensorsurgery.consistency`): a
+    config that disagrees with the tensors loads another model than they hold. Checks in ``skip``
+    (those its base source fails as it is) are not run; a missing or broken file is a difference
+    of its own, reported elsewhere, so it is not checked here."""
+    probe: list[Difference] = []
+    for name in (CONFIG_NAME, *shards):
+        fd = open_output_file(output / name, probe)
+        if fd is None:
+            return []
+        os.close(fd)
+    try:
+        config = read_json(output / CONFIG_NAME, inside=output)
+        tensors = {e.name: (e.dtype, e.shape) for name in shards
+                   for e in read_header(output / name, keep_raw=False).entries}
+    except (SourceError, HeaderError):
+        return []
+    if not isinstance(config, dict):
+        return []
+    return [Difference(CONFIG_NAME, f"disagrees with the tensors: {f}")
+            for f in check_consistency(config, tensors, family_of(config), skip=skip)]
 
 
 @dataclass(frozen=True, slots=True)
