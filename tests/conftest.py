@@ -27,7 +27,8 @@ if str(TESTS_DIR) not in sys.path:
 #: Test modules that need torch and transformers (and, for parity, mergekit).
 TORCH_MODULES = frozenset({
     "test_e2e.py", "test_link.py", "test_mergekit_config.py", "test_mergekit_parity.py", "test_native.py",
-    "test_reference.py", "test_transforms.py", "test_family_models.py", "test_families_e2e.py", "test_consistency_e2e.py",
+    "test_reference.py", "test_transforms.py", "test_family_models.py", "test_families_e2e.py",
+    "test_consistency_e2e.py",
 })
 
 if importlib.util.find_spec("torch") is None:

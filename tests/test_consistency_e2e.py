@@ -59,7 +59,8 @@ def test_what_apply_refuses_transformers_does_not_load(tied, tmp_path, capsys, q
     assert not loads_cleanly(written)
 
 
-@pytest.mark.parametrize("layers", ['plan = "keep"', 'plan = "dus"\noverlap = 1', 'plan = "idus"\noverlap = 1\ngroup = 1'])
+@pytest.mark.parametrize("layers", ['plan = "keep"', 'plan = "dus"\noverlap = 1',
+                                    'plan = "idus"\noverlap = 1\ngroup = 1'])
 def test_what_apply_writes_loads_with_every_weight(tied, tmp_path, capsys, quiet_transformers, layers):
     out = tmp_path / "out"
     # A consistent override too: a longer context, still an int.
