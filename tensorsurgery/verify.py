@@ -203,7 +203,8 @@ def check_meaning(output: Path, shards: list[str], skip: tuple[str, ...] = ()) -
         return []
     if not isinstance(config, dict):
         return []
-    return [Difference(CONFIG_NAME, f"disagrees with the tensors: {f}")
+    # The findings say "config.json KEY = ..."; the difference is already named after the file.
+    return [Difference(CONFIG_NAME, f.message.removeprefix(f"{CONFIG_NAME} "))
             for f in check_consistency(config, tensors, family_of(config), skip=skip)]
 
 

@@ -120,7 +120,8 @@ def test_verify_finding_differences_in_a_terminal(demo):
         code, text = run_in_pty("verify", *argv, cwd=demo)
         assert_clean(code, text, 1)
         assert_bar(text, "verifying")
-        assert "out/demo-dus: 1 difference(s); the output is NOT what" in text
+        assert "config.json: num_hidden_layers = 47 but the tensors hold 48 layers" in text
+        assert "out/demo-dus: 2 difference(s); the output is NOT what" in text
 
 
 @pytest.mark.parametrize("how", ["push", "apply --push-to-hub"])

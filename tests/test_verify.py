@@ -279,7 +279,11 @@ def test_damage_caught_in_manifest_mode(capsys, damaged, solar_manifest, tiny_mi
     elif damage == "edit_record_source":
         _assert_line(out, f"{RECORD}: layers[3].layer is 5, expected 3")
         assert len(out.splitlines()) == 3, out
-    elif damage in ("flip_byte", "edit_config", "drop_from_index", "edit_record_hash"):
+    elif damage == "edit_config":
+        # The value, and what it breaks: config.json no longer describes the tensors.
+        _assert_line(out, "config.json: num_hidden_layers = 47 but the tensors hold 48 layers (model.layers.0-47)")
+        assert len(out.splitlines()) == 3, out
+    elif damage in ("flip_byte", "drop_from_index", "edit_record_hash"):
         assert len(out.splitlines()) == 2, out  # exactly one difference
 
 
