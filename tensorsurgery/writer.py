@@ -5,6 +5,34 @@ into place.
 Nothing appears under the final name until everything is written; a source is never opened for
 writing; an existing output is replaced only with ``force``, only if it is an earlier
 tensorsurgery output or an empty folder, and only after the new one is complete.
+
+The steps, and the state a crash (kill, full disk, power) leaves after each. ``OUT`` is the
+output, ``T`` = ``.OUT.tensorsurgery-tmp`` (with its marker), ``N`` = ``.OUT.tensorsurgery-new-*``,
+``O`` = ``.OUT.tensorsurgery-old-*``, ``L`` = ``.OUT.tensorsurgery-lock``. Every run first takes
+``L`` (a second live run is refused, exit 2, touching nothing; a lock nobody holds is stale and
+taken over), then brings the state back to one of the first column (:func:`swap.finish_interrupted`):
+
+====  ==========================================  =====================================  ==============================
+step  what it does                                on disk if it is interrupted here       what the next run does
+====  ==========================================  =====================================  ==============================
+1     take ``L``, write the pid                   ``L`` (stale)                           takes ``L`` over
+2     make ``N`` + marker, rename ``N`` -> ``T``  ``N`` (empty or marker only)            removes ``N``
+3     shards ``X.partial`` -> ``X``, fsynced      ``T`` + finished shards                 plain/--force: removes ``T``
+                                                                                          (marker last); --resume: keeps
+                                                                                          the shards that verify
+4     other files, record, fsync                  ``T`` + shards (the rest is dropped)    as 3
+5     (--force) ``mkdtemp O``, ``OUT`` -> ``O``   ``OUT`` missing, earlier output in      renames ``O`` back to ``OUT``,
+                                                  ``O``, ``T`` complete                   then as 3 (with --force)
+6     ``T`` -> ``OUT``                            ``OUT`` new, marker inside; ``O``       removes the marker (``OUT``
+                                                                                          complete), removes ``O``
+7     remove the marker, fsync the parent         ``OUT`` complete; ``O``                 removes ``O`` (record last)
+8     remove ``O`` (its record last)              ``OUT`` complete, part of ``O``         removes ``O``
+9     remove ``L``, let go of it                  ``OUT`` complete, ``L`` (stale)         takes ``L`` over
+====  ==========================================  =====================================  ==============================
+
+Ctrl-C, SIGTERM and errors are cleaned up in the run itself: from steps 2-4 it keeps the finished
+shards and says whether ``--resume`` helps; from 5 it puts the earlier output back; from 6 on the
+new output is completed and the message says it is in place.
 """
 from __future__ import annotations
 
@@ -78,23 +106,30 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
     except OSError as e:
         raise WriteError(f"{e.filename or target.parent}: {e.strerror or e}; nothing was written to {target}; "
                          f"choose an --output where you can write") from e
-    with output_lock(target):
-        # What an interrupted run left is finished (or undone) first, then the output is checked
-        # again: it may have appeared (another run, or a restored --force) since the first look.
-        try:
-            notes = finish_interrupted(target)
-        except OSError as e:
-            raise WriteError(f"{e.filename or target}: {e.strerror or e}, while finishing what an interrupted run "
-                             f"left; nothing was written to {target}; run the same command again") from e
-        try:
-            target = check_output(plan, force=force)
-        except OutputExistsError as e:
-            if any(n.startswith("completed ") for n in notes):
-                raise OutputExistsError(f"{target}: is complete: an interrupted run had renamed it into place and "
-                                        f"this run finished it; pass --force to replace it") from e
-            raise
-        return _write(plan, target, tmp, notes, started, resume=resume, progress=progress, direct=direct,
-                      threads=threads)
+    result = None
+    try:
+        with output_lock(target):
+            # What an interrupted run left is finished (or undone) first, then the output is checked
+            # again: it may have appeared (another run, or a restored --force) since the first look.
+            try:
+                notes = finish_interrupted(target)
+            except OSError as e:
+                raise WriteError(f"{e.filename or target}: {e.strerror or e}, while finishing what an interrupted "
+                                 f"run left; nothing was written to {target}; run the same command again") from e
+            try:
+                target = check_output(plan, force=force)
+            except OutputExistsError as e:
+                if any(n.startswith("completed ") for n in notes):
+                    raise OutputExistsError(f"{target}: is complete: an interrupted run had renamed it into place "
+                                            f"and this run finished it; pass --force to replace it") from e
+                raise
+            result = _write(plan, target, tmp, notes, started, resume=resume, progress=progress, direct=direct,
+                            threads=threads)
+    except BaseException as e:
+        if result is not None:  # interrupted while letting go of the lock: the output is done
+            _placed(e, target)
+        raise
+    return result
 
 
 def _write(plan: Plan, target: Path, tmp: Path, notes: list[str], started: float, *, resume: bool,

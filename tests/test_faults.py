@@ -383,3 +383,137 @@ def test_two_runs_at_once(capsys, tiny_mistral, tmp_path, force):
         assert sorted(os.listdir(folder)) == sorted(["go", "m.toml", "out", *(f"go.{p}" for p in pids)])
     print(f"{busy} of 8 met the lock")
     assert busy >= 2  # the runs did overlap (a machine that serialises them every time proves nothing)
+
+
+# --- a kill, SIGTERM or a full disk at every file-system step ------------------------------------
+
+#: The calls that change the file system (os.open only when it may create or write).
+_STEPS = ("open", "mkdir", "rename", "replace", "unlink", "rmdir", "fsync", "write", "pwrite")
+_WRITES = {"open", "mkdir", "fsync", "write", "pwrite"}  # where a full disk shows
+
+
+def _hook(at: int, action: str) -> list[int]:
+    """Make the ``at``-th file-system step (counted over every thread) do ``action`` instead:
+    "kill" (SIGKILL: no cleanup at all), "term" (SIGTERM, handled like the user's), "enospc"
+    (fail with a full disk); at=0 only counts. Returns the counter."""
+    import errno
+    count = [0]
+    for name in _STEPS:
+        real = getattr(os, name)
+
+        def hooked(*a, _real=real, _name=name, **kw):
+            if _name == "open" and not (a[1] & (os.O_CREAT | os.O_WRONLY | os.O_RDWR)):
+                return _real(*a, **kw)
+            if action == "enospc" and _name not in _WRITES:
+                return _real(*a, **kw)
+            count[0] += 1
+            if count[0] == at:
+                if action == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if action == "term":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if action == "enospc":
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(a[0]) if a else None)
+            return _real(*a, **kw)
+        setattr(os, name, hooked)
+    return count
+
+
+def _forked(argv: list[str], at: int, action: str, err: Path) -> tuple[int, int]:
+    """Run ``tensorsurgery ARGV`` in a forked child with :func:`_hook`; (exit code, steps taken)."""
+    counted = err.with_suffix(".count")
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            sys.stdout = open(os.devnull, "w")
+            sys.stderr = open(err, "w")
+            from tensorsurgery.cli import main
+            count = _hook(at, action)
+            code = main(argv)
+            counted.write_text(str(count[0]))
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), int(counted.read_text()) if counted.exists() else -1
+
+
+def _beside(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n != "err" and not n.startswith("err."))
+
+
+@pytest.mark.parametrize("action", ["kill", "term", "enospc"])
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_every_step(capsys, tiny_mistral, tmp_path, force, action):
+    """At each file-system step of ``apply`` (``--force`` over an earlier, different output): a
+    kill, a SIGTERM, a full disk. After each, the earlier output is never lost (under its name or
+    in the folder the next run restores it from), what the message says is true, and the command
+    it names (the same one, with --resume when it says so) completes to an output that verifies,
+    with nothing left beside it."""
+    flags = ["--force"] if force else []
+    steps = None
+    at = 0
+    while steps is None or at <= steps:
+        at += 1
+        folder = tmp_path / str(at)
+        folder.mkdir()
+        manifest = tiny_job(folder, tiny_mistral)
+        out = folder / "out"
+        if force:
+            older = tiny_job(folder, tiny_mistral, overlap=4, name="old.toml")
+            assert run(capsys, "apply", older)[0] == 0
+        argv = ["apply", str(manifest), "--no-progress", *flags]
+        code, taken = _forked(argv, at, action, folder / "err")
+        err = (folder / "err").read_text()
+        if code == 0:  # the step was past the last one (or its failure is harmless): done
+            steps = taken if steps is None else steps
+            assert run(capsys, "verify", manifest)[0] == 0
+            assert _beside(folder) == sorted(["m.toml", "out", *(["old.toml"] if force else [])]), err
+            continue
+        assert "Traceback" not in err, err
+        if action == "kill":
+            assert code == -signal.SIGKILL
+        elif action == "term":
+            assert code == 143 and err.startswith("tensorsurgery: terminated; ") and err.count("\n") == 1, err
+        else:
+            assert code == 2 and err.startswith("tensorsurgery: error: ") and err.count("\n") == 1, err
+        if "is complete and in place" in err:
+            assert run(capsys, "verify", manifest)[0] == 0
+        if "nothing was written" in err:
+            assert (run(capsys, "verify", older)[0] == 0) if force else not out.exists(), (at, err, _beside(folder))
+        if force:  # the earlier output: under its name, or where the next run restores it from
+            hidden = [folder / n for n in os.listdir(folder) if ".tensorsurgery-old-" in n]
+            assert any(run(capsys, "verify", older, p)[0] == 0 for p in [out, *hidden]) or \
+                run(capsys, "verify", manifest)[0] == 0, (at, err, _beside(folder))
+        # Killed once the new output was whole: it is complete (a plain run then says it exists).
+        complete = run(capsys, "verify", manifest)[0] == 0
+        again = argv + (["--resume"] if "--resume" in err else [])
+        code, _, err2 = run(capsys, *again)
+        if not force and code == 2:
+            assert complete or "is complete: an interrupted run had renamed it into place" in err2, (at, err, err2)
+            assert "already exists" in err2 or "is complete" in err2, (at, err, err2)
+        else:
+            assert code == 0, (at, err, err2)
+        assert run(capsys, "verify", manifest)[0] == 0, (at, err)
+        assert _beside(folder) == sorted(["m.toml", "out", *(["old.toml"] if force else [])]), (at, err)
+    assert steps is not None and steps > 10
+
+
+def test_an_output_that_is_a_mount_point(capsys, monkeypatch, tiny_mistral, tmp_path):
+    """A container volume mounted at the output: refused before anything is written (the final
+    rename would fail with EBUSY). Simulated at tensorsurgery.target.is_mount_point: a real bind
+    mount needs root (or a user namespace the suite does not assume)."""
+    import tensorsurgery.target as target_module
+    manifest = tiny_job(tmp_path, tiny_mistral)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(target_module, "is_mount_point", lambda p: Path(p) == out)
+    for flags in ([], ["--force"]):
+        assert error_line(*run(capsys, "apply", manifest, *flags)) == (
+            f"{out}: is a mount point (a volume); an output is written beside it and renamed into place, which a "
+            f"mount point cannot take; write into a folder inside it: --output {out / 'out'}")
+        assert sorted(os.listdir(tmp_path)) == ["m.toml", "out"] and not os.listdir(out)
+    code, _, err = run(capsys, "apply", manifest, "--output", out / "out")
+    assert (code, err) == (0, "")
+    assert run(capsys, "verify", manifest, out / "out")[0] == 0
