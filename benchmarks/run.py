@@ -333,7 +333,7 @@ def _plan_with_any_api(manifest: Path, link: bool):
         if takes_link:
             return fn(manifest, link=True), f"{how}(link=True)"
     from tensorsurgery.manifest import load_manifest
-    from tensorsurgery.plan import build_plan
+    from tensorsurgery.plan import build_plan  # an early checkout's module names
     from tensorsurgery.source import resolve_source
     m = load_manifest(manifest)
     checkpoints = {s.name: resolve_source(s.model, s.revision, name=s.name) for s in m.sources}

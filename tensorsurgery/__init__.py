@@ -25,7 +25,7 @@ from .errors import (
 )
 from .format import Header, read_header
 from .manifest import Manifest
-from .plan import Plan, build_plan
+from .planning import Plan, build_plan
 
 __all__ = [
     "__version__",
@@ -43,6 +43,6 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # VerifyReport comes with the verify module, which loads numpy: not needed to plan or inspect.
     if name == "VerifyReport":
-        from .verify import VerifyReport
+        from .verification import VerifyReport
         return VerifyReport
     raise AttributeError(f"module 'tensorsurgery' has no attribute {name!r}")

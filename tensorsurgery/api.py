@@ -24,15 +24,15 @@ from .checkpoint import Checkpoint
 from .errors import ManifestError, VerifyError
 from .format import Header, read_header
 from .hashing import DEFAULT_THREADS
-from .load import load_manifest, manifest_from_text
+from .loading import load_manifest, manifest_from_text
 from .local import load_checkpoint
 from .manifest import Manifest, apply_overrides
-from .plan import Plan, build_plan
+from .planning import Plan, build_plan
 from .record import read_record, require_folder
 from .sources import resolve_source
 
 if TYPE_CHECKING:  # imported where used: they load numpy, which plan and inspect do without
-    from .verify import VerifyReport
+    from .verification import VerifyReport
     from .writer import WriteResult
 
 #: A manifest as the API takes it: a path, manifest text, or a parsed Manifest.
@@ -99,7 +99,7 @@ def plan(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
 
     Raises:
         ManifestError, SourceError, HeaderError, PlanError: see :func:`load`, :func:`resolve` and
-            :func:`tensorsurgery.plan.build_plan`.
+            :func:`tensorsurgery.planning.build_plan`.
 
     Example:
         >>> len(plan("manifests/demo.toml").layers)
@@ -156,7 +156,7 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
         VerifyError: no output folder, or a record that cannot be used.
         ManifestError, SourceError, HeaderError, PlanError: see :func:`plan`.
     """
-    from .verify import verify_output, verify_record
+    from .verification import verify_output, verify_record
     threads = threads or DEFAULT_THREADS
     if output is None and not isinstance(target, Manifest) and _is_folder(target):
         folder = Path(target)
@@ -253,8 +253,8 @@ def push(output: str | os.PathLike[str], repo_id: str, *, plan: Plan | None = No
         VerifyError: no output folder or record.
         WriteError: the upload failed (the folder is untouched).
     """
-    from .push import push_folder
-    from .verify import verify_output
+    from .upload import push_folder
+    from .verification import verify_output
     folder = require_folder(Path(output))
     report = (verify_output(plan, folder, progress=progress, threads=threads or DEFAULT_THREADS)
               if plan is not None else verify(folder, progress=progress, threads=threads))

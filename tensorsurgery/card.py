@@ -19,8 +19,8 @@ from ._version import __version__
 from .repo_id import is_repo_id
 from .report import format_bytes, layer_runs, span
 
-if TYPE_CHECKING:  # the card is made from a plan: plan.py imports this module
-    from .plan import Plan, SourceInfo
+if TYPE_CHECKING:  # the card is made from a plan: planning.py imports this module
+    from .planning import Plan, SourceInfo
 
 _TRANSFORMS = {"none": "copied byte for byte", "cast": "cast", "permute": "rows permuted",
                "permute+cast": "rows permuted and cast", "slice": "a row range of a fused tensor",

@@ -33,7 +33,7 @@ from .report import (
 from .target import check_output, temp_path
 
 if TYPE_CHECKING:
-    from .verify import VerifyReport
+    from .verification import VerifyReport
 
 
 class _Terminated(BaseException):

@@ -21,7 +21,7 @@ from .errors import SourceError
 from .expected import CAST_CHUNK, tensor_chunks
 from .format import MAX_HEADER_SIZE
 from .fsio import STREAM_CHUNK, OpenFiles, describe_entry, describe_mode, pread_exact, sha256_fd
-from .plan import CopyFile, OutputTensor, Shard
+from .planning import CopyFile, OutputTensor, Shard
 
 Progress = Callable[[int], None] | None
 

@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoint import CARD_NAME, CONFIG_NAME, INDEX_NAME
 from .dtypes import element_size
 from .fsio import pread_exact
-from .plan import CopyFile, OutputTensor, Plan, Shard
+from .planning import CopyFile, OutputTensor, Plan, Shard
 from .steps import Cast, PermuteRotary, Zeros
 from .transforms import cast_chunk, permute_head
 

@@ -30,7 +30,7 @@ from .expected import CAST_CHUNK, tensor_chunks
 from .fsio import OpenFiles, pread_exact
 from .hashing import HashPool, first_of_each
 from .packing import ALIGN, Block, Packer
-from .plan import OutputTensor, Shard
+from .planning import OutputTensor, Shard
 from .shardfile import PARTIAL_SUFFIX, ShardFile
 from .steps import Cast, RowSlice
 from .transforms import cast_chunk

@@ -19,7 +19,7 @@ from ._version import __version__
 from .checkpoint import CONFIG_NAME, RECORD_NAME
 from .errors import SourceError, VerifyError
 from .fsio import INDEX_LIMIT, describe_entry, read_json
-from .plan import Plan
+from .planning import Plan
 
 #: Version 2 added the shards table (size and header sha256 of every shard) and the hash origins.
 RECORD_VERSION = 2

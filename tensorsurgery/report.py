@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from .layers import LayerRef
 
-if TYPE_CHECKING:  # views of these; plan.py makes its card with this module's helpers
+if TYPE_CHECKING:  # views of these; planning.py makes its card with this module's helpers
     from .checkpoint import Checkpoint
     from .format import Header
-    from .plan import Plan
-    from .verify import VerifyReport
+    from .planning import Plan
+    from .verification import VerifyReport
 
 
 def format_bytes(n: float) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from .checkpoint import RECORD_NAME
 from .errors import OutputExistsError
 from .fsio import describe_entry
-from .plan import Plan
+from .planning import Plan
 
 TMP_SUFFIX = ".tensorsurgery-tmp"
 #: Put in a temporary folder when tensorsurgery creates it: only a folder holding it is ever

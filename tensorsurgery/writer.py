@@ -52,7 +52,7 @@ from .errors import OutputExistsError, WriteError
 from .expected import ExpectedFile, expected_files, json_bytes
 from .fsio import copy_file, describe_entry, open_regular
 from .outlock import output_lock
-from .plan import Plan, Shard
+from .planning import Plan, Shard
 from .pump import Pump
 from .record import SourceHash, build_record
 from .source_hash import SourceHasher
@@ -85,7 +85,7 @@ def execute_plan(plan: Plan, *, force: bool = False, resume: bool = False,
     temporary folder and the unfinished one is removed.
 
     Args:
-        plan: from :func:`tensorsurgery.plan.build_plan`.
+        plan: from :func:`tensorsurgery.planning.build_plan`.
         force: replace an existing output folder (only once the new one is complete).
         resume: keep the finished shards of an interrupted run whose bytes verify against the
             plan, and write only the rest. Without it a leftover temporary folder is removed.

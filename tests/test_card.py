@@ -15,7 +15,7 @@ from tensorsurgery import __version__
 from tensorsurgery.card import is_depth_up_scaled, model_card
 from tensorsurgery.checkpoint import card_licence, front_matter
 from tensorsurgery.cli import main
-from tensorsurgery.plan import build_plan
+from tensorsurgery.planning import build_plan
 from tensorsurgery.report import layer_runs
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

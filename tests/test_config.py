@@ -12,7 +12,7 @@ from tensorsurgery.config import build_config
 from tensorsurgery.errors import PlanError
 from tensorsurgery.families import family_of
 from tensorsurgery.layers import LayerRef, dus
-from tensorsurgery.plan import build_plan
+from tensorsurgery.planning import build_plan
 from tensorsurgery.rules import get_preset
 
 PRESET = get_preset("mistral-to-llama")

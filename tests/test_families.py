@@ -23,7 +23,7 @@ from tensorsurgery.families import (
     layer_lists,
 )
 from tensorsurgery.layers import LayerRef
-from tensorsurgery.plan import build_plan
+from tensorsurgery.planning import build_plan
 from tensorsurgery.report import format_plan
 from tensorsurgery.steps import RowSlice, Zeros
 

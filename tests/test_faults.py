@@ -27,9 +27,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-from tensorsurgery.load import load_manifest  # noqa: E402
+from tensorsurgery.loading import load_manifest  # noqa: E402
 from tensorsurgery.local import load_checkpoint  # noqa: E402
-from tensorsurgery.plan import build_plan  # noqa: E402
+from tensorsurgery.planning import build_plan  # noqa: E402
 from tensorsurgery.synthetic import Dims, make_mistral, tensor_bytes  # noqa: E402
 from tensorsurgery.target import TMP_MARKER  # noqa: E402
 

@@ -26,8 +26,8 @@ from tensorsurgery.cli import main
 from tensorsurgery.errors import SourceError
 from tensorsurgery.format import encode_header, read_header
 from tensorsurgery.hub import resolve_hub_source
-from tensorsurgery.load import load_manifest
-from tensorsurgery.plan import build_plan
+from tensorsurgery.loading import load_manifest
+from tensorsurgery.planning import build_plan
 from tensorsurgery.report import plan_as_dict
 from tensorsurgery.source_hash import cached_sha256
 from tensorsurgery.sources import resolve_source

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tensorsurgery.errors import ManifestError
-from tensorsurgery.load import load_manifest
+from tensorsurgery.loading import load_manifest
 from tensorsurgery.manifest import (
     DEFAULT_MAX_SHARD_SIZE,
     LayersSpec,

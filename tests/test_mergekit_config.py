@@ -17,7 +17,7 @@ import transformers
 from reference import ARRANGEMENTS, load_source_state_dict, reference_state_dict
 from tensorsurgery.cli import main
 from tensorsurgery.errors import ManifestError
-from tensorsurgery.load import load_manifest
+from tensorsurgery.loading import load_manifest
 from tensorsurgery.manifest import LayersSpec, RenameSpec, Segment, SourceSpec
 from tensorsurgery.mergekit_config import manifest_from_mergekit
 

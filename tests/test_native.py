@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 from reference import ARRANGEMENTS, load_source_state_dict, reference_state_dict
 from tensorsurgery.cli import main
 from tensorsurgery.errors import SourceError
-from tensorsurgery.load import manifest_from_text
+from tensorsurgery.loading import manifest_from_text
 from tensorsurgery.local import load_checkpoint
 from tensorsurgery.native import config_from_params
-from tensorsurgery.plan import build_plan
+from tensorsurgery.planning import build_plan
 from tensorsurgery.pump import Pump
 from tensorsurgery.steps import PermuteRotary
 from tensorsurgery.synthetic import Dims, make_mistral

@@ -1,4 +1,4 @@
-"""Tests for tensorsurgery.plan, from synthetic Checkpoints only (hand-made headers, no files).
+"""Tests for tensorsurgery.planning, from synthetic Checkpoints only (hand-made headers, no files).
 
 The synthetic decoder (tests/helpers.py) has per layer ``self_attn.q_proj`` (32 bytes in BF16),
 ``mlp.up_proj`` (64) and ``input_layernorm`` (8), plus ``model.embed_tokens`` (80),
@@ -17,7 +17,7 @@ from tensorsurgery import __version__
 from tensorsurgery.errors import ManifestError, PlanError
 from tensorsurgery.format import parse_header
 from tensorsurgery.layers import LayerRef, dus, interlock
-from tensorsurgery.plan import ByteRange, CopyFile, OutputTensor, SourceInfo, build_plan
+from tensorsurgery.planning import ByteRange, CopyFile, OutputTensor, SourceInfo, build_plan
 from tensorsurgery.steps import PermuteRotary
 
 SRC = Path("/models/src")

@@ -19,7 +19,7 @@ from tensorsurgery.dtypes import element_size
 from tensorsurgery.errors import ReadError
 from tensorsurgery.expected import tensor_chunks
 from tensorsurgery.format import encode_header
-from tensorsurgery.plan import ByteRange, OutputTensor, Shard
+from tensorsurgery.planning import ByteRange, OutputTensor, Shard
 from tensorsurgery.pump import Pump
 from tensorsurgery.steps import Cast, RowSlice, Zeros
 

@@ -1,4 +1,4 @@
-"""Pushing an output to the Hub (:mod:`tensorsurgery.push`). The Hub is not reachable here: a
+"""Pushing an output to the Hub (:mod:`tensorsurgery.upload`). The Hub is not reachable here: a
 recording client stands in for ``HfApi`` and the tests assert the calls made to it."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from tensorsurgery.cli import main
 from tensorsurgery.errors import ManifestError, WriteError
-from tensorsurgery.load import load_manifest
-from tensorsurgery.push import push_folder
+from tensorsurgery.loading import load_manifest
+from tensorsurgery.upload import push_folder
 
 
 class RecordingApi:

@@ -1,6 +1,6 @@
 """Prove an output is what it should be, byte for byte, in one of two modes:
 
-* :func:`verify_output` compares the folder with a :class:`~tensorsurgery.plan.Plan` (re-derived
+* :func:`verify_output` compares the folder with a :class:`tensorsurgery.planning.Plan` (re-derived
   from the manifest and the sources): every file the plan writes, with the bytes it must hold
   (:mod:`tensorsurgery.expected`), the provenance record against the plan and those bytes, and
   no file besides.
@@ -44,7 +44,7 @@ from .families import family_of
 from .format import parse_header, read_header
 from .fsio import pread_exact, read_json
 from .hashing import DEFAULT_THREADS, first_of_each
-from .plan import OutputTensor, Plan
+from .planning import OutputTensor, Plan
 from .record import Record, build_record, header_sha256, read_record, require_folder
 
 
