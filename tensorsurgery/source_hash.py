@@ -4,9 +4,11 @@ A source file's sha256 comes from the first of:
 
 * ``hub-blob``: files in the Hugging Face cache are named by their sha256 (``blobs/<sha256>``);
 * ``cache``: tensorsurgery's own hash cache (:class:`HashCache`), which remembers the sha256 of a
-  file it hashed under the file's identity: device, inode, size and modification time in
-  nanoseconds. Any change to the file changes its size or mtime (or both), so a second ``apply``
-  from the same unchanged source reads no byte of it twice;
+  file it hashed under the file's identity: device, inode, size, and modification and inode
+  change times in nanoseconds. A write can keep the size and set the mtime back (``cp -p``,
+  ``rsync --inplace -t``), but nothing sets the change time back: every write, ``utime`` or
+  ``chmod`` moves it. So a second ``apply`` from the same unchanged source reads no byte of it
+  twice, and a rewritten file is hashed again;
 * ``read``: hashed by this run, by background threads that read each file sequentially while
   ``apply`` streams (beside the byte pump, on another core; the sequential reads double as
   read-ahead for the pump's reads of the same files). The result goes into the cache.
@@ -74,7 +76,7 @@ def default_cache_dir() -> Path | None:
 
 
 class HashCache:
-    """sha256 of files by identity: one small JSON file per (device, inode, size, mtime_ns), so
+    """sha256 of files by identity (:func:`identity`): one small JSON file per identity, so
     concurrent runs never rewrite each other's entries, and each entry is written atomically
     (a temporary file renamed into place). An entry is used only when every part of the key
     equals the file's ``fstat``; an entry that is not valid is ignored (and replaced). Errors
@@ -85,7 +87,7 @@ class HashCache:
 
     @staticmethod
     def key(st: os.stat_result) -> str:
-        return f"{st.st_dev:x}-{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+        return "-".join(f"{v:x}" for v in identity(st).values())
 
     def get(self, st: os.stat_result) -> str | None:
         """The cached sha256 of the file whose ``fstat`` is ``st``, or None."""
@@ -99,7 +101,7 @@ class HashCache:
         if not isinstance(entry, dict):
             return None
         digest = entry.get("sha256")
-        want = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        want = identity(st)
         if not (isinstance(digest, str) and _SHA256_BLOB.fullmatch(digest)
                 and all(type(entry.get(k)) is int and entry[k] == v for k, v in want.items())):
             return None
@@ -110,8 +112,7 @@ class HashCache:
         not for a file modified within :data:`RACY_NS` of ``started_ns`` (wall clock)."""
         if self.folder is None or st.st_mtime_ns >= started_ns - RACY_NS:
             return
-        entry = {"sha256": digest, "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
-                 "mtime_ns": st.st_mtime_ns, "path": str(path)}
+        entry = {"sha256": digest, **identity(st), "path": str(path)}
         tmp = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -130,8 +131,14 @@ class HashCache:
                     pass
 
 
+def identity(st: os.stat_result) -> dict[str, int]:
+    """What says a file is unchanged: device, inode, size, mtime and ctime (in ns)."""
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
+
+
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
+    return identity(a) == identity(b)
 
 
 class SourceHasher:

@@ -49,7 +49,7 @@ def test_second_hash_comes_from_the_cache_without_reading(tmp_path, cache, monke
     assert (second.sha256, second.origin) == (first.sha256, "cache")
 
 
-@pytest.mark.parametrize("change", ["mtime", "size", "inode", "content-same-size"])
+@pytest.mark.parametrize("change", ["mtime", "size", "inode", "content-same-size", "in-place-mtime-restored"])
 def test_a_changed_file_is_hashed_again(tmp_path, cache, change):
     path = _file(tmp_path)
     assert _hash(path, cache).origin == "read"
@@ -64,9 +64,12 @@ def test_a_changed_file_is_hashed_again(tmp_path, cache, change):
         other = _file(tmp_path, "other", b"z" * 3000)
         os.replace(other, path)  # same size, same mtime, another inode
         os.utime(path, (PAST, PAST))
-    else:
+    elif change == "content-same-size":
         path.write_bytes(b"q" * 3000)
         os.utime(path, (PAST + 1, PAST + 1))
+    else:  # rsync --inplace -t, cp -p: same inode, size and mtime; only the change time moved
+        path.write_bytes(b"r" * 3000)
+        os.utime(path, (PAST, PAST))
     again = _hash(path, cache)
     assert (again.sha256, again.origin) == (hashlib.sha256(path.read_bytes()).hexdigest(), "read")
     assert _hash(path, cache).origin == "cache"
