@@ -15,6 +15,7 @@ from .checkpoint import Checkpoint
 from .errors import (
     HeaderError,
     ManifestError,
+    NotVerifiedError,
     OutputExistsError,
     PlanError,
     ReadError,
@@ -36,7 +37,7 @@ __all__ = [
     "build_plan", "read_header",
     # what it raises
     "TensorSurgeryError", "ManifestError", "HeaderError", "SourceError", "PlanError", "OutputExistsError",
-    "ReadError", "WriteError", "VerifyError",
+    "ReadError", "WriteError", "VerifyError", "NotVerifiedError",
 ]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Union
 
 from .checkpoint import Checkpoint
-from .errors import ManifestError, VerifyError
+from .errors import ManifestError, NotVerifiedError, VerifyError
 from .format import Header, read_header
 from .hashing import DEFAULT_THREADS
 from .loading import load_manifest, manifest_from_text
@@ -53,10 +53,11 @@ class ApplyResult:
 
 @dataclass(frozen=True, slots=True)
 class PushResult:
-    """What :func:`push` did: the verification, and the URL of the upload (None when it failed)."""
+    """What :func:`push` did: the verification (its ``mode`` says what was checked), and the URL of
+    the upload."""
 
     verified: VerifyReport
-    url: str | None
+    url: str
 
 
 def load(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
@@ -251,6 +252,7 @@ def push(output: str | os.PathLike[str], repo_id: str, *, plan: Plan | None = No
 
     Raises:
         VerifyError: no output folder or record.
+        NotVerifiedError: the output does not verify (its ``report`` says how); nothing uploaded.
         WriteError: the upload failed (the folder is untouched).
     """
     from .upload import push_folder
@@ -259,7 +261,8 @@ def push(output: str | os.PathLike[str], repo_id: str, *, plan: Plan | None = No
     report = (verify_output(plan, folder, progress=progress, threads=threads or DEFAULT_THREADS)
               if plan is not None else verify(folder, progress=progress, threads=threads))
     if not report.ok:
-        return PushResult(report, None)
+        raise NotVerifiedError(f"{folder} does not verify ({len(report.differences)} difference(s)); "
+                               f"nothing was pushed to {repo_id}", report)
     return PushResult(report, push_folder(folder, repo_id, private=private, api=api))
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import api
 from ._version import __version__
-from .errors import OutputExistsError, TensorSurgeryError
+from .errors import NotVerifiedError, OutputExistsError, TensorSurgeryError
 from .format import Header
 from .report import (
     checkpoint_as_dict,
@@ -253,15 +253,16 @@ def _dry_run_notes(plan: Any, args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace, output: Path, repo: str, *, private: bool, plan: Any = None) -> int:
-    with _progress(args, "verifying", plan.total_size if plan is not None else None) as update:
-        result = api.push(output, repo, plan=plan, private=private, progress=update,
-                          threads=getattr(args, "threads", None))
-    if result.url is None:
-        for line in iter_differences(result.verified):
+    try:
+        with _progress(args, "verifying", plan.total_size if plan is not None else None) as update:
+            result = api.push(output, repo, plan=plan, private=private, progress=update,
+                              threads=getattr(args, "threads", None))
+    except NotVerifiedError as e:
+        for line in iter_differences(e.report):
             print(line, file=sys.stderr)
         print(f"tensorsurgery: {output} does not verify; not pushed to {repo}", file=sys.stderr)
         return 1
-    print(f"verified {output}; pushed to {result.url}")
+    print(f"verified {output} ({_MODES[result.verified.mode]}); pushed to {result.url}")
     return 0
 
 

@@ -50,5 +50,13 @@ class VerifyError(TensorSurgeryError):
     """The output cannot be verified at all (missing folder, unreadable provenance record)."""
 
 
+class NotVerifiedError(TensorSurgeryError):
+    """The output does not verify, so it was not uploaded; ``report`` holds the differences."""
+
+    def __init__(self, message: str, report: object):
+        super().__init__(message)
+        self.report = report
+
+
 class OutputBusyError(TensorSurgeryError):
     """Another tensorsurgery run holds the lock of this output (it is writing it now)."""

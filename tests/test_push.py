@@ -12,7 +12,8 @@ import pytest
 from huggingface_hub.errors import HfHubHTTPError
 
 from tensorsurgery.cli import main
-from tensorsurgery.errors import ManifestError, WriteError
+import tensorsurgery as ts
+from tensorsurgery.errors import ManifestError, NotVerifiedError, WriteError
 from tensorsurgery.loading import load_manifest
 from tensorsurgery.upload import push_folder
 
@@ -131,7 +132,8 @@ def test_cli_apply_verifies_then_pushes(tmp_path, tiny_mistral, recording_hub, c
     assert api.calls[0][2]["private"] is True
     assert api.calls[1][1]["folder_path"] == str(out) and api.calls[1][1]["repo_id"] == "me/tiny-dus"
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"verified {out}; pushed to https://huggingface.co/me/tiny-dus/commit/abc123")
+        f"verified {out} (every byte matches the manifest applied to the sources); "
+        "pushed to https://huggingface.co/me/tiny-dus/commit/abc123")
     assert json.loads((out / "tensorsurgery.json").read_text())["tool"] == "tensorsurgery"
 
 
@@ -160,3 +162,47 @@ def test_cli_push_failure_is_one_line_and_keeps_the_output(tmp_path, tiny_mistra
         f"tensorsurgery: error: me/x: push to the Hugging Face Hub failed (ConnectionError: Hub unreachable); "
         f"the output is complete in {out}; retry with `hf upload me/x {out}`\n")
     assert (out / "tensorsurgery.json").is_file()
+
+
+def _tampered_output(tmp_path: Path, source: Path) -> Path:
+    assert main(["apply", str(write_manifest(tmp_path, source)), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    shard = sorted(out.glob("model*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return out
+
+
+def test_api_push_of_an_output_that_does_not_verify_raises_and_uploads_nothing(tmp_path, tiny_mistral,
+                                                                               recording_hub):
+    out = _tampered_output(tmp_path, tiny_mistral)
+    with pytest.raises(NotVerifiedError) as e:
+        ts.push(out, "me/x")
+    assert str(e.value) == f"{out} does not verify (1 difference(s)); nothing was pushed to me/x"
+    assert not e.value.report.ok
+    assert recording_hub == []
+
+
+def test_cli_push_says_which_verify_mode_ran(tmp_path, tiny_mistral, recording_hub, capsys):
+    import shutil
+    source = tmp_path / "src"
+    shutil.copytree(tiny_mistral, source)
+    assert main(["apply", str(write_manifest(tmp_path, source)), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["push", str(out), "me/x"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        f"verified {out} (every byte matches the recorded manifest applied to the sources); pushed to ")
+    shutil.rmtree(source)  # the record alone is left to check against: say so
+    assert main(["push", str(out), "me/x"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        f"verified {out} (every file matches the sha256 in tensorsurgery.json; sources not found")
+
+
+def test_cli_push_of_an_output_that_does_not_verify_exits_1(tmp_path, tiny_mistral, recording_hub, capsys):
+    out = _tampered_output(tmp_path, tiny_mistral)
+    capsys.readouterr()
+    assert main(["push", str(out), "me/x"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"tensorsurgery: {out} does not verify; not pushed to me/x"
+    assert recording_hub == []
