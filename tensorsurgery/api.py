@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # imported where used: they load numpy, which plan and inspec
 
 #: A manifest as the API takes it: a path, manifest text, or a parsed Manifest.
 ManifestLike = Union[Manifest, str, "os.PathLike[str]"]
+#: The ``sources`` overrides: a folder or repo id for a manifest's one source, or {name: model}.
+SourcesLike = Union[str, "os.PathLike[str]", Mapping[str, Union[str, "os.PathLike[str]"]], None]
 Progress = Callable[[int], None] | None
 
 
@@ -60,7 +62,7 @@ class PushResult:
     url: str
 
 
-def load(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
+def load(manifest: ManifestLike, *, sources: SourcesLike = None,
          output: str | os.PathLike[str] | None = None) -> Manifest:
     """The :class:`Manifest` for ``manifest`` with the overrides applied.
 
@@ -73,11 +75,26 @@ def load(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
     if output is not None and not str(output).strip():
         raise ManifestError("--output is empty; give the folder to write the output to")
     out = str(output) if output is not None else None
+    given = _overrides(sources)
     if isinstance(manifest, Manifest):
-        return apply_overrides(manifest, sources or {}, out)
+        return apply_overrides(manifest, given, out)
     if isinstance(manifest, str) and "\n" in manifest:
-        return apply_overrides(manifest_from_text(manifest), sources or {}, out)
-    return load_manifest(manifest, sources=sources, output=out)
+        return apply_overrides(manifest_from_text(manifest), given, out)
+    return load_manifest(manifest, sources=given, output=out)
+
+
+def _overrides(sources: SourcesLike) -> dict[str, str]:
+    """``sources`` as source name -> model (``""``: the manifest's one source)."""
+    if sources is None:
+        return {}
+    if isinstance(sources, (str, os.PathLike)):
+        return {"": os.fspath(sources)}
+    if isinstance(sources, Mapping) and all(isinstance(k, str) and isinstance(v, (str, os.PathLike))
+                                            for k, v in sources.items()):
+        return {k: os.fspath(v) for k, v in sources.items()}
+    raise TypeError(f"sources= takes a folder or repo id (a str or path) for the manifest's one source, or "
+                    f"a mapping of source names to them, such as {{\"base\": \"./Mistral-7B\"}}; "
+                    f"got {type(sources).__name__}")
 
 
 def resolve(manifest: Manifest, *, download: bool = True, keep_raw: bool = True) -> dict[str, Checkpoint]:
@@ -93,7 +110,7 @@ def resolve(manifest: Manifest, *, download: bool = True, keep_raw: bool = True)
             for s in manifest.sources}
 
 
-def plan(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
+def plan(manifest: ManifestLike, *, sources: SourcesLike = None,
          output: str | os.PathLike[str] | None = None, link: bool = False, download: bool = False) -> Plan:
     """The plan of ``manifest`` from the sources' headers alone: nothing is written, and (unless
     ``download``) no weight is downloaded.
@@ -110,7 +127,7 @@ def plan(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
     return build_plan(m, resolve(m, download=download, keep_raw=link), link=link)
 
 
-def apply(manifest: ManifestLike, *, sources: Mapping[str, str] | None = None,
+def apply(manifest: ManifestLike, *, sources: SourcesLike = None,
           output: str | os.PathLike[str] | None = None, force: bool = False, resume: bool = False,
           link: bool = False, progress: Progress = None, threads: int | None = None,
           push_to_hub: str | None = None, private: bool | None = None) -> ApplyResult:
@@ -145,7 +162,7 @@ def execute(plan: Plan, *, force: bool = False, resume: bool = False, progress: 
 
 
 def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *,
-           sources: Mapping[str, str] | None = None, progress: Progress = None,
+           sources: SourcesLike = None, progress: Progress = None,
            threads: int | None = None) -> VerifyReport:
     """Prove an output is what it should be; ``report.ok`` only when every byte is.
 
@@ -161,7 +178,7 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
     threads = threads or DEFAULT_THREADS
     if output is None and not isinstance(target, Manifest) and _is_folder(target):
         folder = Path(target)
-        recorded = plan_from_record(folder, sources or {})
+        recorded = plan_from_record(folder, _overrides(sources))
         if recorded is None:
             return verify_record(folder, progress=progress, threads=threads)
         return replace(verify_output(recorded, folder, progress=progress, threads=threads), mode="record+sources")

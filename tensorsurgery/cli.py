@@ -12,13 +12,14 @@ import os
 import shutil
 import signal
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import api
 from ._version import __version__
-from .errors import NotVerifiedError, OutputExistsError, TensorSurgeryError
+from .errors import COMMAND_LINE_WORDS, NotVerifiedError, OutputExistsError, TensorSurgeryError
 from .format import Header
 from .report import (
     checkpoint_as_dict,
@@ -59,11 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(signal, "SIGXFSZ"):
         # Past RLIMIT_FSIZE a write must fail with EFBIG (reported), not kill the process.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    words = COMMAND_LINE_WORDS.set(True)
+    try:
+        return _run(args)
+    finally:
+        COMMAND_LINE_WORDS.reset(words)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``args.func(args)``, every failure said as one line with its exit code."""
     try:
         return args.func(args)
     except TensorSurgeryError as e:
-        if args.traceback:
-            raise
+        if args.traceback:  # the traceback too, with the same exit code
+            traceback.print_exc()
         print(f"tensorsurgery: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -5,9 +5,43 @@ what failed, where (file, key path or tensor), expected vs found, and what to do
 """
 from __future__ import annotations
 
+import re
+from contextvars import ContextVar
+from typing import Any
+
+#: Whose words a message speaks: the command line's (``--source PATH``), set by the CLI while it
+#: runs, or, by default, the Python API's (``sources=PATH``). Messages are written once, in the
+#: command line's words; :class:`TensorSurgeryError` says them in the API's unless the CLI runs.
+COMMAND_LINE_WORDS: ContextVar[bool] = ContextVar("COMMAND_LINE_WORDS", default=False)
+
+#: The command line's words -> the API's, in order (longer forms first).
+_API_WORDS = tuple((re.compile(a), b) for a, b in (
+    (r"--source NAME=PATH", 'sources={"NAME": PATH}'),
+    (r"--source ([\w.-]+)=\.\.\.", r'sources={"\1": ...}'),
+    (r"--source PATH", "sources=PATH"),
+    (r"--source\b", "sources="),
+    (r"--output PATH", "output=PATH"),
+    (r"--output\b", "output="),
+    (r"--force\b", "force=True"),
+    (r"--resume\b", "resume=True"),
+    (r"--link\b", "link=True"),
+    (r"--threads\b", "threads="),
+))
+
+
+def api_words(message: str) -> str:
+    """``message`` with the command line's options named as the Python API's parameters."""
+    for pattern, api in _API_WORDS:
+        message = pattern.sub(api, message)
+    return message
+
 
 class TensorSurgeryError(Exception):
     """Base class: any error tensorsurgery reports to the user as one line (exit code 2)."""
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        return message if COMMAND_LINE_WORDS.get() else api_words(message)
 
 
 class ManifestError(TensorSurgeryError):
@@ -53,7 +87,7 @@ class VerifyError(TensorSurgeryError):
 class NotVerifiedError(TensorSurgeryError):
     """The output does not verify, so it was not uploaded; ``report`` holds the differences."""
 
-    def __init__(self, message: str, report: object):
+    def __init__(self, message: str, report: Any):  # a VerifyReport (errors.py imports nothing of ours)
         super().__init__(message)
         self.report = report
 

@@ -13,7 +13,7 @@ import pytest
 from cli_helpers import run
 from helpers import snapshot, write_manifest
 from tensorsurgery.cli import main
-from tensorsurgery.errors import HeaderError, ManifestError, TensorSurgeryError
+from tensorsurgery.errors import HeaderError, ManifestError
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -182,11 +182,14 @@ def test_inspect_not_a_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["--traceback", "plan", "{m}"], ["plan", "{m}", "--traceback"],
                                   ["--traceback", "apply", "{m}"], ["--traceback", "inspect", "{m}"]])
-def test_traceback_flag_re_raises(tmp_path, argv):
+def test_traceback_flag_shows_the_traceback_and_keeps_exit_2(tmp_path, argv, capsys):
     manifest = write_manifest(tmp_path / "bad.toml", '[source]\nmodel = "x"\nextra = 1\n[output]\npath = "o"\n')
-    with pytest.raises(TensorSurgeryError) as excinfo:
-        main([a.format(m=manifest) for a in argv])
-    assert isinstance(excinfo.value, HeaderError if "inspect" in argv else ManifestError)
+    assert main([a.format(m=manifest) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    kind = HeaderError if "inspect" in argv else ManifestError
+    assert f"tensorsurgery.errors.{kind.__name__}: " in err
+    assert err.splitlines()[-1].startswith("tensorsurgery: error: ")
 
 
 def test_usage_error_is_exit_2(capsys):

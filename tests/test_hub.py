@@ -172,7 +172,7 @@ def test_offline_repo_not_in_cache_is_one_clear_error(cache):
     with pytest.raises(SourceError) as e:
         resolve_hub_source("org/absent")
     assert str(e.value) == (f"org/absent@main: not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is "
-                            f"set; download it once online, or pass --source PATH to a local copy")
+                            f"set; download it once online, or pass sources=PATH to a local copy")
 
 
 def test_offline_weights_missing_from_the_cache(cache, hf_repo):
@@ -192,7 +192,7 @@ def test_offline_ref_without_snapshot(cache, hf_repo):
         resolve_hub_source("org/tiny")
     snap = cache / "models--org--tiny" / "snapshots" / OTHER_COMMIT
     assert str(e.value) == (f"org/tiny@{OTHER_COMMIT[:12]}: the cache holds no snapshot folder {snap} and "
-                            f"HF_HUB_OFFLINE is set; download the repo once online or pass --source PATH")
+                            f"HF_HUB_OFFLINE is set; download the repo once online or pass sources=PATH")
 
 
 def test_resolve_source_sends_repo_ids_to_the_hub(cache, hf_repo, tiny_mistral):
@@ -389,7 +389,7 @@ def _http_error(cls, status: int):
     (_http_error(RevisionNotFoundError, 404),
      "org/x@main: no such revision on the Hugging Face Hub; check the branch, tag or commit in source.revision"),
     (ConnectionResetError("connection reset\nby peer"),
-     "org/x@main: cannot resolve on the Hugging Face Hub (connection reset); retry, or pass --source PATH "
+     "org/x@main: cannot resolve on the Hugging Face Hub (connection reset); retry, or pass sources=PATH "
      "to a local copy"),
 ])
 def test_hub_errors_become_one_line(cache, error, message):

@@ -382,12 +382,12 @@ def test_named_source_override(tmp_path):
 
 def test_ambiguous_bare_override(tmp_path):
     path, msg = manifest_error(tmp_path, TWO_SOURCES, sources={"": "/data/x"})
-    assert msg == f"{path}: --source PATH is ambiguous with 2 sources; use --source NAME=PATH"
+    assert msg == f'{path}: sources=PATH is ambiguous with 2 sources; use sources={{"NAME": PATH}}'
 
 
 def test_override_of_unknown_source(tmp_path):
     path, msg = manifest_error(tmp_path, TWO_SOURCES, sources={"c": "/data/x"})
-    assert msg == f"{path}: --source c=...: no source called 'c'; sources are: a, b"
+    assert msg == f'{path}: sources={{"c": ...}}: no source called \'c\'; sources are: a, b'
 
 
 def test_apply_overrides_is_pure(tmp_path):

@@ -11,8 +11,8 @@ import huggingface_hub
 import pytest
 from huggingface_hub.errors import HfHubHTTPError
 
-from tensorsurgery.cli import main
 import tensorsurgery as ts
+from tensorsurgery.cli import main
 from tensorsurgery.errors import ManifestError, NotVerifiedError, WriteError
 from tensorsurgery.loading import load_manifest
 from tensorsurgery.upload import push_folder
