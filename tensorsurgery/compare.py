@@ -20,7 +20,16 @@ import numpy as np
 from .errors import SourceError
 from .expected import CAST_CHUNK, tensor_chunks
 from .format import MAX_HEADER_SIZE
-from .fsio import STREAM_CHUNK, OpenFiles, describe_entry, describe_mode, pread_exact, sha256_fd
+from .fsio import (
+    JSON_DEPTH,
+    STREAM_CHUNK,
+    OpenFiles,
+    describe_entry,
+    describe_mode,
+    json_depth,
+    pread_exact,
+    sha256_fd,
+)
 from .planning import CopyFile, OutputTensor, Shard
 
 Progress = Callable[[int], None] | None
@@ -244,8 +253,11 @@ def compare_data(name: str, path: Path, expected: bytes) -> tuple[str | None, li
 def _json_differences(name: str, found: bytes, expected: bytes) -> Iterator[Difference]:
     try:
         got = json.loads(found.decode("utf-8"))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         yield Difference(name, f"is not valid JSON ({e})")
+        return
+    if json_depth(got) > JSON_DEPTH:
+        yield Difference(name, f"nests deeper than {JSON_DEPTH} levels; not what tensorsurgery writes")
         return
     lines = list(json_diff(json.loads(expected), got))
     if not lines:

@@ -20,6 +20,9 @@ from .errors import ReadError, SourceError
 #: Largest JSON file read from a source, by role. A 1.7M-tensor index is ~130 MB; configs,
 #: params and tokenizer configs are kilobytes, so 16 MB is generous and still bounded.
 JSON_LIMIT = 16 << 20
+#: How deep a JSON file may nest: checkpoints' JSON files nest a few levels (a tokenizer.json
+#: about ten), and what reads them recurses.
+JSON_DEPTH = 64
 INDEX_LIMIT = 512 << 20
 #: Largest README.md read from a source (only its front matter is used).
 TEXT_LIMIT = 4 << 20
@@ -130,9 +133,26 @@ def read_json(path: Path, *, limit: int = JSON_LIMIT, inside: Path | None = None
     """
     raw = read_limited(path, limit, inside=inside)
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise SourceError(f"{path}: not valid JSON ({e}); re-download it") from None
+    if json_depth(value) > JSON_DEPTH:
+        raise SourceError(f"{path}: JSON nested deeper than {JSON_DEPTH} levels; no checkpoint file nests "
+                          f"like this, so it is not the file a checkpoint holds there")
+    return value
+
+
+def json_depth(value: Any) -> int:
+    """How deep ``value`` nests (a scalar is 0, ``[]`` is 1), found without recursion: the
+    copies and comparisons of a config recurse, and fail near Python's limit of 1,000 frames."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _no_constant(name: str) -> Any:
