@@ -19,6 +19,7 @@ from ._version import __version__
 from .checkpoint import CONFIG_NAME, RECORD_NAME
 from .errors import SourceError, VerifyError
 from .fsio import INDEX_LIMIT, describe_entry, read_json
+from .outlock import holder
 from .planning import Plan
 
 #: Version 2 added the shards table (size and header sha256 of every shard) and the hash origins.
@@ -127,6 +128,10 @@ def require_folder(output: Path) -> Path:
     """
     output = Path(output)
     if not output.is_dir():
+        pid = holder(Path(os.path.abspath(output)))
+        if pid is not None:
+            raise VerifyError(f"{output}: not there yet: another tensorsurgery (pid {pid}) is writing it; wait for "
+                              f"it, then run verify again")
         raise VerifyError(f"{output}: output folder not found; run `tensorsurgery apply` first or give the "
                           f"output path")
     return output

@@ -517,3 +517,14 @@ def test_an_output_that_is_a_mount_point(capsys, monkeypatch, tiny_mistral, tmp_
     code, _, err = run(capsys, "apply", manifest, "--output", out / "out")
     assert (code, err) == (0, "")
     assert run(capsys, "verify", manifest, out / "out")[0] == 0
+
+
+def test_verify_while_an_apply_writes_the_output(capsys, tiny_mistral, tmp_path):
+    manifest = tiny_job(tmp_path, tiny_mistral)
+    out = tmp_path / "out"
+    with output_lock(out):
+        assert error_line(*run(capsys, "verify", manifest)) == (
+            f"{out}: not there yet: another tensorsurgery (pid {os.getpid()}) is writing it; wait for it, then run "
+            f"verify again")
+    line = error_line(*run(capsys, "verify", manifest))  # no lock: the usual message
+    assert line.startswith(f"{out}: output folder not found; ")
