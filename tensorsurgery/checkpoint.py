@@ -108,12 +108,6 @@ class Checkpoint:
         return GENERIC_LAYERS if self.layout == "mistral" else self.family.layers
 
     @cached_property
-    def signatures(self) -> Mapping[str, tuple[str, tuple[int, ...]]]:
-        """Every tensor's ``(dtype, shape)`` by name (what :mod:`tensorsurgery.consistency` checks)."""
-        return {name: (e.dtype, e.shape) for name, shard in self.weight_map.items()
-                for e in (self.headers[shard].tensors[name],)}
-
-    @cached_property
     def by_layer(self) -> Mapping[int | None, tuple[str, ...]]:
         """Tensor names by decoder layer index (None: outside the layers), in weight-map order."""
         return self._layer_split[0]

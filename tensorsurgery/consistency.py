@@ -24,8 +24,9 @@ from typing import Any, Iterable, Mapping, TypeGuard
 from .families import Family, LayerIndices, PerLayer, family_of
 from .layers import LayerRef
 
-#: name -> (safetensors dtype, shape)
-Signatures = Mapping[str, tuple[str, tuple[int, ...]]]
+#: A tensor as the check reads it: a record whose first three fields are name, safetensors dtype
+#: and shape (:class:`~tensorsurgery.format.TensorEntry`, a plan's ``OutputTensor``, a plain tuple).
+Tensor = tuple[Any, ...]
 
 #: Config fields that transformers reads as integers (a float or a bool there is refused by its
 #: config validation, or builds something else).
@@ -53,38 +54,45 @@ class Finding:
         return self.message
 
 
-def check_consistency(config: Mapping[str, Any], tensors: Signatures, family: Family, *,
+def check_consistency(config: Mapping[str, Any], tensors: Iterable[Tensor], family: Family, *,
                       skip: Iterable[str] = ()) -> list[Finding]:
-    """Every way ``config`` (a config.json) and ``tensors`` disagree, for a model of ``family``;
-    checks named in ``skip`` are not run."""
+    """Every way ``config`` (a config.json) and ``tensors`` (records whose first three fields are
+    name, dtype and shape: a header's entries, a plan's tensors) disagree, for a model of
+    ``family``; checks named in ``skip`` are not run."""
     skipped = frozenset(skip)
     text = family.text_config(config)
     where = "".join(f"{k}." for k in family.config_path) if text is not config else ""
     found = _types(config, "") + (_types(text, where) if text is not config else [])
     found += _lengths(text, where, family)
-    layers = _layer_tensors(tensors, family)
-    found += _layer_count(config, text, where, family, layers)
-    head = next(iter(layers), None)
-    found += _embeddings(config, text, where, tensors, head)
-    if head is not None and len(layers) == 1:
-        found += _attention(text, where, head, layers[head]) + _mlp(text, where, head, layers[head])
+    seen = _collect(tensors, family)
+    found += _layer_count(config, text, where, family, seen.counts)
+    head = next(iter(seen.counts), None)
+    found += _embeddings(config, text, where, seen.outer, head)
+    if head is not None and len(seen.counts) == 1:
+        found += _attention(text, where, head, seen.layers.get(head, {}))
+        found += _mlp(text, where, head, seen.layers.get(head, {}), seen.experts.get(head, {}))
     return [f for f in found if f.check not in skipped]
 
 
-def output_findings(config: Mapping[str, Any], tensors: Signatures, base_config: Mapping[str, Any],
-                    base_tensors: Signatures, base_family: Family) -> tuple[list[Finding], frozenset[str]]:
+def output_findings(config: Mapping[str, Any], tensors: Iterable[Tensor], base_config: Mapping[str, Any],
+                    base_tensors: Iterable[Tensor], base_family: Family) -> list[Finding]:
     """The disagreements of a planned output (``config``, ``tensors``) that its base source does
-    not have, and the ids of the checks skipped because the base fails them as it is. The output
-    is checked as the family its own config names (a preset may relabel it); types are also
-    compared with the base's config (:func:`changed_types`)."""
-    skip = failing_checks(base_config, base_tensors, base_family)
-    found = check_consistency(config, tensors, family_of(config), skip=skip)
+    not have: a check the base fails as it is does not describe its family (the base is only
+    read when the output fails a check). The output is checked as the family its own config
+    names (a preset may relabel it); types are also compared with the base's config
+    (:func:`changed_types`)."""
+    found = check_consistency(config, tensors, family_of(config))
     flagged = {f.check for f in found}
-    return found + [f for f in changed_types(base_config, config) if f.check not in flagged], skip
+    found += [f for f in changed_types(base_config, config) if f.check not in flagged]
+    if not found:
+        return []
+    skip = failing_checks(base_config, base_tensors, base_family)
+    return [f for f in found if f.check not in skip]
 
 
-def failing_checks(config: Mapping[str, Any], tensors: Signatures, family: Family) -> frozenset[str]:
-    """The ids of the checks that fail on a source as it is: they do not describe this family."""
+def failing_checks(config: Mapping[str, Any], tensors: Iterable[Tensor], family: Family) -> frozenset[str]:
+    """The ids of the checks that fail on a model as it is (a source, or an output as planned):
+    they do not describe this family."""
     return frozenset(f.check for f in check_consistency(config, tensors, family))
 
 
@@ -210,28 +218,68 @@ def _lengths(text: Mapping[str, Any], where: str, family: Family) -> list[Findin
     return found
 
 
-#: Per decoder-layer prefix (``model.layers.``): per layer index, its tensors by name after the index.
-_Layers = dict[str, dict[int, dict[str, tuple[str, tuple[int, ...]]]]]
+#: The layer tensors the checks look at (names after ``model.layers.N.``).
+_LAYER_TAILS = frozenset({"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                          "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                          "mlp.down_proj.weight"})
+_EXPERT_TAILS = frozenset({"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
+Signature = tuple[str, tuple[int, ...]]
 
 
-def _layer_tensors(tensors: Signatures, family: Family) -> _Layers:
-    layers: _Layers = {}
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What the checks need of a model's tensors, gathered in one pass: the tensors outside the
+    layers; per list of layers (its prefix, ``model.layers.``) the highest index + 1, the checked
+    tensors of each layer, and each layer's experts (index -> projection -> signature; ``""``
+    for expert tensors of other naming, which are counted only)."""
+
+    outer: dict[str, Signature]
+    counts: dict[str, int]
+    layers: dict[str, dict[int, dict[str, Signature]]]
+    experts: dict[str, dict[int, dict[int, dict[str, Signature]]]]
+
+
+def _collect(tensors: Iterable[Tensor], family: Family) -> _Seen:
+    seen = _Seen({}, {}, {}, {})
     split = family.layers.split
-    for name, signature in tensors.items():
+    kinds: dict[str, tuple[int, str] | bool] = {}  # per tail (a few distinct ones repeat in every layer)
+    for t in tensors:
+        name, signature = t[0], (t[1], t[2])
         parts = split(name)
-        if parts is not None:
-            head, index, tail = parts
-            layers.setdefault(head, {}).setdefault(index, {})[tail[1:]] = signature
-    return layers
+        if parts is None:
+            seen.outer[name] = signature
+            continue
+        head, index, tail = parts
+        if seen.counts.get(head, 0) <= index:
+            seen.counts[head] = index + 1
+        kind = kinds.get(tail)
+        if kind is None:
+            kind = kinds[tail] = _tail_kind(tail[1:])
+        if kind is True:
+            seen.layers.setdefault(head, {}).setdefault(index, {})[tail[1:]] = signature
+        elif kind is not False:
+            n, rest = kind
+            seen.experts.setdefault(head, {}).setdefault(index, {}).setdefault(n, {})[rest] = signature
+    return seen
+
+
+def _tail_kind(tail: str) -> tuple[int, str] | bool:
+    """True: a checked layer tensor; (expert index, projection): an expert's tensor; False: neither."""
+    if tail in _LAYER_TAILS:
+        return True
+    m = _EXPERT.match(tail) if "experts." in tail else None
+    if m is None:
+        return False
+    rest = m["rest"] if m["at"] == "mlp.experts." and m["rest"] in _EXPERT_TAILS else ""
+    return int(m["n"]), rest
 
 
 def _layer_count(config: Mapping[str, Any], text: Mapping[str, Any], where: str, family: Family,
-                 layers: _Layers) -> list[Finding]:
+                 counts: Mapping[str, int]) -> list[Finding]:
     declared = text.get(family.count_key)
-    if len(layers) != 1 or not isinstance(declared, int) or isinstance(declared, bool):
+    if len(counts) != 1 or not isinstance(declared, int) or isinstance(declared, bool):
         return []  # no decoder layers found, or several lists of layers: nothing to count reliably
-    head, by_index = next(iter(layers.items()))
-    held = max(by_index) + 1
+    head, held = next(iter(counts.items()))
     expected = declared + family.extra_layers(config)
     if held == expected:
         return []
@@ -240,7 +288,7 @@ def _layer_count(config: Mapping[str, Any], text: Mapping[str, Any], where: str,
                               f"{held} layers ({head}0-{held - 1})")]
 
 
-def _embeddings(config: Mapping[str, Any], text: Mapping[str, Any], where: str, tensors: Signatures,
+def _embeddings(config: Mapping[str, Any], text: Mapping[str, Any], where: str, tensors: Mapping[str, Signature],
                 head: str | None) -> list[Finding]:
     base = head[:-len("layers.")] if head and head.endswith("layers.") else "model."
     embed, norm = base + "embed_tokens.weight", base + "norm.weight"
@@ -287,7 +335,8 @@ def _attention(text: Mapping[str, Any], where: str, head: str,
             + _per_layer("attention.o", where, what_q, q, head, by_index, ("self_attn.o_proj.weight",), 1, "columns"))
 
 
-def _mlp(text: Mapping[str, Any], where: str, head: str, by_index: Mapping[int, Mapping[str, Any]]) -> list[Finding]:
+def _mlp(text: Mapping[str, Any], where: str, head: str, by_index: Mapping[int, Mapping[str, Signature]],
+         experts: Mapping[int, Mapping[int, Mapping[str, Signature]]]) -> list[Finding]:
     found = []
     size = text.get("intermediate_size")
     if _is_int(size):
@@ -296,15 +345,6 @@ def _mlp(text: Mapping[str, Any], where: str, head: str, by_index: Mapping[int, 
                             ("mlp.gate_proj.weight", "mlp.up_proj.weight"), 0, "rows")
         found += _per_layer("mlp.intermediate", where, what, size, head, by_index,
                             ("mlp.down_proj.weight",), 1, "columns")
-    # The experts of each layer, as a layer of their own per expert index (``mlp.experts.3.up_proj.weight``
-    # is expert 3's ``up_proj.weight``); other expert naming (fused, ``block_sparse_moe``) is counted only.
-    experts: dict[int, dict[int, dict[str, Any]]] = {}
-    for i, tensors in by_index.items():
-        for tail, signature in tensors.items():
-            m = _EXPERT.match(tail)
-            if m:
-                rest = m["rest"] if m["at"] == "mlp.experts." else ""
-                experts.setdefault(i, {}).setdefault(int(m["n"]), {})[rest] = signature
     moe_size = text.get("moe_intermediate_size")
     if _is_int(moe_size):
         what = f"moe_intermediate_size = {moe_size}"

@@ -122,9 +122,7 @@ class Plan:
     """Everything ``apply`` will write, computed from headers alone. ``card`` is the model card's
     text (README.md); ``card_meta`` the front matter it carries over from the base source's card;
     ``family`` the :mod:`tensorsurgery.families` entry whose rules were used (``generic`` when the
-    base's model_type is not in the registry); ``kinds`` a label of each output layer's kind;
-    ``unchecked`` the consistency checks (:mod:`tensorsurgery.consistency`) that fail on the base
-    source as it is, so do not apply to its family (verify skips them too)."""
+    base's model_type is not in the registry); ``kinds`` a label of each output layer's kind."""
 
     output: Path
     sources: tuple[SourceInfo, ...]
@@ -139,7 +137,6 @@ class Plan:
     card_meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     family: str = "generic"
     kinds: tuple[str, ...] = ()
-    unchecked: tuple[str, ...] = ()
 
     @property
     def index(self) -> Mapping[str, Any] | None:
@@ -226,7 +223,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
                           family=base_ckpt.family, moe=moe, preset=preset, dtype=dtype,
                           overrides=manifest.config, where=f"{manifest.path}: layers")
-    unchecked = _check_consistency(manifest, checkpoints, arrangement, config, shards)
+    _check_consistency(manifest, checkpoints, arrangement, config, shards)
     plan = Plan(
         output=Path(manifest.output.path),
         sources=tuple(_source_info(s.name, s.model, checkpoints[s.name]) for s in manifest.sources),
@@ -234,25 +231,24 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         config=MappingProxyType(config),
         copy_files=tuple(CopyFile(base_ckpt.root / f, f, base_ckpt.inside) for f in base_ckpt.extra_files),
         manifest_text=manifest.text, manifest_name=manifest.path.name,
-        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds, unchecked=unchecked,
+        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds,
     )
     return replace(plan, card=model_card(plan))
 
 
 def _check_consistency(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...],
-                       config: Mapping[str, Any], shards: tuple[Shard, ...]) -> tuple[str, ...]:
-    """Refuse an output whose config.json and tensors disagree, or whose layers come from a source
-    that computes them otherwise; returns the checks that do not apply to the base's family."""
+                       config: Mapping[str, Any], shards: tuple[Shard, ...]) -> None:
+    """Refuse an output whose config.json and tensors disagree (:mod:`tensorsurgery.consistency`),
+    or whose layers come from a source that computes them otherwise."""
     base = checkpoints[manifest.sources[0].name]
     texts = {name: base.family.text_config(c.config) for name, c in checkpoints.items()}
     for finding in differing_sources(texts, manifest.sources[0].name, arrangement, base.family):
         raise ConsistencyError(f"{manifest.path}: layers: {finding}; take them from a source whose config agrees")
-    tensors = {t.name: (t.dtype, t.shape) for s in shards for t in s.tensors}
-    found, skip = output_findings(config, tensors, base.config, base.signatures, base.family)
+    found = output_findings(config, (t for s in shards for t in s.tensors), base.config,
+                            (e for h in base.headers.values() for e in h.entries), base.family)
     if found:
         raise ConsistencyError(f"{manifest.path}: the output's config.json and tensors would disagree: {found[0]}; "
                                f"change [config] (or the renames) so that both describe the same model")
-    return tuple(sorted(skip))
 
 
 #: The output order: natural order of names (``layers.2`` before ``layers.10``), then the names.

@@ -18,7 +18,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .checkpoint import CONFIG_NAME, RECORD_NAME
 from .compare import (
@@ -37,7 +37,7 @@ from .compare import (
     thread_buffer,
     unexpected_entries,
 )
-from .consistency import check_consistency
+from .consistency import check_consistency, failing_checks
 from .errors import HeaderError, SourceError, VerifyError
 from .expected import expected_files
 from .families import family_of
@@ -101,7 +101,7 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None,
         diffs += found
     _borrow_hashes(plan, tensors, output, same, tensor_hashes)
     diffs += _check_record(plan, output, tensor_hashes, file_hashes)
-    diffs += check_meaning(output, [s.filename for s in plan.shards], skip=plan.unchecked)
+    diffs += check_meaning(output, [s.filename for s in plan.shards], planned=plan.config)
     nbytes = sum(t.nbytes for t in tensors)
     return VerifyReport(output, "manifest", len(tensors), nbytes, len(files) + 1, tuple(diffs))
 
@@ -184,11 +184,12 @@ def verify_record(output: Path, *, progress: Progress = None, threads: int = DEF
                         tuple(diffs))
 
 
-def check_meaning(output: Path, shards: list[str], skip: tuple[str, ...] = ()) -> list[Difference]:
+def check_meaning(output: Path, shards: list[str], planned: Mapping[str, Any] | None = None) -> list[Difference]:
     """config.json of ``output`` against its shards' headers (:mod:`tensorsurgery.consistency`): a
-    config that disagrees with the tensors loads another model than they hold. Checks in ``skip``
-    (those its base source fails as it is) are not run; a missing or broken file is a difference
-    of its own, reported elsewhere, so it is not checked here."""
+    config that disagrees with the tensors loads another model than they hold. A check that the
+    ``planned`` config fails too with these tensors does not describe the family (apply let it
+    through), so it is not reported. A missing or broken file is a difference of its own, reported
+    elsewhere, so it is not checked here."""
     probe: list[Difference] = []
     for name in (CONFIG_NAME, *shards):
         fd = open_output_file(output / name, probe)
@@ -197,15 +198,17 @@ def check_meaning(output: Path, shards: list[str], skip: tuple[str, ...] = ()) -
         os.close(fd)
     try:
         config = read_json(output / CONFIG_NAME, inside=output)
-        tensors = {e.name: (e.dtype, e.shape) for name in shards
-                   for e in read_header(output / name, keep_raw=False).entries}
+        tensors = [e for name in shards for e in read_header(output / name, keep_raw=False).entries]
     except (SourceError, HeaderError):
         return []
     if not isinstance(config, dict):
         return []
+    found = check_consistency(config, tensors, family_of(config))
+    if found and planned is not None:
+        skip = failing_checks(planned, tensors, family_of(planned))
+        found = [f for f in found if f.check not in skip]
     # The findings say "config.json KEY = ..."; the difference is already named after the file.
-    return [Difference(CONFIG_NAME, f.message.removeprefix(f"{CONFIG_NAME} "))
-            for f in check_consistency(config, tensors, family_of(config), skip=skip)]
+    return [Difference(CONFIG_NAME, f.message.removeprefix(f"{CONFIG_NAME} ")) for f in found]
 
 
 @dataclass(frozen=True, slots=True)
