@@ -345,8 +345,13 @@ sys.exit(main(sys.argv[2:]))
 def test_two_runs_at_once(capsys, tiny_mistral, tmp_path, force):
     """Two applies started at the same instant (both imported, then released together), many times,
     either started first: one writes a complete output, the other says why it did not, in one line."""
-    busy = 0
-    for i in range(8):
+    busy = runs = 0
+    # At least 8 pairs; more (up to 32) while fewer than 2 overlapped: a loaded machine can
+    # serialise a pair, which proves nothing about the lock either way.
+    for i in range(32):
+        if i >= 8 and busy >= 2:
+            break
+        runs += 1
         folder = tmp_path / str(i)
         folder.mkdir()
         manifest = tiny_job(folder, tiny_mistral)
@@ -381,7 +386,7 @@ def test_two_runs_at_once(capsys, tiny_mistral, tmp_path, force):
         v = run(capsys, "verify", manifest)
         assert v[0] == 0, v
         assert sorted(os.listdir(folder)) == sorted(["go", "m.toml", "out", *(f"go.{p}" for p in pids)])
-    print(f"{busy} of 8 met the lock")
+    print(f"{busy} of {runs} met the lock")
     assert busy >= 2  # the runs did overlap (a machine that serialises them every time proves nothing)
 
 
