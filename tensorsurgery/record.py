@@ -30,7 +30,7 @@ RECORD_VERSION = 2
 class SourceHash:
     """A source file's sha256 and where it came from: ``read`` (hashed by this run), ``hub-blob``
     (the Hugging Face cache names the blob by it) or ``cache`` (tensorsurgery's own hash cache,
-    for a file whose identity (device, inode, size, mtime) has not changed)."""
+    for a file whose identity (device, inode, size, mtime, ctime) has not changed)."""
 
     sha256: str
     origin: str

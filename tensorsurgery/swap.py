@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from .checkpoint import RECORD_NAME
-from .target import TMP_MARKER
+from .target import TMP_MARKER, is_ours
 
 NEW_INFIX = ".tensorsurgery-new-"
 OLD_INFIX = ".tensorsurgery-old-"
@@ -46,7 +46,7 @@ def move_into_place(tmp: Path, target: Path) -> None:
         os.replace(target, old)
     os.rename(tmp, target)
     (target / TMP_MARKER).unlink()
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old is not None:
         remove_folder(old, last=RECORD_NAME)
 
@@ -80,11 +80,11 @@ def finish_interrupted(target: Path) -> list[str]:
         olds.sort(key=lambda p: os.lstat(p).st_mtime_ns)
         back = olds.pop()
         os.rename(back, target)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         notes.append(f"restored {target} from {back}, where an interrupted --force run had moved it")
-    elif _is_dir(target) and _is_file(target / TMP_MARKER) and _is_file(target / RECORD_NAME):
+    elif is_ours(target) and _is_file(target / RECORD_NAME):
         (target / TMP_MARKER).unlink()
-        _fsync_dir(parent)
+        fsync_dir(parent)
         notes.append(f"completed {target}, renamed into place by an interrupted run")
     if _is_dir(target) and not _is_file(target / TMP_MARKER):
         for old in olds:
@@ -124,7 +124,8 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the renames and removals in folder ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

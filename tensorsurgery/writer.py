@@ -56,7 +56,7 @@ from .planning import Plan, Shard
 from .pump import Pump
 from .record import SourceHash, build_record
 from .source_hash import SourceHasher
-from .swap import finish_interrupted, make_temp_folder, move_into_place, remove_folder
+from .swap import finish_interrupted, fsync_dir, make_temp_folder, move_into_place, remove_folder
 from .target import TMP_MARKER, check_output, check_place, is_ours, temp_path
 
 
@@ -253,7 +253,7 @@ def _write_files(plan: Plan, folder: Path, hashes: Mapping[str, str],
     """Everything but the shards, then the record, whose content needs all their hashes."""
     file_hashes = {f.name: _write_file(folder, f) for f in expected_files(plan) if f.shard is None}
     _write_bytes(folder / RECORD_NAME, json_bytes(build_record(plan, hashes, file_hashes, source_hashes)))
-    _fsync_path(folder)
+    fsync_dir(folder)
 
 
 def _write_file(folder: Path, f: ExpectedFile) -> str:
@@ -288,14 +288,6 @@ def _discard_unfinished(tmp: Path) -> int:
     if not kept:
         remove_folder(tmp, last=TMP_MARKER)
     return kept
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _placed(e: BaseException, target: Path) -> None:
