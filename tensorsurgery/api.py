@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Union
@@ -29,6 +28,7 @@ from .local import load_checkpoint
 from .manifest import Manifest, apply_overrides
 from .planning import Plan, build_plan
 from .record import read_record, require_folder
+from .recorded_sources import check_source_files
 from .sources import resolve_source
 
 if TYPE_CHECKING:  # imported where used: they load numpy, which plan and inspect do without
@@ -179,9 +179,11 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
     if output is None and not isinstance(target, Manifest) and _is_folder(target):
         folder = Path(target)
         recorded = plan_from_record(folder, _overrides(sources))
-        if recorded is None:
-            return verify_record(folder, progress=progress, threads=threads)
-        return replace(verify_output(recorded, folder, progress=progress, threads=threads), mode="record+sources")
+        if recorded.plan is None:
+            return replace(verify_record(folder, progress=progress, threads=threads),
+                           sources_changed=recorded.changed)
+        return replace(verify_output(recorded.plan, folder, progress=progress, threads=threads),
+                       mode="record+sources")
     m = load(target, sources=sources, output=output)
     folder = Path(m.output.path)
     # The plan first: a manifest that cannot be applied is that error, output folder or not.
@@ -201,13 +203,25 @@ def _is_folder(target: str | os.PathLike[str]) -> bool:
     return path.is_dir()
 
 
-def plan_from_record(output: Path, sources: Mapping[str, str]) -> Plan | None:
+@dataclass(frozen=True, slots=True)
+class RecordedPlan:
+    """What :func:`plan_from_record` found: the recorded plan rebuilt from its sources, or None
+    when they are not all at hand as apply read them; ``changed`` names the source files that
+    are there but changed since apply (``SOURCE/FILE`` when the record has several sources)."""
+
+    plan: Plan | None
+    changed: tuple[str, ...] = ()
+
+
+def plan_from_record(output: Path, sources: Mapping[str, str]) -> RecordedPlan:
     """The plan recorded in ``output``'s tensorsurgery.json, rebuilt from its sources when they
-    are all still at hand (or given in ``sources``, by name; ``""`` is the first); None otherwise.
+    are all still the files apply read (or given in ``sources``, by name; ``""`` is the first).
 
     The sources keep the names apply was given, so the rebuilt plan (and the model card made from
     it) is the one ``apply`` wrote; Hub sources resolve again by repo id and
-    recorded commit, local ones from their recorded folders.
+    recorded commit, local ones from their recorded folders. A recorded source file must be there
+    with its recorded size and sha256 (:mod:`tensorsurgery.recorded_sources`): a source updated
+    since apply is not what the output was made from, so the record alone is checked then.
 
     Raises:
         VerifyError: no usable record.
@@ -219,39 +233,36 @@ def plan_from_record(output: Path, sources: Mapping[str, str]) -> Plan | None:
     # The models as apply was given them (after its --source overrides), as the card names them.
     models = {n: e["model"] for n, e in recorded.items() if isinstance(n, str) and isinstance(e.get("model"), str)}
     manifest = apply_overrides(manifest, {**models, **given}, str(output))
+    roots: dict[str, Path] = {}
+    changed: list[str] = []
+    for spec in manifest.sources:
+        if spec.name in given:
+            continue
+        entry = recorded.get(spec.name, {})
+        root = entry.get("root")
+        if not isinstance(root, str):
+            return RecordedPlan(None)
+        found = check_source_files(Path(root), entry.get("files", []))
+        if found.missing:
+            return RecordedPlan(None)  # the sources are gone: the record alone is checked
+        prefix = f"{spec.name}/" if len(manifest.sources) > 1 else ""
+        changed += [prefix + name for name in found.changed]
+        roots[spec.name] = Path(root)
+    if changed:
+        return RecordedPlan(None, tuple(changed))
     checkpoints = {}
     for spec in manifest.sources:
         entry = recorded.get(spec.name, {})
         if spec.name in given:
             checkpoints[spec.name] = resolve_source(given[spec.name], name=spec.name, keep_raw=record.link)
-        elif not _still_there(entry):
-            return None  # the sources are gone (or changed): the record alone is checked
         elif isinstance(entry.get("repo_id"), str):
             # Cached weights only: verifying an output must never download a model (a record can
             # name any repo).
             checkpoints[spec.name] = resolve_source(entry["repo_id"], entry.get("revision"), name=spec.name,
                                                     download=False, keep_raw=record.link)
         else:
-            checkpoints[spec.name] = load_checkpoint(entry["root"], keep_raw=record.link)
-    return build_plan(manifest, checkpoints, link=record.link)
-
-
-def _still_there(entry: Mapping[str, object]) -> bool:
-    """Whether a recorded source is still where the record says, as apply read it: its folder
-    holds every recorded weight file, a regular file (a Hub snapshot's links into the cache
-    followed) of the recorded size. A file removed from the cache, or a source replaced by
-    another version, leaves the record alone to check against."""
-    root, files = entry.get("root"), entry.get("files")
-    if not (isinstance(root, str) and Path(root).is_dir() and isinstance(files, list)):
-        return False
-    for f in files:
-        try:
-            st = os.stat(Path(root) / f["name"])
-        except OSError:
-            return False
-        if not stat.S_ISREG(st.st_mode) or (f.get("size") is not None and st.st_size != f["size"]):
-            return False
-    return True
+            checkpoints[spec.name] = load_checkpoint(roots[spec.name], keep_raw=record.link)
+    return RecordedPlan(build_plan(manifest, checkpoints, link=record.link))
 
 
 def _recorded_link(output: Path) -> bool:

@@ -30,6 +30,7 @@ from .report import (
     header_as_dict,
     iter_differences,
     plan_as_dict,
+    printable,
 )
 from .target import check_output, temp_path
 
@@ -272,7 +273,7 @@ def _push(args: argparse.Namespace, output: Path, repo: str, *, private: bool, p
             print(line, file=sys.stderr)
         print(f"tensorsurgery: {output} does not verify; not pushed to {repo}", file=sys.stderr)
         return 1
-    print(f"verified {output} ({_MODES[result.verified.mode]}); pushed to {result.url}")
+    print(f"verified {output} ({_mode_text(result.verified)}); pushed to {result.url}")
     return 0
 
 
@@ -288,7 +289,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     elif report.ok:
         print(f"verified {report.output}: {report.files} files, {report.tensors} tensors "
-              f"({format_bytes(report.nbytes)} of tensor data); {_MODES[report.mode]}")
+              f"({format_bytes(report.nbytes)} of tensor data); {_mode_text(report)}")
     else:
         _print_differences(report)
     return 0 if report.ok else 1
@@ -297,14 +298,30 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _print_differences(report: VerifyReport) -> None:
     for line in iter_differences(report):
         print(line)
+    if report.sources_changed:
+        print(_changed_note(report))
     print(f"{report.output}: {len(report.differences)} difference(s); the output is NOT what "
           f"{'its record' if report.mode == 'record' else 'the manifest'} says")
 
 
+def _mode_text(report: VerifyReport) -> str:
+    """What a passing verify checked, for its last line (and push's): which mode ran, and in
+    record mode why the sources were not compared."""
+    if report.mode != "record":
+        return _MODES[report.mode]
+    return f"{_MODES['record']}; {_changed_note(report) if report.sources_changed else _NOT_FOUND}"
+
+
+def _changed_note(report: VerifyReport) -> str:
+    return (f"sources changed since apply: {', '.join(map(printable, report.sources_changed))}; checked the output "
+            f"against its record only")
+
+
 _MODES = {"manifest": "every byte matches the manifest applied to the sources",
           "record+sources": "every byte matches the recorded manifest applied to the sources",
-          "record": "every file matches the sha256 in tensorsurgery.json; sources not found (or changed since "
-                    "apply), so not compared with them"}
+          "record": "every file matches the sha256 in tensorsurgery.json"}
+#: Why only the record was checked, when no source changed: they are not at hand.
+_NOT_FOUND = "sources not found, so not compared with them"
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -150,9 +150,10 @@ def iter_differences(report: VerifyReport) -> Iterator[str]:
     """One line per difference, for printing. A file or tensor name that is not printable (a
     newline in a name could forge a line of the report) is shown as a Python literal."""
     for d in report.differences:
-        yield f"{_printable(d.where)}: {_printable(d.what)}"
+        yield f"{printable(d.where)}: {printable(d.what)}"
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """``text``, or its Python literal when it is not printable (a newline could forge a line)."""
     return text if text.isprintable() else repr(text)
 

@@ -51,7 +51,9 @@ from .record import Record, build_record, header_sha256, read_record, require_fo
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
     """The outcome of a verification; ``ok`` only when there is no difference. ``nbytes`` counts
-    the tensor bytes checked (the data sections of the shards, not their headers)."""
+    the tensor bytes checked (the data sections of the shards, not their headers).
+    ``sources_changed``: in ``record`` mode, the recorded source files that are there but are not
+    the files apply read (another size or sha256), which is why the record alone was checked."""
 
     output: Path
     mode: str
@@ -59,6 +61,7 @@ class VerifyReport:
     nbytes: int
     files: int
     differences: tuple[Difference, ...]
+    sources_changed: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -66,7 +69,7 @@ class VerifyReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"output": str(self.output), "mode": self.mode, "ok": self.ok, "tensors": self.tensors,
-                "tensor_bytes": self.nbytes, "files": self.files,
+                "tensor_bytes": self.nbytes, "files": self.files, "sources_changed": list(self.sources_changed),
                 "differences": [{"where": d.where, "what": d.what} for d in self.differences]}
 
 

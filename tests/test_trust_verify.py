@@ -13,6 +13,7 @@ JSON values are compared with their types (48 is not 48.0, false is not 0).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -329,8 +330,55 @@ def test_record_mode_when_the_recorded_source_changed(capsys, tiny_mistral, tmp_
         shutil.rmtree(src)
     code, out, err = run(capsys, "verify", tmp_path / "out")
     assert (code, err) == (0, "")
-    assert out.endswith("every file matches the sha256 in tensorsurgery.json; sources not found (or changed since "
-                        "apply), so not compared with them\n")
+    why = (f"sources changed since apply: {shard.name}; checked the output against its record only"
+           if change == "shard-replaced" else "sources not found, so not compared with them")
+    assert out.endswith(f"every file matches the sha256 in tensorsurgery.json; {why}\n")
+
+
+def _same_size_rewrite(path: Path) -> None:
+    """Rewrite ``path`` in place with other bytes of the same size and its mtime set back, as
+    a new revision of a fine-tune copied over the old one (``cp -p``, ``rsync --inplace -t``)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("output_changed", [False, True])
+def test_a_source_rewritten_at_the_same_size_leaves_the_record_to_check(capsys, tiny_mistral, tmp_path,
+                                                                        output_changed):
+    """A source updated in place since apply, same size (it was compared byte for byte: every
+    tensor of the untouched output was a difference, and push refused it): verify says the
+    sources changed and checks the record alone, which still catches an output byte flipped."""
+    src = shutil.copytree(tiny_mistral, tmp_path / "src")
+    manifest = write_manifest(tmp_path, src, tmp_path / "out")
+    assert run(capsys, "apply", manifest, "--no-progress")[0] == 0
+    out = tmp_path / "out"
+    changed = shard_names(src)[-1]
+    _same_size_rewrite(src / changed)
+    note = f"sources changed since apply: {changed}; checked the output against its record only"
+    if output_changed:
+        _flip_last_byte(out / shard_names(out)[0])
+    code, text, err = run(capsys, "verify", out)
+    if not output_changed:
+        assert (code, err) == (0, "")
+        assert text.splitlines() == [f"verified {out}: {text.split(': ', 1)[1].split(';')[0]}; every file matches "
+                                     f"the sha256 in tensorsurgery.json; {note}"]
+        return
+    lines = text.splitlines()
+    assert code == 1 and err == ""
+    assert len(lines) == 3 and "sha256" in lines[0] and "differs from the record's" in lines[0]
+    assert lines[1:] == [note, f"{out}: 1 difference(s); the output is NOT what its record says"]
+    report = json.loads(run(capsys, "verify", out, "--json")[1])
+    assert (report["mode"], report["ok"], report["sources_changed"]) == ("record", False, [changed])
 
 
 def test_a_file_name_cannot_forge_a_line_of_the_report(case, capsys):
