@@ -206,3 +206,27 @@ def test_cli_push_of_an_output_that_does_not_verify_exits_1(tmp_path, tiny_mistr
     assert main(["push", str(out), "me/x"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == f"tensorsurgery: {out} does not verify; not pushed to me/x"
     assert recording_hub == []
+
+
+def test_cli_push_after_a_source_was_rewritten_at_the_same_size(tmp_path, tiny_mistral, recording_hub, capsys):
+    """A source updated in place since apply (same size, mtime set back) made push refuse an
+    untouched output (every tensor a difference): it is pushed, and the line says the record
+    alone was checked, and why."""
+    import os
+    import shutil
+    source = shutil.copytree(tiny_mistral, tmp_path / "src")
+    assert main(["apply", str(write_manifest(tmp_path, source)), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    shard = sorted(source.glob("model*.safetensors"))[0]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    assert main(["push", str(out), "me/x"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"verified {out} (every file matches the sha256 in tensorsurgery.json; sources changed since apply: "
+        f"{shard.name}; checked the output against its record only); pushed to "
+        f"https://huggingface.co/me/x/commit/abc123")
+    assert [c[0] for c in recording_hub[0].calls] == ["create_repo", "upload_folder"]
