@@ -94,3 +94,8 @@ class NotVerifiedError(TensorSurgeryError):
 
 class OutputBusyError(TensorSurgeryError):
     """Another tensorsurgery run holds the lock of this output (it is writing it now)."""
+
+
+class SourceChangedError(SourceError):
+    """A source file is not the one that was planned: replaced (by a link or another file) or
+    modified between planning and reading it."""

@@ -21,7 +21,7 @@ import math
 import os
 import re
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from pathlib import Path
 from types import MappingProxyType
@@ -29,7 +29,7 @@ from typing import Iterable, Mapping, NamedTuple
 
 from .dtypes import DTYPE_BITS
 from .errors import HeaderError
-from .fsio import open_regular
+from .fsio import FileId, open_regular
 from .gcpause import paused_gc
 
 #: Largest header the official reader accepts (``MAX_HEADER_SIZE`` in tensor.rs).
@@ -91,7 +91,9 @@ class Header:
     ``data_start`` is the absolute file offset of the data section (8 + header length), so a
     tensor's bytes are ``[data_start + entry.start, data_start + entry.end)`` of ``path``.
     ``entries`` are in data order; ``tensors`` maps name to entry. ``raw`` is the file's first
-    ``data_start`` bytes, kept so a shard can be reproduced (or linked) byte for byte.
+    ``data_start`` bytes, kept so a shard can be reproduced (or linked) byte for byte. ``file_id``
+    is the identity of the file read (None for a header parsed from bytes): the file planned, which
+    ``apply`` and ``verify`` read again only if it is still that file.
     """
 
     path: Path
@@ -100,6 +102,7 @@ class Header:
     metadata: Mapping[str, str] | None
     tensors: Mapping[str, TensorEntry]
     raw: bytes = b""
+    file_id: FileId | None = field(default=None, compare=False)  # where it was read, not what it says
 
     @property
     def data_size(self) -> int:
@@ -133,10 +136,12 @@ def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
     return bits // 8
 
 
-def read_header(path: str | os.PathLike[str], *, keep_raw: bool = True) -> Header:
+def read_header(path: str | os.PathLike[str], *, keep_raw: bool = True, inside: Path | None = None,
+                follow: bool = True) -> Header:
     """Read and validate the header of the safetensors file at ``path``; reads no tensor data.
     ``keep_raw=False`` drops ``Header.raw`` (only ``--link`` needs a source header's bytes; at 100k
-    tensors they weigh 12 MB).
+    tensors they weigh 12 MB). ``inside`` and ``follow`` are :func:`tensorsurgery.fsio.open_regular`'s
+    checks, made on the descriptor read; ``Header.file_id`` is that descriptor's identity.
 
     Raises:
         HeaderError: the file breaks a format rule; the message names the file and the tensor.
@@ -149,8 +154,9 @@ def read_header(path: str | os.PathLike[str], *, keep_raw: bool = True) -> Heade
     """
     path = Path(path)
     try:
-        with os.fdopen(open_regular(path), "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+        with os.fdopen(open_regular(path, inside=inside, follow=follow), "rb") as f:
+            st = os.fstat(f.fileno())
+            file_size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise HeaderError(f"{path}: file is {file_size} bytes, too small to hold a "
@@ -165,7 +171,7 @@ def read_header(path: str | os.PathLike[str], *, keep_raw: bool = True) -> Heade
         raise HeaderError(f"{path}: header length {n} points past the end of the file "
                           f"({len(buf)} bytes read); the file is truncated or not safetensors")
     header = _parse(path, buf, file_size)
-    return header if keep_raw else replace(header, raw=b"")
+    return replace(header, raw=header.raw if keep_raw else b"", file_id=FileId.of(st))
 
 
 def _check_header_length(path: Path, n: int, file_size: int) -> None:

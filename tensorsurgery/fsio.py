@@ -7,15 +7,17 @@ Every source file tensorsurgery reads by name goes through :func:`open_regular`.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ReadError, SourceError
+from .errors import ReadError, SourceChangedError, SourceError
 
 #: Largest JSON file read from a source, by role. A 1.7M-tensor index is ~130 MB; configs,
 #: params and tokenizer configs are kilobytes, so 16 MB is generous and still bounded.
@@ -53,45 +55,101 @@ def describe_entry(path: Path, mode: int) -> str:
     return describe_mode(mode)
 
 
-def check_inside(path: Path, root: Path) -> None:
-    """Refuse ``path`` when its real location (links followed) is outside ``root``.
-
-    Raises:
-        SourceError: the path leads out of ``root``.
-    """
-    real, top = os.path.realpath(path), os.path.realpath(root)
+def _require_inside(path: Path, real: str, root: Path) -> None:
+    top = os.path.realpath(root)
     if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
         raise SourceError(f"{path}: is a link to {real}, outside {root}; a checkpoint's files must be inside "
                           f"its folder (copy the file in instead of linking it)")
 
 
-def open_regular(path: Path, *, inside: Path | None = None) -> int:
-    """A read-only descriptor of the regular file ``path``.
+@dataclass(frozen=True, slots=True)
+class FileId:
+    """What says a source file is the one that was planned: device, inode, size and modification
+    time (ns), from ``fstat``. Not the inode change time: ``--link`` hard-links a planned file,
+    which moves it, and the bytes are no different."""
 
-    Opened with ``O_NONBLOCK`` so a FIFO cannot hang the open, then checked with ``fstat``, so
-    what is checked is what was opened.
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileId:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def open_regular(path: Path, *, inside: Path | None = None, follow: bool = True,
+                 expected: FileId | None = None) -> int:
+    """A read-only descriptor of the regular file ``path``, every check made on the descriptor
+    itself, so that what is checked is what is read (a name swapped for a link or a FIFO between
+    a check by name and the open wins no race).
+
+    Opened with ``O_NONBLOCK`` so a FIFO cannot hang the open (cleared once ``fstat`` says it is a
+    regular file); with ``inside``, the opened file's real location (the kernel's, from
+    ``/proc/self/fd``) must be in that folder.
 
     Args:
         path: the file.
         inside: when given, the folder the file's real location must be in.
+        follow: False: ``path`` itself must not be a link (``O_NOFOLLOW``; an output's files).
+        expected: the identity the file had when it was planned; another file, or this one
+            changed since, is refused.
 
     Raises:
         SourceError: missing, unreadable, not a regular file, or outside ``inside``.
+        SourceChangedError: not the file planned (``expected``).
     """
-    if inside is not None:
-        check_inside(path, inside)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise SourceError(f"{path}: missing (or a link to a missing file); the checkpoint is incomplete, "
                           f"re-download it") from None
     except OSError as e:
+        if e.errno == errno.ELOOP and not follow:
+            raise SourceError(f"{path}: is {describe_entry(path, stat.S_IFLNK)}, not a regular file; replace it "
+                              f"with the real file") from None
         raise SourceError(f"{path}: cannot open: {e.strerror or e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    try:
+        st = os.fstat(fd)
+        if inside is not None:
+            _require_inside(path, _real_location(fd, path, st), inside)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError(f"{path}: is {describe_mode(st.st_mode)}, not a regular file; replace it with the "
+                              f"real file")
+        if expected is not None and FileId.of(st) != expected:
+            raise SourceChangedError(f"{path}: changed since it was planned ({_change(expected, st)}); run the "
+                                     f"command again")
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
-        raise SourceError(f"{path}: is {describe_mode(mode)}, not a regular file; replace it with the real file")
+        raise
     return fd
+
+
+def _real_location(fd: int, path: Path, st: os.stat_result) -> str:
+    """Where the file open as ``fd`` really is: the kernel's name for it. Without ``/proc``, the
+    real path of ``path``, when it leads to the very file opened (else it was swapped meanwhile)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = os.path.realpath(path)
+        try:
+            now = os.stat(real, follow_symlinks=False)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise SourceChangedError(f"{path}: changed while it was opened; run the command again") from None
+        return real
+
+
+def _change(planned: FileId, st: os.stat_result) -> str:
+    """How the file open with ``fstat`` result ``st`` differs from the ``planned`` one, in words."""
+    if (st.st_dev, st.st_ino) != (planned.dev, planned.ino):
+        return "it is another file now"
+    if st.st_size != planned.size:
+        return f"{planned.size:,} bytes then, {st.st_size:,} now"
+    return "modified since"
 
 
 def check_regular(path: Path, *, inside: Path | None = None) -> None:
@@ -100,13 +158,13 @@ def check_regular(path: Path, *, inside: Path | None = None) -> None:
     os.close(open_regular(path, inside=inside))
 
 
-def read_limited(path: Path, limit: int, *, inside: Path | None = None) -> bytes:
+def read_limited(path: Path, limit: int, *, inside: Path | None = None, follow: bool = True) -> bytes:
     """The bytes of the regular file ``path``, refused past ``limit`` bytes.
 
     Raises:
         SourceError: see :func:`open_regular`, or the file is larger than ``limit``.
     """
-    fd = open_regular(path, inside=inside)
+    fd = open_regular(path, inside=inside, follow=follow)
     try:
         size = os.fstat(fd).st_size
         if size > limit:
@@ -125,13 +183,13 @@ def read_limited(path: Path, limit: int, *, inside: Path | None = None) -> bytes
     return b"".join(chunks)
 
 
-def read_json(path: Path, *, limit: int = JSON_LIMIT, inside: Path | None = None) -> Any:
+def read_json(path: Path, *, limit: int = JSON_LIMIT, inside: Path | None = None, follow: bool = True) -> Any:
     """Parse the JSON file ``path`` (bounded by ``limit`` bytes; NaN and Infinity refused).
 
     Raises:
         SourceError: unreadable, oversized, not UTF-8 or not valid JSON.
     """
-    raw = read_limited(path, limit, inside=inside)
+    raw = read_limited(path, limit, inside=inside, follow=follow)
     try:
         value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -50,8 +50,7 @@ class FolderReader:
         fsio.check_regular(self.root / name, inside=self.inside)
 
     def header(self, name: str) -> Header:
-        fsio.check_inside(self.root / name, self.inside)
-        return read_header(self.root / name, keep_raw=self.keep_raw)
+        return read_header(self.root / name, keep_raw=self.keep_raw, inside=self.inside)
 
 
 def read_checkpoint(reader: FolderReader, files: SourceFiles, *, revision: str | None = None,
