@@ -19,7 +19,8 @@ _NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pa
 
 def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangement: tuple[LayerRef, ...], *,
                  family: Family, moe: tuple[bool, ...] = (), preset: Preset | None = None, dtype: str | None = None,
-                 overrides: Mapping[str, Any] | None = None, where: str = "layers") -> dict[str, Any]:
+                 overrides: Mapping[str, Any] | None = None, where: str = "layers",
+                 extra_layers: int | None = None) -> dict[str, Any]:
     """config.json of the output.
 
     Args:
@@ -31,6 +32,8 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
         dtype: the output safetensors dtype when casting (``"F16"``), else None.
         overrides: the manifest's ``[config]`` table.
         where: the manifest location named in messages.
+        extra_layers: how many of the layers saved after the counted ones (MTP) the output keeps,
+            when known; ``rename.drop`` may drop them, and the family's count of them follows.
 
     Raises:
         PlanError: the base config has no layer count to rewrite, a source lacks a per-layer value,
@@ -47,6 +50,9 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
     _family_fields(text, sources, base, family, arrangement, moe, where, skip=set(overrides))
     _other_lists(text, sources, family, arrangement, skip=set(overrides))
     text[family.count_key] = len(arrangement)
+    key = family.extra_layers_key
+    if key is not None and extra_layers is not None and family.extra_layers(cfg) != extra_layers:
+        text[key] = extra_layers  # the MTP layers rename.drop removed are no longer counted
     if text is not cfg:
         _top_level_copies(cfg, sources[base], text)
     if preset is not None:

@@ -284,6 +284,16 @@ FAMILIES: tuple[Family, ...] = (
            fields=(PerLayer("no_rope_layers", OrEmpty(Periodic("no_rope_layer_interval", 4, 0, 1))),
                    PerLayer("layer_types", RopeChunked()),
                    _MOE_INDICES)),
+    # GLM-4.5/4.6/4.7 (glm4_moe): DeepSeek-V3's layout, its MTP layer saved after the counted ones.
+    Family("glm4_moe", ("glm4_moe",), _DECODER, fields=(_LEADING_DENSE,),
+           extra_layers_key="num_nextn_predict_layers"),
+    # Command R7B (cohere2): the Hub's config.json says sliding_window_pattern 4 (every 4th layer full
+    # attention) and no layer_types, which transformers derives from it.
+    Family("cohere2", ("cohere2",), _DECODER, fields=(
+        PerLayer("layer_types", Periodic("sliding_window_pattern", 4, "full_attention", "sliding_attention")),)),
+    # Falcon (FalconForCausalLM saves transformer.h.N) and DBRX (transformer.blocks.N, counted by n_layers).
+    Family("falcon", ("falcon",), LayerScheme(("transformer.h",))),
+    Family("dbrx", ("dbrx",), LayerScheme(("transformer.blocks",)), count_key="n_layers"),
     # GPT-2: GPT2LMHeadModel saves transformer.h.N; GPT2Model checkpoints (openai-community/gpt2) bare h.N.
     Family("gpt2", ("gpt2",), LayerScheme(("transformer.h", "h")), count_key="n_layer",
            position_bound=("scale_attn_by_inverse_layer_idx",)),

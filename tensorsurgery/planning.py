@@ -207,6 +207,10 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     chosen = select(manifest, checkpoints)
     arrangement, moe, kinds = chosen.arrangement, chosen.moe, chosen.kinds
     dtype = CAST_DTYPES[manifest.output.dtype] if manifest.output.dtype else None
+    # The layers saved after the counted ones (MTP) that the output keeps: rename.drop may drop them.
+    held = checkpoints[base].found_layers > checkpoints[base].num_layers
+    extra = len({p.position for p in chosen.picks if p.position is not None and p.position >= len(arrangement)}) \
+        if held else None
     picks = sorted(chosen.picks, key=_ORDER)
     del chosen  # from here on each tensor is held once: picks, then specs, then placed tensors
     specs = _specs(picks, checkpoints, dtype)
@@ -222,7 +226,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
     config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
                           family=base_ckpt.family, moe=moe, preset=preset, dtype=dtype,
-                          overrides=manifest.config, where=f"{manifest.path}: layers")
+                          overrides=manifest.config, where=f"{manifest.path}: layers", extra_layers=extra)
     _check_consistency(manifest, checkpoints, arrangement, config, shards)
     plan = Plan(
         output=Path(manifest.output.path),

@@ -495,6 +495,65 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 ]}
 
 
+
+
+def _falcon(n: int) -> dict[str, Any]:
+    # Falcon-40B / 180B shape (new_decoder_architecture: grouped kv heads, parallel attention with two
+    # layer norms, fused query_key_value), rotary, tied; saved as transformer.h.N.
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=n, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True, parallel_attn=True, bias=False, alibi=False, layer_norm_epsilon=1e-5,
+        max_position_embeddings=128, rope_parameters=_rope(10000.0), tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    )
+
+
+def _dbrx(n: int) -> dict[str, Any]:
+    # DBRX shape: transformer.blocks.N, fused Wqkv with clip_qkv, fused experts (w1, v1, w2), untied.
+    return dict(
+        vocab_size=VOCAB, d_model=32, n_layers=n, n_heads=4, max_seq_len=128,
+        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=500000.0),
+        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2, ffn_act_fn={"name": "silu"}),
+        tie_word_embeddings=False,
+    )
+
+
+def _glm4_moe(n: int) -> dict[str, Any]:
+    # GLM-4.5-Air shape: partial rotary 0.5, q/k/v biases, one dense layer then MoE with a shared
+    # expert and sigmoid routing, one MTP layer saved after the decoder layers (num_nextn_predict_layers).
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=n,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_bias=True, use_qk_norm=False,
+        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+        topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True, num_nextn_predict_layers=1,
+        max_position_embeddings=256, rms_norm_eps=1e-5, rope_parameters=_rope(1000000.0, partial_rotary_factor=0.5),
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def _cohere2(n: int) -> dict[str, Any]:
+    # Command R7B shape: 3 sliding-window layers then 1 full (sliding_window_pattern 4 on the Hub),
+    # parallel attention + MLP after one layer norm, logit scale, tied.
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=8, sliding_window_pattern=4,
+        layer_norm_eps=1e-5, logit_scale=0.25, rope_parameters=_rope(50000.0), tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+#: Families added to the registry for issue 17 (tested in ``test_families_e2e.py`` through the tool
+#: only: kept out of :data:`FAMILIES`, whose every family ``test_family_models.py`` checks in depth).
+REGISTRY_FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("falcon", "falcon", "FalconForCausalLM", "transformer.h", "num_hidden_layers", _falcon),
+    Family("dbrx", "dbrx", "DbrxForCausalLM", "transformer.blocks", "n_layers", _dbrx),
+    Family("glm4_moe", "glm4_moe", "Glm4MoeForCausalLM", "model.layers", "num_hidden_layers", _glm4_moe,
+           extra_layers_key="num_nextn_predict_layers", notes="MTP layer saved as model.layers.{n}.*"),
+    Family("cohere2", "cohere2", "Cohere2ForCausalLM", "model.layers", "num_hidden_layers", _cohere2,
+           default_layers=6),
+]}
+ALL_FAMILIES: dict[str, Family] = {**FAMILIES, **REGISTRY_FAMILIES}
+
 # ----------------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------------
@@ -521,13 +580,14 @@ def model_class(name_or_architecture: str):
     """The transformers class of a family name or an ``architectures`` entry."""
     import transformers
 
-    arch = FAMILIES[name_or_architecture].architecture if name_or_architecture in FAMILIES else name_or_architecture
+    arch = (ALL_FAMILIES[name_or_architecture].architecture if name_or_architecture in ALL_FAMILIES
+            else name_or_architecture)
     return getattr(transformers, arch)
 
 
 def make_config(name: str, num_layers: int | None = None, **overrides: Any):
     """The transformers config object of a tiny ``name`` model with ``num_layers`` decoder layers."""
-    fam = FAMILIES[name]
+    fam = ALL_FAMILIES[name]
     n = fam.default_layers if num_layers is None else num_layers
     return model_class(name).config_class(**_merge(fam.config(n), overrides))
 
@@ -611,8 +671,8 @@ def build(
         pad_token_id=getattr(text, "pad_token_id", None),
     )
     model.save_pretrained(folder, max_shard_size=max_shard_size or _shard_size(model))
-    if mtp and name == "deepseek_v3":
-        _add_deepseek_mtp(folder, config, torch_dtype, seed)
+    if mtp and name in ("deepseek_v3", "glm4_moe"):
+        _add_deepseek_mtp(folder, config, torch_dtype, seed, name)
     elif mtp and name == "qwen3_next":
         _add_qwen3_next_mtp(folder, config, torch_dtype, seed)
     if hub_config:
@@ -665,8 +725,10 @@ def hub_style_config(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
         _hub_rope(d)
         d.pop("_sliding_window_pattern", None)
     text = out.get("text_config", out)
-    if name in ("qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "qwen3_next"):
+    if name in ("qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "qwen3_next", "cohere2"):
         text.pop("layer_types", None)
+    if name == "cohere2":  # Command R7B's config.json: the pattern integer, no layer_types
+        text["sliding_window_pattern"] = 4
     if name == "qwen3_next":
         text["full_attention_interval"] = 4
     if name in ("qwen2", "qwen3") and text.get("sliding_window") is None:
@@ -770,7 +832,7 @@ def _saved_layer(name: str, config, layer: int, dtype: torch.dtype, seed: int) -
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _add_deepseek_mtp(folder: Path, config, dtype: torch.dtype, seed: int) -> None:
+def _add_deepseek_mtp(folder: Path, config, dtype: torch.dtype, seed: int, name: str = "deepseek_v3") -> None:
     n, h = config.num_hidden_layers, config.hidden_size
     count = config.num_nextn_predict_layers
     main = read_tensors(folder)
@@ -778,7 +840,7 @@ def _add_deepseek_mtp(folder: Path, config, dtype: torch.dtype, seed: int) -> No
     extra: dict[str, torch.Tensor] = {}
     for k in range(count):
         # A MoE decoder layer (layer index >= first_k_dense_replace), numbered after the main layers.
-        layer = _saved_layer("deepseek_v3", config, n + k, dtype, seed + 1 + k)
+        layer = _saved_layer(name, config, n + k, dtype, seed + 1 + k)
         p = f"model.layers.{n + k}."
         extra.update({p + s: t for s, t in layer.items()})
         for norm in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
@@ -969,6 +1031,10 @@ def load_output(folder: str | Path, *, dtype: torch.dtype = torch.float32,
 #: writes first, then other spellings found on the Hub that transformers also loads.
 LAYER_PREFIXES: dict[str, tuple[str, ...]] = {
     **{name: ("model.layers",) for name in FAMILIES},
+    "falcon": ("transformer.h",),
+    "dbrx": ("transformer.blocks",),
+    "glm4_moe": ("model.layers",),
+    "cohere2": ("model.layers",),
     # Gemma 3 multimodal: save_pretrained of a fresh model (and google/gemma-3-4b-it) use
     # language_model.model.layers; a model loaded from model.language_model.* names is saved so.
     "gemma3": ("language_model.model.layers", "model.language_model.layers"),
@@ -1005,7 +1071,7 @@ class NotExpressible(ValueError):
 def family_of(folder_or_config: str | Path | dict) -> str:
     """The :data:`FAMILIES` name of a checkpoint, from config.json's ``architectures[0]``."""
     arch = _config_dict(folder_or_config)["architectures"][0]
-    for fam in FAMILIES.values():
+    for fam in ALL_FAMILIES.values():
         if fam.architecture == arch:
             return fam.name
     raise KeyError(f"no family with architecture {arch!r}")
@@ -1095,7 +1161,7 @@ def rewrite_config(cfg: dict[str, Any], family: str, arrangement: list[int],
       else dropped (the explicit list is what transformers reads);
     * ``dtype`` / ``torch_dtype`` (top level and in sub-configs) = ``dtype`` when casting.
     """
-    fam = FAMILIES[family]
+    fam = ALL_FAMILIES[family]
     out = copy.deepcopy(cfg)
     text = _text(out, fam)
     n_src = text[fam.num_layers_key]
@@ -1195,7 +1261,7 @@ def _merge_experts(tensors: dict[str, torch.Tensor], gate: str, up: str, down: s
 
 def to_module_names(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint tensors renamed / fused into the parameter names of the family's transformers class."""
-    if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "deepseek_v3"):
+    if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "deepseek_v3", "glm4_moe"):
         return _merge_experts(tensors, "gate_proj", "up_proj", "down_proj")
     if family == "mixtral":
         renamed = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()}
@@ -1282,7 +1348,7 @@ def reference_surgery(
     src = Path(src)
     cfg = _config_dict(src)
     family = family_of(cfg)
-    fam = FAMILIES[family]
+    fam = ALL_FAMILIES[family]
     tensors = read_tensors(src)
     prefix = layer_prefix(family, tensors)
     layers, rest = split_layers(tensors, prefix)

@@ -166,6 +166,17 @@ def test_the_mtp_layer_stays_after_the_new_last_layer():
     assert "layer kinds: dense x1, moe x3  (dense@0 moe@1..3)" in text
 
 
+def test_a_dropped_mtp_layer_is_no_longer_counted():
+    """rename.drop of the MTP layer: the output holds the decoder layers only, and its config says so
+    (num_nextn_predict_layers 0), instead of a refusal that the tensors hold one layer less."""
+    plan = build_plan(manifest('plan = "dus"\noverlap = 1', rename='drop = ["^model\\\\.layers\\\\.3\\\\."]'),
+                      {"source": _deepseek()})
+    assert plan.config["num_hidden_layers"] == 4 and plan.config["num_nextn_predict_layers"] == 0
+    assert not any(t.source_key.startswith("model.layers.3.") for t in plan.tensors)
+    kept = build_plan(manifest('plan = "dus"\noverlap = 1'), {"source": _deepseek()})
+    assert kept.config["num_nextn_predict_layers"] == 1
+
+
 def test_a_seam_between_kinds_is_marked():
     ckpt = _deepseek(mtp=False)
     with pytest.raises(PlanError):  # dense after MoE: DeepSeek's config cannot say it
@@ -314,7 +325,7 @@ def test_a_leading_dense_count_is_recomputed_or_refused_by_the_generic_rules():
         mlp = ["mlp.down_proj.weight"] if i == 0 else [f"mlp.experts.{j}.down_proj.weight" for j in range(2)]
         specs += [(f"model.layers.{i}.{t}", "F32", (4, 4)) for t in ["self_attn.q_proj.weight", *mlp]]
     ckpt = make_checkpoint(ROOT, {"model.safetensors": specs},
-                           {"model_type": "glm4_moe", "num_hidden_layers": 4, "first_k_dense_replace": 1})
+                           {"model_type": "kimi_linear", "num_hidden_layers": 4, "first_k_dense_replace": 1})
     kept = build_plan(manifest('plan = "keep"'), {"source": ckpt})
     assert kept.family == "generic" and kept.config["first_k_dense_replace"] == 1
     with pytest.raises(PlanError) as e:

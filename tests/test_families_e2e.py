@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 from family_models import (  # noqa: E402
     FAMILIES,
     MINISTRAL3,
+    REGISTRY_FAMILIES,
     build,
     dus,
     idus,
@@ -60,7 +61,7 @@ def manifest(src: Path, out: Path, layers: str, extra: str = "", rename: str = "
 
 def n_layers(src: Path) -> int:
     cfg = json.loads((src / "config.json").read_text())
-    return cfg.get("text_config", cfg).get("num_hidden_layers", cfg.get("n_layer"))
+    return cfg.get("text_config", cfg).get("num_hidden_layers", cfg.get("n_layer", cfg.get("n_layers")))
 
 
 def assert_output_matches(out: Path, ref) -> None:
@@ -253,3 +254,42 @@ def test_relabel_after_an_up_scale_equals_the_up_scaled_original(source, tmp_pat
     assert type(relabelled.model).__name__ == "LlamaForCausalLM"
     assert relabelled.missing_keys == relabelled.unexpected_keys == set()
     assert torch.equal(relabelled.logits, reference_surgery(src, dus(n, overlap(n))).logits)
+
+
+# --- registry entries of issue 17 -------------------------------------------------------------------
+
+#: Families whose Hub config.json spells a pattern that transformers 5 re-saves as a list: built so.
+HUB_FORM = {"cohere2"}
+
+
+@pytest.mark.parametrize("kind", ["keep+float16", "dus", "idus"])
+@pytest.mark.parametrize("name", list(REGISTRY_FAMILIES))
+def test_registry_entry_surgery_equals_the_reference(tmp_path, name, kind):
+    """Falcon (transformer.h.N), DBRX (transformer.blocks.N, n_layers), GLM-4 MoE with its MTP layer,
+    Command R7B's Hub config (sliding_window_pattern 4, no layer_types): exact logits, with an overlap
+    that breaks the layers' parity."""
+    src = build(name, tmp_path / "src", seed=zlib.crc32(name.encode()) % 1000, hub_config=name in HUB_FORM)
+    n = n_layers(src)
+    layers, arrangement, extra = arrangements(n)[kind]
+    out = tmp_path / "out"
+    api.apply(manifest(src, out, layers, extra))
+    assert api.verify(out).ok
+    ref = reference_surgery(src, arrangement, dtype="float16" if "float16" in kind else None)
+    assert_output_matches(out, ref)
+
+
+def test_glm4_moe_mtp_layer_dropped_by_rename(tmp_path):
+    """GLM-4.5's MTP layer (model.layers.N after the N counted ones) is not a decoder layer, so the
+    layer-count check does not stand in the way of rename.drop; the output's config counts no MTP
+    layer once it is dropped, and computes as the same DUS without it."""
+    src = build("glm4_moe", tmp_path / "src", seed=3)
+    n = n_layers(src)
+    out = tmp_path / "out"
+    drop = f'[rename]\ndrop = ["^model\\\\.layers\\\\.{n}\\\\."]\n'
+    api.apply(manifest(src, out, f'plan = "dus"\noverlap = {overlap(n)}', rename=drop))
+    assert api.verify(out).ok
+    ref = reference_surgery(src, dus(n, overlap(n)), mtp="drop")
+    loaded = load_output(out)
+    assert loaded.missing_keys == loaded.unexpected_keys == set()
+    assert torch.equal(loaded.logits, ref.logits)
+    assert json.loads((out / "config.json").read_text()) == {**ref.config, "num_nextn_predict_layers": 0}
