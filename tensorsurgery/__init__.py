@@ -16,6 +16,7 @@ from .errors import (
     HeaderError,
     ManifestError,
     NotVerifiedError,
+    OptionError,
     OutputExistsError,
     PlanError,
     ReadError,
@@ -36,8 +37,8 @@ __all__ = [
     "Manifest", "Checkpoint", "Plan", "ApplyResult", "PushResult", "VerifyReport", "Header",
     "build_plan", "read_header",
     # what it raises
-    "TensorSurgeryError", "ManifestError", "HeaderError", "SourceError", "PlanError", "OutputExistsError",
-    "ReadError", "WriteError", "VerifyError", "NotVerifiedError",
+    "TensorSurgeryError", "OptionError", "ManifestError", "HeaderError", "SourceError", "PlanError",
+    "OutputExistsError", "ReadError", "WriteError", "VerifyError", "NotVerifiedError",
 ]
 
 

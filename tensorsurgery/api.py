@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Union
 from .checkpoint import Checkpoint
 from .errors import ManifestError, NotVerifiedError, VerifyError
 from .format import Header, read_header
-from .hashing import DEFAULT_THREADS
+from .hashing import DEFAULT_THREADS, MAX_THREADS, check_threads  # noqa: F401 - the CLI's defaults
 from .loading import load_manifest, manifest_from_text
 from .local import load_checkpoint
 from .manifest import Manifest, apply_overrides
@@ -139,11 +139,13 @@ def apply(manifest: ManifestLike, *, sources: SourcesLike = None,
         resume: keep the finished shards of an interrupted run that verify against the plan.
         link: share shards identical to a source file instead of writing them (see README).
         progress: called with byte counts as shard bytes are written.
-        threads: hashing threads (default: one per core, up to 8).
+        threads: hashing threads (default: one per core, up to 8; at most 256).
 
     Raises:
+        OptionError: ``threads`` out of range (checked first).
         OutputExistsError, WriteError, ReadError and those of :func:`plan`.
     """
+    check_threads(threads)
     m = load(manifest, sources=sources, output=output)
     return execute(build_plan(m, resolve(m, keep_raw=link), link=link), force=force, resume=resume, progress=progress,
                    threads=threads, push_to_hub=push_to_hub or m.output.push_to_hub,
@@ -154,7 +156,7 @@ def execute(plan: Plan, *, force: bool = False, resume: bool = False, progress: 
             threads: int | None = None, push_to_hub: str | None = None, private: bool = True) -> ApplyResult:
     """Write an already-built ``plan`` (see :func:`apply`, which plans and then calls this)."""
     from .writer import execute_plan
-    written = execute_plan(plan, force=force, resume=resume, progress=progress, threads=threads or DEFAULT_THREADS)
+    written = execute_plan(plan, force=force, resume=resume, progress=progress, threads=check_threads(threads))
     if push_to_hub is None:
         return ApplyResult(plan, written)
     pushed = push(written.output, push_to_hub, plan=plan, private=private, threads=threads)
@@ -171,11 +173,12 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
       it records are still there (or given in ``sources``), against them too.
 
     Raises:
+        OptionError: ``threads`` out of range (checked first).
         VerifyError: no output folder, or a record that cannot be used.
         ManifestError, SourceError, HeaderError, PlanError: see :func:`plan`.
     """
     from .verification import verify_output, verify_record
-    threads = threads or DEFAULT_THREADS
+    threads = check_threads(threads)
     if output is None and not isinstance(target, Manifest) and _is_folder(target):
         folder = Path(target)
         recorded = plan_from_record(folder, _overrides(sources))
@@ -279,14 +282,16 @@ def push(output: str | os.PathLike[str], repo_id: str, *, plan: Plan | None = No
     the Hub model repo ``repo_id``; nothing is uploaded unless it verifies.
 
     Raises:
+        OptionError: ``threads`` out of range (checked first).
         VerifyError: no output folder or record.
         NotVerifiedError: the output does not verify (its ``report`` says how); nothing uploaded.
         WriteError: the upload failed (the folder is untouched).
     """
     from .upload import push_folder
     from .verification import verify_output
+    threads = check_threads(threads)
     folder = require_folder(Path(output))
-    report = (verify_output(plan, folder, progress=progress, threads=threads or DEFAULT_THREADS)
+    report = (verify_output(plan, folder, progress=progress, threads=threads)
               if plan is not None else verify(folder, progress=progress, threads=threads))
     if not report.ok:
         raise NotVerifiedError(f"{folder} does not verify ({len(report.differences)} difference(s)); "

@@ -126,8 +126,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def threads(c: argparse.ArgumentParser) -> None:
         c.add_argument("--threads", type=int, metavar="N",
-                       help=f"threads that hash (and compare) tensors (default {api.DEFAULT_THREADS}: one per core, "
-                            f"up to 8)")
+                       help=f"threads that hash (and compare) tensors, 1 to {api.MAX_THREADS} (default "
+                            f"{api.DEFAULT_THREADS}: one per core, up to 8)")
 
     c = command("apply", "build the output checkpoint the manifest describes", _cmd_apply)
     c.add_argument("manifest", type=Path, help="manifest TOML (or mergekit passthrough YAML)")
@@ -224,6 +224,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     global _apply_tmp
+    api.check_threads(args.threads)  # before planning: a Hub source may take a while to resolve
     manifest = api.load(args.manifest, sources=_source_overrides(args.source), output=args.output)
     repo = args.push_to_hub or manifest.output.push_to_hub
     if args.dry_run:

@@ -25,6 +25,7 @@ _API_WORDS = tuple((re.compile(a), b) for a, b in (
     (r"--force\b", "force=True"),
     (r"--resume\b", "resume=True"),
     (r"--link\b", "link=True"),
+    (r"--threads (\S+)", r"threads=\1"),
     (r"--threads\b", "threads="),
 ))
 
@@ -42,6 +43,11 @@ class TensorSurgeryError(Exception):
     def __str__(self) -> str:
         message = super().__str__()
         return message if COMMAND_LINE_WORDS.get() else api_words(message)
+
+
+class OptionError(TensorSurgeryError, ValueError):
+    """A command-line option (or the API argument it stands for) has a value tensorsurgery cannot
+    use, such as ``--threads`` out of its range."""
 
 
 class ManifestError(TensorSurgeryError):

@@ -14,10 +14,28 @@ import queue
 import threading
 from typing import Callable, Hashable, Iterable
 
+from .errors import OptionError
 from .packing import Block
 
 #: Threads that hash (and cast, and compare) tensors by default: one per core, up to 8.
 DEFAULT_THREADS = max(1, min(8, os.cpu_count() or 1))
+#: The most ``--threads`` may ask for: past any core count the work scales to (the pump starts
+#: about twice this many threads), far below the thousands an OS refuses to start.
+MAX_THREADS = 256
+
+
+def check_threads(threads: int | None) -> int:
+    """``threads`` (None: :data:`DEFAULT_THREADS`), checked before any thread is started.
+
+    Raises:
+        OptionError: not a whole number from 1 to :data:`MAX_THREADS`.
+    """
+    if threads is None:
+        return DEFAULT_THREADS
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise OptionError(f"--threads {threads!r} is out of range: give a number from 1 to {MAX_THREADS} "
+                          f"(default {DEFAULT_THREADS}: one per core, up to 8)")
+    return threads
 
 def first_of_each(recipes: Iterable[Hashable]) -> dict[int, int]:
     """For each position whose recipe (source bytes and transform) appeared at an earlier position,
