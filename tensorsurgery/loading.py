@@ -69,4 +69,7 @@ def manifest_from_text(text: str, path: str | os.PathLike[str] | None = None) ->
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ManifestError(f"{path}: not valid TOML: {e}") from e
+    except RecursionError:
+        raise ManifestError(f"{path}: not valid TOML for a manifest: arrays or tables nested too deeply "
+                            f"(hundreds of levels); a manifest is a few levels deep") from None
     return parse_manifest(path, text, data)

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .dtypes import CAST_DTYPES
 from .errors import ManifestError
+from .limits import MAX_OUTPUT_LAYERS, MAX_RENAME_PATTERNS, MAX_SOURCES, check_count
 from .repo_id import is_push_target
 from .rules import PRESETS
 
@@ -194,6 +195,7 @@ def _parse_sources(root: _Reader) -> tuple[SourceSpec, ...]:
     table = root.sub("sources")
     if not table.table:
         raise table.error(None, "no sources; add a [sources.NAME] table with a model")
+    check_count(root.file, "sources", "sources", len(table.table), MAX_SOURCES)
     return tuple(_parse_source(table.sub(name), name) for name in table.table)
 
 
@@ -223,14 +225,15 @@ def _parse_config(r: _Reader) -> Mapping[str, Any]:
 
 def _parse_rename(r: _Reader) -> RenameSpec:
     r.check_keys(("preset", "rules", "drop"))
-    rules = []
-    for i, item in enumerate(r.get("rules", list, [])):
+    rules, drop = [], r.get("drop", list, [])
+    given = r.get("rules", list, [])
+    check_count(r.file, r.path, "rename rules and drop patterns", len(given) + len(drop), MAX_RENAME_PATTERNS)
+    for i, item in enumerate(given):
         rr = _Reader(r.file, item if isinstance(item, dict) else {}, f"{r.path}.rules[{i}]")
         if not isinstance(item, dict):
             raise rr.error(None, f"expected a table {{ match = '...', replace = '...' }}, found {_describe(item)}")
         rr.check_keys(("match", "replace"))
         rules.append(RenameRule(_regex(rr, "match"), rr.get("replace", str, required=True)))
-    drop = r.get("drop", list, [])
     for i, pattern in enumerate(drop):
         _regex(_Reader(r.file, {f"drop[{i}]": pattern}, r.path), f"drop[{i}]")
     preset = r.get("preset", str)
@@ -271,6 +274,9 @@ def _parse_arrangement(r: _Reader, names: tuple[str, ...]) -> tuple[Segment, ...
     items = r.get("arrangement", list)
     if not items:
         raise r.error("arrangement", "is empty; list layer ranges such as [0, 24] or indices")
+    where = f"{r.path}.arrangement"
+    # Each item is at least one layer: a list past the bound is refused before it is parsed.
+    check_count(r.file, where, "arrangement entries", len(items), MAX_OUTPUT_LAYERS)
     out = []
     for i, item in enumerate(items):
         item_r = _Reader(r.file, {}, f"{r.path}.arrangement[{i}]")
@@ -283,7 +289,18 @@ def _parse_arrangement(r: _Reader, names: tuple[str, ...]) -> tuple[Segment, ...
                 raise item_r.error("source", f"unknown source {source!r}; sources are: {', '.join(names)}")
             item = item_r.get("layers", (int, list), required=True)
         out.append(_segment(item_r, item, source))
+    check_arrangement_size(r.file, where, out)
     return tuple(out)
+
+
+def check_arrangement_size(path: Path, where: str, segments: Sequence[Segment]) -> None:
+    """Refuse an arrangement of more than :data:`~tensorsurgery.limits.MAX_OUTPUT_LAYERS` layers,
+    counted from the ranges without expanding them.
+
+    Raises:
+        ManifestError: naming ``where`` in the manifest ``path``.
+    """
+    check_count(path, where, "output layers", sum(s.stop - s.start for s in segments), MAX_OUTPUT_LAYERS)
 
 
 def _segment(r: _Reader, item: Any, source: str | None) -> Segment:

@@ -29,7 +29,8 @@ from typing import Any
 
 from .dtypes import CAST_DTYPES
 from .errors import ManifestError
-from .manifest import LayersSpec, Manifest, OutputSpec, RenameSpec, Segment, SourceSpec
+from .limits import MAX_OUTPUT_LAYERS, MAX_SOURCES, MAX_YAML_NODES, check_count
+from .manifest import LayersSpec, Manifest, OutputSpec, RenameSpec, Segment, SourceSpec, check_arrangement_size
 
 _KEYS = ("merge_method", "slices", "dtype", "out_dtype", "base_model", "tokenizer_source")
 #: Keys mergekit knows that a passthrough copy cannot honour, and why.
@@ -67,13 +68,17 @@ def manifest_from_mergekit(path: Path, text: str) -> Manifest:
         raise ManifestError(f"{path}: merge_method: {found}; only merge_method: passthrough is supported "
                             f"(other methods compute new tensor values)")
     _check_keys(path, "", data, _KEYS)
-    slices = [_slice(path, i, s) for i, s in enumerate(_slices(path, data))]
+    given = _slices(path, data)
+    check_count(path, "slices", "slices", len(given), MAX_OUTPUT_LAYERS)  # a slice is at least one layer
+    slices = [_slice(path, i, s) for i, s in enumerate(given)]
+    check_arrangement_size(path, "slices", [Segment(None, a, b) for _, a, b in slices])
     base = _model(path, "base_model", data["base_model"]) if data.get("base_model") is not None else None
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source not in (None, "base"):
         raise ManifestError(f"{path}: tokenizer_source: {tokenizer_source!r} is not supported; the base "
                             f"model's tokenizer files are copied (remove it or use base)")
     models = list(dict.fromkeys(([base] if base else []) + [model for model, _, _ in slices]))
+    check_count(path, "slices", "different models", len(models), MAX_SOURCES)
     names = dict(zip(models, _source_names(models)))
     first, last = names[slices[0][0]], names[slices[-1][0]]
     owners = {t: first for t in _FIRST_SLICE_TENSORS} | {t: last for t in _LAST_SLICE_TENSORS}
@@ -89,18 +94,64 @@ def manifest_from_mergekit(path: Path, text: str) -> Manifest:
 
 
 def _load_yaml(path: Path, text: str) -> dict[str, Any]:
+    """``yaml.safe_load(text)``, refusing before it is built a document whose aliases expand to
+    more than :data:`MAX_YAML_NODES` values (a "billion laughs") or that holds itself, and a
+    nesting deeper than Python's parser recursion."""
     import yaml
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(path, node) > MAX_YAML_NODES:
+            raise ManifestError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES:,} values, more "
+                                f"than a manifest may hold (a mergekit config has a few hundred); write the "
+                                f"slices out instead of repeating aliases")
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (at line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ManifestError(f"{path}: not valid YAML: {problem}{where}") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: not valid YAML for a manifest: lists or mappings nested too deeply "
+                            f"(hundreds of levels); a mergekit config is a few levels deep") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: expected a mergekit config (a YAML mapping with merge_method and "
                             f"slices), found {_describe(data)}")
     return data
+
+
+def _expanded_size(path: Path, root: Any) -> int:
+    """Values in the composed YAML document ``root`` with every alias expanded (an alias is its
+    anchored node again), counted once per distinct node, without recursion; capped just past
+    :data:`MAX_YAML_NODES` so the counts stay small.
+
+    Raises:
+        ManifestError: an alias inside the node it refers to (a structure that holds itself).
+    """
+    import yaml
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            sizes[id(node)] = min(MAX_YAML_NODES + 1, 1 + sum(sizes[id(c)] for c in children))
+            open_nodes.discard(id(node))
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:  # reached again from inside itself
+            mark = node.start_mark
+            raise ManifestError(f"{path}: not valid YAML for a manifest: the alias at line {mark.line + 1} is "
+                                f"inside the node it refers to (a structure that holds itself); write it out")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack += [(c, False) for c in children if id(c) not in sizes]
+    return sizes[id(root)]
 
 
 def _check_keys(path: Path, where: str, table: dict[str, Any], allowed: tuple[str, ...]) -> None:
