@@ -23,6 +23,11 @@ from .rules import PRESETS
 
 PLANS = ("keep", "dus", "idus", "explicit")
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+#: Suffixes of single-file formats (weights, configs, archives): an output path ending in one names a
+#: file, but the output is a folder of safetensors shards, so such a path is a mistake, not a name.
+FILE_SUFFIXES = (".safetensors", ".gguf", ".ggml", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack",
+                 ".pkl", ".pickle", ".npy", ".npz", ".json", ".toml", ".yaml", ".yml", ".txt", ".zip", ".tar",
+                 ".gz", ".tgz", ".xz", ".zst")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -329,8 +334,28 @@ def _parse_output(r: _Reader) -> OutputSpec:
     path = r.get("path", str, required=True)
     if not path.strip():
         raise r.error("path", "is empty; give the folder to write the output to")
+    problem = file_name_problem(path)
+    if problem:
+        raise r.error("path", problem)
     return OutputSpec(path=path, dtype=dtype, max_shard_size=size, push_to_hub=push,
                       private=r.get("private", bool, True))
+
+
+def file_name_problem(path: str) -> str | None:
+    """Why ``path`` cannot be an output folder (it ends in a file format's suffix, as
+    ``out/m.gguf``), or None. Said after the option or key that gave it.
+
+    Example:
+        >>> file_name_problem("out/m.gguf").split(";")[0]
+        '"out/m.gguf" names a file'
+    """
+    folder = Path(path)
+    if folder.suffix.lower() not in FILE_SUFFIXES:
+        return None
+    while folder.suffix.lower() in FILE_SUFFIXES:  # out/m.tar.gz -> out/m
+        folder = folder.with_suffix("")
+    return (f'"{path}" names a file; tensorsurgery writes a folder of safetensors shards with config.json: '
+            f'give a folder name such as "{folder}"')
 
 
 def apply_overrides(manifest: Manifest, sources: Mapping[str, str], output: str | None) -> Manifest:
@@ -353,5 +378,9 @@ def apply_overrides(manifest: Manifest, sources: Mapping[str, str], output: str 
             raise ManifestError(f"{manifest.path}: --source {name}=...: no source called {name!r}; "
                                 f"sources are: {known}")
         new_sources[idx] = replace(new_sources[idx], model=model, revision=None)
+    if output:
+        problem = file_name_problem(output)
+        if problem:
+            raise ManifestError(f"--output {problem}")
     out = replace(manifest.output, path=output) if output else manifest.output
     return replace(manifest, sources=tuple(new_sources), output=out)
