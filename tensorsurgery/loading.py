@@ -48,9 +48,30 @@ def load_manifest(path: str | os.PathLike[str], *, sources: Mapping[str, str] | 
             raise ManifestError(f"{path}: cannot read the manifest: it holds more than {MANIFEST_LIMIT:,} bytes; "
                                 f"is this the manifest?")
         text = raw.decode("utf-8")
+    except IsADirectoryError:
+        raise ManifestError(folder_given(path)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: cannot read the manifest: {e}") from e
     return apply_overrides(manifest_from_text(text, path), sources or {}, output)
+
+
+def folder_given(path: Path) -> str:
+    """The message for a folder ``path`` given where a manifest file is expected, with what to do
+    instead: what the folder holds says which command was meant (an output: verify it; a
+    checkpoint: inspect it) or which manifest (the one manifest file in it)."""
+    what = f"{path}: is a folder, not a manifest file; "
+    if (path / "tensorsurgery.json").is_file():
+        return what + f"it is a tensorsurgery output: to check it against its record, run: tensorsurgery verify {path}"
+    if (path / "config.json").is_file() or any(path.glob("*.safetensors")):
+        return what + (f"it holds a checkpoint: to see it, run: tensorsurgery inspect {path}; to use it, name it "
+                       f"as a source in a manifest")
+    try:
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in (".toml", *_YAML_SUFFIXES) and p.is_file())
+    except OSError:  # unreadable: nothing to suggest
+        found = []
+    if len(found) == 1:
+        return what + f"did you mean {found[0]}?"
+    return what + "give the manifest TOML (or mergekit passthrough YAML) file"
 
 
 def manifest_from_text(text: str, path: str | os.PathLike[str] | None = None) -> Manifest:

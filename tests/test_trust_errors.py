@@ -282,8 +282,9 @@ def test_manifest_that_is_not_a_manifest(capsys, tmp_path, what, command):
         why = "it holds more than 1,048,576 bytes; is this the manifest?"
     elif what == "folder":
         path.mkdir()
-        why = f"[Errno 21] Is a directory: '{path}'"
+        why = "give the manifest TOML (or mergekit passthrough YAML) file"
     else:
         path.write_text("# " + "x" * (1 << 20) + "\n")
         why = "it holds more than 1,048,576 bytes; is this the manifest?"
-    assert error_line(*run(capsys, command, path, timeout=10)) == f"{path}: cannot read the manifest: {why}"
+    reading = "is a folder, not a manifest file;" if what == "folder" else "cannot read the manifest:"
+    assert error_line(*run(capsys, command, path, timeout=10)) == f"{path}: {reading} {why}"
