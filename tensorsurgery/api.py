@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Union
@@ -29,6 +30,7 @@ from .manifest import Manifest, apply_overrides
 from .planning import Plan, build_plan
 from .record import read_record, require_folder
 from .recorded_sources import check_source_files
+from .repo_id import is_repo_id
 from .sources import resolve_source
 
 if TYPE_CHECKING:  # imported where used: they load numpy, which plan and inspect do without
@@ -222,7 +224,8 @@ def plan_from_record(output: Path, sources: Mapping[str, str]) -> RecordedPlan:
 
     The sources keep the names apply was given, so the rebuilt plan (and the model card made from
     it) is the one ``apply`` wrote; Hub sources resolve again by repo id and
-    recorded commit, local ones from their recorded folders. A recorded source file must be there
+    recorded commit, local ones from their recorded folders (a pulled copy's record names none:
+    the record alone is checked). A recorded source file must be there
     with its recorded size and sha256 (:mod:`tensorsurgery.recorded_sources`): a source updated
     since apply is not what the output was made from, so the record alone is checked then.
 
@@ -242,15 +245,15 @@ def plan_from_record(output: Path, sources: Mapping[str, str]) -> RecordedPlan:
         if spec.name in given:
             continue
         entry = recorded.get(spec.name, {})
-        root = entry.get("root")
-        if not isinstance(root, str):
-            return RecordedPlan(None)
-        found = check_source_files(Path(root), entry.get("files", []))
+        root = _recorded_root(entry)
+        if root is None:
+            return RecordedPlan(None)  # a pulled copy's local source: the record alone is checked
+        found = check_source_files(root, entry.get("files", []))
         if found.missing:
             return RecordedPlan(None)  # the sources are gone: the record alone is checked
         prefix = f"{spec.name}/" if len(manifest.sources) > 1 else ""
         changed += [prefix + name for name in found.changed]
-        roots[spec.name] = Path(root)
+        roots[spec.name] = root
     if changed:
         return RecordedPlan(None, tuple(changed))
     checkpoints = {}
@@ -266,6 +269,24 @@ def plan_from_record(output: Path, sources: Mapping[str, str]) -> RecordedPlan:
         else:
             checkpoints[spec.name] = load_checkpoint(roots[spec.name], keep_raw=record.link)
     return RecordedPlan(build_plan(manifest, checkpoints, link=record.link))
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _recorded_root(entry: Mapping[str, object]) -> Path | None:
+    """Where a recorded source's files are on this machine: the recorded folder, or for a Hub
+    source recorded without one (the record push uploads names no local path) its snapshot in
+    this machine's cache; None for a local source recorded without one."""
+    root, repo_id, revision = entry.get("root"), entry.get("repo_id"), entry.get("revision")
+    if isinstance(root, str):
+        return Path(root)
+    # Only what apply records (a repo id and a commit): a record naming anything else must not
+    # make verify look outside the cache.
+    if isinstance(repo_id, str) and is_repo_id(repo_id) and isinstance(revision, str) and _COMMIT.fullmatch(revision):
+        from .hub import snapshot_folder
+        return snapshot_folder(repo_id, revision)
+    return None
 
 
 def _recorded_link(output: Path) -> bool:

@@ -3,7 +3,8 @@
 The card says what was built and how: Hub metadata (``base_model``, ``library_name``, ``tags``,
 the source's ``license``), the layer arrangement as a table with its seams, the manifest, and a
 provenance summary (the full record is ``tensorsurgery.json``). The source's own card is not
-copied: it describes another model; only its license is carried over.
+copied: it describes another model; only its license is carried over. It names no local path
+(:mod:`tensorsurgery.path_free`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ._version import __version__
+from .path_free import path_free_manifest
 from .repo_id import is_repo_id
 from .report import format_bytes, layer_runs, span
 
@@ -133,7 +135,9 @@ def _arrangement(plan: Plan) -> str:
 
 
 def _manifest(plan: Plan) -> str:
-    text = plan.manifest_text.rstrip("\n")
+    # The card is published: the manifest's local paths (sources, output) become folder names,
+    # and a card rebuilt from that path-free text (a pulled copy's record) is this card again.
+    text = path_free_manifest(plan.manifest_text).rstrip("\n")
     try:
         tomllib.loads(text)
         lang = "toml"

@@ -28,6 +28,16 @@ from .local import FolderReader, read_checkpoint
 
 #: First range read of a remote header; most headers fit (HfApi reads 100 kB for the same reason).
 _FIRST_READ = 100_000
+
+
+def snapshot_folder(repo_id: str, commit: str) -> Path:
+    """Where the Hugging Face cache keeps (or will keep) the files of ``repo_id`` at ``commit``."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+    return (Path(constants.HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=repo_id, repo_type="model")
+            / "snapshots" / commit)
+
+
 class HubClient:
     """The few Hub operations a source needs, over huggingface_hub. Tests pass a fake with the
     same methods; the token is the library's default (``HF_TOKEN`` or ``hf auth login``)."""
@@ -63,10 +73,7 @@ class HubClient:
 
     def snapshot_dir(self, repo_id: str, commit: str) -> Path:
         """Where the cache keeps (or will keep) the files of ``commit``."""
-        from huggingface_hub import constants
-        from huggingface_hub.file_download import repo_folder_name
-        return (Path(constants.HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=repo_id, repo_type="model")
-                / "snapshots" / commit)
+        return snapshot_folder(repo_id, commit)
 
     def fetch(self, repo_id: str, commit: str, files: tuple[str, ...]) -> None:
         """Download exactly ``files`` of ``commit`` into the cache (cached ones are kept)."""

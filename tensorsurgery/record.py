@@ -3,7 +3,8 @@ what, and the sha256 of every byte, so the output can be checked later, even wit
 
 :func:`build_record` makes it from a plan and the hashes taken while writing (pure);
 :func:`parse_record` reads one back into typed values, refusing a record whose entries have the
-wrong types with one line.
+wrong types with one line; :func:`published_record` is the record push uploads, which names no
+local path.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from .checkpoint import CONFIG_NAME, RECORD_NAME
 from .errors import SourceError, VerifyError
 from .fsio import INDEX_LIMIT, describe_entry, read_json
 from .outlock import holder
+from .path_free import folder_name, path_free_manifest
 from .planning import Plan
 
-#: Version 2 added the shards table (size and header sha256 of every shard) and the hash origins.
-RECORD_VERSION = 2
+#: Version 2 added the shards table (size and header sha256 of every shard) and the hash origins;
+#: version 3 lets a source have no ``root`` (the record push uploads, :func:`published_record`).
+RECORD_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,23 @@ def build_record(plan: Plan, tensor_hashes: Mapping[str, str], file_hashes: Mapp
                              "sha256": tensor_hashes[t.name]}
                     for shard in plan.shards for t in shard.tensors},
     }
+
+
+def published_record(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The record ``data`` (as :func:`parse_record` accepted it) as push uploads it: no local path.
+    The manifest text is path-free (:func:`~tensorsurgery.path_free.path_free_manifest`, as the
+    card shows it); a source has no ``root``, and its ``model`` is its repo id (with the recorded
+    ``revision``) or, for a local folder, the folder's name. Everything verify compares (shards,
+    files, tensors, layers) is kept, so a pulled copy verifies against it; the local record keeps
+    its paths, for ``verify OUTPUT`` against the sources on this machine.
+
+    Raises:
+        PlanError: a local path of the manifest cannot be taken out of its text.
+    """
+    sources = [{**{k: v for k, v in s.items() if k != "root"},
+                "model": s["repo_id"] if isinstance(s.get("repo_id"), str) else folder_name(s["model"])}
+               for s in data["sources"]]
+    return {**data, "manifest": path_free_manifest(data["manifest"]), "sources": sources}
 
 
 def _source_file(path: Path, digest: SourceHash | None) -> dict[str, Any]:
@@ -216,12 +236,12 @@ def parse_record(data: Any, path: Path) -> Record:
 
 
 def _check_sources(sources: list[Any], fail: Callable[[str, str], VerifyError]) -> None:
-    """Each source entry is what :func:`build_record` writes (``verify OUTPUT`` resolves them again)."""
+    """Each source entry is what :func:`build_record` or :func:`published_record` writes
+    (``verify OUTPUT`` resolves them again); a published one has no ``root``."""
     for i, entry in enumerate(sources):
-        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("name", "model", "root",
-                                                                                          "layout"))
-                and all(isinstance(entry.get(k), (str, type(None))) for k in ("revision", "repo_id"))):
-            raise fail(f"sources[{i}]", "{name, model, root, layout, revision, repo_id}")
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("name", "model", "layout"))
+                and all(isinstance(entry.get(k), (str, type(None))) for k in ("revision", "repo_id", "root"))):
+            raise fail(f"sources[{i}]", "{name, model, root (optional), layout, revision, repo_id}")
         files = entry.get("files")
         if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("name"), str)
                                                  and _is_file_name(f["name"])

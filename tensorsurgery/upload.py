@@ -1,6 +1,11 @@
 """Upload a finished output folder to the Hugging Face Hub (``[output] push_to_hub``,
-``apply --push-to-hub``), with huggingface_hub: ``create_repo(exist_ok=True)`` then
-``upload_folder``. Private by default. :func:`tensorsurgery.api.push` calls this only after ``verify`` passed.
+``apply --push-to-hub``), with huggingface_hub: ``create_repo(exist_ok=True)`` then one
+``create_commit`` of the files the record names. Private by default. :func:`tensorsurgery.api.push`
+calls this only after ``verify`` passed.
+
+Nothing uploaded names a local path: ``tensorsurgery.json`` is uploaded as
+:func:`~tensorsurgery.record.published_record` makes it (built in memory; the local record keeps
+the sources' folders, for ``verify OUTPUT`` here), and the card already names none.
 """
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import RECORD_NAME
-from .errors import TensorSurgeryError, WriteError
+from .errors import TensorSurgeryError, VerifyError, WriteError
+from .expected import json_bytes
+from .record import published_record, read_record
 from .repo_id import is_push_target
 
 
@@ -17,7 +24,8 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token
     """Create the model repo ``repo_id`` if needed and upload ``folder`` into it as one commit.
 
     Args:
-        folder: a tensorsurgery output (it must hold ``tensorsurgery.json``).
+        folder: a tensorsurgery output (it must hold ``tensorsurgery.json``); the files its record
+            names are uploaded, the record itself as :func:`published_record` makes it.
         repo_id: ``org/name`` or ``name``.
         private: visibility when the repo is created; an existing repo keeps its visibility.
         token: a Hub token; None uses huggingface_hub's default (``HF_TOKEN`` or ``hf auth login``).
@@ -28,8 +36,9 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token
         The commit URL (or, from a client that returns none, the repo URL).
 
     Raises:
-        WriteError: not a finished output, a bad repo id, or the Hub refused or could not be
-            reached; the message is one line and the local folder is untouched.
+        WriteError: not a finished output (no usable record), a bad repo id, or the Hub refused or
+            could not be reached; the message is one line and the local folder is untouched.
+        PlanError: a local path of the recorded manifest cannot be taken out of its text.
 
     Example:
         >>> push_folder("out/solar-10.7b-dus", "me/solar-10.7b-dus")  # doctest: +SKIP
@@ -41,18 +50,29 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token
     if not (folder / RECORD_NAME).is_file():
         raise WriteError(f"{folder}: no {RECORD_NAME}, so not a finished tensorsurgery output; "
                          f"not pushed to {repo_id}")
+    try:
+        record = read_record(folder)
+    except VerifyError as e:
+        raise WriteError(f"{e}; not pushed to {repo_id}") from None
+    # The local record names the sources' folders; the uploaded one is made here, in memory.
+    uploaded = json_bytes(published_record(record.data))
+    from huggingface_hub import CommitOperationAdd
     if api is None:
         from huggingface_hub import HfApi
         api = HfApi(token=token)
     try:
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+                      for name in sorted({*record.shards, *record.files})]
+        operations.append(CommitOperationAdd(path_in_repo=RECORD_NAME, path_or_fileobj=uploaded))
         repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", token=token,
+        commit = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model", token=token,
                                    commit_message=commit_message or f"Upload {folder.name} (tensorsurgery)")
     except TensorSurgeryError:
         raise
     except Exception as e:  # noqa: BLE001 - HTTP, xet and validation errors alike: one line, folder intact
+        # Not `hf upload`: that would upload the local record, which names the sources' folders.
         raise WriteError(f"{repo_id}: push to the Hugging Face Hub failed ({_first_line(e)}); the output "
-                         f"is complete in {folder}; retry with `hf upload {repo_id} {folder}`") from e
+                         f"is complete in {folder}; retry with `tensorsurgery push {folder} {repo_id}`") from e
     return str(getattr(commit, "commit_url", None) or getattr(repo, "url", None) or repo or repo_id)
 
 

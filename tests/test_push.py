@@ -3,6 +3,7 @@ recording client stands in for ``HfApi`` and the tests assert the calls made to 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from tensorsurgery.upload import push_folder
 
 
 class RecordingApi:
-    """Records ``create_repo`` / ``upload_folder`` calls; ``fail`` is raised by ``upload_folder``."""
+    """Records ``create_repo`` / ``create_commit`` calls; ``fail`` is raised by ``create_commit``."""
 
     instances: list[RecordingApi] = []
 
@@ -31,31 +32,47 @@ class RecordingApi:
         self.calls.append(("create_repo", repo_id, kwargs))
         return SimpleNamespace(url=f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
+    def create_commit(self, **kwargs):
+        self.calls.append(("create_commit", kwargs))
         if self.fail is not None:
             raise self.fail
         return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123")
 
+    def uploaded(self) -> dict[str, bytes]:
+        """Every file of the last commit, by its path in the repo, as the bytes the Hub would get."""
+        [operations] = [c[1]["operations"] for c in self.calls if c[0] == "create_commit"][-1:]
+        return {op.path_in_repo: (op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes)
+                                  else Path(op.path_or_fileobj).read_bytes()) for op in operations}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_mistral) -> Path:
+    """A finished output (read-only: tests that change it copy it)."""
+    tmp = tmp_path_factory.mktemp("push")
+    assert main(["apply", str(write_manifest(tmp, tiny_mistral)), "--no-progress"]) == 0
+    return tmp / "out"
+
 
 @pytest.fixture
-def output(tmp_path) -> Path:
-    folder = tmp_path / "out"
-    folder.mkdir()
-    (folder / "tensorsurgery.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(b"x")
-    return folder
+def output(tmp_path, finished) -> Path:
+    return Path(shutil.copytree(finished, tmp_path / "out"))
 
 
 def test_push_creates_a_private_repo_and_uploads_the_folder(output):
     api = RecordingApi()
     url = push_folder(output, "me/tiny-dus", api=api)
     assert url == "https://huggingface.co/me/tiny-dus/commit/abc123"
-    assert api.calls == [
-        ("create_repo", "me/tiny-dus", {"repo_type": "model", "private": True, "exist_ok": True, "token": None}),
-        ("upload_folder", {"repo_id": "me/tiny-dus", "folder_path": str(output), "repo_type": "model",
-                           "token": None, "commit_message": "Upload out (tensorsurgery)"}),
-    ]
+    assert api.calls[0] == ("create_repo", "me/tiny-dus",
+                            {"repo_type": "model", "private": True, "exist_ok": True, "token": None})
+    assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]
+    commit = {k: v for k, v in api.calls[1][1].items() if k != "operations"}
+    assert commit == {"repo_id": "me/tiny-dus", "repo_type": "model", "token": None,
+                      "commit_message": "Upload out (tensorsurgery)"}
+    # One commit of every file of the output, each once; all but the record byte for byte.
+    uploaded = api.uploaded()
+    assert sorted(uploaded) == sorted(p.name for p in output.iterdir())
+    assert len(api.calls[1][1]["operations"]) == len(uploaded)
+    assert all(data == (output / name).read_bytes() for name, data in uploaded.items() if name != "tensorsurgery.json")
 
 
 def test_push_public_with_a_token(output):
@@ -71,6 +88,12 @@ def test_push_refuses_a_folder_that_is_not_a_finished_output(tmp_path):
         push_folder(tmp_path, "me/x", api=api)
     assert str(e.value) == (f"{tmp_path}: no tensorsurgery.json, so not a finished tensorsurgery output; "
                             f"not pushed to me/x")
+    (tmp_path / "tensorsurgery.json").write_text("[]")
+    with pytest.raises(WriteError) as e:
+        push_folder(tmp_path, "me/x", api=api)
+    assert str(e.value) == (f"{tmp_path / 'tensorsurgery.json'}: the file is not a JSON object; this is not a "
+                            f"provenance record tensorsurgery wrote (or it was edited): verify with the manifest "
+                            f"instead; not pushed to me/x")
     assert api.calls == []
 
 
@@ -89,8 +112,8 @@ def test_hub_errors_become_one_line(output):
         push_folder(output, "me/x", api=RecordingApi(fail=error))
     assert str(e.value) == (f"me/x: push to the Hugging Face Hub failed (HfHubHTTPError: 403 Forbidden: you don't "
                             f"have the rights.); the output is complete in {output}; retry with "
-                            f"`hf upload me/x {output}`")
-    assert (output / "model.safetensors").read_bytes() == b"x"
+                            f"`tensorsurgery push {output} me/x`")
+    assert (output / "tensorsurgery.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,9 +151,10 @@ def test_cli_apply_verifies_then_pushes(tmp_path, tiny_mistral, recording_hub, c
     assert main(["apply", str(manifest), "--no-progress", "--push-to-hub", "me/tiny-dus"]) == 0
     out = tmp_path / "out"
     [api] = recording_hub
-    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]
     assert api.calls[0][2]["private"] is True
-    assert api.calls[1][1]["folder_path"] == str(out) and api.calls[1][1]["repo_id"] == "me/tiny-dus"
+    assert api.calls[1][1]["repo_id"] == "me/tiny-dus"
+    assert sorted(api.uploaded()) == sorted(p.name for p in out.iterdir())
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"verified {out} (every byte matches the manifest applied to the sources); "
         "pushed to https://huggingface.co/me/tiny-dus/commit/abc123")
@@ -160,7 +184,7 @@ def test_cli_push_failure_is_one_line_and_keeps_the_output(tmp_path, tiny_mistra
     out = tmp_path / "out"
     assert capsys.readouterr().err == (
         f"tensorsurgery: error: me/x: push to the Hugging Face Hub failed (ConnectionError: Hub unreachable); "
-        f"the output is complete in {out}; retry with `hf upload me/x {out}`\n")
+        f"the output is complete in {out}; retry with `tensorsurgery push {out} me/x`\n")
     assert (out / "tensorsurgery.json").is_file()
 
 
@@ -229,4 +253,4 @@ def test_cli_push_after_a_source_was_rewritten_at_the_same_size(tmp_path, tiny_m
         f"verified {out} (every file matches the sha256 in tensorsurgery.json; sources changed since apply: "
         f"{shard.name}; checked the output against its record only); pushed to "
         f"https://huggingface.co/me/x/commit/abc123")
-    assert [c[0] for c in recording_hub[0].calls] == ["create_repo", "upload_folder"]
+    assert [c[0] for c in recording_hub[0].calls] == ["create_repo", "create_commit"]

@@ -206,13 +206,13 @@ RECORD_EDITS = {
     "layers-object": (lambda r: r.update(layers={}), "layers", "a list"),
     "sources-string": (lambda r: r.update(sources="src"), "sources", "a list"),
     "source-entry-number": (lambda r: r.update(sources=[1]), "sources[0]",
-                            "{{name, model, root, layout, revision, repo_id}}"),
+                            "{{name, model, root (optional), layout, revision, repo_id}}"),
     "source-name-list": (lambda r: r["sources"][0].update(name=[]), "sources[0]",
-                         "{{name, model, root, layout, revision, repo_id}}"),
+                         "{{name, model, root (optional), layout, revision, repo_id}}"),
     "source-root-number": (lambda r: r["sources"][0].update(root=5), "sources[0]",
-                           "{{name, model, root, layout, revision, repo_id}}"),
+                           "{{name, model, root (optional), layout, revision, repo_id}}"),
     "source-revision-number": (lambda r: r["sources"][0].update(revision=3), "sources[0]",
-                               "{{name, model, root, layout, revision, repo_id}}"),
+                               "{{name, model, root (optional), layout, revision, repo_id}}"),
     "no-shards": (lambda r: r.update(shards={}, tensors={}), "shards", "an object naming at least one shard"),
     "no-config": (lambda r: r["files"].__delitem__("config.json"), "files", "an object naming config.json"),
     "shard-outside": (lambda r: r["shards"].update({"../x.safetensors": _shard(r)}), "shards['../x.safetensors']",
@@ -238,7 +238,7 @@ def _hostile(folder: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
     if where is None:
         from tensorsurgery import __version__
         return out, (f"{out / RECORD}: record_version {expected} is not one this tensorsurgery {__version__} reads "
-                     f"(2 to 2); upgrade tensorsurgery, or verify with the manifest")
+                     f"(2 to 3); upgrade tensorsurgery, or verify with the manifest")
     message = (f"{out / RECORD}: {where.format(shard=shard, tensor=tensor)} is not "
                f"{expected.format(shard=shard, tensor=tensor)}; this is not a provenance record tensorsurgery wrote "
                f"(or it was edited): verify with the manifest instead")

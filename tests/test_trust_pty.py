@@ -142,7 +142,7 @@ def test_push_offline_in_a_terminal(demo, how):
     out = "out/demo-dus" if how == "push" else str(demo / "out" / "demo-dus")
     assert re.fullmatch(rf"tensorsurgery: error: someone/demo-dus: push to the Hugging Face Hub failed "
                         rf"\(OfflineModeIsEnabled: .*\); the output is complete in {re.escape(out)}; retry with "
-                        rf"`hf upload someone/demo-dus {re.escape(out)}`", errors[0].strip()), errors[0]
+                        rf"`tensorsurgery push {re.escape(out)} someone/demo-dus`", errors[0].strip()), errors[0]
     assert (demo / "out" / "demo-dus" / "tensorsurgery.json").is_file()  # the output stays whole
 
 

@@ -1,0 +1,185 @@
+"""Nothing push uploads names a local path (issue 16), and a pulled copy of the upload still
+verifies: the local output keeps its record (with the sources' folders, for ``verify OUTPUT``
+here), push uploads the record as :func:`tensorsurgery.record.published_record` makes it, and the
+card is made from the path-free manifest text (:mod:`tensorsurgery.path_free`).
+
+The Hub is not reachable: the recording client of test_push stands in for ``HfApi``, and a pulled
+copy is its uploaded bytes written into a new folder."""
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+import test_hub
+import yaml
+from test_hub import COMMIT, add_to_cache
+from test_push import RecordingApi
+
+import tensorsurgery as ts
+from tensorsurgery.cli import main
+from tensorsurgery.errors import PlanError
+from tensorsurgery.path_free import folder_name, is_local_path, path_free_manifest
+
+SECRET = "secret-project-7f3a"
+hf_repo = test_hub.hf_repo  # the files of a Hub repo of the tiny Mistral, a fixture
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest text (pure)
+
+
+def test_local_paths_become_folder_names_and_nothing_else_changes():
+    text = (f'# made from /home/alice/{SECRET}/Mistral-7B\n[source]\nmodel = "/home/alice/{SECRET}/Mistral-7B/"\n'
+            '[layers]\nplan = "dus"\noverlap = 8\n[output]\npath = "../outputs/dus"\npush_to_hub = "org/name"\n')
+    free = path_free_manifest(text)
+    assert SECRET not in free and "/home" not in free and ".." not in free
+    data = tomllib.loads(free)
+    assert data["source"]["model"] == "Mistral-7B" and data["output"] == {"path": "dus", "push_to_hub": "org/name"}
+    assert data["layers"] == tomllib.loads(text)["layers"]
+    assert path_free_manifest(free) == free  # idempotent: the card rebuilt from it is the same card
+
+
+def test_repo_ids_and_paths_inside_the_project_are_kept():
+    text = '[source]\nmodel = "examples/tiny-mistral"\n[output]\npath = "out/x"\npush_to_hub = "org/name"\n'
+    assert path_free_manifest(text) == text
+    # "/" alone (a path) must not eat the slash of the repo id beside it.
+    text = '[source]\nmodel = "org/name"\n[output]\npath = "/"\n'
+    assert tomllib.loads(path_free_manifest(text)) == {"source": {"model": "org/name"}, "output": {"path": "local"}}
+
+
+def test_mergekit_yaml_models():
+    text = (f"slices:\n- sources:\n  - model: /home/alice/{SECRET}/M\n    layer_range: [0, 8]\n"
+            f"  - model: 'C:\\Users\\alice\\M2'\n    layer_range: [4, 12]\nmerge_method: passthrough\n")
+    data = yaml.safe_load(path_free_manifest(text))
+    assert [s["model"] for s in data["slices"][0]["sources"]] == ["M", "M2"]
+
+
+def test_a_path_spelled_with_escapes_is_refused():
+    text = f'[source]\nmodel = "\\u002fhome/alice/{SECRET}/M"\n'
+    with pytest.raises(PlanError) as e:
+        path_free_manifest(text)
+    assert str(e.value) == (f"the manifest names the local path '/home/alice/{SECRET}/M' in a way tensorsurgery "
+                            f"cannot take out of the copy it publishes (README.md, and tensorsurgery.json on the "
+                            f"Hub); write it without escapes, or give it with sources= / output= instead")
+
+
+@pytest.mark.parametrize("value, local", [("/a", True), ("~/a", True), ("..", True), ("a/../b", True),
+                                          ("C:\\a", True), ("\\\\host\\share", True), ("a/b", False),
+                                          ("org/name", False), ("a..b", False)])
+def test_is_local_path(value, local):
+    assert is_local_path(value) is local
+
+
+def test_folder_name():
+    assert [folder_name(p) for p in ("/a/b/M/", "C:\\x\\M2", "/", "~", "..")] == ["M", "M2", "local", "local",
+                                                                                     "local"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Push and pull
+
+
+def _manifest(path: Path, model: str, output: Path) -> Path:
+    path.write_text(f'[source]\nmodel = "{model}"\n[layers]\nplan = "dus"\noverlap = 8\n'
+                    f'[output]\npath = "{output}"\n', encoding="utf-8")
+    return path
+
+
+def _pull(uploaded: dict[str, bytes], folder: Path) -> Path:
+    """A pulled copy of the upload (what ``hf download`` gives) in ``folder``."""
+    folder.mkdir(parents=True)
+    for name, data in uploaded.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def _assert_path_free(uploaded: dict[str, bytes], *paths: Path) -> None:
+    for name, data in uploaded.items():
+        for word in (SECRET, *map(str, paths)):
+            assert word.encode() not in data, f"{name} names {word}"
+
+
+@pytest.fixture
+def pushed_local(tmp_path, tiny_mistral):
+    """An output of a source in a folder named SECRET, pushed: (tmp root, source, output, api)."""
+    source = shutil.copytree(tiny_mistral, tmp_path / SECRET / "model")
+    out = tmp_path / SECRET / "out"
+    assert main(["apply", str(_manifest(tmp_path / SECRET / "m.toml", str(source), out)), "--no-progress"]) == 0
+    api = RecordingApi()
+    result = ts.push(out, "me/x", api=api)
+    assert result.verified.mode == "record+sources"
+    return tmp_path, source, out, api
+
+
+def test_push_uploads_no_local_path(pushed_local):
+    tmp, source, out, api = pushed_local
+    uploaded = api.uploaded()
+    assert sorted(uploaded) == sorted(p.name for p in out.iterdir())
+    _assert_path_free(uploaded, tmp, tmp.resolve())
+    record = json.loads(uploaded["tensorsurgery.json"])
+    assert [(s["name"], s["model"], s["repo_id"], "root" in s) for s in record["sources"]] == [
+        ("source", "model", None, False)]
+    assert tomllib.loads(record["manifest"])["source"]["model"] == "model"
+    # The local output keeps its record: verify here still compares with the sources.
+    local = json.loads((out / "tensorsurgery.json").read_text())
+    assert [s["root"] for s in local["sources"]] == [str(source)]
+    assert ts.verify(out).mode == "record+sources"
+    assert all(data == (out / name).read_bytes() for name, data in uploaded.items() if name != "tensorsurgery.json")
+
+
+def test_a_pulled_copy_verifies_in_record_mode(pushed_local, capsys):
+    tmp, source, _, api = pushed_local
+    pulled = _pull(api.uploaded(), tmp / "elsewhere" / "pulled")
+    report = ts.verify(pulled)
+    assert report.ok and report.mode == "record" and report.sources_changed == ()
+    capsys.readouterr()
+    assert main(["verify", str(pulled)]) == 0
+    assert capsys.readouterr().out.strip().endswith(
+        "every file matches the sha256 in tensorsurgery.json; sources not found, so not compared with them")
+    # Given its source, the pulled copy (card included) is what the recorded manifest makes of it.
+    report = ts.verify(pulled, sources=source)
+    assert report.ok and report.mode == "record+sources", report.differences
+    # A pulled copy can be pushed again, still naming no local path.
+    again = RecordingApi()
+    ts.push(pulled, "me/y", api=again)
+    assert again.uploaded() == api.uploaded()
+
+
+def test_a_pulled_copy_with_a_changed_file_does_not_verify(pushed_local):
+    tmp, _, _, api = pushed_local
+    uploaded = api.uploaded()
+    pulled = _pull({**uploaded, "README.md": uploaded["README.md"] + b"x"}, tmp / "pulled")
+    report = ts.verify(pulled)
+    assert report.mode == "record" and [d.where for d in report.differences] == ["README.md"]
+
+
+def test_a_hub_source_uploads_its_repo_id_and_commit(tmp_path, monkeypatch, hf_repo):
+    """A Hub source's record entry is its repo id and commit, not its folder in this machine's
+    cache; a pulled copy on a machine with that commit cached verifies against it."""
+    from huggingface_hub import constants
+    hub_cache = tmp_path / SECRET / "hf_home" / "hub"
+    hub_cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(hub_cache.parent))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    add_to_cache(hub_cache, "org/tiny", COMMIT, hf_repo)
+    out = tmp_path / SECRET / "out"
+    assert main(["apply", str(_manifest(tmp_path / SECRET / "m.toml", "org/tiny", out)), "--no-progress"]) == 0
+    assert str(hub_cache) in (out / "tensorsurgery.json").read_text()  # the local record: where it was read
+    api = RecordingApi()
+    ts.push(out, "me/x", api=api)
+    uploaded = api.uploaded()
+    _assert_path_free(uploaded, tmp_path)
+    [entry] = json.loads(uploaded["tensorsurgery.json"])["sources"]
+    assert (entry["model"], entry["repo_id"], entry["revision"], "root" in entry) == ("org/tiny", "org/tiny",
+                                                                                     COMMIT, False)
+    pulled = _pull(uploaded, tmp_path / "pulled")
+    report = ts.verify(pulled)
+    assert report.ok and report.mode == "record+sources", report.differences
+    shutil.rmtree(hub_cache / "models--org--tiny")
+    report = ts.verify(pulled)
+    assert report.ok and report.mode == "record"
