@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Container, Iterator
 
 import numpy as np
@@ -347,14 +348,21 @@ def compare_sha256(name: str, path: Path, expected: str, progress: Progress = No
         os.close(fd)
 
 
+#: What a download of a pushed output holds beside its files, which no loader reads: the
+#: ``.gitattributes`` the Hub creates in every repo (a regular file) and the ``.cache`` folder
+#: where ``hf download --local-dir`` keeps its download metadata (``.cache/huggingface``).
+HUB_DOWNLOAD_ENTRIES = MappingProxyType({".gitattributes": stat.S_IFREG, ".cache": stat.S_IFDIR})
+
+
 def unexpected_entries(output: Path, expected: set[str]) -> list[Difference]:
     """Every entry of the folder ``output`` that is not an expected file: transformers or peft
-    would load a stray ``pytorch_model.bin`` or ``adapter_config.json``, so each one is a difference."""
+    would load a stray ``pytorch_model.bin`` or ``adapter_config.json``, so each one is a difference
+    (but for :data:`HUB_DOWNLOAD_ENTRIES`, so that a pulled copy verifies)."""
     with os.scandir(output) as entries:
         found = sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in entries)
     return [Difference(name, f"unexpected {_ENTRY_KINDS.get(stat.S_IFMT(mode), 'file')} (not part of this "
                              f"output; remove it)")
-            for name, mode in found if name not in expected]
+            for name, mode in found if name not in expected and HUB_DOWNLOAD_ENTRIES.get(name) != stat.S_IFMT(mode)]
 
 
 _ENTRY_KINDS = {stat.S_IFDIR: "folder", stat.S_IFLNK: "symbolic link", stat.S_IFIFO: "FIFO",

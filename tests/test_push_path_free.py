@@ -88,11 +88,20 @@ def _manifest(path: Path, model: str, output: Path) -> Path:
     return path
 
 
+#: The start of the .gitattributes the Hub creates in every new repo.
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+
+
 def _pull(uploaded: dict[str, bytes], folder: Path) -> Path:
-    """A pulled copy of the upload (what ``hf download`` gives) in ``folder``."""
+    """A pulled copy of the upload in ``folder``, as ``hf download REPO --local-dir FOLDER``
+    leaves it: the repo's files (the Hub's .gitattributes too) and huggingface_hub's own download
+    metadata in .cache/huggingface, written by huggingface_hub itself."""
+    from huggingface_hub._local_folder import write_download_metadata
     folder.mkdir(parents=True)
-    for name, data in uploaded.items():
+    for name, data in {**uploaded, ".gitattributes": GITATTRIBUTES}.items():
         (folder / name).write_bytes(data)
+        write_download_metadata(folder, name, COMMIT, "etag-" + name)
+    assert (folder / ".cache" / "huggingface" / "download").is_dir()
     return folder
 
 
@@ -154,6 +163,25 @@ def test_a_pulled_copy_with_a_changed_file_does_not_verify(pushed_local):
     pulled = _pull({**uploaded, "README.md": uploaded["README.md"] + b"x"}, tmp / "pulled")
     report = ts.verify(pulled)
     assert report.mode == "record" and [d.where for d in report.differences] == ["README.md"]
+
+
+@pytest.mark.parametrize("kind", ["link", "folder", "file"])
+def test_only_the_download_entries_of_their_kind_are_left_alone(pushed_local, kind):
+    """.gitattributes (a regular file) and .cache (a folder) are what a download adds; the same
+    names as another kind (a link out of the folder), and anything else, are still differences."""
+    tmp, source, _, api = pushed_local
+    pulled = _pull(api.uploaded(), tmp / "pulled")
+    (pulled / ".gitattributes").unlink()
+    if kind == "link":
+        (pulled / ".gitattributes").symlink_to(source / "config.json")
+        expected = [(".gitattributes", "unexpected symbolic link (not part of this output; remove it)")]
+    elif kind == "folder":
+        (pulled / ".gitattributes").mkdir()
+        expected = [(".gitattributes", "unexpected folder (not part of this output; remove it)")]
+    else:
+        (pulled / ".gitattributes.bak").write_bytes(GITATTRIBUTES)
+        expected = [(".gitattributes.bak", "unexpected file (not part of this output; remove it)")]
+    assert [(d.where, d.what) for d in ts.verify(pulled).differences] == expected
 
 
 def test_a_hub_source_uploads_its_repo_id_and_commit(tmp_path, monkeypatch, hf_repo):
