@@ -21,8 +21,11 @@ from . import api
 from ._version import __version__
 from .errors import COMMAND_LINE_WORDS, NotVerifiedError, OutputExistsError, TensorSurgeryError
 from .format import Header
+from .fsio import existing_ancestor
+from .linking import find_copied_links
 from .report import (
     checkpoint_as_dict,
+    disk_needed,
     format_bytes,
     format_checkpoint,
     format_header,
@@ -215,10 +218,11 @@ def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     plan = api.plan(args.manifest, sources=_source_overrides(args.source), output=args.output, link=args.link)
+    copied = find_copied_links(plan)
     if args.json:
-        print(json.dumps(plan_as_dict(plan), indent=2))
+        print(json.dumps(plan_as_dict(plan, copied), indent=2))
     else:
-        print(format_plan(plan, free=_free_bytes(plan.output)))
+        print(format_plan(plan, free=_free_bytes(plan.output), copied=copied))
     return 0
 
 
@@ -229,13 +233,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     repo = args.push_to_hub or manifest.output.push_to_hub
     if args.dry_run:
         plan = api.plan(manifest, link=args.link)
-        print(format_plan(plan, free=_free_bytes(plan.output)))
+        print(format_plan(plan, free=_free_bytes(plan.output), copied=find_copied_links(plan)))
         _dry_run_notes(plan, args)
         print("dry run: nothing written" + (f", nothing pushed to {repo}" if repo else ""))
         return 0
     plan = api.plan(manifest, link=args.link, download=True)
     _apply_tmp = temp_path(Path(os.path.abspath(plan.output.expanduser())))
-    with _progress(args, "writing", plan.written_nbytes) as update:
+    with _progress(args, "writing", disk_needed(plan, find_copied_links(plan))) as update:
         result = api.execute(plan, force=args.force, resume=args.resume, progress=update, threads=args.threads)
     _apply_tmp = None
     written = result.written
@@ -335,11 +339,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _free_bytes(output: Path) -> int | None:
-    path = output.expanduser().resolve()
-    while not path.exists() and path != path.parent:
-        path = path.parent
     try:
-        return shutil.disk_usage(path).free
+        return shutil.disk_usage(existing_ancestor(output.expanduser().resolve())).free
     except OSError:
         return None
 

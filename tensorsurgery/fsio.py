@@ -34,6 +34,14 @@ STREAM_CHUNK = 1 << 20
 Progress = Callable[[int], None] | None
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest parent that does (where a folder made at
+    ``path`` would live: its filesystem, its free space, its permissions)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def describe_mode(mode: int) -> str:
     """What kind of file ``mode`` (from ``stat``) is, in words."""
     for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),

@@ -3,13 +3,14 @@ Pure: returns strings and dicts; :mod:`tensorsurgery.cli` prints them."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .layers import LayerRef
 
 if TYPE_CHECKING:  # views of these; planning.py makes its card with this module's helpers
     from .checkpoint import Checkpoint
     from .format import Header
+    from .linking import CopiedLinks
     from .planning import Plan
     from .verification import VerifyReport
 
@@ -40,8 +41,9 @@ def span(a: int, b: int) -> str:
     return f"{a}" if a == b else f"{a}..{b}"
 
 
-def format_plan(plan: Plan, *, free: int | None = None) -> str:
-    """The plan as a screen of text: sources, layer map with seams, shards, bytes, disk."""
+def format_plan(plan: Plan, *, free: int | None = None, copied: Sequence[CopiedLinks] = ()) -> str:
+    """The plan as a screen of text: sources, layer map with seams, shards, bytes, disk
+    (``copied``: planned links that cannot be made, whose shards are copied and need the disk)."""
     lines = ["sources:"]
     for s in plan.sources:
         rev = f" @ {s.revision}" if s.revision else ""
@@ -65,14 +67,20 @@ def format_plan(plan: Plan, *, free: int | None = None) -> str:
                      + "  (" + " ".join(_kind_runs(plan.kinds)) + ")")
     lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in plan.transform_counts.items()))
     lines.append(f"shards: {len(plan.shards)}")
+    unlinkable = {name for c in copied for name in c.shards}
     for shard in plan.shards:
-        link = f"  linked to {shard.link} (not written)" if shard.link is not None else ""
+        link = ""
+        if shard.link is not None:
+            link = f"  {'copied from' if shard.filename in unlinkable else 'linked to'} {shard.link}" + (
+                " (another filesystem)" if shard.filename in unlinkable else " (not written)")
         lines.append(f"  {shard.filename}  {format_bytes(shard.nbytes):>10}  {len(shard.tensors)} tensors{link}")
-    need = f"disk needed: {format_bytes(plan.written_nbytes)}"
-    if plan.written_nbytes != plan.nbytes:
-        need += f" ({format_bytes(plan.nbytes - plan.written_nbytes)} of linked shards take no space)"
+    lines += [c.note for c in copied]
+    written = disk_needed(plan, copied)
+    need = f"disk needed: {format_bytes(written)}"
+    if written != plan.nbytes:
+        need += f" ({format_bytes(plan.nbytes - written)} of linked shards take no space)"
     if free is not None:
-        need += f" (free: {format_bytes(free)}{'; NOT ENOUGH' if free < plan.written_nbytes else ''})"
+        need += f" (free: {format_bytes(free)}{'; NOT ENOUGH' if free < written else ''})"
     lines += [f"output: {plan.output}", f"total: {format_bytes(plan.total_size)} of tensors; {need}"]
     return "\n".join(lines)
 
@@ -88,8 +96,14 @@ def _kind_runs(kinds: tuple[str, ...]) -> list[str]:
     return [f"{k or 'plain'}@{span(a, b)}" for k, a, b in runs]
 
 
-def plan_as_dict(plan: Plan) -> dict[str, Any]:
-    """The plan as JSON-ready data (``plan --json``)."""
+def disk_needed(plan: Plan, copied: Sequence[CopiedLinks] = ()) -> int:
+    """Bytes of the shard files apply writes: all but the linked shards, counting as written those
+    whose link cannot be made (``copied``)."""
+    return plan.written_nbytes + sum(c.nbytes for c in copied)
+
+
+def plan_as_dict(plan: Plan, copied: Sequence[CopiedLinks] = ()) -> dict[str, Any]:
+    """The plan as JSON-ready data (``plan --json``); ``copied`` as in :func:`format_plan`."""
     return {
         "output": str(plan.output),
         "sources": [{"name": s.name, "model": s.model, "root": str(s.root), "layout": s.layout,
@@ -106,7 +120,8 @@ def plan_as_dict(plan: Plan) -> dict[str, Any]:
              "source_offset": t.source.offset if t.source else None, "transform": t.transform} for t in s.tensors]}
             for s in plan.shards],
         "total_size": plan.total_size,
-        "disk_needed": plan.written_nbytes,
+        "disk_needed": disk_needed(plan, copied),
+        "links_copied": [{"source": str(c.source), "shards": list(c.shards), "nbytes": c.nbytes} for c in copied],
         "config": dict(plan.config),
     }
 

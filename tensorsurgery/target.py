@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .checkpoint import RECORD_NAME
 from .errors import OutputExistsError
-from .fsio import describe_entry
+from .fsio import describe_entry, existing_ancestor
 from .planning import Plan
 
 TMP_SUFFIX = ".tensorsurgery-tmp"
@@ -95,9 +95,7 @@ def _check_replaceable(target: Path) -> None:
 def _check_writable(folder: Path) -> None:
     """Refuse an output whose nearest existing parent cannot take it, before the free-space check
     (which would call /proc "full"). Checked without writing anything (a dry run asks too)."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = existing_ancestor(folder)
     why = None
     if not probe.is_dir():
         why = "not a folder"

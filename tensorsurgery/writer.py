@@ -50,7 +50,8 @@ from .checkpoint import RECORD_NAME
 from .compare import compare_shard
 from .errors import OutputExistsError, WriteError
 from .expected import ExpectedFile, expected_files, json_bytes
-from .fsio import copy_file, describe_entry, open_regular
+from .fsio import copy_file, describe_entry, existing_ancestor, open_regular
+from .linking import find_copied_links
 from .outlock import output_lock
 from .planning import Plan, Shard
 from .pump import Pump
@@ -137,13 +138,18 @@ def _write(plan: Plan, target: Path, tmp: Path, notes: list[str], started: float
     """:func:`execute_plan` once the lock is held and the output checked."""
     kept = _reuse_leftover(plan, tmp, resume, notes)
     todo = [s for s in plan.shards if s.filename not in kept]
-    _check_free_space(tmp.parent, sum(s.nbytes for s in todo if s.link is None))
+    # A link to a source on another filesystem cannot be made: that shard is copied, and needs space.
+    copied = find_copied_links(plan)
+    unlinkable = {name for c in copied for name in c.shards}
+    notes.extend(c.note for c in copied)
+    _check_free_space(tmp.parent, sum(s.nbytes for s in todo if s.link is None or s.filename in unlinkable))
     source_hasher = None
     swapping = False
     try:
         if not is_ours(tmp):
             make_temp_folder(target, tmp)
-        linked = [s for s in todo if s.link is not None and _link(s.link, tmp / s.filename)]
+        linked = [s for s in todo if s.link is not None and s.filename not in unlinkable
+                  and _link(s.link, tmp / s.filename)]
         # A linked shard's tensors are hashed in the same sequential pass as its source file.
         source_hasher = SourceHasher([s.root / f for s in plan.sources for f in s.files],
                                      {s.link: _tensor_ranges(s) for s in linked if s.link is not None})
@@ -234,9 +240,7 @@ def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> di
 
 
 def _check_free_space(folder: Path, need: int) -> None:
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = existing_ancestor(folder)
     free = shutil.disk_usage(probe).free
     # A little slack for the index, config, record and filesystem metadata.
     if need + (16 << 20) > free:
