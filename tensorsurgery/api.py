@@ -166,9 +166,11 @@ def execute(plan: Plan, *, force: bool = False, resume: bool = False, progress: 
 
 
 def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *,
-           sources: SourcesLike = None, progress: Progress = None,
+           sources: SourcesLike = None, progress: Progress = None, progress_total: Progress = None,
            threads: int | None = None) -> VerifyReport:
-    """Prove an output is what it should be; ``report.ok`` only when every byte is.
+    """Prove an output is what it should be; ``report.ok`` only when every byte is. ``progress`` is
+    called with tensor bytes as they are checked; ``progress_total`` once before, with the bytes
+    to check in all.
 
     * ``verify(MANIFEST[, OUTPUT])``: re-derive the plan from the sources and compare every file.
     * ``verify(OUTPUT_FOLDER)``: check it against its own ``tensorsurgery.json``; when the sources
@@ -185,17 +187,17 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
         folder = Path(target)
         recorded = plan_from_record(folder, _overrides(sources))
         if recorded.plan is None:
-            return replace(verify_record(folder, progress=progress, threads=threads),
+            return replace(verify_record(folder, progress=progress, progress_total=progress_total, threads=threads),
                            sources_changed=recorded.changed)
-        return replace(verify_output(recorded.plan, folder, progress=progress, threads=threads),
-                       mode="record+sources")
+        return replace(verify_output(recorded.plan, folder, progress=progress, progress_total=progress_total,
+                                     threads=threads), mode="record+sources")
     m = load(target, sources=sources, output=output)
     folder = Path(m.output.path)
     # The plan first: a manifest that cannot be applied is that error, output folder or not.
     # An output made with --link groups shards differently; its record says so.
     link = _recorded_link(folder)
     the_plan = build_plan(m, resolve(m, keep_raw=link), link=link)
-    return verify_output(the_plan, folder, progress=progress, threads=threads)
+    return verify_output(the_plan, folder, progress=progress, progress_total=progress_total, threads=threads)
 
 
 def _is_folder(target: str | os.PathLike[str]) -> bool:
@@ -298,9 +300,11 @@ def _recorded_link(output: Path) -> bool:
 
 
 def push(output: str | os.PathLike[str], repo_id: str, *, plan: Plan | None = None, private: bool = True,
-         progress: Progress = None, threads: int | None = None, api: object = None) -> PushResult:
+         progress: Progress = None, progress_total: Progress = None, threads: int | None = None,
+         api: object = None) -> PushResult:
     """Verify ``output`` (against ``plan``, else against its record and sources), then upload it to
-    the Hub model repo ``repo_id``; nothing is uploaded unless it verifies.
+    the Hub model repo ``repo_id``; nothing is uploaded unless it verifies. ``progress`` and
+    ``progress_total`` are the verification's (see :func:`verify`).
 
     Raises:
         OptionError: ``threads`` out of range (checked first).
@@ -312,8 +316,9 @@ def push(output: str | os.PathLike[str], repo_id: str, *, plan: Plan | None = No
     from .verification import verify_output
     threads = check_threads(threads)
     folder = require_folder(Path(output))
-    report = (verify_output(plan, folder, progress=progress, threads=threads)
-              if plan is not None else verify(folder, progress=progress, threads=threads))
+    report = (verify_output(plan, folder, progress=progress, progress_total=progress_total, threads=threads)
+              if plan is not None else verify(folder, progress=progress, progress_total=progress_total,
+                                              threads=threads))
     if not report.ok:
         raise NotVerifiedError(f"{folder} does not verify ({len(report.differences)} difference(s)); "
                                f"nothing was pushed to {repo_id}", report)

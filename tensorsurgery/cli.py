@@ -15,7 +15,7 @@ import sys
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 from . import api
 from ._version import __version__
@@ -193,9 +193,17 @@ def _source_overrides(values: list[str]) -> dict[str, str]:
     return out
 
 
+class _Bar(NamedTuple):
+    """A progress bar's two callbacks: ``update`` (bytes done) and ``total`` (set the bytes to do,
+    when they are known only once the command has started)."""
+
+    update: Callable[[int], Any]
+    total: Callable[[int], None]
+
+
 @contextmanager
-def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> Iterator[Callable[[int], Any] | None]:
-    """A tqdm bar's ``update`` on a terminal (bytes, rate, ETA when the total is known), else None."""
+def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> Iterator[_Bar | None]:
+    """A tqdm bar on a terminal (bytes, rate, ETA once the total is known), else None."""
     if getattr(args, "no_progress", False) or getattr(args, "json", False) or not sys.stderr.isatty():
         yield None
         return
@@ -210,8 +218,12 @@ def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> 
                              else {"ncols": columns or 80, "nrows": lines or 24})
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr,
                smoothing=0.1, **width)
+
+    def set_total(n: int) -> None:
+        bar.total = n
+        bar.refresh()
     try:
-        yield bar.update
+        yield _Bar(bar.update, set_total)
     finally:
         bar.close()
 
@@ -239,8 +251,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         return 0
     plan = api.plan(manifest, link=args.link, download=True)
     _apply_tmp = temp_path(Path(os.path.abspath(plan.output.expanduser())))
-    with _progress(args, "writing", disk_needed(plan, find_copied_links(plan))) as update:
-        result = api.execute(plan, force=args.force, resume=args.resume, progress=update, threads=args.threads)
+    with _progress(args, "writing", disk_needed(plan, find_copied_links(plan))) as bar:
+        result = api.execute(plan, force=args.force, resume=args.resume, progress=bar and bar.update,
+                             threads=args.threads)
     _apply_tmp = None
     written = result.written
     for note in written.notes:
@@ -270,9 +283,9 @@ def _dry_run_notes(plan: Any, args: argparse.Namespace) -> None:
 
 def _push(args: argparse.Namespace, output: Path, repo: str, *, private: bool, plan: Any = None) -> int:
     try:
-        with _progress(args, "verifying", plan.total_size if plan is not None else None) as update:
-            result = api.push(output, repo, plan=plan, private=private, progress=update,
-                              threads=getattr(args, "threads", None))
+        with _progress(args, "verifying") as bar:
+            result = api.push(output, repo, plan=plan, private=private, progress=bar and bar.update,
+                              progress_total=bar and bar.total, threads=getattr(args, "threads", None))
     except NotVerifiedError as e:
         for line in iter_differences(e.report):
             print(line, file=sys.stderr)
@@ -287,9 +300,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    with _progress(args, "verifying") as update:
-        report = api.verify(args.target, args.output, sources=_source_overrides(args.source), progress=update,
-                            threads=args.threads)
+    with _progress(args, "verifying") as bar:
+        report = api.verify(args.target, args.output, sources=_source_overrides(args.source),
+                            progress=bar and bar.update, progress_total=bar and bar.total, threads=args.threads)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     elif report.ok:

@@ -73,9 +73,11 @@ class VerifyReport:
                 "differences": [{"where": d.where, "what": d.what} for d in self.differences]}
 
 
-def verify_output(plan: Plan, output: Path, *, progress: Progress = None,
+def verify_output(plan: Plan, output: Path, *, progress: Progress = None, progress_total: Progress = None,
                   threads: int = DEFAULT_THREADS) -> VerifyReport:
     """Compare the folder ``output`` with ``plan``, reading every byte of both sides once.
+    ``progress`` is called with the tensor bytes as they are checked; ``progress_total`` once
+    first, with the bytes to check in all (for a bar's total and ETA).
 
     A tensor made by the same recipe (source bytes, steps, dtype) as an earlier one (the layers
     DUS repeats) is compared with its source but not hashed again: equal bytes, equal hash.
@@ -84,6 +86,8 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None,
         VerifyError: ``output`` is not a folder.
     """
     output = require_folder(output)
+    if progress_total:
+        progress_total(plan.total_size)
     files = expected_files(plan)
     diffs = unexpected_entries(output, {f.name for f in files} | {RECORD_NAME})
     tensors = plan.tensors  # made once: Plan.tensors builds a new tuple each time
@@ -152,9 +156,11 @@ def _check_record(plan: Plan, output: Path, tensor_hashes: dict[str, str],
     return diffs
 
 
-def verify_record(output: Path, *, progress: Progress = None, threads: int = DEFAULT_THREADS) -> VerifyReport:
+def verify_record(output: Path, *, progress: Progress = None, progress_total: Progress = None,
+                  threads: int = DEFAULT_THREADS) -> VerifyReport:
     """Check ``output`` against its own ``tensorsurgery.json``: every shard's size and header bytes,
     every tensor's sha256, every other file's sha256, and no file besides. Needs no source.
+    ``progress`` and ``progress_total`` as for :func:`verify_output`.
 
     Tensors are checked on ``threads`` threads. A tensor whose recorded sha256 and size equal an
     earlier tensor's (a layer DUS repeats) is compared byte for byte with that one instead of
@@ -172,6 +178,8 @@ def verify_record(output: Path, *, progress: Progress = None, threads: int = DEF
         tensors: list[_Recorded] = []
         for shard in record.shards.values():
             tensors += _recorded_tensors(output, record, shard.name, diffs, fds)
+        if progress_total:
+            progress_total(sum(t.nbytes for t in tensors))
         diffs += _check_recorded_tensors(tensors, threads, progress)
     finally:
         for fd in fds:

@@ -162,3 +162,28 @@ def test_an_error_in_a_terminal_is_one_line(demo):
     assert_clean(code, text, 2)
     assert text == ("tensorsurgery: error: source 'source': 'nowhere' is not a folder nor a Hugging Face repo id; "
                     "pass --source PATH to a local copy\n")
+
+
+#: A bar with a total: "verifying: 100%|####| 230k/230k [00:00<00:00, 1.35MB/s]" (done/total, elapsed<ETA).
+TOTAL = re.compile(r"(?P<desc>\w+): +\d+%\|[^|]*\| *(?P<done>[\d.]+[kMGT]?)/(?P<total>[\d.]+[kMGT]?) "
+                   r"\[\d\d:\d\d<\d\d:\d\d")
+
+
+@pytest.mark.parametrize("target", ["manifests/demo.toml", "out/demo-dus", "record-only"])
+def test_verify_bar_has_a_total(demo, target):
+    """The verify bar had no total or ETA ("verifying: 1.23MB [00:00, 45.6MB/s]") although the bytes
+    to check are known; now it has them as apply's bar has, and ends at its total."""
+    code, text = run_in_pty("apply", "manifests/demo.toml", cwd=demo)
+    assert_clean(code, text, 0)
+    assert any(m["desc"] == "writing" for m in TOTAL.finditer(text)), text  # apply's bar, the model
+    if target == "record-only":
+        (demo / "examples").rename(demo / "moved")
+        target = "out/demo-dus"
+    code, text = run_in_pty("verify", target, cwd=demo)
+    assert_clean(code, text, 0)
+    bars = [m for m in TOTAL.finditer(text) if m["desc"] == "verifying"]
+    assert bars, f"no total in the verify bar:\n{text!r}"
+    assert bars[-1]["done"] == bars[-1]["total"], text
+    # The total is the tensor data verify checks, as its last line says ("(230.43 kB of tensor data)").
+    checked = float(re.search(r"\(([\d.]+) kB of tensor data\)", text)[1])
+    assert abs(float(bars[-1]["total"].rstrip("k")) - checked) < 1, (bars[-1][0], checked)
