@@ -59,9 +59,25 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
         _relabel(cfg, preset)
     if dtype is not None:
         _set_dtype(cfg, TORCH_NAMES[dtype])
+    _drop_load_paths(cfg)
     cfg.update(overrides)
     _check_overrides(cfg, family, len(arrangement), overrides, where)
     return cfg
+
+
+def _drop_load_paths(cfg: dict[str, Any]) -> None:
+    """Remove ``_name_or_path`` at every depth: where a source was loaded from when it was saved
+    (older transformers wrote it; ``/home/alice/secret-project/base``), not this output, and
+    published with it. transformers drops it when it saves a config, and sets it when it loads
+    one. Without recursion: a config can nest deep."""
+    stack: list[Any] = [cfg]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            item.pop("_name_or_path", None)
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
 
 
 def _check_overrides(cfg: Mapping[str, Any], family: Family, n: int, overrides: Mapping[str, Any], where: str) -> None:

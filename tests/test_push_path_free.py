@@ -211,3 +211,23 @@ def test_a_hub_source_uploads_its_repo_id_and_commit(tmp_path, monkeypatch, hf_r
     shutil.rmtree(hub_cache / "models--org--tiny")
     report = ts.verify(pulled)
     assert report.ok and report.mode == "record"
+
+
+def test_a_source_config_naming_where_it_was_loaded_from(tmp_path, tiny_mistral):
+    """Older transformers saved ``_name_or_path`` (the folder the model was loaded from) in
+    config.json, at any depth: the output's config.json, which is uploaded, names none (as
+    transformers' own save drops it), and the output verifies against its manifest."""
+    source = shutil.copytree(tiny_mistral, tmp_path / SECRET / "model")
+    config = json.loads((source / "config.json").read_text())
+    config["_name_or_path"] = str(tmp_path / SECRET / "base")
+    config["task_specific_params"] = {"generate": {"_name_or_path": f"/home/alice/{SECRET}", "max_length": 8}}
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    manifest = _manifest(tmp_path / "m.toml", str(source), out)
+    assert main(["apply", str(manifest), "--no-progress"]) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert "_name_or_path" not in written and written["task_specific_params"] == {"generate": {"max_length": 8}}
+    api = RecordingApi()
+    ts.push(out, "me/x", api=api)
+    _assert_path_free(api.uploaded(), tmp_path)
+    assert ts.verify(manifest).ok
