@@ -231,3 +231,23 @@ def test_a_source_config_naming_where_it_was_loaded_from(tmp_path, tiny_mistral)
     ts.push(out, "me/x", api=api)
     _assert_path_free(api.uploaded(), tmp_path)
     assert ts.verify(manifest).ok
+
+
+def test_apply_push_to_hub_of_a_mergekit_yaml(tmp_path, tiny_mistral, monkeypatch, capsys):
+    """The mergekit passthrough YAML's model paths, through ``apply --push-to-hub``."""
+    import huggingface_hub
+    source = shutil.copytree(tiny_mistral, tmp_path / SECRET / "model")
+    text = (Path(__file__).parent / "data" / "mergekit_DUS.yaml").read_text().replace(
+        "your_initialized_model_path", str(source))
+    (tmp_path / SECRET / "dus.yml").write_text(text)
+    made: list[RecordingApi] = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: made.append(RecordingApi()) or made[-1])
+    out = tmp_path / SECRET / "out"
+    assert main(["apply", str(tmp_path / SECRET / "dus.yml"), "--output", str(out), "--no-progress",
+                 "--push-to-hub", "me/x"]) == 0
+    [api] = made
+    uploaded = api.uploaded()
+    _assert_path_free(uploaded, tmp_path)
+    manifest = json.loads(uploaded["tensorsurgery.json"])["manifest"]
+    assert [s["sources"][0]["model"] for s in yaml.safe_load(manifest)["slices"]] == ["model", "model"]
+    assert ts.verify(_pull(uploaded, tmp_path / "pulled")).ok
