@@ -11,6 +11,7 @@ from .dtypes import TORCH_NAMES
 from .errors import PlanError
 from .families import Family, LayerIndices, LeadingCount, PerLayer, layer_lists
 from .layers import LayerRef
+from .path_free import is_local_path
 from .rules import FIXUPS, Preset
 
 #: Lists that are never per-layer even when their length happens to equal the layer count.
@@ -66,15 +67,18 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
 
 
 def _drop_load_paths(cfg: dict[str, Any]) -> None:
-    """Remove ``_name_or_path`` at every depth: where a source was loaded from when it was saved
-    (older transformers wrote it; ``/home/alice/secret-project/base``), not this output, and
-    published with it. transformers drops it when it saves a config, and sets it when it loads
-    one. Without recursion: a config can nest deep."""
-    stack: list[Any] = [cfg]
+    """No ``_name_or_path`` naming a local folder: it says where a source was loaded from when it
+    was saved (older transformers wrote it; ``/home/alice/secret-project/base``), not this output,
+    and it would be published. The top-level key is removed, as transformers' own save does; a
+    sub-config's (transformers writes ``""`` there) is emptied when it is a local path. Without
+    recursion: a config can nest deep."""
+    cfg.pop("_name_or_path", None)
+    stack: list[Any] = list(cfg.values())
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            item.pop("_name_or_path", None)
+            if isinstance(item.get("_name_or_path"), str) and is_local_path(item["_name_or_path"]):
+                item["_name_or_path"] = ""
             stack += item.values()
         elif isinstance(item, list):
             stack += item

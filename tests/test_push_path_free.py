@@ -215,8 +215,9 @@ def test_a_hub_source_uploads_its_repo_id_and_commit(tmp_path, monkeypatch, hf_r
 
 def test_a_source_config_naming_where_it_was_loaded_from(tmp_path, tiny_mistral):
     """Older transformers saved ``_name_or_path`` (the folder the model was loaded from) in
-    config.json, at any depth: the output's config.json, which is uploaded, names none (as
-    transformers' own save drops it), and the output verifies against its manifest."""
+    config.json: the output's config.json, which is uploaded, names none (the top-level key is
+    dropped, as transformers' own save does; a sub-config's is emptied, transformers' value
+    there), and the output verifies against its manifest."""
     source = shutil.copytree(tiny_mistral, tmp_path / SECRET / "model")
     config = json.loads((source / "config.json").read_text())
     config["_name_or_path"] = str(tmp_path / SECRET / "base")
@@ -226,7 +227,8 @@ def test_a_source_config_naming_where_it_was_loaded_from(tmp_path, tiny_mistral)
     manifest = _manifest(tmp_path / "m.toml", str(source), out)
     assert main(["apply", str(manifest), "--no-progress"]) == 0
     written = json.loads((out / "config.json").read_text())
-    assert "_name_or_path" not in written and written["task_specific_params"] == {"generate": {"max_length": 8}}
+    assert "_name_or_path" not in written
+    assert written["task_specific_params"] == {"generate": {"_name_or_path": "", "max_length": 8}}
     api = RecordingApi()
     ts.push(out, "me/x", api=api)
     _assert_path_free(api.uploaded(), tmp_path)
