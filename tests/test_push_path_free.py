@@ -135,7 +135,8 @@ def test_push_uploads_no_local_path(pushed_local):
     # The local output keeps its record: verify here still compares with the sources.
     local = json.loads((out / "tensorsurgery.json").read_text())
     assert [s["root"] for s in local["sources"]] == [str(source)]
-    assert ts.verify(out).mode == "record+sources"
+    report = ts.verify(out)
+    assert report.ok and report.mode == "record+sources"
     assert all(data == (out / name).read_bytes() for name, data in uploaded.items() if name != "tensorsurgery.json")
 
 
