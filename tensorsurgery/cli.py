@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -65,10 +66,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Past RLIMIT_FSIZE a write must fail with EFBIG (reported), not kill the process.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     words = COMMAND_LINE_WORDS.set(True)
+    notes = _NoteHandler()
+    logger = logging.getLogger("tensorsurgery")
+    logger.addHandler(notes)
     try:
         return _run(args)
     finally:
+        logger.removeHandler(notes)
         COMMAND_LINE_WORDS.reset(words)
+
+
+class _NoteHandler(logging.Handler):
+    """The library's notes (its ``tensorsurgery`` logger: a cached revision used because the Hub
+    cannot be reached) as ``note:`` lines on stderr, the one the command runs with."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {record.getMessage()}", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -15,13 +15,16 @@ and the plan needs the absolute offset of every tensor.
 from __future__ import annotations
 
 import glob
+import logging
+import os
+import re
 import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from . import fsio
-from .checkpoint import Checkpoint, index_weight_map, select_files
+from .checkpoint import Checkpoint, SourceFiles, index_weight_map, select_files
 from .errors import HeaderError, SourceError
 from .format import MAX_HEADER_SIZE, Header, parse_header
 from .local import FolderReader, read_checkpoint
@@ -38,20 +41,61 @@ def snapshot_folder(repo_id: str, commit: str) -> Path:
             / "snapshots" / commit)
 
 
+#: Seconds the first request to the Hub may take before the Hub counts as unreachable and the cache
+#: is used (``HF_HUB_ETAG_TIMEOUT`` when set): one try, no retries, so a cached source starts at
+#: once without a network (huggingface_hub's own calls retry for ~47 s first).
+PROBE_TIMEOUT = 3.0
+
+#: Where tensorsurgery's notes go (the CLI prints them as ``note:`` lines).
+logger = logging.getLogger("tensorsurgery")
+
+
 class HubClient:
     """The few Hub operations a source needs, over huggingface_hub. Tests pass a fake with the
-    same methods; the token is the library's default (``HF_TOKEN`` or ``hf auth login``)."""
+    same methods; the token is the library's default (``HF_TOKEN`` or ``hf auth login``).
+
+    The first request is a probe with a short timeout and no retries: when it fails for want of
+    a network (refused, unanswered, no route), this client uses the cache alone from then on."""
 
     def __init__(self, token: str | None = None):
         from huggingface_hub import HfApi
         self.token = token
         self.api = HfApi(token=token)
+        #: Why the Hub cannot be reached, once a probe found that out; "" while it can.
+        self.unreachable: str | None = None
 
     def resolve(self, repo_id: str, revision: str | None) -> str:
-        """The commit of ``revision``; offline, from the cache's ``refs/``."""
+        """The commit of ``revision``: a commit hash as it is, else asked of the Hub, or, offline
+        or when the Hub cannot be reached, from the cache's ``refs/`` (with a note)."""
         from huggingface_hub import constants
-        return self.api.resolve_revision(repo_id, revision=revision,
-                                         local_files_only=constants.is_offline_mode()).resolved
+        if revision is not None and COMMIT_HASH.fullmatch(revision):
+            return revision
+        offline = constants.is_offline_mode() or not self.reachable(repo_id, revision)
+        commit: str = self.api.resolve_revision(repo_id, revision=revision, local_files_only=offline).resolved
+        if offline and not constants.is_offline_mode():
+            logger.warning(f"the Hub cannot be reached ({self.unreachable}); using the cached revision "
+                           f"{commit[:7]} of {repo_id}")
+        return commit
+
+    def reachable(self, repo_id: str, revision: str | None) -> bool:
+        """Whether the Hub answers (any HTTP answer counts: errors are for the real request to
+        report), asked once per client with :data:`PROBE_TIMEOUT` and no retries."""
+        import httpx2
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+        if self.unreachable is None:
+            timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or PROBE_TIMEOUT)
+            url = f"{constants.ENDPOINT}/api/models/{repo_id}/revision/{revision or constants.DEFAULT_REVISION}"
+            try:
+                # No token, no huggingface_hub headers: building them fetches its agent registry
+                # first (another 3 s against a Hub that does not answer); any answer will do here.
+                get_session().head(url, timeout=timeout)
+                self.unreachable = ""
+            except httpx2.ProxyError:
+                self.unreachable = ""  # a misconfigured proxy is not a missing network: the real request says so
+            except httpx2.TransportError as e:
+                self.unreachable = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return not self.unreachable
 
     def list_files(self, repo_id: str, commit: str) -> dict[str, int] | None:
         """Top-level file name -> size at ``commit``; None when the Hub cannot be reached."""
@@ -59,7 +103,7 @@ class HubClient:
         from huggingface_hub import constants
         from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
         from huggingface_hub.hf_api import RepoFile
-        if constants.is_offline_mode():
+        if constants.is_offline_mode() or not self.reachable(repo_id, commit):
             return None
         try:
             return {f.path: f.size for f in self.api.list_repo_tree(repo_id, revision=commit)
@@ -96,6 +140,10 @@ def resolve_hub_source(repo_id: str, revision: str | None = None, *, download: b
                        client: HubClient | None = None, keep_raw: bool = True) -> Checkpoint:
     """The checkpoint of ``repo_id`` at ``revision`` (default: the main branch), from the cache.
 
+    A commit whose snapshot the cache holds (config and every weight file) is read without any
+    request to the Hub; a branch or tag is resolved on the Hub, or, when it cannot be reached,
+    from the cache's ``refs/`` at once (:meth:`HubClient.resolve`).
+
     Args:
         repo_id: ``org/name`` on the Hugging Face Hub.
         revision: branch, tag or commit; the checkpoint records the commit it resolves to.
@@ -119,22 +167,59 @@ def resolve_hub_source(repo_id: str, revision: str | None = None, *, download: b
         commit = client.resolve(repo_id, revision)
         where = f"{repo_id}@{commit[:12]}"
         snapshot = client.snapshot_dir(repo_id, commit)
-        listing = client.list_files(repo_id, commit)
+        found = None
+        if revision is not None and COMMIT_HASH.fullmatch(revision) and snapshot.is_dir():
+            try:  # a commit does not move: what the cache holds of it is the repo at that commit
+                found = _assemble(client, repo_id, commit, snapshot, None, download, where, keep_raw, partial=True)
+            except _PartialSnapshot:
+                pass  # part of it is cached: the Hub says what the rest is
+        if found is None:
+            found = _assemble(client, repo_id, commit, snapshot, client.list_files(repo_id, commit), download,
+                              where, keep_raw)
+    reader, files = found
+    return read_checkpoint(reader, files, revision=commit, repo_id=repo_id)
+
+
+#: A full commit hash (what huggingface_hub accepts as a revision that needs no resolving).
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+class _PartialSnapshot(Exception):
+    """A cached commit's snapshot lacks its config or a weight file (internal)."""
+
+
+def _assemble(client: HubClient, repo_id: str, commit: str, snapshot: Path, listing: Mapping[str, int] | None,
+              download: bool, where: str, keep_raw: bool, *, partial: bool = False
+              ) -> tuple[_RemoteReader, SourceFiles]:
+    """The reader and files of ``commit``: from the Hub's ``listing``, or (None) from the cache's
+    snapshot alone, the small files and missing weights fetched as ``download`` says.
+
+    Raises:
+        _PartialSnapshot: with ``partial``, the snapshot is not complete enough to use alone.
+    """
+    try:
         names = listing if listing is not None else _cached_names(snapshot, where)
         files = select_files(names, where if listing is not None else f"{where} (cached in {snapshot})")
+    except SourceError:
+        if partial:
+            raise _PartialSnapshot() from None
+        raise
+    if listing is not None:  # from the cache alone, every small file it names is there already
         client.fetch(repo_id, commit, files.small)
-        # The snapshot's files link into the repo's blobs/: that folder is what they must stay in.
-        reader = _RemoteReader(client, repo_id, commit, snapshot, listing or {}, keep_raw=keep_raw)
-        weights = files.weights
-        if files.index:
-            weights = tuple(sorted(set(index_weight_map(reader.json(files.index, limit=fsio.INDEX_LIMIT),
-                                                        f"{where}: {files.index}").values())))
-        absent = [w for w in weights if listing is not None and w not in listing]
-        if absent:
-            raise SourceError(f"{where}: {files.index} names shard {absent[0]!r}, which the repo does not "
-                              f"have at this commit; the repo is broken, pick another revision")
-        reader.remote = _fetch_weights(client, repo_id, commit, snapshot, weights, listing, download, where)
-    return read_checkpoint(reader, files, revision=commit, repo_id=repo_id)
+    # The snapshot's files link into the repo's blobs/: that folder is what they must stay in.
+    reader = _RemoteReader(client, repo_id, commit, snapshot, listing or {}, keep_raw=keep_raw)
+    weights = files.weights
+    if files.index:
+        weights = tuple(sorted(set(index_weight_map(reader.json(files.index, limit=fsio.INDEX_LIMIT),
+                                                    f"{where}: {files.index}").values())))
+    if partial and _missing(snapshot, weights):
+        raise _PartialSnapshot()
+    absent = [w for w in weights if listing is not None and w not in listing]
+    if absent:
+        raise SourceError(f"{where}: {files.index} names shard {absent[0]!r}, which the repo does not "
+                          f"have at this commit; the repo is broken, pick another revision")
+    reader.remote = _fetch_weights(client, repo_id, commit, snapshot, weights, listing, download, where)
+    return reader, files
 
 
 class _RemoteReader(FolderReader):
