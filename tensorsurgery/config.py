@@ -9,13 +9,10 @@ from typing import Any, Mapping
 
 from .dtypes import TORCH_NAMES
 from .errors import PlanError
-from .families import Family, LayerIndices, LeadingCount, PerLayer, layer_lists
+from .families import NOT_PER_LAYER, Family, LayerIndices, LeadingCount, PerLayer, layer_lists
 from .layers import LayerRef
 from .path_free import is_local_path
 from .rules import FIXUPS, Preset
-
-#: Lists that are never per-layer even when their length happens to equal the layer count.
-_NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pad_token_id"})
 
 
 def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangement: tuple[LayerRef, ...], *,
@@ -152,7 +149,7 @@ def _other_lists(text: dict[str, Any], sources: Mapping[str, Mapping[str, Any]],
     n = text.get(family.count_key)
     named = {f.key for f in family.fields} | skip
     for key, value in list(text.items()):
-        if isinstance(value, list) and len(value) == n and key not in _NOT_PER_LAYER and key not in named:
+        if isinstance(value, list) and len(value) == n and key not in NOT_PER_LAYER and key not in named:
             text[key] = [_layer_value(sources, key, ref) for ref in arrangement]
 
 

@@ -73,6 +73,11 @@ class ConsistencyError(PlanError):
     otherwise than the one config the output has."""
 
 
+class NotMovableError(PlanError):
+    """Layers of a family the registry does not know would move, but its config.json (or a tensor
+    outside the layers) says which layer is which in a way the generic rules cannot rewrite."""
+
+
 class OutputExistsError(TensorSurgeryError):
     """The output path exists (and ``--force`` was not given or may not replace it), lies inside a
     source, or is not a place an output can be written."""

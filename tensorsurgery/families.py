@@ -146,6 +146,9 @@ class LeadingCount:
 
 LayerField = Union[PerLayer, LayerIndices, LeadingCount]
 
+#: Lists that are never per-layer even when their length happens to equal the layer count.
+NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pad_token_id"})
+
 #: A layer holding one of these (relative to the layer) is a mixture-of-experts layer.
 MOE_TENSORS = re.compile(r"(?:^|\.)(?:experts|block_sparse_moe|router|shared_experts?)\.|^mlp\.gate\.weight$")
 

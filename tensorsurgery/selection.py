@@ -18,6 +18,7 @@ from .errors import ManifestError, PlanError
 from .families import Family, is_moe_layer, layer_lists
 from .layers import LayerRef, dus, interlock, keep
 from .manifest import Manifest
+from .moves import check_generic_moves
 from .rules import Renamed, Renamer, RowPart, check_source, compile_renamer, get_preset
 
 
@@ -96,6 +97,7 @@ def select(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> Selecti
         if preset is not None:
             check_source(preset, ckpt.family.name, ckpt.config, f"{manifest.path}: source {s.name!r}")
         _check_movable(manifest, ckpt, arrangement, s.name)
+    check_generic_moves(checkpoints, arrangement, base, checkpoints[base].family.text_config(manifest.config))
     groups = {name: ckpt.by_layer for name, ckpt in checkpoints.items()}
     renamers = {name: _renamer(manifest, ckpt) for name, ckpt in checkpoints.items()}
     # What to pick, a block of tensors at a time: (source, source layer or None, output layer or None).

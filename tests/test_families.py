@@ -183,12 +183,13 @@ def test_a_seam_between_kinds_is_marked():
         build_plan(manifest('plan = "explicit"\narrangement = [[0, 2], [0, 2]]'), {"source": ckpt})
     plan = build_plan(manifest('plan = "explicit"\narrangement = [0, [1, 3], 1]'), {"source": ckpt})
     assert "  out         3  <-  source 1   <- seam: jump -2" in format_plan(plan)  # both moe: kinds alike
-    # A family the registry does not know, with no config field that says dense or MoE: nothing is
-    # refused, and plan marks the seam.
-    config = {k: v for k, v in ckpt.config.items() if k != "first_k_dense_replace"}
-    unknown = replace(ckpt, config=dict(config, model_type="not_in_the_registry"))
+    # A family the registry does not know, whose config says which layers are dense in a field the
+    # generic rules rewrite (mlp_only_layers): planned, and plan marks the seam.
+    config = {k: v for k, v in ckpt.config.items() if k not in ("first_k_dense_replace", "num_nextn_predict_layers")}
+    unknown = replace(ckpt, config=dict(config, model_type="not_in_the_registry", mlp_only_layers=[0]))
     plan = build_plan(manifest('plan = "explicit"\narrangement = [[1, 3], 0]'), {"source": unknown})
     assert plan.family == "generic"
+    assert plan.config["mlp_only_layers"] == [2]
     assert "  out         2  <-  source 0   <- seam: jump -3; kinds differ: moe | dense" in format_plan(plan)
 
 
