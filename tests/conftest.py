@@ -28,17 +28,32 @@ if str(TESTS_DIR) not in sys.path:
 TORCH_MODULES = frozenset({
     "test_e2e.py", "test_link.py", "test_mergekit_config.py", "test_mergekit_parity.py", "test_native.py",
     "test_reference.py", "test_transforms.py", "test_family_models.py", "test_families_e2e.py",
-    "test_consistency_e2e.py",
+    "test_consistency_e2e.py", "test_sweep.py",
 })
 
 if importlib.util.find_spec("torch") is None:
     collect_ignore = sorted(TORCH_MODULES)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--sweep", action="store_true",
+                     help="also run the tests marked sweep (every transformers family in tests/test_sweep.py)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sweep: the full family sweep, collected only with --sweep")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in TORCH_MODULES:
             item.add_marker(pytest.mark.torch)
+    if not config.getoption("--sweep"):
+        # Deselected, not skipped: the default run is the quick subset, and says nothing was skipped.
+        kept = [item for item in items if item.get_closest_marker("sweep") is None]
+        if len(kept) != len(items):
+            config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+            items[:] = kept
 
 
 @pytest.fixture(scope="session", autouse=True)
