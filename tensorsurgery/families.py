@@ -163,9 +163,12 @@ class Family:
     after the counted ones (DeepSeek-V3's multi-token prediction), which stay after the new last
     layer. ``mirrors`` pairs a private copy of a field with the field (Gemma 3's
     ``_sliding_window_pattern``). ``position_bound`` names boolean config fields that tie a layer's
-    computation to its index, so that moving layers changes the model. ``flat_config``: configs of
-    the family written before it had a ``text_config`` (Qwen's own Qwen2.5-VL configs) keep the
-    decoder's fields at the top level; transformers reads them there, and so does this.
+    computation to its index, so that moving layers changes the model; ``positional`` says how the
+    family's own code always does (no config field turns it off), and moving layers is refused;
+    ``depth_bound`` says how its code scales every layer by the layer count, and another count is
+    refused. ``flat_config``: configs of the family written before it had a ``text_config`` (Qwen's
+    own Qwen2.5-VL configs) keep the decoder's fields at the top level; transformers reads them
+    there, and so does this.
     """
 
     name: str
@@ -177,6 +180,8 @@ class Family:
     extra_layers_key: str | None = None
     mirrors: tuple[tuple[str, str], ...] = ()
     position_bound: tuple[str, ...] = ()
+    positional: str = ""
+    depth_bound: str = ""
     flat_config: bool = False
 
     def text_config(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -300,6 +305,13 @@ FAMILIES: tuple[Family, ...] = (
     # GPT-2: GPT2LMHeadModel saves transformer.h.N; GPT2Model checkpoints (openai-community/gpt2) bare h.N.
     Family("gpt2", ("gpt2",), LayerScheme(("transformer.h", "h")), count_key="n_layer",
            position_bound=("scale_attn_by_inverse_layer_idx",)),
+    # Found by the family sweep: layers whose modeling code takes a constant from the layer's index.
+    Family("diffllama", ("diffllama",), _DECODER,
+           positional="DiffLlama's attention takes its lambda_init from the layer's index"),
+    Family("beam", ("beam",), _DECODER,
+           positional="Beam scales each layer's residual add by the layer's depth (attn_residual_add_idx)"),
+    Family("minicpm3", ("minicpm3",), _DECODER,
+           depth_bound="MiniCPM3 scales each residual branch by scale_depth / sqrt(num_hidden_layers)"),
 )
 
 _BY_MODEL_TYPE: Mapping[str, Family] = MappingProxyType({t: f for f in FAMILIES for t in f.model_types})

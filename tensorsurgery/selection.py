@@ -126,12 +126,21 @@ def _renamer(manifest: Manifest, ckpt: Checkpoint) -> Renamer:
 
 
 def _check_movable(manifest: Manifest, ckpt: Checkpoint, arrangement: tuple[LayerRef, ...], name: str) -> None:
-    """A family whose config ties a layer's computation to its index (GPT-2's
-    ``scale_attn_by_inverse_layer_idx``) cannot have its layers moved."""
+    """A family whose config (GPT-2's ``scale_attn_by_inverse_layer_idx``) or code (DiffLlama) ties a
+    layer's computation to its index cannot have its layers moved, nor one whose code ties it to the
+    layer count (MiniCPM3) change the count."""
     text = ckpt.family.text_config(ckpt.config)
     overrides = ckpt.family.text_config(manifest.config)  # [config] wins: the user may turn the flag off
+    moved = [i for i, ref in enumerate(arrangement) if ref.source == name and ref.layer != i]
+    if ckpt.family.depth_bound and len(arrangement) != ckpt.num_layers:
+        raise PlanError(f"{manifest.path}: source {name!r} is a {ckpt.family.name} model: {ckpt.family.depth_bound}, "
+                        f"so its layers compute differently in a model of {len(arrangement)} layers instead of "
+                        f"{ckpt.num_layers}; keep the layer count")
+    if ckpt.family.positional and moved:
+        raise PlanError(f"{manifest.path}: source {name!r} is a {ckpt.family.name} model: {ckpt.family.positional}, "
+                        f"so output layer {moved[0]} (its layer {arrangement[moved[0]].layer}) would compute "
+                        f"differently there; keep its layers in place")
     for flag in ckpt.family.position_bound:
-        moved = [i for i, ref in enumerate(arrangement) if ref.source == name and ref.layer != i]
         if overrides.get(flag, text.get(flag)) and moved:
             raise PlanError(f"{manifest.path}: source {name!r} sets {flag}, which ties each layer's computation to "
                             f"its index, and output layer {moved[0]} is its layer {arrangement[moved[0]].layer}; keep "

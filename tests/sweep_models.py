@@ -56,11 +56,26 @@ SIZES: dict[str, Any] = {
     "state_size": 8, "ssm_state_size": 8, "mamba_d_state": 8, "mamba_n_heads": 4, "mamba_head_dim": 16,
     "mamba_d_conv": 4, "n_groups": 1, "mamba_n_groups": 1, "time_step_rank": 8, "mamba_dt_rank": 8,
     "attention_chunk_size": 8, "global_attn_every_n_layers": 2, "pad_token_id": None,
+    "num_expert_group": 1, "num_experts_per_token": 2, "num_shared_experts": 1,
 }
+#: Keys of :data:`SIZES` set even where the class's default is None (the class would derive a
+#: full-size value from it, or fail): real checkpoints of those families write them.
+SET_WHEN_NONE = frozenset({"pad_token_id", "head_dim", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok",
+                           "n_shared_experts", "moe_intermediate_size"})
 
 #: Per family: config kwargs after :data:`SIZES` (sub-config dicts merged), to keep the shape of the
 #: real models at this size (both kinds of a hybrid, dense layers before MoE ones, windows).
-OVERRIDES: dict[str, dict[str, Any]] = {}
+_MLA = {"num_key_value_heads": 4, "head_dim": 4}  # multi-head latent attention: kv heads = heads, head_dim = rope dim
+OVERRIDES: dict[str, dict[str, Any]] = {
+    **{t: _MLA for t in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk1",
+                         "axk2", "youtu", "minicpm3", "kimi_linear", "bailing_hybrid")},
+    "emu3": {"pad_token_id": 0},
+    "modernbert-decoder": {"pad_token_id": 0},
+    "lfm2_moe": {"num_dense_layers": 2,
+                 "layer_types": ["conv", "conv", "full_attention", "conv", "conv", "full_attention"]},
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 8,
+                       "indexer_compress_ratio": 2},
+}
 
 
 def sweep_families() -> dict[str, str]:
@@ -91,8 +106,10 @@ def _shrink(d: dict[str, Any], depth: int = 0) -> dict[str, Any]:
                       if isinstance(d.get(k), int)), None)
     for key, value in d.items():
         if key in SIZES and (value is None or isinstance(value, (int, float))) and not isinstance(value, bool):
-            if value is not None or key == "pad_token_id":
+            if value is not None or key in SET_WHEN_NONE:
                 out[key] = SIZES[key]
+        elif isinstance(value, dict) and n_default and value and all(_is_index(k) for k in value):
+            out[key] = {k: v for k, v in value.items() if int(k) < LAYERS}  # keyed by layer (Gemma 4)
         elif isinstance(value, dict) and key.endswith("_config") and depth < 2:
             out[key] = _shrink(value, depth + 1)
         elif isinstance(value, list) and n_default and len(value) == n_default and n_default != LAYERS:
@@ -104,6 +121,10 @@ def _shrink(d: dict[str, Any], depth: int = 0) -> dict[str, Any]:
         if isinstance(out.get(key), int) and out[key] >= VOCAB:
             out[key] = VOCAB - 1
     return out
+
+
+def _is_index(key: Any) -> bool:
+    return isinstance(key, int) and not isinstance(key, bool) or isinstance(key, str) and key.isdigit()
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
