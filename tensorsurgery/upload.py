@@ -5,7 +5,9 @@ calls this only after ``verify`` passed.
 
 Nothing uploaded names a local path: ``tensorsurgery.json`` is uploaded as
 :func:`~tensorsurgery.record.published_record` makes it (built in memory; the local record keeps
-the sources' folders, for ``verify OUTPUT`` here), and the card already names none.
+the sources' folders, for ``verify OUTPUT`` here), and the card already names none; a file that
+still names one (:mod:`tensorsurgery.path_leaks`: a card of an older tensorsurgery, a copied file)
+stops the push before anything is uploaded.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import RECORD_NAME
-from .errors import TensorSurgeryError, VerifyError, WriteError
+from .errors import SourceError, TensorSurgeryError, VerifyError, WriteError
 from .expected import json_bytes
+from .path_leaks import find_local_path
 from .record import published_record, read_record
 from .repo_id import is_push_target
 
@@ -36,8 +39,9 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token
         The commit URL (or, from a client that returns none, the repo URL).
 
     Raises:
-        WriteError: not a finished output (no usable record), a bad repo id, or the Hub refused or
-            could not be reached; the message is one line and the local folder is untouched.
+        WriteError: not a finished output (no usable record), a bad repo id, a file to upload that
+            names a local path, or the Hub refused or could not be reached; the message is one
+            line and the local folder is untouched.
         PlanError: a local path of the recorded manifest cannot be taken out of its text.
 
     Example:
@@ -56,6 +60,13 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token
         raise WriteError(f"{e}; not pushed to {repo_id}") from None
     # The local record names the sources' folders; the uploaded one is made here, in memory.
     uploaded = json_bytes(published_record(record.data))
+    try:
+        leak = find_local_path(folder, record, uploaded)
+    except SourceError as e:
+        raise WriteError(f"{e}; not pushed to {repo_id}") from None
+    if leak is not None:
+        raise WriteError(f"{folder / leak.file}: names the local path {leak.path} ({leak.why}); nothing "
+                         f"uploaded may name one, so nothing was pushed to {repo_id}")
     from huggingface_hub import CommitOperationAdd
     if api is None:
         from huggingface_hub import HfApi

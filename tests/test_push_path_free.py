@@ -20,7 +20,7 @@ from test_push import RecordingApi
 
 import tensorsurgery as ts
 from tensorsurgery.cli import main
-from tensorsurgery.errors import PlanError
+from tensorsurgery.errors import PlanError, WriteError
 from tensorsurgery.path_free import folder_name, is_local_path, path_free_manifest
 
 SECRET = "secret-project-7f3a"
@@ -254,3 +254,44 @@ def test_apply_push_to_hub_of_a_mergekit_yaml(tmp_path, tiny_mistral, monkeypatc
     manifest = json.loads(uploaded["tensorsurgery.json"])["manifest"]
     assert [s["sources"][0]["model"] for s in yaml.safe_load(manifest)["slices"]] == ["model", "model"]
     assert ts.verify(_pull(uploaded, tmp_path / "pulled")).ok
+
+
+def test_an_older_output_whose_card_names_its_source_is_not_pushed(pushed_local):
+    """An output of an older tensorsurgery has the manifest's paths in its card (and its record
+    the sha256 of that card, so it verifies): push refuses it in one line, uploading nothing."""
+    import hashlib
+    tmp, source, out, _ = pushed_local
+    card = (out / "README.md").read_text().replace('model = "model"', f'model = "{source}"')
+    (out / "README.md").write_text(card)
+    record = json.loads((out / "tensorsurgery.json").read_text())
+    record["files"]["README.md"] = hashlib.sha256(card.encode()).hexdigest()
+    (out / "tensorsurgery.json").write_text(json.dumps(record))
+    shutil.move(source, tmp / "moved")  # the record alone verifies it now
+    api = RecordingApi()
+    with pytest.raises(WriteError) as e:
+        ts.push(out, "me/x", api=api)
+    assert str(e.value) == (f"{out / 'README.md'}: names the local path {source} (written by an older "
+                            f"tensorsurgery; apply again with force=True to rewrite it); nothing uploaded may name "
+                            f"one, so nothing was pushed to me/x")
+    assert api.calls == []
+
+
+def test_a_copied_file_naming_the_source_folder_is_not_pushed(tmp_path, tiny_mistral, monkeypatch, capsys):
+    """Older transformers saved the folder a tokenizer was loaded from in tokenizer_config.json;
+    copied byte for byte, it would be published: push says which file, in one line, exit 2."""
+    import huggingface_hub
+    source = shutil.copytree(tiny_mistral, tmp_path / SECRET / "model")
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["name_or_path"] = str(source / "tokenizer")
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    made: list[RecordingApi] = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: made.append(RecordingApi()) or made[-1])
+    out = tmp_path / "out"
+    assert main(["apply", str(_manifest(tmp_path / "m.toml", str(source), out)), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["push", str(out), "me/x"]) == 2
+    assert capsys.readouterr().err == (
+        f"tensorsurgery: error: {out / 'tokenizer_config.json'}: names the local path {source} (copied from the "
+        f"source; remove it from the source's tokenizer_config.json, then apply again with --force); nothing "
+        f"uploaded may name one, so nothing was pushed to me/x\n")
+    assert all(api.calls == [] for api in made)
