@@ -1,11 +1,23 @@
 """The kernels that apply transform steps (:mod:`tensorsurgery.steps`) to bounded chunks while bytes
 stream, never to a whole tensor: dtype casts and the rotary row permutation.
 
-Casts are bitwise equal to torch's CPU ``tensor.to(dtype)`` (2.x), NaNs included: torch
-converts to float16 with the F16C rules (NaN keeps its top payload bits and gets the quiet bit),
-float32 -> bfloat16 rounds to nearest even and turns NaN into 0xFFFF, float16 -> bfloat16 goes
-through float32 and turns NaN into 0x7FC0, and float16 -> float32 quiets NaN.
-tests/test_transforms.py checks every 16-bit pattern against torch.
+Every value that is not a NaN is cast bitwise equal to torch's CPU ``tensor.to(dtype)`` (2.x):
+round to nearest even, subnormals, overflow to infinity, signed zeros. A NaN is cast to a NaN
+whose bits follow one rule per pair, those torch's vectorized (AVX2) kernels give in the body of
+a tensor:
+
+* bfloat16 -> float32: the 16 bits become float32's top half (sign and payload kept, not quieted);
+* float16 -> float32: sign kept, payload shifted into place, quiet bit set;
+* float32 or bfloat16 -> float16: sign, the top 10 payload bits (of the float32 value), quiet bit;
+* float32 -> bfloat16: 0xFFFF; float16 -> bfloat16: 0x7FC0.
+
+Torch's own NaN bits are not one rule (its scalar tail, the last ``n % 8`` float16 -> float32
+elements, gives 0x7FFFFFFF; under ``ATEN_CPU_CAPABILITY=default`` float32 -> bfloat16 gives
+0x7FC0 and bfloat16 -> float16 drops the payload), so no rule could equal them all. Ours does not
+depend on position, length or thread: NaNs are made from their bits with integer operations,
+never by numpy's float conversion (whose SIMD and scalar paths may differ).
+tests/test_transforms.py checks every 16-bit pattern against torch, tests/test_cast_nans.py the
+rule at every position of arrays of 1 to 40 elements, under both CPU capabilities.
 """
 from __future__ import annotations
 
@@ -21,8 +33,13 @@ def _to_f32_bits(src: np.ndarray, dtype: str) -> np.ndarray:
         return src.view(np.uint32)
     if dtype == "BF16":
         return src.view(np.uint16).astype(np.uint32) << 16
-    bits = src.view(np.float16).astype(np.float32).view(np.uint32)
-    return np.where(_isnan32(bits), bits | 0x0040_0000, bits).astype(np.uint32, copy=False)
+    half = src.view(np.uint16)
+    bits = half.view(np.float16).astype(np.float32).view(np.uint32)
+    nan = (half & 0x7FFF) > 0x7C00
+    if nan.any():  # sign, payload shifted into place, quiet bit: from the bits, whatever numpy's path did
+        wide = half.astype(np.uint32)
+        bits = np.where(nan, ((wide & 0x8000) << 16) | 0x7FC0_0000 | ((wide & 0x03FF) << 13), bits)
+    return bits.astype(np.uint32, copy=False)
 
 
 def _isnan32(bits: np.ndarray) -> np.ndarray:
