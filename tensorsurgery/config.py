@@ -41,8 +41,7 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
     cfg = copy.deepcopy(dict(configs[base]))
     text = _text(cfg, family)
     if family.count_key not in text:
-        raise PlanError(f"config.json of the base source has no {family.count_path}; the layer count cannot be "
-                        f"rewritten (add it to the source's config.json)")
+        raise PlanError(_no_count(cfg, family))
     sources = {name: _text(copy.deepcopy(dict(c)), family) for name, c in configs.items()}
     overrides = overrides or {}
     _family_fields(text, sources, base, family, arrangement, moe, where, skip=set(overrides))
@@ -61,6 +60,19 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
     cfg.update(overrides)
     _check_overrides(cfg, family, len(arrangement), overrides, where)
     return cfg
+
+
+def _no_count(cfg: Mapping[str, Any], family: Family) -> str:
+    """Why the base config's layer count cannot be rewritten. When a sub-config counts layers
+    (Qwen3-VL's ``text_config``, a vision tower's), adding a top-level count would be followed and
+    the sub-config's left as it is, so that is not suggested."""
+    nested = sorted(k for k, v in cfg.items() if isinstance(v, dict) and family.count_key in v)
+    if nested:
+        return (f"config.json of the base source has no {family.count_path}; the layers are counted in "
+                f"{nested[0]}.{family.count_key}, which tensorsurgery does not rewrite for this family "
+                f"(model_type {cfg.get('model_type')!r}): it cannot plan this model")
+    return (f"config.json of the base source has no {family.count_path}; the layer count cannot be "
+            f"rewritten (add it to the source's config.json)")
 
 
 def _drop_load_paths(cfg: dict[str, Any]) -> None:

@@ -541,6 +541,18 @@ def test_base_config_without_layer_count():
                                   "cannot be rewritten (add it to the source's config.json)")
 
 
+def test_base_config_counting_layers_in_a_sub_config_is_not_told_to_add_a_count():
+    # Followed, that advice wrote a wrong model (Qwen3-VL): the top-level count followed the
+    # arrangement, text_config's did not.
+    config = {"model_type": "qwen3_vl", "text_config": {"num_hidden_layers": 2}, "vision_config": {}}
+    ckpt = make_checkpoint(SRC, {"model.safetensors": decoder_specs(2)}, config)
+    with pytest.raises(PlanError) as excinfo:
+        build_plan(manifest('plan = "keep"'), {"source": ckpt})
+    assert str(excinfo.value) == ("config.json of the base source has no num_hidden_layers; the layers are counted "
+                                  "in text_config.num_hidden_layers, which tensorsurgery does not rewrite for this "
+                                  "family (model_type 'qwen3_vl'): it cannot plan this model")
+
+
 def test_layer_specs_helper_matches_sizes():
     # Guard for the literal sizes used above.
     assert [(n, s) for n, _, s in layer_specs(0)] == [
