@@ -75,14 +75,10 @@ def _acquire(path: Path, target: Path) -> int:
             if not os.path.lexists(path):
                 raise WriteError(f"{path}: {e.strerror or e}; nothing was written to {target}; free disk space or "
                                  f"choose another --output, then run the same command again") from e
-            raise OutputExistsError(f"{path}: is {describe_entry(path, os.lstat(path).st_mode)}, at the name of "
-                                    f"tensorsurgery's lock file; remove it yourself, then run the same command "
-                                    f"again") from e
+            raise _not_a_lock(path, os.lstat(path).st_mode) from e
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OutputExistsError(f"{path}: is {describe_entry(path, os.fstat(fd).st_mode)}, at the name of "
-                                        f"tensorsurgery's lock file; remove it yourself, then run the same command "
-                                        f"again")
+                raise _not_a_lock(path, os.fstat(fd).st_mode)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -105,6 +101,12 @@ def _acquire(path: Path, target: Path) -> int:
         except BaseException:
             os.close(fd)
             raise
+
+
+def _not_a_lock(path: Path, mode: int) -> OutputExistsError:
+    """Something else (a link, a folder, a FIFO) sits at the lock file's name: the user's to remove."""
+    return OutputExistsError(f"{path}: is {describe_entry(path, mode)}, at the name of tensorsurgery's lock file; "
+                             f"remove it yourself, then run the same command again")
 
 
 def _same_file(path: Path, fd: int) -> bool:
