@@ -533,3 +533,24 @@ def test_verify_while_an_apply_writes_the_output(capsys, tiny_mistral, tmp_path)
             f"verify again")
     line = error_line(*run(capsys, "verify", manifest))  # no lock: the usual message
     assert line.startswith(f"{out}: output folder not found; ")
+
+
+@pytest.mark.parametrize("kind", ["folder", "link", "fifo"])
+def test_something_else_at_the_lock_file_name(capsys, tiny_mistral, tmp_path, kind):
+    from tensorsurgery.outlock import lock_path
+
+    manifest = tiny_job(tmp_path, tiny_mistral)
+    out = tmp_path / "out"
+    lock = lock_path(out)
+    if kind == "folder":
+        lock.mkdir()
+    elif kind == "link":
+        lock.symlink_to(tmp_path / "elsewhere")
+    else:
+        os.mkfifo(lock)
+    code, _, err = run(capsys, "apply", manifest)
+    assert code == 2
+    assert f"{lock}: is " in err
+    assert "at the name of tensorsurgery's lock file; remove it yourself, then run the same command again" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() and os.path.lexists(lock)
