@@ -40,13 +40,17 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
     """
     cfg = copy.deepcopy(dict(configs[base]))
     text = _text(cfg, family)
-    if family.count_key not in text:
+    counted = family.count_key in text
+    if not counted and arrangement:
         raise PlanError(_no_count(cfg, family))
     sources = {name: _text(copy.deepcopy(dict(c)), family) for name, c in configs.items()}
     overrides = overrides or {}
     _family_fields(text, sources, base, family, arrangement, moe, where, skip=set(overrides))
     _other_lists(text, sources, family, arrangement, skip=set(overrides))
-    text[family.count_key] = len(arrangement)
+    if counted:
+        text[family.count_key] = len(arrangement)
+    # else no decoder layer was found in the tensors (GPT-J's transformer.h.N, counted by n_layer):
+    # every tensor is kept in place as a non-layer tensor, and the config's own count stays true.
     key = family.extra_layers_key
     if key is not None and extra_layers is not None and family.extra_layers(cfg) != extra_layers:
         text[key] = extra_layers  # the MTP layers rename.drop removed are no longer counted
@@ -98,7 +102,7 @@ def _check_overrides(cfg: Mapping[str, Any], family: Family, n: int, overrides: 
     a layer count or a per-layer list of another length would load a model unlike its weights."""
     text = family.text_config(cfg)
     manifest = where.split(": ")[0]
-    if text.get(family.count_key) != n:
+    if (family.count_key in text or n) and text.get(family.count_key) != n:
         raise PlanError(f"{manifest}: config.{family.count_path} = {text.get(family.count_key)!r} but the arrangement "
                         f"has {n} layers; remove it from [config] (tensorsurgery sets it)")
     for f in family.fields:

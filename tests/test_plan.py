@@ -553,6 +553,19 @@ def test_base_config_counting_layers_in_a_sub_config_is_not_told_to_add_a_count(
                                   "family (model_type 'qwen3_vl'): it cannot plan this model")
 
 
+def test_keep_of_a_model_whose_layers_are_not_layers_n():
+    # GPT-J names its blocks transformer.h.N and counts them as n_layer: no layer is found, so keep
+    # copies every tensor in place and the config's own count stays true; anything else is refused.
+    specs = [(f"transformer.h.{i}.attn.weight", "BF16", (4, 4)) for i in range(2)]
+    specs.append(("lm_head.weight", "BF16", (10, 4)))
+    ckpt = make_checkpoint(SRC, {"model.safetensors": specs}, {"model_type": "gptj", "n_layer": 2})
+    plan = build_plan(manifest('plan = "keep"', output='dtype = "float16"'), {"source": ckpt})
+    assert sorted(t.name for shard in plan.shards for t in shard.tensors) == sorted(s[0] for s in specs)
+    assert plan.config["n_layer"] == 2 and "num_hidden_layers" not in plan.config
+    with pytest.raises(PlanError, match="has 0 layers"):
+        build_plan(manifest('plan = "explicit"\narrangement = [[0, 2]]'), {"source": ckpt})
+
+
 def test_layer_specs_helper_matches_sizes():
     # Guard for the literal sizes used above.
     assert [(n, s) for n, _, s in layer_specs(0)] == [
