@@ -19,7 +19,6 @@ from typing import Any, Callable, Container, Iterator
 import numpy as np
 
 from .errors import SourceError
-from .expected import CAST_CHUNK, tensor_chunks
 from .format import MAX_HEADER_SIZE
 from .fsio import (
     JSON_DEPTH,
@@ -31,6 +30,7 @@ from .fsio import (
     pread_exact,
     sha256_fd,
 )
+from .interpreter import CAST_CHUNK, tensor_chunks
 from .planning import CopyFile, OutputTensor, Shard
 
 Progress = Callable[[int], None] | None
@@ -172,8 +172,7 @@ def _compare_tensor(t: OutputTensor, path: Path, data_start: int, progress: Prog
     pos, first = 0, None
     with OpenFiles() as files:
         out = files.open(path)
-        source = files.open(t.source.path) if t.source else None
-        for chunk in tensor_chunks(t, source):
+        for chunk in tensor_chunks(t, files.open):
             view = memoryview(actual)[:len(chunk)]
             pread_exact(out, view, data_start + t.offset + pos)
             if hashed:

@@ -25,51 +25,60 @@ from .format import Header, encode_header
 from .gcpause import paused_gc
 from .layers import LayerRef, seams
 from .manifest import Manifest
+from .ops import COPY, ZEROS, Operation, PermuteRotary, rotary_row_order
+from .recipe import ByteRange, Input, RowSlice, label
 from .rules import get_preset
 from .selection import Pick, select
-from .steps import Cast, PermuteRotary, RowSlice, Step, Zeros, describe, rotary_row_order
 
 SHARD_METADATA = MappingProxyType({"format": "pt"})
 SINGLE_SHARD = "model.safetensors"
 
 
-# ByteRange and OutputTensor are NamedTuples, not frozen dataclasses: as immutable and typed, but
-# a plan makes one of each per tensor (1.7M in the largest headers) and a frozen dataclass's
-# __init__ costs ten times a tuple's.
-class ByteRange(NamedTuple):
-    """``length`` bytes of ``path`` starting at absolute file offset ``offset``."""
-
-    path: Path
-    offset: int
-    length: int
-
-
-class OutputTensor(NamedTuple):
-    """One output tensor: where its bytes come from and the steps that change them on the way.
-
-    ``offset`` is its start in its shard's data section; ``source`` is None only for a tensor
-    made of zeros.
-    """
+class OutputTensor(NamedTuple):  # not a frozen dataclass: one per tensor (see recipe.ByteRange)
+    """One output tensor: its recipe (its inputs and the operation that makes it of them, see
+    :mod:`tensorsurgery.recipe`). ``offset`` is its start in its shard's data section."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     offset: int
     nbytes: int
-    source_name: str
-    source_key: str
-    source_dtype: str
-    source: ByteRange | None
-    steps: tuple[Step, ...] = ()
+    inputs: tuple[Input, ...]
+    op: Operation
+    #: The recipe in one word per stage (:func:`~tensorsurgery.recipe.label`), made when planned.
+    transform: str
 
     @property
-    def transform(self) -> str:
-        """The steps in one word: ``none``, ``cast``, ``permute``, ``permute+cast``, ``slice``, ``zeros``..."""
-        return describe(self.steps)
+    def source(self) -> ByteRange | None:
+        """The first input's byte range (None for a tensor of no input: zeros)."""
+        return self.inputs[0].range if self.inputs else None
+
+    @property
+    def source_name(self) -> str:
+        """The first input's source name ("" for none)."""
+        return self.inputs[0].source if self.inputs else ""
+
+    @property
+    def source_key(self) -> str:
+        """The first input's tensor name in its source ("" for none)."""
+        return self.inputs[0].key if self.inputs else ""
+
+    @property
+    def source_dtype(self) -> str:
+        """The first input's dtype (the output's for none)."""
+        return self.inputs[0].dtype if self.inputs else self.dtype
 
 
 #: OutputTensor's fields by position, for loops in C over a plan's tensors.
-_NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES, _STEPS = (itemgetter(i) for i in (0, 1, 2, 3, 4, 9))
+_NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES, _TRANSFORM = (itemgetter(i) for i in (0, 1, 2, 3, 4, 7))
+
+
+def output_tensor(name: str, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int,
+                  inputs: tuple[Input, ...], op: Operation = COPY) -> OutputTensor:
+    """An :class:`OutputTensor` with its transform label (for plans made by hand: tests, tools)."""
+    first = inputs[0].dtype if inputs else None
+    return OutputTensor(name, dtype, shape, offset, nbytes, inputs, op,
+                        label(any(i.part is not None for i in inputs), op, first, dtype))
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +181,10 @@ class Plan:
     @property
     def transform_counts(self) -> Mapping[str, int]:
         """How many output tensors each transform makes (``{"none": 280, "cast": 11}``), sorted by
-        transform. Counted by steps, in C (a 1.7M-tensor plan has a handful of distinct ones)."""
-        by_steps: Counter[tuple[Step, ...]] = Counter()
-        for shard in self.shards:
-            by_steps.update(map(_STEPS, shard.tensors))
+        transform. Counted in C (a plan may hold 1.7M tensors)."""
         counts: Counter[str] = Counter()
-        for steps, n in by_steps.items():
-            counts[describe(steps)] += n
+        for shard in self.shards:
+            counts.update(map(_TRANSFORM, shard.tensors))
         return dict(sorted(counts.items()))
 
 
@@ -264,10 +270,18 @@ def _source_info(name: str, model: str, ckpt: Checkpoint) -> SourceInfo:
                       repo_id=ckpt.repo_id, inside=ckpt.inside)
 
 
-#: An output tensor before it is placed in a shard: OutputTensor's fields but ``offset`` (a plain
-#: tuple: a plan makes one per tensor, 1.7M for the largest headers, and frozen dataclasses are slow
-#: to build).
-_Spec = tuple
+class _Spec(NamedTuple):
+    """An output tensor before it is placed in a shard: :class:`OutputTensor` but ``offset``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    inputs: tuple[Input, ...]
+    op: Operation
+    transform: str
+
+
 #: A plain tuple's constructor, used for the NamedTuples made per tensor: theirs costs 3x.
 _new = tuple.__new__
 
@@ -289,16 +303,16 @@ def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str 
         _, e_dtype, shape, start, end = header.tensors[key]
         if rows is None and permute is None and not zeros and (
                 not dtype or e_dtype == dtype or not is_castable(e_dtype)):
-            append((out, e_dtype, shape, end - start, source, key, e_dtype,
-                    _new(ByteRange, (header.path, header.data_start + start, end - start)), ()))
+            whole = _new(ByteRange, (header.path, header.data_start + start, end - start))
+            append(_new(_Spec, (out, e_dtype, shape, end - start,
+                                (_new(Input, (source, key, e_dtype, shape, whole, None)),), COPY, "none")))
         else:
             append(_spec(p, checkpoints, dtype))
     return specs
 
 
 def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> _Spec:
-    """The output tensor of pick ``p``: ``(name, dtype, shape, nbytes, source name, source key, source
-    dtype, source byte range, steps)``."""
+    """The output tensor of pick ``p``: its recipe, of one input (none for zeros)."""
     ckpt = checkpoints[p.source]
     shard = ckpt.weight_map[p.key]
     header = ckpt.headers[shard]
@@ -307,9 +321,9 @@ def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> 
     if p.zeros:
         shape = entry.shape[:1]
         nbytes = (shape[0] if shape else 1) * element_size(out_dtype)
-        return p.out, out_dtype, shape, nbytes, p.source, "", out_dtype, None, (Zeros(),)
-    steps: list[Step] = []
+        return _Spec(p.out, out_dtype, shape, nbytes, (), ZEROS, label(False, ZEROS, None, out_dtype))
     shape, source = entry.shape, ByteRange(header.path, header.data_start + entry.start, entry.nbytes)
+    part = None
     if p.rows is not None:
         start, stop, total = _rows(p, ckpt.family.text_config(ckpt.config), _where(ckpt, shard, p.key))
         if not shape or shape[0] != total:
@@ -318,7 +332,8 @@ def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> 
         row_bytes = entry.nbytes // total
         shape = (stop - start, *shape[1:])
         source = ByteRange(source.path, source.offset + start * row_bytes, (stop - start) * row_bytes)
-        steps.append(RowSlice(start, stop, total))
+        part = RowSlice(start, stop, total)
+    op: Operation = COPY
     if p.permute:
         heads = ckpt.config.get(p.permute)
         try:
@@ -327,12 +342,10 @@ def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> 
             raise PlanError(f"{_where(ckpt, shard, p.key)}: cannot permute for rotary: {e} "
                             f"({p.permute} = {heads!r})") from None
         assert isinstance(heads, int)
-        steps.append(PermuteRotary(heads))
-    nbytes = source.length
-    if out_dtype != entry.dtype:
-        steps.append(Cast(entry.dtype, out_dtype))
-        nbytes = nbytes // element_size(entry.dtype) * element_size(out_dtype)
-    return p.out, out_dtype, shape, nbytes, p.source, p.key, entry.dtype, source, tuple(steps)
+        op = PermuteRotary(heads)
+    nbytes = source.length // element_size(entry.dtype) * element_size(out_dtype)
+    inputs = (Input(p.source, p.key, entry.dtype, shape, source, part),)
+    return _Spec(p.out, out_dtype, shape, nbytes, inputs, op, label(part is not None, op, entry.dtype, out_dtype))
 
 
 def _where(ckpt: Checkpoint, shard: str, key: str) -> str:
@@ -340,7 +353,8 @@ def _where(ckpt: Checkpoint, shard: str, key: str) -> str:
 
 
 def _placed(spec: _Spec, offset: int) -> OutputTensor:
-    return _new(OutputTensor, (*spec[:3], offset, *spec[3:]))
+    name, dtype, shape, nbytes, inputs, op, transform = spec
+    return _new(OutputTensor, (name, dtype, shape, offset, nbytes, inputs, op, transform))
 
 
 def _rows(p: Pick, config: Mapping[str, Any], where: str) -> tuple[int, int, int]:
@@ -355,13 +369,14 @@ def _rows(p: Pick, config: Mapping[str, Any], where: str) -> tuple[int, int, int
 def _identical_source_shards(specs: list[_Spec], ckpt: Checkpoint) -> list[tuple[Header, list[OutputTensor]]]:
     """Source shards whose every tensor is an output tensor of the same name, taken verbatim:
     each with its tensors placed where the source file has them."""
-    by_name = {spec[0]: spec for spec in specs}
+    by_name = {spec.name: spec for spec in specs}
     found = []
     for _, header in sorted(ckpt.headers.items()):
         group = []
         for e in header.entries:
             spec = by_name.get(e.name)
-            if spec is None or spec[8] or spec[7] is None or spec[5] != e.name or spec[7].path != header.path:
+            if (spec is None or spec.transform != "none" or spec.inputs[0].key != e.name
+                    or spec.inputs[0].range.path != header.path):
                 break
             group.append(_placed(spec, e.start))
         else:
@@ -387,9 +402,9 @@ def _cut(specs: list[_Spec], max_size: int) -> list[list[OutputTensor]]:
     pop = specs.pop
     for _ in range(len(specs)):
         spec = pop()
-        name, nbytes = spec[0], spec[3]
+        name, shape, nbytes = spec.name, spec.shape, spec.nbytes
         # An upper bound of the tensor's entry in the JSON header.
-        entry = (len(name) if name.isascii() else len(name.encode("utf-8"))) + 100 + 24 * len(spec[2])
+        entry = (len(name) if name.isascii() else len(name.encode("utf-8"))) + 100 + 24 * len(shape)
         if not groups or (groups[-1] and (size + nbytes > max_size or header + entry > MAX_SHARD_HEADER)):
             groups.append([])
             size = header = 0

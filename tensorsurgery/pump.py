@@ -1,15 +1,15 @@
 """The byte pump: streams a plan's shards through a few preallocated page-aligned buffers.
 
 The calling thread lays out each shard in the buffers (:mod:`tensorsurgery.packing`): verbatim
-source ranges are read with ``preadv`` straight into a buffer; a cast is cut into chunks of whole
-elements that a pool of threads reads and converts straight into their place in the buffer
-(no scratch copy in between); other transforms (the rotary permutation, zeros) go through a
-bounded scratch buffer. A writer thread writes each full buffer (:mod:`tensorsurgery.shardfile`)
-once the jobs filling it are done, while a pool of hashing threads takes each output tensor's
-sha256 from the same buffer (:mod:`tensorsurgery.hashing`); a buffer is reused once both are
-done. Reads, casts, writes and hashes overlap, and the casts and hashes spread over ``threads``
-threads each. Memory is ``buffers * buffer_size`` plus a scratch chunk per cast thread, whatever
-the model size.
+source ranges are read with ``preadv`` straight into a buffer; an elementwise recipe (a cast, a
+scale: :mod:`tensorsurgery.recipe`) is cut into chunks of whole elements that a pool of threads
+reads and makes straight into their place in the buffer (no scratch copy in between); other
+operations (the rotary permutation, zeros) go through a bounded scratch buffer. A writer thread
+writes each full buffer (:mod:`tensorsurgery.shardfile`) once the jobs filling it are done,
+while a pool of hashing threads takes each output tensor's sha256 from the same buffer
+(:mod:`tensorsurgery.hashing`); a buffer is reused once both are done. Reads, computations,
+writes and hashes overlap, and the computations and hashes spread over ``threads`` threads each.
+Memory is ``buffers * buffer_size`` plus a scratch chunk per cast thread, whatever the model size.
 """
 from __future__ import annotations
 
@@ -26,14 +26,13 @@ import numpy as np
 
 from .dtypes import element_size
 from .errors import WriteError
-from .expected import CAST_CHUNK, tensor_chunks
-from .fsio import OpenFiles, pread_exact
+from .fsio import OpenFiles
 from .hashing import HashPool, first_of_each
+from .interpreter import CAST_CHUNK, compute_elements, tensor_chunks
 from .packing import ALIGN, Block, Packer
 from .planning import OutputTensor, Shard
+from .recipe import element_count, identity, is_elementwise, is_verbatim
 from .shardfile import PARTIAL_SUFFIX, ShardFile
-from .steps import Cast, RowSlice
-from .transforms import cast_chunk
 
 BUFFER_SIZE = 4 << 20
 BUFFERS = 4
@@ -69,7 +68,7 @@ class Pump:
         """
         jobs = list(jobs)
         tensors = [t for shard, _ in jobs for t in shard.tensors]
-        same = first_of_each((t.source, t.steps, t.dtype) for t in tensors)
+        same = first_of_each(map(identity, tensors))
         first_tid, n = [], 0
         for shard, _ in jobs:
             first_tid.append(n)
@@ -78,7 +77,7 @@ class Pump:
         size = self.buffer_size if lanes == 1 else max(ALIGN, self.buffer_size // lanes // ALIGN * ALIGN)
         stop = threading.Event()
         casts = (ThreadPoolExecutor(self.threads, thread_name_prefix="ts-cast")
-                 if any(_cast_of(t) is not None for t in tensors) else None)
+                 if any(is_elementwise(t) and not is_verbatim(t) for t in tensors) else None)
         todo = [(i, *job) for i, job in enumerate(jobs)][::-1]  # popped from the end by the lanes
         runs = [_Lane(self, size, max(1, self.threads // lanes), stop, casts, same, first_tid, todo)
                 for _ in range(lanes)]
@@ -167,8 +166,9 @@ class _Lane:
                 packer.start_file(len(self._paths) - 1)
                 packer.put(memoryview(shard.header), None)
                 for t in shard.tensors:
-                    if not (t.steps and tid in self.same and self._read_back(packer, tid, t.nbytes)):
-                        if t.steps:
+                    computed = not is_verbatim(t)
+                    if not (computed and tid in self.same and self._read_back(packer, tid, t.nbytes)):
+                        if computed:
                             self._placed[tid] = (*packer.position(), t.nbytes)
                         self._pack_tensor(packer, sources, t, None if tid in self.same else tid)
                     tid += 1
@@ -211,38 +211,34 @@ class _Lane:
         return True
 
     def _pack_tensor(self, packer: Packer, sources: OpenFiles, t: OutputTensor, tid: int | None) -> None:
-        fd = sources.open(t.source.path) if t.source is not None else None
-        if fd is None or t.source is None:
-            for chunk in tensor_chunks(t, fd):
-                packer.put(chunk, tid)
-        elif all(isinstance(s, RowSlice) for s in t.steps):  # a byte range: verbatim
-            packer.read_into(fd, t.source.offset, t.source.length, tid)
-        elif (cast := _cast_of(t)) is not None and self._casts is not None:
-            self._pack_cast(packer, fd, t, cast, tid)
+        if is_verbatim(t):
+            source = t.inputs[0].range
+            packer.read_into(sources.open(source.path), source.offset, source.length, tid)
+        elif is_elementwise(t) and self._casts is not None:
+            self._pack_elements(packer, [sources.open(i.range.path) for i in t.inputs], t, tid)
         else:
-            for chunk in tensor_chunks(t, fd):
+            for chunk in tensor_chunks(t, sources.open):
                 packer.put(chunk, tid)
 
-    def _pack_cast(self, packer: Packer, fd: int, t: OutputTensor, cast: Cast, tid: int | None) -> None:
-        """Lay out a cast tensor as jobs of whole elements, each converting up to ``CAST_CHUNK``
-        source bytes straight into its place in a buffer on a cast thread."""
-        assert t.source is not None and self._casts is not None
-        isz, osz = element_size(cast.source), element_size(cast.target)
-        chunk = max(CAST_CHUNK // isz, 1)
-        offset, left = t.source.offset, t.source.length // isz
+    def _pack_elements(self, packer: Packer, fds: list[int], t: OutputTensor, tid: int | None) -> None:
+        """Lay out an elementwise tensor (a cast, a scale...) as jobs of whole elements, each making
+        up to ``CAST_CHUNK`` source bytes' worth straight into its place in a buffer on a cast thread."""
+        osz = element_size(t.dtype)
+        chunk = max(CAST_CHUNK // max(element_size(i.dtype) for i in t.inputs), 1)
+        start, left = 0, element_count(t)
         while left:
             n = min(packer.space() // osz, left, chunk)
-            if n == 0:  # an element straddles two buffers: convert it here, copy it across
-                for piece in _cast_now(fd, offset, isz, cast):
-                    packer.put(piece, tid)
-                offset, left = offset + isz, left - 1
+            if n == 0:  # an element straddles two buffers: make it here, copy it across
+                packer.put(memoryview(_element_now(fds, t, start)), tid)
+                start, left = start + 1, left - 1
                 continue
-            packer.fill(n * osz, tid, partial(self._start_cast, fd, offset, n * isz, cast))
-            offset, left = offset + n * isz, left - n
+            packer.fill(n * osz, tid, partial(self._start_elements, fds, t, start, n))
+            start, left = start + n, left - n
 
-    def _start_cast(self, fd: int, offset: int, nbytes: int, cast: Cast, buf: mmap.mmap, start: int) -> Future:
+    def _start_elements(self, fds: list[int], t: OutputTensor, start: int, n: int, buf: mmap.mmap,
+                        at: int) -> Future:
         assert self._casts is not None
-        return self._casts.submit(_cast_into, fd, offset, nbytes, cast, buf, start)
+        return self._casts.submit(_elements_into, fds, t, start, n, buf, at)
 
     def _take(self) -> mmap.mmap:
         while True:
@@ -302,36 +298,17 @@ class _Lane:
                 out.close()
 
 
-def _cast_of(t: OutputTensor) -> Cast | None:
-    """The cast of a tensor whose only transform is a cast (of a byte range), else None."""
-    casts = [s for s in t.steps if isinstance(s, Cast)]
-    if len(casts) != 1 or t.source is None or not all(isinstance(s, (Cast, RowSlice)) for s in t.steps):
-        return None
-    return casts[0]
+def _element_now(fds: list[int], t: OutputTensor, index: int) -> bytes:
+    """Element ``index`` of ``t``, made on this thread (one that straddles two buffers)."""
+    return compute_elements(t, fds, index, 1, np.empty(element_size(t.dtype), np.uint8)).tobytes()
 
 
-_local = threading.local()
-
-
-def _cast_into(fd: int, offset: int, nbytes: int, cast: Cast, buf: mmap.mmap, start: int) -> None:
-    """On a cast thread: read ``nbytes`` source bytes at ``offset`` of ``fd`` and write their cast
-    into ``buf`` from ``start``."""
-    scratch = getattr(_local, "scratch", None)
-    if scratch is None or scratch.size < nbytes:
-        scratch = _local.scratch = np.empty(max(nbytes, CAST_CHUNK), np.uint8)
-    src = scratch[:nbytes]
-    pread_exact(fd, src.data, offset)
-    size = nbytes // element_size(cast.source) * element_size(cast.target)
-    out = np.frombuffer(buf, np.uint8, count=size, offset=start)
-    result = cast_chunk(src, cast.source, cast.target, out=out)
-    if result.ctypes.data != out.ctypes.data:  # not converted in place after all
+def _elements_into(fds: list[int], t: OutputTensor, start: int, n: int, buf: mmap.mmap, at: int) -> None:
+    """On a cast thread: make elements ``start..start+n-1`` of ``t`` into ``buf`` from ``at``."""
+    out = np.frombuffer(buf, np.uint8, count=n * element_size(t.dtype), offset=at)
+    result = compute_elements(t, fds, start, n, out)
+    if result.ctypes.data != out.ctypes.data:  # not made in place after all
         out[:] = result
-
-
-def _cast_now(fd: int, offset: int, nbytes: int, cast: Cast) -> Iterable[memoryview]:
-    src = bytearray(nbytes)
-    pread_exact(fd, memoryview(src), offset)
-    return [memoryview(cast_chunk(bytes(src), cast.source, cast.target).tobytes())]
 
 
 def _as_write_error(e: BaseException) -> BaseException:

@@ -1,5 +1,6 @@
-"""The kernels that apply transform steps (:mod:`tensorsurgery.steps`) to bounded chunks while bytes
-stream, never to a whole tensor: dtype casts and the rotary row permutation.
+"""The kernels that operations (:mod:`tensorsurgery.ops`) and a recipe's last stage (a cast) apply
+to bounded chunks while bytes stream, never to a whole tensor: dtype casts and the rotary row
+permutation.
 
 Every value that is not a NaN is cast bitwise equal to torch's CPU ``tensor.to(dtype)`` (2.x):
 round to nearest even, subnormals, overflow to infinity, signed zeros. A NaN is cast to a NaN

@@ -45,6 +45,7 @@ from .format import parse_header, read_header
 from .fsio import pread_exact, read_json
 from .hashing import DEFAULT_THREADS, first_of_each
 from .planning import OutputTensor, Plan
+from .recipe import identity
 from .record import Record, build_record, header_sha256, read_record, require_folder
 
 
@@ -79,7 +80,7 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None, progre
     ``progress`` is called with the tensor bytes as they are checked; ``progress_total`` once
     first, with the bytes to check in all (for a bar's total and ETA).
 
-    A tensor made by the same recipe (source bytes, steps, dtype) as an earlier one (the layers
+    A tensor made by the same recipe (inputs, operation, dtype) as an earlier one (the layers
     DUS repeats) is compared with its source but not hashed again: equal bytes, equal hash.
 
     Raises:
@@ -91,7 +92,7 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None, progre
     files = expected_files(plan)
     diffs = unexpected_entries(output, {f.name for f in files} | {RECORD_NAME})
     tensors = plan.tensors  # made once: Plan.tensors builds a new tuple each time
-    same = first_of_each((t.source, t.steps, t.dtype) for t in tensors)
+    same = first_of_each(map(identity, tensors))
     unhashed = {tensors[i].name for i in same}
     tensor_hashes: dict[str, str] = {}
     file_hashes: dict[str, str] = {}

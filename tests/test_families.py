@@ -23,9 +23,10 @@ from tensorsurgery.families import (
     layer_lists,
 )
 from tensorsurgery.layers import LayerRef
+from tensorsurgery.ops import ZEROS
 from tensorsurgery.planning import build_plan
+from tensorsurgery.recipe import RowSlice
 from tensorsurgery.report import format_plan
-from tensorsurgery.steps import RowSlice, Zeros
 
 ROOT = "/models/src"
 
@@ -245,9 +246,9 @@ def test_phi3_to_llama_splits_fused_tensors_into_byte_ranges():
     row = 4 * 2  # 4 columns of bf16
     for name, (start, stop) in (("q_proj", (0, 4)), ("k_proj", (4, 6)), ("v_proj", (6, 8))):
         out = t[f"model.layers.1.self_attn.{name}.weight"]
-        assert (out.shape, out.steps, out.transform) == ((stop - start, 4), (RowSlice(start, stop, 8),), "slice")
+        assert (out.shape, out.inputs[0].part, out.transform) == ((stop - start, 4), RowSlice(start, stop, 8), "slice")
         assert (out.source.offset, out.source.length) == (base + start * row, (stop - start) * row)
-    assert t["model.layers.0.mlp.up_proj.weight"].steps == (RowSlice(6, 12, 12),)
+    assert t["model.layers.0.mlp.up_proj.weight"].inputs[0].part == RowSlice(6, 12, 12)
     assert "model.layers.0.self_attn.qkv_proj.weight" not in t
     assert plan.config["model_type"] == "llama" and plan.config["head_dim"] == 2
     assert "sliding_window" not in plan.config and "auto_map" not in plan.config
@@ -265,7 +266,8 @@ def test_qwen2_to_llama_adds_zero_o_proj_biases():
     plan = build_plan(manifest('plan = "keep"', rename='preset = "qwen2-to-llama"', extra='dtype = "float16"'),
                       {"source": ckpt})
     bias = {t.name: t for t in plan.tensors}["model.layers.1.self_attn.o_proj.bias"]
-    assert (bias.shape, bias.dtype, bias.nbytes, bias.source, bias.steps) == ((4,), "F16", 8, None, (Zeros(),))
+    assert (bias.shape, bias.dtype, bias.nbytes, bias.inputs, bias.op) == ((4,), "F16", 8, (), ZEROS)
+    assert bias.transform == "zeros"
     assert plan.config["attention_bias"] is True and "layer_types" not in plan.config
     sliding = make_checkpoint(ROOT, {"model.safetensors": specs}, dict(cfg, use_sliding_window=True, sliding_window=8,
                                                                       max_window_layers=1))

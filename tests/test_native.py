@@ -30,9 +30,9 @@ from tensorsurgery.errors import SourceError
 from tensorsurgery.loading import manifest_from_text
 from tensorsurgery.local import load_checkpoint
 from tensorsurgery.native import config_from_params
+from tensorsurgery.ops import PermuteRotary
 from tensorsurgery.planning import build_plan
 from tensorsurgery.pump import Pump
-from tensorsurgery.steps import PermuteRotary
 from tensorsurgery.synthetic import Dims, make_mistral
 
 # Hugging Face name -> native name, written out independently of tensorsurgery.rules.
@@ -271,7 +271,7 @@ def test_permutation_streams_one_head_at_a_time(tmp_path, monkeypatch, dtype):
     Pump(buffer_size=4096, direct=False).run((s, tmp_path / "out" / s.filename) for s in plan.shards)
     monkeypatch.undo()
     for t in plan.tensors:
-        permute = next((step for step in t.steps if isinstance(step, PermuteRotary)), None)
+        permute = t.op if isinstance(t.op, PermuteRotary) else None
         if permute:  # read one head at a time, never the whole tensor
             head = t.source.length // permute.heads
             sizes = [n for offset, n in reads if t.source.offset <= offset < t.source.offset + t.source.length]

@@ -17,8 +17,9 @@ from tensorsurgery import __version__
 from tensorsurgery.errors import ManifestError, PlanError
 from tensorsurgery.format import parse_header
 from tensorsurgery.layers import LayerRef, dus, interlock
+from tensorsurgery.ops import COPY, PermuteRotary
 from tensorsurgery.planning import ByteRange, CopyFile, OutputTensor, SourceInfo, build_plan
-from tensorsurgery.steps import PermuteRotary
+from tensorsurgery.recipe import Input
 
 SRC = Path("/models/src")
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -70,7 +71,7 @@ def assert_layer_mapping(plan, ckpt, arrangement):
     for t in plan.tensors:
         assert t.source == source_range(ckpt, t.source_key)
         assert t.nbytes == t.source.length == size_of(t.name)
-        assert (t.dtype, t.source_dtype, t.transform, t.steps) == ("BF16", "BF16", "none", ())
+        assert (t.dtype, t.source_dtype, t.transform, t.op) == ("BF16", "BF16", "none", COPY)
 
 
 # --- the whole plan ----------------------------------------------------------------------------------
@@ -108,8 +109,8 @@ def test_keep_plan_whole():
     shard = plan.shards[0]
     assert shard.filename == "model.safetensors"
     assert shard.tensors == tuple(
-        OutputTensor(name=name, dtype="BF16", shape=shape, offset=offset, nbytes=n, source_name="source",
-                     source_key=key, source_dtype="BF16", source=rng)
+        OutputTensor(name=name, dtype="BF16", shape=shape, offset=offset, nbytes=n,
+                     inputs=(Input("source", key, "BF16", shape, rng),), op=COPY, transform="none")
         for name, shape, offset, n, key, rng in rows)
     assert plan.index is None
     assert plan.total_size == shard.data_size == 376
@@ -397,7 +398,7 @@ def native_checkpoint(specs=NATIVE, **config):
 
 
 def _heads(t):
-    return next((step.heads for step in t.steps if isinstance(step, PermuteRotary)), None)
+    return t.op.heads if isinstance(t.op, PermuteRotary) else None
 
 
 def test_native_layout_is_renamed_and_permuted():

@@ -17,11 +17,12 @@ from tensorsurgery import pump
 from tensorsurgery.cli import main
 from tensorsurgery.dtypes import element_size
 from tensorsurgery.errors import ReadError
-from tensorsurgery.expected import tensor_chunks
 from tensorsurgery.format import encode_header
-from tensorsurgery.planning import ByteRange, OutputTensor, Shard
+from tensorsurgery.interpreter import tensor_chunks
+from tensorsurgery.ops import COPY, ZEROS
+from tensorsurgery.planning import ByteRange, OutputTensor, Shard, output_tensor
 from tensorsurgery.pump import Pump
-from tensorsurgery.steps import Cast, RowSlice, Zeros
+from tensorsurgery.recipe import Input, RowSlice
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 
@@ -29,17 +30,10 @@ MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 def _tensor(name: str, src: Path, offset: int, count: int, src_dtype: str, dtype: str | None = None,
             zeros: bool = False, row_slice: bool = False) -> OutputTensor:
     dtype = dtype or src_dtype
-    steps: tuple = ()
-    if row_slice:
-        steps += (RowSlice(0, 1, 2),)
-    if zeros:
-        steps += (Zeros(),)
-    elif dtype != src_dtype:
-        steps += (Cast(src_dtype, dtype),)
     length = count * element_size(src_dtype)
-    return OutputTensor(name=name, dtype=dtype, shape=(count,), offset=0, nbytes=count * element_size(dtype),
-                        source_name="s", source_key=name, source_dtype=src_dtype,
-                        source=None if zeros else ByteRange(src, offset, length), steps=steps)
+    part = RowSlice(0, 1, 2) if row_slice else None
+    inputs = () if zeros else (Input("s", name, src_dtype, (count,), ByteRange(src, offset, length), part),)
+    return output_tensor(name, dtype, (count,), 0, count * element_size(dtype), inputs, ZEROS if zeros else COPY)
 
 
 def _shard(filename: str, tensors: list[OutputTensor]) -> Shard:
@@ -55,12 +49,15 @@ def _shard(filename: str, tensors: list[OutputTensor]) -> Shard:
 def _expected(shard: Shard) -> tuple[bytes, dict[str, str]]:
     data, hashes = [shard.header], {}
     fds: dict[Path, int] = {}
+
+    def open_file(path: Path) -> int:
+        if path not in fds:
+            fds[path] = os.open(path, os.O_RDONLY)
+        return fds[path]
+
     try:
         for t in shard.tensors:
-            fd = None
-            if t.source is not None:
-                fd = fds.setdefault(t.source.path, os.open(t.source.path, os.O_RDONLY))
-            b = b"".join(bytes(c) for c in tensor_chunks(t, fd))
+            b = b"".join(bytes(c) for c in tensor_chunks(t, open_file))
             data.append(b)
             hashes[t.name] = hashlib.sha256(b).hexdigest()
     finally:
@@ -107,8 +104,8 @@ def test_pump_writes_the_expected_bytes_and_hashes(source, tmp_path, buffer_size
     out = tmp_path / "out"
     out.mkdir()
     straddled, read_back = [], []
-    real = pump._cast_now
-    monkeypatch.setattr(pump, "_cast_now", lambda *a: straddled.append(a) or real(*a))
+    real = pump._element_now
+    monkeypatch.setattr(pump, "_element_now", lambda *a: straddled.append(a) or real(*a))
     real_back = pump._Lane._read_back
     monkeypatch.setattr(pump._Lane, "_read_back", lambda *a: real_back(*a) and not read_back.append(a[2]))
     hashes = Pump(buffer_size=buffer_size, direct=False, threads=threads, lanes=lanes).run(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tensorsurgery.dtypes import element_size
-from tensorsurgery.steps import rotary_row_order
+from tensorsurgery.ops import rotary_row_order
 from tensorsurgery.transforms import cast_chunk, permute_head
 
 TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}

@@ -1,0 +1,72 @@
+"""The operations a recipe (:mod:`tensorsurgery.recipe`) may apply, one per output tensor, and
+their registry. An operation is a frozen dataclass (hashable: equal operations on equal inputs
+make equal bytes); adding one is a module here that defines it and registers it.
+
+What the interpreter may ask of an operation, and all it may ask:
+
+* ``label``: one word for ``plan``, the record and the model card;
+* ``verbatim``: its output is its one input's bytes (copied with no computation at all);
+* ``elementwise``: output element ``i`` depends on element ``i`` of each input only; then
+  :meth:`Operation.apply` makes any element range on its own, and the writer spreads ranges
+  over threads;
+* :meth:`Operation.result_dtype`: the dtype of the values it makes (the interpreter casts them
+  to the output's dtype);
+* :meth:`Operation.chunks`: for an operation that is not elementwise, its values in bounded
+  chunks, reading its inputs itself. One that needs a statistic of a whole tensor (a norm, a
+  top-k threshold) reads its inputs twice here, chunk by chunk: a first pass for the statistic,
+  a second for the values, so memory stays bounded.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol, Sequence, TypeVar
+
+if TYPE_CHECKING:  # numpy is not imported by planning (``plan`` and ``inspect`` do without it)
+    import numpy as np
+
+    from ..recipe import Input
+
+
+class Operation(Protocol):
+    """An output tensor's operation (see the module docstring for what each member promises)."""
+
+    label: ClassVar[str]
+    verbatim: ClassVar[bool]
+    elementwise: ClassVar[bool]
+
+    def __hash__(self) -> int:
+        """Operations are frozen dataclasses: equal operations on equal inputs make equal bytes."""
+
+    def result_dtype(self, inputs: Sequence[Input]) -> str:
+        """The safetensors dtype of the values it makes from ``inputs``."""
+
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+        """Elementwise operations: the values (raw bytes, uint8, of :meth:`result_dtype`) made from
+        the same element range of each input (``raws``, raw bytes of each input's dtype)."""
+
+    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+        """Other operations: every value in order (raw bytes of :meth:`result_dtype`), reading the
+        inputs (open as ``fds``) at most ``chunk`` bytes or one natural unit (a head) at a time."""
+
+
+#: Every operation by its label.
+OPERATIONS: dict[str, type[Any]] = {}
+
+_T = TypeVar("_T")
+
+
+def register(cls: type[_T]) -> type[_T]:
+    """Class decorator: make an operation known by its label (for records and manifests)."""
+    label: str = cls.__dict__["label"]
+    if label in OPERATIONS:
+        raise ValueError(f"two operations are labelled {label!r}")
+    OPERATIONS[label] = cls
+    return cls
+
+
+from .copy import COPY, Copy  # noqa: E402 - the operations register themselves on import
+from .permute import PermuteRotary, rotary_row_order  # noqa: E402
+from .scale import Scale  # noqa: E402
+from .zeros import ZEROS, Zeros  # noqa: E402
+
+__all__ = ["COPY", "OPERATIONS", "ZEROS", "Copy", "Operation", "PermuteRotary", "Scale", "Zeros", "register",
+           "rotary_row_order"]
