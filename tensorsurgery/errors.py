@@ -67,6 +67,11 @@ class PlanError(TensorSurgeryError):
     """The manifest cannot be applied to these sources (layer out of range, name clash, shapes differ)."""
 
 
+class QuantizationError(PlanError):
+    """A quantized source cannot be dequantized as asked: no block size in its config, a weight
+    without its scale tensor, or a scale whose shape does not cover the weight's blocks."""
+
+
 class ConsistencyError(PlanError):
     """The output's config.json and tensors would not describe the same model (a ``[config]``
     override or a rename broke it), or layers come from a source whose config computes them

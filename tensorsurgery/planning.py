@@ -26,6 +26,7 @@ from .gcpause import paused_gc
 from .layers import LayerRef, seams
 from .manifest import Manifest
 from .ops import COPY, ZEROS, Operation, PermuteRotary, rotary_row_order
+from .quantized import dequant_recipe, fp8_sources, without_quantization
 from .recipe import ByteRange, Input, RowSlice, label
 from .rules import get_preset
 from .selection import Pick, select
@@ -221,6 +222,9 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     del chosen  # from here on each tensor is held once: picks, then specs, then placed tensors
     specs = _specs(picks, checkpoints, dtype)
     del picks
+    fp8 = fp8_sources(checkpoints, dtype)  # FP8 block-quantized sources, dequantized when a dtype is asked for
+    if fp8 and dtype:
+        specs = _dequantized(specs, checkpoints, fp8, dtype)
     linked = _identical_source_shards(specs, checkpoints[base]) if link else []
     taken = {t.name for _, group in linked for t in group}
     groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
@@ -233,6 +237,8 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
                           family=base_ckpt.family, moe=moe, preset=preset, dtype=dtype,
                           overrides=manifest.config, where=f"{manifest.path}: layers", extra_layers=extra)
+    if fp8:
+        without_quantization(config, manifest.config)
     _check_consistency(manifest, checkpoints, arrangement, config, shards)
     plan = Plan(
         output=Path(manifest.output.path),
@@ -440,3 +446,21 @@ def _index(shards: tuple[Shard, ...]) -> Mapping[str, Any] | None:
         "metadata": {"total_size": sum(s.data_size for s in shards), "tensorsurgery_version": __version__},
         "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
     })
+
+
+def _dequantized(specs: list[_Spec], checkpoints: Mapping[str, Checkpoint], blocks: Mapping[str, tuple[int, int]],
+                 dtype: str) -> list[_Spec]:
+    """``specs`` with every FP8 weight of a source in ``blocks`` (its block size) dequantized to
+    ``dtype`` (:mod:`tensorsurgery.quantized`) and the scale tensors these read left out."""
+    scales: set[tuple[str, str]] = set()
+    out = []
+    for s in specs:
+        first = s.inputs[0] if len(s.inputs) == 1 else None
+        if first is None or first.source not in blocks or not first.dtype.startswith("F8_"):
+            out.append(s)
+            continue
+        inputs, op = dequant_recipe(first, checkpoints[first.source], blocks[first.source], dtype, s.op is not COPY)
+        scales.add((inputs[1].source, inputs[1].key))
+        nbytes = first.range.length * element_size(dtype)
+        out.append(_Spec(s.name, dtype, s.shape, nbytes, inputs, op, label(False, op, first.dtype, dtype)))
+    return [s for s in out if len(s.inputs) != 1 or (s.inputs[0].source, s.inputs[0].key) not in scales]

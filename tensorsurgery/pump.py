@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, cast
 
 import numpy as np
 
@@ -29,9 +29,10 @@ from .errors import WriteError
 from .fsio import OpenFiles
 from .hashing import HashPool, first_of_each
 from .interpreter import CAST_CHUNK, compute_elements, tensor_chunks
+from .ops import RowwiseOperation
 from .packing import ALIGN, Block, Packer
 from .planning import OutputTensor, Shard
-from .recipe import element_count, identity, is_elementwise, is_verbatim
+from .recipe import element_count, identity, is_elementwise, is_rowwise, is_verbatim
 from .shardfile import PARTIAL_SUFFIX, ShardFile
 
 BUFFER_SIZE = 4 << 20
@@ -77,7 +78,7 @@ class Pump:
         size = self.buffer_size if lanes == 1 else max(ALIGN, self.buffer_size // lanes // ALIGN * ALIGN)
         stop = threading.Event()
         casts = (ThreadPoolExecutor(self.threads, thread_name_prefix="ts-cast")
-                 if any(is_elementwise(t) and not is_verbatim(t) for t in tensors) else None)
+                 if any((is_elementwise(t) or is_rowwise(t)) and not is_verbatim(t) for t in tensors) else None)
         todo = [(i, *job) for i, job in enumerate(jobs)][::-1]  # popped from the end by the lanes
         runs = [_Lane(self, size, max(1, self.threads // lanes), stop, casts, same, first_tid, todo)
                 for _ in range(lanes)]
@@ -216,6 +217,8 @@ class _Lane:
             packer.read_into(sources.open(source.path), source.offset, source.length, tid)
         elif is_elementwise(t) and self._casts is not None:
             self._pack_elements(packer, [sources.open(i.range.path) for i in t.inputs], t, tid)
+        elif is_rowwise(t) and self._casts is not None and t.nbytes:
+            self._pack_rows(packer, [sources.open(i.range.path) for i in t.inputs], t, tid)
         else:
             for chunk in tensor_chunks(t, sources.open):
                 packer.put(chunk, tid)
@@ -234,6 +237,27 @@ class _Lane:
                 continue
             packer.fill(n * osz, tid, partial(self._start_elements, fds, t, start, n))
             start, left = start + n, left - n
+
+    def _pack_rows(self, packer: Packer, fds: list[int], t: OutputTensor, tid: int | None) -> None:
+        """Lay out a rowwise tensor (a dequantization) as jobs of whole rows, each making up to
+        ``CAST_CHUNK`` source bytes' worth straight into its place in a buffer on a cast thread."""
+        rows = t.shape[0]
+        row_bytes = t.nbytes // rows
+        chunk = max(CAST_CHUNK // max(t.inputs[0].range.length // rows, 1), 1)
+        start, left = 0, rows
+        while left:
+            n = min(packer.space() // row_bytes, left, chunk)
+            if n == 0:  # a row straddles two buffers: make it here, copy it across
+                packer.put(_rows_into(fds, t, start, 1, np.empty(row_bytes, np.uint8)).data, tid)
+                start, left = start + 1, left - 1
+                continue
+            packer.fill(n * row_bytes, tid, partial(self._start_rows, fds, t, start, n))
+            start, left = start + n, left - n
+
+    def _start_rows(self, fds: list[int], t: OutputTensor, start: int, n: int, buf: mmap.mmap, at: int) -> Future:
+        assert self._casts is not None
+        out = np.frombuffer(buf, np.uint8, count=n * (t.nbytes // t.shape[0]), offset=at)
+        return self._casts.submit(_rows_into, fds, t, start, n, out)
 
     def _start_elements(self, fds: list[int], t: OutputTensor, start: int, n: int, buf: mmap.mmap,
                         at: int) -> Future:
@@ -309,6 +333,13 @@ def _elements_into(fds: list[int], t: OutputTensor, start: int, n: int, buf: mma
     result = compute_elements(t, fds, start, n, out)
     if result.ctypes.data != out.ctypes.data:  # not made in place after all
         out[:] = result
+
+
+def _rows_into(fds: list[int], t: OutputTensor, start: int, n: int, out: np.ndarray) -> np.ndarray:
+    """Rows ``start..start+n-1`` of the rowwise ``t`` made into ``out`` (on a cast thread, or
+    here for a row that straddles two buffers)."""
+    op = cast(RowwiseOperation, t.op)  # is_rowwise(t) said so
+    return op.rows_into(t.inputs, fds, start, n, out)
 
 
 def _as_write_error(e: BaseException) -> BaseException:

@@ -9,11 +9,12 @@ operation: what they may ask of one is in :class:`~tensorsurgery.ops.Operation`.
 """
 from __future__ import annotations
 
+from dataclasses import fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Hashable, NamedTuple, Protocol
 
-from .dtypes import element_size
+from .dtypes import element_size, is_castable
 from .ops import Operation
 
 
@@ -55,14 +56,30 @@ def label(inputs_sliced: bool, op: Operation, first_dtype: str | None, dtype: st
     copy), ``cast``, ``permute``, ``permute+cast``, ``slice``, ``zeros``, ``scale``...
 
     ``cast`` appears when the output dtype is not the first input's (what the user asked for),
-    not when an operation computes in another dtype and returns to the input's.
+    not when an operation computes in another dtype and returns to the input's, nor when the
+    input's dtype is none a cast converts (a dequantization makes floats of FP8 bytes itself).
     """
     parts = ["slice"] if inputs_sliced else []
     if op.label != "copy":
         parts.append(op.label)
-    if first_dtype is not None and dtype != first_dtype:
+    if first_dtype is not None and dtype != first_dtype and is_castable(first_dtype):
         parts.append("cast")
     return "+".join(parts) or "none"
+
+
+def inputs_data(t: Recipe, *, with_offsets: bool = False) -> dict[str, object]:
+    """A recipe of several inputs (a merge) as JSON-ready data, for the record and ``plan --json``:
+    ``inputs`` (each one's source, file and key; its absolute offset ``with_offsets``) and its
+    ``operation``'s parameters. Empty for a recipe of one input or none, whose first-input fields
+    already say it all (and a 1.7M-tensor record stays small)."""
+    if len(t.inputs) < 2:
+        return {}
+    inputs = [{"source": i.source, "source_file": i.range.path.name if not with_offsets else str(i.range.path),
+               "source_key": i.key, **({"source_offset": i.range.offset} if with_offsets else {})}
+              for i in t.inputs]
+    op = t.op
+    params: dict[str, object] = {f.name: getattr(op, f.name) for f in fields(op)} if is_dataclass(op) else {}
+    return {"inputs": inputs, "operation": {"name": op.label, **params}}
 
 
 class Recipe(Protocol):
@@ -87,6 +104,14 @@ def is_elementwise(t: Recipe) -> bool:
     """Output element ``i`` depends on element ``i`` of each input only: any element range can be
     made on its own (:func:`tensorsurgery.interpreter.compute_elements`), so the writer spreads them over threads."""
     return t.op.elementwise and bool(t.inputs)
+
+
+def is_rowwise(t: Recipe) -> bool:
+    """Output row ``i`` is made of rows of the inputs alone: the operation says ``rowwise = True``
+    and has ``rows_into(inputs, fds, start, n, out)`` (a dequantization: the weight's row and its
+    block-row's scales). Any row range can be made on its own, so the writer spreads them over
+    threads as it does element ranges. An operation that says nothing is not."""
+    return bool(getattr(t.op, "rowwise", False)) and bool(t.inputs)
 
 
 def element_count(t: Recipe) -> int:

@@ -23,6 +23,7 @@ from .fsio import INDEX_LIMIT, describe_entry, read_json
 from .outlock import holder
 from .path_free import folder_name, path_free_manifest
 from .planning import Plan
+from .recipe import inputs_data
 
 #: Version 2 added the shards table (size and header sha256 of every shard) and the hash origins;
 #: version 3 lets a source have no ``root`` (the record push uploads, :func:`published_record`).
@@ -108,7 +109,7 @@ def build_record(plan: Plan, tensor_hashes: Mapping[str, str], file_hashes: Mapp
         "files": dict(sorted(file_hashes.items())),
         "tensors": {t.name: {"shard": shard.filename, "dtype": t.dtype, "shape": list(t.shape),
                              "source": t.source_name, "source_file": t.source.path.name if t.source else None,
-                             "source_key": t.source_key, "transform": t.transform,
+                             "source_key": t.source_key, "transform": t.transform, **inputs_data(t),
                              "sha256": tensor_hashes[t.name]}
                     for shard in plan.shards for t in shard.tensors},
     }

@@ -6,6 +6,8 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .layers import LayerRef
+from .ops import DequantFP8
+from .recipe import inputs_data
 
 if TYPE_CHECKING:  # views of these; planning.py makes its card with this module's helpers
     from .checkpoint import Checkpoint
@@ -41,6 +43,15 @@ def span(a: int, b: int) -> str:
     return f"{a}" if a == b else f"{a}..{b}"
 
 
+def _dequant_line(plan: Plan) -> str:
+    """What is dequantized: the FP8 weights, their block sizes and output dtypes, and how many
+    scale tensors (the recipes' second inputs) leave the output."""
+    made = [(t, t.op) for s in plan.shards for t in s.tensors if isinstance(t.op, DequantFP8)]
+    kinds = sorted({f"{op.block_rows}x{op.block_cols} blocks -> {t.dtype}" for t, op in made})
+    scales = {(t.inputs[1].source, t.inputs[1].key) for t, _ in made}
+    return f"dequantized: {len(made)} FP8 tensors ({', '.join(kinds)}); {len(scales)} scale tensors left out"
+
+
 def format_plan(plan: Plan, *, free: int | None = None, copied: Sequence[CopiedLinks] = ()) -> str:
     """The plan as a screen of text: sources, layer map with seams, shards, bytes, disk
     (``copied``: planned links that cannot be made, whose shards are copied and need the disk)."""
@@ -66,6 +77,8 @@ def format_plan(plan: Plan, *, free: int | None = None, copied: Sequence[CopiedL
         lines.append("layer kinds: " + ", ".join(f"{k or 'plain'} x{n}" for k, n in counts.items())
                      + "  (" + " ".join(_kind_runs(plan.kinds)) + ")")
     lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in plan.transform_counts.items()))
+    if "dequant" in plan.transform_counts:
+        lines.append(_dequant_line(plan))
     lines.append(f"shards: {len(plan.shards)}")
     unlinkable = {name for c in copied for name in c.shards}
     for shard in plan.shards:
@@ -117,7 +130,8 @@ def plan_as_dict(plan: Plan, copied: Sequence[CopiedLinks] = ()) -> dict[str, An
             {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes,
              "source": t.source_name, "source_key": t.source_key,
              "source_file": str(t.source.path) if t.source else None,
-             "source_offset": t.source.offset if t.source else None, "transform": t.transform} for t in s.tensors]}
+             "source_offset": t.source.offset if t.source else None, "transform": t.transform,
+             **inputs_data(t, with_offsets=True)} for t in s.tensors]}
             for s in plan.shards],
         "total_size": plan.total_size,
         "disk_needed": disk_needed(plan, copied),

@@ -11,6 +11,9 @@ What the interpreter may ask of an operation, and all it may ask:
   over threads;
 * :meth:`Operation.result_dtype`: the dtype of the values it makes (the interpreter casts them
   to the output's dtype);
+* ``rowwise`` (optional, :class:`RowwiseOperation`): output row ``i`` is made of rows of the
+  inputs alone; then :meth:`RowwiseOperation.rows_into` makes any row range on its own, and the
+  writer spreads ranges over threads as it does element ranges (a dequantization);
 * :meth:`Operation.chunks`: for an operation that is not elementwise, its values in bounded
   chunks, reading its inputs itself. One that needs a statistic of a whole tensor (a norm, a
   top-k threshold) reads its inputs twice here, chunk by chunk: a first pass for the statistic,
@@ -48,6 +51,17 @@ class Operation(Protocol):
         inputs (open as ``fds``) at most ``chunk`` bytes or one natural unit (a head) at a time."""
 
 
+class RowwiseOperation(Operation, Protocol):
+    """An operation that says ``rowwise = True`` (:func:`tensorsurgery.recipe.is_rowwise`)."""
+
+    rowwise: ClassVar[bool]
+
+    def rows_into(self, inputs: Sequence[Input], fds: Sequence[int], start: int, n: int,
+                  out: np.ndarray) -> np.ndarray:
+        """Output rows ``start..start+n-1`` (raw bytes of :meth:`result_dtype`) made into ``out``
+        (uint8, their size), reading the inputs (open as ``fds``); returns ``out``."""
+
+
 #: Every operation by its label.
 OPERATIONS: dict[str, type[Any]] = {}
 
@@ -64,9 +78,10 @@ def register(cls: type[_T]) -> type[_T]:
 
 
 from .copy import COPY, Copy  # noqa: E402 - the operations register themselves on import
+from .dequant_fp8 import DequantFP8  # noqa: E402
 from .permute import PermuteRotary, rotary_row_order  # noqa: E402
 from .scale import Scale  # noqa: E402
 from .zeros import ZEROS, Zeros  # noqa: E402
 
-__all__ = ["COPY", "OPERATIONS", "ZEROS", "Copy", "Operation", "PermuteRotary", "Scale", "Zeros", "register",
-           "rotary_row_order"]
+__all__ = ["COPY", "OPERATIONS", "ZEROS", "Copy", "DequantFP8", "Operation", "PermuteRotary", "RowwiseOperation",
+           "Scale", "Zeros", "register", "rotary_row_order"]
