@@ -18,8 +18,11 @@ written in a new folder under ``/dev/shm`` (or ``--workdir``) and removed at the
 
 Usage::
 
-    python benchmarks/dequant.py [--size tiny|default] [--runs N] [--workdir DIR] [--repo PATH]
-                                 [--max-wait SECONDS] [--json]
+    python benchmarks/dequant.py [--format fp8|mxfp4] [--size tiny|default] [--runs N] [--workdir DIR]
+                                 [--repo PATH] [--max-wait SECONDS] [--json]
+
+``--format mxfp4`` writes a GPT-OSS-shaped checkpoint (MXFP4 experts) instead; it needs torch and
+transformers (the config and tensor names come from transformers' GptOss classes).
 """
 from __future__ import annotations
 
@@ -61,8 +64,30 @@ def _tensors(size: str) -> list[tuple[str, str, tuple[int, ...]]]:
     return out + [("model.norm.weight", "BF16", (hidden,)), ("lm_head.weight", "BF16", (vocab, hidden))]
 
 
-def _values(dtype: str, shape: tuple[int, ...], rng: np.random.Generator) -> bytes:
+def _write(folder: Path, specs: list[tuple[str, str, tuple[int, ...]]], seed: int) -> int:
+    """One ``model.safetensors`` of ``specs`` (name, dtype, shape) with seeded random values."""
+    folder.mkdir(parents=True)
+    meta: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in specs:
+        n = int(np.prod(shape)) * {"F8_E4M3": 1, "U8": 1, "BF16": 2, "F32": 4}[dtype]
+        meta[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header = json.dumps(meta, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    rng = np.random.default_rng(seed)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for name, dtype, shape in specs:
+            f.write(_values(name, dtype, shape, rng))
+    return offset
+
+
+def _values(name: str, dtype: str, shape: tuple[int, ...], rng: np.random.Generator) -> bytes:
     n = int(np.prod(shape))
+    if dtype == "U8":  # MXFP4: any nibbles; exponents near 127, as trained weights have them
+        return rng.integers(118, 130, n, dtype=np.uint8).tobytes() if name.endswith("_scales") else \
+            rng.integers(0, 256, n, dtype=np.uint8).tobytes()
     if dtype == "F8_E4M3":
         raw = rng.integers(0, 256, n, dtype=np.uint8)
         return np.where((raw & 0x7F) == 0x7F, raw ^ 1, raw).astype(np.uint8).tobytes()  # no NaN weights
@@ -75,19 +100,7 @@ def _values(dtype: str, shape: tuple[int, ...], rng: np.random.Generator) -> byt
 def make_fp8_checkpoint(folder: Path, size: str, seed: int = 0) -> int:
     """Write the FP8 checkpoint of ``size`` into ``folder`` (one ``model.safetensors`` and
     config.json); returns its tensor bytes."""
-    folder.mkdir(parents=True)
-    specs, meta, offset = _tensors(size), {"__metadata__": {"format": "pt"}}, 0
-    for name, dtype, shape in specs:
-        n = int(np.prod(shape)) * {"F8_E4M3": 1, "BF16": 2, "F32": 4}[dtype]
-        meta[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header = json.dumps(meta, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    rng = np.random.default_rng(seed)
-    with open(folder / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
-        for _, dtype, shape in specs:
-            f.write(_values(dtype, shape, rng))
+    offset = _write(folder, _tensors(size), seed)
     layers, hidden, inter, kv, vocab = SIZES[size]
     heads = hidden // 128
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
@@ -99,9 +112,45 @@ def make_fp8_checkpoint(folder: Path, size: str, seed: int = 0) -> int:
     return offset
 
 
+#: --format mxfp4 --size -> GptOssConfig overrides (GPT-OSS-20B's hidden and expert sizes, fewer of them).
+MXFP4_SIZES = {"tiny": {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2, "num_local_experts": 4,
+                        "head_dim": 32, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1024},
+               "default": {"hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 2,
+                           "num_local_experts": 16, "vocab_size": 32000}}
+
+
+def make_mxfp4_checkpoint(folder: Path, size: str, seed: int = 0) -> int:
+    """A GPT-OSS-shaped checkpoint (config and tensor names from transformers' GptOss classes,
+    built on the meta device): expert tensors as MXFP4 ``_blocks``/``_scales`` (random nibbles,
+    exponents 118..129), the rest BF16; returns its tensor bytes."""
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    dims = MXFP4_SIZES[size]
+    layer_types = ["sliding_attention", "full_attention"] * (dims["num_hidden_layers"] // 2)
+    config = GptOssConfig(**dims, layer_types=layer_types, tie_word_embeddings=False)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in GptOssForCausalLM(config).state_dict().items()}
+    specs: list[tuple[str, str, tuple[int, ...]]] = []
+    for name, shape in shapes.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, inner, outer = shape
+            specs += [(name + "_blocks", "U8", (experts, outer, inner // 32, 16)),
+                      (name + "_scales", "U8", (experts, outer, inner // 32))]
+        else:
+            specs.append((name, "BF16", shape))
+    total = _write(folder, specs, seed)
+    cfg = {**config.to_dict(), "architectures": ["GptOssForCausalLM"], "quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                            "model.embed_tokens", "lm_head"]}}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return total
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=SIZES, default="default")
+    p.add_argument("--format", choices=("fp8", "mxfp4"), default="fp8", help="the quantized source (default: fp8)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workdir", type=Path, help="a folder on tmpfs (default: a new one under /dev/shm)")
     p.add_argument("--repo", type=Path, default=runner.DEFAULT_REPO, help="the checkout to measure")
@@ -126,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     source, bench = work / "source", work / "bench"
     bench.mkdir()
-    runner.log(f"writing the {args.size} FP8 checkpoint in {source} ...")
-    source_bytes = make_fp8_checkpoint(source, args.size)
+    runner.log(f"writing the {args.size} {args.format} checkpoint in {source} ...")
+    make = make_fp8_checkpoint if args.format == "fp8" else make_mxfp4_checkpoint
+    source_bytes = make(source, args.size)
     out = bench / "out"
     manifest = bench / "dequant.toml"
     manifest.write_text(f'[source]\nmodel = "{source}"\n[layers]\nplan = "keep"\n[output]\n'
@@ -146,7 +196,8 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     rows = [
         runner.Approach("raw", "raw pipelined copy (baseline: the dequantized output's bytes)",
                         [sys.executable, str(runner.THIS), "--raw-copy", str(bench / "raw.json")], out / "raw"),
-        runner.Approach("dequant", "apply (FP8 blocks -> bfloat16)", repo.ts("apply", str(manifest), "--no-progress"),
+        runner.Approach("dequant", f"apply ({'FP8 blocks' if args.format == 'fp8' else 'MXFP4'} -> bfloat16)",
+                        repo.ts("apply", str(manifest), "--no-progress"),
                         out / "apply"),
         runner.Approach("verify", "verify MANIFEST OUTPUT (the dequantization made again)",
                         repo.ts("verify", str(manifest), str(out / "apply"), "--no-progress"), after="dequant"),
@@ -161,14 +212,15 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     ctx = {"dropped": 0, "why": None, "max_wait": args.max_wait, "tmpfs": True, "env": env}
     runner.run_all(rows, bench, args.runs, ctx)
     summary = runner.summarize(rows)
-    command = " ".join(["python benchmarks/dequant.py", "--size", args.size, "--runs", str(args.runs)])
+    command = " ".join(["python benchmarks/dequant.py", "--format", args.format, "--size", args.size, "--runs",
+                        str(args.runs)])
     m = runner.machine(work, repo)
     if args.json:
         print(json.dumps({"command": command, "source_bytes": source_bytes, "machine": m, "results": summary},
                          indent=2))
     else:
-        print(f"{command}\n{runner.format_machine(m)}\nsource: {source_bytes:,} bytes of tensors (FP8 + scales + "
-              f"BF16), {args.runs} run(s) each, order rotated; files on {runner.filesystem(work)['fstype']}\n")
+        print(f"{command}\n{runner.format_machine(m)}\nsource: {source_bytes:,} bytes of tensors ({args.format}, "
+              f"scales, BF16), {args.runs} run(s) each, order rotated; files on {runner.filesystem(work)['fstype']}\n")
         print(runner.format_table(summary))
     return 0 if all(r.get("samples") for r in summary) else 1
 

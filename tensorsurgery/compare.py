@@ -173,6 +173,8 @@ def _compare_tensor(t: OutputTensor, path: Path, data_start: int, progress: Prog
     with OpenFiles() as files:
         out = files.open(path)
         for chunk in tensor_chunks(t, files.open):
+            if len(chunk) > len(actual):  # an operation's natural unit made more (a dequantized expert's rows)
+                actual = thread_buffer("actual", len(chunk))
             view = memoryview(actual)[:len(chunk)]
             pread_exact(out, view, data_start + t.offset + pos)
             if hashed:

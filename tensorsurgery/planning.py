@@ -25,11 +25,11 @@ from .format import Header, encode_header
 from .gcpause import paused_gc
 from .layers import LayerRef, seams
 from .manifest import Manifest
-from .ops import COPY, ZEROS, Operation, PermuteRotary, rotary_row_order
-from .quantized import dequant_recipe, fp8_sources, without_quantization
+from .ops import COPY, ZEROS, DequantFP8, DequantMXFP4, Operation, PermuteRotary, rotary_row_order
+from .quantized import MXFP4_BLOCKS, dequant_recipe, fp8_sources, mxfp4_recipe, mxfp4_sources, without_quantization
 from .recipe import ByteRange, Input, RowSlice, label
 from .rules import get_preset
-from .selection import Pick, select
+from .selection import Pick, natural_order, select
 
 SHARD_METADATA = MappingProxyType({"format": "pt"})
 SINGLE_SHARD = "model.safetensors"
@@ -222,9 +222,10 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     del chosen  # from here on each tensor is held once: picks, then specs, then placed tensors
     specs = _specs(picks, checkpoints, dtype)
     del picks
-    fp8 = fp8_sources(checkpoints, dtype)  # FP8 block-quantized sources, dequantized when a dtype is asked for
-    if fp8 and dtype:
-        specs = _dequantized(specs, checkpoints, fp8, dtype)
+    # Quantized sources (FP8 blocks, MXFP4), dequantized when a dtype is asked for.
+    fp8, mxfp4 = fp8_sources(checkpoints, dtype), mxfp4_sources(checkpoints, dtype)
+    if (fp8 or mxfp4) and dtype:
+        specs = _dequantized(specs, checkpoints, fp8, mxfp4, dtype)
     linked = _identical_source_shards(specs, checkpoints[base]) if link else []
     taken = {t.name for _, group in linked for t in group}
     groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
@@ -237,7 +238,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
                           family=base_ckpt.family, moe=moe, preset=preset, dtype=dtype,
                           overrides=manifest.config, where=f"{manifest.path}: layers", extra_layers=extra)
-    if fp8:
+    if fp8 or mxfp4:
         without_quantization(config, manifest.config)
     _check_consistency(manifest, checkpoints, arrangement, config, shards)
     plan = Plan(
@@ -449,18 +450,29 @@ def _index(shards: tuple[Shard, ...]) -> Mapping[str, Any] | None:
 
 
 def _dequantized(specs: list[_Spec], checkpoints: Mapping[str, Checkpoint], blocks: Mapping[str, tuple[int, int]],
-                 dtype: str) -> list[_Spec]:
-    """``specs`` with every FP8 weight of a source in ``blocks`` (its block size) dequantized to
-    ``dtype`` (:mod:`tensorsurgery.quantized`) and the scale tensors these read left out."""
+                 mxfp4: frozenset[str], dtype: str) -> list[_Spec]:
+    """``specs`` with every FP8 weight of a source in ``blocks`` (its block size) and every MXFP4
+    tensor of a source in ``mxfp4`` dequantized to ``dtype`` (:mod:`tensorsurgery.quantized`),
+    and the scale tensors these read left out."""
     scales: set[tuple[str, str]] = set()
     out = []
+    op: Operation
     for s in specs:
         first = s.inputs[0] if len(s.inputs) == 1 else None
-        if first is None or first.source not in blocks or not first.dtype.startswith("F8_"):
+        if first is not None and first.source in blocks and first.dtype.startswith("F8_"):
+            inputs, op = dequant_recipe(first, checkpoints[first.source], blocks[first.source], dtype, s.op is not COPY)
+            name, shape = s.name, s.shape
+        elif (first is not None and first.source in mxfp4 and first.key.endswith(MXFP4_BLOCKS)
+              and s.name.endswith(MXFP4_BLOCKS)):
+            suffix, shape, inputs, op = mxfp4_recipe(first, checkpoints[first.source], dtype, s.op is not COPY)
+            name = s.name[:-len(suffix)]
+        else:
             out.append(s)
             continue
-        inputs, op = dequant_recipe(first, checkpoints[first.source], blocks[first.source], dtype, s.op is not COPY)
         scales.add((inputs[1].source, inputs[1].key))
-        nbytes = first.range.length * element_size(dtype)
-        out.append(_Spec(s.name, dtype, s.shape, nbytes, inputs, op, label(False, op, first.dtype, dtype)))
-    return [s for s in out if len(s.inputs) != 1 or (s.inputs[0].source, s.inputs[0].key) not in scales]
+        nbytes = element_size(dtype) * (first.range.length if isinstance(op, DequantFP8) else 2 * first.range.length)
+        out.append(_Spec(name, dtype, shape, nbytes, inputs, op, label(False, op, first.dtype, dtype)))
+    kept = [s for s in out if len(s.inputs) != 1 or (s.inputs[0].source, s.inputs[0].key) not in scales]
+    if any(isinstance(s.op, DequantMXFP4) for s in kept):  # renamed (P_blocks -> P): back to the output order
+        kept.sort(key=lambda s: natural_order(s.name))
+    return kept

@@ -1,4 +1,4 @@
-"""Which output tensors are dequantized (pure, part of planning): FP8 block-quantized sources.
+"""Which output tensors are dequantized (pure, part of planning): FP8 block-quantized and MXFP4 sources.
 
 A source whose config.json says ``quantization_config.quant_method = "fp8"`` with a
 ``weight_block_size`` (DeepSeek-V3, Kimi K2, GLM-4.5... ``[128, 128]``) stores each quantized
@@ -7,6 +7,10 @@ is asked for (``[output] dtype``), every such weight becomes that dtype like eve
 tensor: a recipe of the two tensors and :class:`~tensorsurgery.ops.DequantFP8`; the scale tensors
 and ``quantization_config`` leave the output. Without a dtype every tensor keeps its own, so an
 FP8 model stays FP8, scales and all (a DUS of DeepSeek-V3 as it was released).
+
+A source whose ``quant_method`` is ``"mxfp4"`` (GPT-OSS) stores each expert tensor ``P`` as
+``P_blocks`` and ``P_scales``; with a dtype, ``P`` is made of the two
+(:class:`~tensorsurgery.ops.DequantMXFP4`), as transformers dequantizes it.
 """
 from __future__ import annotations
 
@@ -14,12 +18,14 @@ from typing import Any, Mapping
 
 from .checkpoint import Checkpoint
 from .errors import QuantizationError
-from .ops import DequantFP8
+from .ops import DequantFP8, DequantMXFP4
 from .recipe import ByteRange, Input
 
 #: The scale of weight ``W`` is ``W + SCALE_SUFFIX`` (``...q_proj.weight_scale_inv``).
 SCALE_SUFFIX = "_scale_inv"
 FP8 = "F8_E4M3"
+#: GPT-OSS's MXFP4 tensor ``P`` is stored as ``P + MXFP4_BLOCKS`` and ``P + MXFP4_SCALES``.
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
 #: Dtypes a scale may have: widened exactly to float32, as torch's ``w.float() * s`` promotes it.
 _SCALE_DTYPES = ("F32", "BF16", "F16")
 
@@ -48,6 +54,47 @@ def fp8_sources(checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> dic
         return {}
     found = {name: block_size(c.config, f"{c.root / 'config.json'}") for name, c in checkpoints.items()}
     return {name: block for name, block in found.items() if block is not None}
+
+
+def mxfp4_sources(checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> frozenset[str]:
+    """The MXFP4-quantized sources (``quantization_config.quant_method = "mxfp4"``: GPT-OSS), when
+    the output has a ``dtype`` (none otherwise: nothing is dequantized)."""
+    if dtype is None:
+        return frozenset()
+    quantized = {name: c.config.get("quantization_config") for name, c in checkpoints.items()}
+    return frozenset(name for name, q in quantized.items()
+                     if isinstance(q, Mapping) and q.get("quant_method") == "mxfp4")
+
+
+def mxfp4_recipe(blocks: Input, ckpt: Checkpoint, dtype: str,
+                 transformed: bool = False) -> tuple[str, tuple[int, ...], tuple[Input, Input], DequantMXFP4]:
+    """What makes the MXFP4 ``<P>_blocks`` tensor ``blocks`` of source ``ckpt`` a tensor of
+    ``dtype``: the suffix its output name loses, its shape ``[E, G * 32, R]``, its inputs (the
+    blocks, then ``<P>_scales``) and the operation.
+
+    Raises:
+        QuantizationError: no scales tensor, blocks or scales of the wrong shape or dtype, a
+            permuted or sliced tensor.
+    """
+    where = f"{blocks.range.path}: tensor {blocks.key!r}"
+    if transformed or blocks.part is not None:
+        raise QuantizationError(f"{where}: an MXFP4 tensor cannot also be permuted or sliced; leave [output] dtype "
+                                f"unset to keep the MXFP4 tensors, or drop the rename that transforms it")
+    key = blocks.key[:-len(MXFP4_BLOCKS)] + MXFP4_SCALES
+    shard = ckpt.weight_map.get(key)
+    if shard is None:
+        raise QuantizationError(f"{where} is MXFP4 blocks but the source has no {key!r} (their scales); the "
+                                f"checkpoint is incomplete: download it again, or leave [output] dtype unset")
+    header = ckpt.headers[shard]
+    entry = header.tensors[key]
+    shape = blocks.shape
+    if len(shape) != 4 or shape[3] != 16 or entry.shape != shape[:3] or entry.dtype != "U8":
+        raise QuantizationError(f"{where}: MXFP4 blocks must be U8 [experts, rows, groups, 16] with U8 scales "
+                                f"[experts, rows, groups], found {list(shape)} and {key!r} {entry.dtype} "
+                                f"{list(entry.shape)}; tensorsurgery dequantizes GPT-OSS's layout only")
+    scales = Input(blocks.source, key, entry.dtype, entry.shape,
+                   ByteRange(header.path, header.data_start + entry.start, entry.nbytes))
+    return MXFP4_BLOCKS, (shape[0], shape[2] * 32, shape[1]), (blocks, scales), DequantMXFP4(dtype)
 
 
 def dequant_recipe(weight: Input, ckpt: Checkpoint, block: tuple[int, int], dtype: str,

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .layers import LayerRef
-from .ops import DequantFP8
+from .ops import DequantFP8, DequantMXFP4
 from .recipe import inputs_data
 
 if TYPE_CHECKING:  # views of these; planning.py makes its card with this module's helpers
@@ -44,12 +44,20 @@ def span(a: int, b: int) -> str:
 
 
 def _dequant_line(plan: Plan) -> str:
-    """What is dequantized: the FP8 weights, their block sizes and output dtypes, and how many
-    scale tensors (the recipes' second inputs) leave the output."""
-    made = [(t, t.op) for s in plan.shards for t in s.tensors if isinstance(t.op, DequantFP8)]
-    kinds = sorted({f"{op.block_rows}x{op.block_cols} blocks -> {t.dtype}" for t, op in made})
-    scales = {(t.inputs[1].source, t.inputs[1].key) for t, _ in made}
-    return f"dequantized: {len(made)} FP8 tensors ({', '.join(kinds)}); {len(scales)} scale tensors left out"
+    """What is dequantized: the FP8 weights (their block sizes) and MXFP4 tensors, their output
+    dtypes, and how many scale tensors (the recipes' second inputs) leave the output."""
+    kinds: Counter[str] = Counter()
+    scales = set()
+    for t in (t for s in plan.shards for t in s.tensors):
+        if isinstance(t.op, DequantFP8):
+            kinds[f"FP8 in {t.op.block_rows}x{t.op.block_cols} blocks -> {t.dtype}"] += 1
+        elif isinstance(t.op, DequantMXFP4):
+            kinds[f"MXFP4 -> {t.dtype}"] += 1
+        else:
+            continue
+        scales.add((t.inputs[1].source, t.inputs[1].key))
+    made = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    return f"dequantized: {made}; {len(scales)} scale tensors left out"
 
 
 def format_plan(plan: Plan, *, free: int | None = None, copied: Sequence[CopiedLinks] = ()) -> str:
@@ -77,7 +85,7 @@ def format_plan(plan: Plan, *, free: int | None = None, copied: Sequence[CopiedL
         lines.append("layer kinds: " + ", ".join(f"{k or 'plain'} x{n}" for k, n in counts.items())
                      + "  (" + " ".join(_kind_runs(plan.kinds)) + ")")
     lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in plan.transform_counts.items()))
-    if "dequant" in plan.transform_counts:
+    if "dequant" in plan.transform_counts or "dequant-mxfp4" in plan.transform_counts:
         lines.append(_dequant_line(plan))
     lines.append(f"shards: {len(plan.shards)}")
     unlinkable = {name for c in copied for name in c.shards}

@@ -225,6 +225,11 @@ def _natural(text: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(text))
 
 
+def natural_order(name: str) -> tuple:
+    """The output order's key of ``name`` (as :attr:`Pick.order`): digit runs compare as numbers."""
+    return _natural(name)
+
+
 def _rename(manifest: Manifest, renamer: Renamer, key: str) -> tuple[Renamed, ...]:
     try:
         return renamer.rename(key)

@@ -1,9 +1,11 @@
-"""FP8 block dequantization (issue 20): a tiny Llama built by transformers, quantized here to
+"""FP8 block and MXFP4 dequantization (issue 20): a tiny Llama built by transformers, quantized here to
 ``F8_E4M3`` with a float32 ``weight_scale_inv`` per block (hidden 200 and intermediate 136: no
 dimension a multiple of 128, so every edge block is partial), applied with ``dtype`` set; every
 output weight bitwise equal to DeepSeek-V3's ``weight_dequant`` written in torch (float32
 multiply, then ``.to(bfloat16)``), the other tensors untouched, the output loaded and run by
-transformers; dequantize + DUS in one manifest; verify finds a flipped byte; the refusals."""
+transformers; dequantize + DUS in one manifest; verify finds a flipped byte; the refusals. MXFP4:
+a tiny GPT-OSS with packed experts, every output tensor bitwise equal to transformers' own
+dequantization (``Mxfp4Config(dequantize=True)``), the same logits."""
 from __future__ import annotations
 
 import json
@@ -15,12 +17,21 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Mxfp4Config,
+)
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from cli_helpers import error_line, run
+from tensorsurgery.compare import compare_shard
 from tensorsurgery.format import encode_header
 from tensorsurgery.interpreter import tensor_chunks
-from tensorsurgery.ops import OPERATIONS, DequantFP8
+from tensorsurgery.ops import OPERATIONS, DequantFP8, DequantMXFP4
 from tensorsurgery.planning import SHARD_METADATA, Shard, output_tensor
 from tensorsurgery.pump import Pump
 from tensorsurgery.recipe import ByteRange, Input
@@ -104,7 +115,7 @@ def test_dequantized_weights_are_weight_dequant_bitwise_and_the_model_runs(tmp_p
     code, out, err = run(capsys, "plan", m)
     assert code == 0, err
     assert "tensors: 28 dequant, 11 none" in out  # 4 layers x 7 projections; 9 norms, embeddings, head copied
-    assert "dequantized: 28 FP8 tensors (128x128 blocks -> BF16); 28 scale tensors left out" in out
+    assert "dequantized: 28 FP8 in 128x128 blocks -> BF16; 28 scale tensors left out" in out
     code, _, err = run(capsys, "apply", m, "--no-progress")
     assert code == 0, err
     source, got = state(fp8_model), state(tmp_path / "out")
@@ -272,3 +283,122 @@ def test_the_kernel_is_torch_for_every_byte_nans_and_odd_blocks_included(tmp_pat
             os.close(fd)
     assert out.read_bytes() == header + again
     assert OPERATIONS["dequant"] is DequantFP8
+
+
+# -- MXFP4 (GPT-OSS) -------------------------------------------------------------------------
+
+MXFP4_QUANT = {"quant_method": "mxfp4",
+               "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                          "lm_head"]}
+
+
+@pytest.fixture(scope="module")
+def mxfp4_model(tmp_path_factory) -> Path:
+    """A tiny GPT-OSS (2 layers, 4 experts, hidden 64, intermediate 96) saved as GPT-OSS ships:
+    each expert tensor ``P`` as ``P_blocks`` (random FP4 nibbles) and ``P_scales`` (exponents
+    around 127), config quantization_config mxfp4."""
+    folder = tmp_path_factory.mktemp("mxfp4") / "src"
+    torch.manual_seed(0)
+    config = GptOssConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_local_experts=4,
+                          num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          vocab_size=128, max_position_embeddings=64, sliding_window=8,
+                          layer_types=["sliding_attention", "full_attention"])
+    GptOssForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tensors = state(folder)
+    g = torch.Generator().manual_seed(1)
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inner, outer = tensors.pop(key).shape
+        tensors[key + "_blocks"] = torch.randint(0, 256, (experts, outer, inner // 32, 16), generator=g,
+                                                 dtype=torch.uint8)
+        tensors[key + "_scales"] = torch.randint(118, 128, (experts, outer, inner // 32), generator=g,
+                                                 dtype=torch.uint8)
+    for path in folder.glob("*.safetensors"):
+        path.unlink()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": MXFP4_QUANT}, indent=2))
+    return folder
+
+
+def test_mxfp4_experts_are_transformers_dequantization_bitwise(tmp_path, capsys, mxfp4_model):
+    """Every tensor of the output equals transformers' own dequantization of the source
+    (``Mxfp4Config(dequantize=True)`` on CPU) bit for bit, and the two models compute the same logits."""
+    m = manifest(tmp_path, mxfp4_model)
+    code, out, err = run(capsys, "plan", m)
+    assert code == 0, err
+    assert "dequantized: 4 MXFP4 -> BF16; 4 scale tensors left out" in out
+    code, _, err = run(capsys, "apply", m, "--no-progress")
+    assert code == 0, err
+    got, source = state(tmp_path / "out"), state(mxfp4_model)
+    for key in [k for k in source if k.endswith("_blocks")]:
+        p = key[:-len("_blocks")]
+        assert bitwise(got[p], convert_moe_packed_tensors(source[key], source[p + "_scales"])), p
+    theirs = AutoModelForCausalLM.from_pretrained(mxfp4_model, quantization_config=Mxfp4Config(dequantize=True),
+                                                  dtype=torch.bfloat16)
+    expected_state = theirs.state_dict()
+    assert set(got) == set(expected_state)
+    for key, t in expected_state.items():
+        assert bitwise(got[key], t), key
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    code, _, err = run(capsys, "verify", m, tmp_path / "out", "--no-progress")
+    assert code == 0, err
+
+
+def test_mxfp4_and_dus_and_what_cannot_be_dequantized(tmp_path, capsys, mxfp4_model):
+    m = manifest(tmp_path, mxfp4_model, layers='plan = "explicit"\narrangement = [0, 1, 1]')
+    code, _, err = run(capsys, "apply", m, "--no-progress")
+    assert code == 0, err
+    got, source = state(tmp_path / "out"), state(mxfp4_model)
+    p = "model.layers.{}.mlp.experts.down_proj"
+    for out_layer, layer in enumerate([0, 1, 1]):
+        assert bitwise(got[p.format(out_layer)], convert_moe_packed_tensors(source[p.format(layer) + "_blocks"],
+                                                                          source[p.format(layer) + "_scales"]))
+    code, _, err = run(capsys, "verify", m, tmp_path / "out", "--no-progress")
+    assert code == 0, err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    save_file({k: v for k, v in source.items() if k != p.format(1) + "_scales"}, str(broken / "model.safetensors"),
+              metadata={"format": "pt"})
+    (broken / "config.json").write_text((mxfp4_model / "config.json").read_text())
+    line = error_line(*run(capsys, "plan", manifest(tmp_path, broken, name="b.toml")))
+    assert f"tensor '{p.format(1)}_blocks' is MXFP4 blocks but the source has no '{p.format(1)}_scales'" in line
+
+
+def test_verify_compares_dequantized_chunks_larger_than_its_buffer(tmp_path):
+    """A dequantization's chunks (rows of 40,000 FP8 columns made float32; an MXFP4 expert's
+    groups) are larger than the 2 MiB verify reads at once by default: compare_shard still
+    compares them whole, and finds one flipped byte past the first 2 MiB."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randint(0, 126, (64, 40000), generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    inputs = _fp8_file(tmp_path / "fp8.safetensors", {"w": (w, torch.rand(1, 313, generator=g))})["w"]
+    blocks = torch.randint(0, 256, (1, 2880, 90, 16), generator=g, dtype=torch.uint8)
+    save_file({"p_blocks": blocks, "p_scales": torch.full((1, 2880, 90), 127, dtype=torch.uint8)},
+              str(tmp_path / "mx.safetensors"))
+    raw = (tmp_path / "mx.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+
+    def one(key: str) -> Input:
+        start, end = header[key]["data_offsets"]
+        return Input("s", key, "U8", tuple(header[key]["shape"]), ByteRange(tmp_path / "mx.safetensors",
+                                                                            8 + n + start, end - start))
+    tensors = [output_tensor("w", "F32", w.shape, 0, w.numel() * 4, inputs, DequantFP8(128, 128, "F32")),
+               output_tensor("p", "BF16", (1, 2880, 2880), w.numel() * 4, 2880 * 2880 * 2,
+                             (one("p_blocks"), one("p_scales")), DequantMXFP4("BF16"))]
+    shard = Shard("model.safetensors", encode_header(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes)
+                                                      for t in tensors), SHARD_METADATA), tuple(tensors))
+    out = tmp_path / "model.safetensors"
+    Pump(direct=False, threads=2).run([(shard, out)])
+    assert compare_shard(shard, out)[1] == []
+    with safe_open(str(out), framework="pt") as f:
+        assert bitwise(f.get_tensor("p"), convert_moe_packed_tensors(blocks, torch.full((1, 2880, 90), 127,
+                                                                                        dtype=torch.uint8)))
+    data = bytearray(out.read_bytes())
+    data[len(shard.header) + tensors[1].offset + 3_000_001] ^= 1
+    out.write_bytes(bytes(data))
+    assert [d.where for d in compare_shard(shard, out)[1]] == ["p"]

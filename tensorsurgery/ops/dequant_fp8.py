@@ -43,9 +43,9 @@ class DequantFP8:
         from ..scratch import scratch
 
         rows, cols = inputs[0].shape
-        step = max(chunk // max(cols * self.block_rows, 1), 1) * self.block_rows  # whole block-rows
+        step = max(chunk // max(cols, 1), 1)  # rows of at most ``chunk`` weight bytes (one at least)
         size = element_size(self.dtype)
-        out = scratch(step * cols * size // 2, slot=1)[1]
+        out = scratch(-(-step * cols * size // 2), slot=1)[1]
         for start in range(0, rows, step):
             n = min(step, rows - start)
             yield self.rows_into(inputs, fds, start, n, out[:n * cols * size])
