@@ -9,7 +9,14 @@ The public API follows the data flow: manifest -> checkpoints -> plan -> files -
 """
 from __future__ import annotations
 
-from ._version import __version__
+import os as _os
+
+# The writer makes tensors on its own threads (one BLAS call each for a LoRA merge): OpenBLAS's
+# threads on top of them would only spin against each other (a merge took twice as long). Set
+# before numpy is first imported; a caller's own setting wins.
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from ._version import __version__  # noqa: E402
 from .api import ApplyResult, PushResult, apply, execute, inspect, load, plan, push, resolve, verify
 from .checkpoint import Checkpoint
 from .errors import (

@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # the card is made from a plan: planning.py imports this modu
 
 _TRANSFORMS = {"none": "copied byte for byte", "cast": "cast", "permute": "rows permuted",
                "permute+cast": "rows permuted and cast", "slice": "a row range of a fused tensor",
-               "zeros": "zeros (the source has no such tensor)", "dequant": "dequantized from FP8 blocks"}
+               "zeros": "zeros (the source has no such tensor)", "dequant": "dequantized from FP8 blocks",
+               "lora": "a LoRA adapter merged in"}
 
 
 def model_card(plan: Plan) -> str:

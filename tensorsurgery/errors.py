@@ -72,6 +72,11 @@ class QuantizationError(PlanError):
     without its scale tensor, or a scale whose shape does not cover the weight's blocks."""
 
 
+class AdapterError(PlanError):
+    """A LoRA adapter cannot be merged into its source: not a LoRA (or a DoRA), a module the base
+    lacks, factors whose shapes do not fit the base tensor, an unreadable adapter folder."""
+
+
 class ConsistencyError(PlanError):
     """The output's config.json and tensors would not describe the same model (a ``[config]``
     override or a rename broke it), or layers come from a source whose config computes them

@@ -39,6 +39,8 @@ class SourceSpec:
     name: str
     model: str
     revision: str | None = None
+    #: A local peft LoRA folder merged into the model (:mod:`tensorsurgery.adapters`).
+    adapter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,11 +207,15 @@ def _parse_sources(root: _Reader) -> tuple[SourceSpec, ...]:
 
 
 def _parse_source(r: _Reader, name: str) -> SourceSpec:
-    r.check_keys(("model", "revision"))
+    r.check_keys(("model", "revision", "adapter"))
     model = r.get("model", str, required=True)
     if not model.strip():
         raise r.error("model", "is empty; give a local folder or a Hugging Face repo id")
-    return SourceSpec(name=name, model=model, revision=r.get("revision", str))
+    adapter = r.get("adapter", str)
+    if adapter is not None and not adapter.strip():
+        raise r.error("adapter", "is empty; give the folder of a peft LoRA adapter (adapter_config.json and "
+                                 "adapter_model.safetensors)")
+    return SourceSpec(name=name, model=model, revision=r.get("revision", str), adapter=adapter)
 
 
 def _parse_config(r: _Reader) -> Mapping[str, Any]:

@@ -14,10 +14,12 @@ with the tensors, and how it maps here (checked against mergekit's ``plan.py`` a
 * the architecture is kept, as mergekit keeps it: no rename preset, so a Mistral stays a
   MistralForCausalLM (use a TOML manifest with ``preset = "mistral-to-llama"`` to relabel). A
   native Mistral checkpoint still gets Hugging Face names (see :mod:`tensorsurgery.rules`).
+* ``model: BASE+ADAPTER`` merges the local peft LoRA folder ADAPTER into BASE, as mergekit (and
+  peft's ``merge_and_unload``) does: a source with an adapter (:mod:`tensorsurgery.adapters`).
 * mergekit has no output path: it is ``out/<file stem>``, and ``--output`` overrides it.
 
 Everything that would change tensor values (other merge methods, several sources in a slice,
-``parameters`` such as ``scale``, LoRA ``model+adapter`` references, tokenizer building) is a
+``parameters`` such as ``scale``, tokenizer building) is a
 :class:`ManifestError` naming the file and the key path.
 """
 from __future__ import annotations
@@ -84,7 +86,7 @@ def manifest_from_mergekit(path: Path, text: str) -> Manifest:
     owners = {t: first for t in _FIRST_SLICE_TENSORS} | {t: last for t in _LAST_SLICE_TENSORS}
     return Manifest(
         path=path, text=text,
-        sources=tuple(SourceSpec(names[m], m[0], m[1]) for m in models),
+        sources=tuple(SourceSpec(names[m], m[0], m[1], m[2]) for m in models),
         rename=RenameSpec(),
         layers=LayersSpec(plan="explicit", arrangement=tuple(Segment(names[m], a, b) for m, a, b in slices)),
         config=MappingProxyType({}),
@@ -172,7 +174,7 @@ def _slices(path: Path, data: dict[str, Any]) -> list[Any]:
     return slices
 
 
-def _slice(path: Path, i: int, item: Any) -> tuple[tuple[str, str | None], int, int]:
+def _slice(path: Path, i: int, item: Any) -> tuple[tuple[str, str | None, str | None], int, int]:
     where = f"slices[{i}]"
     if not isinstance(item, dict):
         raise ManifestError(f"{path}: {where}: expected a mapping with sources, found {_describe(item)}")
@@ -198,24 +200,26 @@ def _slice(path: Path, i: int, item: Any) -> tuple[tuple[str, str | None], int, 
     return model, rng[0], rng[1]
 
 
-def _model(path: Path, where: str, value: Any) -> tuple[str, str | None]:
-    """``(model, revision)`` of a mergekit model reference ``path[@revision]``."""
+def _model(path: Path, where: str, value: Any) -> tuple[str, str | None, str | None]:
+    """``(model, revision, adapter)`` of a mergekit model reference ``path[@revision][+adapter]``
+    (the adapter a local peft LoRA folder, merged into the model: :mod:`tensorsurgery.adapters`)."""
     if not isinstance(value, str) or not value.strip():
         raise ManifestError(f"{path}: {where}: expected a local folder or a Hugging Face repo id, "
                             f"found {_describe(value)}")
-    if "+" in value:
-        raise ManifestError(f"{path}: {where}: {value!r} applies a LoRA adapter, which changes tensor values; "
-                            f"merge the adapter first and give the merged model")
-    model, at, revision = value.partition("@")
+    ref, plus, adapter = value.partition("+")
+    if plus and (not adapter.strip() or "+" in adapter):
+        raise ManifestError(f"{path}: {where}: {value!r} is not a model reference; use PATH+ADAPTER_FOLDER "
+                            f"for a LoRA adapter")
+    model, at, revision = ref.partition("@")
     if "@" in revision or not model or (at and not revision):
         raise ManifestError(f"{path}: {where}: {value!r} is not a model reference; use PATH or REPO@REVISION")
-    return model, revision or None
+    return model, revision or None, adapter or None
 
 
-def _source_names(models: list[tuple[str, str | None]]) -> list[str]:
+def _source_names(models: list[tuple[str, str | None, str | None]]) -> list[str]:
     """Short unique source names: each model's folder or repo name, sanitized for --source NAME=PATH."""
     names: list[str] = []
-    for model, _ in models:
+    for model, *_ in models:
         stem = re.sub(r"[^\w.-]+", "_", PurePosixPath(model.replace("\\", "/").rstrip("/")).name) or "model"
         name, n = stem, 1
         while name in names:

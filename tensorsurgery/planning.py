@@ -15,17 +15,18 @@ from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
 
 from ._version import __version__
+from .adapters import AdapterInfo, adapter_keys, adapter_recipes, read_adapter, source_inputs
 from .card import model_card
 from .checkpoint import Checkpoint
 from .config import build_config
 from .consistency import differing_sources, output_findings
 from .dtypes import CAST_DTYPES, element_size, is_castable
-from .errors import ConsistencyError, PlanError
+from .errors import AdapterError, ConsistencyError, PlanError
 from .format import Header, encode_header
 from .gcpause import paused_gc
 from .layers import LayerRef, seams
 from .manifest import Manifest
-from .ops import COPY, ZEROS, DequantFP8, DequantMXFP4, Operation, PermuteRotary, rotary_row_order
+from .ops import COPY, ZEROS, DequantFP8, DequantMXFP4, LoraMerge, Operation, PermuteRotary, rotary_row_order
 from .quantized import MXFP4_BLOCKS, dequant_recipe, fp8_sources, mxfp4_recipe, mxfp4_sources, without_quantization
 from .recipe import ByteRange, Input, RowSlice, label
 from .rules import get_preset
@@ -147,6 +148,8 @@ class Plan:
     card_meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     family: str = "generic"
     kinds: tuple[str, ...] = ()
+    #: The LoRA adapters merged into their sources (:mod:`tensorsurgery.adapters`).
+    adapters: tuple[AdapterInfo, ...] = ()
 
     @property
     def index(self) -> Mapping[str, Any] | None:
@@ -226,6 +229,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     fp8, mxfp4 = fp8_sources(checkpoints, dtype), mxfp4_sources(checkpoints, dtype)
     if (fp8 or mxfp4) and dtype:
         specs = _dequantized(specs, checkpoints, fp8, mxfp4, dtype)
+    adapters = tuple(_adapted(specs, manifest, checkpoints))  # merges the LoRA adapters into ``specs``
     linked = _identical_source_shards(specs, checkpoints[base]) if link else []
     taken = {t.name for _, group in linked for t in group}
     groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
@@ -248,7 +252,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         config=MappingProxyType(config),
         copy_files=tuple(CopyFile(base_ckpt.root / f, f, base_ckpt.inside) for f in base_ckpt.extra_files),
         manifest_text=manifest.text, manifest_name=manifest.path.name,
-        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds,
+        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds, adapters=adapters,
     )
     return replace(plan, card=model_card(plan))
 
@@ -476,3 +480,32 @@ def _dequantized(specs: list[_Spec], checkpoints: Mapping[str, Checkpoint], bloc
     if any(isinstance(s.op, DequantMXFP4) for s in kept):  # renamed (P_blocks -> P): back to the output order
         kept.sort(key=lambda s: natural_order(s.name))
     return kept
+
+
+def _adapted(specs: list[_Spec], manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> list[AdapterInfo]:
+    """Merge each source's LoRA adapter into ``specs`` in place (:mod:`tensorsurgery.adapters`):
+    every output tensor made of a tensor it changes gets the adapter's recipe. Returns what the
+    record says of each adapter (reads the adapter folders: their configs, headers and hashes)."""
+    infos = []
+    for spec in manifest.sources:
+        if spec.adapter is None:
+            continue
+        adapter = read_adapter(spec.name, spec.adapter)
+        ckpt = checkpoints[spec.name]
+        recipes, info = adapter_recipes(adapter, source_inputs(ckpt.weight_map, ckpt.headers, spec.name,
+                                                               adapter_keys(adapter)))
+        infos.append(info)
+        for n, s in enumerate(specs):
+            first = s.inputs[0] if len(s.inputs) == 1 else None
+            if first is None or first.source != spec.name or first.key not in recipes:
+                continue
+            if s.op is not COPY or first.part is not None:
+                raise AdapterError(f"sources.{spec.name}: tensor {first.key!r} is permuted or sliced on its way to "
+                                   f"{s.name!r}, and an adapter cannot be merged into it; drop the rename that "
+                                   f"transforms it")
+            inputs, op = recipes[first.key]
+            if isinstance(op, LoraMerge):
+                op = replace(op, dtype=s.dtype)
+            specs[n] = _Spec(s.name, s.dtype, s.shape, s.nbytes, inputs, op,
+                             label(False, op, inputs[0].dtype if op is COPY else first.dtype, s.dtype))
+    return infos

@@ -103,6 +103,10 @@ def build_record(plan: Plan, tensor_hashes: Mapping[str, str], file_hashes: Mapp
                      "files": [_source_file(s.root / f, source_hashes.get(s.root / f)) for f in s.files]}
                     for s in plan.sources],
         "layers": [{"source": r.source, "layer": r.layer} for r in plan.layers],
+        # The LoRA adapters merged (each module's scaling is also its tensors' operation's).
+        **({"adapters": [{"source": a.source, "path": a.path,
+                          "files": [{"name": n, "size": size, "sha256": h} for n, size, h in a.files],
+                          "scalings": dict(a.scalings)} for a in plan.adapters]} if plan.adapters else {}),
         # Planned with --link: shards identical to a source file were grouped as that file.
         "link": any(s.link is not None for s in plan.shards),
         "shards": {s.filename: {"size": s.nbytes, "header_sha256": header_sha256(s.header)} for s in plan.shards},

@@ -138,7 +138,7 @@ def test_unknown_key_in_layers(tmp_path):
 
 def test_unknown_key_in_source(tmp_path):
     path, msg = manifest_error(tmp_path, BASE.replace("[output]", 'rev = "main"\n[output]'))
-    assert msg == f"{path}: source.rev: unknown key; expected one of: model, revision"
+    assert msg == f"{path}: source.rev: unknown key; expected one of: model, revision, adapter"
 
 
 def test_unknown_key_in_output(tmp_path):

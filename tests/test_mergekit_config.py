@@ -216,9 +216,8 @@ SLICE = "slices:\n  - sources:\n      - model: m\n        layer_range: [0, 4]\n"
     ("merge_method: passthrough\n" + SLICE.replace("        layer_range: [0, 4]\n", ""),
      "slices[0].sources[0].layer_range: expected [start, stop] with 0 <= start < stop (stop excluded), found "
      "nothing"),
-    ("merge_method: passthrough\n" + SLICE.replace("model: m", "model: m+lora"),
-     "slices[0].sources[0].model: 'm+lora' applies a LoRA adapter, which changes tensor values; merge the "
-     "adapter first and give the merged model"),
+    ("merge_method: passthrough\n" + SLICE.replace("model: m", "model: m+"),
+     "slices[0].sources[0].model: 'm+' is not a model reference; use PATH+ADAPTER_FOLDER for a LoRA adapter"),
     ("merge_method: passthrough\n" + SLICE.replace("model: m", "model: m@"),
      "slices[0].sources[0].model: 'm@' is not a model reference; use PATH or REPO@REVISION"),
     ("merge_method: passthrough\n" + SLICE + "        parameters: {scale: 0.5}\n",

@@ -1,0 +1,156 @@
+"""``lora``: a base weight with a LoRA adapter merged into it, as peft's ``merge_and_unload`` makes
+it: ``W + scaling * (B @ A)`` (transposed for ``fan_in_fan_out`` layers and embeddings), a block of
+output rows at a time.
+
+The arithmetic is peft's on CPU, measured bit for bit (tests/test_adapters.py): the factors widened
+to float32, their float32 product, times ``float32(scaling)``, added to ``float32(W)`` and rounded
+once to W's dtype (an embedding's product is rounded to W's dtype before the add, as peft's
+``Embedding.merge`` does). torch's float32 matmul (MKL) accumulates each dot product in rank order
+with fused multiply-adds; numpy's (OpenBLAS) does too for the blocked kernel it uses on a product of
+at least :data:`MIN_ROWS` rows, but not for its small-matrix and single-row paths. So every product
+here is made over a window of at least that many rows around the rows asked for (the rows
+themselves when the tensor has fewer), whatever row range the writer asks for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
+
+from ..fsio import pread_exact
+from . import register
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..recipe import Input
+
+#: The fewest rows a product is made over (see the module docstring): OpenBLAS's blocked sgemm,
+#: whose accumulation order is torch's, for ranks up to 128.
+MIN_ROWS = 128
+#: Elements made at a time after the product (the scaling, the add and the roundings).
+_PIECE = 1 << 15
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class LoraMerge:
+    """Inputs: the base weight ``W`` ``[rows, cols]``, ``lora_A`` and ``lora_B`` (any float dtype).
+    Not ``transposed``: ``A`` is ``[r, cols]`` and ``B`` ``[rows, r]``, ``delta = B @ A``;
+    ``transposed`` (a ``fan_in_fan_out`` layer, an embedding): ``A`` is ``[r, rows]``, ``B``
+    ``[cols, r]``, ``delta = (B @ A)^T``. Values: ``merge_dtype(f32(W) + f32(delta) * f32(scaling))``
+    (``delta`` first rounded to ``merge_dtype`` when ``round_delta``), then cast to ``dtype``."""
+
+    scaling: float
+    transposed: bool
+    round_delta: bool
+    merge_dtype: str
+    dtype: str
+    label: ClassVar[str] = "lora"
+    verbatim: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = False
+    #: Output row ``i`` depends on row ``i`` of W and of the product only (:meth:`rows_into`).
+    rowwise: ClassVar[bool] = True
+
+    def result_dtype(self, inputs: Sequence[Input]) -> str:
+        return self.dtype  # the cast to the output dtype is made here (rowwise: no cast stage after)
+
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+        raise NotImplementedError("a LoRA merge is not elementwise")  # the interpreter never asks
+
+    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+        from ..dtypes import element_size
+        from ..scratch import scratch
+
+        rows, cols = inputs[0].shape
+        size = element_size(self.dtype)
+        step = max(chunk // max(cols * 4, 1), 1)
+        out = scratch(step * cols * size // 2 + 1, slot=1)[1]
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            yield self.rows_into(inputs, fds, start, n, out[:n * cols * size])
+
+    def rows_into(self, inputs: Sequence[Input], fds: Sequence[int], start: int, n: int,
+                  out: np.ndarray) -> np.ndarray:
+        """Output rows ``start..start+n-1`` made into ``out`` (uint8, their size), :data:`MIN_ROWS`
+        rows at a time (bounded memory whatever ``n``); returns ``out``."""
+        from ..dtypes import element_size
+
+        w = inputs[0]
+        rows, cols = w.shape
+        row_bytes = cols * element_size(self.dtype)
+        for first in range(start, start + n, MIN_ROWS):
+            m = min(MIN_ROWS, start + n - first)
+            self._block(inputs, fds, first, m, out[(first - start) * row_bytes:(first - start + m) * row_bytes])
+        return out
+
+    def _block(self, inputs: Sequence[Input], fds: Sequence[int], start: int, n: int, out: np.ndarray) -> None:
+        """Rows ``start..start+n-1`` (``n <= MIN_ROWS``), their product made over a window of
+        :data:`MIN_ROWS` rows around them (all rows when the tensor has fewer)."""
+        import numpy as np  # not imported by planning (see tensorsurgery.ops)
+
+        from ..dtypes import element_size
+        from ..scratch import scratch
+        from ..transforms import cast_chunk
+
+        w, a, b = inputs
+        rows, cols = w.shape
+        lo = max(0, min(start, rows - MIN_ROWS))  # the window the product is made over
+        hi = min(rows, lo + MIN_ROWS)
+        product = self._product(a, b, fds[1], fds[2], lo, hi)[start - lo:start - lo + n].reshape(-1)
+        size = element_size(self.dtype)
+        scale = np.float32(self.scaling)
+        for i in range(0, n * cols, _PIECE):  # the rest elementwise, in small pieces: small temporaries
+            m = min(_PIECE, n * cols - i)
+            delta = product[i:i + m]
+            delta *= scale
+            if self.round_delta:
+                rounded = cast_chunk(delta, "F32", self.merge_dtype, out=scratch(m * 4, slot=13)[0])
+                delta = _f32(rounded, self.merge_dtype, slot=14)
+            delta += _f32(_read(fds[0], w, start * cols + i, m, slot=15), w.dtype, slot=16)
+            merged = cast_chunk(delta, "F32", self.merge_dtype, out=scratch(m * 4, slot=17)[0])
+            out[i * size:(i + m) * size] = cast_chunk(merged, self.merge_dtype, self.dtype,
+                                                      out=scratch(m * 4, slot=18)[0])
+
+    def _product(self, a: Input, b: Input, fd_a: int, fd_b: int, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo..hi-1`` of the float32 product (``B @ A``, or its transpose), shape ``[hi - lo, cols]``
+        (a scratch buffer of this thread: valid until the next call)."""
+        import numpy as np
+
+        from ..scratch import scratch
+
+        r = a.shape[0]
+        if not self.transposed:  # B[lo:hi] @ A
+            fa = _f32(_read(fd_a, a, 0, a.shape[0] * a.shape[1], slot=10), a.dtype, slot=11).reshape(a.shape)
+            fb = _f32(_read(fd_b, b, lo * r, (hi - lo) * r, slot=12), b.dtype, slot=19).reshape(hi - lo, r)
+            product = scratch((hi - lo) * fa.shape[1] * 4, slot=20)[0].view(np.float32).reshape(hi - lo, fa.shape[1])
+            return np.matmul(fb, fa, out=product)
+        # (B @ A[:, lo:hi])^T: the same dot products as peft's full B @ A, in the same order
+        fa = scratch(r * (hi - lo) * 4, slot=21)[0].view(np.float32).reshape(r, hi - lo)
+        for k in range(r):
+            fa[k] = _f32(_read(fd_a, a, k * a.shape[1] + lo, hi - lo, slot=10), a.dtype, slot=11)
+        fb = _f32(_read(fd_b, b, 0, b.shape[0] * r, slot=12), b.dtype, slot=19).reshape(b.shape)
+        product = scratch((hi - lo) * b.shape[0] * 4, slot=20)[0].view(np.float32).reshape(hi - lo, b.shape[0])
+        np.copyto(product, np.matmul(fb, fa).T)
+        return product
+
+
+def _read(fd: int, i: Input, first: int, count: int, slot: int) -> np.ndarray:
+    """Elements ``first..first+count-1`` of input ``i``, raw (uint8, scratch buffer ``slot``)."""
+    from ..dtypes import element_size
+    from ..scratch import scratch
+
+    size = element_size(i.dtype)
+    raw = scratch(count * size, slot=slot)[0]
+    pread_exact(fd, raw.data, i.range.offset + first * size)
+    return raw
+
+
+def _f32(raw: np.ndarray, dtype: str, slot: int) -> np.ndarray:
+    """Raw ``dtype`` bytes as float32 values (exact for every float dtype a LoRA is saved in), in
+    scratch buffer ``slot`` (``raw`` itself when it is float32)."""
+    import numpy as np
+
+    from ..scratch import scratch
+    from ..transforms import cast_chunk
+
+    return cast_chunk(raw, dtype, "F32", out=scratch(raw.size * 4 // 2 + 1, slot=slot)[1]).view(np.float32)
