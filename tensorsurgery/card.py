@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ._version import __version__
+from .merges import describe
 from .path_free import path_free_manifest
 from .repo_id import is_repo_id
 from .report import format_bytes, layer_runs, span
@@ -27,7 +28,9 @@ if TYPE_CHECKING:  # the card is made from a plan: planning.py imports this modu
 _TRANSFORMS = {"none": "copied byte for byte", "cast": "cast", "permute": "rows permuted",
                "permute+cast": "rows permuted and cast", "slice": "a row range of a fused tensor",
                "zeros": "zeros (the source has no such tensor)", "dequant": "dequantized from FP8 blocks",
-               "lora": "a LoRA adapter merged in"}
+               "lora": "a LoRA adapter merged in",
+               "linear": "a weighted average (linear)",
+               "task_arithmetic": "a base plus weighted differences (task_arithmetic)"}
 
 
 def model_card(plan: Plan) -> str:
@@ -39,7 +42,8 @@ def model_card(plan: Plan) -> str:
     """
     meta = card_metadata(plan)
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    parts = [f"---\n{front}---", _summary(plan), _arrangement(plan), _manifest(plan), _provenance(plan)]
+    parts = [f"---\n{front}---", _summary(plan), _merge(plan) if plan.merge else _arrangement(plan),
+             _manifest(plan), _provenance(plan)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -115,6 +119,11 @@ def _summary(plan: Plan) -> str:
     # The title names the base model, not the output folder: an output moved or renamed must
     # still hold exactly the card its plan describes.
     base = PurePosixPath(source_label(plan, plan.sources[0])).name
+    if plan.merge:
+        return (f"# {base}, merged ({plan.merge.method}): {len(plan.layers)} layers\n\n"
+                f"{len(plan.layers)} decoder layers{arch} merged from {sources} with tensorsurgery {__version__}: "
+                f"every tensor is computed from the same tensor of each source by the manifest below, "
+                f"without training.")
     what = "depth up-scaled" if is_depth_up_scaled(plan) else "rebuilt"
     return (f"# {base}, {what}: {len(plan.layers)} layers\n\n"
             f"{len(plan.layers)} decoder layers{arch} built from {sources} with "
@@ -135,6 +144,12 @@ def _arrangement(plan: Plan) -> str:
     return "\n".join(rows)
 
 
+def _merge(plan: Plan) -> str:
+    assert plan.merge is not None
+    return (f"## Merge\n\n{describe(plan.merge)}, as mergekit's `{plan.merge.method}` method computes it "
+            f"(bitwise). Each tensor's inputs and resolved parameters are in `tensorsurgery.json`.")
+
+
 def _manifest(plan: Plan) -> str:
     # The card is published: the manifest's local paths (sources, output) become folder names,
     # and a card rebuilt from that path-free text (a pulled copy's record) is this card again.
@@ -143,7 +158,7 @@ def _manifest(plan: Plan) -> str:
         tomllib.loads(text)
         lang = "toml"
     except tomllib.TOMLDecodeError:
-        lang = "yaml"  # a mergekit passthrough config
+        lang = "yaml"  # a mergekit config
     # A fence longer than any backtick run inside, so the manifest cannot close it.
     fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
     return f"## Manifest\n\n{fence}{lang}\n{text}\n{fence}"

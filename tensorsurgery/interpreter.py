@@ -16,7 +16,8 @@ from .recipe import Recipe, element_count, is_elementwise
 from .scratch import scratch as _scratch
 from .transforms import cast_chunk
 
-#: Source bytes per chunk of a computed tensor; small because a cast makes a few temporaries.
+#: Source bytes (of all its inputs) per chunk of a computed tensor; small because a cast makes a few
+#: temporaries, and a merge reads several inputs.
 CAST_CHUNK = 1 << 20
 
 #: Opens a source file for reading; the descriptor stays the opener's to close (a pool of open files).
@@ -39,7 +40,7 @@ def tensor_chunks(t: Recipe, open_file: Opener, chunk: int = CAST_CHUNK) -> Iter
     fds = [open_file(i.range.path) for i in inputs]
     if is_elementwise(t):
         count = element_count(t)
-        step = max(chunk // max(element_size(i.dtype) for i in inputs), 1)
+        step = max(chunk // sum(element_size(i.dtype) for i in inputs), 1)  # all inputs together: ``chunk``
         out = _scratch(step * element_size(dtype), slot=-1)[1]
         for start in range(0, count, step):
             n = min(step, count - start)

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from .dtypes import CAST_DTYPES
 from .errors import ManifestError
 from .limits import MAX_OUTPUT_LAYERS, MAX_RENAME_PATTERNS, MAX_SOURCES, check_count
+from .merges import METHODS, MergeSpec, merge_spec
 from .repo_id import is_push_target
 from .rules import PRESETS
 
@@ -106,6 +107,9 @@ class Manifest:
     #: comes from the first source. Set by mergekit YAMLs (first slice's embeddings, last slice's
     #: final norm and lm_head); TOML has no syntax for it yet.
     tensor_sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: Weight arithmetic over several sources (``[merge]``, or a mergekit YAML's merge method):
+    #: every output tensor is computed from the same tensor of each merged source.
+    merge: MergeSpec | None = None
 
     def source(self, name: str | None) -> SourceSpec:
         """The source called ``name``; ``None`` is the first one (the base)."""
@@ -182,16 +186,53 @@ def parse_manifest(path: Path, text: str, data: Mapping[str, Any]) -> Manifest:
         ManifestError: an unknown key, a wrong type or value; the message names the file and key.
     """
     root = _Reader(path, data)
-    root.check_keys(("source", "sources", "rename", "layers", "config", "output"))
+    root.check_keys(("source", "sources", "rename", "layers", "config", "output", "merge"))
     srcs = _parse_sources(root)
     names = tuple(s.name for s in srcs)
+    rename = _parse_rename(root.sub("rename"))
+    layers = _parse_layers(root.sub("layers"), names)
+    config = _parse_config(root.sub("config"))
+    output = _parse_output(root.sub("output", required=True))
+    merge = _parse_merge(root.sub("merge"), names) if "merge" in root.table else None
+    if merge is not None:
+        for s in srcs:
+            if s.adapter is not None:
+                raise root.error(f"sources.{s.name}.adapter", "a LoRA adapter in a merge is not supported yet; merge "
+                                                              "the adapter into its model first, then merge that model")
+        if layers.plan != "keep":
+            raise root.error("layers.plan", f"{layers.plan!r} with [merge]: a merge keeps the layers as they are; "
+                                            f"merging a stacked or reordered model is not supported yet")
+        if output.dtype is None and merge.dtype is not None:  # the merged values are in the merge dtype
+            output = replace(output, dtype=next(k for k, v in CAST_DTYPES.items() if v == merge.dtype))
     return Manifest(
-        path=path, text=text, sources=srcs,
-        rename=_parse_rename(root.sub("rename")),
-        layers=_parse_layers(root.sub("layers"), names),
-        config=_parse_config(root.sub("config")),
-        output=_parse_output(root.sub("output", required=True)),
+        path=path, text=text, sources=srcs, rename=rename, layers=layers, config=config, output=output, merge=merge,
     )
+
+
+def _parse_merge(r: _Reader, names: tuple[str, ...]) -> MergeSpec:
+    """``[merge]``: ``method``, ``base`` (a source; default the first), ``dtype`` (the merge
+    dtype), ``[merge.parameters]`` and one ``[merge.models.SOURCE]`` table of parameters per merged
+    model, in order."""
+    r.check_keys(("method", "base", "dtype", "parameters", "models"))
+    dtype = r.get("dtype", str)
+    if dtype is not None and dtype not in CAST_DTYPES:
+        raise r.error("dtype", f"unsupported dtype {dtype!r}; expected one of: {', '.join(CAST_DTYPES)}")
+    base = r.get("base", str)
+    if base is not None and base not in names:
+        raise r.error("base", f"unknown source {base!r}; sources are: {', '.join(names)}")
+    models = r.sub("models")
+    for name in models.table:
+        if name not in names:
+            raise models.error(name, f"unknown source {name!r}; sources are: {', '.join(names)}")
+    method = r.get("method", str, required=True)
+    if base is None and method in METHODS and METHODS[method].needs_base:
+        base = names[0]
+    if base is not None and base != names[0]:
+        raise r.error("base", f"{base!r} is not the first source; list [sources.{base}] first: config.json and the "
+                              f"tokenizer files come from the first source, as mergekit takes them from the base")
+    return merge_spec(lambda where, message: ManifestError(f"{r.file}: {where}: {message}"), method,
+                      [(name, models.sub(name).table, f"merge.models.{name}") for name in models.table],
+                      base, r.sub("parameters").table, CAST_DTYPES[dtype] if dtype else None)
 
 
 def _parse_sources(root: _Reader) -> tuple[SourceSpec, ...]:

@@ -33,12 +33,15 @@ from .dtypes import CAST_DTYPES
 from .errors import ManifestError
 from .limits import MAX_OUTPUT_LAYERS, MAX_SOURCES, MAX_YAML_NODES, check_count
 from .manifest import LayersSpec, Manifest, OutputSpec, RenameSpec, Segment, SourceSpec, check_arrangement_size
+from .merges import METHODS, check_method, merge_spec
 
 _KEYS = ("merge_method", "slices", "dtype", "out_dtype", "base_model", "tokenizer_source")
-#: Keys mergekit knows that a passthrough copy cannot honour, and why.
+#: The keys of a config with a merge method (:func:`_merge_manifest`).
+_MERGE_KEYS = ("merge_method", "models", "parameters", "dtype", "out_dtype", "base_model", "tokenizer_source")
+#: Keys mergekit knows that passthrough (or a merge, where not allowed) cannot honour, and why.
 _UNSUPPORTED = MappingProxyType({
     "models": "list the layers to copy as slices with a layer_range instead",
-    "modules": "list the layers to copy as top-level slices instead",
+    "modules": "list the layers (or models) as top-level slices (or models) instead",
     "parameters": "parameters such as scale change tensor values; only a byte-exact passthrough is supported",
     "residual_weight": "it changes tensor values; only a byte-exact passthrough is supported",
     "tokenizer": "building a tokenizer is not supported; the base model's tokenizer files are copied",
@@ -65,10 +68,11 @@ def manifest_from_mergekit(path: Path, text: str) -> Manifest:
     """
     data = _load_yaml(path, text)
     method = data.get("merge_method")
+    if method is None:
+        raise ManifestError(f"{path}: merge_method: missing; give passthrough (slices of layers) or a merge method "
+                            f"({', '.join(METHODS)})")
     if method != "passthrough":
-        found = "missing" if method is None else f"{method!r} is not supported"
-        raise ManifestError(f"{path}: merge_method: {found}; only merge_method: passthrough is supported "
-                            f"(other methods compute new tensor values)")
+        return _merge_manifest(path, text, data, method)
     _check_keys(path, "", data, _KEYS)
     given = _slices(path, data)
     check_count(path, "slices", "slices", len(given), MAX_OUTPUT_LAYERS)  # a slice is at least one layer
@@ -93,6 +97,70 @@ def manifest_from_mergekit(path: Path, text: str) -> Manifest:
         output=OutputSpec(path=f"out/{path.stem}", dtype=_dtype(path, data)),
         tensor_sources=MappingProxyType({t: s for t, s in owners.items() if s != names[models[0]]}),
     )
+
+
+def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) -> Manifest:
+    """The manifest of a mergekit config with a merge method: ``models`` (each ``{model,
+    parameters}``), ``base_model``, ``parameters``, ``dtype`` (the merge dtype), ``out_dtype``.
+    Sources are the base first (config.json and the tokenizer files come from it, as mergekit
+    takes them), then the models in order."""
+    error = lambda where, message: ManifestError(f"{path}: {_yaml_key(where)}: {message}")  # noqa: E731
+    check_method(error, method)
+    if "slices" in data:
+        raise ManifestError(f"{path}: slices: a merge of slices (layer_range per source) is not supported yet; list "
+                            f"whole models under models: - model: PATH, parameters: {{weight: 0.5}}")
+    _check_keys(path, "", data, _MERGE_KEYS)
+    tokenizer_source = data.get("tokenizer_source")
+    if tokenizer_source not in (None, "base"):
+        raise ManifestError(f"{path}: tokenizer_source: {tokenizer_source!r} is not supported yet; the base model's "
+                            f"tokenizer files are copied (remove it or use base)")
+    given = data.get("models")
+    if not isinstance(given, list) or not given:
+        found = "missing" if given is None else f"expected a non-empty list, found {_describe(given)}"
+        raise ManifestError(f"{path}: models: {found}; list the models to merge, e.g. "
+                            f"- model: PATH, parameters: {{weight: 0.5}}")
+    check_count(path, "models", "models", len(given), MAX_SOURCES)
+    entries = []
+    for i, item in enumerate(given):
+        where = f"models[{i}]"
+        if not isinstance(item, dict):
+            raise ManifestError(f"{path}: {where}: expected a mapping with model and parameters, "
+                                f"found {_describe(item)}")
+        _check_keys(path, where, item, ("model", "parameters"))
+        if "model" not in item:
+            raise ManifestError(f"{path}: {where}.model: missing; give a local folder or a Hugging Face repo id")
+        model = _model(path, f"{where}.model", item["model"])
+        if model[2]:
+            raise ManifestError(f"{path}: {where}.model: a LoRA adapter (+ADAPTER) in a merge is not supported yet; "
+                                f"merge the adapter into its model first, then merge that model")
+        entries.append((model, item.get("parameters") or {}, where))
+    base = _model(path, "base_model", data["base_model"]) if data.get("base_model") is not None else None
+    models = list(dict.fromkeys(([base] if base else []) + [model for model, _, _ in entries]))
+    if len(models) < len(entries) + (base is not None and base not in [m for m, _, _ in entries]):
+        raise ManifestError(f"{path}: models: a model is listed twice; list each model once")
+    names = dict(zip(models, _source_names(models)))
+    dtype, out = (_dtype_name(path, key, data.get(key)) for key in ("dtype", "out_dtype"))
+    spec = merge_spec(error, method,
+                      [(names[m], raw, where) for m, raw, where in entries], names[base] if base else None,
+                      data.get("parameters") or {}, CAST_DTYPES[dtype] if dtype else None)
+    return Manifest(
+        path=path, text=text,
+        sources=tuple(SourceSpec(names[m], m[0], m[1]) for m in models),
+        rename=RenameSpec(), layers=LayersSpec(plan="keep"), config=MappingProxyType({}),
+        output=OutputSpec(path=f"out/{path.stem}", dtype=out or dtype), merge=spec,
+    )
+
+
+#: The TOML manifest's ``[merge]`` keys (in merge_spec's messages) as mergekit's YAML names them.
+_YAML_KEYS = (("merge.method", "merge_method"), ("merge.base", "base_model"), ("merge.models", "models"),
+              ("merge.parameters", "parameters"))
+
+
+def _yaml_key(where: str) -> str:
+    for toml, yaml in _YAML_KEYS:
+        if where.startswith(toml):
+            return yaml + where[len(toml):]
+    return where
 
 
 def _load_yaml(path: Path, text: str) -> dict[str, Any]:
@@ -159,7 +227,7 @@ def _expanded_size(path: Path, root: Any) -> int:
 def _check_keys(path: Path, where: str, table: dict[str, Any], allowed: tuple[str, ...]) -> None:
     for key in table:
         at = f"{where}.{key}" if where else str(key)
-        if key in _UNSUPPORTED:
+        if key in _UNSUPPORTED and key not in allowed:
             raise ManifestError(f"{path}: {at}: {_UNSUPPORTED[key]}")
         if key not in allowed:
             raise ManifestError(f"{path}: {at}: unknown key; expected one of: {', '.join(allowed)}")

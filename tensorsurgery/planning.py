@@ -26,6 +26,8 @@ from .format import Header, encode_header
 from .gcpause import paused_gc
 from .layers import LayerRef, seams
 from .manifest import Manifest
+from .merges import MergeSpec
+from .merging import Merger
 from .ops import COPY, ZEROS, DequantFP8, DequantMXFP4, LoraMerge, Operation, PermuteRotary, rotary_row_order
 from .quantized import MXFP4_BLOCKS, dequant_recipe, fp8_sources, mxfp4_recipe, mxfp4_sources, without_quantization
 from .recipe import ByteRange, Input, RowSlice, label
@@ -150,6 +152,8 @@ class Plan:
     kinds: tuple[str, ...] = ()
     #: The LoRA adapters merged into their sources (:mod:`tensorsurgery.adapters`).
     adapters: tuple[AdapterInfo, ...] = ()
+    #: The merge every tensor is computed by (``[merge]``, a mergekit merge method), or None.
+    merge: MergeSpec | None = None
 
     @property
     def index(self) -> Mapping[str, Any] | None:
@@ -223,6 +227,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         if held else None
     picks = sorted(chosen.picks, key=_ORDER)
     del chosen  # from here on each tensor is held once: picks, then specs, then placed tensors
+    positions = {p.out: p.position for p in picks} if manifest.merge else None
     specs = _specs(picks, checkpoints, dtype)
     del picks
     # Quantized sources (FP8 blocks, MXFP4), dequantized when a dtype is asked for.
@@ -230,6 +235,9 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     if (fp8 or mxfp4) and dtype:
         specs = _dequantized(specs, checkpoints, fp8, mxfp4, dtype)
     adapters = tuple(_adapted(specs, manifest, checkpoints))  # merges the LoRA adapters into ``specs``
+    if manifest.merge and positions is not None:
+        specs = _merged(specs, positions, Merger(manifest.merge, checkpoints, len(arrangement), str(manifest.path)),
+                        dtype)
     linked = _identical_source_shards(specs, checkpoints[base]) if link else []
     taken = {t.name for _, group in linked for t in group}
     groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
@@ -253,6 +261,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         copy_files=tuple(CopyFile(base_ckpt.root / f, f, base_ckpt.inside) for f in base_ckpt.extra_files),
         manifest_text=manifest.text, manifest_name=manifest.path.name,
         card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds, adapters=adapters,
+        merge=manifest.merge,
     )
     return replace(plan, card=model_card(plan))
 
@@ -320,6 +329,23 @@ def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str 
         else:
             append(_spec(p, checkpoints, dtype))
     return specs
+
+
+def _merged(specs: list[_Spec], positions: Mapping[str, int | None], merger: Merger,
+            dtype: str | None) -> list[_Spec]:
+    """Each output tensor as the merge of the same tensor of every merged source
+    (:class:`~tensorsurgery.merging.Merger`), in the output ``dtype`` (default: the merge dtype)."""
+    merged = []
+    for s in specs:
+        if s.op is not COPY or not s.inputs:
+            raise PlanError(f"{merger.where}: tensor {s.name!r} is planned as {s.transform!r}, which a merge cannot "
+                            f"combine with; merge models that need no rename that permutes or fills tensors")
+        first = s.inputs[0]
+        inputs, op, md = merger.recipe(first, positions[s.name])
+        out = dtype or md
+        nbytes = s.nbytes // element_size(first.dtype) * element_size(out)
+        merged.append(_Spec(s.name, out, s.shape, nbytes, inputs, op, label(False, op, first.dtype, out)))
+    return merged
 
 
 def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> _Spec:

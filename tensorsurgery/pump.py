@@ -227,7 +227,7 @@ class _Lane:
         """Lay out an elementwise tensor (a cast, a scale...) as jobs of whole elements, each making
         up to ``CAST_CHUNK`` source bytes' worth straight into its place in a buffer on a cast thread."""
         osz = element_size(t.dtype)
-        chunk = max(CAST_CHUNK // max(element_size(i.dtype) for i in t.inputs), 1)
+        chunk = max(CAST_CHUNK // sum(element_size(i.dtype) for i in t.inputs), 1)  # all inputs: CAST_CHUNK
         start, left = 0, element_count(t)
         while left:
             n = min(packer.space() // osz, left, chunk)

@@ -20,6 +20,7 @@ from ._version import __version__
 from .checkpoint import CONFIG_NAME, RECORD_NAME
 from .errors import SourceError, VerifyError
 from .fsio import INDEX_LIMIT, describe_entry, read_json
+from .merges import spec_data
 from .outlock import holder
 from .path_free import folder_name, path_free_manifest
 from .planning import Plan
@@ -107,6 +108,7 @@ def build_record(plan: Plan, tensor_hashes: Mapping[str, str], file_hashes: Mapp
         **({"adapters": [{"source": a.source, "path": a.path,
                           "files": [{"name": n, "size": size, "sha256": h} for n, size, h in a.files],
                           "scalings": dict(a.scalings)} for a in plan.adapters]} if plan.adapters else {}),
+        **({"merge": spec_data(plan.merge)} if plan.merge else {}),
         # Planned with --link: shards identical to a source file were grouped as that file.
         "link": any(s.link is not None for s in plan.shards),
         "shards": {s.filename: {"size": s.nbytes, "header_sha256": header_sha256(s.header)} for s in plan.shards},

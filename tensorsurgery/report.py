@@ -6,6 +6,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .layers import LayerRef
+from .merges import describe, spec_data
 from .ops import DequantFP8, DequantMXFP4
 from .recipe import inputs_data
 
@@ -69,6 +70,8 @@ def format_plan(plan: Plan, *, free: int | None = None, copied: Sequence[CopiedL
         lines.append(f"  {s.name}: {s.model}{rev} ({s.layout} layout, {len(s.files)} file(s))")
     rules = "generic rules (its model_type is not in the registry)" if plan.family == "generic" else "registry entry"
     lines.append(f"family: {plan.family} ({rules})")
+    if plan.merge:
+        lines.append(f"merge: {describe(plan.merge)}")
     lines.append(f"layers: {len(plan.layers)}")
     seams = dict(plan.seams)
     for a, b, src, x, y in layer_runs(plan.layers):
@@ -130,6 +133,7 @@ def plan_as_dict(plan: Plan, copied: Sequence[CopiedLinks] = ()) -> dict[str, An
         "sources": [{"name": s.name, "model": s.model, "root": str(s.root), "layout": s.layout,
                      "revision": s.revision, "files": list(s.files)} for s in plan.sources],
         "family": plan.family,
+        "merge": spec_data(plan.merge) if plan.merge else None,
         "layers": [{"source": r.source, "layer": r.layer, "kind": plan.kinds[i] if plan.kinds else ""}
                    for i, r in enumerate(plan.layers)],
         "seams": [{"position": p, "jump": j,

@@ -128,7 +128,7 @@ def test_output_options(tmp_path):
 def test_unknown_top_level_key(tmp_path):
     path, msg = manifest_error(tmp_path, BASE + "[extra]\na = 1\n")
     assert msg == (f"{path}: extra: unknown key; expected one of: source, sources, rename, layers, "
-                   f"config, output")
+                   f"config, output, merge")
 
 
 def test_unknown_key_in_layers(tmp_path):

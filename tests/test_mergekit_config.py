@@ -190,10 +190,13 @@ SLICE = "slices:\n  - sources:\n      - model: m\n        layer_range: [0, 4]\n"
 
 @pytest.mark.parametrize("text, message", [
     ("merge_method: slerp\n" + SLICE,
-     "merge_method: 'slerp' is not supported; only merge_method: passthrough is supported (other methods "
-     "compute new tensor values)"),
-    (SLICE, "merge_method: missing; only merge_method: passthrough is supported (other methods compute new "
-            "tensor values)"),
+     "merge_method: 'slerp' is not built yet; methods: linear, task_arithmetic (and passthrough as layer plans); "
+     "use mergekit for slerp"),
+    ("merge_method: della_linear\n" + SLICE, "merge_method: 'della_linear' is not built yet; methods: linear, "
+     "task_arithmetic (and passthrough as layer plans); use mergekit for della_linear"),
+    ("merge_method: average\n" + SLICE, "merge_method: expected one of: linear, task_arithmetic, found 'average'"),
+    (SLICE, "merge_method: missing; give passthrough (slices of layers) or a merge method (linear, "
+            "task_arithmetic)"),
     ("merge_method: passthrough\n",
      "slices: missing; list the layers to copy, e.g. - sources: [{model: PATH, layer_range: [0, 24]}]"),
     ("merge_method: passthrough\nslices: []\n",
@@ -261,8 +264,8 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     (tmp_path / "ties.yaml").write_text("merge_method: ties\nbase_model: m\nmodels:\n  - model: a\n")
     assert main(["apply", str(tmp_path / "ties.yaml")]) == 2
     err = capsys.readouterr().err
-    assert err == (f"tensorsurgery: error: {tmp_path / 'ties.yaml'}: merge_method: 'ties' is not supported; "
-                   f"only merge_method: passthrough is supported (other methods compute new tensor values)\n")
+    assert err == (f"tensorsurgery: error: {tmp_path / 'ties.yaml'}: merge_method: 'ties' is not built yet; "
+                   f"methods: linear, task_arithmetic (and passthrough as layer plans); use mergekit for ties\n")
 
 
 def test_layer_range_beyond_the_source(tmp_path, tiny_mistral, capsys):

@@ -80,10 +80,12 @@ def register(cls: type[_T]) -> type[_T]:
 from .copy import COPY, Copy  # noqa: E402 - the operations register themselves on import
 from .dequant_fp8 import DequantFP8  # noqa: E402
 from .dequant_mxfp4 import DequantMXFP4  # noqa: E402
+from .linear import Linear  # noqa: E402
 from .lora import LoraMerge  # noqa: E402
 from .permute import PermuteRotary, rotary_row_order  # noqa: E402
 from .scale import Scale  # noqa: E402
+from .task_arithmetic import TaskArithmetic  # noqa: E402
 from .zeros import ZEROS, Zeros  # noqa: E402
 
-__all__ = ["COPY", "OPERATIONS", "ZEROS", "Copy", "DequantFP8", "DequantMXFP4", "LoraMerge", "Operation",
-           "PermuteRotary", "RowwiseOperation", "Scale", "Zeros", "register", "rotary_row_order"]
+__all__ = ["COPY", "OPERATIONS", "ZEROS", "Copy", "DequantFP8", "DequantMXFP4", "Linear", "LoraMerge", "Operation",
+           "PermuteRotary", "RowwiseOperation", "Scale", "TaskArithmetic", "Zeros", "register", "rotary_row_order"]

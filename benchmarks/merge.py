@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Merge benchmark: tensorsurgery's ``linear`` and ``task_arithmetic`` against stock mergekit on
+the same YAML, and against the least any merge can do, all in one process, on tmpfs by default.
+
+The models are synthetic Mistral-shaped bf16 checkpoints with normally distributed values
+(:func:`tensorsurgery.synthetic.make_mistral`, one seed each; the base of task_arithmetic is
+the first). The baseline (**raw**) reads every input file once and writes the output's bytes
+once (a reader and a writer thread, 4 MiB buffers, fsync): a merge cannot move fewer bytes.
+Each row prints wall time, its ratio to raw and to mergekit, and the command's own peak RSS
+(``wait4``). mergekit's output is compared with ours byte for byte, and ``verify`` is timed too.
+Everything written is removed at the end.
+
+    python benchmarks/merge.py [--layers N] [--models K] [--workdir DIR] [--runs N] [--no-mergekit] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tensorsurgery.synthetic import SMALL, make_mistral, tensor_bytes  # noqa: E402
+
+BUFFER = 4 << 20
+
+
+#: A small launcher (python -S) that runs the command as its own child and reports that child's
+#: peak RSS: a child of this process would carry this process's peak across fork and exec.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
+def run(argv: list[str], env: dict[str, str], report: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of ``argv`` as a grandchild, which must exit 0."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), *argv], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, env=env)
+    wall = time.perf_counter() - t0
+    rss, code = report.read_text().split()
+    if int(code) != 0:
+        raise SystemExit(f"{argv[:3]} failed: {proc.stderr.decode()[-2000:]}")
+    return wall, int(rss) / 1024
+
+
+def raw(inputs: list[Path], out: Path, nbytes: int) -> float:
+    """Read every input file once and write ``nbytes`` to ``out`` once, pipelined; wall seconds."""
+    free: queue.Queue = queue.Queue()
+    full: queue.Queue = queue.Queue()
+    for _ in range(4):
+        free.put(bytearray(BUFFER))
+    t0 = time.perf_counter()
+
+    def reader() -> None:
+        left = nbytes
+        for path in inputs:
+            with open(path, "rb", buffering=0) as f:
+                while True:
+                    buf = free.get()
+                    n = f.readinto(buf)
+                    if not n:
+                        free.put(buf)
+                        break
+                    w = min(n, left)  # the output is as large as one input: write that much of the stream
+                    left -= w
+                    full.put((buf, w))
+        full.put(None)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        while (item := full.get()) is not None:
+            buf, w = item
+            if w:
+                os.write(fd, memoryview(buf)[:w])
+            free.put(buf)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        thread.join()
+    return time.perf_counter() - t0
+
+
+def configs(models: list[Path]) -> dict[str, dict]:
+    weights = [0.3, 0.45, 0.7, 0.2, 0.6][:len(models)]
+    return {
+        "linear": {"merge_method": "linear",
+                   "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)]},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(models[0]),
+                            "models": [{"model": str(m), "parameters": {"weight": w}}
+                                       for m, w in zip(models[1:], weights)]},
+    }
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Every tensor of ``a`` and ``b`` has the same bytes (read with the official reader)."""
+    import torch
+    from safetensors import safe_open
+
+    def read(folder: Path) -> dict[str, bytes]:
+        out = {}
+        for p in sorted(folder.glob("*.safetensors")):
+            with safe_open(p, framework="pt") as f:  # bf16: torch (mergekit brings it)
+                for k in f.keys():
+                    out[k] = f.get_tensor(k).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        return out
+
+    return read(a) == read(b)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=8, help="layers of each model (8: 0.5 GB of bf16 each)")
+    p.add_argument("--models", type=int, default=3, help="models merged (task_arithmetic: the first is the base)")
+    p.add_argument("--workdir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+    p.add_argument("--runs", type=int, default=1, help="runs of each row (the best is reported)")
+    p.add_argument("--no-mergekit", action="store_true")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    dims = replace(SMALL, layers=a.layers)
+    size = tensor_bytes(dims)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    mergekit = shutil.which("mergekit-yaml") if not a.no_mergekit else None
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ts-merge-bench-", dir=a.workdir) as tmp:
+        bench = Path(tmp)
+        models = [make_mistral(bench / f"m{i}", dims, seed=i, max_shard_size=max(1, size // 2 + 1), tokenizer=False)
+                  for i in range(a.models)]
+        for method, config in configs(models).items():
+            yml = bench / f"{method}.yml"
+            yml.write_text(json.dumps(config))  # JSON is YAML
+            inputs = sorted(f for m in models for f in m.glob("*.safetensors"))
+            base = min(raw(inputs, bench / "raw.bin", size) for _ in range(a.runs))
+            (bench / "raw.bin").unlink()
+            ours = bench / f"ours-{method}"
+            best = None
+            for _ in range(a.runs):
+                shutil.rmtree(ours, ignore_errors=True)
+                t = run([sys.executable, "-m", "tensorsurgery", "apply", str(yml), "--output", str(ours),
+                         "--no-progress", "--force"], env, bench / "rss")
+                best = t if best is None or t[0] < best[0] else best
+            assert best is not None
+            verify = run([sys.executable, "-m", "tensorsurgery", "verify", str(yml), str(ours), "--no-progress"], env,
+                         bench / "rss")
+            row = {"method": method, "models": a.models, "bytes_per_model": size, "raw_s": base,
+                   "ours_s": best[0], "ours_rss_mb": best[1], "verify_s": verify[0], "verify_rss_mb": verify[1]}
+            if mergekit:
+                theirs = bench / f"mergekit-{method}"
+                t = run([mergekit, str(yml), str(theirs), "--device", "cpu", "--no-copy-tokenizer",
+                         "--no-write-model-card", "--quiet"], env, bench / "rss")
+                row.update(mergekit_s=t[0], mergekit_rss_mb=t[1], bitwise_equal=same_tensors(theirs, ours))
+                shutil.rmtree(theirs)
+            shutil.rmtree(ours)
+            rows.append(row)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{a.models} models of {size / 1e9:.2f} GB (bf16, {a.layers} layers), workdir {a.workdir or 'default'}")
+    print(f"{'method':<16} {'raw s':>6} {'ours s':>7} {'x raw':>6} {'RSS MB':>7} {'verify s':>8} "
+          f"{'mergekit s':>10} {'x mk':>5} {'mk RSS MB':>9} {'bitwise':>7}")
+    for r in rows:
+        mk = (f"{r['mergekit_s']:>10.2f} {r['ours_s'] / r['mergekit_s']:>5.2f} {r['mergekit_rss_mb']:>9.0f} "
+              f"{str(r['bitwise_equal']):>7}") if "mergekit_s" in r else f"{'-':>10} {'-':>5} {'-':>9} {'-':>7}"
+        print(f"{r['method']:<16} {r['raw_s']:>6.2f} {r['ours_s']:>7.2f} {r['ours_s'] / r['raw_s']:>6.2f} "
+              f"{r['ours_rss_mb']:>7.0f} {r['verify_s']:>8.2f} {mk}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

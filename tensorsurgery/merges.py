@@ -1,0 +1,306 @@
+"""Merge methods as data (pure): what a ``[merge]`` table or a mergekit YAML asks for, checked, and
+each tensor's parameters resolved from it the way mergekit 0.1.5 resolves them.
+
+A parameter's setting is a scalar, a gradient (a list of numbers, interpolated over the layers at
+``t``) or a list of :class:`Conditional` values (the first whose ``filter`` is missing, ``"*"`` or
+a substring of the tensor name applies). A model's own setting wins over the global one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence, Union
+
+Scalar = Union[bool, int, float, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Conditional:
+    """``value`` where ``filter`` (a substring of the tensor name; None or ``"*"``: any) matches."""
+
+    value: Setting
+    filter: str | None = None
+
+
+Setting = Union[Scalar, tuple[Scalar, ...], tuple[Conditional, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Parameter:
+    """A parameter a method takes: ``kind`` float or bool; ``per_model`` ones are set per model
+    (mergekit's input scope), the others once (shared); ``default`` None means required."""
+
+    name: str
+    kind: type
+    per_model: bool
+    default: float | bool | None = None
+    #: Taken, as mergekit takes it, but it changes no byte for this method (density without
+    #: sparsification, int8_mask).
+    inert: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """A merge method: its parameters, and whether it takes a base model apart from the others."""
+
+    name: str
+    parameters: tuple[Parameter, ...]
+    needs_base: bool
+
+    def parameter(self, name: str) -> Parameter | None:
+        return next((p for p in self.parameters if p.name == name), None)
+
+
+_WEIGHT = Parameter("weight", float, True)
+METHODS: Mapping[str, Method] = MappingProxyType({
+    "linear": Method("linear", (_WEIGHT, Parameter("normalize", bool, False, True)), needs_base=False),
+    "task_arithmetic": Method("task_arithmetic", (
+        _WEIGHT, Parameter("normalize", bool, False, False), Parameter("lambda", float, False, 1.0),
+        Parameter("density", float, True, 1.0, inert=True), Parameter("rescale", bool, False, False, inert=True),
+        Parameter("int8_mask", bool, False, False, inert=True)), needs_base=True),
+})
+#: The parameters of mergekit's other methods: a config written for one may carry them, and
+#: mergekit ignores those a method does not take; so do we (a name outside this list is a typo).
+MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "normalize", "rescale", "t", "int8_mask",
+                       "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_")
+#: mergekit's methods that are not (yet) built here, for a message that says so.
+OTHER_METHODS = ("ties", "dare_ties", "dare_linear", "slerp", "nuslerp", "breadcrumbs", "breadcrumbs_ties", "della",
+                 "della_linear", "model_stock", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "ram")
+
+
+@dataclass(frozen=True, slots=True)
+class MergeModel:
+    """A model in the merge: a source name and its own parameter settings."""
+
+    source: str
+    parameters: Mapping[str, Setting]
+
+
+@dataclass(frozen=True, slots=True)
+class MergeSpec:
+    """A checked merge: ``method``; ``models`` in order (the base not among them for a method that
+    takes one); ``base`` its source; global ``parameters``; the merge ``dtype`` (safetensors code;
+    None: the inputs' promoted dtype)."""
+
+    method: str
+    models: tuple[MergeModel, ...]
+    base: str | None
+    parameters: Mapping[str, Setting]
+    dtype: str | None = None
+    #: Parameter names given that this method ignores (as mergekit does), for ``plan`` to say so.
+    ignored: tuple[str, ...] = ()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The sources read for every merged tensor, in input order: the base first."""
+        return ((self.base,) if self.base and METHODS[self.method].needs_base else ()) + \
+            tuple(m.source for m in self.models)
+
+
+#: Makes the one-line error for ``where`` (a key path) and a message.
+ErrorAt = Callable[[str, str], Exception]
+
+
+def check_method(error: ErrorAt, method: Any, where: str = "merge") -> Method:
+    """The method called ``method``.
+
+    Raises:
+        whatever ``error`` makes: a method not built yet (mergekit's others) or unknown.
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        known = ", ".join(METHODS)
+        if isinstance(method, str) and method in OTHER_METHODS:
+            raise error(f"{where}.method", f"{method!r} is not built yet; methods: {known} (and passthrough "
+                                           f"as layer plans); use mergekit for {method}")
+        raise error(f"{where}.method", f"expected one of: {known}, found {method!r:.60}")
+    return METHODS[method]
+
+
+def merge_spec(error: ErrorAt, method: Any, models: Sequence[tuple[str, Mapping[str, Any], str]],
+               base: str | None, parameters: Mapping[str, Any], dtype: str | None,
+               where: str = "merge") -> MergeSpec:
+    """A :class:`MergeSpec` from raw values (TOML or YAML), checked; ``models`` are (source, raw
+    parameters, key path) in order; ``error(where, message)`` makes the exception raised.
+
+    Raises:
+        whatever ``error`` makes: an unknown method, a parameter it does not know or of the wrong
+        type, a missing required weight, a base missing or given where it is not taken.
+    """
+    spec = check_method(error, method, where)
+    if not models:
+        raise error(f"{where}.models", f"no models to merge; {method} needs at least one")
+    ignored: list[str] = []
+    shared = _settings(error, spec, parameters, f"{where}.parameters", False, ignored)
+    if spec.needs_base:
+        if base is None:
+            raise error(f"{where}.base", f"missing; {method} adds the models' differences from a base model")
+        models = [m for m in models if m[0] != base]
+        if not models:
+            raise error(f"{where}.models", f"only the base; {method} needs another model")
+    elif base is not None and base not in [m[0] for m in models]:
+        raise error(f"{where}.base", f"{base!r} is not among the models; {method} takes no base of its own: list it "
+                                     f"with its weight, or remove base")
+    merged = []
+    for source, raw, at in models:
+        own = _settings(error, spec, raw, at, True, ignored)
+        for p in spec.parameters:
+            if p.per_model and p.default is None and p.name not in own and p.name not in shared:
+                raise error(at, f"missing {p.name}; {method} needs a {p.name} for every model (or one in "
+                                f"{where}.parameters)")
+        merged.append(MergeModel(source, MappingProxyType(own)))
+    return MergeSpec(method, tuple(merged), base, MappingProxyType(shared), dtype, tuple(dict.fromkeys(ignored)))
+
+
+def _settings(error: ErrorAt, spec: Method, raw: Mapping[str, Any], where: str, per_model: bool,
+              ignored: list[str]) -> dict[str, Setting]:
+    if not isinstance(raw, Mapping):
+        raise error(where, f"expected a table of parameters, found {raw!r:.60}")
+    out: dict[str, Setting] = {}
+    for name, value in raw.items():
+        p = spec.parameter(name)
+        if p is None:
+            if name not in MERGEKIT_PARAMETERS:
+                raise error(f"{where}.{name}", f"unknown parameter; {spec.name} takes: "
+                                               f"{', '.join(q.name for q in spec.parameters)}")
+            ignored.append(name)
+            continue
+        if per_model and not p.per_model:
+            raise error(f"{where}.{name}", "is set once for the merge, not per model (mergekit ignores it "
+                                           "here); move it to the global parameters")
+        out[name] = _setting(error, f"{where}.{name}", value, p.kind)
+    return out
+
+
+def _setting(error: ErrorAt, where: str, value: Any, kind: type) -> Setting:
+    """A raw value as a :data:`Setting`, its scalars checked against ``kind``."""
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise error(where, "is an empty list; give a value, a gradient [a, b, ...] or filtered values")
+        if all(isinstance(v, Mapping) for v in value):
+            conds = []
+            for i, v in enumerate(value):
+                extra = set(v) - {"value", "filter"}
+                if extra or "value" not in v:
+                    raise error(f"{where}[{i}]", "expected { filter = \"self_attn\", value = ... } (filter optional)")
+                f = v.get("filter")
+                if f is not None and not isinstance(f, str):
+                    raise error(f"{where}[{i}].filter", f"expected a string, found {f!r:.60}")
+                conds.append(Conditional(_setting(error, f"{where}[{i}].value", v["value"], kind), f))
+            return tuple(conds)
+        if any(isinstance(v, (Mapping, list, tuple)) for v in value):
+            raise error(where, "mixes values and filtered values; give a gradient of numbers or a list of "
+                               "{ filter, value } tables")
+        return tuple(_scalar(error, f"{where}[{i}]", v, kind) for i, v in enumerate(value))
+    return _scalar(error, where, value, kind)
+
+
+def _scalar(error: ErrorAt, where: str, value: Any, kind: type) -> Scalar:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise error(where, f"expected true or false, found {value!r:.60}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise error(where, f"expected a number, found {value!r:.60}")
+    try:
+        number = float(value)  # mergekit takes "1e-3" (YAML reads it as a string) as a number
+    except ValueError:
+        raise error(where, f"expected a number, found {value!r:.60}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise error(where, f"expected a finite number, found {value!r:.60}")
+    return number
+
+
+def evaluate(setting: Setting, tensor_name: str, t: float, kind: type) -> float | bool | None:
+    """The value of ``setting`` for tensor ``tensor_name`` at ``t`` (0..1 across a slice's layers),
+    as mergekit's ``evaluate_setting``: filters first match, numeric gradients interpolated
+    linearly between neighbouring entries, booleans of a list picked by position; None when no
+    filter matches."""
+    if isinstance(setting, Conditional):
+        setting = (setting,)
+    if not isinstance(setting, tuple):
+        return _valid(setting, kind)
+    if all(not isinstance(e, Conditional) for e in setting):
+        values = [_valid(e, kind) for e in setting]  # type: ignore[arg-type]
+        if kind is bool:
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return float((1 - frac) * values[i0] + frac * values[i1])
+    for cond in setting:
+        assert isinstance(cond, Conditional)
+        if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
+            return evaluate(cond.value, tensor_name, t, kind)
+    return None
+
+
+def _valid(value: Scalar, kind: type) -> Any:
+    return value if kind is bool else float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """One tensor's parameters: the shared ones by name, and each model's own, in model order."""
+
+    shared: Mapping[str, float | bool]
+    per_model: tuple[Mapping[str, float | bool], ...]
+
+
+class MissingParameter(Exception):
+    """A required parameter has no value for a tensor (no filter matched)."""
+
+
+def resolve(spec: MergeSpec, tensor_name: str, t: float) -> Resolved:
+    """Each parameter of ``spec``'s method for ``tensor_name`` at ``t``: a model's own setting,
+    then the global one, then the default (mergekit's precedence, without slices).
+
+    Raises:
+        MissingParameter: a required parameter that no setting gives for this tensor.
+    """
+    method = METHODS[spec.method]
+
+    def one(p: Parameter, scopes: Sequence[Mapping[str, Setting]], model: str | None) -> float | bool:
+        for scope in scopes:
+            if p.name in scope:
+                value = evaluate(scope[p.name], tensor_name, t, p.kind)
+                if value is not None:
+                    return value
+        if p.default is None:
+            who = f"model {model!r}, " if model else ""
+            raise MissingParameter(f"{who}tensor {tensor_name!r}: no {p.name} applies (no filter matches); "
+                                   f"add a value without a filter")
+        return p.default
+
+    shared = {p.name: one(p, (spec.parameters,), None) for p in method.parameters if not p.per_model}
+    per_model = tuple(MappingProxyType({p.name: one(p, (m.parameters, spec.parameters), m.source)
+                                        for p in method.parameters if p.per_model}) for m in spec.models)
+    return Resolved(MappingProxyType(shared), per_model)
+
+
+def setting_data(setting: Setting) -> Any:
+    """A setting as JSON-ready data, as written: a scalar, a gradient list, or a list of
+    ``{"filter", "value"}`` objects."""
+    if isinstance(setting, tuple):
+        return [{"filter": s.filter, "value": setting_data(s.value)} if isinstance(s, Conditional) else s
+                for s in setting]
+    return setting
+
+
+def spec_data(spec: MergeSpec) -> dict[str, Any]:
+    """The merge as JSON-ready data (for the record and ``plan --json``)."""
+    return {"method": spec.method, "base": spec.base, "dtype": spec.dtype,
+            "parameters": {k: setting_data(v) for k, v in spec.parameters.items()},
+            "models": [{"source": m.source, "parameters": {k: setting_data(v) for k, v in m.parameters.items()}}
+                       for m in spec.models],
+            "ignored": list(spec.ignored)}
+
+
+def describe(spec: MergeSpec) -> str:
+    """The merge in one line, as ``plan`` and the model card say it."""
+    onto = f" onto {spec.base}" if spec.base and METHODS[spec.method].needs_base else ""
+    dtype = f", computed in {spec.dtype}" if spec.dtype else ""
+    ignored = f"; ignored (not {spec.method}'s): {', '.join(spec.ignored)}" if spec.ignored else ""
+    return f"{spec.method} of {', '.join(m.source for m in spec.models)}{onto}{dtype}{ignored}"

@@ -1,0 +1,82 @@
+"""Planning a merge (pure): each output tensor of a ``[merge]`` manifest becomes a recipe of the
+same tensor of every merged source and one merge operation, its parameters resolved for that
+tensor (:mod:`tensorsurgery.merges`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from .checkpoint import Checkpoint
+from .dtypes import is_castable
+from .errors import PlanError
+from .merges import MergeSpec, MissingParameter, resolve
+from .ops import Linear, Operation, TaskArithmetic
+from .recipe import ByteRange, Input
+
+
+def promoted(dtypes: tuple[str, ...]) -> str:
+    """torch's promoted dtype of float tensors (mergekit's merge dtype when none is given): the
+    one dtype, else float32 (bfloat16 and float16 promote to it)."""
+    return dtypes[0] if len(set(dtypes)) == 1 else "F32"
+
+
+@dataclass(frozen=True, slots=True)
+class Merger:
+    """Makes the merged recipe of each output tensor: ``layers`` output layers (for gradients),
+    ``where`` the manifest (for messages)."""
+
+    spec: MergeSpec
+    checkpoints: Mapping[str, Checkpoint]
+    layers: int
+    where: str
+
+    def t(self, position: int | None) -> float:
+        """Where a tensor lies across the layers, as mergekit's gradients see it: 0 outside them
+        (embeddings, final norm, lm_head), ``i / (n - 1)`` for layer ``i`` (1 for a single layer)."""
+        if position is None:
+            return 0.0
+        return position / (self.layers - 1) if self.layers > 1 else 1.0
+
+    def recipe(self, first: Input, position: int | None) -> tuple[tuple[Input, ...], Operation, str]:
+        """The inputs (tensor ``first.key`` of every merged source, the base first), the operation
+        and the merge dtype of the output tensor planned from ``first``.
+
+        Raises:
+            PlanError: a source lacks the tensor or has it in another shape, it is not a float
+                tensor, or a required parameter has no value for it.
+        """
+        key = first.key
+        if first.part is not None:
+            raise PlanError(f"{self.where}: tensor {key!r} is a part of a fused tensor; merging parts is not "
+                            f"supported: merge models whose tensors are not split")
+        inputs = tuple(self._input(source, key, first.shape) for source in self.spec.sources)
+        md = self.spec.dtype or promoted(tuple(i.dtype for i in inputs))
+        try:
+            values = resolve(self.spec, key, self.t(position))
+        except MissingParameter as e:
+            raise PlanError(f"{self.where}: merge: {e}") from None
+        weights = tuple(float(p["weight"]) for p in values.per_model)
+        shared = values.shared
+        op: Operation
+        if self.spec.method == "linear":
+            op = Linear(weights, bool(shared["normalize"]), md)
+        else:
+            op = TaskArithmetic(weights, bool(shared["normalize"]), float(shared["lambda"]), md)
+        return inputs, op, md
+
+    def _input(self, source: str, key: str, shape: tuple[int, ...]) -> Input:
+        ckpt = self.checkpoints[source]
+        shard = ckpt.weight_map.get(key)
+        if shard is None:
+            raise PlanError(f"{self.where}: merge: source {source!r} ({ckpt.root}) has no tensor {key!r}; merge "
+                            f"models of one architecture and size")
+        header = ckpt.headers[shard]
+        entry = header.tensors[key]
+        where = f"{ckpt.root / shard}: tensor {key!r}"
+        if entry.shape != shape:
+            raise PlanError(f"{where}: shape {list(entry.shape)}, but the first source's is {list(shape)}; merge "
+                            f"models of one architecture and size")
+        if not is_castable(entry.dtype):
+            raise PlanError(f"{where}: {entry.dtype} is not a float dtype a merge computes with (F16, BF16, F32)")
+        return Input(source, key, entry.dtype, shape,
+                     ByteRange(header.path, header.data_start + entry.start, entry.nbytes))
