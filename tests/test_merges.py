@@ -311,3 +311,73 @@ def test_toml_base_must_be_the_first_source(capsys, tmp_path, models):
     message = error_line(*run(capsys, "apply", manifest))
     assert "merge.base: 'base' is not the first source; list [sources.base] first" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_bytes_do_not_depend_on_threads(capsys, tmp_path, models):
+    config = CASES["task_arithmetic-f16-lambda-normalize-gradient"](models)
+    manifest = _yaml(tmp_path, config)
+    outputs = []
+    for threads in (1, 3):
+        out = tmp_path / f"t{threads}"
+        assert run(capsys, "apply", manifest, "--output", out, "--threads", threads, "--no-progress")[0] == 0
+        outputs.append(read_all(out))
+    assert_bitwise_equal(*outputs)
+
+
+def _raw(t: torch.Tensor):
+    return t.contiguous().view(-1).view(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernels_equal_mergekit_arithmetic_on_hard_values(dtype):
+    """The two kernels on chunks longer than their block, holding the values where float
+    arithmetic is delicate (signed zeros, subnormals, huge values that overflow, infinities),
+    against mergekit's own torch code (merge_methods/linear.py, generalized_task_arithmetic.py)."""
+    from tensorsurgery.ops import Linear, TaskArithmetic
+    from tensorsurgery.ops.arith import BLOCK
+    from tensorsurgery.recipe import Input
+
+    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    n = BLOCK * 2 + 17
+    gen = torch.Generator().manual_seed(0)
+    info = torch.finfo(dtype)
+    xs = []
+    for _ in range(4):
+        x = torch.randn(n, generator=gen)
+        special = torch.tensor([0.0, -0.0, info.tiny / 4, -info.tiny / 8, info.max, -info.max, float("inf"),
+                                float("-inf"), info.max / 2, 1e-30])
+        pick = torch.randint(0, n, (n // 50,), generator=gen)
+        x[pick] = special[torch.randint(0, len(special), (len(pick),), generator=gen)]
+        xs.append(x.to(dtype))
+    inputs = [Input("s", "k", code, (n,), None)] * 4
+    weights = [0.3, 0.45, 0.7]
+    for normalize in (True, False):
+        w = torch.tensor([weights], dtype=torch.float32)
+        result = torch.zeros(n, dtype=torch.float32)
+        for x, c in zip(xs[:3], w.unbind(1)):
+            result.addcmul_(x, c)
+        if normalize:
+            result.div_(w.sum(dim=1))
+        ours = Linear(tuple(weights), normalize, code).apply([_raw(x) for x in xs[:3]], inputs[:3])
+        assert (_raw(result.to(dtype)) != ours).sum() == 0, ("linear", normalize)
+        for lam in (1.0, 0.6):
+            base = xs[0]
+            deltas = torch.stack([x - base for x in xs[1:]])
+            wt = torch.tensor(weights, dtype=dtype).unsqueeze(-1)
+            deltas *= wt
+            mixed = deltas.sum(dim=0)
+            divisor = wt.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+            if normalize:
+                mixed /= divisor
+            if lam != 1:
+                mixed *= lam
+            ours = TaskArithmetic(tuple(weights), normalize, lam, code).apply([_raw(x) for x in xs], inputs)
+            reference = (base + mixed).to(dtype)
+            mine = torch.from_numpy(ours.copy()).view(dtype)
+            # NaN payloads aside (torch's vector and scalar paths quiet NaNs differently), every bit equal
+            same = (reference.view(-1).view(torch.uint8).reshape(n, -1) == mine.view(torch.uint8).reshape(n, -1)).all(1)
+            same |= reference.isnan() & mine.isnan()
+            assert reference.isnan().any() and reference.isinf().any()  # the hard values are there
+            assert same.all(), ("task_arithmetic", normalize, lam, int((~same).sum()))
+
