@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch_helpers import bitwise, state
 from transformers import (
     AutoModelForCausalLM,
     GptOssConfig,
@@ -39,7 +40,6 @@ from tensorsurgery.recipe import ByteRange, Input
 BLOCK = (128, 128)
 QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
 def weight_dequant(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int] = BLOCK,
@@ -61,18 +61,6 @@ def quantize(w: torch.Tensor, block: tuple[int, int] = BLOCK) -> tuple[torch.Ten
     scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
     q = (blocks / scale[:, None, :, None]).reshape(br * block[0], bc * block[1])[:rows, :cols]
     return q.to(torch.float8_e4m3fn).contiguous(), scale.to(torch.float32)
-
-
-def state(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ tensorsurgery keeps the source's architecture like mergekit does, and config.jso
 from __future__ import annotations
 
 import json
-import socket
 import tomllib
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from torch_helpers import no_network
 
 from tensorsurgery.cli import main
 
@@ -49,20 +49,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:Depreca
 @pytest.fixture(scope="module", autouse=True)
 def offline():
     """No network: the hub in offline mode, and any internet connection attempt fails."""
-    import huggingface_hub.constants
-
-    connect = socket.socket.connect
-
-    def guarded(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access during the parity test: {address}")
-        return connect(self, address)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        mp.setattr(socket.socket, "connect", guarded)
+    with no_network("the parity test"):
         yield
 
 

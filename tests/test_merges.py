@@ -11,14 +11,13 @@ one), and the output must load in transformers, verify, and fail verify when one
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
+from torch_helpers import no_network, state
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from cli_helpers import differences, error_line, run
@@ -32,20 +31,7 @@ FINE_TUNES = ("ft0", "ft1", "ft2")
 @pytest.fixture(scope="module", autouse=True)
 def offline():
     """No network: the hub in offline mode, and any internet connection attempt fails."""
-    import huggingface_hub.constants
-
-    connect = socket.socket.connect
-
-    def guarded(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access during a merge test: {address}")
-        return connect(self, address)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        mp.setattr(socket.socket, "connect", guarded)
+    with no_network("a merge test"):
         yield
 
 
@@ -94,11 +80,7 @@ def mergekit(config: dict[str, Any], out: Path) -> Path:
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:  # the official reader accepts the file
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
+    out = state(folder)  # the official reader accepts the files
     assert out, f"no tensors in {folder}"
     return out
 
