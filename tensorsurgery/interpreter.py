@@ -5,14 +5,14 @@ bounded chunks. The writer (:mod:`tensorsurgery.pump`) and every comparison (``-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence, cast
 
 import numpy as np
 
 from .dtypes import element_size
 from .fsio import pread_exact
-from .ops import Zeros
-from .recipe import Recipe, element_count, is_elementwise
+from .ops import Operation, TwoPassOperation, Zeros
+from .recipe import Input, Recipe, element_count, is_elementwise, is_two_pass
 from .scratch import scratch as _scratch
 from .transforms import cast_chunk
 
@@ -38,6 +38,7 @@ def tensor_chunks(t: Recipe, open_file: Opener, chunk: int = CAST_CHUNK) -> Iter
             yield zeros[:min(len(zeros), nbytes - start)]
         return
     fds = [open_file(i.range.path) for i in inputs]
+    t = prepared(t, fds)
     if is_elementwise(t):
         count = element_count(t)
         step = max(chunk // sum(element_size(i.dtype) for i in inputs), 1)  # all inputs together: ``chunk``
@@ -53,6 +54,25 @@ def tensor_chunks(t: Recipe, open_file: Opener, chunk: int = CAST_CHUNK) -> Iter
         yield values.data
 
 
+class Prepared(NamedTuple):
+    """A two-pass recipe with its statistic read: the same inputs, an elementwise operation."""
+
+    dtype: str
+    nbytes: int
+    inputs: tuple[Input, ...]
+    op: Operation
+
+
+def prepared(t: Recipe, fds: Sequence[int]) -> Recipe:
+    """``t`` itself, or for a two-pass recipe (:func:`~tensorsurgery.recipe.is_two_pass`) the
+    elementwise recipe its operation's :meth:`~tensorsurgery.ops.TwoPassOperation.prepare`
+    makes, having read the inputs (open as ``fds``) once for its statistic."""
+    if not is_two_pass(t):
+        return t
+    op = cast(TwoPassOperation, t.op).prepare(t.inputs, fds)
+    return Prepared(t.dtype, t.nbytes, t.inputs, op)
+
+
 def compute_elements(t: Recipe, fds: Sequence[int], start: int, n: int, out: np.ndarray) -> np.ndarray:
     """Output elements ``start..start+n-1`` of the elementwise recipe ``t`` (its inputs open as
     ``fds``), written into ``out`` (a uint8 buffer of their size) when it can be; returns the bytes
@@ -64,7 +84,7 @@ def compute_elements(t: Recipe, fds: Sequence[int], start: int, n: int, out: np.
         raw = _scratch(n * size, slot=k)[0]
         pread_exact(fd, raw.data, i.range.offset + start * size)
         raws.append(raw)
-    values = op.apply(raws, inputs)
+    values = op.apply(raws, inputs, start)
     result = op.result_dtype(inputs)
     if result == dtype:
         return values

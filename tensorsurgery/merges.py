@@ -46,6 +46,8 @@ class Method:
     name: str
     parameters: tuple[Parameter, ...]
     needs_base: bool
+    #: How many models it merges besides the base (None: any number).
+    max_models: int | None = None
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -58,13 +60,14 @@ METHODS: Mapping[str, Method] = MappingProxyType({
         _WEIGHT, Parameter("normalize", bool, False, False), Parameter("lambda", float, False, 1.0),
         Parameter("density", float, True, 1.0, inert=True), Parameter("rescale", bool, False, False, inert=True),
         Parameter("int8_mask", bool, False, False, inert=True)), needs_base=True),
+    "slerp": Method("slerp", (Parameter("t", float, False),), needs_base=True, max_models=1),
 })
 #: The parameters of mergekit's other methods: a config written for one may carry them, and
 #: mergekit ignores those a method does not take; so do we (a name outside this list is a typo).
 MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "normalize", "rescale", "t", "int8_mask",
                        "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_")
 #: mergekit's methods that are not (yet) built here, for a message that says so.
-OTHER_METHODS = ("ties", "dare_ties", "dare_linear", "slerp", "nuslerp", "breadcrumbs", "breadcrumbs_ties", "della",
+OTHER_METHODS = ("ties", "dare_ties", "dare_linear", "nuslerp", "breadcrumbs", "breadcrumbs_ties", "della",
                  "della_linear", "model_stock", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "ram")
 
 
@@ -131,6 +134,10 @@ def merge_spec(error: ErrorAt, method: Any, models: Sequence[tuple[str, Mapping[
         raise error(f"{where}.models", f"no models to merge; {method} needs at least one")
     ignored: list[str] = []
     shared = _settings(error, spec, parameters, f"{where}.parameters", False, ignored)
+    for p in spec.parameters:
+        if not p.per_model and p.default is None and p.name not in shared:
+            raise error(f"{where}.parameters", f"missing {p.name}; {method} needs one (a number, a gradient "
+                                               f"[a, b, ...] or filtered values)")
     if spec.needs_base:
         if base is None:
             raise error(f"{where}.base", f"missing; {method} adds the models' differences from a base model")
@@ -140,6 +147,9 @@ def merge_spec(error: ErrorAt, method: Any, models: Sequence[tuple[str, Mapping[
     elif base is not None and base not in [m[0] for m in models]:
         raise error(f"{where}.base", f"{base!r} is not among the models; {method} takes no base of its own: list it "
                                      f"with its weight, or remove base")
+    if spec.max_models is not None and len(models) > spec.max_models:
+        raise error(f"{where}.models", f"{len(models)} models besides the base; {method} interpolates the base "
+                                       f"towards exactly {spec.max_models}: list the base and one other model")
     merged = []
     for source, raw, at in models:
         own = _settings(error, spec, raw, at, True, ignored)

@@ -4,13 +4,14 @@ tensor (:mod:`tensorsurgery.merges`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 from .checkpoint import Checkpoint
 from .dtypes import is_castable
 from .errors import PlanError
-from .merges import MergeSpec, MissingParameter, resolve
-from .ops import Linear, Operation, TaskArithmetic
+from .merges import MergeSpec, MissingParameter, Resolved, resolve
+from .ops import Linear, Operation, Slerp, TaskArithmetic
 from .recipe import ByteRange, Input
 
 
@@ -18,6 +19,19 @@ def promoted(dtypes: tuple[str, ...]) -> str:
     """torch's promoted dtype of float tensors (mergekit's merge dtype when none is given): the
     one dtype, else float32 (bfloat16 and float16 promote to it)."""
     return dtypes[0] if len(set(dtypes)) == 1 else "F32"
+
+
+def _weights(values: Resolved) -> tuple[float, ...]:
+    return tuple(float(p["weight"]) for p in values.per_model)
+
+
+#: Each method's operation from one tensor's resolved parameters and the merge dtype.
+OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType({
+    "linear": lambda v, md: Linear(_weights(v), bool(v.shared["normalize"]), md),
+    "task_arithmetic": lambda v, md: TaskArithmetic(_weights(v), bool(v.shared["normalize"]),
+                                                    float(v.shared["lambda"]), md),
+    "slerp": lambda v, md: Slerp(float(v.shared["t"]), md),
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +69,7 @@ class Merger:
             values = resolve(self.spec, key, self.t(position))
         except MissingParameter as e:
             raise PlanError(f"{self.where}: merge: {e}") from None
-        weights = tuple(float(p["weight"]) for p in values.per_model)
-        shared = values.shared
-        op: Operation
-        if self.spec.method == "linear":
-            op = Linear(weights, bool(shared["normalize"]), md)
-        else:
-            op = TaskArithmetic(weights, bool(shared["normalize"]), float(shared["lambda"]), md)
-        return inputs, op, md
+        return inputs, OPERATION[self.spec.method](values, md), md
 
     def _input(self, source: str, key: str, shape: tuple[int, ...]) -> Input:
         ckpt = self.checkpoints[source]

@@ -343,7 +343,7 @@ def _merged(specs: list[_Spec], positions: Mapping[str, int | None], merger: Mer
         first = s.inputs[0]
         inputs, op, md = merger.recipe(first, positions[s.name])
         out = dtype or md
-        nbytes = s.nbytes // element_size(first.dtype) * element_size(out)
+        nbytes = s.nbytes // element_size(s.dtype) * element_size(out)  # s is planned in the output dtype
         merged.append(_Spec(s.name, out, s.shape, nbytes, inputs, op, label(False, op, first.dtype, out)))
     return merged
 

@@ -28,11 +28,11 @@ from .dtypes import element_size
 from .errors import WriteError
 from .fsio import OpenFiles
 from .hashing import HashPool, first_of_each
-from .interpreter import CAST_CHUNK, compute_elements, tensor_chunks
+from .interpreter import CAST_CHUNK, compute_elements, prepared, tensor_chunks
 from .ops import RowwiseOperation
 from .packing import ALIGN, Block, Packer
 from .planning import OutputTensor, Shard
-from .recipe import element_count, identity, is_elementwise, is_rowwise, is_verbatim
+from .recipe import Recipe, element_count, identity, is_elementwise, is_rowwise, is_two_pass, is_verbatim
 from .shardfile import PARTIAL_SUFFIX, ShardFile
 
 BUFFER_SIZE = 4 << 20
@@ -78,7 +78,8 @@ class Pump:
         size = self.buffer_size if lanes == 1 else max(ALIGN, self.buffer_size // lanes // ALIGN * ALIGN)
         stop = threading.Event()
         casts = (ThreadPoolExecutor(self.threads, thread_name_prefix="ts-cast")
-                 if any((is_elementwise(t) or is_rowwise(t)) and not is_verbatim(t) for t in tensors) else None)
+                 if any((is_elementwise(t) or is_rowwise(t) or is_two_pass(t)) and not is_verbatim(t)
+                        for t in tensors) else None)
         todo = [(i, *job) for i, job in enumerate(jobs)][::-1]  # popped from the end by the lanes
         runs = [_Lane(self, size, max(1, self.threads // lanes), stop, casts, same, first_tid, todo)
                 for _ in range(lanes)]
@@ -212,7 +213,10 @@ class _Lane:
         return True
 
     def _pack_tensor(self, packer: Packer, sources: OpenFiles, t: OutputTensor, tid: int | None) -> None:
-        if is_verbatim(t):
+        if is_two_pass(t) and self._casts is not None:  # its statistic read here, its elements as any others'
+            fds = [sources.open(i.range.path) for i in t.inputs]
+            self._pack_elements(packer, fds, prepared(t, fds), tid)
+        elif is_verbatim(t):
             source = t.inputs[0].range
             packer.read_into(sources.open(source.path), source.offset, source.length, tid)
         elif is_elementwise(t) and self._casts is not None:
@@ -223,7 +227,7 @@ class _Lane:
             for chunk in tensor_chunks(t, sources.open):
                 packer.put(chunk, tid)
 
-    def _pack_elements(self, packer: Packer, fds: list[int], t: OutputTensor, tid: int | None) -> None:
+    def _pack_elements(self, packer: Packer, fds: list[int], t: Recipe, tid: int | None) -> None:
         """Lay out an elementwise tensor (a cast, a scale...) as jobs of whole elements, each making
         up to ``CAST_CHUNK`` source bytes' worth straight into its place in a buffer on a cast thread."""
         osz = element_size(t.dtype)
@@ -259,7 +263,7 @@ class _Lane:
         out = np.frombuffer(buf, np.uint8, count=n * (t.nbytes // t.shape[0]), offset=at)
         return self._casts.submit(_rows_into, fds, t, start, n, out)
 
-    def _start_elements(self, fds: list[int], t: OutputTensor, start: int, n: int, buf: mmap.mmap,
+    def _start_elements(self, fds: list[int], t: Recipe, start: int, n: int, buf: mmap.mmap,
                         at: int) -> Future:
         assert self._casts is not None
         return self._casts.submit(_elements_into, fds, t, start, n, buf, at)
@@ -322,12 +326,12 @@ class _Lane:
                 out.close()
 
 
-def _element_now(fds: list[int], t: OutputTensor, index: int) -> bytes:
+def _element_now(fds: list[int], t: Recipe, index: int) -> bytes:
     """Element ``index`` of ``t``, made on this thread (one that straddles two buffers)."""
     return compute_elements(t, fds, index, 1, np.empty(element_size(t.dtype), np.uint8)).tobytes()
 
 
-def _elements_into(fds: list[int], t: OutputTensor, start: int, n: int, buf: mmap.mmap, at: int) -> None:
+def _elements_into(fds: list[int], t: Recipe, start: int, n: int, buf: mmap.mmap, at: int) -> None:
     """On a cast thread: make elements ``start..start+n-1`` of ``t`` into ``buf`` from ``at``."""
     out = np.frombuffer(buf, np.uint8, count=n * element_size(t.dtype), offset=at)
     result = compute_elements(t, fds, start, n, out)

@@ -114,6 +114,14 @@ def is_rowwise(t: Recipe) -> bool:
     return bool(getattr(t.op, "rowwise", False)) and bool(t.inputs)
 
 
+def is_two_pass(t: Recipe) -> bool:
+    """Output element ``i`` is made of element ``i`` of each input and a statistic of the whole
+    inputs: the operation says ``two_pass = True`` and has ``prepare(inputs, fds)``, which reads
+    the statistic and returns an elementwise operation
+    (:func:`tensorsurgery.interpreter.prepared`). An operation that says nothing is not."""
+    return bool(getattr(t.op, "two_pass", False)) and bool(t.inputs)
+
+
 def element_count(t: Recipe) -> int:
     """How many elements an elementwise recipe makes (as many as each input holds)."""
     return t.inputs[0].range.length // element_size(t.inputs[0].dtype)

@@ -135,6 +135,10 @@ def _models(paths: dict[str, Path], weights: list[Any]) -> list[dict[str, Any]]:
     return [{"model": str(paths[name]), "parameters": {"weight": w}} for name, w in zip(FINE_TUNES, weights)]
 
 
+def _slerp_models(paths: dict[str, Path]) -> list[dict[str, Any]]:
+    return [{"model": str(paths["base"])}, {"model": str(paths["ft1"])}]
+
+
 #: (case id, method config without models' paths): every parameter form mergekit takes.
 FILTERED = [{"filter": "self_attn", "value": 0.7}, {"filter": "mlp", "value": 0.1}, {"value": 0.4}]
 CASES = {
@@ -152,6 +156,20 @@ CASES = {
     "task_arithmetic-f32-to-f16": lambda p: {
         "merge_method": "task_arithmetic", "base_model": str(p["base"]), "models": _models(p, [0.5, -0.25, 1.5]),
         "parameters": {"lambda": 1.3}, "dtype": "float32", "out_dtype": "float16"},
+}
+
+
+#: slerp off its linear branch depends on float32 sums whose rounding is torch's (and changes with
+#: its thread count): the same cases, compared with a tolerance (test_slerp_is_mergekit_to_a_unit).
+SLERP_CASES = {
+    "slerp-gradients-filters": lambda p: {
+        "merge_method": "slerp", "base_model": str(p["base"]), "models": _slerp_models(p), "dtype": "bfloat16",
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+    "slerp-to-f32": lambda p: {"merge_method": "slerp", "base_model": str(p["base"]), "models": _slerp_models(p),
+                               "parameters": {"t": 0.35}, "out_dtype": "float32"},
+    "slerp-f16": lambda p: {"merge_method": "slerp", "base_model": str(p["base"]), "models": _slerp_models(p),
+                            "parameters": {"t": [0.1, 0.9]}, "dtype": "float16"},
 }
 
 
@@ -249,8 +267,12 @@ def test_refusals_are_one_line_and_write_nothing(capsys, tmp_path, models):
     two = [{"model": str(models["ft0"]), "parameters": {"weight": 1}},
            {"model": str(models["ft1"]), "parameters": {"weight": 1}}]
     cases = [
-        ({"merge_method": "ties", "base_model": str(models["base"]), "models": two},
-         "merge_method: 'ties' is not built yet"),
+        ({"merge_method": "breadcrumbs", "base_model": str(models["base"]), "models": two},
+         "merge_method: 'breadcrumbs' is not built yet"),
+        ({"merge_method": "slerp", "base_model": str(models["base"]), "models": two, "parameters": {"t": 0.5}},
+         "models: 2 models besides the base; slerp interpolates the base towards exactly 1"),
+        ({"merge_method": "slerp", "base_model": str(models["base"]), "models": two[:1]},
+         "parameters: missing t; slerp needs one"),
         ({"merge_method": "linear", "models": [{"model": str(models["ft0"])}, *two[1:]]},
          "models[0]: missing weight; linear needs a weight for every model"),
         ({"merge_method": "linear", "models": two, "parameters": {"sharpness": 2}},
@@ -340,7 +362,7 @@ def test_kernels_equal_mergekit_arithmetic_on_hard_values(dtype):
             result.addcmul_(x, c)
         if normalize:
             result.div_(w.sum(dim=1))
-        ours = Linear(tuple(weights), normalize, code).apply([_raw(x) for x in xs[:3]], inputs[:3])
+        ours = Linear(tuple(weights), normalize, code).apply([_raw(x) for x in xs[:3]], inputs[:3], 0)
         assert (_raw(result.to(dtype)) != ours).sum() == 0, ("linear", normalize)
         for lam in (1.0, 0.6):
             base = xs[0]
@@ -354,7 +376,7 @@ def test_kernels_equal_mergekit_arithmetic_on_hard_values(dtype):
                 mixed /= divisor
             if lam != 1:
                 mixed *= lam
-            ours = TaskArithmetic(tuple(weights), normalize, lam, code).apply([_raw(x) for x in xs], inputs)
+            ours = TaskArithmetic(tuple(weights), normalize, lam, code).apply([_raw(x) for x in xs], inputs, 0)
             reference = (base + mixed).to(dtype)
             mine = torch.from_numpy(ours.copy()).view(dtype)
             # NaN payloads aside (torch's vector and scalar paths quiet NaNs differently), every bit equal
@@ -363,3 +385,69 @@ def test_kernels_equal_mergekit_arithmetic_on_hard_values(dtype):
             assert reference.isnan().any() and reference.isinf().any()  # the hard values are there
             assert same.all(), ("task_arithmetic", normalize, lam, int((~same).sum()))
 
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Units in the last place between same-dtype float tensors of one sign pattern (as ints)."""
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    ia, ib = (x.view(bits).long() for x in (a, b))
+    # sign-magnitude to a monotonic integer line
+    ia, ib = (torch.where(x < 0, -(x & (2 ** (8 * a.element_size() - 1) - 1)), x) for x in (ia, ib))
+    return (ia - ib).abs()
+
+
+@pytest.mark.parametrize("door", ["yaml", "toml"])
+@pytest.mark.parametrize("case", sorted(SLERP_CASES))
+def test_slerp_is_mergekit_to_a_unit(capsys, tmp_path, models, case, door):
+    """slerp: a tensor whose angle to the base is below mergekit's threshold (|cos| > 0.9995: the
+    norms here) is interpolated linearly, bitwise mergekit's; the others are at most one unit in the
+    last place from mergekit's, in under 0.1% of their elements (our sums are float64 and
+    reproducible; mergekit's are float32 on torch's threads)."""
+    config = SLERP_CASES[case](models)
+    theirs = read_all(mergekit(config, tmp_path / "mergekit"))
+    ours = tmp_path / "ours"
+    manifest = tmp_path / f"{case}.{'yml' if door == 'yaml' else 'toml'}"
+    manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else toml_manifest(config, ours))
+    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
+    assert code == 0, out + err
+    merged, base, other = read_all(ours), read_all(models["base"]), read_all(models["ft1"])
+    assert merged.keys() == theirs.keys()
+    linear = differing = elements = 0
+    for key in sorted(theirs):
+        a, b = theirs[key], merged[key]
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), key
+        x, y = base[key].double().flatten(), other[key].double().flatten()
+        cos = float(x @ y / (x.norm() * y.norm()))
+        md = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.get("dtype"), base[key].dtype)
+        ulps = _ulps(a.to(md), b.to(md))  # units of the merge dtype (a float32 output holds its values)
+        if abs(cos) > 0.9996:
+            linear += 1
+            assert int(ulps.max()) == 0, f"{key}: interpolated linearly, yet {int((ulps != 0).sum())} differ"
+        else:
+            assert int(ulps.max()) <= 1, f"{key}: {int(ulps.max())} units from mergekit's"
+            differing += int((ulps != 0).sum())
+            elements += a.numel()
+    assert linear >= 9 and elements > 0  # the norms, and the rest
+    assert differing <= elements / 1000, f"{differing} of {elements} elements differ"
+    assert config_differences(tmp_path / "mergekit", ours) == {}
+    code, out, err = run(capsys, "verify", manifest, ours, "--no-progress")
+    assert code == 0 and "every byte matches" in out, out + err
+
+
+def test_slerp_is_reproducible_and_verify_catches_a_flipped_byte(capsys, tmp_path, models):
+    """Its coefficients come from the whole tensors, read in fixed blocks: the same bytes on 1 and 3
+    threads, and verify (which recomputes them) catches one changed byte in both modes."""
+    manifest = _yaml(tmp_path, SLERP_CASES["slerp-gradients-filters"](models))
+    outputs = []
+    for threads in (1, 3):
+        out = tmp_path / f"t{threads}"
+        assert run(capsys, "apply", manifest, "--output", out, "--threads", threads, "--no-progress")[0] == 0
+        outputs.append(read_all(out))
+    assert_bitwise_equal(*outputs)
+    shard = tmp_path / "t3" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3000] ^= 4
+    shard.write_bytes(bytes(data))
+    for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
+        found = differences(*run(capsys, *argv, "--no-progress"))
+        assert len(found) == 1 and "(transform: slerp)" in found[0], found

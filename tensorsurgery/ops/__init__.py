@@ -6,18 +6,21 @@ What the interpreter may ask of an operation, and all it may ask:
 
 * ``label``: one word for ``plan``, the record and the model card;
 * ``verbatim``: its output is its one input's bytes (copied with no computation at all);
-* ``elementwise``: output element ``i`` depends on element ``i`` of each input only; then
-  :meth:`Operation.apply` makes any element range on its own, and the writer spreads ranges
-  over threads;
+* ``elementwise``: output element ``i`` depends on element ``i`` of each input only (and on
+  ``i`` itself, which :meth:`Operation.apply` is told); then :meth:`Operation.apply` makes any
+  element range on its own, and the writer spreads ranges over threads;
 * :meth:`Operation.result_dtype`: the dtype of the values it makes (the interpreter casts them
   to the output's dtype);
 * ``rowwise`` (optional, :class:`RowwiseOperation`): output row ``i`` is made of rows of the
   inputs alone; then :meth:`RowwiseOperation.rows_into` makes any row range on its own, and the
   writer spreads ranges over threads as it does element ranges (a dequantization);
-* :meth:`Operation.chunks`: for an operation that is not elementwise, its values in bounded
-  chunks, reading its inputs itself. One that needs a statistic of a whole tensor (a norm, a
-  top-k threshold) reads its inputs twice here, chunk by chunk: a first pass for the statistic,
-  a second for the values, so memory stays bounded.
+* ``two_pass`` (optional, :class:`TwoPassOperation`): element ``i`` depends on element ``i`` of
+  each input and on a statistic of the whole input tensors (slerp's norms and angle, ties' top-k
+  threshold); :meth:`TwoPassOperation.prepare` reads the inputs once, in bounded blocks, for the
+  statistic and returns the elementwise operation with it bound, which the writer then spreads
+  over threads like any other;
+* :meth:`Operation.chunks`: for an operation that is none of these, its values in bounded
+  chunks, reading its inputs itself, in order (a random stream that must be consumed in order).
 """
 from __future__ import annotations
 
@@ -42,9 +45,10 @@ class Operation(Protocol):
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         """The safetensors dtype of the values it makes from ``inputs``."""
 
-    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         """Elementwise operations: the values (raw bytes, uint8, of :meth:`result_dtype`) made from
-        the same element range of each input (``raws``, raw bytes of each input's dtype)."""
+        the same element range of each input (``raws``, raw bytes of each input's dtype), the range
+        that starts at element ``start``."""
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
         """Other operations: every value in order (raw bytes of :meth:`result_dtype`), reading the
@@ -60,6 +64,18 @@ class RowwiseOperation(Operation, Protocol):
                   out: np.ndarray) -> np.ndarray:
         """Output rows ``start..start+n-1`` (raw bytes of :meth:`result_dtype`) made into ``out``
         (uint8, their size), reading the inputs (open as ``fds``); returns ``out``."""
+
+
+class TwoPassOperation(Operation, Protocol):
+    """An operation that says ``two_pass = True`` (:func:`tensorsurgery.recipe.is_two_pass`)."""
+
+    two_pass: ClassVar[bool]
+
+    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> Operation:
+        """Read the inputs (open as ``fds``) once, a bounded block at a time, for the statistic the
+        values need, and return the elementwise operation that makes them with it bound. The
+        blocks are the operation's own, not the caller's chunks: the statistic (a float sum) is
+        the same bytes whoever asks (the writer, ``verify``, ``--resume``)."""
 
 
 #: Every operation by its label.
@@ -84,8 +100,10 @@ from .linear import Linear  # noqa: E402
 from .lora import LoraMerge  # noqa: E402
 from .permute import PermuteRotary, rotary_row_order  # noqa: E402
 from .scale import Scale  # noqa: E402
+from .slerp import Slerp  # noqa: E402
 from .task_arithmetic import TaskArithmetic  # noqa: E402
 from .zeros import ZEROS, Zeros  # noqa: E402
 
 __all__ = ["COPY", "OPERATIONS", "ZEROS", "Copy", "DequantFP8", "DequantMXFP4", "Linear", "LoraMerge", "Operation",
-           "PermuteRotary", "RowwiseOperation", "Scale", "TaskArithmetic", "Zeros", "register", "rotary_row_order"]
+           "PermuteRotary", "RowwiseOperation", "Scale", "Slerp", "TaskArithmetic", "TwoPassOperation", "Zeros",
+           "register", "rotary_row_order"]

@@ -24,7 +24,7 @@ class Copy:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return inputs[0].dtype
 
-    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         return raws[0]
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:

@@ -35,7 +35,7 @@ class DequantFP8:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype  # made in the output dtype directly: one rounding, no cast stage after
 
-    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("a dequantization is not elementwise")  # the interpreter never asks
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:

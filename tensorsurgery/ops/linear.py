@@ -30,7 +30,7 @@ class Linear:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype
 
-    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
         from .arith import blockwise, encoded, fma32, sequential_sum, values

@@ -54,7 +54,7 @@ class LoraMerge:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype  # the cast to the output dtype is made here (rowwise: no cast stage after)
 
-    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("a LoRA merge is not elementwise")  # the interpreter never asks
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:

@@ -27,7 +27,7 @@ class PermuteRotary:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return inputs[0].dtype
 
-    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("a permutation is not elementwise")  # the interpreter never asks
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:

@@ -27,7 +27,7 @@ class Scale:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return "F32"
 
-    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
         from ..transforms import cast_chunk

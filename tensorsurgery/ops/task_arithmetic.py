@@ -35,7 +35,7 @@ class TaskArithmetic:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype
 
-    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
         from .arith import blockwise, encoded, rounded, rounded_scalars, sequential_sum, values

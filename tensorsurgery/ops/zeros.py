@@ -24,7 +24,7 @@ class Zeros:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         raise NotImplementedError("zeros have the output's dtype")  # the interpreter never asks
 
-    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> np.ndarray:
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("zeros are not elementwise")
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
