@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Merge benchmark: tensorsurgery's ``linear`` and ``task_arithmetic`` against stock mergekit on
+"""Merge benchmark: tensorsurgery's ``slerp``, ``linear`` and ``task_arithmetic`` against stock mergekit on
 the same YAML, and against the least any merge can do, all in one process, on tmpfs by default.
 
 The models are synthetic Mistral-shaped bf16 checkpoints with normally distributed values
@@ -10,7 +10,8 @@ Each row prints wall time, its ratio to raw and to mergekit, and the command's o
 (``wait4``). mergekit's output is compared with ours byte for byte, and ``verify`` is timed too.
 Everything written is removed at the end.
 
-    python benchmarks/merge.py [--layers N] [--models K] [--workdir DIR] [--runs N] [--no-mergekit] [--json]
+    python benchmarks/merge.py [--layers N] [--models K] [--method M] [--workdir DIR] [--runs N] [--no-mergekit]
+                               [--json]
 """
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ def raw(inputs: list[Path], out: Path, nbytes: int) -> float:
 def configs(models: list[Path]) -> dict[str, dict]:
     weights = [0.3, 0.45, 0.7, 0.2, 0.6][:len(models)]
     return {
+        "slerp": {"merge_method": "slerp", "base_model": str(models[0]),
+                  "models": [{"model": str(models[0])}, {"model": str(models[1])}],
+                  "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"value": 0.5}]}},
         "linear": {"merge_method": "linear",
                    "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)]},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(models[0]),
@@ -109,20 +113,31 @@ def configs(models: list[Path]) -> dict[str, dict]:
     }
 
 
-def same_tensors(a: Path, b: Path) -> bool:
-    """Every tensor of ``a`` and ``b`` has the same bytes (read with the official reader)."""
+def differing_elements(a: Path, b: Path) -> tuple[int, int]:
+    """How many elements of ``a``'s tensors differ from ``b``'s, and the most units in the last
+    place any one differs by (read with the official reader; (0, 0): bitwise equal)."""
     import torch
     from safetensors import safe_open
 
-    def read(folder: Path) -> dict[str, bytes]:
+    def read(folder: Path) -> dict[str, torch.Tensor]:
         out = {}
         for p in sorted(folder.glob("*.safetensors")):
             with safe_open(p, framework="pt") as f:  # bf16: torch (mergekit brings it)
                 for k in f.keys():
-                    out[k] = f.get_tensor(k).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                    out[k] = f.get_tensor(k)
         return out
 
-    return read(a) == read(b)
+    ours, theirs = read(a), read(b)
+    assert ours.keys() == theirs.keys()
+    count = most = 0
+    for key, x in ours.items():
+        y = theirs[key]
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        bits = {2: torch.int16, 4: torch.int32}[x.element_size()]
+        d = (x.contiguous().view(bits).long() - y.contiguous().view(bits).long()).abs()
+        count += int((d != 0).sum())
+        most = max(most, int(d.max()) if d.numel() else 0)
+    return count, most
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", type=int, default=3, help="models merged (task_arithmetic: the first is the base)")
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
     p.add_argument("--runs", type=int, default=1, help="runs of each row (the best is reported)")
+    p.add_argument("--method", action="append", help="only this method (repeatable; default: all)")
     p.add_argument("--no-mergekit", action="store_true")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -144,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         models = [make_mistral(bench / f"m{i}", dims, seed=i, max_shard_size=max(1, size // 2 + 1), tokenizer=False)
                   for i in range(a.models)]
         for method, config in configs(models).items():
+            if a.method and method not in a.method:
+                continue
             yml = bench / f"{method}.yml"
             yml.write_text(json.dumps(config))  # JSON is YAML
-            inputs = sorted(f for m in models for f in m.glob("*.safetensors"))
+            merged = models[:2] if method == "slerp" else models  # slerp: the base and one other
+            inputs = sorted(f for m in merged for f in m.glob("*.safetensors"))
             base = min(raw(inputs, bench / "raw.bin", size) for _ in range(a.runs))
             (bench / "raw.bin").unlink()
             ours = bench / f"ours-{method}"
@@ -165,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 theirs = bench / f"mergekit-{method}"
                 t = run([mergekit, str(yml), str(theirs), "--device", "cpu", "--no-copy-tokenizer",
                          "--no-write-model-card", "--quiet"], env, bench / "rss")
-                row.update(mergekit_s=t[0], mergekit_rss_mb=t[1], bitwise_equal=same_tensors(theirs, ours))
+                row.update(mergekit_s=t[0], mergekit_rss_mb=t[1], differing=differing_elements(theirs, ours))
                 shutil.rmtree(theirs)
             shutil.rmtree(ours)
             rows.append(row)
@@ -174,10 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{a.models} models of {size / 1e9:.2f} GB (bf16, {a.layers} layers), workdir {a.workdir or 'default'}")
     print(f"{'method':<16} {'raw s':>6} {'ours s':>7} {'x raw':>6} {'RSS MB':>7} {'verify s':>8} "
-          f"{'mergekit s':>10} {'x mk':>5} {'mk RSS MB':>9} {'bitwise':>7}")
+          f"{'mergekit s':>10} {'x mk':>5} {'mk RSS MB':>9} {'elements differing (max ulps)':>29}")
     for r in rows:
+        differing = "{} ({})".format(*r["differing"]) if "mergekit_s" in r else "-"
         mk = (f"{r['mergekit_s']:>10.2f} {r['ours_s'] / r['mergekit_s']:>5.2f} {r['mergekit_rss_mb']:>9.0f} "
-              f"{str(r['bitwise_equal']):>7}") if "mergekit_s" in r else f"{'-':>10} {'-':>5} {'-':>9} {'-':>7}"
+              f"{differing:>29}") if "mergekit_s" in r else f"{'-':>10} {'-':>5} {'-':>9} {differing:>29}"
         print(f"{r['method']:<16} {r['raw_s']:>6.2f} {r['ours_s']:>7.2f} {r['ours_s'] / r['raw_s']:>6.2f} "
               f"{r['ours_rss_mb']:>7.0f} {r['verify_s']:>8.2f} {mk}")
     return 0

@@ -25,6 +25,7 @@ Everything that would change tensor values (other merge methods, several sources
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
@@ -106,10 +107,10 @@ def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) ->
     takes them), then the models in order."""
     error = lambda where, message: ManifestError(f"{path}: {_yaml_key(where)}: {message}")  # noqa: E731
     check_method(error, method)
+    _check_keys(path, "", data, (*_MERGE_KEYS, "slices"))
+    layers = None
     if "slices" in data:
-        raise ManifestError(f"{path}: slices: a merge of slices (layer_range per source) is not supported yet; list "
-                            f"whole models under models: - model: PATH, parameters: {{weight: 0.5}}")
-    _check_keys(path, "", data, _MERGE_KEYS)
+        data, layers = _whole_slice(path, data)
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source not in (None, "base"):
         raise ManifestError(f"{path}: tokenizer_source: {tokenizer_source!r} is not supported yet; the base model's "
@@ -143,12 +144,54 @@ def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) ->
     spec = merge_spec(error, method,
                       [(names[m], raw, where) for m, raw, where in entries], names[base] if base else None,
                       data.get("parameters") or {}, CAST_DTYPES[dtype] if dtype else None)
+    if layers is not None:
+        spec = replace(spec, layers=layers)
     return Manifest(
         path=path, text=text,
         sources=tuple(SourceSpec(names[m], m[0], m[1]) for m in models),
         rename=RenameSpec(), layers=LayersSpec(plan="keep"), config=MappingProxyType({}),
         output=OutputSpec(path=f"out/{path.stem}", dtype=out or dtype), merge=spec,
     )
+
+
+def _whole_slice(path: Path, data: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A merge given as ``slices``, as the same merge given as ``models``, and the layer count its
+    ``layer_range`` says. Only one slice of whole models is taken (every source ``layer_range:
+    [0, N]``, checked against the models' N when planned): the form mergekit's slerp examples use.
+    A source's ``parameters`` are its model's; the slice's win over the global ones, as in mergekit."""
+    if "models" in data:
+        raise ManifestError(f"{path}: slices: given with models; list the models either way, not both")
+    slices = _slices(path, data)
+    if len(slices) != 1:
+        raise ManifestError(f"{path}: slices: {len(slices)} slices; a merge of parts of models is not supported "
+                            f"yet: give one slice whose every source has layer_range [0, N] (the whole model)")
+    item = slices[0]
+    if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
+        raise ManifestError(f"{path}: slices[0]: expected a mapping with sources: [{{model, layer_range}}, ...], "
+                            f"found {_describe(item)}")
+    _check_keys(path, "slices[0]", item, ("sources", "parameters"))
+    models, ranges = [], []
+    for i, source in enumerate(item["sources"]):
+        where = f"slices[0].sources[{i}]"
+        if not isinstance(source, dict):
+            raise ManifestError(f"{path}: {where}: expected a mapping with model and layer_range, "
+                                f"found {_describe(source)}")
+        _check_keys(path, where, source, ("model", "layer_range", "parameters"))
+        rng = source.get("layer_range")
+        if not (isinstance(rng, list) and len(rng) == 2 and all(type(x) is int for x in rng) and 0 <= rng[0] < rng[1]):
+            raise ManifestError(f"{path}: {where}.layer_range: expected [start, stop] with 0 <= start < stop "
+                                f"(stop excluded), found {_describe(rng)}")
+        ranges.append(tuple(rng))
+        models.append({k: v for k, v in source.items() if k != "layer_range"})
+    if ranges[0][0] != 0 or len(set(ranges)) > 1:
+        raise ManifestError(f"{path}: slices[0]: layer_range {list(ranges[0])}"
+                            f"{'' if len(set(ranges)) == 1 else ' and ' + str(list(ranges[1]))}; a merge of parts "
+                            f"of models is not supported yet: give every source layer_range [0, N] (the whole model)")
+    shared = data.get("parameters") or {}
+    if isinstance(shared, dict) and isinstance(item.get("parameters"), dict):
+        shared = {**shared, **item["parameters"]}
+    rest = {k: v for k, v in data.items() if k not in ("slices", "parameters")}
+    return {**rest, "models": models, "parameters": shared}, ranges[0][1]
 
 
 #: The TOML manifest's ``[merge]`` keys (in merge_spec's messages) as mergekit's YAML names them.

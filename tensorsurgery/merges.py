@@ -92,6 +92,9 @@ class MergeSpec:
     dtype: str | None = None
     #: Parameter names given that this method ignores (as mergekit does), for ``plan`` to say so.
     ignored: tuple[str, ...] = ()
+    #: The layer count a mergekit slice says (``layer_range: [0, N]`` for every source), checked
+    #: against the models' when planned; None when the models are listed whole.
+    layers: int | None = None
 
     @property
     def sources(self) -> tuple[str, ...]:

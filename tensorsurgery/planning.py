@@ -236,6 +236,9 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         specs = _dequantized(specs, checkpoints, fp8, mxfp4, dtype)
     adapters = tuple(_adapted(specs, manifest, checkpoints))  # merges the LoRA adapters into ``specs``
     if manifest.merge and positions is not None:
+        if manifest.merge.layers not in (None, len(arrangement)):
+            raise PlanError(f"{manifest.path}: slices: layer_range [0, {manifest.merge.layers}], but the models have "
+                            f"{len(arrangement)} layers; a merge takes whole models: use [0, {len(arrangement)}]")
         specs = _merged(specs, positions, Merger(manifest.merge, checkpoints, len(arrangement), str(manifest.path)),
                         dtype)
     linked = _identical_source_shards(specs, checkpoints[base]) if link else []

@@ -278,9 +278,15 @@ def test_refusals_are_one_line_and_write_nothing(capsys, tmp_path, models):
         ({"merge_method": "linear", "models": two, "parameters": {"sharpness": 2}},
          "parameters.sharpness: unknown parameter; linear takes: weight, normalize"),
         ({"merge_method": "task_arithmetic", "models": two}, "base_model: missing; task_arithmetic adds"),
-        ({"merge_method": "linear", "slices": [{"sources": [{"model": str(models["ft0"]), "layer_range": [0, 4]},
-                                                            {"model": str(models["ft1"]), "layer_range": [0, 4]}]}]},
-         "slices: a merge of slices (layer_range per source) is not supported yet"),
+        ({"merge_method": "linear", "slices": [{"sources": [{"model": str(models["ft0"]), "layer_range": [0, 2]},
+                                                            {"model": str(models["ft1"]), "layer_range": [2, 4]}]}]},
+         "slices[0]: layer_range [0, 2] and [2, 4]; a merge of parts of models is not supported yet"),
+        ({"merge_method": "linear", "slices": [{"sources": [{"model": str(models["ft0"]), "layer_range": [0, 2]}]},
+                                               {"sources": [{"model": str(models["ft0"]), "layer_range": [2, 4]}]}]},
+         "slices: 2 slices; a merge of parts of models is not supported yet"),
+        ({"merge_method": "linear", "slices": [{"sources": [{"model": str(models["ft0"]), "layer_range": [0, 3],
+                                                             "parameters": {"weight": 1}}]}]},
+         "slices: layer_range [0, 3], but the models have 4 layers; a merge takes whole models: use [0, 4]"),
         ({"merge_method": "linear", "models": two, "tokenizer_source": "union"},
          "tokenizer_source: 'union' is not supported yet"),
         ({"merge_method": "linear", "models": [{"model": str(models["ft0"]),
@@ -451,3 +457,26 @@ def test_slerp_is_reproducible_and_verify_catches_a_flipped_byte(capsys, tmp_pat
     for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
         found = differences(*run(capsys, *argv, "--no-progress"))
         assert len(found) == 1 and "(transform: slerp)" in found[0], found
+
+
+def _as_slice(config: dict[str, Any], layers: int = 4, **slice_parameters: Any) -> dict[str, Any]:
+    """``config`` (a merge of ``models``) as mergekit's other spelling: one slice of whole models."""
+    sources = [{**m, "layer_range": [0, layers]} for m in config["models"]]
+    rest = {k: v for k, v in config.items() if k != "models"}
+    return {**rest, "slices": [{"sources": sources, **({"parameters": slice_parameters} if slice_parameters else {})}]}
+
+
+def test_one_slice_of_whole_models_is_a_merge_of_the_models(capsys, tmp_path, models):
+    """mergekit's slerp examples give the models as one slice with layer_range [0, N]: the same
+    merge (bitwise mergekit's for linear, whose slice parameters win over the global ones), and the
+    same bytes as the models form for slerp."""
+    linear = _as_slice({**CASES["linear"](models), "parameters": {"normalize": True}}, normalize=False)
+    theirs = mergekit(linear, tmp_path / "mergekit")
+    assert run(capsys, "apply", _yaml(tmp_path, linear), "--output", tmp_path / "linear", "--no-progress")[0] == 0
+    assert_bitwise_equal(read_all(theirs), read_all(tmp_path / "linear"))
+    slerp = SLERP_CASES["slerp-gradients-filters"](models)
+    for name, config in (("models", slerp), ("slices", _as_slice(slerp))):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        assert run(capsys, "apply", path, "--output", tmp_path / name, "--no-progress")[0] == 0
+    assert_bitwise_equal(read_all(tmp_path / "models"), read_all(tmp_path / "slices"))
