@@ -9,7 +9,8 @@ from typing import Any, Mapping
 
 from .dtypes import TORCH_NAMES
 from .errors import PlanError
-from .families import NOT_PER_LAYER, Family, LayerIndices, LeadingCount, PerLayer, layer_lists
+from .families import NOT_PER_LAYER, Family, LayerIndices, LeadingCount, PerLayer, field_keys, layer_lists
+from .kind_fields import KindIndices, PatternString, PeriodOffset, SpanInterval, Unexpressible, kind_name
 from .layers import LayerRef
 from .path_free import is_local_path
 from .rules import FIXUPS, Preset
@@ -41,7 +42,7 @@ def build_config(configs: Mapping[str, Mapping[str, Any]], base: str, arrangemen
     cfg = copy.deepcopy(dict(configs[base]))
     text = _text(cfg, family)
     counted = family.count_key in text
-    if not counted and arrangement:
+    if not counted and arrangement and family.layer_count(text) is None:
         raise PlanError(_no_count(cfg, family))
     sources = {name: _text(copy.deepcopy(dict(c)), family) for name, c in configs.items()}
     overrides = overrides or {}
@@ -102,7 +103,10 @@ def _check_overrides(cfg: Mapping[str, Any], family: Family, n: int, overrides: 
     a layer count or a per-layer list of another length would load a model unlike its weights."""
     text = family.text_config(cfg)
     manifest = where.split(": ")[0]
-    if (family.count_key in text or n) and text.get(family.count_key) != n:
+    if family.count_from and family.count_key not in text and family.layer_count(text) != n:
+        raise PlanError(f"{manifest}: config.{family.count_from[0]} has {family.layer_count(text)} entries but the "
+                        f"arrangement has {n} layers; remove it from [config] (tensorsurgery sets it)")
+    if (family.count_key in text or (n and not family.count_from)) and text.get(family.count_key) != n:
         raise PlanError(f"{manifest}: config.{family.count_path} = {text.get(family.count_key)!r} but the arrangement "
                         f"has {n} layers; remove it from [config] (tensorsurgery sets it)")
     for f in family.fields:
@@ -163,7 +167,7 @@ def _other_lists(text: dict[str, Any], sources: Mapping[str, Mapping[str, Any]],
     name: every list with one entry per source layer follows the arrangement (unless ``[config]``
     sets it: the override wins and nothing is looked up)."""
     n = text.get(family.count_key)
-    named = {f.key for f in family.fields} | skip
+    named = {k for f in family.fields for k in field_keys(f)} | skip
     for key, value in list(text.items()):
         if isinstance(value, list) and len(value) == n and key not in NOT_PER_LAYER and key not in named:
             text[key] = [_layer_value(sources, key, ref) for ref in arrangement]
@@ -197,11 +201,41 @@ def _family_fields(text: dict[str, Any], sources: Mapping[str, Mapping[str, Any]
                 text.update(dict(f.also))
         elif isinstance(f, LeadingCount) and f.key in text:
             text[f.key] = _leading_count(f, moe, arrangement, family, where)
+        elif isinstance(f, _KIND_FIELDS) and f.present(text) and not skip.intersection(field_keys(f)):
+            text.update(_kind_field(f, text, sources, family, arrangement, where))
     _patterns(text, family, n_out)
 
 
+_KIND_FIELDS = (PeriodOffset, KindIndices, PatternString, SpanInterval)
+
+
+def _kind_field(f: PeriodOffset | KindIndices | PatternString | SpanInterval, text: Mapping[str, Any],
+                sources: Mapping[str, Mapping[str, Any]], family: Family, arrangement: tuple[LayerRef, ...],
+                where: str) -> dict[str, Any]:
+    """The values of a rule field (:mod:`tensorsurgery.kind_fields`) that say each output layer's
+    kind as its source layer's, read from each source's own config."""
+    decoded = {name: f.decode(src, _declared(src, family)) for name, src in sources.items()}
+    kinds = []
+    for ref in arrangement:
+        values = decoded[ref.source]
+        if values is None or ref.layer >= len(values):
+            shown = ", ".join(f"{k} = {sources[ref.source].get(k)!r}" for k in field_keys(f))
+            raise PlanError(f"config.json of source {ref.source!r}: {shown} does not say what layer {ref.layer} "
+                            f"is; fix the source's config.json")
+        kinds.append(values[ref.layer])
+    try:
+        return f.encode(text, kinds, arrangement)
+    except Unexpressible as e:
+        ref = arrangement[e.layer]
+        said = "" if e.said is None else f", which makes it {kind_name(f, e.said)}"
+        raise PlanError(f"{where}: output layer {e.layer} (layer {ref.layer} of source {ref.source!r}) is "
+                        f"{kind_name(f, kinds[e.layer])}, but {family.name}'s config can only say that {e.rule}"
+                        f"{said}, and {e.why}; choose an arrangement it can describe, or keep the layers in "
+                        f"order") from None
+
+
 def _declared(config: Mapping[str, Any], family: Family) -> int:
-    n = config.get(family.count_key)
+    n = family.layer_count(config)
     return n if isinstance(n, int) else 0
 
 
@@ -235,7 +269,7 @@ def _patterns(text: dict[str, Any], family: Family, n: int) -> None:
                 known[f.key] = text[f.key]
             continue
         key = f.derive.key
-        if key is not None and key in text:
+        if key is not None and key in text and not isinstance(text[key], str):  # EXAONE 4's "LLLG": its own field
             for value in (text[key], *range(0, n + 2)):
                 if f.derive.derive({**text, key: value}, n, known) == text[f.key]:
                     text[key] = value

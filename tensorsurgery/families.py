@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Protocol, Union
 
+from .kind_fields import KindField, KindIndices, PatternString, PeriodOffset, SpanInterval
 from .layers import GENERIC_LAYERS, LayerScheme
 
 
@@ -144,7 +145,29 @@ class LeadingCount:
     kind: str
 
 
-LayerField = Union[PerLayer, LayerIndices, LeadingCount]
+@dataclass(frozen=True, slots=True)
+class FromIndices:
+    """LFM2: layer ``i`` is ``on`` when it is in config ``key`` (``full_attn_idxs``; every layer
+    when absent), else ``off``."""
+
+    key: str
+    on: Any
+    off: Any
+
+    def derive(self, config: Mapping[str, Any], n: int, lists: Mapping[str, list[Any]]) -> list[Any]:
+        at = config.get(self.key)
+        at = list(range(n)) if at is None else at
+        return [self.on if i in at else self.off for i in range(n)] if isinstance(at, list) else []
+
+
+LayerField = Union[PerLayer, LayerIndices, LeadingCount, KindField]
+
+
+def field_keys(f: LayerField) -> tuple[str, ...]:
+    """Every config key a field rewrites."""
+    if isinstance(f, LayerIndices):
+        return (f.key, *(k for k, _ in f.also))
+    return getattr(f, "keys", (f.key,))
 
 #: Lists that are never per-layer even when their length happens to equal the layer count.
 NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pad_token_id"})
@@ -168,7 +191,8 @@ class Family:
     ``depth_bound`` says how its code scales every layer by the layer count, and another count is
     refused. ``flat_config``: configs of the family written before it had a ``text_config`` (Qwen's
     own Qwen2.5-VL configs) keep the decoder's fields at the top level; transformers reads them
-    there, and so does this.
+    there, and so does this. ``count_from``: fields whose length counts the layers when config.json
+    has no ``count_key`` (Nemotron-H: transformers counts ``layers_block_type``).
     """
 
     name: str
@@ -183,6 +207,7 @@ class Family:
     positional: str = ""
     depth_bound: str = ""
     flat_config: bool = False
+    count_from: tuple[str, ...] = ()
 
     def text_config(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
         """The part of ``config`` that describes the decoder (``{}`` when it is missing; the top
@@ -205,7 +230,15 @@ class Family:
 
     def declared_layers(self, config: Mapping[str, Any]) -> Any:
         """The layer count config.json declares (None when absent; not checked to be an int)."""
-        return self.text_config(config).get(self.count_key)
+        return self.layer_count(self.text_config(config))
+
+    def layer_count(self, text: Mapping[str, Any]) -> Any:
+        """The layer count a decoder's config ``text`` declares: ``count_key``, or else the length
+        of the first ``count_from`` field it has (None when neither)."""
+        if self.count_key in text or not self.count_from:
+            return text.get(self.count_key)
+        value = next((text[k] for k in self.count_from if isinstance(text.get(k), (list, str))), None)
+        return None if value is None else len(value)
 
     def extra_layers(self, config: Mapping[str, Any]) -> int:
         """How many layers are saved after the counted ones (0 when the family has none)."""
@@ -312,6 +345,45 @@ FAMILIES: tuple[Family, ...] = (
            positional="Beam scales each layer's residual add by the layer's depth (attn_residual_add_idx)"),
     Family("minicpm3", ("minicpm3",), _DECODER,
            depth_bound="MiniCPM3 scales each residual branch by scale_depth / sqrt(num_hidden_layers)"),
+    # Hybrids of issue 17, whose configs say which layer is which by a rule (kind_fields.py).
+    # Jamba: attention where i % attn_layer_period == attn_layer_offset, experts where
+    # i % expert_layer_period == expert_layer_offset (transformers' defaults 8/4 and 2/1 when absent).
+    Family("jamba", ("jamba",), _DECODER, fields=(
+        PeriodOffset("attn_layer_period", "attn_layer_offset", "attention", "mamba", 8, 4),
+        PeriodOffset("expert_layer_period", "expert_layer_offset", "MoE", "dense", 2, 1))),
+    # Bamba (and its Mamba-2 hybrids' layout): attention in attn_layer_indices, Mamba-2 elsewhere.
+    Family("bamba", ("bamba",), _DECODER, fields=(KindIndices("attn_layer_indices", "attention"),)),
+    # Zamba2: layers_block_type per layer; transformers derives hybrid_layer_ids from it but a
+    # hybrid_layer_ids in config.json overrides that, so it is rewritten too. The hybrid layers
+    # share num_mem_blocks transformer blocks, saved in the first hybrid layers, whose adapters
+    # (..._adapter_list.K) are numbered by hybrid layer: those layers may not repeat or reorder.
+    Family("zamba2", ("zamba2",), _DECODER, fields=(
+        PerLayer("layers_block_type"),
+        KindIndices("hybrid_layer_ids", "hybrid", of=("layers_block_type", "hybrid"), in_order=True,
+                    why="they share transformer blocks that hold one adapter per hybrid layer, numbered in "
+                        "order, which a moved hybrid layer cannot take along"))),
+    # Nemotron-H: transformers 5 saves layers_block_type and counts the layers by it (no
+    # num_hidden_layers); the Hub's configs say hybrid_override_pattern ("M-M*-...", one letter per
+    # layer) and num_hidden_layers.
+    Family("nemotron_h", ("nemotron_h",), _DECODER, count_from=("layers_block_type", "hybrid_override_pattern"),
+           fields=(PerLayer("layers_block_type"), PatternString("hybrid_override_pattern"))),
+    # LFM2: layer_types ("conv" / "full_attention"), derived from full_attn_idxs when absent; the
+    # Hub's configs have both. LFM2-MoE: the first num_dense_layers layers dense.
+    Family("lfm2", ("lfm2",), _DECODER, fields=(
+        PerLayer("layer_types", FromIndices("full_attn_idxs", "full_attention", "conv")),
+        KindIndices("full_attn_idxs", "full attention", of=("layer_types", "full_attention")))),
+    Family("lfm2_moe", ("lfm2_moe",), _DECODER, fields=(
+        PerLayer("layer_types"), LeadingCount("num_dense_layers", "dense"))),
+    # ERNIE 4.5 MoE: MoE where moe_layer_start_index <= i <= moe_layer_end_index (-1: the last) and
+    # (i + 1) % moe_layer_interval == 0.
+    Family("ernie4_5_moe", ("ernie4_5_moe",), _DECODER, fields=(
+        SpanInterval("moe_layer_interval", "moe_layer_start_index", "moe_layer_end_index", "MoE", "dense",
+                     (1, -1, 1)),)),
+    # EXAONE 4: layer_types, derived from an integer sliding_window_pattern (every p-th layer full);
+    # the Hub's 32B config says "LLLG" (repeated over the layers, as vLLM reads it) beside layer_types.
+    Family("exaone4", ("exaone4",), _DECODER, fields=(
+        PerLayer("layer_types", Periodic("sliding_window_pattern", 4, "full_attention", "sliding_attention")),
+        PatternString("sliding_window_pattern", repeats=True))),
 )
 
 _BY_MODEL_TYPE: Mapping[str, Family] = MappingProxyType({t: f for f in FAMILIES for t in f.model_types})

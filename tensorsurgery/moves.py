@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 from .checkpoint import Checkpoint
 from .errors import NotMovableError
-from .families import NOT_PER_LAYER, Family, LayerIndices, is_moe_layer
+from .families import NOT_PER_LAYER, Family, field_keys, is_moe_layer
 from .layers import LayerRef
 
 #: Field names that say "which layers": periods, offsets, intervals, steps, frequencies, index and
@@ -97,9 +97,7 @@ def layer_describing_fields(text: Mapping[str, Any], family: Family, n: int,
     """
     known = {family.count_key, *skip, *NOT_PER_LAYER}
     for f in family.fields:
-        known.add(f.key)
-        if isinstance(f, LayerIndices):
-            known.update(k for k, _ in f.also)
+        known.update(field_keys(f))
     found = []
     for key, value in text.items():
         if key in known or "token" in key or value is None or value is False or value in ([], {}, ""):

@@ -542,6 +542,42 @@ def _cohere2(n: int) -> dict[str, Any]:
     )
 
 
+def _jamba(n: int) -> dict[str, Any]:
+    # Jamba-v0.1 / 1.5 shape, scaled: attention every 4th layer from 2 (the Hub: every 8th from 4),
+    # experts on every other layer from 1 (as the Hub), 4 experts top-2, Mamba elsewhere.
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1,
+        num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
+        use_mamba_kernels=False, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def _bamba(n: int) -> dict[str, Any]:
+    # Bamba-9B shape (attn_layer_indices [9, 18, 27] of 32), scaled: attention at 1 and 4, Mamba-2 elsewhere.
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_indices=[1, 4], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8, max_position_embeddings=128,
+        rms_norm_eps=1e-5, rope_parameters=_rope(10000.0), tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def _zamba2(n: int) -> dict[str, Any]:
+    # Zamba2-2.7B shape, scaled: Mamba-2 layers with a hybrid layer (shared transformer block + Mamba-2)
+    # every third from 2, two shared blocks used in turn, LoRA adapters on attention and MLP, tied.
+    types = ["hybrid" if i % 3 == 2 else "mamba" for i in range(n)]
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n, layers_block_type=types,
+        num_attention_heads=4, num_key_value_heads=4, num_mem_blocks=2, use_shared_attention_adapter=True,
+        adapter_rank=4, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_ngroups=1, n_mamba_heads=4,
+        chunk_size=8, use_mem_rope=True, use_mamba_kernels=False, max_position_embeddings=128, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
 #: Families added to the registry for issue 17 (tested in ``test_families_e2e.py`` through the tool
 #: only: kept out of :data:`FAMILIES`, whose every family ``test_family_models.py`` checks in depth).
 REGISTRY_FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -551,6 +587,10 @@ REGISTRY_FAMILIES: dict[str, Family] = {f.name: f for f in [
            extra_layers_key="num_nextn_predict_layers", notes="MTP layer saved as model.layers.{n}.*"),
     Family("cohere2", "cohere2", "Cohere2ForCausalLM", "model.layers", "num_hidden_layers", _cohere2,
            default_layers=6),
+    Family("jamba", "jamba", "JambaForCausalLM", "model.layers", "num_hidden_layers", _jamba, default_layers=7),
+    Family("bamba", "bamba", "BambaForCausalLM", "model.layers", "num_hidden_layers", _bamba, default_layers=7),
+    Family("zamba2", "zamba2", "Zamba2ForCausalLM", "model.layers", "num_hidden_layers", _zamba2,
+           default_layers=7, notes="shared blocks in the first hybrid layers"),
 ]}
 ALL_FAMILIES: dict[str, Family] = {**FAMILIES, **REGISTRY_FAMILIES}
 
@@ -1035,6 +1075,7 @@ LAYER_PREFIXES: dict[str, tuple[str, ...]] = {
     "dbrx": ("transformer.blocks",),
     "glm4_moe": ("model.layers",),
     "cohere2": ("model.layers",),
+    **{name: ("model.layers",) for name in ("jamba", "bamba", "zamba2")},
     # Gemma 3 multimodal: save_pretrained of a fresh model (and google/gemma-3-4b-it) use
     # language_model.model.layers; a model loaded from model.language_model.* names is saved so.
     "gemma3": ("language_model.model.layers", "model.language_model.layers"),
@@ -1176,6 +1217,8 @@ def rewrite_config(cfg: dict[str, Any], family: str, arrangement: list[int],
     src_text = _text(cfg, fam)
     for name in PER_LAYER_FIELDS:
         values = src_text.get(name)
+        if values is None and family in RULE_FAMILIES:
+            continue  # their layer_types is a property transformers computes from the rule fields: never saved
         if values is None or values == []:
             # Absent: derived. Empty: Llama 4 derives it too (Meta's configs say "no_rope_layers": []);
             # other families keep it (and cannot load it), so it is left alone.
@@ -1185,7 +1228,12 @@ def rewrite_config(cfg: dict[str, Any], family: str, arrangement: list[int],
         if len(values) != n_src:
             raise ValueError(f"{name} has {len(values)} entries for {n_src} layers")
         text[name] = [values[s] for s in arrangement]
-    text[fam.num_layers_key] = n
+    if fam.num_layers_key in text or family not in RULE_FAMILIES:
+        text[fam.num_layers_key] = n
+    if family in RULE_FAMILIES:
+        conf_cls = _text_config_class(fam)
+        RULE_FAMILIES[family](conf_cls(**conf_cls._decode_special_floats(_kwargs(src_text))), src_text, text,
+                              arrangement)
 
     if "mlp_only_layers" in text or "decoder_sparse_step" in text:
         if sparse is None:
@@ -1237,6 +1285,59 @@ def rewrite_config(cfg: dict[str, Any], family: str, arrangement: list[int],
     return out
 
 
+def _kwargs(text: dict[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy({k: v for k, v in text.items() if k not in ("model_type", "transformers_version")})
+
+
+def _period_offset(want: list[bool], period: int, offset: int, what: str) -> tuple[int, int]:
+    """The source's period and offset if layer ``i`` is ``want[i]`` exactly when ``i % period ==
+    offset``, else the first pair (smallest period, then offset < period) that says so."""
+    n = len(want)
+    for p, o in [(period, offset), *((q, r) for q in range(1, n + 2) for r in range(q))]:
+        if [i % p == o for i in range(n)] == want:
+            return p, o
+    raise NotExpressible(f"no period and offset make {[i for i, w in enumerate(want) if w]} the {what} layers")
+
+
+def _jamba_rules(conf, src: dict[str, Any], text: dict[str, Any], arrangement: list[int]) -> None:
+    """Jamba: attention where ``i % attn_layer_period == attn_layer_offset``, experts where
+    ``i % expert_layer_period == expert_layer_offset`` (read by JambaConfig's own properties)."""
+    attn = [t == "attention" for t in conf.layers_block_type]
+    moe = [e > 1 for e in conf.layers_num_experts]
+    for prefix, flags in (("attn", attn), ("expert", moe)):
+        keys = (f"{prefix}_layer_period", f"{prefix}_layer_offset")
+        p, o = _period_offset([flags[s] for s in arrangement], getattr(conf, keys[0]), getattr(conf, keys[1]), prefix)
+        if (p, o) != (getattr(conf, keys[0]), getattr(conf, keys[1])) or keys[0] in src:
+            text[keys[0]], text[keys[1]] = p, o
+
+
+def _bamba_rules(conf, src: dict[str, Any], text: dict[str, Any], arrangement: list[int]) -> None:
+    """Bamba: attention in ``attn_layer_indices``, Mamba-2 elsewhere."""
+    attn = [t == "full_attention" for t in conf.layers_block_type]
+    if src.get("attn_layer_indices") is not None:
+        text["attn_layer_indices"] = [i for i, s in enumerate(arrangement) if attn[s]]
+
+
+def _zamba2_rules(conf, src: dict[str, Any], text: dict[str, Any], arrangement: list[int]) -> None:
+    """Zamba2: ``layers_block_type`` follows; the hybrid layers' shared blocks hold one adapter per
+    hybrid layer in order, so hybrid layers may move but not repeat or reorder."""
+    hybrid = [s for s in arrangement if conf.layers_block_type[s] == "hybrid"]
+    if hybrid != sorted(set(hybrid)):
+        raise NotExpressible(f"hybrid layers {hybrid} repeat or change order: their adapters are numbered in order")
+    text["layers_block_type"] = [src["layers_block_type"][s] for s in arrangement]
+    if "hybrid_layer_ids" in src:
+        text["hybrid_layer_ids"] = [i for i, s in enumerate(arrangement) if conf.layers_block_type[s] == "hybrid"]
+
+
+#: Families whose configs say which layer is which by a rule (not a per-layer list): how the
+#: reference rewrites the rule for an arrangement, from the source config as transformers reads it.
+RULE_FAMILIES: dict[str, Callable[[Any, dict[str, Any], dict[str, Any], list[int]], None]] = {
+    "jamba": _jamba_rules,
+    "bamba": _bamba_rules,
+    "zamba2": _zamba2_rules,
+}
+
+
 # --- checkpoint names -> module names, per family (what transformers' conversion mapping does) -------
 
 def _merge_experts(tensors: dict[str, torch.Tensor], gate: str, up: str, down: str) -> dict[str, torch.Tensor]:
@@ -1261,7 +1362,7 @@ def _merge_experts(tensors: dict[str, torch.Tensor], gate: str, up: str, down: s
 
 def to_module_names(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint tensors renamed / fused into the parameter names of the family's transformers class."""
-    if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "deepseek_v3", "glm4_moe"):
+    if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "deepseek_v3", "glm4_moe", "jamba"):
         return _merge_experts(tensors, "gate_proj", "up_proj", "down_proj")
     if family == "mixtral":
         renamed = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()}
@@ -1399,7 +1500,8 @@ def rebuild_model(family: str, config: dict[str, Any], state: dict[str, torch.Te
     cls = model_class(config["architectures"][0])
     # A copy: config classes edit nested dicts in place (rope_scaling gains rope_theta), and ``config``
     # is the reference's config.json.
-    conf = cls.config_class.from_dict(copy.deepcopy({k: v for k, v in config.items() if k != "transformers_version"}))
+    conf = cls.config_class.from_dict(cls.config_class._decode_special_floats(  # Bamba's time_step_limit: inf
+        copy.deepcopy({k: v for k, v in config.items() if k != "transformers_version"})))
     model = cls._from_config(conf, dtype=compute_dtype, attn_implementation=attn_implementation)
     wanted = model.state_dict()
     converted = to_module_names(family, state)

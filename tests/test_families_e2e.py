@@ -21,6 +21,7 @@ from family_models import (  # noqa: E402
     FAMILIES,
     MINISTRAL3,
     REGISTRY_FAMILIES,
+    NotExpressible,
     build,
     dus,
     idus,
@@ -262,20 +263,79 @@ def test_relabel_after_an_up_scale_equals_the_up_scaled_original(source, tmp_pat
 HUB_FORM = {"cohere2"}
 
 
+#: The cases of the families whose config says which layer is which by a rule (a period and
+#: offset, an index list, a pattern string, a span and interval) that it cannot say of the output,
+#: with the tool's one line. The reference (family_models.RULE_FAMILIES, from transformers' own
+#: config classes) must find the same cases not expressible.
+_ANY_ORDER = "choose an arrangement it can describe, or keep the layers in order"
+_JAMBA = ("manifest.toml: layers: output layer {at} (layer 1 of source 'source') is mamba, but jamba's config can "
+          "only say that every 4th layer from 2 is attention (attn_layer_period = 4, attn_layer_offset = 2), which "
+          "makes it attention, and no period and offset make layers {layers} of 12 the attention layers; " + _ANY_ORDER)
+_ZAMBA2 = ("manifest.toml: layers: output layer {at} (layer 2 of source 'source') is hybrid, but zamba2's config can "
+           "only say that its hybrid layers appear once each, in their order, and it is output layer {first} already "
+           "(they share transformer blocks that hold one adapter per hybrid layer, numbered in order, which a moved "
+           "hybrid layer cannot take along); " + _ANY_ORDER)
+REFUSED = {
+    # 7 layers, attention at 2 and 6: the DUS [0-5, 1-6] puts it at 2, 7, 11; the iDUS at 3, 4, 11.
+    ("jamba", "dus"): _JAMBA.format(at=6, layers="2, 7, 11"),
+    ("jamba", "idus"): _JAMBA.format(at=2, layers="3-4, 11"),
+    # Hybrid layers 2 and 5 of 7: both plans repeat layer 2.
+    ("zamba2", "dus"): _ZAMBA2.format(at=7, first=2),
+    ("zamba2", "idus"): _ZAMBA2.format(at=4, first=3),
+}
+
+
+def _check_refused(name: str, kind: str, src: Path, out: Path, layers: str, extra: str, arrangement) -> None:
+    with pytest.raises(NotExpressible):
+        reference_surgery(src, arrangement, build_model=False)
+    with pytest.raises(PlanError) as e:
+        api.apply(manifest(src, out, layers, extra))
+    assert str(e.value) == REFUSED[(name, kind)]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("kind", ["keep+float16", "dus", "idus"])
 @pytest.mark.parametrize("name", list(REGISTRY_FAMILIES))
 def test_registry_entry_surgery_equals_the_reference(tmp_path, name, kind):
     """Falcon (transformer.h.N), DBRX (transformer.blocks.N, n_layers), GLM-4 MoE with its MTP layer,
-    Command R7B's Hub config (sliding_window_pattern 4, no layer_types): exact logits, with an overlap
-    that breaks the layers' parity."""
+    Command R7B's Hub config (sliding_window_pattern 4, no layer_types), and the hybrids whose config
+    says which layer is which by a rule (Jamba, Bamba, Zamba2, ...): exact logits, with an overlap
+    that breaks the layers' parity, or refused in one line where the config cannot say the output."""
     src = build(name, tmp_path / "src", seed=zlib.crc32(name.encode()) % 1000, hub_config=name in HUB_FORM)
     n = n_layers(src)
     layers, arrangement, extra = arrangements(n)[kind]
     out = tmp_path / "out"
+    if (name, kind) in REFUSED:
+        _check_refused(name, kind, src, out, layers, extra, arrangement)
+        return
     api.apply(manifest(src, out, layers, extra))
     assert api.verify(out).ok
     ref = reference_surgery(src, arrangement, dtype="float16" if "float16" in kind else None)
     assert_output_matches(out, ref)
+
+
+#: Arrangements that move layers and that the rule fields can say (the parity-breaking DUS and
+#: iDUS above cannot): (family, number of layers, [layers] table, arrangement).
+MOVING = {
+    # n - 2m = 4: the attention layers stay every 4th from 2 and the expert layers odd.
+    "jamba-dus-8-2": ("jamba", 8, 'plan = "dus"\noverlap = 2', dus(8, 2)),
+    # Layer 0 dropped: attention at 1 and 5 (attn_layer_offset 2 -> 1), experts even (offset 1 -> 0).
+    "jamba-first-dropped": ("jamba", 7, 'plan = "explicit"\narrangement = [[1, 7]]', [1, 2, 3, 4, 5, 6]),
+    # Mamba layers repeated, the hybrid layers (2 and 5) once each, in order.
+    "zamba2-mamba-repeated": ("zamba2", 7, 'plan = "explicit"\narrangement = [0, 1, 1, 2, 3, 4, 4, 5, 6, 6]',
+                              [0, 1, 1, 2, 3, 4, 4, 5, 6, 6]),
+}
+
+
+@pytest.mark.parametrize("case", list(MOVING))
+def test_rule_fields_rewritten_for_a_moving_arrangement(tmp_path, case):
+    name, n, layers, arrangement = MOVING[case]
+    src = build(name, tmp_path / "src", seed=zlib.crc32(name.encode()) % 1000, num_layers=n,
+                hub_config=name in HUB_FORM)
+    out = tmp_path / "out"
+    api.apply(manifest(src, out, layers))
+    assert api.verify(out).ok
+    assert_output_matches(out, reference_surgery(src, arrangement))
 
 
 def test_glm4_moe_mtp_layer_dropped_by_rename(tmp_path):

@@ -39,9 +39,9 @@ def refused(ckpt, layers=DUS, extra=""):
 
 
 def test_a_period_refuses_a_move_naming_the_field_and_keep_is_planned():
-    ckpt = unknown(model_type="jamba", attn_layer_period=8, attn_layer_offset=4)
+    ckpt = unknown(attn_layer_period=8, attn_layer_offset=4)  # Jamba's fields, in a family the registry lacks
     assert refused(ckpt) == ("config.json: attn_layer_period = 8 looks like it describes layers one by one, and "
-                             "tensorsurgery does not know how to rewrite it for family 'jamba'; " + ADVICE)
+                             "tensorsurgery does not know how to rewrite it for family 'somebody_new'; " + ADVICE)
     plan = build_plan(manifest(KEEP), {"source": ckpt})
     assert plan.config["attn_layer_period"] == 8 and plan.config["num_hidden_layers"] == N
 
