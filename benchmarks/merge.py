@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Merge benchmark: tensorsurgery's ``slerp``, ``linear`` and ``task_arithmetic`` against stock mergekit on
+"""Merge benchmark: tensorsurgery's ``slerp``, ``ties``, ``linear`` and ``task_arithmetic`` against mergekit on
 the same YAML, and against the least any merge can do, all in one process, on tmpfs by default.
 
 The models are synthetic Mistral-shaped bf16 checkpoints with normally distributed values
@@ -107,10 +107,19 @@ def configs(models: list[Path]) -> dict[str, dict]:
                   "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"value": 0.5}]}},
         "linear": {"merge_method": "linear",
                    "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)]},
+        "ties": {"merge_method": "ties", "base_model": str(models[0]),
+                 "models": [{"model": str(m), "parameters": {"weight": w, "density": 0.3}}
+                            for m, w in zip(models[1:], weights)]},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(models[0]),
                             "models": [{"model": str(m), "parameters": {"weight": w}}
                                        for m, w in zip(models[1:], weights)]},
     }
+
+
+#: mergekit-yaml with torch.argsort made stable (the lowest index first among equal values).
+STABLE_MERGEKIT = ("import sys, torch; a = torch.argsort; torch.argsort = lambda x, dim=-1, descending=False, **k: "
+                   "a(x, dim=dim, descending=descending, stable=True); from mergekit.scripts.run_yaml import main; "
+                   "sys.argv[0] = 'mergekit-yaml'; main()")
 
 
 def differing_elements(a: Path, b: Path) -> tuple[int, int]:
@@ -182,10 +191,15 @@ def main(argv: list[str] | None = None) -> int:
                    "ours_s": best[0], "ours_rss_mb": best[1], "verify_s": verify[0], "verify_rss_mb": verify[1]}
             if mergekit:
                 theirs = bench / f"mergekit-{method}"
-                t = run([mergekit, str(yml), str(theirs), "--device", "cpu", "--no-copy-tokenizer",
-                         "--no-write-model-card", "--quiet"], env, bench / "rss")
+                flags = [str(yml), str(theirs), "--device", "cpu", "--no-copy-tokenizer", "--no-write-model-card",
+                         "--quiet"]
+                t = run([mergekit, *flags], env, bench / "rss")
                 row.update(mergekit_s=t[0], mergekit_rss_mb=t[1], differing=differing_elements(theirs, ours))
                 shutil.rmtree(theirs)
+                if method == "ties":  # which equal magnitudes it keeps is torch's unstable sort's choice
+                    run([sys.executable, "-c", STABLE_MERGEKIT, *flags], env, bench / "rss")
+                    row.update(differing_stable=differing_elements(theirs, ours))
+                    shutil.rmtree(theirs)
             shutil.rmtree(ours)
             rows.append(row)
     if a.json:
@@ -200,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{differing:>29}") if "mergekit_s" in r else f"{'-':>10} {'-':>5} {'-':>9} {differing:>29}"
         print(f"{r['method']:<16} {r['raw_s']:>6.2f} {r['ours_s']:>7.2f} {r['ours_s'] / r['raw_s']:>6.2f} "
               f"{r['ours_rss_mb']:>7.0f} {r['verify_s']:>8.2f} {mk}")
+        if "differing_stable" in r:
+            print(f"{'':<16} against mergekit with a stable argsort: {'{} ({})'.format(*r['differing_stable'])} "
+                  f"elements differing (max ulps)")
     return 0
 
 

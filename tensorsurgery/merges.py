@@ -60,6 +60,10 @@ METHODS: Mapping[str, Method] = MappingProxyType({
         _WEIGHT, Parameter("normalize", bool, False, False), Parameter("lambda", float, False, 1.0),
         Parameter("density", float, True, 1.0, inert=True), Parameter("rescale", bool, False, False, inert=True),
         Parameter("int8_mask", bool, False, False, inert=True)), needs_base=True),
+    "ties": Method("ties", (
+        _WEIGHT, Parameter("density", float, True, 1.0), Parameter("normalize", bool, False, True),
+        Parameter("lambda", float, False, 1.0), Parameter("rescale", bool, False, False),
+        Parameter("int8_mask", bool, False, False, inert=True)), needs_base=True),
     "slerp": Method("slerp", (Parameter("t", float, False),), needs_base=True, max_models=1),
 })
 #: The parameters of mergekit's other methods: a config written for one may carry them, and
@@ -67,7 +71,7 @@ METHODS: Mapping[str, Method] = MappingProxyType({
 MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "normalize", "rescale", "t", "int8_mask",
                        "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_")
 #: mergekit's methods that are not (yet) built here, for a message that says so.
-OTHER_METHODS = ("ties", "dare_ties", "dare_linear", "nuslerp", "breadcrumbs", "breadcrumbs_ties", "della",
+OTHER_METHODS = ("dare_ties", "dare_linear", "nuslerp", "breadcrumbs", "breadcrumbs_ties", "della",
                  "della_linear", "model_stock", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "ram")
 
 

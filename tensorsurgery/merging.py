@@ -11,7 +11,7 @@ from .checkpoint import Checkpoint
 from .dtypes import is_castable
 from .errors import PlanError
 from .merges import MergeSpec, MissingParameter, Resolved, resolve
-from .ops import Linear, Operation, Slerp, TaskArithmetic
+from .ops import Linear, Operation, Slerp, TaskArithmetic, Ties
 from .recipe import ByteRange, Input
 
 
@@ -25,11 +25,24 @@ def _weights(values: Resolved) -> tuple[float, ...]:
     return tuple(float(p["weight"]) for p in values.per_model)
 
 
+class NotBuilt(Exception):
+    """A setting of a built method that is not built yet (for a message that says so)."""
+
+
+def _ties(values: Resolved, md: str) -> Operation:
+    if values.shared["rescale"]:
+        raise NotBuilt("ties with rescale = true is not built yet (mergekit's L1 rescale of the kept magnitudes); "
+                       "remove rescale, or use mergekit")
+    return Ties(_weights(values), tuple(float(p["density"]) for p in values.per_model),
+                bool(values.shared["normalize"]), float(values.shared["lambda"]), md)
+
+
 #: Each method's operation from one tensor's resolved parameters and the merge dtype.
 OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType({
     "linear": lambda v, md: Linear(_weights(v), bool(v.shared["normalize"]), md),
     "task_arithmetic": lambda v, md: TaskArithmetic(_weights(v), bool(v.shared["normalize"]),
                                                     float(v.shared["lambda"]), md),
+    "ties": lambda v, md: _ties(v, md),
     "slerp": lambda v, md: Slerp(float(v.shared["t"]), md),
 })
 
@@ -66,10 +79,9 @@ class Merger:
         inputs = tuple(self._input(source, key, first.shape) for source in self.spec.sources)
         md = self.spec.dtype or promoted(tuple(i.dtype for i in inputs))
         try:
-            values = resolve(self.spec, key, self.t(position))
-        except MissingParameter as e:
+            return inputs, OPERATION[self.spec.method](resolve(self.spec, key, self.t(position)), md), md
+        except (MissingParameter, NotBuilt) as e:
             raise PlanError(f"{self.where}: merge: {e}") from None
-        return inputs, OPERATION[self.spec.method](values, md), md
 
     def _input(self, source: str, key: str, shape: tuple[int, ...]) -> Input:
         ckpt = self.checkpoints[source]

@@ -11,6 +11,8 @@ one), and the output must load in transformers, verify, and fail verify when one
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from torch_helpers import no_network, state
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from cli_helpers import differences, error_line, run
+from tensorsurgery.interpreter import Prepared
 
 # mergekit 0.1.5 touches numpy.core (deprecated in numpy 2) when imported; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
@@ -132,7 +135,9 @@ def toml_manifest(config: dict[str, Any], output: Path) -> str:
 
 
 def _models(paths: dict[str, Path], weights: list[Any]) -> list[dict[str, Any]]:
-    return [{"model": str(paths[name]), "parameters": {"weight": w}} for name, w in zip(FINE_TUNES, weights)]
+    """The fine-tunes with their weights (or, given dicts, their parameters)."""
+    return [{"model": str(paths[name]), "parameters": w if isinstance(w, dict) else {"weight": w}}
+            for name, w in zip(FINE_TUNES, weights)]
 
 
 def _slerp_models(paths: dict[str, Path]) -> list[dict[str, Any]]:
@@ -171,6 +176,41 @@ SLERP_CASES = {
     "slerp-f16": lambda p: {"merge_method": "slerp", "base_model": str(p["base"]), "models": _slerp_models(p),
                             "parameters": {"t": [0.1, 0.9]}, "dtype": "float16"},
 }
+
+
+#: ties keeps each model's k largest differences; mergekit picks them with torch's unstable argsort,
+#: so among equal magnitudes at the threshold which are kept is torch's choice. Ours is a stable
+#: sort's (the lowest indices): these cases are bitwise mergekit's with that one line made stable
+#: (test_ties_equals_mergekit_with_a_stable_sort), and differ from stock mergekit only at such
+#: ties (test_ties_differs_from_stock_mergekit_only_at_equal_magnitudes).
+TIES_CASES = {
+    "ties": lambda p: {"merge_method": "ties", "base_model": str(p["base"]),
+                       "models": _models(p, [{"weight": 0.7, "density": 0.3}, {"weight": 0.2, "density": 0.5},
+                                             {"weight": 0.5, "density": 0.77}]), "dtype": "bfloat16"},
+    "ties-gradients-lambda-filters": lambda p: {
+        "merge_method": "ties", "base_model": str(p["base"]), "parameters": {"lambda": 0.8},
+        "models": _models(p, [{"weight": 0.7, "density": [0.3, 0.9]},
+                              {"weight": [0.2, 0.9], "density": [{"filter": "mlp", "value": 0.1}, {"value": 0.6}]},
+                              {"weight": -0.5, "density": 1}])},
+    "ties-f16-unnormalized": lambda p: {
+        "merge_method": "ties", "base_model": str(p["base"]), "parameters": {"normalize": False},
+        "models": _models(p, [{"weight": 0.4, "density": 0.2}, {"weight": 0.4, "density": 0.2},
+                              {"weight": 0.4, "density": 0.01}]), "dtype": "float16", "out_dtype": "bfloat16"},
+    "ties-f32": lambda p: {"merge_method": "ties", "base_model": str(p["base"]), "dtype": "float32",
+                           "models": _models(p, [{"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.25},
+                                                 {"weight": 1, "density": 0.05}])},
+}
+
+
+@contextmanager
+def stable_argsort():
+    """torch.argsort made stable (the lowest index first among equal values) while mergekit runs."""
+    argsort = torch.argsort
+    torch.argsort = lambda x, dim=-1, descending=False, **_: argsort(x, dim=dim, descending=descending, stable=True)
+    try:
+        yield
+    finally:
+        torch.argsort = argsort
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +313,8 @@ def test_refusals_are_one_line_and_write_nothing(capsys, tmp_path, models):
          "models: 2 models besides the base; slerp interpolates the base towards exactly 1"),
         ({"merge_method": "slerp", "base_model": str(models["base"]), "models": two[:1]},
          "parameters: missing t; slerp needs one"),
+        ({"merge_method": "ties", "base_model": str(models["base"]), "models": two, "parameters": {"rescale": True}},
+         "merge: ties with rescale = true is not built yet"),
         ({"merge_method": "linear", "models": [{"model": str(models["ft0"])}, *two[1:]]},
          "models[0]: missing weight; linear needs a weight for every model"),
         ({"merge_method": "linear", "models": two, "parameters": {"sharpness": 2}},
@@ -440,10 +482,13 @@ def test_slerp_is_mergekit_to_a_unit(capsys, tmp_path, models, case, door):
     assert code == 0 and "every byte matches" in out, out + err
 
 
-def test_slerp_is_reproducible_and_verify_catches_a_flipped_byte(capsys, tmp_path, models):
-    """Its coefficients come from the whole tensors, read in fixed blocks: the same bytes on 1 and 3
-    threads, and verify (which recomputes them) catches one changed byte in both modes."""
-    manifest = _yaml(tmp_path, SLERP_CASES["slerp-gradients-filters"](models))
+@pytest.mark.parametrize("case", ["slerp-gradients-filters", "ties-gradients-lambda-filters", "ties-f32"])
+def test_two_pass_merges_are_reproducible_and_verified(capsys, tmp_path, models, case):
+    """slerp's coefficients and ties' thresholds come from the whole tensors, read in fixed blocks:
+    the same bytes on 1 and 3 threads, and verify (which recomputes them) catches one changed byte
+    in both modes."""
+    config = {**SLERP_CASES, **TIES_CASES}[case](models)
+    manifest = _yaml(tmp_path, config)
     outputs = []
     for threads in (1, 3):
         out = tmp_path / f"t{threads}"
@@ -456,7 +501,7 @@ def test_slerp_is_reproducible_and_verify_catches_a_flipped_byte(capsys, tmp_pat
     shard.write_bytes(bytes(data))
     for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
         found = differences(*run(capsys, *argv, "--no-progress"))
-        assert len(found) == 1 and "(transform: slerp)" in found[0], found
+        assert len(found) == 1 and f"(transform: {config['merge_method']}" in found[0], found
 
 
 def _as_slice(config: dict[str, Any], layers: int = 4, **slice_parameters: Any) -> dict[str, Any]:
@@ -480,3 +525,86 @@ def test_one_slice_of_whole_models_is_a_merge_of_the_models(capsys, tmp_path, mo
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         assert run(capsys, "apply", path, "--output", tmp_path / name, "--no-progress")[0] == 0
     assert_bitwise_equal(read_all(tmp_path / "models"), read_all(tmp_path / "slices"))
+
+
+@pytest.mark.parametrize("door", ["yaml", "toml"])
+@pytest.mark.parametrize("case", sorted(TIES_CASES))
+def test_ties_equals_mergekit_with_a_stable_sort(capsys, tmp_path, models, case, door):
+    config = TIES_CASES[case](models)
+    with stable_argsort():
+        theirs = mergekit(config, tmp_path / "mergekit")
+    ours = tmp_path / "ours"
+    manifest = tmp_path / f"{case}.{'yml' if door == 'yaml' else 'toml'}"
+    manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else toml_manifest(config, ours))
+    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
+    assert code == 0, out + err
+    assert_bitwise_equal(read_all(theirs), read_all(ours))
+    assert config_differences(theirs, ours) == {}
+
+
+def test_ties_differs_from_stock_mergekit_only_at_equal_magnitudes(capsys, tmp_path, models):
+    """Stock mergekit (torch's unstable sort) and ours keep the same number of differences per
+    model and agree on every element where no model's |difference| equals its k-th largest."""
+    config = TIES_CASES["ties"](models)
+    theirs = read_all(mergekit(config, tmp_path / "mergekit"))
+    assert run(capsys, "apply", _yaml(tmp_path, config), "--output", tmp_path / "ours", "--no-progress")[0] == 0
+    ours = read_all(tmp_path / "ours")
+    sources = [read_all(models[n]) for n in ("base", *FINE_TUNES)]
+    differing = at_ties = 0
+    for key in sorted(theirs):
+        base = sources[0][key].flatten()
+        tie = torch.zeros(base.numel(), dtype=torch.bool)
+        for source, p in zip(sources[1:], config["models"]):
+            magnitude = (source[key].flatten() - base).abs().float()
+            k = max(1, int(p["parameters"]["density"] * magnitude.numel()))
+            tie |= magnitude == magnitude.sort(descending=True).values[k - 1]
+        differ = theirs[key].flatten().view(torch.int16) != ours[key].flatten().view(torch.int16)
+        assert not (differ & ~tie).any(), f"{key}: {int((differ & ~tie).sum())} elements differ away from a tie"
+        differing, at_ties = differing + int(differ.sum()), at_ties + int(tie.sum())
+    assert 0 < differing < at_ties  # torch does choose otherwise at some ties, and not at all of them
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ties_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
+    """ties' two passes on tensors longer than a statistics block (65,536 elements), whose
+    differences tie massively (values on a coarse grid), with signed zeros and a density whose
+    cut falls inside a tie group that spans blocks: bitwise mergekit's sparsification, sign vote
+    and sums (mergekit's own functions, its argsort made stable), in every element range."""
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.sparsify import magnitude
+
+    from tensorsurgery.interpreter import prepared
+    from tensorsurgery.ops import Ties
+    from tensorsurgery.ops.blocks import STAT_BLOCK
+    from tensorsurgery.recipe import ByteRange, Input
+
+    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    n = STAT_BLOCK * 3 + 123
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(n, generator=gen).to(dtype)
+    xs = [base + (torch.randint(-6, 7, (n,), generator=gen) / 64).to(dtype) for _ in range(3)]
+    xs[1][::97] = base[::97]  # zero differences (which sign() leaves out of the vote)
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"".join(_raw(x).tobytes() for x in (base, *xs)))
+    size = base.element_size() * n
+    inputs = tuple(Input("s", "k", code, (n,), ByteRange(path, i * size, size)) for i in range(4))
+    weights, densities, lam = (0.7, 0.4, -0.3), (0.31, 0.05, 1.0), 0.8
+    with stable_argsort():
+        deltas = torch.stack([magnitude(x - base, d) for x, d in zip(xs, densities)])
+    w = torch.tensor(weights, dtype=dtype).unsqueeze(-1)
+    deltas.mul_(w)
+    mask = get_mask(deltas, method="sum", mask_dtype=dtype)
+    mixed, divisor = (deltas * mask).sum(dim=0), (w * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    expected = _raw((base + mixed / divisor * lam).to(dtype))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t = prepared(Prepared(code, size, inputs, Ties(weights, densities, True, lam, code)), [fd] * 4)
+    finally:
+        os.close(fd)
+    assert t.op.cuts[0] < n and t.op.cuts[1] < n  # the cut falls inside a tie group
+    raws = [_raw(x) for x in (base, *xs)]
+    k = base.element_size()
+    for start, stop in ((0, n), (STAT_BLOCK - 5, STAT_BLOCK * 2 + 7), (n - 3, n)):
+        ours = t.op.apply([r[start * k:stop * k] for r in raws], inputs, start)
+        assert (ours != expected[start * k:stop * k]).sum() == 0, (start, stop)

@@ -102,8 +102,9 @@ from .permute import PermuteRotary, rotary_row_order  # noqa: E402
 from .scale import Scale  # noqa: E402
 from .slerp import Slerp  # noqa: E402
 from .task_arithmetic import TaskArithmetic  # noqa: E402
+from .ties import Ties  # noqa: E402
 from .zeros import ZEROS, Zeros  # noqa: E402
 
 __all__ = ["COPY", "OPERATIONS", "ZEROS", "Copy", "DequantFP8", "DequantMXFP4", "Linear", "LoraMerge", "Operation",
-           "PermuteRotary", "RowwiseOperation", "Scale", "Slerp", "TaskArithmetic", "TwoPassOperation", "Zeros",
-           "register", "rotary_row_order"]
+           "PermuteRotary", "RowwiseOperation", "Scale", "Slerp", "TaskArithmetic", "Ties", "TwoPassOperation",
+           "Zeros", "register", "rotary_row_order"]

@@ -105,13 +105,21 @@ def blockwise(raws: Sequence[np.ndarray], sizes: Sequence[int], out_size: int,
     """``compute`` (raw element bytes of each input -> raw bytes of the result) applied to
     :data:`BLOCK` elements at a time; ``sizes`` the inputs' element sizes, ``out_size`` the
     result's. Returns the result's raw bytes (uint8)."""
+    return blockwise_at(raws, sizes, out_size, 0, lambda block, _: compute(block))
+
+
+def blockwise_at(raws: Sequence[np.ndarray], sizes: Sequence[int], out_size: int, start: int,
+                 compute: Callable[[list[np.ndarray], int], np.ndarray]) -> np.ndarray:
+    """:func:`blockwise` for an operation that needs to know where it is: ``compute`` is also
+    given the index of each block's first element, ``raws`` holding the elements from ``start``."""
     n = raws[0].size // sizes[0]
     if n <= BLOCK:
-        return compute(list(raws))
+        return compute(list(raws), start)
     out = np.empty(n * out_size, np.uint8)
-    for start in range(0, n, BLOCK):
-        stop = min(start + BLOCK, n)
-        out[start * out_size:stop * out_size] = compute([r[start * k:stop * k] for r, k in zip(raws, sizes)])
+    for first in range(0, n, BLOCK):
+        stop = min(first + BLOCK, n)
+        out[first * out_size:stop * out_size] = compute([r[first * k:stop * k] for r, k in zip(raws, sizes)],
+                                                        start + first)
     return out
 
 
