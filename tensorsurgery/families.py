@@ -365,10 +365,11 @@ FAMILIES: tuple[Family, ...] = (
     # Nemotron-H: transformers 5 saves layers_block_type and counts the layers by it (no
     # num_hidden_layers); the Hub's configs say hybrid_override_pattern ("M-M*-...", one letter per
     # layer) and num_hidden_layers.
-    Family("nemotron_h", ("nemotron_h",), _DECODER, count_from=("layers_block_type", "hybrid_override_pattern"),
+    Family("nemotron_h", ("nemotron_h",), LayerScheme(("backbone.layers",)),
+           count_from=("layers_block_type", "hybrid_override_pattern"),
            fields=(PerLayer("layers_block_type"), PatternString("hybrid_override_pattern"))),
     # LFM2: layer_types ("conv" / "full_attention"), derived from full_attn_idxs when absent; the
-    # Hub's configs have both. LFM2-MoE: the first num_dense_layers layers dense.
+    # transformers 4.54 reads LiquidAI's full_attn_idxs alone. LFM2-MoE: the first num_dense_layers layers dense.
     Family("lfm2", ("lfm2",), _DECODER, fields=(
         PerLayer("layer_types", FromIndices("full_attn_idxs", "full_attention", "conv")),
         KindIndices("full_attn_idxs", "full attention", of=("layer_types", "full_attention")))),

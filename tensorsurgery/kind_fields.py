@@ -40,6 +40,11 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _every(n: int) -> str:
+    """``"every layer"``, ``"every 4th layer"``."""
+    return "every layer" if n == 1 else f"every {_ordinal(n)} layer"
+
+
 def _ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
@@ -99,7 +104,7 @@ class PeriodOffset:
         if found is not None:
             return {self.key: found[0], self.offset_key: found[1]}
         period, offset = self._values(text)
-        rule = (f"every {_ordinal(period)} layer from {offset} is {self.kind} ({self.key} = {period}, "
+        rule = (f"{_every(period)} from {offset} is {self.kind} ({self.key} = {period}, "
                 f"{self.offset_key} = {offset})")
         at = _first_wrong(kept or [False] * n, kinds)
         raise Unexpressible(at, rule, f"no period and offset make layers {_positions(kinds)} of {n} the "
@@ -156,7 +161,8 @@ class KindIndices:
     def encode(self, text: Mapping[str, Any], kinds: Sequence[Any], refs: Sequence[LayerRef]) -> dict[str, Any]:
         if self.in_order:
             _check_in_order(self, kinds, refs)
-        return {self.key: [i for i, k in enumerate(kinds) if k]} if self.key in text else {}
+        # Written where config.json has the list (LFM2's full_attn_idxs may be null beside layer_types).
+        return {self.key: [i for i, k in enumerate(kinds) if k]} if isinstance(text.get(self.key), list) else {}
 
 
 def _check_in_order(field: KindIndices, kinds: Sequence[Any], refs: Sequence[LayerRef]) -> None:
@@ -245,7 +251,7 @@ class SpanInterval:
         if [at[0] <= i <= at[-1] and (i + 1) % g == 0 for i in range(n)] == list(kinds):
             last = -1 if end == -1 and at[-1] == n - 1 else at[-1]
             return {self.start_key: at[0], self.end_key: last, self.key: g}
-        rule = (f"every {_ordinal(interval)} layer from {start} to "
+        rule = (f"{_every(interval)} from {start} to "
                 f"{'the last' if end == -1 else end} is {self.kind} ({self.start_key} = {start}, "
                 f"{self.end_key} = {end}, {self.key} = {interval})")
         wrong = _first_wrong(kept or [False] * n, kinds)

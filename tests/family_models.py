@@ -578,6 +578,46 @@ def _zamba2(n: int) -> dict[str, Any]:
     )
 
 
+#: Nemotron-H's letters for its block kinds (hybrid_override_pattern on the Hub).
+NEMOTRON_H_LETTERS = {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}
+
+
+def _nemotron_h(n: int) -> dict[str, Any]:
+    # Nemotron-H / Nemotron 3 Nano shape, scaled: Mamba-2 blocks, MLP or MoE blocks between them, an
+    # attention block now and then; saved on layers_block_type (no num_hidden_layers) by transformers 5.
+    kinds = ["linear_attention", "moe", "linear_attention", "full_attention", "mlp", "linear_attention", "moe"]
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, layers_block_type=(kinds * n)[:n], num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16,
+        ssm_state_size=8, n_groups=1, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, max_position_embeddings=128,
+        layer_norm_epsilon=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def _lfm2(n: int) -> dict[str, Any]:
+    # LFM2-1.2B shape (16 layers, attention at 2, 5, 8, 10, 12, 14), scaled: attention at 2 and 5,
+    # short convolutions elsewhere, tied.
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
+        num_key_value_heads=2, full_attn_idxs=[i for i in (2, 5) if i < n], block_auto_adjust_ff_dim=False,
+        conv_L_cache=3, max_position_embeddings=128, norm_eps=1e-5, rope_parameters=_rope(1000000.0),
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def _lfm2_moe(n: int) -> dict[str, Any]:
+    # LFM2-8B-A1B shape (24 layers, the first 2 dense), scaled: 2 dense layers then MoE, attention
+    # at 2 and 5.
+    types = ["full_attention" if i in (2, 5) else "conv" for i in range(n)]
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=n,
+        num_dense_layers=2, layer_types=types, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+        num_experts_per_tok=2, conv_L_cache=3, max_position_embeddings=128, norm_eps=1e-5,
+        rope_parameters=_rope(1000000.0), tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
 #: Families added to the registry for issue 17 (tested in ``test_families_e2e.py`` through the tool
 #: only: kept out of :data:`FAMILIES`, whose every family ``test_family_models.py`` checks in depth).
 REGISTRY_FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -591,6 +631,11 @@ REGISTRY_FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("bamba", "bamba", "BambaForCausalLM", "model.layers", "num_hidden_layers", _bamba, default_layers=7),
     Family("zamba2", "zamba2", "Zamba2ForCausalLM", "model.layers", "num_hidden_layers", _zamba2,
            default_layers=7, notes="shared blocks in the first hybrid layers"),
+    Family("nemotron_h", "nemotron_h", "NemotronHForCausalLM", "backbone.layers", "num_hidden_layers", _nemotron_h,
+           default_layers=7, notes="no num_hidden_layers: counted by layers_block_type"),
+    Family("lfm2", "lfm2", "Lfm2ForCausalLM", "model.layers", "num_hidden_layers", _lfm2, default_layers=7),
+    Family("lfm2_moe", "lfm2_moe", "Lfm2MoeForCausalLM", "model.layers", "num_hidden_layers", _lfm2_moe,
+           default_layers=7),
 ]}
 ALL_FAMILIES: dict[str, Family] = {**FAMILIES, **REGISTRY_FAMILIES}
 
@@ -771,6 +816,12 @@ def hub_style_config(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
         text["sliding_window_pattern"] = 4
     if name == "qwen3_next":
         text["full_attention_interval"] = 4
+    if name == "nemotron_h":  # nvidia's configs: the pattern string and a layer count, no layers_block_type
+        kinds = text.pop("layers_block_type")
+        text["hybrid_override_pattern"] = "".join(NEMOTRON_H_LETTERS[k] for k in kinds)
+        text["num_hidden_layers"] = len(kinds)
+    if name == "lfm2":  # LiquidAI's LFM2 configs as transformers 4.54 read them: full_attn_idxs, no layer_types
+        text.pop("layer_types", None)
     if name in ("qwen2", "qwen3") and text.get("sliding_window") is None:
         text["sliding_window"] = text["max_position_embeddings"]  # set but unused (use_sliding_window false)
     if name == "qwen3_moe" and "num_local_experts" in text:
@@ -1075,7 +1126,8 @@ LAYER_PREFIXES: dict[str, tuple[str, ...]] = {
     "dbrx": ("transformer.blocks",),
     "glm4_moe": ("model.layers",),
     "cohere2": ("model.layers",),
-    **{name: ("model.layers",) for name in ("jamba", "bamba", "zamba2")},
+    **{name: ("model.layers",) for name in ("jamba", "bamba", "zamba2", "lfm2", "lfm2_moe")},
+    "nemotron_h": ("backbone.layers",),
     # Gemma 3 multimodal: save_pretrained of a fresh model (and google/gemma-3-4b-it) use
     # language_model.model.layers; a model loaded from model.language_model.* names is saved so.
     "gemma3": ("language_model.model.layers", "model.language_model.layers"),
@@ -1154,6 +1206,14 @@ def _text(cfg: dict[str, Any], family: Family) -> dict[str, Any]:
     return cfg[family.text_config] if family.text_config and family.text_config in cfg else cfg
 
 
+def _n_layers(text: dict[str, Any], family: Family) -> int:
+    """The layer count of a decoder config (Nemotron-H as saved by transformers 5 has no
+    num_hidden_layers: transformers counts layers_block_type, or the Hub's hybrid_override_pattern)."""
+    if family.num_layers_key in text:
+        return text[family.num_layers_key]
+    return len(text.get("layers_block_type") or text["hybrid_override_pattern"])
+
+
 def _text_config_class(family: Family):
     cfg_cls = model_class(family.name).config_class
     if family.text_config:
@@ -1205,7 +1265,7 @@ def rewrite_config(cfg: dict[str, Any], family: str, arrangement: list[int],
     fam = ALL_FAMILIES[family]
     out = copy.deepcopy(cfg)
     text = _text(out, fam)
-    n_src = text[fam.num_layers_key]
+    n_src = _n_layers(text, fam)
     if any(not 0 <= s < n_src for s in arrangement):
         raise ValueError(f"arrangement {arrangement} indexes outside the source's {n_src} layers")
     if text.get("scale_attn_by_inverse_layer_idx") and list(arrangement) != list(range(n_src)):
@@ -1329,12 +1389,44 @@ def _zamba2_rules(conf, src: dict[str, Any], text: dict[str, Any], arrangement: 
         text["hybrid_layer_ids"] = [i for i, s in enumerate(arrangement) if conf.layers_block_type[s] == "hybrid"]
 
 
+def _nemotron_h_rules(conf, src: dict[str, Any], text: dict[str, Any], arrangement: list[int]) -> None:
+    """Nemotron-H: ``layers_block_type`` and the Hub's ``hybrid_override_pattern`` follow (one entry,
+    one letter per layer)."""
+    for key in ("layers_block_type", "hybrid_override_pattern"):
+        if key in src:
+            values = [src[key][s] for s in arrangement]
+            text[key] = values if isinstance(src[key], list) else "".join(values)
+
+
+def _lfm2_rules(conf, src: dict[str, Any], text: dict[str, Any], arrangement: list[int]) -> None:
+    """LFM2: ``layer_types`` (as Lfm2Config derives it from ``full_attn_idxs`` when absent) follows;
+    ``full_attn_idxs``, where the file has a list, names the output's attention layers."""
+    types = [conf.layer_types[s] for s in arrangement]
+    text["layer_types"] = types
+    if isinstance(src.get("full_attn_idxs"), list):
+        text["full_attn_idxs"] = [i for i, t in enumerate(types) if t == "full_attention"]
+
+
+def _lfm2_moe_rules(conf, src: dict[str, Any], text: dict[str, Any], arrangement: list[int]) -> None:
+    """LFM2-MoE: ``layer_types`` follows; the first ``num_dense_layers`` layers are dense, so a
+    dense layer after a MoE one cannot be said."""
+    text["layer_types"] = [src["layer_types"][s] for s in arrangement]
+    dense = [s < conf.num_dense_layers for s in arrangement]
+    k = next((i for i, d in enumerate(dense) if not d), len(dense))
+    if any(dense[k:]):
+        raise NotExpressible(f"a dense layer after MoE layer {k}: num_dense_layers counts leading dense layers")
+    text["num_dense_layers"] = k
+
+
 #: Families whose configs say which layer is which by a rule (not a per-layer list): how the
 #: reference rewrites the rule for an arrangement, from the source config as transformers reads it.
 RULE_FAMILIES: dict[str, Callable[[Any, dict[str, Any], dict[str, Any], list[int]], None]] = {
     "jamba": _jamba_rules,
     "bamba": _bamba_rules,
     "zamba2": _zamba2_rules,
+    "nemotron_h": _nemotron_h_rules,
+    "lfm2": _lfm2_rules,
+    "lfm2_moe": _lfm2_moe_rules,
 }
 
 
@@ -1360,10 +1452,31 @@ def _merge_experts(tensors: dict[str, torch.Tensor], gate: str, up: str, down: s
     return out
 
 
+def _merge_up_down_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``X.experts.{e}.{up,down}_proj.weight`` -> ``X.experts.up_proj`` [E, I, H], ``X.experts.down_proj`` [E, H, I]."""
+    pattern = re.compile(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+    groups: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        m = pattern.match(key)
+        if m:
+            groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+        else:
+            out[key] = t
+    for (base, proj), parts in groups.items():
+        out[f"{base}.{proj}"] = torch.stack([parts[i] for i in sorted(parts)])
+    return out
+
+
 def to_module_names(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint tensors renamed / fused into the parameter names of the family's transformers class."""
     if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "deepseek_v3", "glm4_moe", "jamba"):
         return _merge_experts(tensors, "gate_proj", "up_proj", "down_proj")
+    if family == "lfm2_moe":
+        return _merge_experts(tensors, "w1", "w3", "w2")
+    if family == "nemotron_h":  # relu^2 experts (up and down only); saved as backbone.*, the model's model.*
+        return {("model." + k[len("backbone."):] if k.startswith("backbone.") else k): v
+                for k, v in _merge_up_down_experts(tensors).items()}
     if family == "mixtral":
         renamed = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()}
         return _merge_experts(renamed, "w1", "w3", "w2")
@@ -1453,7 +1566,7 @@ def reference_surgery(
     tensors = read_tensors(src)
     prefix = layer_prefix(family, tensors)
     layers, rest = split_layers(tensors, prefix)
-    n_src = _text(cfg, fam)[fam.num_layers_key]
+    n_src = _n_layers(_text(cfg, fam), fam)
     n_extra = len(layers) - n_src
     expected_extra = cfg.get(fam.extra_layers_key, 0) if fam.extra_layers_key else 0
     if sorted(layers) != list(range(len(layers))) or n_extra not in (0, expected_extra):

@@ -71,6 +71,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                          "axk2", "youtu", "minicpm3", "kimi_linear", "bailing_hybrid")},
     "emu3": {"pad_token_id": 0},
     "modernbert-decoder": {"pad_token_id": 0},
+    # Nemotron-H counts its layers by layers_block_type (num_hidden_layers is ignored): six, of every kind.
+    "nemotron_h": {"layers_block_type": ["linear_attention", "moe", "linear_attention", "full_attention", "mlp",
+                                         "linear_attention"]},
     "lfm2_moe": {"num_dense_layers": 2,
                  "layer_types": ["conv", "conv", "full_attention", "conv", "conv", "full_attention"]},
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 8,

@@ -62,7 +62,10 @@ def manifest(src: Path, out: Path, layers: str, extra: str = "", rename: str = "
 
 def n_layers(src: Path) -> int:
     cfg = json.loads((src / "config.json").read_text())
-    return cfg.get("text_config", cfg).get("num_hidden_layers", cfg.get("n_layer", cfg.get("n_layers")))
+    text = cfg.get("text_config", cfg)
+    if "layers_block_type" in text and "num_hidden_layers" not in text:  # Nemotron-H, as transformers 5 saves it
+        return len(text["layers_block_type"])
+    return text.get("num_hidden_layers", cfg.get("n_layer", cfg.get("n_layers")))
 
 
 def assert_output_matches(out: Path, ref) -> None:
@@ -260,7 +263,7 @@ def test_relabel_after_an_up_scale_equals_the_up_scaled_original(source, tmp_pat
 # --- registry entries of issue 17 -------------------------------------------------------------------
 
 #: Families whose Hub config.json spells a pattern that transformers 5 re-saves as a list: built so.
-HUB_FORM = {"cohere2"}
+HUB_FORM = {"cohere2", "nemotron_h", "lfm2"}
 
 
 #: The cases of the families whose config says which layer is which by a rule (a period and
@@ -282,6 +285,11 @@ REFUSED = {
     # Hybrid layers 2 and 5 of 7: both plans repeat layer 2.
     ("zamba2", "dus"): _ZAMBA2.format(at=7, first=2),
     ("zamba2", "idus"): _ZAMBA2.format(at=4, first=3),
+    # Dense layers 0 and 1 of 7: the DUS puts layer 1 at 6, after MoE layers (the iDUS keeps them first).
+    ("lfm2_moe", "dus"): "manifest.toml: layers: output layer 6 (layer 1 of source 'source') is dense but follows a "
+                         "layer that is not (output layer 2); lfm2_moe's config can only say that the first "
+                         "num_dense_layers layers are dense: arrange the dense layers first, or relabel the model "
+                         "as a family with a per-layer list",
 }
 
 
@@ -315,23 +323,28 @@ def test_registry_entry_surgery_equals_the_reference(tmp_path, name, kind):
 
 
 #: Arrangements that move layers and that the rule fields can say (the parity-breaking DUS and
-#: iDUS above cannot): (family, number of layers, [layers] table, arrangement).
+#: iDUS above cannot), and the config forms the sweep above does not build: (family, number of
+#: layers, [layers] table, arrangement, Hub form).
 MOVING = {
     # n - 2m = 4: the attention layers stay every 4th from 2 and the expert layers odd.
-    "jamba-dus-8-2": ("jamba", 8, 'plan = "dus"\noverlap = 2', dus(8, 2)),
+    "jamba-dus-8-2": ("jamba", 8, 'plan = "dus"\noverlap = 2', dus(8, 2), False),
     # Layer 0 dropped: attention at 1 and 5 (attn_layer_offset 2 -> 1), experts even (offset 1 -> 0).
-    "jamba-first-dropped": ("jamba", 7, 'plan = "explicit"\narrangement = [[1, 7]]', [1, 2, 3, 4, 5, 6]),
+    "jamba-first-dropped": ("jamba", 7, 'plan = "explicit"\narrangement = [[1, 7]]', [1, 2, 3, 4, 5, 6], False),
     # Mamba layers repeated, the hybrid layers (2 and 5) once each, in order.
     "zamba2-mamba-repeated": ("zamba2", 7, 'plan = "explicit"\narrangement = [0, 1, 1, 2, 3, 4, 4, 5, 6, 6]',
-                              [0, 1, 1, 2, 3, 4, 4, 5, 6, 6]),
+                              [0, 1, 1, 2, 3, 4, 4, 5, 6, 6], False),
+    # As transformers 5 saves them: Nemotron-H on layers_block_type alone (no num_hidden_layers, no
+    # pattern string), LFM2 with layer_types beside full_attn_idxs.
+    "nemotron_h-dus-transformers5": ("nemotron_h", 7, 'plan = "dus"\noverlap = 1', dus(7, 1), False),
+    "nemotron_h-idus-transformers5": ("nemotron_h", 7, 'plan = "idus"\noverlap = 1\ngroup = 1', idus(7, 1, 1), False),
+    "lfm2-dus-transformers5": ("lfm2", 7, 'plan = "dus"\noverlap = 1', dus(7, 1), False),
 }
 
 
 @pytest.mark.parametrize("case", list(MOVING))
 def test_rule_fields_rewritten_for_a_moving_arrangement(tmp_path, case):
-    name, n, layers, arrangement = MOVING[case]
-    src = build(name, tmp_path / "src", seed=zlib.crc32(name.encode()) % 1000, num_layers=n,
-                hub_config=name in HUB_FORM)
+    name, n, layers, arrangement, hub = MOVING[case]
+    src = build(name, tmp_path / "src", seed=zlib.crc32(name.encode()) % 1000, num_layers=n, hub_config=hub)
     out = tmp_path / "out"
     api.apply(manifest(src, out, layers))
     assert api.verify(out).ok
