@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Merge benchmark: tensorsurgery's ``slerp``, ``ties``, ``linear`` and ``task_arithmetic`` against mergekit on
-the same YAML, and against the least any merge can do, all in one process, on tmpfs by default.
+"""Merge benchmark: tensorsurgery's ``slerp``, ``ties``, ``linear``, ``task_arithmetic``, ``dare_linear``
+and ``dare_ties`` against mergekit on the same YAML, and against the least any merge can do, all in
+one process, on tmpfs by default.
 
 The models are synthetic Mistral-shaped bf16 checkpoints with normally distributed values
 (:func:`tensorsurgery.synthetic.make_mistral`, one seed each; the base of task_arithmetic is
@@ -8,7 +9,8 @@ the first). The baseline (**raw**) reads every input file once and writes the ou
 once (a reader and a writer thread, 4 MiB buffers, fsync): a merge cannot move fewer bytes.
 Each row prints wall time, its ratio to raw and to mergekit, and the command's own peak RSS
 (``wait4``). mergekit's output is compared with ours byte for byte, and ``verify`` is timed too.
-Everything written is removed at the end.
+The DARE rows run both with ``--random-seed`` (:data:`SEED`) and mergekit with ``--num-threads 1``
+(its rescale sums round otherwise with several threads). Everything written is removed at the end.
 
     python benchmarks/merge.py [--layers N] [--models K] [--method M] [--workdir DIR] [--runs N] [--no-mergekit]
                                [--json]
@@ -34,6 +36,8 @@ sys.path.insert(0, str(REPO))
 from tensorsurgery.synthetic import SMALL, make_mistral, tensor_bytes  # noqa: E402
 
 BUFFER = 4 << 20
+#: The DARE rows' seed.
+SEED = 42
 
 
 #: A small launcher (python -S) that runs the command as its own child and reports that child's
@@ -113,6 +117,10 @@ def configs(models: list[Path]) -> dict[str, dict]:
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(models[0]),
                             "models": [{"model": str(m), "parameters": {"weight": w}}
                                        for m, w in zip(models[1:], weights)]},
+        **{method: {"merge_method": method, "base_model": str(models[0]),
+                    "models": [{"model": str(m), "parameters": {"weight": w, "density": d}}
+                               for m, w, d in zip(models[1:], weights, (0.5, 0.3, 0.7, 0.4))]}
+           for method in ("dare_linear", "dare_ties")},
     }
 
 
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         for method, config in configs(models).items():
             if a.method and method not in a.method:
                 continue
+            seeded = ["--random-seed", str(SEED)] if method.startswith("dare") else []
             yml = bench / f"{method}.yml"
             yml.write_text(json.dumps(config))  # JSON is YAML
             merged = models[:2] if method == "slerp" else models  # slerp: the base and one other
@@ -182,17 +191,17 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(a.runs):
                 shutil.rmtree(ours, ignore_errors=True)
                 t = run([sys.executable, "-m", "tensorsurgery", "apply", str(yml), "--output", str(ours),
-                         "--no-progress", "--force"], env, bench / "rss")
+                         "--no-progress", "--force", *seeded], env, bench / "rss")
                 best = t if best is None or t[0] < best[0] else best
             assert best is not None
-            verify = run([sys.executable, "-m", "tensorsurgery", "verify", str(yml), str(ours), "--no-progress"], env,
-                         bench / "rss")
+            verify = run([sys.executable, "-m", "tensorsurgery", "verify", str(yml), str(ours), "--no-progress",
+                          *seeded], env, bench / "rss")
             row = {"method": method, "models": a.models, "bytes_per_model": size, "raw_s": base,
                    "ours_s": best[0], "ours_rss_mb": best[1], "verify_s": verify[0], "verify_rss_mb": verify[1]}
             if mergekit:
                 theirs = bench / f"mergekit-{method}"
                 flags = [str(yml), str(theirs), "--device", "cpu", "--no-copy-tokenizer", "--no-write-model-card",
-                         "--quiet"]
+                         "--quiet", *seeded, *(["--num-threads", "1"] if seeded else [])]
                 t = run([mergekit, *flags], env, bench / "rss")
                 row.update(mergekit_s=t[0], mergekit_rss_mb=t[1], differing=differing_elements(theirs, ours))
                 shutil.rmtree(theirs)

@@ -65,8 +65,9 @@ class PushResult:
 
 
 def load(manifest: ManifestLike, *, sources: SourcesLike = None,
-         output: str | os.PathLike[str] | None = None) -> Manifest:
-    """The :class:`Manifest` for ``manifest`` with the overrides applied.
+         output: str | os.PathLike[str] | None = None, seed: int | None = None) -> Manifest:
+    """The :class:`Manifest` for ``manifest`` with the overrides applied (``seed``: the merge's
+    random seed, mergekit's ``--random-seed``, over the manifest's own).
 
     A ``str`` holding a newline is manifest text (every valid manifest has more than one line);
     any other ``str`` or path is a file to read.
@@ -79,10 +80,10 @@ def load(manifest: ManifestLike, *, sources: SourcesLike = None,
     out = str(output) if output is not None else None
     given = _overrides(sources)
     if isinstance(manifest, Manifest):
-        return apply_overrides(manifest, given, out)
+        return apply_overrides(manifest, given, out, seed)
     if isinstance(manifest, str) and "\n" in manifest:
-        return apply_overrides(manifest_from_text(manifest), given, out)
-    return load_manifest(manifest, sources=given, output=out)
+        return apply_overrides(manifest_from_text(manifest), given, out, seed)
+    return apply_overrides(load_manifest(manifest, sources=given, output=out), {}, None, seed)
 
 
 def _overrides(sources: SourcesLike) -> dict[str, str]:
@@ -113,7 +114,8 @@ def resolve(manifest: Manifest, *, download: bool = True, keep_raw: bool = True)
 
 
 def plan(manifest: ManifestLike, *, sources: SourcesLike = None,
-         output: str | os.PathLike[str] | None = None, link: bool = False, download: bool = False) -> Plan:
+         output: str | os.PathLike[str] | None = None, link: bool = False, download: bool = False,
+         seed: int | None = None) -> Plan:
     """The plan of ``manifest`` from the sources' headers alone: nothing is written, and (unless
     ``download``) no weight is downloaded.
 
@@ -125,14 +127,14 @@ def plan(manifest: ManifestLike, *, sources: SourcesLike = None,
         >>> len(plan("manifests/demo.toml").layers)
         48
     """
-    m = load(manifest, sources=sources, output=output)
+    m = load(manifest, sources=sources, output=output, seed=seed)
     return build_plan(m, resolve(m, download=download, keep_raw=link), link=link)
 
 
 def apply(manifest: ManifestLike, *, sources: SourcesLike = None,
           output: str | os.PathLike[str] | None = None, force: bool = False, resume: bool = False,
           link: bool = False, progress: Progress = None, threads: int | None = None,
-          push_to_hub: str | None = None, private: bool | None = None) -> ApplyResult:
+          push_to_hub: str | None = None, private: bool | None = None, seed: int | None = None) -> ApplyResult:
     """Build the output ``manifest`` describes, atomically; with ``push_to_hub`` (or the
     manifest's ``output.push_to_hub``), verify it against the plan and upload it if it verifies.
 
@@ -142,13 +144,14 @@ def apply(manifest: ManifestLike, *, sources: SourcesLike = None,
         link: share shards identical to a source file instead of writing them (see README).
         progress: called with byte counts as shard bytes are written.
         threads: hashing threads (default: one per core, up to 8; at most 256).
+        seed: the random seed of a merge that draws (DARE), as mergekit's ``--random-seed``.
 
     Raises:
         OptionError: ``threads`` out of range (checked first).
         OutputExistsError, WriteError, ReadError and those of :func:`plan`.
     """
     check_threads(threads)
-    m = load(manifest, sources=sources, output=output)
+    m = load(manifest, sources=sources, output=output, seed=seed)
     return execute(build_plan(m, resolve(m, keep_raw=link), link=link), force=force, resume=resume, progress=progress,
                    threads=threads, push_to_hub=push_to_hub or m.output.push_to_hub,
                    private=m.output.private if private is None else private)
@@ -167,7 +170,7 @@ def execute(plan: Plan, *, force: bool = False, resume: bool = False, progress: 
 
 def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *,
            sources: SourcesLike = None, progress: Progress = None, progress_total: Progress = None,
-           threads: int | None = None) -> VerifyReport:
+           threads: int | None = None, seed: int | None = None) -> VerifyReport:
     """Prove an output is what it should be; ``report.ok`` only when every byte is. ``progress`` is
     called with tensor bytes as they are checked; ``progress_total`` once before, with the bytes
     to check in all.
@@ -191,7 +194,7 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
                            sources_changed=recorded.changed)
         return replace(verify_output(recorded.plan, folder, progress=progress, progress_total=progress_total,
                                      threads=threads), mode="record+sources")
-    m = load(target, sources=sources, output=output)
+    m = load(target, sources=sources, output=output, seed=seed)
     folder = Path(m.output.path)
     # The plan first: a manifest that cannot be applied is that error, output folder or not.
     # An output made with --link groups shards differently; its record says so.
@@ -240,7 +243,9 @@ def plan_from_record(output: Path, sources: Mapping[str, str]) -> RecordedPlan:
     given = {(k or manifest.sources[0].name): v for k, v in sources.items()}
     # The models as apply was given them (after its --source overrides), as the card names them.
     models = {n: e["model"] for n, e in recorded.items() if isinstance(n, str) and isinstance(e.get("model"), str)}
-    manifest = apply_overrides(manifest, {**models, **given}, str(output))
+    merge = record.data.get("merge")
+    seed = merge.get("seed") if isinstance(merge, dict) else None  # given to apply, not in a mergekit YAML
+    manifest = apply_overrides(manifest, {**models, **given}, str(output), seed if isinstance(seed, int) else None)
     roots: dict[str, Path] = {}
     changed: list[str] = []
     for spec in manifest.sources:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ._version import __version__
+from .dare import RANDOM_METHODS
 from .merges import describe
 from .path_free import path_free_manifest
 from .repo_id import is_repo_id
@@ -146,8 +147,10 @@ def _arrangement(plan: Plan) -> str:
 
 def _merge(plan: Plan) -> str:
     assert plan.merge is not None
+    how = "bitwise, as mergekit run with that seed and one torch thread" if plan.merge.method in RANDOM_METHODS \
+        else "bitwise"
     return (f"## Merge\n\n{describe(plan.merge)}, as mergekit's `{plan.merge.method}` method computes it "
-            f"(bitwise). Each tensor's inputs and resolved parameters are in `tensorsurgery.json`.")
+            f"({how}). Each tensor's inputs and resolved parameters are in `tensorsurgery.json`.")
 
 
 def _manifest(plan: Plan) -> str:

@@ -140,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--source", action="append", default=[], metavar="[NAME=]PATH",
                        help="use this local folder or repo id for a source (NAME= when there are several)")
 
+    def seed(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--random-seed", type=int, metavar="N",
+                       help="the random seed of a merge that draws (dare_linear, dare_ties), as mergekit's "
+                            "--random-seed (overrides [merge] seed)")
+
     def threads(c: argparse.ArgumentParser) -> None:
         c.add_argument("--threads", type=int, metavar="N",
                        help=f"threads that hash (and compare) tensors, 1 to {api.MAX_THREADS} (default "
@@ -162,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(created private unless output.private = false; overrides output.push_to_hub)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     threads(c)
+    seed(c)
 
     c = command("plan", "show the plan from the headers alone: layer map, seams, shards, bytes", _cmd_plan)
     c.add_argument("manifest", type=Path, help="manifest TOML (or mergekit passthrough YAML)")
@@ -169,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--output", metavar="PATH", help="override output.path")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--link", action="store_true", help="plan as `apply --link` would")
+    seed(c)
 
     c = command("verify", "prove an output is what its manifest asks for, byte for byte (exit 0 only then, "
                 "1 with the list of differences). verify MANIFEST [OUTPUT]: re-derive the plan from the sources "
@@ -180,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable report")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     threads(c)
+    seed(c)
 
     c = command("push", "verify an output (against its record and sources), then upload it to a Hugging Face "
                 "model repo; nothing is uploaded unless it verifies", _cmd_push)
@@ -242,7 +250,8 @@ def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> 
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    plan = api.plan(args.manifest, sources=_source_overrides(args.source), output=args.output, link=args.link)
+    plan = api.plan(args.manifest, sources=_source_overrides(args.source), output=args.output, link=args.link,
+                    seed=args.random_seed)
     copied = find_copied_links(plan)
     if args.json:
         print(json.dumps(plan_as_dict(plan, copied), indent=2))
@@ -254,7 +263,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_apply(args: argparse.Namespace) -> int:
     global _apply_tmp
     api.check_threads(args.threads)  # before planning: a Hub source may take a while to resolve
-    manifest = api.load(args.manifest, sources=_source_overrides(args.source), output=args.output)
+    manifest = api.load(args.manifest, sources=_source_overrides(args.source), output=args.output,
+                        seed=args.random_seed)
     repo = args.push_to_hub or manifest.output.push_to_hub
     if args.dry_run:
         plan = api.plan(manifest, link=args.link)
@@ -315,7 +325,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     with _progress(args, "verifying") as bar:
         report = api.verify(args.target, args.output, sources=_source_overrides(args.source),
-                            progress=bar and bar.update, progress_total=bar and bar.total, threads=args.threads)
+                            progress=bar and bar.update, progress_total=bar and bar.total, threads=args.threads,
+                            seed=args.random_seed)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     elif report.ok:

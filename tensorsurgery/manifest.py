@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
+from .dare import check_seed
 from .dtypes import CAST_DTYPES
 from .errors import ManifestError
 from .limits import MAX_OUTPUT_LAYERS, MAX_RENAME_PATTERNS, MAX_SOURCES, check_count
@@ -212,8 +213,8 @@ def parse_manifest(path: Path, text: str, data: Mapping[str, Any]) -> Manifest:
 def _parse_merge(r: _Reader, names: tuple[str, ...]) -> MergeSpec:
     """``[merge]``: ``method``, ``base`` (a source; default the first), ``dtype`` (the merge
     dtype), ``[merge.parameters]`` and one ``[merge.models.SOURCE]`` table of parameters per merged
-    model, in order."""
-    r.check_keys(("method", "base", "dtype", "parameters", "models"))
+    model, in order; ``seed`` the random seed of the methods that draw (DARE)."""
+    r.check_keys(("method", "base", "dtype", "parameters", "models", "seed"))
     dtype = r.get("dtype", str)
     if dtype is not None and dtype not in CAST_DTYPES:
         raise r.error("dtype", f"unsupported dtype {dtype!r}; expected one of: {', '.join(CAST_DTYPES)}")
@@ -230,9 +231,11 @@ def _parse_merge(r: _Reader, names: tuple[str, ...]) -> MergeSpec:
     if base is not None and base != names[0]:
         raise r.error("base", f"{base!r} is not the first source; list [sources.{base}] first: config.json and the "
                               f"tokenizer files come from the first source, as mergekit takes them from the base")
-    return merge_spec(lambda where, message: ManifestError(f"{r.file}: {where}: {message}"), method,
+    seed = check_seed(lambda message: r.error("seed", message), r.table["seed"]) if "seed" in r.table else None
+    spec = merge_spec(lambda where, message: ManifestError(f"{r.file}: {where}: {message}"), method,
                       [(name, models.sub(name).table, f"merge.models.{name}") for name in models.table],
                       base, r.sub("parameters").table, CAST_DTYPES[dtype] if dtype else None)
+    return replace(spec, seed=seed)
 
 
 def _parse_sources(root: _Reader) -> tuple[SourceSpec, ...]:
@@ -405,8 +408,11 @@ def file_name_problem(path: str) -> str | None:
             f'give a folder name such as "{folder}"')
 
 
-def apply_overrides(manifest: Manifest, sources: Mapping[str, str], output: str | None) -> Manifest:
-    """Replace source models (``--source [NAME=]PATH``) and ``output.path`` (``--output``).
+def apply_overrides(manifest: Manifest, sources: Mapping[str, str], output: str | None,
+                    seed: int | None = None) -> Manifest:
+    """Replace source models (``--source [NAME=]PATH``), ``output.path`` (``--output``) and the
+    merge's seed (``--random-seed``: mergekit's YAML has no seed field; ignored without a merge,
+    as mergekit ignores it for a method that does not draw).
 
     Raises:
         ManifestError: an override names no source, or a bare override with several sources.
@@ -430,4 +436,7 @@ def apply_overrides(manifest: Manifest, sources: Mapping[str, str], output: str 
         if problem:
             raise ManifestError(f"--output {problem}")
     out = replace(manifest.output, path=output) if output else manifest.output
-    return replace(manifest, sources=tuple(new_sources), output=out)
+    merge = manifest.merge
+    if seed is not None and merge is not None:
+        merge = replace(merge, seed=check_seed(lambda message: ManifestError(f"--random-seed: {message}"), seed))
+    return replace(manifest, sources=tuple(new_sources), output=out, merge=merge)

@@ -54,6 +54,11 @@ class Method:
 
 
 _WEIGHT = Parameter("weight", float, True)
+#: mergekit's registry: dare_linear and dare_ties take the same parameters, normalize off and
+#: rescale on by default.
+_DARE = (_WEIGHT, Parameter("density", float, True, 1.0), Parameter("normalize", bool, False, False),
+         Parameter("rescale", bool, False, True), Parameter("lambda", float, False, 1.0),
+         Parameter("int8_mask", bool, False, False, inert=True))
 METHODS: Mapping[str, Method] = MappingProxyType({
     "linear": Method("linear", (_WEIGHT, Parameter("normalize", bool, False, True)), needs_base=False),
     "task_arithmetic": Method("task_arithmetic", (
@@ -65,13 +70,14 @@ METHODS: Mapping[str, Method] = MappingProxyType({
         Parameter("lambda", float, False, 1.0), Parameter("rescale", bool, False, False),
         Parameter("int8_mask", bool, False, False, inert=True)), needs_base=True),
     "slerp": Method("slerp", (Parameter("t", float, False),), needs_base=True, max_models=1),
+    **{name: Method(name, _DARE, needs_base=True) for name in ("dare_linear", "dare_ties")},
 })
 #: The parameters of mergekit's other methods: a config written for one may carry them, and
 #: mergekit ignores those a method does not take; so do we (a name outside this list is a typo).
 MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "normalize", "rescale", "t", "int8_mask",
                        "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_")
 #: mergekit's methods that are not (yet) built here, for a message that says so.
-OTHER_METHODS = ("dare_ties", "dare_linear", "nuslerp", "breadcrumbs", "breadcrumbs_ties", "della",
+OTHER_METHODS = ("nuslerp", "breadcrumbs", "breadcrumbs_ties", "della",
                  "della_linear", "model_stock", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "ram")
 
 
@@ -99,6 +105,9 @@ class MergeSpec:
     #: The layer count a mergekit slice says (``layer_range: [0, N]`` for every source), checked
     #: against the models' when planned; None when the models are listed whole.
     layers: int | None = None
+    #: The seed of torch's random generator (mergekit's ``--random-seed``), for the methods that
+    #: draw (DARE); None: not given.
+    seed: int | None = None
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -312,12 +321,13 @@ def spec_data(spec: MergeSpec) -> dict[str, Any]:
             "parameters": {k: setting_data(v) for k, v in spec.parameters.items()},
             "models": [{"source": m.source, "parameters": {k: setting_data(v) for k, v in m.parameters.items()}}
                        for m in spec.models],
-            "ignored": list(spec.ignored)}
+            "ignored": list(spec.ignored), **({"seed": spec.seed} if spec.seed is not None else {})}
 
 
 def describe(spec: MergeSpec) -> str:
     """The merge in one line, as ``plan`` and the model card say it."""
     onto = f" onto {spec.base}" if spec.base and METHODS[spec.method].needs_base else ""
     dtype = f", computed in {spec.dtype}" if spec.dtype else ""
+    dtype += f", seed {spec.seed}" if spec.seed is not None else ""
     ignored = f"; ignored (not {spec.method}'s): {', '.join(spec.ignored)}" if spec.ignored else ""
     return f"{spec.method} of {', '.join(m.source for m in spec.models)}{onto}{dtype}{ignored}"

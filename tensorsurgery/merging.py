@@ -3,11 +3,13 @@ same tensor of every merged source and one merge operation, its parameters resol
 tensor (:mod:`tensorsurgery.merges`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from math import prod
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .checkpoint import Checkpoint
+from .dare import RANDOM_METHODS, dare_operation, stream_offsets
 from .dtypes import is_castable
 from .errors import PlanError
 from .merges import MergeSpec, MissingParameter, Resolved, resolve
@@ -56,6 +58,28 @@ class Merger:
     checkpoints: Mapping[str, Checkpoint]
     layers: int
     where: str
+    #: Each tensor's first random draw (DARE: :mod:`tensorsurgery.dare`), by source tensor name.
+    offsets: Mapping[str, int] | None = None
+
+    def with_draws(self, tensors: Iterable[tuple[str, tuple[int, ...], int | None]]) -> Merger:
+        """This merger knowing where each tensor's draws start, for a method that draws: from
+        ``(key, shape, position)`` of every merged tensor (itself for the other methods).
+
+        Raises:
+            PlanError: no seed, or a tensor without a weight or density.
+        """
+        if self.spec.method not in RANDOM_METHODS:
+            return self
+        if self.spec.seed is None:
+            raise PlanError(f"{self.where}: merge: {self.spec.method} keeps random parts of each delta and needs a "
+                            f"seed: set seed = N in [merge], or give --random-seed N as mergekit takes it (its YAML "
+                            f"has no seed); without one mergekit draws differently every run")
+        try:
+            offsets = stream_offsets(self.spec, ((key, prod(shape), self.t(position))
+                                                 for key, shape, position in tensors))
+        except MissingParameter as e:
+            raise PlanError(f"{self.where}: merge: {e}") from None
+        return replace(self, offsets=offsets)
 
     def t(self, position: int | None) -> float:
         """Where a tensor lies across the layers, as mergekit's gradients see it: 0 outside them
@@ -79,9 +103,15 @@ class Merger:
         inputs = tuple(self._input(source, key, first.shape) for source in self.spec.sources)
         md = self.spec.dtype or promoted(tuple(i.dtype for i in inputs))
         try:
-            return inputs, OPERATION[self.spec.method](resolve(self.spec, key, self.t(position)), md), md
+            values = resolve(self.spec, key, self.t(position))
+            if self.spec.method in RANDOM_METHODS:
+                assert self.offsets is not None, "with_draws first"
+                return inputs, dare_operation(self.spec, values, md, self.offsets[key]), md
+            return inputs, OPERATION[self.spec.method](values, md), md
         except (MissingParameter, NotBuilt) as e:
             raise PlanError(f"{self.where}: merge: {e}") from None
+        except ValueError as e:  # a density below 0
+            raise PlanError(f"{self.where}: merge: tensor {key!r}: {e}") from None
 
     def _input(self, source: str, key: str, shape: tuple[int, ...]) -> Input:
         ckpt = self.checkpoints[source]

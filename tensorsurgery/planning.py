@@ -339,6 +339,7 @@ def _merged(specs: list[_Spec], positions: Mapping[str, int | None], merger: Mer
     """Each output tensor as the merge of the same tensor of every merged source
     (:class:`~tensorsurgery.merging.Merger`), in the output ``dtype`` (default: the merge dtype)."""
     merged = []
+    merger = merger.with_draws((s.inputs[0].key, s.shape, positions[s.name]) for s in specs if s.inputs)
     for s in specs:
         if s.op is not COPY or not s.inputs:
             raise PlanError(f"{merger.where}: tensor {s.name!r} is planned as {s.transform!r}, which a merge cannot "

@@ -29,7 +29,7 @@ TORCH_MODULES = frozenset({
     "test_e2e.py", "test_link.py", "test_mergekit_config.py", "test_mergekit_parity.py", "test_native.py",
     "test_reference.py", "test_transforms.py", "test_family_models.py", "test_families_e2e.py",
     "test_consistency_e2e.py", "test_sweep.py", "test_cast_nans.py", "test_ops.py", "test_dequant.py",
-    "test_adapters.py", "test_merges.py",
+    "test_adapters.py", "test_merges.py", "test_dare.py",
 })
 
 if importlib.util.find_spec("torch") is None:

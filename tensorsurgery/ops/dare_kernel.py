@@ -1,0 +1,134 @@
+"""The numpy kernel of :class:`~tensorsurgery.ops.dare.Dare`: both passes, chunk by chunk."""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from ..dtypes import element_size
+from .arith import encoded, rounded, rounded_scalars
+from .dare import CHUNK_ELEMENTS, read_values
+from .mt_stream import Stream, keep_threshold
+from .torch_sums import CascadeSum, full_sum, model_sum
+
+if TYPE_CHECKING:
+    from ..recipe import Input
+    from .dare import Dare
+
+#: mergekit's ``rescaled_masked_tensor`` skips the rescale when a sum is below this.
+EPS = 1e-7
+
+
+#: Threads that make the models' terms side by side (numpy and the generator release the GIL); the
+#: bytes do not depend on how many.
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ts-dare")
+        return _pool
+
+
+def dare_chunks(op: Dare, inputs: Sequence[Input], fds: Sequence[int]) -> Iterator[np.ndarray]:
+    """Every value of ``op`` on ``inputs`` (open as ``fds``), in chunks (raw bytes of the merge dtype)."""
+    md = op.dtype
+    wd = "BF16" if md == "BF16" else "F32"  # torch's CPU bernoulli has no float16: mergekit widens
+    n = inputs[0].range.length // element_size(inputs[0].dtype)
+    sparse = [k for k, d in enumerate(op.densities) if d < 1]
+    keep = {k: keep_threshold(rounded_scalars([op.densities[k]], wd)[0]) for k in sparse}
+    unit = CascadeSum(n, wd).unit
+    chunk = max(unit, CHUNK_ELEMENTS // unit * unit)
+    pool = _workers()
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
+        streams, ratios = _first_pass(op, inputs, fds, n, chunk, sparse, keep, wd)
+        weights = rounded_scalars(op.weights, md)
+        divisor: Any = None
+        if not op.ties:
+            divisor = rounded(np.asarray([full_sum(weights, md)], np.float32), md)[0]
+            if abs(divisor) < 1e-8:
+                divisor = np.float32(1)
+        vector = 8 if md == "F32" else 16
+
+        def term(k: int, base: np.ndarray, start: int, count: int) -> np.ndarray:
+            with np.errstate(over="ignore", invalid="ignore"):
+                delta = rounded(read_values(inputs, fds, k + 1, start, count, md, slot=k + 1) - base, md)
+                if k in streams:
+                    delta *= streams[k].low24(count) < keep[k]  # as torch multiplies by the 0/1 mask
+                    ratio = ratios.get(k)
+                    if ratio is not None:
+                        delta = rounded(delta * ratio, wd)
+                        if md != wd:
+                            delta = rounded(delta, md)
+                return rounded(delta * weights[k], md)
+
+        for start in range(0, n, chunk):
+            count = min(chunk, n - start)
+            base = read_values(inputs, fds, 0, start, count, md, slot=0)
+            terms = list(pool.map(term, range(len(weights)), *zip(*[(base, start, count)] * len(weights))))
+            div: Any
+            if op.ties:
+                mixed, div = _consensus(terms, weights, start, n, vector, md)
+            else:
+                mixed, div = rounded(model_sum(terms, start, n, vector), md), divisor
+            if op.normalize:
+                mixed = rounded(mixed / div, md)
+            if op.lam != 1:
+                mixed = rounded(mixed * np.float32(op.lam), md)
+            yield encoded(rounded(base + mixed, md), md)
+
+
+def _first_pass(op: Dare, inputs: Sequence[Input], fds: Sequence[int], n: int, chunk: int, sparse: list[int],
+                keep: dict[int, int], wd: str) -> tuple[dict[int, Stream], dict[int, np.float32 | None]]:
+    """Each sparsified model's stream at its first draw, and with ``rescale`` its factor
+    ``sum|delta| / sum|kept|`` in the work dtype (None: skipped, a sum below 1e-7); the draws
+    for the sums are the same the values take again. The models side by side: each takes up
+    the stream where its draws start."""
+    if not sparse:
+        return {}, {}
+    first = Stream(op.seed, op.offset)
+    first.remember()
+
+    def one(position: int, k: int) -> tuple[Stream, np.float32 | None, Stream]:
+        stream = first.copy() if position == 0 else Stream(op.seed, op.offset + position * n)
+        start = stream.copy()
+        if not op.rescale:
+            stream.advance(n)
+            return start, None, stream
+        md = op.dtype
+        before, after = CascadeSum(n, wd), CascadeSum(n, wd)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for at in range(0, n, chunk):
+                count = min(chunk, n - at)
+                base = read_values(inputs, fds, 0, at, count, md, slot=0)
+                size = np.abs(rounded(read_values(inputs, fds, k + 1, at, count, md, slot=1) - base, md))
+                before.add(size)
+                size *= stream.low24(count) < keep[k]
+                after.add(size)
+            b, a = (rounded(np.asarray([s.value()], np.float32), wd)[0] for s in (before, after))
+            ratio = None if b < EPS or a < EPS else rounded(np.asarray([b / a], np.float32), wd)[0]
+        return start, ratio, stream
+
+    done = list(_workers().map(one, range(len(sparse)), sparse))
+    done[-1][2].remember()  # where the next tensor's draws start
+    return {k: d[0] for k, d in zip(sparse, done)}, {k: d[1] for k, d in zip(sparse, done)}
+
+
+def _consensus(terms: list[np.ndarray], weights: np.ndarray, start: int, n: int, vector: int,
+               md: str) -> tuple[np.ndarray, np.ndarray]:
+    """TIES's "sum" consensus: the weighted deltas whose sign is that of their sum (0 and above:
+    positive), summed, and the sum of their weights (0 replaced by 1)."""
+    majority = np.where(rounded(model_sum(terms, start, n, vector), md) >= 0, np.float32(1), np.float32(-1))
+    agree = [t * majority > 0 for t in terms]  # the sign of t is the majority's (0 agrees with neither)
+    # torch multiplies by the boolean mask: x * 0 keeps x's sign, and a NaN stays one
+    mixed = rounded(model_sum([t * a for a, t in zip(agree, terms)], start, n, vector), md)
+    div = rounded(model_sum([w * a for a, w in zip(agree, weights)], start, n, vector), md)
+    div[div == 0] = 1
+    return mixed, div
