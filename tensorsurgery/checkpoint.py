@@ -292,7 +292,7 @@ def _check_layer_count(ckpt: Checkpoint, config_path: Path) -> None:
                           f"re-download it")
     declared = ckpt.family.declared_layers(ckpt.config)
     if declared is not None and declared != ckpt.num_layers:
-        key = "n_layers" if ckpt.layout == "mistral" else ckpt.family.count_path
+        key = "n_layers" if ckpt.layout == "mistral" else ckpt.family.count_name(ckpt.config)
         extra = ckpt.family.extra_layers(ckpt.config)
         also = f" (+{extra} {ckpt.family.extra_layers_key})" if extra else ""
         raise SourceError(f"{config_path}: {key} = {declared!r}{also} but the tensors hold {ckpt.found_layers} "

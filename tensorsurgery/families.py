@@ -245,6 +245,14 @@ class Family:
         value = self.text_config(config).get(self.extra_layers_key) if self.extra_layers_key else 0
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
+    def count_name(self, config: Mapping[str, Any]) -> str:
+        """What counts the layers of ``config``, for messages: the count's path, or the length of
+        the ``count_from`` field that does (``len(layers_block_type)``)."""
+        text = self.text_config(config)
+        if self.count_key in text or not self.count_from:
+            return self.count_path
+        return next((f"len({k})" for k in self.count_from if isinstance(text.get(k), (list, str))), self.count_path)
+
     @property
     def count_path(self) -> str:
         """The dotted config.json path of the layer count, for messages."""

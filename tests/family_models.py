@@ -618,6 +618,28 @@ def _lfm2_moe(n: int) -> dict[str, Any]:
     )
 
 
+def _ernie4_5_moe(n: int) -> dict[str, Any]:
+    # ERNIE-4.5-300B-A47B shape (the first layers dense, MoE from moe_layer_start_index to the last,
+    # shared experts), scaled: dense 0-1, MoE from 2.
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=n,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_k=2, moe_num_experts=4,
+        moe_num_shared_experts=1, moe_layer_start_index=2, moe_layer_end_index=-1, moe_layer_interval=1,
+        use_bias=False, max_position_embeddings=128, rms_norm_eps=1e-5, rope_parameters=_rope(500000.0),
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def _exaone4(n: int) -> dict[str, Any]:
+    # EXAONE-4.0-32B shape: three sliding-window layers then a global one ("LLLG"), QK norms, untied.
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=8, sliding_window_pattern=4,
+        max_position_embeddings=128, rms_norm_eps=1e-5, rope_parameters=_rope(1000000.0),
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
 #: Families added to the registry for issue 17 (tested in ``test_families_e2e.py`` through the tool
 #: only: kept out of :data:`FAMILIES`, whose every family ``test_family_models.py`` checks in depth).
 REGISTRY_FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -635,6 +657,10 @@ REGISTRY_FAMILIES: dict[str, Family] = {f.name: f for f in [
            default_layers=7, notes="no num_hidden_layers: counted by layers_block_type"),
     Family("lfm2", "lfm2", "Lfm2ForCausalLM", "model.layers", "num_hidden_layers", _lfm2, default_layers=7),
     Family("lfm2_moe", "lfm2_moe", "Lfm2MoeForCausalLM", "model.layers", "num_hidden_layers", _lfm2_moe,
+           default_layers=7),
+    Family("ernie4_5_moe", "ernie4_5_moe", "Ernie4_5_MoeForCausalLM", "model.layers", "num_hidden_layers",
+           _ernie4_5_moe, default_layers=7),
+    Family("exaone4", "exaone4", "Exaone4ForCausalLM", "model.layers", "num_hidden_layers", _exaone4,
            default_layers=7),
 ]}
 ALL_FAMILIES: dict[str, Family] = {**FAMILIES, **REGISTRY_FAMILIES}
@@ -822,6 +848,10 @@ def hub_style_config(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
         text["num_hidden_layers"] = len(kinds)
     if name == "lfm2":  # LiquidAI's LFM2 configs as transformers 4.54 read them: full_attn_idxs, no layer_types
         text.pop("layer_types", None)
+    if name == "ernie4_5_moe":  # Baidu's configs: -1, the last layer (transformers 5 saves its number)
+        text["moe_layer_end_index"] = -1
+    if name == "exaone4":  # EXAONE-4.0-32B's config.json: the letters, beside layer_types
+        text["sliding_window_pattern"] = "LLLG"
     if name in ("qwen2", "qwen3") and text.get("sliding_window") is None:
         text["sliding_window"] = text["max_position_embeddings"]  # set but unused (use_sliding_window false)
     if name == "qwen3_moe" and "num_local_experts" in text:
@@ -1126,7 +1156,8 @@ LAYER_PREFIXES: dict[str, tuple[str, ...]] = {
     "dbrx": ("transformer.blocks",),
     "glm4_moe": ("model.layers",),
     "cohere2": ("model.layers",),
-    **{name: ("model.layers",) for name in ("jamba", "bamba", "zamba2", "lfm2", "lfm2_moe")},
+    **{name: ("model.layers",) for name in ("jamba", "bamba", "zamba2", "lfm2", "lfm2_moe", "ernie4_5_moe",
+                                            "exaone4")},
     "nemotron_h": ("backbone.layers",),
     # Gemma 3 multimodal: save_pretrained of a fresh model (and google/gemma-3-4b-it) use
     # language_model.model.layers; a model loaded from model.language_model.* names is saved so.
@@ -1320,6 +1351,8 @@ def rewrite_config(cfg: dict[str, Any], family: str, arrangement: list[int],
     for name, derived_list in PATTERN_FIELDS:
         if name not in text or derived_list not in text or name == "_sliding_window_pattern":
             continue
+        if isinstance(text[name], str):
+            continue  # EXAONE 4's letters: its rule (RULE_FAMILIES) rewrote them
         # Keep the value if transformers re-derives the arranged list from it, else the first
         # value that does (e.g. max_window_layers = number of leading full-attention layers),
         # else drop the field (the explicit list is what transformers reads).
@@ -1418,6 +1451,45 @@ def _lfm2_moe_rules(conf, src: dict[str, Any], text: dict[str, Any], arrangement
     text["num_dense_layers"] = k
 
 
+def _ernie4_5_moe_rules(conf, src: dict[str, Any], text: dict[str, Any], arrangement: list[int]) -> None:
+    """ERNIE 4.5 MoE: layer ``i`` is MoE when ``start <= i <= end`` (``-1``: the last layer) and
+    ``(i + 1) % interval == 0``. Kept when they still say the output's MoE layers, else of every
+    (start, end, interval) that does: the end spelled as the source spells it (-1 or a number), the
+    largest start, the smallest end and the largest interval."""
+    n_src = conf.num_hidden_layers
+    moe = [conf.moe_layer_start_index <= i <= conf.moe_layer_end_index and (i + 1) % conf.moe_layer_interval == 0
+           for i in range(n_src)]
+    want = [moe[s] for s in arrangement]
+    n = len(want)
+
+    def says(start: int, end: int, interval: int) -> bool:
+        end = n - 1 if end == -1 else end
+        return [start <= i <= end and (i + 1) % interval == 0 for i in range(n)] == want
+
+    keys = ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval")
+    kept = tuple(src.get(k, d) for k, d in zip(keys, (1, -1, 1)))
+    if says(*kept):
+        return
+    found = [(st, en, iv) for st in range(n + 1) for en in range(-1, n + 1) for iv in range(1, n + 2)
+             if says(st, en, iv)]
+    if not found:
+        raise NotExpressible(f"no start, end and interval make {[i for i, w in enumerate(want) if w]} the MoE layers")
+    # -1 where the source says -1, a number where it says a number
+    best = max(found, key=lambda v: ((v[1] == -1) == (kept[1] == -1), v[0], -(n - 1 if v[1] == -1 else v[1]), v[2]))
+    text.update(zip(keys, best))
+
+
+def _exaone4_rules(conf, src: dict[str, Any], text: dict[str, Any], arrangement: list[int]) -> None:
+    """EXAONE 4: ``layer_types`` follows (the per-layer loop); ``sliding_window_pattern`` as letters
+    ("LLLG", repeated over the layers as vLLM reads it) kept when it still says each output layer's
+    kind, else one letter per output layer. (An integer pattern is handled with the other pattern fields.)"""
+    pattern = src.get("sliding_window_pattern")
+    if isinstance(pattern, str):
+        letters = "".join("G" if conf.layer_types[s] == "full_attention" else "L" for s in arrangement)
+        repeated = (pattern * len(letters))[:len(letters)]
+        text["sliding_window_pattern"] = pattern if repeated == letters else letters
+
+
 #: Families whose configs say which layer is which by a rule (not a per-layer list): how the
 #: reference rewrites the rule for an arrangement, from the source config as transformers reads it.
 RULE_FAMILIES: dict[str, Callable[[Any, dict[str, Any], dict[str, Any], list[int]], None]] = {
@@ -1427,6 +1499,8 @@ RULE_FAMILIES: dict[str, Callable[[Any, dict[str, Any], dict[str, Any], list[int
     "nemotron_h": _nemotron_h_rules,
     "lfm2": _lfm2_rules,
     "lfm2_moe": _lfm2_moe_rules,
+    "ernie4_5_moe": _ernie4_5_moe_rules,
+    "exaone4": _exaone4_rules,
 }
 
 
@@ -1470,7 +1544,10 @@ def _merge_up_down_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def to_module_names(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint tensors renamed / fused into the parameter names of the family's transformers class."""
-    if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "deepseek_v3", "glm4_moe", "jamba"):
+    if family == "ernie4_5_moe":  # saved mlp.moe_statics, the model's mlp.gate.moe_statics
+        tensors = {k.replace(".mlp.moe_statics.", ".mlp.gate.moe_statics."): v for k, v in tensors.items()}
+    if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "deepseek_v3", "glm4_moe", "jamba",
+                  "ernie4_5_moe"):
         return _merge_experts(tensors, "gate_proj", "up_proj", "down_proj")
     if family == "lfm2_moe":
         return _merge_experts(tensors, "w1", "w3", "w2")

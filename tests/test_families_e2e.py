@@ -263,7 +263,7 @@ def test_relabel_after_an_up_scale_equals_the_up_scaled_original(source, tmp_pat
 # --- registry entries of issue 17 -------------------------------------------------------------------
 
 #: Families whose Hub config.json spells a pattern that transformers 5 re-saves as a list: built so.
-HUB_FORM = {"cohere2", "nemotron_h", "lfm2"}
+HUB_FORM = {"cohere2", "nemotron_h", "lfm2", "ernie4_5_moe", "exaone4"}
 
 
 #: The cases of the families whose config says which layer is which by a rule (a period and
@@ -290,6 +290,12 @@ REFUSED = {
                          "layer that is not (output layer 2); lfm2_moe's config can only say that the first "
                          "num_dense_layers layers are dense: arrange the dense layers first, or relabel the model "
                          "as a family with a per-layer list",
+    # MoE from layer 2 to the last: the DUS puts dense layer 1 at 6 (the iDUS keeps 0, 1, 1 first: start 3).
+    ("ernie4_5_moe", "dus"): "manifest.toml: layers: output layer 6 (layer 1 of source 'source') is dense, but "
+                             "ernie4_5_moe's config can only say that every layer from 2 to the last is MoE "
+                             "(moe_layer_start_index = 2, moe_layer_end_index = -1, moe_layer_interval = 1), which "
+                             "makes it MoE, and no start, end and interval make layers 2-5, 7-11 of 12 the MoE "
+                             "layers; " + _ANY_ORDER,
 }
 
 
@@ -338,6 +344,13 @@ MOVING = {
     "nemotron_h-dus-transformers5": ("nemotron_h", 7, 'plan = "dus"\noverlap = 1', dus(7, 1), False),
     "nemotron_h-idus-transformers5": ("nemotron_h", 7, 'plan = "idus"\noverlap = 1\ngroup = 1', idus(7, 1, 1), False),
     "lfm2-dus-transformers5": ("lfm2", 7, 'plan = "dus"\noverlap = 1', dus(7, 1), False),
+    # ERNIE as transformers 5 saves it (moe_layer_end_index 6, not -1): the iDUS's MoE layers run to 11.
+    "ernie4_5_moe-idus-transformers5": ("ernie4_5_moe", 7, 'plan = "idus"\noverlap = 1\ngroup = 1', idus(7, 1, 1),
+                                        False),
+    # EXAONE 4 with the integer pattern: kept by a DUS of n - 2m = 4, dropped by the iDUS (layer_types says it).
+    "exaone4-dus-8-2-transformers5": ("exaone4", 8, 'plan = "dus"\noverlap = 2', dus(8, 2), False),
+    "exaone4-idus-transformers5": ("exaone4", 7, 'plan = "idus"\noverlap = 1\ngroup = 1', idus(7, 1, 1), False),
+    "exaone4-dus-8-2": ("exaone4", 8, 'plan = "dus"\noverlap = 2', dus(8, 2), True),  # "LLLG" kept
 }
 
 
