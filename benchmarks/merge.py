@@ -114,6 +114,9 @@ def configs(models: list[Path]) -> dict[str, dict]:
         "ties": {"merge_method": "ties", "base_model": str(models[0]),
                  "models": [{"model": str(m), "parameters": {"weight": w, "density": 0.3}}
                             for m, w in zip(models[1:], weights)]},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": str(models[0]),
+                             "models": [{"model": str(m), "parameters": {"weight": w, "density": 0.5, "gamma": 0.05}}
+                                        for m, w in zip(models[1:], weights)]},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(models[0]),
                             "models": [{"model": str(m), "parameters": {"weight": w}}
                                        for m, w in zip(models[1:], weights)]},
@@ -124,9 +127,11 @@ def configs(models: list[Path]) -> dict[str, dict]:
     }
 
 
-#: mergekit-yaml with torch.argsort made stable (the lowest index first among equal values).
-STABLE_MERGEKIT = ("import sys, torch; a = torch.argsort; torch.argsort = lambda x, dim=-1, descending=False, **k: "
-                   "a(x, dim=dim, descending=descending, stable=True); from mergekit.scripts.run_yaml import main; "
+#: mergekit-yaml with torch.argsort and torch.sort made stable (the lowest index first among equal values).
+STABLE_MERGEKIT = ("import sys, torch; a, s = torch.argsort, torch.sort; "
+                   "torch.argsort = lambda x, dim=-1, descending=False, **k: a(x, dim=dim, descending=descending, "
+                   "stable=True); torch.sort = lambda x, dim=-1, descending=False, **k: s(x, dim=dim, "
+                   "descending=descending, stable=True); from mergekit.scripts.run_yaml import main; "
                    "sys.argv[0] = 'mergekit-yaml'; main()")
 
 
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = run([mergekit, *flags], env, bench / "rss")
                 row.update(mergekit_s=t[0], mergekit_rss_mb=t[1], differing=differing_elements(theirs, ours))
                 shutil.rmtree(theirs)
-                if method == "ties":  # which equal magnitudes it keeps is torch's unstable sort's choice
+                if "ties" in method:  # which equal magnitudes it keeps is torch's unstable sort's choice
                     run([sys.executable, "-c", STABLE_MERGEKIT, *flags], env, bench / "rss")
                     row.update(differing_stable=differing_elements(theirs, ours))
                     shutil.rmtree(theirs)

@@ -69,6 +69,11 @@ METHODS: Mapping[str, Method] = MappingProxyType({
         _WEIGHT, Parameter("density", float, True, 1.0), Parameter("normalize", bool, False, True),
         Parameter("lambda", float, False, 1.0), Parameter("rescale", bool, False, False),
         Parameter("int8_mask", bool, False, False, inert=True)), needs_base=True),
+    **{name: Method(name, (
+        _WEIGHT, Parameter("density", float, True, 1.0), Parameter("gamma", float, True, 0.01),
+        Parameter("normalize", bool, False, False), Parameter("lambda", float, False, 1.0),
+        Parameter("rescale", bool, False, False), Parameter("int8_mask", bool, False, False, inert=True)),
+        needs_base=True) for name in ("breadcrumbs", "breadcrumbs_ties")},
     "slerp": Method("slerp", (Parameter("t", float, False),), needs_base=True, max_models=1),
     **{name: Method(name, _DARE, needs_base=True) for name in ("dare_linear", "dare_ties")},
 })
@@ -77,7 +82,7 @@ METHODS: Mapping[str, Method] = MappingProxyType({
 MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "normalize", "rescale", "t", "int8_mask",
                        "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_")
 #: mergekit's methods that are not (yet) built here, for a message that says so.
-OTHER_METHODS = ("nuslerp", "breadcrumbs", "breadcrumbs_ties", "della",
+OTHER_METHODS = ("nuslerp", "della",
                  "della_linear", "model_stock", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "ram")
 
 

@@ -13,7 +13,7 @@ from .dare import RANDOM_METHODS, dare_operation, stream_offsets
 from .dtypes import is_castable
 from .errors import PlanError
 from .merges import MergeSpec, MissingParameter, Resolved, resolve
-from .ops import Linear, Operation, Slerp, TaskArithmetic, Ties
+from .ops import Breadcrumbs, Linear, Operation, Slerp, TaskArithmetic, Ties
 from .recipe import ByteRange, Input
 
 
@@ -31,12 +31,19 @@ class NotBuilt(Exception):
     """A setting of a built method that is not built yet (for a message that says so)."""
 
 
-def _ties(values: Resolved, md: str) -> Operation:
-    if values.shared["rescale"]:
-        raise NotBuilt("ties with rescale = true is not built yet (mergekit's L1 rescale of the kept magnitudes); "
-                       "remove rescale, or use mergekit")
-    return Ties(_weights(values), tuple(float(p["density"]) for p in values.per_model),
-                bool(values.shared["normalize"]), float(values.shared["lambda"]), md)
+def _sparsified(method: str) -> Callable[[Resolved, str], Operation]:
+    """ties, breadcrumbs or breadcrumbs_ties from a tensor's parameters."""
+    def make(values: Resolved, md: str) -> Operation:
+        if values.shared["rescale"]:
+            raise NotBuilt(f"{method} with rescale = true is not built yet (mergekit's L1 rescale of the kept "
+                           f"magnitudes); remove rescale, or use mergekit")
+        weights, densities = _weights(values), tuple(float(p["density"]) for p in values.per_model)
+        normalize, lam = bool(values.shared["normalize"]), float(values.shared["lambda"])
+        if method == "ties":
+            return Ties(weights, densities, normalize, lam, md)
+        return Breadcrumbs(weights, densities, tuple(float(p["gamma"]) for p in values.per_model),
+                           method == "breadcrumbs_ties", normalize, lam, md)
+    return make
 
 
 #: Each method's operation from one tensor's resolved parameters and the merge dtype.
@@ -44,7 +51,7 @@ OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType
     "linear": lambda v, md: Linear(_weights(v), bool(v.shared["normalize"]), md),
     "task_arithmetic": lambda v, md: TaskArithmetic(_weights(v), bool(v.shared["normalize"]),
                                                     float(v.shared["lambda"]), md),
-    "ties": lambda v, md: _ties(v, md),
+    **{method: _sparsified(method) for method in ("ties", "breadcrumbs", "breadcrumbs_ties")},
     "slerp": lambda v, md: Slerp(float(v.shared["t"]), md),
 })
 

@@ -178,9 +178,10 @@ SLERP_CASES = {
 }
 
 
-#: ties keeps each model's k largest differences; mergekit picks them with torch's unstable argsort,
-#: so among equal magnitudes at the threshold which are kept is torch's choice. Ours is a stable
-#: sort's (the lowest indices): these cases are bitwise mergekit's with that one line made stable
+#: ties keeps each model's k largest differences (breadcrumbs a window of ranks); mergekit picks them
+#: with torch's unstable argsort (sort), so among equal magnitudes at the threshold which are kept is
+#: torch's choice. Ours is a stable sort's (the lowest indices): these cases are bitwise mergekit's with
+#: that one line made stable
 #: (test_ties_equals_mergekit_with_a_stable_sort), and differ from stock mergekit only at such
 #: ties (test_ties_differs_from_stock_mergekit_only_at_equal_magnitudes).
 TIES_CASES = {
@@ -199,18 +200,29 @@ TIES_CASES = {
     "ties-f32": lambda p: {"merge_method": "ties", "base_model": str(p["base"]), "dtype": "float32",
                            "models": _models(p, [{"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.25},
                                                  {"weight": 1, "density": 0.05}])},
+    "breadcrumbs": lambda p: {
+        "merge_method": "breadcrumbs", "base_model": str(p["base"]), "dtype": "bfloat16",
+        "models": _models(p, [{"weight": 0.7, "density": 0.5}, {"weight": [0.2, 0.9], "density": 0.9, "gamma": 0.2},
+                              {"weight": 0.5, "density": [0.3, 0.8], "gamma": 0}])},
+    "breadcrumbs_ties-f32-normalize": lambda p: {
+        "merge_method": "breadcrumbs_ties", "base_model": str(p["base"]), "dtype": "float32",
+        "parameters": {"normalize": True, "lambda": 1.2},
+        "models": _models(p, [{"weight": 0.7, "density": 0.4, "gamma": 0.05}, {"weight": -0.3, "density": 0.6},
+                              {"weight": 0.5, "density": 1}])},
 }
 
 
 @contextmanager
 def stable_argsort():
-    """torch.argsort made stable (the lowest index first among equal values) while mergekit runs."""
-    argsort = torch.argsort
+    """torch.argsort and torch.sort made stable (the lowest index first among equal values) while
+    mergekit runs (ties sorts with the one, breadcrumbs with the other)."""
+    argsort, sort = torch.argsort, torch.sort
     torch.argsort = lambda x, dim=-1, descending=False, **_: argsort(x, dim=dim, descending=descending, stable=True)
+    torch.sort = lambda x, dim=-1, descending=False, **_: sort(x, dim=dim, descending=descending, stable=True)
     try:
         yield
     finally:
-        torch.argsort = argsort
+        torch.argsort, torch.sort = argsort, sort
 
 
 @pytest.fixture(scope="module")
@@ -307,8 +319,8 @@ def test_refusals_are_one_line_and_write_nothing(capsys, tmp_path, models):
     two = [{"model": str(models["ft0"]), "parameters": {"weight": 1}},
            {"model": str(models["ft1"]), "parameters": {"weight": 1}}]
     cases = [
-        ({"merge_method": "breadcrumbs", "base_model": str(models["base"]), "models": two},
-         "merge_method: 'breadcrumbs' is not built yet"),
+        ({"merge_method": "model_stock", "base_model": str(models["base"]), "models": two},
+         "merge_method: 'model_stock' is not built yet"),
         ({"merge_method": "slerp", "base_model": str(models["base"]), "models": two, "parameters": {"t": 0.5}},
          "models: 2 models besides the base; slerp interpolates the base towards exactly 1"),
         ({"merge_method": "slerp", "base_model": str(models["base"]), "models": two[:1]},
@@ -482,7 +494,8 @@ def test_slerp_is_mergekit_to_a_unit(capsys, tmp_path, models, case, door):
     assert code == 0 and "every byte matches" in out, out + err
 
 
-@pytest.mark.parametrize("case", ["slerp-gradients-filters", "ties-gradients-lambda-filters", "ties-f32"])
+@pytest.mark.parametrize("case", ["slerp-gradients-filters", "ties-gradients-lambda-filters", "ties-f32",
+                                  "breadcrumbs_ties-f32-normalize"])
 def test_two_pass_merges_are_reproducible_and_verified(capsys, tmp_path, models, case):
     """slerp's coefficients and ties' thresholds come from the whole tensors, read in fixed blocks:
     the same bytes on 1 and 3 threads, and verify (which recomputes them) catches one changed byte
@@ -501,7 +514,8 @@ def test_two_pass_merges_are_reproducible_and_verified(capsys, tmp_path, models,
     shard.write_bytes(bytes(data))
     for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
         found = differences(*run(capsys, *argv, "--no-progress"))
-        assert len(found) == 1 and f"(transform: {config['merge_method']}" in found[0], found
+        label = config["merge_method"].removesuffix("_ties")
+        assert len(found) == 1 and f"(transform: {label}" in found[0], found
 
 
 def _as_slice(config: dict[str, Any], layers: int = 4, **slice_parameters: Any) -> dict[str, Any]:
@@ -564,17 +578,18 @@ def test_ties_differs_from_stock_mergekit_only_at_equal_magnitudes(capsys, tmp_p
     assert 0 < differing < at_ties  # torch does choose otherwise at some ties, and not at all of them
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_ties_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
-    """ties' two passes on tensors longer than a statistics block (65,536 elements), whose
-    differences tie massively (values on a coarse grid), with signed zeros and a density whose
-    cut falls inside a tie group that spans blocks: bitwise mergekit's sparsification, sign vote
-    and sums (mergekit's own functions, its argsort made stable), in every element range."""
+def test_sparsified_kernels_on_tensors_of_many_blocks(tmp_path, dtype, method):
+    """ties' and breadcrumbs' two passes on tensors longer than a statistics block (65,536
+    elements), whose differences tie massively (values on a coarse grid), with signed zeros and
+    densities whose cuts fall inside tie groups that span blocks: bitwise mergekit's sparsification,
+    sign vote and sums (mergekit's own functions, its sorts made stable), in every element range."""
     from mergekit.merge_methods.generalized_task_arithmetic import get_mask
-    from mergekit.sparsify import magnitude
+    from mergekit.sparsify import magnitude, magnitude_outliers
 
     from tensorsurgery.interpreter import prepared
-    from tensorsurgery.ops import Ties
+    from tensorsurgery.ops import Breadcrumbs, Ties
     from tensorsurgery.ops.blocks import STAT_BLOCK
     from tensorsurgery.recipe import ByteRange, Input
 
@@ -588,9 +603,14 @@ def test_ties_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     path.write_bytes(b"".join(_raw(x).tobytes() for x in (base, *xs)))
     size = base.element_size() * n
     inputs = tuple(Input("s", "k", code, (n,), ByteRange(path, i * size, size)) for i in range(4))
-    weights, densities, lam = (0.7, 0.4, -0.3), (0.31, 0.05, 1.0), 0.8
+    weights, densities, gammas, lam = (0.7, 0.4, -0.3), (0.31, 0.05, 1.0), (0.1, 0.0, 0.01), 0.8
     with stable_argsort():
-        deltas = torch.stack([magnitude(x - base, d) for x, d in zip(xs, densities)])
+        if method == "ties":
+            op = Ties(weights, densities, True, lam, code)
+            deltas = torch.stack([magnitude(x - base, d) for x, d in zip(xs, densities)])
+        else:
+            op = Breadcrumbs(weights, densities, gammas, True, True, lam, code)
+            deltas = torch.stack([magnitude_outliers(x - base, d, gamma=g) for x, d, g in zip(xs, densities, gammas)])
     w = torch.tensor(weights, dtype=dtype).unsqueeze(-1)
     deltas.mul_(w)
     mask = get_mask(deltas, method="sum", mask_dtype=dtype)
@@ -599,10 +619,11 @@ def test_ties_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     expected = _raw((base + mixed / divisor * lam).to(dtype))
     fd = os.open(path, os.O_RDONLY)
     try:
-        t = prepared(Prepared(code, size, inputs, Ties(weights, densities, True, lam, code)), [fd] * 4)
+        t = prepared(Prepared(code, size, inputs, op), [fd] * 4)
     finally:
         os.close(fd)
-    assert t.op.cuts[0] < n and t.op.cuts[1] < n  # the cut falls inside a tie group
+    cuts = [r.cut for s in t.op.selections for r in (s.keep, s.drop) if r is not None]
+    assert any(0 < c < n for c in cuts)  # a cut falls inside a tie group
     raws = [_raw(x) for x in (base, *xs)]
     k = base.element_size()
     for start, stop in ((0, n), (STAT_BLOCK - 5, STAT_BLOCK * 2 + 7), (n - 3, n)):

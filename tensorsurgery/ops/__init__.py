@@ -93,7 +93,8 @@ def register(cls: type[_T]) -> type[_T]:
     return cls
 
 
-from .copy import COPY, Copy  # noqa: E402 - the operations register themselves on import
+from .breadcrumbs import Breadcrumbs  # noqa: E402 - the operations register themselves on import
+from .copy import COPY, Copy  # noqa: E402
 from .dare import Dare  # noqa: E402
 from .dequant_fp8 import DequantFP8  # noqa: E402
 from .dequant_mxfp4 import DequantMXFP4  # noqa: E402
@@ -106,6 +107,6 @@ from .task_arithmetic import TaskArithmetic  # noqa: E402
 from .ties import Ties  # noqa: E402
 from .zeros import ZEROS, Zeros  # noqa: E402
 
-__all__ = ["COPY", "OPERATIONS", "ZEROS", "Copy", "Dare", "DequantFP8", "DequantMXFP4", "Linear", "LoraMerge",
-           "Operation", "PermuteRotary", "RowwiseOperation", "Scale", "Slerp", "TaskArithmetic", "Ties",
+__all__ = ["COPY", "OPERATIONS", "ZEROS", "Breadcrumbs", "Copy", "Dare", "DequantFP8", "DequantMXFP4", "Linear",
+           "LoraMerge", "Operation", "PermuteRotary", "RowwiseOperation", "Scale", "Slerp", "TaskArithmetic", "Ties",
            "TwoPassOperation", "Zeros", "register", "rotary_row_order"]
