@@ -308,26 +308,31 @@ def push(output: str | os.PathLike[str], repo_id: str, *, plan: Plan | None = No
          progress: Progress = None, progress_total: Progress = None, threads: int | None = None,
          api: object = None) -> PushResult:
     """Verify ``output`` (against ``plan``, else against its record and sources), then upload it to
-    the Hub model repo ``repo_id``; nothing is uploaded unless it verifies. ``progress`` and
+    the Hub model repo ``repo_id``; nothing is uploaded unless it verifies, and then only the files
+    verify read (a file swapped or changed since is refused). ``progress`` and
     ``progress_total`` are the verification's (see :func:`verify`).
 
     Raises:
         OptionError: ``threads`` out of range (checked first).
         VerifyError: no output folder or record.
         NotVerifiedError: the output does not verify (its ``report`` says how); nothing uploaded.
-        WriteError: the upload failed (the folder is untouched).
+        WriteError: a file changed since it was verified (nothing uploaded), or the upload failed
+            (the folder is untouched).
     """
+    from .push_files import stamp_folder
     from .upload import push_folder
     from .verification import verify_output
     threads = check_threads(threads)
     folder = require_folder(Path(output))
+    # Before verify reads them: the upload must read these very files (see tensorsurgery.push_files).
+    stamps = stamp_folder(folder)
     report = (verify_output(plan, folder, progress=progress, progress_total=progress_total, threads=threads)
               if plan is not None else verify(folder, progress=progress, progress_total=progress_total,
                                               threads=threads))
     if not report.ok:
         raise NotVerifiedError(f"{folder} does not verify ({len(report.differences)} difference(s)); "
                                f"nothing was pushed to {repo_id}", report)
-    return PushResult(report, push_folder(folder, repo_id, private=private, api=api))
+    return PushResult(report, push_folder(folder, repo_id, private=private, api=api, verified=stamps))
 
 
 def inspect(path: str | os.PathLike[str]) -> Checkpoint | Header:

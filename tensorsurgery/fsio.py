@@ -174,17 +174,27 @@ def read_limited(path: Path, limit: int, *, inside: Path | None = None, follow: 
     """
     fd = open_regular(path, inside=inside, follow=follow)
     try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            raise SourceError(f"{path}: is {size:,} bytes, more than the {limit:,} such a file may weigh; this is "
-                              f"not the file a checkpoint holds there")
-        # What fstat says, plus one byte to see a file that grew: never a buffer of ``limit`` bytes.
-        chunks, total = [], 0
-        while total <= limit and (chunk := os.read(fd, min(size - total, limit - total) + 1)):
-            chunks.append(chunk)
-            total += len(chunk)
+        return read_fd_limited(fd, path, limit)
     finally:
         os.close(fd)
+
+
+def read_fd_limited(fd: int, path: Path, limit: int) -> bytes:
+    """The bytes of the open regular file ``fd`` (``path``, for messages), from its start,
+    refused past ``limit`` bytes.
+
+    Raises:
+        SourceError: the file is (or grew while read) larger than ``limit``.
+    """
+    size = os.fstat(fd).st_size
+    if size > limit:
+        raise SourceError(f"{path}: is {size:,} bytes, more than the {limit:,} such a file may weigh; this is "
+                          f"not the file a checkpoint holds there")
+    # What fstat says, plus one byte to see a file that grew: never a buffer of ``limit`` bytes.
+    chunks, total = [], 0
+    while total <= limit and (chunk := os.pread(fd, min(size - total, limit - total) + 1, total)):
+        chunks.append(chunk)
+        total += len(chunk)
     if total > limit:
         raise SourceError(f"{path}: grew past the {limit:,} bytes such a file may weigh while it was read; this is "
                           f"not the file a checkpoint holds there")
@@ -197,7 +207,16 @@ def read_json(path: Path, *, limit: int = JSON_LIMIT, inside: Path | None = None
     Raises:
         SourceError: unreadable, oversized, not UTF-8 or not valid JSON.
     """
-    raw = read_limited(path, limit, inside=inside, follow=follow)
+    return parse_json(read_limited(path, limit, inside=inside, follow=follow), path)
+
+
+def parse_json(raw: bytes, path: Path) -> Any:
+    """Parse ``raw``, the bytes of the JSON file ``path`` (NaN and Infinity refused; nesting
+    bounded by :data:`JSON_DEPTH`).
+
+    Raises:
+        SourceError: not UTF-8, not valid JSON, or nested too deep.
+    """
     try:
         value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

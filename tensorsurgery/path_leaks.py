@@ -14,10 +14,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .checkpoint import CARD_NAME, CONFIG_NAME, INDEX_NAME, RECORD_NAME
-from .fsio import open_regular
 from .path_free import is_local_path
 from .record import Record
 
@@ -51,12 +50,11 @@ def known_local_paths(folder: Path, sources: Iterable[Mapping[str, object]]) -> 
     return tuple(sorted((p for p in paths if len(p.strip("/\\")) > 1), key=len, reverse=True))
 
 
-def find_local_path(folder: Path, record: Record, uploaded_record: bytes) -> LocalPathFound | None:
+def find_local_path(folder: Path, record: Record, uploaded_record: bytes,
+                    read: Callable[[str], bytes]) -> LocalPathFound | None:
     """The first file to upload (every file the record names but the shards, then the record as
-    uploaded) that names a path of :func:`known_local_paths`, or None.
-
-    Raises:
-        SourceError: a file to upload is not a regular file in ``folder``.
+    uploaded) that names a path of :func:`known_local_paths`, or None. ``read`` gives a file's
+    bytes by name (push's, from the descriptor it uploads).
     """
     paths = known_local_paths(folder, [s for s in record.data["sources"] if isinstance(s, dict)])
     if not paths:
@@ -64,9 +62,7 @@ def find_local_path(folder: Path, record: Record, uploaded_record: bytes) -> Loc
     pattern = re.compile(b"|".join(_BEFORE + re.escape(p.encode("utf-8", "surrogateescape")) + _AFTER
                                    for p in paths))
     for name in sorted(record.files):
-        fd = open_regular(folder / name, inside=folder, follow=False)
-        with os.fdopen(fd, "rb") as f:
-            found = pattern.search(f.read())
+        found = pattern.search(read(name))
         if found:
             return LocalPathFound(name, found.group().decode("utf-8", "replace"), _why(name))
     found = pattern.search(uploaded_record)

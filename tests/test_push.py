@@ -26,6 +26,7 @@ class RecordingApi:
 
     def __init__(self, token=None, fail: BaseException | None = None):
         self.token, self.fail, self.calls = token, fail, []
+        self.received: list[dict[str, bytes]] = []
         RecordingApi.instances.append(self)
 
     def create_repo(self, repo_id, **kwargs):
@@ -34,15 +35,29 @@ class RecordingApi:
 
     def create_commit(self, **kwargs):
         self.calls.append(("create_commit", kwargs))
+        # Read now, as the Hub client would: push closes the descriptors it hands over once done.
+        self.received.append({op.path_in_repo: _content(op.path_or_fileobj) for op in kwargs["operations"]})
         if self.fail is not None:
             raise self.fail
         return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123")
 
     def uploaded(self) -> dict[str, bytes]:
-        """Every file of the last commit, by its path in the repo, as the bytes the Hub would get."""
-        [operations] = [c[1]["operations"] for c in self.calls if c[0] == "create_commit"][-1:]
-        return {op.path_in_repo: (op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes)
-                                  else Path(op.path_or_fileobj).read_bytes()) for op in operations}
+        """Every file of the last commit, by its path in the repo, as the bytes the Hub got."""
+        return self.received[-1]
+
+
+def _content(source) -> bytes:
+    """What huggingface_hub would send for a ``path_or_fileobj``: bytes, a path's bytes, or a file
+    object's (read from the start, its position kept, as huggingface_hub does)."""
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, (str, Path)):
+        return Path(source).read_bytes()
+    at = source.tell()
+    source.seek(0)
+    data = source.read()
+    source.seek(at)
+    return data
 
 
 @pytest.fixture(scope="module")
