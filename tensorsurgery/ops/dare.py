@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..recipe import Input
 
 #: Elements a chunk holds, about (rounded to the cascade sum's unit).
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 16
 
 
 @register
