@@ -160,7 +160,7 @@ def test_stock_mergekit_command_line(tmp_path, models, references):
     assert_bitwise_equal(read_all(references["dare_ties-bf16-seed2"]), read_all(out))
 
 
-def test_seed_threads_resume_verify_and_load(capsys, tmp_path, models, references):
+def test_threads_record_verify_and_load(capsys, tmp_path, models, references):
     """The bytes do not depend on --threads; verify (with the manifest and the seed, or the output
     alone: its record holds the seed) finds one flipped byte; transformers loads the output and
     computes mergekit's logits."""
@@ -259,3 +259,32 @@ def test_stream_is_torchs_bernoulli_from_anywhere():
     later = Stream(5, 1200)
     later.remember()
     assert np.array_equal(Stream(5, 1700).low24(10), whole[1700:1710])
+
+
+def test_resume_keeps_the_shards_that_verify(capsys, tmp_path, models):
+    """An interrupted run's finished shards are checked by making their tensors again (in the
+    output's order, from a fresh table of generator states): a good one is kept, a damaged one
+    made again, and the output is the uninterrupted one."""
+    from tensorsurgery.ops import mt_stream
+    from tensorsurgery.target import TMP_MARKER, temp_path
+
+    dtype, seed, make = CASES["dare_linear-bf16"]
+    whole = tmp_path / "whole"
+    manifest, _ = _manifest(tmp_path, make(models[dtype]), "toml", whole, seed)
+    manifest.write_text(manifest.read_text().replace("[output]\n", '[output]\nmax_shard_size = "100KB"\n'))
+    assert run(capsys, "apply", manifest, "--no-progress")[0] == 0
+    shards = sorted(whole.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    out = tmp_path / "resumed"
+    tmp = temp_path(out)
+    tmp.mkdir()
+    (tmp / TMP_MARKER).write_text("")
+    (tmp / shards[2].name).write_bytes(shards[2].read_bytes())  # a shard late in the stream
+    damaged = bytearray(shards[0].read_bytes())
+    damaged[-10] ^= 1
+    (tmp / shards[0].name).write_bytes(bytes(damaged))
+    mt_stream._states.clear()
+    code, out_text, err = run(capsys, "apply", manifest, "--output", out, "--resume", "--no-progress")
+    assert code == 0, out_text + err
+    assert f"--resume: kept 1 of {len(shards)} shard(s)" in out_text + err
+    assert_bitwise_equal(read_all(whole), read_all(out))
