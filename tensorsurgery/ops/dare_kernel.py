@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
@@ -69,10 +69,20 @@ def dare_chunks(op: Dare, inputs: Sequence[Input], fds: Sequence[int]) -> Iterat
                             delta = rounded(delta, md)
                 return rounded(delta * weights[k], md)
 
-        for start in range(0, n, chunk):
+        def submit(start: int) -> tuple[np.ndarray, list[Future[np.ndarray]]]:
+            """The base's chunk from ``start`` (two scratch slots in turn: the last one is still
+            in use) and the models' terms of it, being made."""
             count = min(chunk, n - start)
-            base = read_values(inputs, fds, 0, start, count, md, slot=0)
-            terms = list(pool.map(term, range(len(weights)), *zip(*[(base, start, count)] * len(weights))))
+            base = read_values(inputs, fds, 0, start, count, md, slot=-2 - (start // chunk) % 2)
+            return base, [pool.submit(term, k, base, start, count) for k in range(len(weights))]
+
+        # The next chunk's terms are made while this one's are combined (and written).
+        pending = submit(0) if n else None
+        for start in range(0, n, chunk):
+            assert pending is not None
+            base, futures = pending
+            terms = [f.result() for f in futures]
+            pending = submit(start + chunk) if start + chunk < n else None
             div: Any
             if op.ties:
                 mixed, div = _consensus(terms, weights, start, n, vector, md)
