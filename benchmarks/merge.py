@@ -117,6 +117,8 @@ def configs(models: list[Path]) -> dict[str, dict]:
         "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": str(models[0]),
                              "models": [{"model": str(m), "parameters": {"weight": w, "density": 0.5, "gamma": 0.05}}
                                         for m, w in zip(models[1:], weights)]},
+        "model_stock": {"merge_method": "model_stock", "base_model": str(models[0]),
+                        "models": [{"model": str(m)} for m in models[1:]]},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(models[0]),
                             "models": [{"model": str(m), "parameters": {"weight": w}}
                                        for m, w in zip(models[1:], weights)]},

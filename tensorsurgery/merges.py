@@ -48,6 +48,7 @@ class Method:
     needs_base: bool
     #: How many models it merges besides the base (None: any number).
     max_models: int | None = None
+    min_models: int = 1
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -75,6 +76,8 @@ METHODS: Mapping[str, Method] = MappingProxyType({
         Parameter("rescale", bool, False, False), Parameter("int8_mask", bool, False, False, inert=True)),
         needs_base=True) for name in ("breadcrumbs", "breadcrumbs_ties")},
     "slerp": Method("slerp", (Parameter("t", float, False),), needs_base=True, max_models=1),
+    "model_stock": Method("model_stock", (Parameter("filter_wise", bool, False, False),), needs_base=True,
+                          min_models=2),
     **{name: Method(name, _DARE, needs_base=True) for name in ("dare_linear", "dare_ties")},
 })
 #: The parameters of mergekit's other methods: a config written for one may carry them, and
@@ -83,7 +86,7 @@ MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "norma
                        "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_")
 #: mergekit's methods that are not (yet) built here, for a message that says so.
 OTHER_METHODS = ("nuslerp", "della",
-                 "della_linear", "model_stock", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "ram")
+                 "della_linear", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "ram")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +171,9 @@ def merge_spec(error: ErrorAt, method: Any, models: Sequence[tuple[str, Mapping[
     elif base is not None and base not in [m[0] for m in models]:
         raise error(f"{where}.base", f"{base!r} is not among the models; {method} takes no base of its own: list it "
                                      f"with its weight, or remove base")
+    if len(models) < spec.min_models:
+        raise error(f"{where}.models", f"{len(models)} model besides the base; {method} needs at least "
+                                       f"{spec.min_models}")
     if spec.max_models is not None and len(models) > spec.max_models:
         raise error(f"{where}.models", f"{len(models)} models besides the base; {method} interpolates the base "
                                        f"towards exactly {spec.max_models}: list the base and one other model")

@@ -13,7 +13,7 @@ from .dare import RANDOM_METHODS, dare_operation, stream_offsets
 from .dtypes import is_castable
 from .errors import PlanError
 from .merges import MergeSpec, MissingParameter, Resolved, resolve
-from .ops import Breadcrumbs, Linear, Operation, Slerp, TaskArithmetic, Ties
+from .ops import Breadcrumbs, Linear, ModelStock, Operation, Slerp, TaskArithmetic, Ties
 from .recipe import ByteRange, Input
 
 
@@ -46,6 +46,13 @@ def _sparsified(method: str) -> Callable[[Resolved, str], Operation]:
     return make
 
 
+def _model_stock(values: Resolved, md: str) -> Operation:
+    if values.shared["filter_wise"]:
+        raise NotBuilt("model_stock with filter_wise = true (a ratio per row) is not built yet; remove it, or use "
+                       "mergekit")
+    return ModelStock(md)
+
+
 #: Each method's operation from one tensor's resolved parameters and the merge dtype.
 OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType({
     "linear": lambda v, md: Linear(_weights(v), bool(v.shared["normalize"]), md),
@@ -53,6 +60,7 @@ OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType
                                                     float(v.shared["lambda"]), md),
     **{method: _sparsified(method) for method in ("ties", "breadcrumbs", "breadcrumbs_ties")},
     "slerp": lambda v, md: Slerp(float(v.shared["t"]), md),
+    "model_stock": lambda v, md: _model_stock(v, md),
 })
 
 

@@ -264,11 +264,11 @@ def test_dtype_names():
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):
-    (tmp_path / "m.yaml").write_text("merge_method: model_stock\nbase_model: m\nmodels:\n  - model: a\n")
+    (tmp_path / "m.yaml").write_text("merge_method: sce\nbase_model: m\nmodels:\n  - model: a\n")
     assert main(["apply", str(tmp_path / "m.yaml")]) == 2
     err = capsys.readouterr().err
-    assert err == (f"tensorsurgery: error: {tmp_path / 'm.yaml'}: merge_method: 'model_stock' is not built yet; "
-                   f"methods: {BUILT} (and passthrough as layer plans); use mergekit for model_stock\n")
+    assert err == (f"tensorsurgery: error: {tmp_path / 'm.yaml'}: merge_method: 'sce' is not built yet; "
+                   f"methods: {BUILT} (and passthrough as layer plans); use mergekit for sce\n")
 
 
 def test_layer_range_beyond_the_source(tmp_path, tiny_mistral, capsys):
