@@ -19,7 +19,7 @@ from .dare import check_seed
 from .dtypes import CAST_DTYPES
 from .errors import ManifestError
 from .limits import MAX_OUTPUT_LAYERS, MAX_RENAME_PATTERNS, MAX_SOURCES, check_count
-from .merges import METHODS, MergeSpec, merge_spec
+from .merges import METHODS, MergeSpec, check_tokenizer_source, merge_spec
 from .repo_id import is_push_target
 from .rules import PRESETS
 
@@ -213,8 +213,9 @@ def parse_manifest(path: Path, text: str, data: Mapping[str, Any]) -> Manifest:
 def _parse_merge(r: _Reader, names: tuple[str, ...]) -> MergeSpec:
     """``[merge]``: ``method``, ``base`` (a source; default the first), ``dtype`` (the merge
     dtype), ``[merge.parameters]`` and one ``[merge.models.SOURCE]`` table of parameters per merged
-    model, in order; ``seed`` the random seed of the methods that draw (DARE)."""
-    r.check_keys(("method", "base", "dtype", "parameters", "models", "seed"))
+    model, in order; ``seed`` the random seed of the methods that draw (DARE); ``tokenizer_source``
+    mergekit's (``base``, ``union`` or a merged source)."""
+    r.check_keys(("method", "base", "dtype", "parameters", "models", "seed", "tokenizer_source"))
     dtype = r.get("dtype", str)
     if dtype is not None and dtype not in CAST_DTYPES:
         raise r.error("dtype", f"unsupported dtype {dtype!r}; expected one of: {', '.join(CAST_DTYPES)}")
@@ -235,7 +236,9 @@ def _parse_merge(r: _Reader, names: tuple[str, ...]) -> MergeSpec:
     spec = merge_spec(lambda where, message: ManifestError(f"{r.file}: {where}: {message}"), method,
                       [(name, models.sub(name).table, f"merge.models.{name}") for name in models.table],
                       base, r.sub("parameters").table, CAST_DTYPES[dtype] if dtype else None)
-    return replace(spec, seed=seed)
+    merged = {name: name for name in spec.sources}
+    tokenizer = check_tokenizer_source(r.error, r.table.get("tokenizer_source"), merged, "tokenizer_source")
+    return replace(spec, seed=seed, tokenizer_source=tokenizer)
 
 
 def _parse_sources(root: _Reader) -> tuple[SourceSpec, ...]:

@@ -34,7 +34,7 @@ from .dtypes import CAST_DTYPES
 from .errors import ManifestError
 from .limits import MAX_OUTPUT_LAYERS, MAX_SOURCES, MAX_YAML_NODES, check_count
 from .manifest import LayersSpec, Manifest, OutputSpec, RenameSpec, Segment, SourceSpec, check_arrangement_size
-from .merges import METHODS, check_method, merge_spec
+from .merges import METHODS, check_method, check_tokenizer_source, merge_spec
 
 _KEYS = ("merge_method", "slices", "dtype", "out_dtype", "base_model", "tokenizer_source")
 #: The keys of a config with a merge method (:func:`_merge_manifest`).
@@ -111,10 +111,6 @@ def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) ->
     layers = None
     if "slices" in data:
         data, layers = _whole_slice(path, data)
-    tokenizer_source = data.get("tokenizer_source")
-    if tokenizer_source not in (None, "base"):
-        raise ManifestError(f"{path}: tokenizer_source: {tokenizer_source!r} is not supported yet; the base model's "
-                            f"tokenizer files are copied (remove it or use base)")
     given = data.get("models")
     if not isinstance(given, list) or not given:
         found = "missing" if given is None else f"expected a non-empty list, found {_describe(given)}"
@@ -144,8 +140,10 @@ def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) ->
     spec = merge_spec(error, method,
                       [(names[m], raw, where) for m, raw, where in entries], names[base] if base else None,
                       data.get("parameters") or {}, CAST_DTYPES[dtype] if dtype else None)
-    if layers is not None:
-        spec = replace(spec, layers=layers)
+    # A model is named as models and base_model name it (an adapter cannot be among them).
+    by_path = {m[0] if m[1] is None else f"{m[0]}@{m[1]}": names[m] for m in models}
+    spec = replace(spec, layers=layers, tokenizer_source=check_tokenizer_source(
+        error, data.get("tokenizer_source"), by_path, "tokenizer_source"))
     return Manifest(
         path=path, text=text,
         sources=tuple(SourceSpec(names[m], m[0], m[1]) for m in models),

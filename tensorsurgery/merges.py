@@ -116,6 +116,9 @@ class MergeSpec:
     #: The seed of torch's random generator (mergekit's ``--random-seed``), for the methods that
     #: draw (DARE); None: not given.
     seed: int | None = None
+    #: mergekit's ``tokenizer_source``: ``"base"``, ``"union"`` or a merged source's name (its
+    #: tokenizer files are the output's); None: not given (:mod:`tensorsurgery.vocabulary`).
+    tokenizer_source: str | None = None
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -332,7 +335,8 @@ def spec_data(spec: MergeSpec) -> dict[str, Any]:
             "parameters": {k: setting_data(v) for k, v in spec.parameters.items()},
             "models": [{"source": m.source, "parameters": {k: setting_data(v) for k, v in m.parameters.items()}}
                        for m in spec.models],
-            "ignored": list(spec.ignored), **({"seed": spec.seed} if spec.seed is not None else {})}
+            "ignored": list(spec.ignored), **({"seed": spec.seed} if spec.seed is not None else {}),
+            **({"tokenizer_source": spec.tokenizer_source} if spec.tokenizer_source is not None else {})}
 
 
 def describe(spec: MergeSpec) -> str:
@@ -340,5 +344,20 @@ def describe(spec: MergeSpec) -> str:
     onto = f" onto {spec.base}" if spec.base and METHODS[spec.method].needs_base else ""
     dtype = f", computed in {spec.dtype}" if spec.dtype else ""
     dtype += f", seed {spec.seed}" if spec.seed is not None else ""
+    dtype += f", tokenizer from {spec.tokenizer_source}" if spec.tokenizer_source is not None else ""
     ignored = f"; ignored (not {spec.method}'s): {', '.join(spec.ignored)}" if spec.ignored else ""
     return f"{spec.method} of {', '.join(m.source for m in spec.models)}{onto}{dtype}{ignored}"
+
+
+def check_tokenizer_source(error: ErrorAt, value: Any, sources: Mapping[str, str], where: str) -> str | None:
+    """mergekit's ``tokenizer_source`` checked: ``base``, ``union``, or a merged model, given as
+    the key of ``sources`` (its source name the value), the way the manifest names models.
+
+    Raises:
+        whatever ``error`` makes: another value.
+    """
+    if value is None or value in ("base", "union"):
+        return value
+    if isinstance(value, str) and value in sources:
+        return sources[value]
+    raise error(where, f"{value!r} is not base, union or one of the merged models ({', '.join(sources)})")

@@ -33,6 +33,7 @@ from .quantized import MXFP4_BLOCKS, dequant_recipe, fp8_sources, mxfp4_recipe, 
 from .recipe import ByteRange, Input, RowSlice, label
 from .rules import get_preset
 from .selection import Pick, natural_order, select
+from .vocabulary import copied_files, tokenizer_donor
 
 SHARD_METADATA = MappingProxyType({"format": "pt"})
 SINGLE_SHARD = "model.safetensors"
@@ -249,6 +250,10 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     del specs
     shards = _name_shards(groups)
     base_ckpt = checkpoints[base]
+    donor = base
+    if manifest.merge and manifest.merge.tokenizer_source is not None:
+        donor = tokenizer_donor(manifest.merge.tokenizer_source, manifest.merge.sources, base, checkpoints,
+                                str(manifest.path))
     preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
     config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
                           family=base_ckpt.family, moe=moe, preset=preset, dtype=dtype,
@@ -261,7 +266,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         sources=tuple(_source_info(s.name, s.model, checkpoints[s.name]) for s in manifest.sources),
         layers=arrangement, seams=seams(arrangement), shards=shards,
         config=MappingProxyType(config),
-        copy_files=tuple(CopyFile(base_ckpt.root / f, f, base_ckpt.inside) for f in base_ckpt.extra_files),
+        copy_files=tuple(CopyFile(c.root / f, f, c.inside) for c, f in copied_files(base_ckpt, checkpoints[donor])),
         manifest_text=manifest.text, manifest_name=manifest.path.name,
         card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds, adapters=adapters,
         merge=manifest.merge,

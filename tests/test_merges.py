@@ -346,7 +346,7 @@ def test_refusals_are_one_line_and_write_nothing(capsys, tmp_path, models):
                                                              "parameters": {"weight": 1}}]}]},
          "slices: layer_range [0, 3], but the models have 4 layers; a merge takes whole models: use [0, 4]"),
         ({"merge_method": "linear", "models": two, "tokenizer_source": "union"},
-         "tokenizer_source: 'union' is not supported yet"),
+         "source 'ft0': no tokenizer.json, so its vocabulary cannot be compared with the other models'"),
         ({"merge_method": "linear", "models": [{"model": str(models["ft0"]),
                                                 "parameters": {"weight": [{"filter": "mlp", "value": 1}]}}]},
          "no weight applies (no filter matches)"),
