@@ -119,6 +119,8 @@ def configs(models: list[Path]) -> dict[str, dict]:
                                         for m, w in zip(models[1:], weights)]},
         "model_stock": {"merge_method": "model_stock", "base_model": str(models[0]),
                         "models": [{"model": str(m)} for m in models[1:]]},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": str(models[0]),
+                    "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models[1:3], weights)]},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(models[0]),
                             "models": [{"model": str(m), "parameters": {"weight": w}}
                                        for m, w in zip(models[1:], weights)]},

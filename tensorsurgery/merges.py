@@ -49,6 +49,13 @@ class Method:
     #: How many models it merges besides the base (None: any number).
     max_models: int | None = None
     min_models: int = 1
+    #: Takes a base when one is given, and merges the models alone when not (nuslerp: their
+    #: differences from the base, or the models themselves).
+    optional_base: bool = False
+
+    def takes_base(self, base: str | None) -> bool:
+        """Whether a merge with ``base`` (None: none given) treats it as a base apart from the models."""
+        return base is not None and (self.needs_base or self.optional_base)
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -79,13 +86,16 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "model_stock": Method("model_stock", (Parameter("filter_wise", bool, False, False),), needs_base=True,
                           min_models=2),
     **{name: Method(name, _DARE, needs_base=True) for name in ("dare_linear", "dare_ties")},
+    "nuslerp": Method("nuslerp", (_WEIGHT, Parameter("nuslerp_row_wise", bool, False, False),
+                                  Parameter("nuslerp_flatten", bool, False, True)),
+                      needs_base=False, optional_base=True, min_models=2, max_models=2),
 })
 #: The parameters of mergekit's other methods: a config written for one may carry them, and
 #: mergekit ignores those a method does not take; so do we (a name outside this list is a typo).
 MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "normalize", "rescale", "t", "int8_mask",
                        "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_")
 #: mergekit's methods that are not (yet) built here, for a message that says so.
-OTHER_METHODS = ("nuslerp", "della",
+OTHER_METHODS = ("della",
                  "della_linear", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "ram")
 
 
@@ -123,7 +133,7 @@ class MergeSpec:
     @property
     def sources(self) -> tuple[str, ...]:
         """The sources read for every merged tensor, in input order: the base first."""
-        return ((self.base,) if self.base and METHODS[self.method].needs_base else ()) + \
+        return ((self.base,) if self.base is not None and METHODS[self.method].takes_base(self.base) else ()) + \
             tuple(m.source for m in self.models)
 
 
@@ -165,9 +175,9 @@ def merge_spec(error: ErrorAt, method: Any, models: Sequence[tuple[str, Mapping[
         if not p.per_model and p.default is None and p.name not in shared:
             raise error(f"{where}.parameters", f"missing {p.name}; {method} needs one (a number, a gradient "
                                                f"[a, b, ...] or filtered values)")
-    if spec.needs_base:
-        if base is None:
-            raise error(f"{where}.base", f"missing; {method} adds the models' differences from a base model")
+    if spec.needs_base and base is None:
+        raise error(f"{where}.base", f"missing; {method} adds the models' differences from a base model")
+    if spec.takes_base(base):
         models = [m for m in models if m[0] != base]
         if not models:
             raise error(f"{where}.models", f"only the base; {method} needs another model")
@@ -177,9 +187,12 @@ def merge_spec(error: ErrorAt, method: Any, models: Sequence[tuple[str, Mapping[
     if len(models) < spec.min_models:
         raise error(f"{where}.models", f"{len(models)} model besides the base; {method} needs at least "
                                        f"{spec.min_models}")
-    if spec.max_models is not None and len(models) > spec.max_models:
+    if spec.max_models == 1 and len(models) > 1:
         raise error(f"{where}.models", f"{len(models)} models besides the base; {method} interpolates the base "
-                                       f"towards exactly {spec.max_models}: list the base and one other model")
+                                       f"towards exactly 1: list the base and one other model")
+    if spec.max_models is not None and len(models) > spec.max_models:
+        raise error(f"{where}.models", f"{len(models)} models besides the base; {method} merges at most "
+                                       f"{spec.max_models}")
     merged = []
     for source, raw, at in models:
         own = _settings(error, spec, raw, at, True, ignored)
@@ -287,6 +300,9 @@ class Resolved:
 
     shared: Mapping[str, float | bool]
     per_model: tuple[Mapping[str, float | bool], ...]
+    #: A base is among the inputs (the first), apart from the models: for a method whose base is
+    #: optional (nuslerp).
+    base: bool = False
 
 
 class MissingParameter(Exception):
@@ -317,7 +333,7 @@ def resolve(spec: MergeSpec, tensor_name: str, t: float) -> Resolved:
     shared = {p.name: one(p, (spec.parameters,), None) for p in method.parameters if not p.per_model}
     per_model = tuple(MappingProxyType({p.name: one(p, (m.parameters, spec.parameters), m.source)
                                         for p in method.parameters if p.per_model}) for m in spec.models)
-    return Resolved(MappingProxyType(shared), per_model)
+    return Resolved(MappingProxyType(shared), per_model, method.takes_base(spec.base))
 
 
 def setting_data(setting: Setting) -> Any:
@@ -341,7 +357,7 @@ def spec_data(spec: MergeSpec) -> dict[str, Any]:
 
 def describe(spec: MergeSpec) -> str:
     """The merge in one line, as ``plan`` and the model card say it."""
-    onto = f" onto {spec.base}" if spec.base and METHODS[spec.method].needs_base else ""
+    onto = f" onto {spec.base}" if METHODS[spec.method].takes_base(spec.base) else ""
     dtype = f", computed in {spec.dtype}" if spec.dtype else ""
     dtype += f", seed {spec.seed}" if spec.seed is not None else ""
     dtype += f", tokenizer from {spec.tokenizer_source}" if spec.tokenizer_source is not None else ""

@@ -13,7 +13,7 @@ from .dare import RANDOM_METHODS, dare_operation, stream_offsets
 from .dtypes import is_castable
 from .errors import PlanError
 from .merges import MergeSpec, MissingParameter, Resolved, resolve
-from .ops import Breadcrumbs, Linear, ModelStock, Operation, Slerp, TaskArithmetic, Ties
+from .ops import Breadcrumbs, Linear, ModelStock, Nuslerp, Operation, Slerp, TaskArithmetic, Ties
 from .recipe import ByteRange, Input
 
 
@@ -46,6 +46,13 @@ def _sparsified(method: str) -> Callable[[Resolved, str], Operation]:
     return make
 
 
+def _interpolation(weights: tuple[float, ...]) -> float:
+    """nuslerp's ``t`` from its two models' weights, as mergekit's (Python floats): the second's
+    share, 0.5 when they sum to (almost) 0."""
+    total = sum(weights)
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
 def _model_stock(values: Resolved, md: str) -> Operation:
     if values.shared["filter_wise"]:
         raise NotBuilt("model_stock with filter_wise = true (a ratio per row) is not built yet; remove it, or use "
@@ -61,6 +68,8 @@ OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType
     **{method: _sparsified(method) for method in ("ties", "breadcrumbs", "breadcrumbs_ties")},
     "slerp": lambda v, md: Slerp(float(v.shared["t"]), md),
     "model_stock": lambda v, md: _model_stock(v, md),
+    "nuslerp": lambda v, md: Nuslerp(_interpolation(_weights(v)), bool(v.shared["nuslerp_row_wise"]),
+                                     bool(v.shared["nuslerp_flatten"]), v.base, md),
 })
 
 
