@@ -6,6 +6,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .layers import LayerRef
+from .merge_report import merge_parameter_lines
 from .merges import describe, spec_data
 from .ops import DequantFP8, DequantMXFP4
 from .recipe import inputs_data
@@ -87,6 +88,7 @@ def format_plan(plan: Plan, *, free: int | None = None, copied: Sequence[CopiedL
         counts = Counter(plan.kinds)
         lines.append("layer kinds: " + ", ".join(f"{k or 'plain'} x{n}" for k, n in counts.items())
                      + "  (" + " ".join(_kind_runs(plan.kinds)) + ")")
+    lines += merge_parameter_lines(plan)
     lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in plan.transform_counts.items()))
     if "dequant" in plan.transform_counts or "dequant-mxfp4" in plan.transform_counts:
         lines.append(_dequant_line(plan))

@@ -258,6 +258,17 @@ def test_merge_record_plan_and_card(capsys, tmp_path, models):
     assert code == 0, err
     assert "merge: task_arithmetic of ft0, ft1, ft2 onto base, computed in F16" in out
     assert "tensors: 39 task_arithmetic" in out
+    # Per layer: ft1's gradient [0.2, 0.8] moves (layer i of 4 at i / 3), ft2's filters part
+    # self_attn (0.7) from mlp (0.1) from the rest (0.4); outside the layers t = 0.
+    lines = out.splitlines()
+    at = lines.index("merge parameters (per model: ft0, ft1, ft2):")
+    for i in range(4):
+        weight = f"{0.2 + 0.6 * i / 3:g}"
+        first = next(n for n, line in enumerate(lines) if line.lstrip().startswith(f"layer {i} "))
+        block = {line.split(": ")[0].split()[-1]: line.split(": ")[1] for line in lines[first:first + 3]}
+        assert block == {module: f"weights=0.3,{weight},{w} normalize=True lam=0.6"
+                         for module, w in (("post_attention_layernorm", "0.4"), ("self_attn", "0.7"), ("mlp", "0.1"))}
+    assert lines[at + 13].split()[0] == "other" and "weights=0.3,0.2,0.4" in lines[at + 13]
     assert run(capsys, "apply", manifest, "--output", ours, "--no-progress")[0] == 0
     record = json.loads((ours / "tensorsurgery.json").read_text())
     assert record["merge"]["method"] == "task_arithmetic" and record["merge"]["base"] == "base"
