@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tensorsurgery.synthetic import SMALL, make_mistral, tensor_bytes  # noqa: E402
+from tensorsurgery.synthetic import SMALL, Dims, make_mistral, tensor_bytes  # noqa: E402
 
 BUFFER = 4 << 20
 #: The DARE rows' seed.
@@ -166,7 +166,7 @@ def differing_elements(a: Path, b: Path) -> tuple[int, int]:
     return count, most
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8, help="layers of each model (8: 0.5 GB of bf16 each)")
     p.add_argument("--models", type=int, default=3, help="models merged (task_arithmetic: the first is the base)")
@@ -175,29 +175,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", action="append", help="only this method (repeatable; default: all)")
     p.add_argument("--no-mergekit", action="store_true")
     p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
-    dims = replace(SMALL, layers=a.layers)
+    return p
+
+
+def measure(layers: int, count: int, workdir: Path | None, runs: int, methods: list[str] | None,
+            with_mergekit: bool, dims: Dims = SMALL) -> list[dict]:
+    """One row per method (``methods``; None: all): our apply and verify, the raw baseline and,
+    ``with_mergekit`` and where installed, mergekit on the same YAML, with the elements that differ;
+    the models are ``count`` synthetic Mistrals of shape ``dims`` with ``layers`` layers."""
+    dims = replace(dims, layers=layers)
     size = tensor_bytes(dims)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    mergekit = shutil.which("mergekit-yaml") if not a.no_mergekit else None
+    mergekit = shutil.which("mergekit-yaml") if with_mergekit else None
     rows = []
-    with tempfile.TemporaryDirectory(prefix="ts-merge-bench-", dir=a.workdir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="ts-merge-bench-", dir=workdir) as tmp:
         bench = Path(tmp)
         models = [make_mistral(bench / f"m{i}", dims, seed=i, max_shard_size=max(1, size // 2 + 1), tokenizer=False)
-                  for i in range(a.models)]
+                  for i in range(count)]
         for method, config in configs(models).items():
-            if a.method and method not in a.method:
+            if methods and method not in methods:
                 continue
             seeded = ["--random-seed", str(SEED)] if method.startswith("dare") else []
             yml = bench / f"{method}.yml"
             yml.write_text(json.dumps(config))  # JSON is YAML
             merged = models[:2] if method == "slerp" else models  # slerp: the base and one other
             inputs = sorted(f for m in merged for f in m.glob("*.safetensors"))
-            base = min(raw(inputs, bench / "raw.bin", size) for _ in range(a.runs))
+            base = min(raw(inputs, bench / "raw.bin", size) for _ in range(runs))
             (bench / "raw.bin").unlink()
             ours = bench / f"ours-{method}"
             best = None
-            for _ in range(a.runs):
+            for _ in range(runs):
                 shutil.rmtree(ours, ignore_errors=True)
                 t = run([sys.executable, "-m", "tensorsurgery", "apply", str(yml), "--output", str(ours),
                          "--no-progress", "--force", *seeded], env, bench / "rss")
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             assert best is not None
             verify = run([sys.executable, "-m", "tensorsurgery", "verify", str(yml), str(ours), "--no-progress",
                           *seeded], env, bench / "rss")
-            row = {"method": method, "models": a.models, "bytes_per_model": size, "raw_s": base,
+            row = {"method": method, "models": count, "layers": layers, "bytes_per_model": size, "raw_s": base,
                    "ours_s": best[0], "ours_rss_mb": best[1], "verify_s": verify[0], "verify_rss_mb": verify[1]}
             if mergekit:
                 theirs = bench / f"mergekit-{method}"
@@ -220,21 +227,37 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(theirs)
             shutil.rmtree(ours)
             rows.append(row)
-    if a.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{a.models} models of {size / 1e9:.2f} GB (bf16, {a.layers} layers), workdir {a.workdir or 'default'}")
-    print(f"{'method':<16} {'raw s':>6} {'ours s':>7} {'x raw':>6} {'RSS MB':>7} {'verify s':>8} "
-          f"{'mergekit s':>10} {'x mk':>5} {'mk RSS MB':>9} {'elements differing (max ulps)':>29}")
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The rows of :func:`measure` as a table, under a line that says the models' size."""
+    if not rows:
+        return "no merge rows"
+    r0 = rows[0]
+    lines = [f"{r0['models']} models of {r0['bytes_per_model'] / 1e9:.2f} GB (bf16, {r0['layers']} layers)",
+             f"{'method':<16} {'raw s':>6} {'ours s':>7} {'x raw':>6} {'RSS MB':>7} {'verify s':>8} "
+             f"{'mergekit s':>10} {'x mk':>5} {'mk RSS MB':>9} {'elements differing (max ulps)':>29}"]
     for r in rows:
         differing = "{} ({})".format(*r["differing"]) if "mergekit_s" in r else "-"
         mk = (f"{r['mergekit_s']:>10.2f} {r['ours_s'] / r['mergekit_s']:>5.2f} {r['mergekit_rss_mb']:>9.0f} "
               f"{differing:>29}") if "mergekit_s" in r else f"{'-':>10} {'-':>5} {'-':>9} {differing:>29}"
-        print(f"{r['method']:<16} {r['raw_s']:>6.2f} {r['ours_s']:>7.2f} {r['ours_s'] / r['raw_s']:>6.2f} "
-              f"{r['ours_rss_mb']:>7.0f} {r['verify_s']:>8.2f} {mk}")
+        lines.append(f"{r['method']:<16} {r['raw_s']:>6.2f} {r['ours_s']:>7.2f} {r['ours_s'] / r['raw_s']:>6.2f} "
+                     f"{r['ours_rss_mb']:>7.0f} {r['verify_s']:>8.2f} {mk}")
         if "differing_stable" in r:
-            print(f"{'':<16} against mergekit with a stable argsort: {'{} ({})'.format(*r['differing_stable'])} "
-                  f"elements differing (max ulps)")
+            lines.append(f"{'':<16} against mergekit with a stable argsort: "
+                         f"{'{} ({})'.format(*r['differing_stable'])} elements differing (max ulps)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    rows = measure(a.layers, a.models, a.workdir, a.runs, a.method, not a.no_mergekit)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"workdir {a.workdir or 'default'}")
+    print(format_rows(rows))
     return 0
 
 

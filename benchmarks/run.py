@@ -892,6 +892,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="measure only these rows (keys as in --json: raw, copy, plan, apply, apply-t1, verify, "
                         "cat-verify, verify-record, cat-output, f16, f16-t1, link, keep, keep-link, mergekit); "
                         "a verify or cat row brings its apply row along")
+    p.add_argument("--merges", metavar="METHOD,METHOD", type=lambda s: [k for k in s.split(",") if k],
+                   help="also measure these merge methods (or 'all') side by side with mergekit, on 3 synthetic "
+                        "bf16 models of 8 layers (benchmarks/merge.py: 0.5 GB each; --size tiny: 40 kB)")
     p.add_argument("--copy-loop", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--raw-copy", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--cat", nargs="+", metavar="PATH", help=argparse.SUPPRESS)
@@ -989,10 +992,18 @@ def benchmark(args: argparse.Namespace, repo: Repo, workdir: Path, bench: Path, 
         caches = f"page cache NOT dropped ({ctx['why']}): warm-cache runs"
     shown = THIS.relative_to(Path.cwd()) if THIS.is_relative_to(Path.cwd()) else THIS
     command = " ".join(["python", str(shown)] + argv_of(args))
+    merges = None
+    if args.merges:  # in the same workdir, after the DUS rows, each row with its own raw baseline
+        import merge
+
+        from tensorsurgery.synthetic import SMALL, TINY
+        merges = merge.measure(8, 3, workdir, args.runs, None if args.merges == ["all"] else args.merges,
+                               not args.no_mergekit, TINY if args.size == "tiny" else SMALL)
     if args.json:
         print(json.dumps({"command": command, "size": args.size, "runs": args.runs, "cache": caches,
                           "tmpfs": args.tmpfs, "baseline_plan_api": spec["api"], "notes": args.notes,
-                          "source_bytes": new_bytes(source), "machine": m, "results": summary}, indent=2))
+                          "source_bytes": new_bytes(source), "machine": m, "results": summary,
+                          **({"merges": merges} if merges is not None else {})}, indent=2))
     else:
         print(f"{command}\n{format_machine(m)}\nsource: {args.size}, {new_bytes(source):,} bytes; "
               f"{args.runs} run(s) each, order rotated per run; {caches}\n"
@@ -1002,6 +1013,9 @@ def benchmark(args: argparse.Namespace, repo: Repo, workdir: Path, bench: Path, 
               "baseline = median wall / median wall of the cat of the bytes that verify must read; user s, sys s = "
               "median CPU seconds of the child (and its children); peak RSS = max over runs of the child's "
               "ru_maxrss; bytes written = the output folder's files, hard links to the source excluded")
+        if merges is not None:
+            print(f"\nmerges (benchmarks/merge.py; x raw = wall / reading every input once and writing the output "
+                  f"once):\n{merge.format_rows(merges)}")
     return 0 if any(r["key"] == "raw" and r["samples"] for r in summary) else 1
 
 

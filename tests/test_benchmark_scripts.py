@@ -83,3 +83,15 @@ def test_lora_py_measures_an_adapter_merge_against_the_raw_copy(tmp_path):
     raw, apply = rows["raw"]["samples"][0], rows["lora-r16"]["samples"][0]
     assert raw["bytes_written"] > 0 and 0 < apply["bytes_written"] - raw["bytes_written"] < 1_000_000
     assert not any((tmp_path / "w").iterdir())
+
+
+def test_run_py_measures_merges_side_by_side_with_mergekit(tmp_path):
+    """``--merges``: a row per method with our time and RSS, its raw baseline, verify, and mergekit's
+    time with the elements that differ (0 for linear, bitwise mergekit's)."""
+    result = json.loads(bench("run.py", "--size", "tiny", "--runs", 1, "--max-wait", 0, "--rows", "raw",
+                              "--merges", "linear,slerp", "--workdir", tmp_path / "w", "--json", cwd=tmp_path))
+    rows = {r["method"]: r for r in result["merges"]}
+    assert set(rows) == {"linear", "slerp"}
+    assert all(r["raw_s"] > 0 and r["ours_s"] > 0 and r["verify_s"] > 0 and r["ours_rss_mb"] > 0 for r in rows.values())
+    assert rows["linear"]["mergekit_s"] > 0 and rows["linear"]["differing"] == [0, 0]
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
