@@ -121,6 +121,8 @@ def configs(models: list[Path]) -> dict[str, dict]:
                         "models": [{"model": str(m)} for m in models[1:]]},
         "nuslerp": {"merge_method": "nuslerp", "base_model": str(models[0]),
                     "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models[1:3], weights)]},
+        "multislerp": {"merge_method": "multislerp", "base_model": str(models[0]),
+                       "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models[1:], weights)]},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(models[0]),
                             "models": [{"model": str(m), "parameters": {"weight": w}}
                                        for m, w in zip(models[1:], weights)]},

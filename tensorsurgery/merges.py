@@ -89,14 +89,18 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "nuslerp": Method("nuslerp", (_WEIGHT, Parameter("nuslerp_row_wise", bool, False, False),
                                   Parameter("nuslerp_flatten", bool, False, True)),
                       needs_base=False, optional_base=True, min_models=2, max_models=2),
+    "multislerp": Method("multislerp", (_WEIGHT, Parameter("normalize_weights", bool, False, True),
+                                        Parameter("eps", float, False, 1e-8)),
+                         needs_base=False, optional_base=True),
 })
 #: The parameters of mergekit's other methods: a config written for one may carry them, and
 #: mergekit ignores those a method does not take; so do we (a name outside this list is a typo).
 MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "normalize", "rescale", "t", "int8_mask",
-                       "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_")
+                       "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_",
+                       "normalize_weights", "eps")
 #: mergekit's methods that are not (yet) built here, for a message that says so.
 OTHER_METHODS = ("della",
-                 "della_linear", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp", "ram")
+                 "della_linear", "sce", "karcher", "arcee_fusion", "nearswap", "ram")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from .dare import RANDOM_METHODS, dare_operation, stream_offsets
 from .dtypes import is_castable
 from .errors import PlanError
 from .merges import MergeSpec, MissingParameter, Resolved, resolve
-from .ops import Breadcrumbs, Linear, ModelStock, Nuslerp, Operation, Slerp, TaskArithmetic, Ties
+from .ops import Breadcrumbs, Linear, ModelStock, Multislerp, Nuslerp, Operation, Slerp, TaskArithmetic, Ties
 from .recipe import ByteRange, Input
 
 
@@ -70,6 +70,8 @@ OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType
     "model_stock": lambda v, md: _model_stock(v, md),
     "nuslerp": lambda v, md: Nuslerp(_interpolation(_weights(v)), bool(v.shared["nuslerp_row_wise"]),
                                      bool(v.shared["nuslerp_flatten"]), v.base, md),
+    "multislerp": lambda v, md: Multislerp(_weights(v), bool(v.shared["normalize_weights"]), float(v.shared["eps"]),
+                                           v.base, md),
 })
 
 

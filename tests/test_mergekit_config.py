@@ -192,9 +192,9 @@ BUILT = ", ".join(METHODS)
 
 
 @pytest.mark.parametrize("text, message", [
-    ("merge_method: multislerp\n" + SLICE,
-     f"merge_method: 'multislerp' is not built yet; methods: {BUILT} (and passthrough as layer plans); use mergekit "
-     f"for multislerp"),
+    ("merge_method: ram\n" + SLICE,
+     f"merge_method: 'ram' is not built yet; methods: {BUILT} (and passthrough as layer plans); use mergekit "
+     f"for ram"),
     ("merge_method: della_linear\n" + SLICE, f"merge_method: 'della_linear' is not built yet; methods: {BUILT} "
      f"(and passthrough as layer plans); use mergekit for della_linear"),
     ("merge_method: average\n" + SLICE,

@@ -101,6 +101,7 @@ from .dequant_mxfp4 import DequantMXFP4  # noqa: E402
 from .linear import Linear  # noqa: E402
 from .lora import LoraMerge  # noqa: E402
 from .model_stock import ModelStock  # noqa: E402
+from .multislerp import Multislerp  # noqa: E402
 from .nuslerp import Nuslerp  # noqa: E402
 from .permute import PermuteRotary, rotary_row_order  # noqa: E402
 from .scale import Scale  # noqa: E402
@@ -110,5 +111,5 @@ from .ties import Ties  # noqa: E402
 from .zeros import ZEROS, Zeros  # noqa: E402
 
 __all__ = ["COPY", "OPERATIONS", "ZEROS", "Breadcrumbs", "Copy", "Dare", "DequantFP8", "DequantMXFP4", "Linear",
-           "LoraMerge", "ModelStock", "Nuslerp", "Operation", "PermuteRotary", "RowwiseOperation", "Scale", "Slerp",
-           "TaskArithmetic", "Ties", "TwoPassOperation", "Zeros", "register", "rotary_row_order"]
+           "LoraMerge", "ModelStock", "Multislerp", "Nuslerp", "Operation", "PermuteRotary", "RowwiseOperation",
+           "Scale", "Slerp", "TaskArithmetic", "Ties", "TwoPassOperation", "Zeros", "register", "rotary_row_order"]

@@ -1,0 +1,246 @@
+"""``multislerp``: mergekit's barycentric interpolation of any number of models (or of their
+differences from a base) on the hypersphere. Each tensor, flattened to one vector, is divided by
+its norm; the unit vectors' weighted mean, normalized, is where they are projected to the tangent
+space, averaged there and mapped back, then scaled by the weighted mean of the norms. Each step
+needs a sum over the whole tensors of what the previous one rounds to (the norms, the mean's norm,
+the dots with the normalized mean, the tangent average's norm), so the operation is two-pass
+(:class:`~tensorsurgery.ops.TwoPassOperation`) with four statistics passes before the values."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
+
+from ..dtypes import element_size
+from ..errors import PlanError
+from . import register
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..recipe import Input
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class Multislerp:
+    """mergekit's ``multislerp`` of the models' tensors ``x_i`` (with a ``base``, the first input:
+    their differences from it, and the base added back) with ``weights`` (divided by their sum when
+    ``normalize``): ``u_i = x_i / (|x_i| + eps)``, ``m = sum w_i u_i``, ``n = m / |m|``, ``d_i =
+    u_i . n``, ``g = sum w_i (u_i - d_i n)``, ``r = |g| + eps``, the result ``(n cos r + g sin r /
+    r) * sum w_i |x_i|``; one model alone is itself, and two whose ``|m| < eps`` are interpolated
+    linearly. Every step is rounded to the merge ``dtype`` as torch does; each sum over the tensor
+    is float64 over fixed blocks of what the previous sums round to, rounded once to float32 then
+    to the dtype (mergekit's are torch's reductions)."""
+
+    weights: tuple[float, ...]
+    normalize: bool
+    eps: float
+    base: bool
+    dtype: str
+    label: ClassVar[str] = "multislerp"
+    verbatim: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = False
+    two_pass: ClassVar[bool] = True
+
+    def result_dtype(self, inputs: Sequence[Input]) -> str:
+        return self.dtype
+
+    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> MultislerpMix:
+        import numpy as np
+
+        from .arith import rounded, rounded_scalars
+
+        md, k = self.dtype, len(self.weights)
+        mix = MultislerpMix(_weights(self.weights, self.normalize, md), self.base, md)
+        if k == 1:
+            return mix
+
+        def one(x: float | np.floating) -> np.float32:  # a float32 scalar result rounded to the dtype
+            return rounded(np.asarray([x], np.float64).astype(np.float32), md)[0]
+
+        eps = np.float32(self.eps)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            squares = _sums(inputs, fds, lambda b: [_squares(x) for x in mix.vectors(b, inputs)])
+            norms = [one(math.sqrt(s)) for s in squares]
+            mix = replace(mix, divisors=tuple(float(one(n + eps)) for n in norms))
+            mean_norm = one(math.sqrt(_sums(inputs, fds, lambda b: [_squares(mix.mean(mix.units(b, inputs)))])[0]))
+            if mean_norm < rounded_scalars([self.eps], md)[0]:
+                if k == 2:
+                    return replace(mix, linear=True)
+                raise PlanError(f"tensor {inputs[0].key!r}: multislerp: the weighted sum of the models' unit vectors "
+                                f"is zero (antipodal models whose weights balance out); mergekit fails here too: "
+                                f"change the weights")
+            mix = replace(mix, mean_norm=float(mean_norm))
+            dots = _sums(inputs, fds, lambda b: mix.dot_terms(mix.units(b, inputs)))
+            mix = replace(mix, dots=tuple(float(one(d)) for d in dots))
+            tangent = one(one(math.sqrt(_sums(inputs, fds, lambda b: [_squares(mix.tangent(mix.units(b, inputs)))])[0]))
+                          + eps)
+            cos, sin = one(math.cos(float(tangent))), one(math.sin(float(tangent)))
+            scale = one(_sum32(rounded(np.asarray(norms, np.float32) * np.asarray(mix.w, np.float32), md)))
+        return replace(mix, cos=float(cos), ratio=float(one(sin / tangent)), scale=float(scale))
+
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
+        raise NotImplementedError("multislerp is two-pass: the interpreter applies what prepare returns")
+
+    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError("multislerp is two-pass")  # the interpreter never asks
+
+
+def _weights(weights: tuple[float, ...], normalize: bool, md: str) -> tuple[float, ...]:
+    """The weights as mergekit's tensor of them in the merge dtype, divided by their sum (a float32
+    sum rounded to the dtype) when ``normalize``."""
+    import numpy as np
+
+    from .arith import rounded, rounded_scalars
+
+    w = rounded_scalars(weights, md)
+    if normalize:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            total = rounded(np.asarray([_sum32(w)]), md)[0]
+            w = rounded(w / total, md)
+    return tuple(float(x) for x in w)
+
+
+def _squares(x: np.ndarray) -> np.ndarray:
+    """``x * x`` in float64 (exact for float32 values)."""
+    import numpy as np
+
+    x64 = x.astype(np.float64)
+    return x64 * x64
+
+
+def _sum32(xs: np.ndarray) -> np.float32:
+    """A float32 sum left to right (torch's of a few values)."""
+    import numpy as np
+
+    total = np.float32(0)
+    for x in xs:
+        total = np.float32(total + x)
+    return total
+
+
+def _sums(inputs: Sequence[Input], fds: Sequence[int],
+          terms: Callable[[list[np.ndarray]], list[np.ndarray]]) -> list[float]:
+    """The sums over the whole tensors of each array ``terms`` makes of a block's raw inputs:
+    float64, numpy's pairwise sum in each fixed block and an exact sum of the blocks' (the same
+    order every run)."""
+    import numpy as np
+
+    from .blocks import input_blocks
+
+    parts: list[list[float]] = []
+    for _, raws in input_blocks(inputs, fds):
+        made = terms(raws)
+        parts = parts or [[] for _ in made]
+        for part, term in zip(parts, made):
+            part.append(float(np.sum(term.astype(np.float64))))
+    return [math.fsum(p) for p in parts]
+
+
+@dataclass(frozen=True, slots=True)
+class MultislerpMix:
+    """multislerp's values once its statistics are known (each a merge-dtype value): ``w`` the
+    weights, ``divisors`` each ``|x_i| + eps``, ``mean_norm``, ``dots`` each ``u_i . n``, then
+    ``cos`` and ``ratio`` (``cos r`` and ``sin r / r``) and ``scale`` (``sum w_i |x_i|``); with
+    one weight, the model itself; ``linear``: ``w_0 x_0 + w_1 x_1``. Each step is rounded to the
+    merge ``dtype``; the sums over the models are float32, rounded once (torch's ``sum(0)``)."""
+
+    w: tuple[float, ...]
+    base: bool
+    dtype: str
+    divisors: tuple[float, ...] = ()
+    mean_norm: float = 1.0
+    dots: tuple[float, ...] = ()
+    cos: float = 1.0
+    ratio: float = 1.0
+    scale: float = 1.0
+    linear: bool = False
+    label: ClassVar[str] = "multislerp"
+    verbatim: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = True
+
+    def result_dtype(self, inputs: Sequence[Input]) -> str:
+        return self.dtype
+
+    def vectors(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> list[np.ndarray]:
+        """The models' values, or their differences from the base (rounded), as float32."""
+        from .arith import rounded, values
+
+        xs = [values(raw, i.dtype, self.dtype) for raw, i in zip(raws, inputs)]
+        return [rounded(x - xs[0], self.dtype) for x in xs[1:]] if self.base else xs
+
+    def units(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> list[np.ndarray]:
+        """``x_i / (|x_i| + eps)``."""
+        import numpy as np
+
+        from .arith import rounded
+
+        return [rounded(x / np.float32(d), self.dtype) for x, d in zip(self.vectors(raws, inputs), self.divisors)]
+
+    def _weighted_sum(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        import numpy as np
+
+        from .arith import rounded
+
+        total = rounded(xs[0] * np.float32(self.w[0]), self.dtype)
+        for x, w in zip(xs[1:], self.w[1:]):
+            total = total + rounded(x * np.float32(w), self.dtype)
+        return rounded(total, self.dtype)
+
+    def mean(self, units: Sequence[np.ndarray]) -> np.ndarray:
+        """``m = sum w_i u_i``."""
+        return self._weighted_sum(units)
+
+    def direction(self, units: Sequence[np.ndarray]) -> np.ndarray:
+        """``n = m / |m|``."""
+        import numpy as np
+
+        from .arith import rounded
+
+        return rounded(self.mean(units) / np.float32(self.mean_norm), self.dtype)
+
+    def dot_terms(self, units: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each ``u_i * n``, whose sums are the dots."""
+        from .arith import rounded
+
+        n = self.direction(units)
+        return [rounded(u * n, self.dtype) for u in units]
+
+    def tangent(self, units: Sequence[np.ndarray], n: np.ndarray | None = None) -> np.ndarray:
+        """``g = sum w_i (u_i - d_i n)``."""
+        import numpy as np
+
+        from .arith import rounded
+
+        md = self.dtype
+        n = self.direction(units) if n is None else n
+        return self._weighted_sum([rounded(u - rounded(np.float32(d) * n, md), md) for u, d in zip(units, self.dots)])
+
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
+        import numpy as np
+
+        from .arith import blockwise, encoded, rounded, values
+
+        md = self.dtype
+        cos, ratio, scale = np.float32(self.cos), np.float32(self.ratio), np.float32(self.scale)
+
+        def compute(block: list[np.ndarray]) -> np.ndarray:
+            if len(self.w) == 1:  # mergekit returns the one model's tensor (without the base)
+                return encoded(values(block[-1], inputs[-1].dtype, md), md)
+            if self.linear:
+                out = self._weighted_sum(self.vectors(block, inputs))
+            else:
+                units = self.units(block, inputs)
+                n = self.direction(units)
+                out = rounded(rounded(n * cos, md) + rounded(self.tangent(units, n) * ratio, md), md)
+                out = rounded(out * scale, md)
+            if self.base:
+                out = rounded(values(block[0], inputs[0].dtype, md) + out, md)
+            return encoded(out, md)
+
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
+            return blockwise(raws, [element_size(i.dtype) for i in inputs], element_size(md), compute)
+
+    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError("multislerp's mix is elementwise")  # the interpreter never asks

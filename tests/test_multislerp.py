@@ -1,0 +1,236 @@
+"""mergekit's ``multislerp`` (issue 19): barycentric interpolation of any number of models (or of
+their differences from a base) on the hypersphere, through both front doors, against stock
+mergekit 0.1.5 on the tiny models of tests/test_merges.py, and the kernel on tensors of many
+statistics blocks against mergekit's own method.
+
+Its four sums over each tensor (the norms, the mean's norm, the dots with the normalized mean,
+the tangent average's norm) are ours in float64 over fixed blocks, each made from what the
+previous ones round to, rounded once to float32 then to the merge dtype. In 16-bit dtypes they
+round as torch's do on these tensors: bitwise. In float32 torch's norms are float32 reductions
+less exact the longer the tensor (1e-6 relative on 217k normal values, against 2e-8 for its sum),
+and the norms enter three times (the unit vectors, the mean's norm, the scale): the values are
+within 32 float32 units of the largest input at that element on the tiny models (measured 18),
+128 on a 217k-element tensor (measured 80).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from test_merges import (
+    FINE_TUNES,
+    _family,
+    _raw,
+    _yaml,
+    assert_bitwise_equal,
+    config_differences,
+    mergekit,
+    read_all,
+    toml_manifest,
+)
+from test_nuslerp import _f32_units
+from torch_helpers import no_network
+
+from cli_helpers import differences, error_line, run
+
+pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
+
+DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    with no_network("a merge test"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    return _family(tmp_path_factory.mktemp("models"), FINE_TUNES)
+
+
+def _models(p: dict[str, Path], *weights: Any) -> list[dict[str, Any]]:
+    return [{"model": str(p[n]), "parameters": {"weight": w}} for n, w in zip(FINE_TUNES, weights)]
+
+
+#: Bitwise mergekit's (16-bit merge dtypes).
+CASES = {
+    "multislerp": lambda p: {"merge_method": "multislerp", "base_model": str(p["base"]),
+                             "models": _models(p, 0.3, 0.45, 0.7)},
+    "multislerp-f16-no-base-unnormalized": lambda p: {
+        "merge_method": "multislerp", "dtype": "float16", "out_dtype": "float32",
+        "parameters": {"normalize_weights": False, "eps": 1e-6},
+        "models": _models(p, [0.2, 0.9], 0.5, [{"filter": "mlp", "value": 0.1}, {"value": 0.3}])},
+    "multislerp-two": lambda p: {"merge_method": "multislerp", "base_model": str(p["base"]),
+                                 "models": _models(p, 1, 2)},
+    "multislerp-one": lambda p: {"merge_method": "multislerp", "base_model": str(p["base"]), "models": _models(p, 1)},
+}
+F32_CASES = {
+    "multislerp-f32": lambda p: {"merge_method": "multislerp", "base_model": str(p["base"]), "dtype": "float32",
+                                 "models": _models(p, 0.3, -0.2, 0.9)},
+    "multislerp-f32-no-base": lambda p: {"merge_method": "multislerp", "dtype": "float32",
+                                         "models": _models(p, 1, 1, 1)},
+}
+
+
+def _apply(capsys, tmp_path: Path, case: str, config: dict[str, Any], door: str = "yaml") -> tuple[Path, Path]:
+    ours = tmp_path / "ours"
+    manifest = tmp_path / f"{case}.{'yml' if door == 'yaml' else 'toml'}"
+    manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else toml_manifest(config, ours))
+    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
+    assert code == 0, out + err
+    return manifest, ours
+
+
+@pytest.mark.parametrize("door", ["yaml", "toml"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_multislerp_equals_mergekit(capsys, tmp_path, models, case, door):
+    config = CASES[case](models)
+    theirs = mergekit(config, tmp_path / "mergekit")
+    manifest, ours = _apply(capsys, tmp_path, case, config, door)
+    assert_bitwise_equal(read_all(theirs), read_all(ours))
+    assert config_differences(theirs, ours) == {}
+    code, out, err = run(capsys, "verify", manifest, ours, "--no-progress")
+    assert code == 0 and "every byte matches" in out, out + err
+
+
+@pytest.mark.parametrize("case", sorted(F32_CASES))
+def test_float32_is_mergekit_to_a_few_units(capsys, tmp_path, models, case):
+    config = F32_CASES[case](models)
+    theirs = read_all(mergekit(config, tmp_path / "mergekit"))
+    ours = read_all(_apply(capsys, tmp_path, case, config)[1])
+    sources = {n: read_all(models[n]) for n in ("base", *FINE_TUNES)}
+    differing = 0
+    for key in sorted(theirs):
+        xs = [sources[n][key].double() for n in FINE_TUNES]
+        if "base_model" in config:
+            xs += [x - sources["base"][key].double() for x in xs] + [sources["base"][key].double()]
+        largest = torch.stack([x.abs() for x in xs]).amax(0)
+        error = (theirs[key].double() - ours[key].double()).abs() / _f32_units(largest)
+        assert float(error.max()) <= 32, f"{key}: {float(error.max())} units of the largest input"
+        differing += int((theirs[key] != ours[key]).sum())
+    assert differing > 0  # the tolerance is needed (else this test would say bitwise)
+
+
+def test_threads_and_verify(capsys, tmp_path, models):
+    """The same bytes on 1 and 3 threads; verify (which reads the four sums again) catches one
+    changed byte."""
+    config = CASES["multislerp"](models)
+    manifest = _yaml(tmp_path, config)
+    code, out, err = run(capsys, "plan", manifest)
+    assert code == 0 and "merge: multislerp of ft0, ft1, ft2 onto base" in out, out + err
+    outputs = []
+    for threads in (1, 3):
+        out_dir = tmp_path / f"t{threads}"
+        assert run(capsys, "apply", manifest, "--output", out_dir, "--threads", threads, "--no-progress")[0] == 0
+        outputs.append(read_all(out_dir))
+    assert_bitwise_equal(*outputs)
+    shard = tmp_path / "t3" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3000] ^= 4
+    shard.write_bytes(bytes(data))
+    for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
+        found = differences(*run(capsys, *argv, "--no-progress"))
+        assert len(found) == 1 and "(transform: multislerp" in found[0], found
+
+
+def test_refusals(capsys, tmp_path, models):
+    """A missing weight; and three models whose unit vectors' weighted sum is zero (a model, its
+    negation and zeros), where mergekit raises: one line, exit 2, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    config = {"merge_method": "multislerp", "models": [{"model": str(models["ft0"])}]}
+    assert "missing weight" in error_line(*run(capsys, "apply", _yaml(tmp_path, config), "--output", out))
+    assert not out.exists()
+    for name, change in (("neg", lambda t: -t), ("zero", torch.zeros_like)):
+        shutil.copytree(models["ft0"], tmp_path / name)
+        for shard in (tmp_path / name).glob("*.safetensors"):
+            tensors = {k: change(v).contiguous() for k, v in load_file(shard).items()}
+            save_file(tensors, shard, metadata={"format": "pt"})
+    config = {"merge_method": "multislerp", "models": [{"model": str(p), "parameters": {"weight": 1}}
+                                                       for p in (models["ft0"], tmp_path / "neg", tmp_path / "zero")]}
+    with pytest.raises(ValueError, match="The weighted sum of the input tensors is zero"):
+        mergekit(config, tmp_path / "mergekit")
+    message = error_line(*run(capsys, "apply", _yaml(tmp_path, config), "--output", out, "--no-progress"))
+    assert message.endswith("multislerp: the weighted sum of the models' unit vectors is zero (antipodal models "
+                            "whose weights balance out); mergekit fails here too: change the weights"), message
+    assert not out.exists()
+
+
+def _mergekit_multislerp(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None,
+                         normalize: bool, eps: float) -> torch.Tensor:
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.merge_methods.multislerp import multislerp
+
+    group = TensorGroup.from_tensors(([base] if base is not None else []) + tensors,
+                                     base_index=0 if base is not None else None)
+    return multislerp([group], parameters={"weight": weights, "normalize_weights": normalize, "eps": eps})[0]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
+    """The four statistics passes on a tensor longer than a statistics block (65,536 elements),
+    with and without a base, normalized or not, against mergekit's own method, in several element
+    ranges: 16-bit bitwise, float32 within 128 units of the largest input (module docstring); two
+    antipodal models of equal weight (the mean is zero) interpolated linearly as mergekit does,
+    three refused as mergekit fails (in float16 mergekit's eps is 0: both make NaN)."""
+    from tensorsurgery.errors import PlanError
+    from tensorsurgery.interpreter import Prepared, prepared
+    from tensorsurgery.ops import Multislerp
+    from tensorsurgery.ops.blocks import STAT_BLOCK
+    from tensorsurgery.recipe import ByteRange, Input
+
+    code = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(3)
+    shape = (31, 7001)
+    n = 31 * 7001
+    base = (torch.randn(shape, generator=gen) * 0.5).to(dtype)
+    xs = [(torch.randn(shape, generator=gen) * 0.1 + base.float() * s).to(dtype) for s in (0.9, 1.1, 1.0)]
+    antipodal = [xs[0], (-xs[0].float()).to(dtype)]
+
+    def ours(tensors: list[torch.Tensor], op: Multislerp) -> torch.Tensor:
+        path = tmp_path / "x.bin"
+        path.write_bytes(b"".join(_raw(v).tobytes() for v in tensors))
+        size = base.element_size() * n
+        inputs = tuple(Input("s", "k", code, shape, ByteRange(path, i * size, size)) for i in range(len(tensors)))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            mix = prepared(Prepared(code, size, inputs, op), [fd] * len(inputs)).op
+        finally:
+            os.close(fd)
+        raws, k = [_raw(v) for v in tensors], base.element_size()
+        parts = [torch.from_numpy(mix.apply([r[a * k:b * k] for r in raws], inputs, a).copy()).view(dtype)
+                 for a, b in ((0, STAT_BLOCK - 5), (STAT_BLOCK - 5, STAT_BLOCK * 2 + 7), (STAT_BLOCK * 2 + 7, n))]
+        return torch.cat(parts)
+
+    cases = [(xs, [0.3, 0.45, 0.7], base, True), (xs, [0.5, -0.2, 0.9], None, False),
+             (xs[:2], [1.0, 2.0], base, True), (antipodal, [1.0, 1.0], None, True)]
+    for tensors, weights, b, normalize in cases:
+        theirs = _mergekit_multislerp(tensors, weights, b, normalize, 1e-8).reshape(-1)
+        mine = ours(([b] if b is not None else []) + tensors,
+                    Multislerp(tuple(weights), normalize, 1e-8, b is not None, code))
+        case = (len(tensors), weights, b is not None)
+        if dtype != torch.float32 or tensors is antipodal:
+            # bitwise; NaN payloads aside (float16's antipodal pair: mergekit's eps rounds to 0 there,
+            # so it divides 0 by 0 and so do we)
+            same = (mine.view(-1, 1).view(torch.uint8) == theirs.reshape(-1, 1).view(torch.uint8)).all(1)
+            assert bool((same | (mine.isnan() & theirs.isnan())).all()), case
+            continue
+        largest = torch.stack([v.reshape(-1).abs() for v in [*tensors, *([b] if b is not None else [])]]).amax(0)
+        error = (mine.double() - theirs.double()).abs() / _f32_units(largest)
+        assert float(error.max()) <= 128, (case, float(error.max()))
+    balanced = [*antipodal, xs[1] * 0]
+    if dtype == torch.float16:  # eps is 0 in float16: the mean's norm is not below it, and 0 / 0 is NaN
+        assert bool(_mergekit_multislerp(balanced, [1.0, 1.0, 1.0], None, True, 1e-8).isnan().all())
+        assert bool(ours(balanced, Multislerp((1.0, 1.0, 1.0), True, 1e-8, False, code)).isnan().all())
+        return
+    with pytest.raises(ValueError, match="weighted sum of the input tensors is zero"):
+        _mergekit_multislerp(balanced, [1.0, 1.0, 1.0], None, True, 1e-8)
+    with pytest.raises(PlanError, match="the weighted sum of the models' unit vectors is zero"):
+        ours(balanced, Multislerp((1.0, 1.0, 1.0), True, 1e-8, False, code))
