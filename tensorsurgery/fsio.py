@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import os
 import stat
 from dataclasses import dataclass
@@ -324,17 +323,6 @@ def copy_file(src: Path, dst: Path, *, inside: Path | None = None) -> str:
     finally:
         os.close(fd)
     return digest.hexdigest()
-
-
-def is_finite_json(value: Any) -> bool:
-    """True when ``value`` holds no NaN or infinity at any depth (JSON has no spelling for them)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(is_finite_json(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return all(is_finite_json(v) for v in value)
-    return True
 
 
 class OpenFiles:

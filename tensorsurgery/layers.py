@@ -93,16 +93,6 @@ class LayerRef:
     layer: int
 
 
-def layer_index(name: str) -> int | None:
-    """The index of the first ``layers.N`` segment of ``name`` (the generic rule), or None."""
-    return GENERIC_LAYERS.index(name)
-
-
-def with_layer_index(name: str, index: int) -> str:
-    """``name`` with its first ``layers.N`` segment set to ``index`` (the generic rule)."""
-    return GENERIC_LAYERS.with_index(name, index)
-
-
 def keep(n: int) -> tuple[int, ...]:
     """Every layer once, in order: ``0..n-1``."""
     return tuple(range(n))

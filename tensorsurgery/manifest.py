@@ -112,12 +112,6 @@ class Manifest:
     #: every output tensor is computed from the same tensor of each merged source.
     merge: MergeSpec | None = None
 
-    def source(self, name: str | None) -> SourceSpec:
-        """The source called ``name``; ``None`` is the first one (the base)."""
-        if name is None:
-            return self.sources[0]
-        return next(s for s in self.sources if s.name == name)
-
 
 def parse_size(value: int | str) -> int:
     """``"5GB"`` -> 5_000_000_000 (decimal units like Hugging Face; KiB/MiB/GiB binary).

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tensorsurgery.layers import LayerRef, dus, interlock, keep, layer_index, seams, with_layer_index
+from tensorsurgery.layers import GENERIC_LAYERS, LayerRef, dus, interlock, keep, seams
 
 # --- arrangements -------------------------------------------------------------------------------
 
@@ -81,7 +81,7 @@ def test_uneven_groups(n, m, g, expected):
     ("model.norm_layers.4.weight", None),
 ])
 def test_layer_index(name, index):
-    assert layer_index(name) == index
+    assert GENERIC_LAYERS.index(name) == index
 
 
 @pytest.mark.parametrize("name, index, expected", [
@@ -101,14 +101,14 @@ def test_layer_index(name, index):
     ("model.xlayers.1.layers.1.w", 2, "model.xlayers.1.layers.2.w"),
 ])
 def test_with_layer_index(name, index, expected):
-    assert with_layer_index(name, index) == expected
-    assert layer_index(expected) == index
+    assert GENERIC_LAYERS.with_index(name, index) == expected
+    assert GENERIC_LAYERS.index(expected) == index
 
 
 @pytest.mark.parametrize("name", ["model.embed_tokens.weight", "xlayers.3.weight", "model.layers_3.w"])
 def test_with_layer_index_needs_a_segment(name):
     with pytest.raises(ValueError) as excinfo:
-        with_layer_index(name, 1)
+        GENERIC_LAYERS.with_index(name, 1)
     assert str(excinfo.value) == f"{name!r} has no decoder layer index"
 
 

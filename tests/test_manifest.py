@@ -105,8 +105,6 @@ rope_scaling = { type = "linear", factor = 2.0 }
         Segment(None, 0, 24), Segment(None, 30, 31), Segment("b", 8, 32), Segment("a", 3, 4)))
     assert dict(m.config) == {"max_position_embeddings": 4096,
                               "rope_scaling": {"type": "linear", "factor": 2.0}}
-    assert m.source(None) == m.source("a") == m.sources[0]
-    assert m.source("b") == m.sources[1]
 
 
 def test_defaults(tmp_path):
