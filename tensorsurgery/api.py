@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Callable, Mapping, Union
 from .checkpoint import Checkpoint
 from .errors import ManifestError, NotVerifiedError, VerifyError
 from .format import Header, read_header
-from .hashing import DEFAULT_THREADS, MAX_THREADS, check_threads  # noqa: F401 - the CLI's defaults
+from .hashing import DEFAULT_THREADS as DEFAULT_THREADS  # the CLI's defaults, re-exported
+from .hashing import MAX_THREADS as MAX_THREADS
+from .hashing import check_threads as check_threads
 from .loading import load_manifest, manifest_from_text
 from .local import load_checkpoint
 from .manifest import Manifest, apply_overrides

@@ -87,7 +87,8 @@ class _NoteHandler(logging.Handler):
 def _run(args: argparse.Namespace) -> int:
     """``args.func(args)``, every failure said as one line with its exit code."""
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except TensorSurgeryError as e:
         if args.traceback:  # the traceback too, with the same exit code
             traceback.print_exc()

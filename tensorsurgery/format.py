@@ -322,7 +322,7 @@ def _fast_finish(path: Path, buf: bytes, pos: int, data_len: int,
                   tensors=MappingProxyType(tensors), raw=buf)
 
 
-def _fast_info(m: re.Match | None) -> tuple[str, tuple[int, ...], int] | None:
+def _fast_info(m: re.Match[bytes] | None) -> tuple[str, tuple[int, ...], int] | None:
     """(dtype, shape, nbytes) of a valid dtype and shape text, or None."""
     if m is None:
         return None
@@ -348,7 +348,7 @@ def _data_order(e: TensorEntry) -> tuple[int, int]:
 
 # --- the general parser: any JSON, every error message ----------------------------------------
 
-class _Duplicates(dict):
+class _Duplicates(dict[str, object]):
     """A JSON object that repeated keys: its values are the last ones, as serde keeps them;
     ``repeated`` lists the repeated keys in the order of their second appearance, ``pairs`` all
     of the object's (key, value) pairs (serde checks the type of every value, kept or not)."""
@@ -358,7 +358,7 @@ class _Duplicates(dict):
     pairs: list[tuple[str, object]]
 
 
-def _object(pairs: list[tuple[str, object]]) -> dict:
+def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
@@ -482,7 +482,7 @@ def _nesting(value: object) -> tuple[float, bool]:
     return 1 + depth, lone
 
 
-def _parse_entry(path: Path, name: str, info: object, shapes: dict, kept: bool = True
+def _parse_entry(path: Path, name: str, info: object, shapes: dict[tuple[int, ...], tuple[int, ...]], kept: bool = True
                  ) -> tuple[TensorEntry, tuple[str, str] | None]:
     """The entry, and a deliberate difference's (message, key) if it has one. For an entry
     that a later one of the same name replaces (``kept`` false), only the checks the official
@@ -592,7 +592,8 @@ def encode_header(tensors: Iterable[tuple[str, str, tuple[int, ...], int, int]],
     return b"".join(parts)
 
 
-def _encode_entries(items: list, metadata: Mapping[str, str] | None) -> list[bytes] | None:
+def _encode_entries(items: list[tuple[str, str, tuple[int, ...], int, int]],
+                    metadata: Mapping[str, str] | None) -> list[bytes] | None:
     """``[b"", header JSON piece by piece]``, or None where only json.dumps gives the answer."""
     names = set(map(_FIRST, items))
     if len(names) != len(items) or (metadata is not None and _METADATA_KEY in names):

@@ -50,6 +50,10 @@ def first_of_each(recipes: Iterable[Hashable]) -> dict[int, int]:
     return same
 
 
+#: A hashing thread's work: a block and its segments ``(tensor id, start, end)`` in that thread's share.
+_Work = tuple[Block, list[tuple[int, int, int]]]
+
+
 class HashPool:
     """sha256 of tensors (by number) from the segments of the blocks passed to :meth:`submit`.
 
@@ -60,7 +64,7 @@ class HashPool:
     def __init__(self, threads: int, release: Callable[[Block], None]):
         self._release = release
         self._digests: dict[int, hashlib._Hash] = {}
-        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(max(1, threads))]
+        self._queues: list[queue.SimpleQueue[_Work | None]] = [queue.SimpleQueue() for _ in range(max(1, threads))]
         self._pending: dict[int, int] = {}
         self._lock = threading.Lock()
         self.error: BaseException | None = None
@@ -111,7 +115,7 @@ class HashPool:
             raise self.error
         return {tid: h.hexdigest() for tid, h in self._digests.items()}
 
-    def _run(self, q: queue.SimpleQueue) -> None:
+    def _run(self, q: queue.SimpleQueue[_Work | None]) -> None:
         while (item := q.get()) is not None:
             block, segments = item
             try:

@@ -295,7 +295,7 @@ def _parse_rename(r: _Reader) -> RenameSpec:
 
 
 def _regex(r: _Reader, key: str) -> str:
-    pattern = r.get(key, str, required=True)
+    pattern: str = r.get(key, str, required=True)
     try:
         re.compile(pattern)
     except re.error as e:

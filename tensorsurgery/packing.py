@@ -25,7 +25,7 @@ class Block:
     length: int = 0
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # (tensor id, start, end)
     last: bool = False
-    jobs: list[Future] = field(default_factory=list)  # filling parts of the buffer: wait for them
+    jobs: list[Future[object]] = field(default_factory=list)  # filling parts of the buffer: wait for them
 
     def wait(self, quiet: bool = False) -> None:
         """Wait until every job filling this block is done (``quiet``: whatever they raise).
@@ -95,7 +95,7 @@ class Packer:
         """Bytes left in the current buffer (always > 0 between calls)."""
         return self._size - self._current().length
 
-    def fill(self, n: int, tid: int | None, start: Callable[[mmap.mmap, int], Future]) -> None:
+    def fill(self, n: int, tid: int | None, start: Callable[[mmap.mmap, int], Future[object]]) -> None:
         """Append ``n`` bytes (at most :meth:`space`) that ``start(buffer, offset)`` writes into
         the buffer from another thread; the returned future goes with the block."""
         b = self._current()

@@ -258,13 +258,14 @@ class _Lane:
             packer.fill(n * row_bytes, tid, partial(self._start_rows, fds, t, start, n))
             start, left = start + n, left - n
 
-    def _start_rows(self, fds: list[int], t: OutputTensor, start: int, n: int, buf: mmap.mmap, at: int) -> Future:
+    def _start_rows(self, fds: list[int], t: OutputTensor, start: int, n: int, buf: mmap.mmap,
+                    at: int) -> Future[object]:
         assert self._casts is not None
         out = np.frombuffer(buf, np.uint8, count=n * (t.nbytes // t.shape[0]), offset=at)
         return self._casts.submit(_rows_into, fds, t, start, n, out)
 
     def _start_elements(self, fds: list[int], t: Recipe, start: int, n: int, buf: mmap.mmap,
-                        at: int) -> Future:
+                        at: int) -> Future[object]:
         assert self._casts is not None
         return self._casts.submit(_elements_into, fds, t, start, n, buf, at)
 

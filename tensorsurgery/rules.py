@@ -23,7 +23,7 @@ RESERVED_NAME = "__metadata__"
 
 
 def _head_dim(c: Mapping[str, Any]) -> int:
-    return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
 
 
 #: Config-derived row counts a :class:`RowPart` may name.

@@ -19,7 +19,10 @@ from .families import Family, is_moe_layer, layer_lists
 from .layers import LayerRef, dus, interlock, keep
 from .manifest import Manifest
 from .moves import check_generic_moves
-from .rules import Renamed, Renamer, RowPart, check_source, compile_renamer, get_preset
+from .rules import AddZeros, Renamed, Renamer, RowPart, check_source, compile_renamer, get_preset
+
+#: A natural sort key: a name's text and digit runs, the runs as numbers.
+NaturalKey = tuple[int | str, ...]
 
 
 class Pick(NamedTuple):  # not a frozen dataclass: one per output tensor, 1.7M in the largest plans
@@ -37,7 +40,7 @@ class Pick(NamedTuple):  # not a frozen dataclass: one per output tensor, 1.7M i
     rows: RowPart | None = None
     position: int | None = None
     zeros: bool = False
-    order: tuple = ()
+    order: NaturalKey = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +203,8 @@ def _clash(manifest: Manifest, first: str, second: str, out: str) -> PlanError:
                      f"rules or drop one")
 
 
-def _placed(manifest: Manifest, family: Family, key: str, renamed: Renamed, pos: int | None) -> tuple:
+def _placed(manifest: Manifest, family: Family, key: str, renamed: Renamed,
+            pos: int | None) -> tuple[str, Renamed, NaturalKey]:
     """``(output name, renamed, order)`` of a renamed tensor: a layer tensor gets output layer ``pos``."""
     if pos is None:
         return renamed.name, renamed, _natural(renamed.name)
@@ -218,14 +222,14 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 @lru_cache(maxsize=1 << 16)
-def _natural(text: str) -> tuple:
+def _natural(text: str) -> NaturalKey:
     """The natural sort key of ``text``: digit runs compare as numbers. A layer tensor's key is its
     head's, its index, its tail's: the same few hundred tails repeat in every layer, so each is
     split once (and the result equals the whole name's key)."""
     return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(text))
 
 
-def natural_order(name: str) -> tuple:
+def natural_order(name: str) -> NaturalKey:
     """The output order's key of ``name`` (as :attr:`Pick.order`): digit runs compare as numbers."""
     return _natural(name)
 
@@ -237,7 +241,7 @@ def _rename(manifest: Manifest, renamer: Renamer, key: str) -> tuple[Renamed, ..
         raise ManifestError(f"{manifest.path}: rename: {e}") from None
 
 
-def _add_zeros(picks: dict[str, Pick], adds: tuple) -> dict[str, Pick]:
+def _add_zeros(picks: dict[str, Pick], adds: tuple[AddZeros, ...]) -> dict[str, Pick]:
     """The preset's zero tensors, one per output tensor they are modelled on (unless the source
     has that tensor already)."""
     out = dict(picks)

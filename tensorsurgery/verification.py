@@ -277,7 +277,7 @@ def _check_recorded_tensors(tensors: list[_Recorded], threads: int, progress: Pr
     """sha256 of every tensor against the record, on ``threads`` threads; a repeat of an earlier
     tensor (same recorded sha256 and size) is compared with it instead, once it matched."""
     first: dict[tuple[str, int], int] = {}
-    jobs: list[Future] = []
+    jobs: list[Future[str]] = []
     # FIFO: a repeat starts after its first copy has started, so waiting for it cannot deadlock.
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for i, t in enumerate(tensors):
@@ -295,7 +295,7 @@ def _hash_tensor(t: _Recorded, progress: Progress) -> str:
     return hash_fd_range(t.fd, t.offset, t.nbytes, progress)
 
 
-def _check_repeat(t: _Recorded, original: _Recorded, original_digest: Future, progress: Progress) -> str:
+def _check_repeat(t: _Recorded, original: _Recorded, original_digest: Future[str], progress: Progress) -> str:
     """The sha256 of ``t``'s bytes: the record's when they equal ``original``'s bytes and those
     matched the record; else hashed."""
     if original_digest.result() != original.sha256:
