@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Merge benchmark: tensorsurgery's ``slerp``, ``ties``, ``linear``, ``task_arithmetic``, ``dare_linear``
-and ``dare_ties`` against mergekit on the same YAML, and against the least any merge can do, all in
+"""Merge benchmark: tensorsurgery's ``slerp``, ``ties``, ``linear``, ``task_arithmetic``, ``dare_linear``,
+``dare_ties``, ``della`` and ``della_linear`` against mergekit on the same YAML, and against the least any merge can do, all in
 one process, on tmpfs by default.
 
 The models are synthetic Mistral-shaped bf16 checkpoints with normally distributed values
@@ -9,7 +9,7 @@ the first). The baseline (**raw**) reads every input file once and writes the ou
 once (a reader and a writer thread, 4 MiB buffers, fsync): a merge cannot move fewer bytes.
 Each row prints wall time, its ratio to raw and to mergekit, and the command's own peak RSS
 (``wait4``). mergekit's output is compared with ours byte for byte, and ``verify`` is timed too.
-The DARE rows run both with ``--random-seed`` (:data:`SEED`) and mergekit with ``--num-threads 1``
+The DARE and DELLA rows run both with ``--random-seed`` (:data:`SEED`) and mergekit with ``--num-threads 1``
 (its rescale sums round otherwise with several threads). Everything written is removed at the end.
 
     python benchmarks/merge.py [--layers N] [--models K] [--method M] [--workdir DIR] [--runs N] [--no-mergekit]
@@ -129,7 +129,7 @@ def configs(models: list[Path]) -> dict[str, dict]:
         **{method: {"merge_method": method, "base_model": str(models[0]),
                     "models": [{"model": str(m), "parameters": {"weight": w, "density": d}}
                                for m, w, d in zip(models[1:], weights, (0.5, 0.3, 0.7, 0.4))]}
-           for method in ("dare_linear", "dare_ties")},
+           for method in ("dare_linear", "dare_ties", "della", "della_linear")},
     }
 
 
@@ -197,7 +197,7 @@ def measure(layers: int, count: int, workdir: Path | None, runs: int, methods: l
         for method, config in configs(models).items():
             if methods and method not in methods:
                 continue
-            seeded = ["--random-seed", str(SEED)] if method.startswith("dare") else []
+            seeded = ["--random-seed", str(SEED)] if method.startswith(("dare", "della")) else []
             yml = bench / f"{method}.yml"
             yml.write_text(json.dumps(config))  # JSON is YAML
             merged = models[:2] if method == "slerp" else models  # slerp: the base and one other
@@ -223,7 +223,8 @@ def measure(layers: int, count: int, workdir: Path | None, runs: int, methods: l
                 t = run([mergekit, *flags], env, bench / "rss")
                 row.update(mergekit_s=t[0], mergekit_rss_mb=t[1], differing=differing_elements(theirs, ours))
                 shutil.rmtree(theirs)
-                if "ties" in method:  # which equal magnitudes it keeps is torch's unstable sort's choice
+                # which equal magnitudes it keeps (della: how it ranks them) is torch's unstable sort's choice
+                if "ties" in method or method.startswith("della"):
                     run([sys.executable, "-c", STABLE_MERGEKIT, *flags], env, bench / "rss")
                     row.update(differing_stable=differing_elements(theirs, ours))
                     shutil.rmtree(theirs)

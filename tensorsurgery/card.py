@@ -149,6 +149,8 @@ def _merge(plan: Plan) -> str:
     assert plan.merge is not None
     how = "bitwise, as mergekit run with that seed and one torch thread" if plan.merge.method in RANDOM_METHODS \
         else "bitwise"
+    if plan.merge.method.startswith("della"):
+        how += " and its argsort made stable"
     return (f"## Merge\n\n{describe(plan.merge)}, as mergekit's `{plan.merge.method}` method computes it "
             f"({how}). Each tensor's inputs and resolved parameters are in `tensorsurgery.json`.")
 

@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def seed(c: argparse.ArgumentParser) -> None:
         c.add_argument("--random-seed", type=int, metavar="N",
-                       help="the random seed of a merge that draws (dare_linear, dare_ties), as mergekit's "
+                       help="the random seed of a merge that draws (dare_*, della*), as mergekit's "
                             "--random-seed (overrides [merge] seed)")
 
     def threads(c: argparse.ArgumentParser) -> None:

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable
 from .merges import MergeSpec, Resolved, resolve
 from .ops import Dare
 
-#: The methods that draw random numbers, and so need a seed.
-RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
+#: The methods that draw random numbers, and so need a seed (della's: :mod:`tensorsurgery.della`).
+RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
 #: torch takes any 64-bit seed, but transformers.set_seed (mergekit's --random-seed) also seeds
 #: numpy, which takes 0..2**32-1 only.
 MAX_SEED = (1 << 32) - 1
@@ -32,9 +32,11 @@ def check_seed(error: Callable[[str], Exception], value: Any) -> int:
     return value
 
 
-def draws(values: Resolved) -> int:
-    """How many models draw for a tensor (those of density below 1: mergekit keeps the others)."""
-    return sum(1 for p in values.per_model if float(p["density"]) < 1)
+def draws(method: str, values: Resolved) -> int:
+    """How many models draw for a tensor: those of density below 1 (mergekit keeps the others),
+    and for della above 0 too (it zeroes those)."""
+    low = 0.0 if method.startswith("della") else float("-inf")
+    return sum(1 for p in values.per_model if low < float(p["density"]) < 1)
 
 
 def stream_offsets(spec: MergeSpec, tensors: Iterable[tuple[str, int, float]]) -> dict[str, int]:
@@ -47,7 +49,7 @@ def stream_offsets(spec: MergeSpec, tensors: Iterable[tuple[str, int, float]]) -
     at = 0
     for name, elements, t in sorted(tensors):
         offsets[name] = at
-        at += elements * draws(resolve(spec, name, t))
+        at += elements * draws(spec.method, resolve(spec, name, t))
     return offsets
 
 

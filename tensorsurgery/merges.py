@@ -92,6 +92,11 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "multislerp": Method("multislerp", (_WEIGHT, Parameter("normalize_weights", bool, False, True),
                                         Parameter("eps", float, False, 1e-8)),
                          needs_base=False, optional_base=True),
+    **{name: Method(name, (
+        _WEIGHT, Parameter("density", float, True, 1.0), Parameter("epsilon", float, True, 0.15),
+        Parameter("normalize", bool, False, name == "della"), Parameter("rescale", bool, False, True),
+        Parameter("lambda", float, False, 1.0), Parameter("int8_mask", bool, False, False, inert=True)),
+        needs_base=True) for name in ("della", "della_linear")},
 })
 #: The parameters of mergekit's other methods: a config written for one may carry them, and
 #: mergekit ignores those a method does not take; so do we (a name outside this list is a typo).
@@ -99,8 +104,7 @@ MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "norma
                        "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_",
                        "normalize_weights", "eps")
 #: mergekit's methods that are not (yet) built here, for a message that says so.
-OTHER_METHODS = ("della",
-                 "della_linear", "sce", "karcher", "arcee_fusion", "nearswap", "ram")
+OTHER_METHODS = ("sce", "karcher", "arcee_fusion", "nearswap", "ram")
 
 
 @dataclass(frozen=True, slots=True)

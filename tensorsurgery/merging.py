@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Mapping
 
 from .checkpoint import Checkpoint
 from .dare import RANDOM_METHODS, dare_operation, stream_offsets
+from .della import della_operation
 from .dtypes import is_castable
 from .errors import PlanError
 from .merges import MergeSpec, MissingParameter, Resolved, resolve
@@ -132,11 +133,13 @@ class Merger:
             values = resolve(self.spec, key, self.t(position))
             if self.spec.method in RANDOM_METHODS:
                 assert self.offsets is not None, "with_draws first"
+                if self.spec.method.startswith("della"):
+                    return inputs, della_operation(self.spec, values, md, self.offsets[key], first.shape), md
                 return inputs, dare_operation(self.spec, values, md, self.offsets[key]), md
             return inputs, OPERATION[self.spec.method](values, md), md
         except (MissingParameter, NotBuilt) as e:
             raise PlanError(f"{self.where}: merge: {e}") from None
-        except ValueError as e:  # a density below 0
+        except ValueError as e:  # a density below 0, della's density and epsilon or shape
             raise PlanError(f"{self.where}: merge: tensor {key!r}: {e}") from None
 
     def _input(self, source: str, key: str, shape: tuple[int, ...]) -> Input:

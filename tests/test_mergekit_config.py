@@ -195,8 +195,6 @@ BUILT = ", ".join(METHODS)
     ("merge_method: ram\n" + SLICE,
      f"merge_method: 'ram' is not built yet; methods: {BUILT} (and passthrough as layer plans); use mergekit "
      f"for ram"),
-    ("merge_method: della_linear\n" + SLICE, f"merge_method: 'della_linear' is not built yet; methods: {BUILT} "
-     f"(and passthrough as layer plans); use mergekit for della_linear"),
     ("merge_method: average\n" + SLICE,
      f"merge_method: expected one of: {BUILT}, found 'average'"),
     (SLICE, f"merge_method: missing; give passthrough (slices of layers) or a merge method ({BUILT})"),

@@ -96,6 +96,7 @@ def register(cls: type[_T]) -> type[_T]:
 from .breadcrumbs import Breadcrumbs  # noqa: E402 - the operations register themselves on import
 from .copy import COPY, Copy  # noqa: E402
 from .dare import Dare  # noqa: E402
+from .della import Della  # noqa: E402
 from .dequant_fp8 import DequantFP8  # noqa: E402
 from .dequant_mxfp4 import DequantMXFP4  # noqa: E402
 from .linear import Linear  # noqa: E402
@@ -110,6 +111,7 @@ from .task_arithmetic import TaskArithmetic  # noqa: E402
 from .ties import Ties  # noqa: E402
 from .zeros import ZEROS, Zeros  # noqa: E402
 
-__all__ = ["COPY", "OPERATIONS", "ZEROS", "Breadcrumbs", "Copy", "Dare", "DequantFP8", "DequantMXFP4", "Linear",
-           "LoraMerge", "ModelStock", "Multislerp", "Nuslerp", "Operation", "PermuteRotary", "RowwiseOperation",
-           "Scale", "Slerp", "TaskArithmetic", "Ties", "TwoPassOperation", "Zeros", "register", "rotary_row_order"]
+__all__ = ["COPY", "OPERATIONS", "ZEROS", "Breadcrumbs", "Copy", "Dare", "Della", "DequantFP8", "DequantMXFP4",
+           "Linear", "LoraMerge", "ModelStock", "Multislerp", "Nuslerp", "Operation", "PermuteRotary",
+           "RowwiseOperation", "Scale", "Slerp", "TaskArithmetic", "Ties", "TwoPassOperation", "Zeros", "register",
+           "rotary_row_order"]
