@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Merge benchmark: tensorsurgery's ``slerp``, ``ties``, ``linear``, ``task_arithmetic``, ``dare_linear``,
-``dare_ties``, ``della`` and ``della_linear`` against mergekit on the same YAML, and against the least any merge can do, all in
-one process, on tmpfs by default.
+``dare_ties``, ``della`` and ``della_linear`` against mergekit on the same YAML, and against the least
+any merge can do, all in one process, on tmpfs by default.
 
 The models are synthetic Mistral-shaped bf16 checkpoints with normally distributed values
 (:func:`tensorsurgery.synthetic.make_mistral`, one seed each; the base of task_arithmetic is
