@@ -9,8 +9,9 @@ the first). The baseline (**raw**) reads every input file once and writes the ou
 once (a reader and a writer thread, 4 MiB buffers, fsync): a merge cannot move fewer bytes.
 Each row prints wall time, its ratio to raw and to mergekit, and the command's own peak RSS
 (``wait4``). mergekit's output is compared with ours byte for byte, and ``verify`` is timed too.
-The DARE and DELLA rows run both with ``--random-seed`` (:data:`SEED`) and mergekit with ``--num-threads 1``
-(its rescale sums round otherwise with several threads). Everything written is removed at the end.
+The DARE and DELLA rows run both with ``--random-seed`` (:data:`SEED`), and they and ``ties_rescale``
+run mergekit with ``--num-threads 1`` (its rescale sums round otherwise with several threads).
+Everything written is removed at the end.
 
     python benchmarks/merge.py [--layers N] [--models K] [--method M] [--workdir DIR] [--runs N] [--no-mergekit]
                                [--json]
@@ -114,6 +115,9 @@ def configs(models: list[Path]) -> dict[str, dict]:
         "ties": {"merge_method": "ties", "base_model": str(models[0]),
                  "models": [{"model": str(m), "parameters": {"weight": w, "density": 0.3}}
                             for m, w in zip(models[1:], weights)]},
+        "ties_rescale": {"merge_method": "ties", "base_model": str(models[0]), "parameters": {"rescale": True},
+                         "models": [{"model": str(m), "parameters": {"weight": w, "density": 0.3}}
+                                    for m, w in zip(models[1:], weights)]},
         "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": str(models[0]),
                              "models": [{"model": str(m), "parameters": {"weight": w, "density": 0.5, "gamma": 0.05}}
                                         for m, w in zip(models[1:], weights)]},
@@ -219,7 +223,8 @@ def measure(layers: int, count: int, workdir: Path | None, runs: int, methods: l
             if mergekit:
                 theirs = bench / f"mergekit-{method}"
                 flags = [str(yml), str(theirs), "--device", "cpu", "--no-copy-tokenizer", "--no-write-model-card",
-                         "--quiet", *seeded, *(["--num-threads", "1"] if seeded else [])]
+                         # the rescale sums round as ours on one torch thread only
+                         "--quiet", *seeded, *(["--num-threads", "1"] if seeded or "rescale" in method else [])]
                 t = run([mergekit, *flags], env, bench / "rss")
                 row.update(mergekit_s=t[0], mergekit_rss_mb=t[1], differing=differing_elements(theirs, ours))
                 shutil.rmtree(theirs)

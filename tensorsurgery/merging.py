@@ -35,15 +35,13 @@ class NotBuilt(Exception):
 def _sparsified(method: str) -> Callable[[Resolved, str], Operation]:
     """ties, breadcrumbs or breadcrumbs_ties from a tensor's parameters."""
     def make(values: Resolved, md: str) -> Operation:
-        if values.shared["rescale"]:
-            raise NotBuilt(f"{method} with rescale = true is not built yet (mergekit's L1 rescale of the kept "
-                           f"magnitudes); remove rescale, or use mergekit")
         weights, densities = _weights(values), tuple(float(p["density"]) for p in values.per_model)
         normalize, lam = bool(values.shared["normalize"]), float(values.shared["lambda"])
+        rescale = bool(values.shared["rescale"])
         if method == "ties":
-            return Ties(weights, densities, normalize, lam, md)
+            return Ties(weights, densities, normalize, lam, md, rescale)
         return Breadcrumbs(weights, densities, tuple(float(p["gamma"]) for p in values.per_model),
-                           method == "breadcrumbs_ties", normalize, lam, md)
+                           method == "breadcrumbs_ties", normalize, lam, md, rescale)
     return make
 
 

@@ -204,6 +204,20 @@ TIES_CASES = {
         "merge_method": "breadcrumbs", "base_model": str(p["base"]), "dtype": "bfloat16",
         "models": _models(p, [{"weight": 0.7, "density": 0.5}, {"weight": [0.2, 0.9], "density": 0.9, "gamma": 0.2},
                               {"weight": 0.5, "density": [0.3, 0.8], "gamma": 0}])},
+    "ties-rescale-gradient": lambda p: {
+        "merge_method": "ties", "base_model": str(p["base"]), "parameters": {"rescale": True},
+        "models": _models(p, [{"weight": 0.7, "density": [0.3, 0.9]}, {"weight": -0.4, "density": 0.05},
+                              {"weight": 0.5, "density": 1}])},
+    "breadcrumbs-rescale-f16": lambda p: {
+        "merge_method": "breadcrumbs", "base_model": str(p["base"]), "dtype": "float16", "out_dtype": "bfloat16",
+        "parameters": {"rescale": True},
+        "models": _models(p, [{"weight": 0.7, "density": 0.5, "gamma": 0.1}, {"weight": 0.3, "density": 0.0},
+                              {"weight": 0.5, "density": [0.3, 0.8]}])},
+    "breadcrumbs_ties-rescale-f32": lambda p: {
+        "merge_method": "breadcrumbs_ties", "base_model": str(p["base"]), "dtype": "float32",
+        "parameters": {"rescale": True, "normalize": True},
+        "models": _models(p, [{"weight": 0.7, "density": 0.4, "gamma": 0.05}, {"weight": -0.3, "density": 0.6},
+                              {"weight": 0.5, "density": 0.9}])},
     "breadcrumbs_ties-f32-normalize": lambda p: {
         "merge_method": "breadcrumbs_ties", "base_model": str(p["base"]), "dtype": "float32",
         "parameters": {"normalize": True, "lambda": 1.2},
@@ -340,8 +354,6 @@ def test_refusals_are_one_line_and_write_nothing(capsys, tmp_path, models):
          "models: 1 model besides the base; model_stock needs at least 2"),
         ({"merge_method": "model_stock", "base_model": str(models["base"]), "models": two,
           "parameters": {"filter_wise": True}}, "merge: model_stock with filter_wise = true"),
-        ({"merge_method": "ties", "base_model": str(models["base"]), "models": two, "parameters": {"rescale": True}},
-         "merge: ties with rescale = true is not built yet"),
         ({"merge_method": "linear", "models": [{"model": str(models["ft0"])}, *two[1:]]},
          "models[0]: missing weight; linear needs a weight for every model"),
         ({"merge_method": "linear", "models": two, "parameters": {"sharpness": 2}},
@@ -635,15 +647,16 @@ def test_ties_differs_from_stock_mergekit_only_at_equal_magnitudes(capsys, tmp_p
     assert 0 < differing < at_ties  # torch does choose otherwise at some ties, and not at all of them
 
 
+@pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_sparsified_kernels_on_tensors_of_many_blocks(tmp_path, dtype, method):
+def test_sparsified_kernels_on_tensors_of_many_blocks(tmp_path, dtype, method, rescale):
     """ties' and breadcrumbs' two passes on tensors longer than a statistics block (65,536
     elements), whose differences tie massively (values on a coarse grid), with signed zeros and
     densities whose cuts fall inside tie groups that span blocks: bitwise mergekit's sparsification,
     sign vote and sums (mergekit's own functions, its sorts made stable), in every element range."""
     from mergekit.merge_methods.generalized_task_arithmetic import get_mask
-    from mergekit.sparsify import magnitude, magnitude_outliers
+    from mergekit.sparsify import RescaleNorm, magnitude, magnitude_outliers
 
     from tensorsurgery.interpreter import prepared
     from tensorsurgery.ops import Breadcrumbs, Ties
@@ -661,13 +674,20 @@ def test_sparsified_kernels_on_tensors_of_many_blocks(tmp_path, dtype, method):
     size = base.element_size() * n
     inputs = tuple(Input("s", "k", code, (n,), ByteRange(path, i * size, size)) for i in range(4))
     weights, densities, gammas, lam = (0.7, 0.4, -0.3), (0.31, 0.05, 1.0), (0.1, 0.0, 0.01), 0.8
-    with stable_argsort():
-        if method == "ties":
-            op = Ties(weights, densities, True, lam, code)
-            deltas = torch.stack([magnitude(x - base, d) for x, d in zip(xs, densities)])
-        else:
-            op = Breadcrumbs(weights, densities, gammas, True, True, lam, code)
-            deltas = torch.stack([magnitude_outliers(x - base, d, gamma=g) for x, d, g in zip(xs, densities, gammas)])
+    norm = RescaleNorm.l1 if rescale else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the rescale sums: torch's one-thread order (several threads round otherwise)
+    try:
+        with stable_argsort():
+            if method == "ties":
+                op: Any = Ties(weights, densities, True, lam, code, rescale)
+                deltas = torch.stack([magnitude(x - base, d, norm) for x, d in zip(xs, densities)])
+            else:
+                op = Breadcrumbs(weights, densities, gammas, True, True, lam, code, rescale)
+                deltas = torch.stack([magnitude_outliers(x - base, d, norm, gamma=g)
+                                      for x, d, g in zip(xs, densities, gammas)])
+    finally:
+        torch.set_num_threads(threads)
     w = torch.tensor(weights, dtype=dtype).unsqueeze(-1)
     deltas.mul_(w)
     mask = get_mask(deltas, method="sum", mask_dtype=dtype)
@@ -681,6 +701,7 @@ def test_sparsified_kernels_on_tensors_of_many_blocks(tmp_path, dtype, method):
         os.close(fd)
     cuts = [r.cut for s in t.op.selections for r in (s.keep, s.drop) if r is not None]
     assert any(0 < c < n for c in cuts)  # a cut falls inside a tie group
+    assert (t.op.ratios[0] is not None and t.op.ratios[1] is not None) if rescale else not t.op.ratios
     raws = [_raw(x) for x in (base, *xs)]
     k = base.element_size()
     for start, stop in ((0, n), (STAT_BLOCK - 5, STAT_BLOCK * 2 + 7), (n - 3, n)):

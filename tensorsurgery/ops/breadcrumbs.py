@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
 from ..dtypes import element_size
 from . import register
-from .sparsify import Selection, SparseMix, find_ranks
+from .sparsify import Selection, SparseMix, find_ranks, rescale_ratios
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,6 +42,8 @@ class Breadcrumbs:
     normalize: bool
     lam: float
     dtype: str
+    #: mergekit's L1 rescale of the kept magnitudes (:func:`.sparsify.rescale_ratios`).
+    rescale: bool = False
     label: ClassVar[str] = "breadcrumbs"
     verbatim: ClassVar[bool] = False
     elementwise: ClassVar[bool] = False
@@ -57,7 +59,9 @@ class Breadcrumbs:
         ranks = find_ranks(inputs, fds, self.dtype, requests)
         selections = tuple(Selection(None) if w is None else Selection(ranks[(m, False, w[1])], ranks[(m, False, w[0])])
                            for m, w in enumerate(windows))
-        return SparseMix(self.label, self.weights, selections, self.consensus, self.normalize, self.lam, self.dtype)
+        ratios = rescale_ratios(inputs, fds, self.dtype, selections) if self.rescale else ()
+        return SparseMix(self.label, self.weights, selections, self.consensus, self.normalize, self.lam, self.dtype,
+                         ratios)
 
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("breadcrumbs is two-pass: the interpreter applies what prepare returns")

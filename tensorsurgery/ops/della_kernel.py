@@ -13,7 +13,7 @@ from .dare import CHUNK_ELEMENTS, read_values
 from .dare_kernel import EPS, _consensus, _workers
 from .della import row_length
 from .mt_stream import Stream
-from .torch_sums import CascadeSum, full_sum, model_sum
+from .torch_sums import ChunkedSum, full_sum, model_sum
 
 if TYPE_CHECKING:
     from ..recipe import Input
@@ -51,30 +51,9 @@ def row_ranks(delta: np.ndarray, columns: int, md: str) -> np.ndarray:
         keys = delta.view(np.uint32) & np.uint32(0x7FFFFFFF)
     rows = delta.size // columns
     order = np.argsort(keys.reshape(rows, columns), axis=1, kind="stable")
-    ranks = np.empty((rows, columns), np.intp)
-    np.put_along_axis(ranks, order, np.arange(columns)[None, :], axis=1)
+    ranks = np.empty((rows, columns), np.int32)  # half the memory of the sort's own indices
+    np.put_along_axis(ranks, order, np.arange(columns, dtype=np.int32)[None, :], axis=1)
     return ranks.reshape(-1)
-
-
-class _Feed:
-    """A :class:`CascadeSum` fed chunks of any size (it takes whole units): the rest waits."""
-
-    def __init__(self, n: int, wd: str):
-        self.sum = CascadeSum(n, wd)
-        self._rest = np.zeros(0, np.float32)
-
-    def add(self, values: np.ndarray) -> None:
-        values = np.concatenate((self._rest, values)) if self._rest.size else values
-        whole = values.size // self.sum.unit * self.sum.unit
-        if whole:
-            self.sum.add(values[:whole])
-        self._rest = values[whole:].copy()
-
-    def value(self) -> np.float32:
-        if self._rest.size:
-            self.sum.add(self._rest)
-            self._rest = self._rest[:0]
-        return self.sum.value()
 
 
 #: Makes model ``k``'s kept-mask of the delta values of a chunk of whole rows, drawing from a stream.
@@ -162,7 +141,7 @@ def _first_pass(op: Della, inputs: Sequence[Input], fds: Sequence[int], n: int, 
             stream.advance(n)
             return start, None, stream
         md = op.dtype
-        before, after = _Feed(n, wd), _Feed(n, wd)
+        before, after = ChunkedSum(n, wd), ChunkedSum(n, wd)
         with np.errstate(over="ignore", invalid="ignore"):
             for at in range(0, n, chunk):
                 count = min(chunk, n - at)

@@ -164,6 +164,56 @@ class Selection:
     keep: Rank | None
     drop: Rank | None = None
 
+    @property
+    def everything(self) -> bool:
+        """All kept: the model is not sparsified (mergekit returns its difference as it is)."""
+        return self.keep is None and self.drop is None
+
+    def kept(self, delta: np.ndarray, md: str, index: np.ndarray) -> np.ndarray:
+        """Which elements of ``delta`` (float32 values of the merge dtype at tensor ``index``) it keeps."""
+        import numpy as np
+
+        keys = magnitude_keys(delta, md).astype(np.int64)
+        kept = self.keep.taken(keys, index) if self.keep is not None else np.ones(delta.size, bool)
+        if self.drop is not None:
+            kept &= ~self.drop.taken(keys, index)
+        return kept
+
+
+#: mergekit's ``rescaled_masked_tensor`` skips the rescale when a sum is below this.
+RESCALE_EPS = 1e-7
+
+
+def rescale_ratios(inputs: Sequence[Input], fds: Sequence[int], md: str,
+                   selections: Sequence[Selection]) -> tuple[float | None, ...]:
+    """mergekit's L1 rescale of each sparsified model (``rescale = true``): ``sum|delta| /
+    sum|kept|`` in the merge dtype, both torch's one-thread whole-tensor sums
+    (:mod:`.torch_sums`); None where the model is not sparsified or a sum is below 1e-7 (skipped).
+    One more pass over the inputs in fixed blocks."""
+    import numpy as np
+
+    from .arith import rounded
+    from .blocks import input_blocks
+    from .torch_sums import ChunkedSum
+
+    count = inputs[0].range.length // element_size(inputs[0].dtype)
+    models = [m for m, s in enumerate(selections) if not s.everything]
+    sums = {m: (ChunkedSum(count, md), ChunkedSum(count, md)) for m in models}
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start, raws in (input_blocks(inputs, fds) if models else ()):
+            ds = deltas(raws, inputs, md)[1]
+            index = np.arange(start, start + ds[0].size)
+            for m in models:
+                size = np.abs(ds[m])
+                sums[m][0].add(size)
+                sums[m][1].add(size * selections[m].kept(ds[m], md, index))
+        out: list[float | None] = [None] * len(selections)
+        for m, (before, after) in sums.items():
+            b, a = (rounded(np.asarray([s.value()], np.float32), md)[0] for s in (before, after))
+            if not (b < RESCALE_EPS or a < RESCALE_EPS):
+                out[m] = float(rounded(np.asarray([b / a], np.float32), md)[0])
+    return tuple(out)
+
 
 @dataclass(frozen=True, slots=True)
 class SparseMix:
@@ -181,6 +231,8 @@ class SparseMix:
     normalize: bool
     lam: float
     dtype: str
+    #: Each model's rescale factor (:func:`rescale_ratios`; None or empty: not rescaled).
+    ratios: tuple[float | None, ...] = ()
     verbatim: ClassVar[bool] = False
     elementwise: ClassVar[bool] = True
 
@@ -203,13 +255,12 @@ class SparseMix:
             base, ds = deltas(block, inputs, md)
             index = np.arange(first, first + base.size)
             for m, s in enumerate(self.selections):
-                if s.keep is None and s.drop is None:
+                if s.everything:
                     continue
-                keys = magnitude_keys(ds[m], md).astype(np.int64)
-                kept = s.keep.taken(keys, index) if s.keep is not None else np.ones(base.size, bool)
-                if s.drop is not None:
-                    kept &= ~s.drop.taken(keys, index)
-                ds[m] = ds[m] * kept.astype(f32)
+                ds[m] = ds[m] * s.kept(ds[m], md, index).astype(f32)
+                ratio = self.ratios[m] if self.ratios else None
+                if ratio is not None:  # torch: masked * (before / after), a 0-dim tensor of the dtype
+                    ds[m] = rounded(ds[m] * f32(ratio), md)
             ds = [rounded(d * w, md) for d, w in zip(ds, weights)]
             if self.consensus:
                 majority = np.where(rounded(np.asarray(sequential_sum(ds)), md) >= 0, f32(1), f32(-1))

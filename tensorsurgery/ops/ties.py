@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
 from ..dtypes import element_size
 from . import register
-from .sparsify import Selection, SparseMix, find_ranks
+from .sparsify import Selection, SparseMix, find_ranks, rescale_ratios
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,6 +38,8 @@ class Ties:
     normalize: bool
     lam: float
     dtype: str
+    #: mergekit's L1 rescale of the kept magnitudes (:func:`.sparsify.rescale_ratios`).
+    rescale: bool = False
     label: ClassVar[str] = "ties"
     verbatim: ClassVar[bool] = False
     elementwise: ClassVar[bool] = False
@@ -52,7 +54,8 @@ class Ties:
         requests = [(m, True, k) for m, k in enumerate(ks) if k is not None]
         ranks = find_ranks(inputs, fds, self.dtype, requests)
         selections = tuple(Selection(None if k is None else ranks[(m, True, k)]) for m, k in enumerate(ks))
-        return SparseMix(self.label, self.weights, selections, True, self.normalize, self.lam, self.dtype)
+        ratios = rescale_ratios(inputs, fds, self.dtype, selections) if self.rescale else ()
+        return SparseMix(self.label, self.weights, selections, True, self.normalize, self.lam, self.dtype, ratios)
 
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("ties is two-pass: the interpreter applies what prepare returns")

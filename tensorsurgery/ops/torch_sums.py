@@ -182,3 +182,27 @@ class CascadeSum:
         for x in p0:
             total = np.float32(total + x)
         return total
+
+
+class ChunkedSum:
+    """A :class:`CascadeSum` fed chunks of any size (it takes whole units; the rest waits for the
+    next chunk, at most a unit of it)."""
+
+    def __init__(self, n: int, dtype: str):
+        self.sum = CascadeSum(n, dtype)
+        self._rest = np.zeros(0, np.float32)
+
+    def add(self, values: np.ndarray) -> None:
+        """The next elements (float32 values)."""
+        values = np.concatenate((self._rest, values)) if self._rest.size else values
+        whole = values.size // self.sum.unit * self.sum.unit
+        if whole:
+            self.sum.add(values[:whole])
+        self._rest = values[whole:].copy()
+
+    def value(self) -> np.float32:
+        """The sum, once every element was added."""
+        if self._rest.size:
+            self.sum.add(self._rest)
+            self._rest = self._rest[:0]
+        return self.sum.value()
