@@ -234,3 +234,45 @@ def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
         _mergekit_multislerp(balanced, [1.0, 1.0, 1.0], None, True, 1e-8)
     with pytest.raises(PlanError, match="the weighted sum of the models' unit vectors is zero"):
         ours(balanced, Multislerp((1.0, 1.0, 1.0), True, 1e-8, False, code))
+
+
+def test_wrong_guesses_cost_passes_not_bytes(tmp_path, monkeypatch):
+    """The mean's norm and the dots are guessed from the Gram matrix so that one pass makes the
+    three later sums; a guess proven wrong costs a pass (the sequential passes' values are used),
+    never a byte: mergekit's bytes whatever the guesses."""
+    import tensorsurgery.ops.blocks as blocks
+    import tensorsurgery.ops.multislerp as ms
+    from tensorsurgery.interpreter import Prepared, prepared
+    from tensorsurgery.recipe import ByteRange, Input
+
+    gen = torch.Generator().manual_seed(5)  # (seed 4: a mean's norm within 2% of a unit of a rounding midpoint,
+    shape, dtype = (29, 9001), torch.bfloat16  # where the Gram matrix's guess falls on the other side: 3 passes)
+    base = torch.randn(shape, generator=gen).to(dtype)
+    xs = [(base.float() + torch.randn(shape, generator=gen) * 0.3).to(dtype) for _ in range(3)]
+    weights = [0.3, 0.45, 0.7]
+    theirs = _mergekit_multislerp(xs, weights, base, True, 1e-8).reshape(-1)
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"".join(_raw(v).tobytes() for v in (base, *xs)))
+    size = base.element_size() * base.numel()
+    inputs = tuple(Input("s", "k", "BF16", shape, ByteRange(path, i * size, size)) for i in range(4))
+    passes = []
+    original = blocks.input_blocks
+    monkeypatch.setattr(blocks, "input_blocks", lambda *a, **k: (passes.append(1), original(*a, **k))[1])
+    guess_mean_norm, guess_dots = ms._guess_mean_norm, ms._guess_dots
+    guesses = {"right": (guess_mean_norm, guess_dots), "mean norm wrong": (lambda *a: 1.0, guess_dots),
+               "dots wrong": (guess_mean_norm, lambda *a: tuple(d + 1 for d in guess_dots(*a)))}
+    counts = {}
+    for name, (mean_norm, dots) in guesses.items():
+        monkeypatch.setattr(ms, "_guess_mean_norm", mean_norm)
+        monkeypatch.setattr(ms, "_guess_dots", dots)
+        passes.clear()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            mix = prepared(Prepared("BF16", size, inputs, ms.Multislerp(tuple(weights), True, 1e-8, True, "BF16")),
+                           [fd] * 4).op
+        finally:
+            os.close(fd)
+        counts[name] = len(passes)
+        ours = torch.from_numpy(mix.apply([_raw(v) for v in (base, *xs)], inputs, 0).copy()).view(dtype)
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), name
+    assert counts == {"right": 2, "mean norm wrong": 3, "dots wrong": 3}, counts

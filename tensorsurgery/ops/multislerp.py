@@ -4,7 +4,9 @@ its norm; the unit vectors' weighted mean, normalized, is where they are project
 space, averaged there and mapped back, then scaled by the weighted mean of the norms. Each step
 needs a sum over the whole tensors of what the previous one rounds to (the norms, the mean's norm,
 the dots with the normalized mean, the tangent average's norm), so the operation is two-pass
-(:class:`~tensorsurgery.ops.TwoPassOperation`) with four statistics passes before the values."""
+(:class:`~tensorsurgery.ops.TwoPassOperation`): one statistics pass for the norms and the Gram
+matrix of the vectors, one for the other three sums (the later ones made from what the Gram matrix
+says the earlier ones round to, checked: a wrong guess costs a pass, never a byte), then the values."""
 from __future__ import annotations
 
 import math
@@ -31,7 +33,10 @@ class Multislerp:
     r) * sum w_i |x_i|``; one model alone is itself, and two whose ``|m| < eps`` are interpolated
     linearly. Every step is rounded to the merge ``dtype`` as torch does; each sum over the tensor
     is float64 over fixed blocks of what the previous sums round to, rounded once to float32 then
-    to the dtype (mergekit's are torch's reductions)."""
+    to the dtype (mergekit's are torch's reductions). The tangent average ``g`` is rounding noise
+    (zero in exact arithmetic: the weighted tangent vectors at their own weighted mean cancel), and
+    mergekit adds it in, so it is made element by element as mergekit makes it, not from the Gram
+    matrix."""
 
     weights: tuple[float, ...]
     normalize: bool
@@ -49,36 +54,68 @@ class Multislerp:
     def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> MultislerpMix:
         import numpy as np
 
-        from .arith import rounded, rounded_scalars
+        from .arith import rounded
 
         md, k = self.dtype, len(self.weights)
         mix = MultislerpMix(_weights(self.weights, self.normalize, md), self.base, md)
         if k == 1:
             return mix
-
-        def one(x: float | np.floating) -> np.float32:  # a float32 scalar result rounded to the dtype
-            return rounded(np.asarray([x], np.float64).astype(np.float32), md)[0]
-
         eps = np.float32(self.eps)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            squares = _sums(inputs, fds, lambda b: [_squares(x) for x in mix.vectors(b, inputs)])
-            norms = [one(math.sqrt(s)) for s in squares]
-            mix = replace(mix, divisors=tuple(float(one(n + eps)) for n in norms))
-            mean_norm = one(math.sqrt(_sums(inputs, fds, lambda b: [_squares(mix.mean(mix.units(b, inputs)))])[0]))
-            if mean_norm < rounded_scalars([self.eps], md)[0]:
-                if k == 2:
-                    return replace(mix, linear=True)
-                raise PlanError(f"tensor {inputs[0].key!r}: multislerp: the weighted sum of the models' unit vectors "
-                                f"is zero (antipodal models whose weights balance out); mergekit fails here too: "
-                                f"change the weights")
-            mix = replace(mix, mean_norm=float(mean_norm))
-            dots = _sums(inputs, fds, lambda b: mix.dot_terms(mix.units(b, inputs)))
-            mix = replace(mix, dots=tuple(float(one(d)) for d in dots))
-            tangent = one(one(math.sqrt(_sums(inputs, fds, lambda b: [_squares(mix.tangent(mix.units(b, inputs)))])[0]))
-                          + eps)
-            cos, sin = one(math.cos(float(tangent))), one(math.sin(float(tangent)))
-            scale = one(_sum32(rounded(np.asarray(norms, np.float32) * np.asarray(mix.w, np.float32), md)))
-        return replace(mix, cos=float(cos), ratio=float(one(sin / tangent)), scale=float(scale))
+            gram = _gram(_sums(inputs, fds, lambda b: _products(mix.vectors(b, inputs))), k)
+            norms = [_one(math.sqrt(gram[i, i]), md) for i in range(k)]
+            mix = replace(mix, divisors=tuple(float(_one(n + eps, md)) for n in norms))
+            found = self._statistics(mix, inputs, fds, gram)
+            if isinstance(found, str):
+                return replace(mix, linear=True)
+            mix, tangent = found
+            cos, sin = _one(math.cos(float(tangent)), md), _one(math.sin(float(tangent)), md)
+            scale = _one(_sum32(rounded(np.asarray(norms, np.float32) * np.asarray(mix.w, np.float32), md)), md)
+        return replace(mix, cos=float(cos), ratio=float(_one(sin / tangent, md)), scale=float(scale))
+
+    def _statistics(self, mix: MultislerpMix, inputs: Sequence[Input], fds: Sequence[int],
+                    gram: np.ndarray) -> tuple[MultislerpMix, np.float32] | str:
+        """``mix`` with the mean's norm and the dots known, and the tangent average's norm (``r``),
+        or ``"linear"`` (two models whose mean is zero). Each needs the one before it, so a pass
+        that makes the mean's norm also makes the dots and the tangent norm from the values the
+        Gram matrix of the vectors says they round to (16-bit dtypes: almost always the same):
+        where a guess proves wrong, another pass makes what came after it from the right value.
+        The bytes are the sequential passes' either way; only the number of passes changes."""
+        import numpy as np
+
+        from .arith import rounded_scalars
+
+        md, k = self.dtype, len(self.weights)
+        guess = md != "F32"  # float32 sums seldom round alike: a guess would only cost passes
+        mean_norm: float | None = None
+        dots: tuple[float, ...] | None = None
+        while True:
+            m_use = mean_norm if mean_norm is not None else _guess_mean_norm(mix, gram) if guess else None
+            d_use = dots if dots is not None else \
+                _guess_dots(mix, gram, m_use) if guess and m_use is not None else None
+            trial = replace(mix, mean_norm=1.0 if m_use is None else m_use, dots=d_use or ())
+            want_mean, want_dots, want_tangent = mean_norm is None, m_use is not None and dots is None, \
+                d_use is not None
+            sums = _sums(inputs, fds, _terms(trial, inputs, want_mean, want_dots, want_tangent))
+            if want_mean:
+                mean_norm = float(_one(math.sqrt(sums.pop(0)), md))
+                if mean_norm < rounded_scalars([self.eps], md)[0]:  # mergekit: mean_norm < eps
+                    if k == 2:
+                        return "linear"
+                    raise PlanError(f"tensor {inputs[0].key!r}: multislerp: the weighted sum of the models' unit "
+                                    f"vectors is zero (antipodal models whose weights balance out); mergekit fails "
+                                    f"here too: change the weights")
+                if m_use != mean_norm:  # the rest of this pass assumed another mean norm
+                    continue
+            if want_dots:
+                dots = tuple(float(_one(d, md)) for d in sums[:k])
+                sums = sums[k:]
+                if d_use != dots:
+                    continue
+            if want_tangent:
+                assert mean_norm is not None and dots is not None
+                return replace(mix, mean_norm=mean_norm, dots=dots), \
+                    _one(_one(math.sqrt(sums[0]), md) + np.float32(self.eps), md)
 
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("multislerp is two-pass: the interpreter applies what prepare returns")
@@ -100,6 +137,67 @@ def _weights(weights: tuple[float, ...], normalize: bool, md: str) -> tuple[floa
             total = rounded(np.asarray([_sum32(w)]), md)[0]
             w = rounded(w / total, md)
     return tuple(float(x) for x in w)
+
+
+def _terms(mix: MultislerpMix, inputs: Sequence[Input], mean: bool, dots: bool,
+           tangent: bool) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """What a statistics pass sums, from a block's raw inputs: the squares of the mean (``mean``),
+    each ``u_i * n`` (``dots``), the squares of the tangent average (``tangent``)."""
+    def terms(raws: list[np.ndarray]) -> list[np.ndarray]:
+        units = mix.units(raws, inputs)
+        m = mix.mean(units)
+        out = [_squares(m)] if mean else []
+        if dots or tangent:
+            n = mix.normalized(m)
+            out += mix.dot_terms(units, n) if dots else []
+            out += [_squares(mix.tangent(units, n))] if tangent else []
+        return out
+    return terms
+
+
+def _one(x: float | np.floating, md: str) -> np.float32:
+    """A float32 scalar result (from a float64 value) rounded to the merge dtype."""
+    import numpy as np
+
+    from .arith import rounded
+
+    return rounded(np.asarray([x], np.float64).astype(np.float32), md)[0]
+
+
+def _products(xs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each ``x_i * x_j`` (``i <= j``, row by row) in float64: the terms of the Gram matrix."""
+    import numpy as np
+
+    x64 = [x.astype(np.float64) for x in xs]
+    return [x64[i] * x64[j] for i in range(len(xs)) for j in range(i, len(xs))]
+
+
+def _gram(sums: Sequence[float], k: int) -> np.ndarray:
+    """The symmetric ``k x k`` matrix of :func:`_products`' sums."""
+    import numpy as np
+
+    gram = np.zeros((k, k))
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    for (i, j), s in zip(pairs, sums):
+        gram[i, j] = gram[j, i] = s
+    return gram
+
+
+def _guess_mean_norm(mix: MultislerpMix, gram: np.ndarray) -> float:
+    """What the mean's norm rounds to, from the Gram matrix: ``|sum w_i x_i / D_i|``."""
+    import numpy as np
+
+    p = gram / np.outer(mix.divisors, mix.divisors)
+    w = np.asarray(mix.w)
+    return float(_one(math.sqrt(max(float(w @ p @ w), 0.0)), mix.dtype))
+
+
+def _guess_dots(mix: MultislerpMix, gram: np.ndarray, mean_norm: float) -> tuple[float, ...]:
+    """What the dots with the normalized mean round to, from the Gram matrix."""
+    import numpy as np
+
+    p = gram / np.outer(mix.divisors, mix.divisors)
+    return tuple(float(_one(d / mean_norm, mix.dtype)) for d in p @ np.asarray(mix.w))
 
 
 def _squares(x: np.ndarray) -> np.ndarray:
@@ -192,29 +290,27 @@ class MultislerpMix:
         """``m = sum w_i u_i``."""
         return self._weighted_sum(units)
 
-    def direction(self, units: Sequence[np.ndarray]) -> np.ndarray:
+    def normalized(self, mean: np.ndarray) -> np.ndarray:
         """``n = m / |m|``."""
         import numpy as np
 
         from .arith import rounded
 
-        return rounded(self.mean(units) / np.float32(self.mean_norm), self.dtype)
+        return rounded(mean / np.float32(self.mean_norm), self.dtype)
 
-    def dot_terms(self, units: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def dot_terms(self, units: Sequence[np.ndarray], n: np.ndarray) -> list[np.ndarray]:
         """Each ``u_i * n``, whose sums are the dots."""
         from .arith import rounded
 
-        n = self.direction(units)
         return [rounded(u * n, self.dtype) for u in units]
 
-    def tangent(self, units: Sequence[np.ndarray], n: np.ndarray | None = None) -> np.ndarray:
+    def tangent(self, units: Sequence[np.ndarray], n: np.ndarray) -> np.ndarray:
         """``g = sum w_i (u_i - d_i n)``."""
         import numpy as np
 
         from .arith import rounded
 
         md = self.dtype
-        n = self.direction(units) if n is None else n
         return self._weighted_sum([rounded(u - rounded(np.float32(d) * n, md), md) for u, d in zip(units, self.dots)])
 
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
@@ -232,7 +328,7 @@ class MultislerpMix:
                 out = self._weighted_sum(self.vectors(block, inputs))
             else:
                 units = self.units(block, inputs)
-                n = self.direction(units)
+                n = self.normalized(self.mean(units))
                 out = rounded(rounded(n * cos, md) + rounded(self.tangent(units, n) * ratio, md), md)
                 out = rounded(out * scale, md)
             if self.base:
