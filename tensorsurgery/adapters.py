@@ -26,6 +26,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 #: peft's prefix of every key it saves (the adapter name is stripped on save).
 _PREFIX = "base_model.model."
 _FLOATS = ("F32", "BF16", "F16")
+#: The suffix of a DoRA module's magnitude vector (peft saves it without ``.weight``).
+_MAGNITUDE = ".lora_magnitude_vector"
 #: The suffixes of a module's two factors in an adapter file, and whether it is an embedding's.
 _FACTORS = ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", ".lora_embedding_B", True))
 #: Bytes read at a time when hashing the adapter files.
@@ -57,7 +59,7 @@ def read_adapter(source: str, path: str) -> Adapter:
     """The adapter of source ``source`` in the local peft folder ``path``.
 
     Raises:
-        AdapterError: not a folder with both files, not a LoRA (or a DoRA), a malformed config.
+        AdapterError: not a folder with both files, not a LoRA, a malformed config.
     """
     root = Path(path).expanduser()
     where = f"sources.{source}: adapter {path!r}"
@@ -74,9 +76,6 @@ def read_adapter(source: str, path: str) -> Adapter:
     kind = config.get("peft_type")
     if kind != "LORA":
         raise AdapterError(f"{where}: peft_type is {kind!r}; only LoRA adapters (peft_type LORA) can be merged")
-    if config.get("use_dora"):
-        raise AdapterError(f"{where}: a DoRA adapter (use_dora); only plain LoRA is merged: merge it with "
-                           f"peft's merge_and_unload")
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
             raise AdapterError(f"{where}: {CONFIG_FILE} has no positive {key!r}")
@@ -111,6 +110,7 @@ class _Module(NamedTuple):
     a: str
     b: str
     embedding: bool
+    magnitude: str | None = None  # DoRA's lora_magnitude_vector key
 
 
 def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, str], dict[str, str]]:
@@ -118,12 +118,14 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, str], dict
     by base key) and base weights it carries (``<module>.base_layer.weight``, by base key).
 
     Raises:
-        AdapterError: a key peft's LoRA does not save (a bias, a DoRA magnitude), or a lone factor.
+        AdapterError: a key peft's LoRA does not save (a bias; a magnitude without ``use_dora``), a
+            lone factor, a DoRA module without its magnitude.
     """
     modules: dict[str, _Module] = {}
     saved: dict[str, str] = {}
     bases: dict[str, str] = {}
     keys = adapter.header.tensors
+    dora = bool(adapter.config.get("use_dora"))
     for key in keys:
         name = key.removeprefix(_PREFIX)
         for a, b, emb in _FACTORS:
@@ -132,10 +134,14 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, str], dict
                 if key.removesuffix(a) + b not in keys:
                     raise AdapterError(f"{adapter.root / WEIGHTS_FILE}: {key!r} has no {b.lstrip('.')!r}; the adapter "
                                        f"file is incomplete")
-                modules[module] = _Module(key, key.removesuffix(a) + b, emb)
+                magnitude = key.removesuffix(a) + _MAGNITUDE
+                if dora and magnitude not in keys:
+                    raise AdapterError(f"{adapter.root / WEIGHTS_FILE}: {key!r} has no {_MAGNITUDE.lstrip('.')!r}; "
+                                       f"the DoRA adapter file (use_dora) is incomplete")
+                modules[module] = _Module(key, key.removesuffix(a) + b, emb, magnitude if dora else None)
                 break
         else:
-            if name.endswith((".lora_B.weight", ".lora_embedding_B")):
+            if name.endswith((".lora_B.weight", ".lora_embedding_B")) or (dora and name.endswith(_MAGNITUDE)):
                 continue
             if name.endswith(".base_layer.weight"):
                 bases[name.removesuffix(".base_layer.weight") + ".weight"] = key
@@ -190,7 +196,11 @@ def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input]) -> tuple[d
         if any(i.dtype not in _FLOATS for i in (w, a, b)) or base.dtype not in _FLOATS:
             raise AdapterError(f"{where}: module {module!r}: its tensors are {w.dtype}, {a.dtype}, {b.dtype}; "
                                f"LoRA merges float tensors only")
-        recipes[key] = Recipe((w, a, b), LoraMerge(s, transposed, m.embedding, base.dtype, base.dtype))
+        if m.magnitude is None:
+            recipes[key] = Recipe((w, a, b), LoraMerge(s, transposed, m.embedding, base.dtype, base.dtype))
+        else:
+            recipes[key] = Recipe((w, a, b, _magnitude(adapter, module, m, transposed, w.shape[0])),
+                                  LoraMerge(s, False, False, base.dtype, base.dtype, dora=True))
         scalings.append((module, s))
     for key, saved_key in saved.items():
         base = base_keys.get(key)
@@ -200,6 +210,27 @@ def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input]) -> tuple[d
                                f"shape {list(i.shape)}; the adapter was trained for another model")
         recipes[key] = Recipe((i,), COPY)
     return recipes, AdapterInfo(adapter.source, str(adapter.root), adapter.hashes, tuple(sorted(scalings)))
+
+
+def _magnitude(adapter: Adapter, module: str, m: _Module, transposed: bool, rows: int) -> Input:
+    """A DoRA module's magnitude vector (one value per output row), as the fourth input.
+
+    Raises:
+        AdapterError: an embedding's or a ``fan_in_fan_out`` layer's DoRA (peft's norm is over a
+            column of the stored tensor there, which needs every row first), a magnitude that
+            does not fit.
+    """
+    where = f"sources.{adapter.source}: adapter {adapter.root}: module {module!r}"
+    if transposed:
+        kind = "an embedding" if m.embedding else "a fan_in_fan_out layer"
+        raise AdapterError(f"{where}: DoRA on {kind} (its norm runs over the stored tensor's columns) is not "
+                           f"merged by tensorsurgery; merge it with peft's merge_and_unload")
+    assert m.magnitude is not None
+    i = _input(adapter, m.magnitude)
+    if tuple(i.shape) != (rows,) or i.dtype not in _FLOATS:
+        raise AdapterError(f"{where}: its lora_magnitude_vector is {i.dtype} {list(i.shape)}; DoRA needs one float "
+                           f"per output row ({rows}): the adapter was trained for another model")
+    return i
 
 
 def _fits(w: Sequence[int], a: Sequence[int], b: Sequence[int], r: int, transposed: bool) -> bool:

@@ -73,8 +73,9 @@ class QuantizationError(PlanError):
 
 
 class AdapterError(PlanError):
-    """A LoRA adapter cannot be merged into its source: not a LoRA (or a DoRA), a module the base
-    lacks, factors whose shapes do not fit the base tensor, an unreadable adapter folder."""
+    """A LoRA adapter cannot be merged into its source: not a LoRA (or a DoRA whose norm runs over
+    columns), a module the base lacks, factors whose shapes do not fit the base tensor, an
+    unreadable adapter folder."""
 
 
 class ConsistencyError(PlanError):

@@ -2,8 +2,9 @@
 with peft's ``get_peft_model`` (``init_lora_weights=False``: B is not zero), saved in float32 and
 bfloat16; every output tensor bitwise equal to peft's ``merge_and_unload()`` then
 ``save_pretrained``, at r = 8 and 64, rsLoRA, rank_pattern / alpha_pattern, an embedding LoRA,
-modules_to_save; the logits equal when loaded; an adapter + DUS in one manifest; verify finds a
-flipped byte; the refusals (one line, exit 2, nothing written)."""
+modules_to_save, DoRA (r = 8, rsLoRA r = 16; its row norm's kernel against torch's); the logits
+equal when loaded; an adapter + DUS in one manifest; verify finds a flipped byte; 1 and 3 threads;
+the refusals (one line, exit 2, nothing written)."""
 from __future__ import annotations
 
 import json
@@ -36,9 +37,14 @@ def base(request, tmp_path_factory) -> Path:
 
 
 def make_adapter(folder: Path, base: Path, save_dtype: torch.dtype, **lora) -> Path:
-    """A peft LoRA of ``base`` with random A and B, saved in ``save_dtype``."""
+    """A peft LoRA of ``base`` with random A and B, saved in ``save_dtype``; a DoRA's magnitudes
+    (peft starts them at the rows' norms, a factor of 1) moved by up to 20%, as training does."""
     torch.manual_seed(1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * (torch.rand(p.shape) - 0.5))
     model.to(save_dtype).save_pretrained(folder)
     return folder
 
@@ -63,6 +69,9 @@ CASES = {
                      rank_pattern={"layers.1.self_attn.q_proj": 4, "up_proj": 12}),
     "embedding+modules_to_save": dict(r=8, lora_alpha=8, target_modules=["embed_tokens", "o_proj"],
                                       modules_to_save=["lm_head"]),
+    "dora-r8": dict(r=8, lora_alpha=16, target_modules=ALL, use_dora=True),
+    "dora-r16-rslora": dict(r=16, lora_alpha=32, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
+                            use_dora=True, rank_pattern={"v_proj": 4}),
 }
 
 
@@ -83,6 +92,12 @@ def test_the_merge_is_peft_merge_and_unload_bitwise(tmp_path, capsys, base, case
     (entry,) = record["adapters"]
     assert [f["name"] for f in entry["files"]] == ["adapter_config.json", "adapter_model.safetensors"]
     assert all(len(f["sha256"]) == 64 for f in entry["files"])
+    if case.startswith("dora"):  # the magnitude is the fourth input, and the record says so
+        t = record["tensors"]["model.layers.1.self_attn.q_proj.weight"]
+        assert [i["source_key"] for i in t["inputs"]][1:] == [
+            "base_model.model.model.layers.1.self_attn.q_proj." + k
+            for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")]
+        assert t["operation"]["dora"] is True
     if case == "patterns":
         assert entry["scalings"]["model.layers.1.self_attn.q_proj"] == 4.0
         assert entry["scalings"]["model.layers.0.mlp.up_proj"] == 16 / 12
@@ -90,8 +105,9 @@ def test_the_merge_is_peft_merge_and_unload_bitwise(tmp_path, capsys, base, case
         assert record["tensors"]["model.layers.2.mlp.down_proj.weight"]["operation"]["scaling"] == 7 / 8
 
 
-def test_the_merged_model_computes_what_peft_computes(tmp_path, capsys, base):
-    adapter = make_adapter(tmp_path / "adapter", base, torch.float32, **CASES["r8"])
+@pytest.mark.parametrize("case", ["r8", "dora-r8"])
+def test_the_merged_model_computes_what_peft_computes(tmp_path, capsys, base, case):
+    adapter = make_adapter(tmp_path / "adapter", base, torch.float32, **CASES[case])
     ref = peft_merged(base, adapter, tmp_path / "ref")
     code, _, err = run(capsys, "apply", manifest(tmp_path, base, adapter), "--no-progress")
     assert code == 0, err
@@ -104,8 +120,9 @@ def test_the_merged_model_computes_what_peft_computes(tmp_path, capsys, base):
     assert code == 0, err
 
 
-def test_an_adapter_and_dus_in_one_manifest_and_verify_finds_a_flipped_byte(tmp_path, capsys, base):
-    adapter = make_adapter(tmp_path / "adapter", base, torch.bfloat16, **CASES["r8"])
+@pytest.mark.parametrize("case", ["r8", "dora-r8"])
+def test_an_adapter_and_dus_in_one_manifest_and_verify_finds_a_flipped_byte(tmp_path, capsys, base, case):
+    adapter = make_adapter(tmp_path / "adapter", base, torch.bfloat16, **CASES[case])
     reference = state(peft_merged(base, adapter, tmp_path / "ref"))
     m = manifest(tmp_path, base, adapter, layers='plan = "dus"\noverlap = 1')
     code, _, err = run(capsys, "apply", m, "--no-progress")
@@ -161,18 +178,38 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 @pytest.mark.parametrize("case, message", [
     ("not lora", "peft_type is 'IA3'; only LoRA adapters (peft_type LORA) can be merged"),
-    ("dora", "a DoRA adapter (use_dora); only plain LoRA is merged"),
+    ("dora embedding", "module 'model.embed_tokens': DoRA on an embedding (its norm runs over the stored "
+                       "tensor's columns) is not merged by tensorsurgery; merge it with peft's merge_and_unload"),
+    ("dora fan_in_fan_out", "module 'model.layers.0.self_attn.o_proj': DoRA on a fan_in_fan_out layer (its norm"),
+    ("dora no magnitude", "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' has no "
+                          "'lora_magnitude_vector'; the DoRA adapter file (use_dora) is incomplete"),
+    ("dora magnitude shape", "module 'model.layers.0.self_attn.q_proj': its lora_magnitude_vector is F32 [100]; "
+                             "DoRA needs one float per output row (200)"),
+    ("magnitude without dora", "lora_magnitude_vector' is not merged by tensorsurgery"),
     ("no base tensor", "module 'model.layers.0.self_attn.nope' has no base tensor"),
     ("shape", "module 'model.layers.0.self_attn.q_proj': A [8, 100] and B [200, 8] (rank 8) do not fit its base "
               "tensor [200, 200]"),
     ("no folder", "not a peft adapter folder (it needs adapter_config.json and adapter_model.safetensors)"),
 ])
 def test_what_cannot_be_merged_is_one_line_and_nothing_is_written(tmp_path, capsys, base, case, message):
-    adapter = make_adapter(tmp_path / "adapter", base, torch.float32, **CASES["r8"])
+    lora = dict(CASES["r8"])
+    if case.startswith("dora") or case == "magnitude without dora":
+        lora = dict(r=8, lora_alpha=16, use_dora=True,
+                    target_modules=["embed_tokens", "q_proj"] if case == "dora embedding" else ["q_proj", "o_proj"])
+    adapter = make_adapter(tmp_path / "adapter", base, torch.float32, **lora)
+    m = Q + ".lora_magnitude_vector"
     if case == "not lora":
         _edit_adapter(adapter, config=lambda c: {**c, "peft_type": "IA3"})
-    elif case == "dora":
-        _edit_adapter(adapter, config=lambda c: {**c, "use_dora": True})
+    elif case == "dora fan_in_fan_out":  # q_proj and o_proj are square: only the DoRA is refused
+        _edit_adapter(adapter, config=lambda c: {**c, "fan_in_fan_out": True})
+    elif case == "dora no magnitude":
+        _edit_adapter(adapter, tensors=lambda t: {k: v for k, v in t.items() if k != m})
+    elif case == "dora magnitude shape":
+        _edit_adapter(adapter, tensors=lambda t: {**t, m: t[m][:100].clone()})
+    elif case == "magnitude without dora":
+        _edit_adapter(adapter, config=lambda c: {**c, "use_dora": False})
+    elif case == "dora embedding":
+        pass
     elif case == "no base tensor":
         nope = Q.replace("q_proj", "nope")
         _edit_adapter(adapter, tensors=lambda t: {**t, nope + ".lora_A.weight": t[Q + ".lora_A.weight"].clone(),
@@ -196,3 +233,32 @@ def test_base_plus_adapter_is_a_source_with_an_adapter(tmp_path):
     t = manifest_from_text('[sources.a]\nmodel = "m"\nadapter = "lora"\n[layers]\nplan = "keep"\n'
                            '[output]\npath = "out/x"\n', tmp_path / "m.toml")
     assert t.sources[0].adapter == "lora"
+
+
+def test_dora_row_norms_are_torchs_bit_for_bit():
+    """The kernel of DoRA's norm against torch.linalg.norm(dim=1) on float32 rows of every
+    length up to 40 (every tail of the 8 lanes), and of 136 .. 40,000 columns, over magnitudes
+    from 1e-4 to 1e4: 0 rows differ (one torch thread, as peft's merge is run in the tests)."""
+    import numpy as np
+
+    from tensorsurgery.ops.lora import row_norms
+
+    g = torch.Generator().manual_seed(5)
+    for cols in [*range(1, 41), 136, 200, 203, 1031, 4096, 4099, 11008, 40000]:
+        x = torch.randn(1000 if cols < 2000 else 40, cols, generator=g)
+        x *= torch.exp(torch.randn(x.shape[0], 1, generator=g) * 3)
+        ours = row_norms(np.ascontiguousarray(x.numpy()))
+        assert np.array_equal(ours.view(np.int32), torch.linalg.norm(x, dim=1).numpy().view(np.int32)), cols
+
+
+def test_a_dora_merge_is_the_same_bytes_on_1_and_3_threads(tmp_path, capsys, base):
+    """The writer spreads a DoRA tensor's row ranges over its threads; each row's norm and each
+    product's 128-row window are the same whoever makes it."""
+    adapter = make_adapter(tmp_path / "adapter", base, torch.bfloat16, **CASES["dora-r8"])
+    outs = []
+    for threads in ("1", "3"):
+        out = tmp_path / f"out{threads}"
+        m = manifest(tmp_path, base, adapter, name=f"m{threads}.toml")
+        assert run(capsys, "apply", m, "--output", out, "--threads", threads, "--no-progress")[0] == 0
+        outs.append(state(out))
+    assert set(outs[0]) == set(outs[1]) and all(bitwise(outs[0][k], outs[1][k]) for k in outs[0])

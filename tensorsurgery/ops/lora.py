@@ -10,6 +10,12 @@ with fused multiply-adds; numpy's (OpenBLAS) does too for the blocked kernel it 
 at least :data:`MIN_ROWS` rows, but not for its small-matrix and single-row paths. So every product
 here is made over a window of at least that many rows around the rows asked for (the rows
 themselves when the tensor has fewer), whatever row range the writer asks for.
+
+DoRA (``dora``, peft's ``use_dora`` on a linear layer): a fourth input, the magnitude vector ``m``
+(one value per output row), and peft's ``DoraLinearVariant.merge``: ``S = f32(W) + delta`` (delta
+the float32 scaled product above), ``n = ||S||`` over each row (torch's float32
+``linalg.norm(dim=1)``, emulated by :func:`row_norms`), ``f32(m / n) * S`` rounded once to W's
+dtype. The norm of a row needs that row alone, so the operation stays rowwise.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ if TYPE_CHECKING:
 MIN_ROWS = 128
 #: Elements made at a time after the product (the scaling, the add and the roundings).
 _PIECE = 1 << 15
+#: The float32 lanes of torch's vectorized row norm on CPU (AVX2 and AVX512 builds alike: measured).
+LANES = 8
 
 
 @register
@@ -38,13 +46,17 @@ class LoraMerge:
     Not ``transposed``: ``A`` is ``[r, cols]`` and ``B`` ``[rows, r]``, ``delta = B @ A``;
     ``transposed`` (a ``fan_in_fan_out`` layer, an embedding): ``A`` is ``[r, rows]``, ``B``
     ``[cols, r]``, ``delta = (B @ A)^T``. Values: ``merge_dtype(f32(W) + f32(delta) * f32(scaling))``
-    (``delta`` first rounded to ``merge_dtype`` when ``round_delta``), then cast to ``dtype``."""
+    (``delta`` first rounded to ``merge_dtype`` when ``round_delta``), then cast to ``dtype``.
+    ``dora``: a fourth input, the magnitude ``m`` ``[rows]``, and the values
+    ``merge_dtype(f32(m / ||S||) * S)`` with ``S = f32(W) + f32(delta) * f32(scaling)`` and the
+    norm over each row (see the module docstring)."""
 
     scaling: float
     transposed: bool
     round_delta: bool
     merge_dtype: str
     dtype: str
+    dora: bool = False
     label: ClassVar[str] = "lora"
     verbatim: ClassVar[bool] = False
     elementwise: ClassVar[bool] = False
@@ -92,13 +104,16 @@ class LoraMerge:
         from ..scratch import scratch
         from ..transforms import cast_chunk
 
-        w, a, b = inputs
+        w, a, b = inputs[:3]
         rows, cols = w.shape
         lo = max(0, min(start, rows - MIN_ROWS))  # the window the product is made over
         hi = min(rows, lo + MIN_ROWS)
         product = self._product(a, b, fds[1], fds[2], lo, hi)[start - lo:start - lo + n].reshape(-1)
         size = element_size(self.dtype)
         scale = np.float32(self.scaling)
+        if self.dora:
+            self._dora(inputs, fds, start, n, product, out)
+            return
         for i in range(0, n * cols, _PIECE):  # the rest elementwise, in small pieces: small temporaries
             m = min(_PIECE, n * cols - i)
             delta = product[i:i + m]
@@ -110,6 +125,36 @@ class LoraMerge:
             merged = cast_chunk(delta, "F32", self.merge_dtype, out=scratch(m * 4, slot=17)[0])
             out[i * size:(i + m) * size] = cast_chunk(merged, self.merge_dtype, self.dtype,
                                                       out=scratch(m * 4, slot=18)[0])
+
+    def _dora(self, inputs: Sequence[Input], fds: Sequence[int], start: int, n: int, product: np.ndarray,
+              out: np.ndarray) -> None:
+        """DoRA's rows ``start..start+n-1`` from their float32 ``product`` rows (flat, changed in
+        place): ``S = W + scaling * product``, each row times ``f32(m / ||S||)``, rounded once."""
+        import numpy as np
+
+        from ..dtypes import element_size
+        from ..scratch import scratch
+        from ..transforms import cast_chunk
+
+        w, m = inputs[0], inputs[3]
+        cols = w.shape[1]
+        size = element_size(self.dtype)
+        scale = np.float32(self.scaling)
+        for i in range(0, n * cols, _PIECE):  # S, in place
+            k = min(_PIECE, n * cols - i)
+            s = product[i:i + k]
+            s *= scale
+            s += _f32(_read(fds[0], w, start * cols + i, k, slot=15), w.dtype, slot=16)
+        rows = product.reshape(n, cols)
+        magnitude = _f32(_read(fds[3], m, start, n, slot=22), m.dtype, slot=23)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero row: inf or NaN, as torch makes it
+            factor = magnitude / row_norms(rows)
+        rows *= factor[:, None]
+        for i in range(0, n * cols, _PIECE):
+            k = min(_PIECE, n * cols - i)
+            merged = cast_chunk(product[i:i + k], "F32", self.merge_dtype, out=scratch(k * 4, slot=17)[0])
+            out[i * size:(i + k) * size] = cast_chunk(merged, self.merge_dtype, self.dtype,
+                                                      out=scratch(k * 4, slot=18)[0])
 
     def _product(self, a: Input, b: Input, fd_a: int, fd_b: int, lo: int, hi: int) -> np.ndarray:
         """Rows ``lo..hi-1`` of the float32 product (``B @ A``, or its transpose), shape ``[hi - lo, cols]``
@@ -154,3 +199,52 @@ def _f32(raw: np.ndarray, dtype: str, slot: int) -> np.ndarray:
     from ..transforms import cast_chunk
 
     return cast_chunk(raw, dtype, "F32", out=scratch(raw.size * 4 // 2 + 1, slot=slot)[1]).view(np.float32)
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """The float32 Euclidean norm of each row of float32 ``x`` ``[n, cols]``, rounded as torch 2's
+    ``linalg.norm(x, dim=1)`` on CPU makes it (measured bit for bit, tests/test_adapters.py): the
+    squares (each rounded) summed into :data:`LANES` lanes in column order, the lanes added in
+    order; of the last ``cols % LANES`` columns, four (when there are as many) squared and added
+    one by one, the rest by fused multiply-adds; then the float32 square root. Rows a block of
+    about :data:`_PIECE` elements at a time (small temporaries)."""
+    import numpy as np
+
+    n, cols = x.shape
+    main = cols - cols % LANES
+    quad = main + 4 if cols - main >= 4 else main
+    out = np.empty(n, np.float32)
+    step = max(1, _PIECE // max(cols, 1))
+    for r in range(0, n, step):
+        block = x[r:r + step]
+        g = len(block)
+        # each lane's sum in column order (a reduction over the middle axis adds lane by lane)
+        lanes = np.add.reduce(np.square(block[:, :main]).reshape(g, main // LANES, LANES), axis=1)
+        total = np.zeros(g, np.float32)
+        for j in range(LANES):
+            total += lanes[:, j]
+        if quad > main:
+            squares = np.square(block[:, main:quad])
+            for j in range(4):
+                total += squares[:, j]
+        for d in range(quad, cols):
+            total = _fma_square(block[:, d], total)
+        out[r:r + g] = np.sqrt(total)
+    return out
+
+
+def _fma_square(v: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """``v * v + acc`` rounded once to float32 (a fused multiply-add): the square is exact in
+    float64 and the float64 sum is made round-to-odd (its error found by TwoSum), which rounds to
+    float32 as the exact sum does."""
+    import numpy as np
+
+    p = v.astype(np.float64) ** 2
+    a = acc.astype(np.float64)
+    s = p + a
+    t = s - p
+    e = (p - (s - t)) + (a - t)  # TwoSum: s + e == p + a exactly
+    bits = s.view(np.int64).copy()
+    inexact_even = (e != 0) & ((bits & 1) == 0)
+    bits[inexact_even] += np.where(e[inexact_even] > 0, 1, -1)  # s >= 0: towards e
+    return bits.view(np.float64).astype(np.float32)
