@@ -19,6 +19,7 @@ from .dare import check_seed
 from .dtypes import CAST_DTYPES
 from .errors import ManifestError
 from .limits import MAX_OUTPUT_LAYERS, MAX_RENAME_PATTERNS, MAX_SOURCES, check_count
+from .merge_slices import arrangement, sliced_spec, toml_slices
 from .merges import METHODS, MergeSpec, check_tokenizer_source, merge_spec
 from .repo_id import is_push_target
 from .rules import PRESETS
@@ -194,9 +195,17 @@ def parse_manifest(path: Path, text: str, data: Mapping[str, Any]) -> Manifest:
             if s.adapter is not None:
                 raise root.error(f"sources.{s.name}.adapter", "a LoRA adapter in a merge is not supported yet; merge "
                                                               "the adapter into its model first, then merge that model")
-        if layers.plan != "keep":
+        if merge.slices and "layers" in root.table:
+            raise root.error("layers", "given with [[merge.slices]]: the slices say which layers are merged; "
+                                       "remove [layers]")
+        if merge.slices:
+            if not any(names[0] in part.starts for part in merge.slices):
+                raise root.error(f"sources.{names[0]}", "is in no slice of [[merge.slices]]; config.json comes from "
+                                                        "the first source: list a merged model first")
+            layers = LayersSpec(plan="explicit", arrangement=tuple(Segment(*s) for s in arrangement(merge, names[0])))
+        elif layers.plan != "keep":
             raise root.error("layers.plan", f"{layers.plan!r} with [merge]: a merge keeps the layers as they are; "
-                                            f"merging a stacked or reordered model is not supported yet")
+                                            f"to merge parts of models, give [[merge.slices]]")
         if output.dtype is None and merge.dtype is not None:  # the merged values are in the merge dtype
             output = replace(output, dtype=next(k for k, v in CAST_DTYPES.items() if v == merge.dtype))
     return Manifest(
@@ -209,7 +218,7 @@ def _parse_merge(r: _Reader, names: tuple[str, ...]) -> MergeSpec:
     dtype), ``[merge.parameters]`` and one ``[merge.models.SOURCE]`` table of parameters per merged
     model, in order; ``seed`` the random seed of the methods that draw (DARE); ``tokenizer_source``
     mergekit's (``base``, ``union`` or a merged source)."""
-    r.check_keys(("method", "base", "dtype", "parameters", "models", "seed", "tokenizer_source"))
+    r.check_keys(("method", "base", "dtype", "parameters", "models", "seed", "tokenizer_source", "slices"))
     dtype = r.get("dtype", str)
     if dtype is not None and dtype not in CAST_DTYPES:
         raise r.error("dtype", f"unsupported dtype {dtype!r}; expected one of: {', '.join(CAST_DTYPES)}")
@@ -227,9 +236,16 @@ def _parse_merge(r: _Reader, names: tuple[str, ...]) -> MergeSpec:
         raise r.error("base", f"{base!r} is not the first source; list [sources.{base}] first: config.json and the "
                               f"tokenizer files come from the first source, as mergekit takes them from the base")
     seed = check_seed(lambda message: r.error("seed", message), r.table["seed"]) if "seed" in r.table else None
-    spec = merge_spec(lambda where, message: ManifestError(f"{r.file}: {where}: {message}"), method,
-                      [(name, models.sub(name).table, f"merge.models.{name}") for name in models.table],
-                      base, r.sub("parameters").table, CAST_DTYPES[dtype] if dtype else None)
+    error = lambda where, message: ManifestError(f"{r.file}: {where}: {message}")  # noqa: E731
+    if "slices" in r.table:
+        if models.table:
+            raise r.error("models", "given with [[merge.slices]]: give each model's parameters in the slices")
+        spec = sliced_spec(error, method, toml_slices(error, r.table["slices"], names), base,
+                           r.sub("parameters").table, CAST_DTYPES[dtype] if dtype else None)
+    else:
+        spec = merge_spec(error, method, [(name, models.sub(name).table, f"merge.models.{name}")
+                                          for name in models.table],
+                          base, r.sub("parameters").table, CAST_DTYPES[dtype] if dtype else None)
     merged = {name: name for name in spec.sources}
     tokenizer = check_tokenizer_source(r.error, r.table.get("tokenizer_source"), merged, "tokenizer_source")
     return replace(spec, seed=seed, tokenizer_source=tokenizer)

@@ -55,7 +55,9 @@ def merge_parameter_lines(plan: Plan) -> list[str]:
             runs[-1] = (runs[-1][0], layer, runs[-1][2])
         else:
             runs.append((layer, layer, groups[layer]))
-    lines = [f"merge parameters (per model: {', '.join(m.source for m in plan.merge.models)}):"]
+    order = ("in the order each slice lists its models" if plan.merge.slices  # the models differ by slice
+             else ", ".join(m.source for m in plan.merge.models))
+    lines = [f"merge parameters (per model: {order}):"]
     for a, b, sets in runs:
         where = f"layer {a}" if a == b else f"layers {a}..{b}"
         lines += [f"  {where if i == 0 else '':>13}  {', '.join(modules)}: {params}"

@@ -18,8 +18,9 @@ with the tensors, and how it maps here (checked against mergekit's ``plan.py`` a
   peft's ``merge_and_unload``) does: a source with an adapter (:mod:`tensorsurgery.adapters`).
 * mergekit has no output path: it is ``out/<file stem>``, and ``--output`` overrides it.
 
-Everything that would change tensor values (other merge methods, several sources in a slice,
-``parameters`` such as ``scale``, tokenizer building) is a
+A merge method (:func:`_merge_manifest`) takes ``models``, or ``slices`` of parts of models
+(:mod:`tensorsurgery.merge_slices`). In a passthrough, what would change tensor values (several
+sources in a slice, ``parameters`` such as ``scale``, tokenizer building) is a
 :class:`ManifestError` naming the file and the key path.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .dtypes import CAST_DTYPES
 from .errors import ManifestError
 from .limits import MAX_OUTPUT_LAYERS, MAX_SOURCES, MAX_YAML_NODES, check_count
 from .manifest import LayersSpec, Manifest, OutputSpec, RenameSpec, Segment, SourceSpec, check_arrangement_size
+from .merge_slices import RawSlice, SliceSource, arrangement, sliced_spec
 from .merges import METHODS, check_method, check_tokenizer_source, merge_spec
 
 _KEYS = ("merge_method", "slices", "dtype", "out_dtype", "base_model", "tokenizer_source")
@@ -108,9 +110,8 @@ def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) ->
     error = lambda where, message: ManifestError(f"{path}: {_yaml_key(where)}: {message}")  # noqa: E731
     check_method(error, method)
     _check_keys(path, "", data, (*_MERGE_KEYS, "slices"))
-    layers = None
     if "slices" in data:
-        data, layers = _whole_slice(path, data)
+        return _sliced_manifest(path, text, data, method)
     given = data.get("models")
     if not isinstance(given, list) or not given:
         found = "missing" if given is None else f"expected a non-empty list, found {_describe(given)}"
@@ -142,7 +143,7 @@ def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) ->
                       data.get("parameters") or {}, CAST_DTYPES[dtype] if dtype else None)
     # A model is named as models and base_model name it (an adapter cannot be among them).
     by_path = {m[0] if m[1] is None else f"{m[0]}@{m[1]}": names[m] for m in models}
-    spec = replace(spec, layers=layers, tokenizer_source=check_tokenizer_source(
+    spec = replace(spec, tokenizer_source=check_tokenizer_source(
         error, data.get("tokenizer_source"), by_path, "tokenizer_source"))
     return Manifest(
         path=path, text=text,
@@ -152,49 +153,72 @@ def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) ->
     )
 
 
-def _whole_slice(path: Path, data: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """A merge given as ``slices``, as the same merge given as ``models``, and the layer count its
-    ``layer_range`` says. Only one slice of whole models is taken (every source ``layer_range:
-    [0, N]``, checked against the models' N when planned): the form mergekit's slerp examples use.
-    A source's ``parameters`` are its model's; the slice's win over the global ones, as in mergekit."""
+def _sliced_manifest(path: Path, text: str, data: dict[str, Any], method: Any) -> Manifest:
+    """The manifest of a merge of parts of models (``slices`` with a merge method, see
+    :mod:`tensorsurgery.merge_slices`). Sources are the base first, then the models in the order
+    the slices first name them; the layers are planned from each slice's first merged model."""
+    error = lambda where, message: ManifestError(f"{path}: {_yaml_key(where)}: {message}")  # noqa: E731
     if "models" in data:
         raise ManifestError(f"{path}: slices: given with models; list the models either way, not both")
-    slices = _slices(path, data)
-    if len(slices) != 1:
-        raise ManifestError(f"{path}: slices: {len(slices)} slices; a merge of parts of models is not supported "
-                            f"yet: give one slice whose every source has layer_range [0, N] (the whole model)")
-    item = slices[0]
+    given = _slices(path, data)
+    check_count(path, "slices", "slices", len(given), MAX_OUTPUT_LAYERS)
+    raw = [_merge_slice(path, i, item) for i, item in enumerate(given)]
+    base = _model(path, "base_model", data["base_model"]) if data.get("base_model") is not None else None
+    models = list(dict.fromkeys(([base] if base else []) + [m for _, sources in raw for m, *_ in sources]))
+    check_count(path, "slices", "different models", len(models), MAX_SOURCES)
+    names = dict(zip(models, _source_names(models)))
+    slices = tuple(RawSlice(tuple(SliceSource(names[m], a, b, params, at) for m, a, b, params, at in sources),
+                            item.get("parameters") or {}, f"slices[{i}]")
+                   for i, ((item, sources)) in enumerate(raw))
+    check_arrangement_size(path, "slices", [Segment(None, s.sources[0].start, s.sources[0].stop) for s in slices])
+    dtype, out = (_dtype_name(path, key, data.get(key)) for key in ("dtype", "out_dtype"))
+    spec = sliced_spec(error, method, slices, names[base] if base else None, data.get("parameters") or {},
+                       CAST_DTYPES[dtype] if dtype else None)
+    by_path = {m[0] if m[1] is None else f"{m[0]}@{m[1]}": names[m] for m in models}
+    spec = replace(spec, tokenizer_source=check_tokenizer_source(
+        error, data.get("tokenizer_source"), by_path, "tokenizer_source"))
+    return Manifest(
+        path=path, text=text,
+        sources=tuple(SourceSpec(names[m], m[0], m[1]) for m in models),
+        rename=RenameSpec(),
+        layers=LayersSpec(plan="explicit",
+                          arrangement=tuple(Segment(*seg) for seg in arrangement(spec, names[models[0]]))),
+        config=MappingProxyType({}),
+        output=OutputSpec(path=f"out/{path.stem}", dtype=out or dtype), merge=spec,
+    )
+
+
+def _merge_slice(path: Path, i: int, item: Any) -> tuple[dict[str, Any], list[tuple[Any, int, int, Any, str]]]:
+    """Slice ``i`` of a merge: the slice, and each source's ``(model, start, stop, parameters, key path)``."""
+    where = f"slices[{i}]"
     if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
-        raise ManifestError(f"{path}: slices[0]: expected a mapping with sources: [{{model, layer_range}}, ...], "
+        raise ManifestError(f"{path}: {where}: expected a mapping with sources: [{{model, layer_range}}, ...], "
                             f"found {_describe(item)}")
-    _check_keys(path, "slices[0]", item, ("sources", "parameters"))
-    models, ranges = [], []
-    for i, source in enumerate(item["sources"]):
-        where = f"slices[0].sources[{i}]"
+    _check_keys(path, where, item, ("sources", "parameters"))
+    sources = []
+    for j, source in enumerate(item["sources"]):
+        at = f"{where}.sources[{j}]"
         if not isinstance(source, dict):
-            raise ManifestError(f"{path}: {where}: expected a mapping with model and layer_range, "
+            raise ManifestError(f"{path}: {at}: expected a mapping with model and layer_range, "
                                 f"found {_describe(source)}")
-        _check_keys(path, where, source, ("model", "layer_range", "parameters"))
+        _check_keys(path, at, source, ("model", "layer_range", "parameters"))
+        if "model" not in source:
+            raise ManifestError(f"{path}: {at}.model: missing; give a local folder or a Hugging Face repo id")
+        model = _model(path, f"{at}.model", source["model"])
+        if model[2]:
+            raise ManifestError(f"{path}: {at}.model: a LoRA adapter (+ADAPTER) in a merge is not supported yet; "
+                                f"merge the adapter into its model first, then merge that model")
         rng = source.get("layer_range")
         if not (isinstance(rng, list) and len(rng) == 2 and all(type(x) is int for x in rng) and 0 <= rng[0] < rng[1]):
-            raise ManifestError(f"{path}: {where}.layer_range: expected [start, stop] with 0 <= start < stop "
+            raise ManifestError(f"{path}: {at}.layer_range: expected [start, stop] with 0 <= start < stop "
                                 f"(stop excluded), found {_describe(rng)}")
-        ranges.append(tuple(rng))
-        models.append({k: v for k, v in source.items() if k != "layer_range"})
-    if ranges[0][0] != 0 or len(set(ranges)) > 1:
-        raise ManifestError(f"{path}: slices[0]: layer_range {list(ranges[0])}"
-                            f"{'' if len(set(ranges)) == 1 else ' and ' + str(list(ranges[1]))}; a merge of parts "
-                            f"of models is not supported yet: give every source layer_range [0, N] (the whole model)")
-    shared = data.get("parameters") or {}
-    if isinstance(shared, dict) and isinstance(item.get("parameters"), dict):
-        shared = {**shared, **item["parameters"]}
-    rest = {k: v for k, v in data.items() if k not in ("slices", "parameters")}
-    return {**rest, "models": models, "parameters": shared}, ranges[0][1]
+        sources.append((model, rng[0], rng[1], source.get("parameters") or {}, at))
+    return item, sources
 
 
 #: The TOML manifest's ``[merge]`` keys (in merge_spec's messages) as mergekit's YAML names them.
 _YAML_KEYS = (("merge.method", "merge_method"), ("merge.base", "base_model"), ("merge.models", "models"),
-              ("merge.parameters", "parameters"))
+              ("merge.parameters", "parameters"), ("merge.slices", "slices"))
 
 
 def _yaml_key(where: str) -> str:

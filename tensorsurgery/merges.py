@@ -116,6 +116,26 @@ class MergeModel:
 
 
 @dataclass(frozen=True, slots=True)
+class MergeSlice:
+    """A slice of a merge of parts of models (mergekit's ``slices``): ``length`` output layers,
+    output layer ``i`` of it the merge of layer ``starts[s] + i`` of each source ``s``. ``models``
+    are its merged models in the order given (the base not among them for a method that takes
+    one), each with its own parameters (a source's in the slice); ``parameters`` the slice's."""
+
+    models: tuple[MergeModel, ...]
+    starts: Mapping[str, int]
+    length: int
+    parameters: Mapping[str, Setting]
+    #: Whether the merge's base is among the slice's sources (a method that takes one needs it).
+    has_base: bool = False
+
+    def sources(self, base: str | None, takes_base: bool) -> tuple[str, ...]:
+        """The sources read for each of its tensors, in input order: the base first (when the
+        method takes it apart from the models)."""
+        return ((base,) if base and takes_base and self.has_base else ()) + tuple(m.source for m in self.models)
+
+
+@dataclass(frozen=True, slots=True)
 class MergeSpec:
     """A checked merge: ``method``; ``models`` in order (the base not among them for a method that
     takes one); ``base`` its source; global ``parameters``; the merge ``dtype`` (safetensors code;
@@ -128,9 +148,9 @@ class MergeSpec:
     dtype: str | None = None
     #: Parameter names given that this method ignores (as mergekit does), for ``plan`` to say so.
     ignored: tuple[str, ...] = ()
-    #: The layer count a mergekit slice says (``layer_range: [0, N]`` for every source), checked
-    #: against the models' when planned; None when the models are listed whole.
-    layers: int | None = None
+    #: The slices of a merge of parts of models, in output order (:mod:`tensorsurgery.merge_slices`);
+    #: empty when the models are merged whole.
+    slices: tuple[MergeSlice, ...] = ()
     #: The seed of torch's random generator (mergekit's ``--random-seed``), for the methods that
     #: draw (DARE); None: not given.
     seed: int | None = None
@@ -210,6 +230,19 @@ def merge_spec(error: ErrorAt, method: Any, models: Sequence[tuple[str, Mapping[
                                 f"{where}.parameters)")
         merged.append(MergeModel(source, MappingProxyType(own)))
     return MergeSpec(method, tuple(merged), base, MappingProxyType(shared), dtype, tuple(dict.fromkeys(ignored)))
+
+
+def check_settings(error: ErrorAt, spec: Method, raw: Mapping[str, Any], where: str, per_model: bool,
+                   ignored: list[str]) -> dict[str, Setting]:
+    """The parameter settings ``raw`` (at key path ``where``) checked for method ``spec``: a
+    model's own (``per_model``) or shared ones; names ``spec`` does not take but mergekit knows
+    are added to ``ignored``.
+
+    Raises:
+        whatever ``error`` makes: an unknown parameter, a value of the wrong type, a shared
+        parameter set per model.
+    """
+    return _settings(error, spec, raw, where, per_model, ignored)
 
 
 def _settings(error: ErrorAt, spec: Method, raw: Mapping[str, Any], where: str, per_model: bool,
@@ -317,19 +350,26 @@ class MissingParameter(Exception):
     """A required parameter has no value for a tensor (no filter matched)."""
 
 
-def resolve(spec: MergeSpec, tensor_name: str, t: float) -> Resolved:
-    """Each parameter of ``spec``'s method for ``tensor_name`` at ``t``: a model's own setting,
-    then the global one, then the default (mergekit's precedence, without slices).
+def resolve(spec: MergeSpec, tensor_name: str, t: float, part: MergeSlice | None = None,
+            names: Sequence[str] = ()) -> Resolved:
+    """Each parameter of ``spec``'s method for ``tensor_name`` at ``t``: a model's own setting
+    (a source's in the slice ``part``), then the slice's, then the global one, then the default
+    (mergekit's precedence). A model's own parameters are filtered by the name of its input
+    (``names``, in model order; default ``tensor_name``), as mergekit filters them: in a slice
+    that is its own layer's name.
 
     Raises:
         MissingParameter: a required parameter that no setting gives for this tensor.
     """
     method = METHODS[spec.method]
+    models = part.models if part is not None else spec.models
+    around = (part.parameters, spec.parameters) if part is not None else (spec.parameters,)
 
-    def one(p: Parameter, scopes: Sequence[Mapping[str, Setting]], model: str | None) -> float | bool:
+    def one(p: Parameter, scopes: Sequence[Mapping[str, Setting]], model: str | None,
+            name: str = tensor_name) -> float | bool:
         for scope in scopes:
             if p.name in scope:
-                value = evaluate(scope[p.name], tensor_name, t, p.kind)
+                value = evaluate(scope[p.name], name, t, p.kind)
                 if value is not None:
                     return value
         if p.default is None:
@@ -338,9 +378,11 @@ def resolve(spec: MergeSpec, tensor_name: str, t: float) -> Resolved:
                                    f"add a value without a filter")
         return p.default
 
-    shared = {p.name: one(p, (spec.parameters,), None) for p in method.parameters if not p.per_model}
-    per_model = tuple(MappingProxyType({p.name: one(p, (m.parameters, spec.parameters), m.source)
-                                        for p in method.parameters if p.per_model}) for m in spec.models)
+    shared = {p.name: one(p, around, None) for p in method.parameters if not p.per_model}
+    names = names or (tensor_name,) * len(models)
+    per_model = tuple(MappingProxyType({p.name: one(p, (m.parameters, *around), m.source, name)
+                                        for p in method.parameters if p.per_model})
+                      for m, name in zip(models, names, strict=True))
     return Resolved(MappingProxyType(shared), per_model, method.takes_base(spec.base))
 
 
@@ -360,7 +402,15 @@ def spec_data(spec: MergeSpec) -> dict[str, Any]:
             "models": [{"source": m.source, "parameters": {k: setting_data(v) for k, v in m.parameters.items()}}
                        for m in spec.models],
             "ignored": list(spec.ignored), **({"seed": spec.seed} if spec.seed is not None else {}),
+            **({"slices": [_slice_data(s) for s in spec.slices]} if spec.slices else {}),
             **({"tokenizer_source": spec.tokenizer_source} if spec.tokenizer_source is not None else {})}
+
+
+def _slice_data(part: MergeSlice) -> dict[str, Any]:
+    return {"layers": part.length, "starts": dict(part.starts),
+            "parameters": {k: setting_data(v) for k, v in part.parameters.items()},
+            "models": [{"source": m.source, "parameters": {k: setting_data(v) for k, v in m.parameters.items()}}
+                       for m in part.models]}
 
 
 def describe(spec: MergeSpec) -> str:
@@ -370,6 +420,7 @@ def describe(spec: MergeSpec) -> str:
     dtype += f", seed {spec.seed}" if spec.seed is not None else ""
     dtype += f", tokenizer from {spec.tokenizer_source}" if spec.tokenizer_source is not None else ""
     ignored = f"; ignored (not {spec.method}'s): {', '.join(spec.ignored)}" if spec.ignored else ""
+    dtype += f", in {len(spec.slices)} slices of {sum(s.length for s in spec.slices)} layers" if spec.slices else ""
     return f"{spec.method} of {', '.join(m.source for m in spec.models)}{onto}{dtype}{ignored}"
 
 

@@ -13,8 +13,9 @@ from .dare import RANDOM_METHODS, dare_operation, stream_offsets
 from .della import della_operation
 from .dtypes import is_castable
 from .errors import PlanError
-from .merges import MergeSpec, MissingParameter, Resolved, resolve
-from .ops import Breadcrumbs, Linear, ModelStock, Multislerp, Nuslerp, Operation, Slerp, TaskArithmetic, Ties
+from .merge_slices import locate
+from .merges import METHODS, MergeSpec, MissingParameter, Resolved, resolve
+from .ops import COPY, Breadcrumbs, Linear, ModelStock, Multislerp, Nuslerp, Operation, Slerp, TaskArithmetic, Ties
 from .recipe import ByteRange, Input
 
 
@@ -85,6 +86,8 @@ class Merger:
     where: str
     #: Each tensor's first random draw (DARE: :mod:`tensorsurgery.dare`), by source tensor name.
     offsets: Mapping[str, int] | None = None
+    #: The output dtype (None: the merge dtype), for a slice of the base alone (a copy).
+    out_dtype: str | None = None
 
     def with_draws(self, tensors: Iterable[tuple[str, tuple[int, ...], int | None]]) -> Merger:
         """This merger knowing where each tensor's draws start, for a method that draws: from
@@ -113,22 +116,33 @@ class Merger:
             return 0.0
         return position / (self.layers - 1) if self.layers > 1 else 1.0
 
-    def recipe(self, first: Input, position: int | None) -> tuple[tuple[Input, ...], Operation, str]:
-        """The inputs (tensor ``first.key`` of every merged source, the base first), the operation
-        and the merge dtype of the output tensor planned from ``first``.
+    def recipe(self, first: Input, position: int | None,
+               name: str | None = None) -> tuple[tuple[Input, ...], Operation, str]:
+        """The inputs (tensor ``first.key`` of every merged source, the base first; in a merge of
+        slices, each source's own layer of the slice), the operation and the merge dtype of the
+        output tensor ``name`` (default ``first.key``) planned from ``first``.
 
         Raises:
             PlanError: a source lacks the tensor or has it in another shape, it is not a float
                 tensor, or a required parameter has no value for it.
         """
-        key = first.key
+        key, name = first.key, name or first.key
         if first.part is not None:
             raise PlanError(f"{self.where}: tensor {key!r} is a part of a fused tensor; merging parts is not "
                             f"supported: merge models whose tensors are not split")
-        inputs = tuple(self._input(source, key, first.shape) for source in self.spec.sources)
+        part, t = None, self.t(position)
+        sources, keys = self.spec.sources, (key,) * len(self.spec.sources)
+        if self.spec.slices:
+            part, offset, t = locate(self.spec, position, name)
+            sources = part.sources(self.spec.base, METHODS[self.spec.method].takes_base(self.spec.base))
+            keys = tuple(key if offset is None else
+                         self.checkpoints[s].family.layers.with_index(key, part.starts[s] + offset) for s in sources)
+        inputs = tuple(self._input(source, k, first.shape) for source, k in zip(sources, keys))
         md = self.spec.dtype or promoted(tuple(i.dtype for i in inputs))
+        if part is not None and not part.models:  # the base alone: mergekit returns it, in the merge dtype
+            return inputs, self._base_alone(inputs[0], md, name), md
         try:
-            values = resolve(self.spec, key, self.t(position))
+            values = resolve(self.spec, name, t, part, keys[len(keys) - len(part.models):] if part else ())
             if self.spec.method in RANDOM_METHODS:
                 assert self.offsets is not None, "with_draws first"
                 if self.spec.method.startswith("della"):
@@ -139,6 +153,17 @@ class Merger:
             raise PlanError(f"{self.where}: merge: {e}") from None
         except ValueError as e:  # a density below 0, della's density and epsilon or shape
             raise PlanError(f"{self.where}: merge: tensor {key!r}: {e}") from None
+
+    def _base_alone(self, base: Input, md: str, name: str) -> Operation:
+        """A copy of the base's tensor (cast once to the output dtype when planned): mergekit rounds
+        it to the merge dtype, then to the output's, the same bytes when the first rounding loses
+        nothing (the merge dtype is the base's or float32) or the output is in the merge dtype."""
+        out = self.out_dtype or md
+        if md not in (base.dtype, "F32") and out != md:
+            raise PlanError(f"{self.where}: merge: tensor {name!r} is the base's alone, which mergekit rounds to "
+                            f"{md} and then to {out}; tensorsurgery casts once: set the output dtype to the merge "
+                            f"dtype, or give the slice another model")
+        return COPY
 
     def _input(self, source: str, key: str, shape: tuple[int, ...]) -> Input:
         ckpt = self.checkpoints[source]

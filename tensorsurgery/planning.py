@@ -26,6 +26,7 @@ from .format import Header, encode_header
 from .gcpause import paused_gc
 from .layers import LayerRef, seams
 from .manifest import Manifest
+from .merge_slices import range_problem
 from .merges import MergeSpec
 from .merging import Merger
 from .ops import COPY, ZEROS, DequantFP8, DequantMXFP4, LoraMerge, Operation, PermuteRotary, rotary_row_order
@@ -219,6 +220,10 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         48
     """
     base = manifest.sources[0].name
+    if manifest.merge and manifest.merge.slices:
+        problem = range_problem(manifest.merge, {name: c.num_layers for name, c in checkpoints.items()})
+        if problem:
+            raise PlanError(f"{manifest.path}: {problem}")
     chosen = select(manifest, checkpoints)
     arrangement, moe, kinds = chosen.arrangement, chosen.moe, chosen.kinds
     dtype = CAST_DTYPES[manifest.output.dtype] if manifest.output.dtype else None
@@ -237,11 +242,8 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         specs = _dequantized(specs, checkpoints, fp8, mxfp4, dtype)
     adapters = tuple(_adapted(specs, manifest, checkpoints))  # merges the LoRA adapters into ``specs``
     if manifest.merge and positions is not None:
-        if manifest.merge.layers not in (None, len(arrangement)):
-            raise PlanError(f"{manifest.path}: slices: layer_range [0, {manifest.merge.layers}], but the models have "
-                            f"{len(arrangement)} layers; a merge takes whole models: use [0, {len(arrangement)}]")
-        specs = _merged(specs, positions, Merger(manifest.merge, checkpoints, len(arrangement), str(manifest.path)),
-                        dtype)
+        specs = _merged(specs, positions, Merger(manifest.merge, checkpoints, len(arrangement), str(manifest.path),
+                                                 out_dtype=dtype), dtype)
     linked = _identical_source_shards(specs, checkpoints[base]) if link else []
     taken = {t.name for _, group in linked for t in group}
     groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
@@ -341,8 +343,9 @@ def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str 
 
 def _merged(specs: list[_Spec], positions: Mapping[str, int | None], merger: Merger,
             dtype: str | None) -> list[_Spec]:
-    """Each output tensor as the merge of the same tensor of every merged source
-    (:class:`~tensorsurgery.merging.Merger`), in the output ``dtype`` (default: the merge dtype)."""
+    """Each output tensor as the merge of the same tensor of every merged source (in a merge of
+    slices, each source's layer of the slice: :class:`~tensorsurgery.merging.Merger`), in the
+    output ``dtype`` (default: the merge dtype)."""
     merged = []
     merger = merger.with_draws((s.inputs[0].key, s.shape, positions[s.name]) for s in specs if s.inputs)
     for s in specs:
@@ -350,7 +353,7 @@ def _merged(specs: list[_Spec], positions: Mapping[str, int | None], merger: Mer
             raise PlanError(f"{merger.where}: tensor {s.name!r} is planned as {s.transform!r}, which a merge cannot "
                             f"combine with; merge models that need no rename that permutes or fills tensors")
         first = s.inputs[0]
-        inputs, op, md = merger.recipe(first, positions[s.name])
+        inputs, op, md = merger.recipe(first, positions[s.name], s.name)
         out = dtype or md
         nbytes = s.nbytes // element_size(s.dtype) * element_size(out)  # s is planned in the output dtype
         merged.append(_Spec(s.name, out, s.shape, nbytes, inputs, op, label(False, op, first.dtype, out)))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .layers import LayerRef
 from .merge_report import merge_parameter_lines
+from .merge_slices import merged_runs
 from .merges import describe, spec_data
 from .ops import DequantFP8, DequantMXFP4
 from .recipe import inputs_data
@@ -75,7 +76,9 @@ def format_plan(plan: Plan, *, free: int | None = None, copied: Sequence[CopiedL
         lines.append(f"merge: {describe(plan.merge)}")
     lines.append(f"layers: {len(plan.layers)}")
     seams = dict(plan.seams)
-    for a, b, src, x, y in layer_runs(plan.layers):
+    runs = [] if plan.merge and plan.merge.slices else layer_runs(plan.layers)
+    lines += merged_runs(plan.merge) if plan.merge and plan.merge.slices else []
+    for a, b, src, x, y in runs:
         seam = f"   <- seam: jump {seams[a]:+d}" if a in seams else ""
         if seam and plan.kinds and plan.kinds[a - 1] != plan.kinds[a]:
             seam += f"; kinds differ: {plan.kinds[a - 1]} | {plan.kinds[a]}"
