@@ -13,11 +13,14 @@ child processes through ``run.py``'s launcher (wall time, user/sys CPU and peak 
   ``plan = "keep"`` with ``adapter =`` on the source;
 * ``verify MANIFEST OUTPUT`` of the rank-16 output (the merge made again, compared byte for byte).
 
+``--dora``: the adapters are DoRA ones (``use_dora``, a float32 ``lora_magnitude_vector`` per
+module), so each merged row is also normed and scaled.
+
 Everything is written in a new folder under ``/dev/shm`` (or ``--workdir``) and removed at the end.
 
 Usage::
 
-    python benchmarks/lora.py [--size tiny|default] [--runs N] [--workdir DIR] [--repo PATH]
+    python benchmarks/lora.py [--size tiny|default] [--runs N] [--dora] [--workdir DIR] [--repo PATH]
                               [--max-wait SECONDS] [--json]
 """
 from __future__ import annotations
@@ -93,20 +96,22 @@ def make_base(folder: Path, size: str, seed: int = 0) -> int:
     return total
 
 
-def make_adapter(folder: Path, size: str, r: int, seed: int = 1) -> int:
-    """A peft LoRA folder of rank ``r`` on every projection (float32 factors); returns its tensor bytes."""
+def make_adapter(folder: Path, size: str, r: int, seed: int = 1, dora: bool = False) -> int:
+    """A peft LoRA folder of rank ``r`` on every projection (float32 factors; with ``dora``, a
+    float32 magnitude per output row too); returns its tensor bytes."""
     folder.mkdir(parents=True)
     specs = []
     for i in range(SIZES[size][0]):
         for name, (rows, cols) in _shapes(size).items():
             key = f"base_model.model.model.layers.{i}.{name}"
             specs += [(key + ".lora_A.weight", "F32", (r, cols)), (key + ".lora_B.weight", "F32", (rows, r))]
+            specs += [(key + ".lora_magnitude_vector", "F32", (rows,))] if dora else []
     rng = np.random.default_rng(seed)
     total = _write(folder / "adapter_model.safetensors", specs,
                    lambda _dtype, shape: (rng.standard_normal(shape, dtype=np.float32) * 0.01).tobytes())
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": [p.split(".")[1] for p in _PROJ],
-        "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "task_type": "CAUSAL_LM"}))
+        "use_rslora": False, "use_dora": dora, "fan_in_fan_out": False, "task_type": "CAUSAL_LM"}))
     return total
 
 
@@ -117,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, help="a folder on tmpfs (default: a new one under /dev/shm)")
     p.add_argument("--repo", type=Path, default=runner.DEFAULT_REPO, help="the checkout to measure")
     p.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for a quiet machine")
+    p.add_argument("--dora", action="store_true", help="DoRA adapters (use_dora, a magnitude per row)")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -139,7 +145,8 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     bench.mkdir()
     runner.log(f"writing the {args.size} checkpoint and its adapters in {work} ...")
     source_bytes = make_base(source, args.size)
-    adapter_bytes = {r: make_adapter(work / f"adapter-r{r}", args.size, r) for r in RANKS}
+    adapter_bytes = {r: make_adapter(work / f"adapter-r{r}", args.size, r, dora=args.dora)
+                     for r in RANKS}
     out = bench / "out"
     manifests = {}
     for r in RANKS:
@@ -157,10 +164,11 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     copy.write_text(f'[source]\nmodel = "{made}"\n[layers]\nplan = "keep"\n[output]\npath = "{out / "raw"}"\n')
     spec = runner.build_spec(repo.path, copy, out / "raw", bench / "raw.json")
     assert spec["transforms"] == 0, spec["transforms"]
+    kind = "DoRA" if args.dora else "LoRA"
     rows = [
         runner.Approach("raw", "raw pipelined copy (baseline: the merged output's bytes)",
                         [sys.executable, str(runner.THIS), "--raw-copy", str(bench / "raw.json")], out / "raw"),
-        *(runner.Approach(f"lora-r{r}", f"apply (BF16 base + LoRA r={r})",
+        *(runner.Approach(f"lora-r{r}", f"apply (BF16 base + {kind} r={r})",
                           repo.ts("apply", str(manifests[r]), "--no-progress"), out / f"r{r}") for r in RANKS),
         runner.Approach("verify", f"verify MANIFEST OUTPUT (r={RANKS[0]}: the merge made again)",
                         repo.ts("verify", str(manifests[RANKS[0]]), str(out / f"r{RANKS[0]}"), "--no-progress"),
@@ -175,7 +183,8 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     ctx = {"dropped": 0, "why": None, "max_wait": args.max_wait, "tmpfs": True, "env": env}
     runner.run_all(rows, bench, args.runs, ctx)
     summary = runner.summarize(rows)
-    command = " ".join(["python benchmarks/lora.py", "--size", args.size, "--runs", str(args.runs)])
+    command = " ".join(["python benchmarks/lora.py", "--size", args.size, "--runs", str(args.runs)]
+                       + (["--dora"] if args.dora else []))
     m = runner.machine(work, repo)
     if args.json:
         print(json.dumps({"command": command, "source_bytes": source_bytes, "adapter_bytes": adapter_bytes,
