@@ -98,7 +98,11 @@ def _renamed(data: Any) -> Any:
     """``data`` with each local-path string replaced by its folder's name (what the replaced text
     must parse to). Without recursion: a manifest can nest deep."""
     def one(item: Any) -> Any:
-        return folder_name(item) if isinstance(item, str) and is_local_path(item) else item
+        if not isinstance(item, str):
+            return item
+        if is_local_path(item):
+            return folder_name(item)
+        return "+".join(folder_name(p) if is_local_path(p) else p for p in item.split("+"))
     root: list[Any] = [data]
     stack: list[tuple[Any, Any]] = [(root, 0)]
     while stack:
@@ -125,6 +129,8 @@ def _strings(data: Any) -> list[str]:
         item = stack.pop()
         if isinstance(item, str):
             found.append(item)
+            if "+" in item and not is_local_path(item):  # mergekit's MODEL+ADAPTER: each part
+                found += item.split("+")
         elif isinstance(item, dict):
             stack += [*item.keys(), *item.values()]
         elif isinstance(item, (list, tuple)):

@@ -57,6 +57,17 @@ def test_mergekit_yaml_models():
     assert [s["model"] for s in data["slices"][0]["sources"]] == ["M", "M2"]
 
 
+def test_mergekit_adapter_references_lose_their_local_parts():
+    """``MODEL+ADAPTER``: each part that is a local path becomes its folder's name; a repo id part
+    stays, and a string that is a local path as a whole is one path (a ``+`` in a folder name)."""
+    text = (f"slices:\n- sources:\n  - model: org/base+/home/alice/{SECRET}/lora\n    layer_range: [0, 8]\n"
+            f"  - model: M+~/adapters/a2\n    layer_range: [0, 8]\n"
+            f"  - model: /data/c++/{SECRET}/M3\n    layer_range: [0, 8]\nmerge_method: passthrough\n")
+    out = path_free_manifest(text)
+    assert SECRET not in out and "alice" not in out and "~" not in out
+    assert [s["model"] for s in yaml.safe_load(out)["slices"][0]["sources"]] == ["org/base+lora", "M+a2", "M3"]
+
+
 def test_a_path_spelled_with_escapes_is_refused():
     text = f'[source]\nmodel = "\\u002fhome/alice/{SECRET}/M"\n'
     with pytest.raises(PlanError) as e:
