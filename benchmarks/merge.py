@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Merge benchmark: tensorsurgery's ``slerp``, ``ties``, ``linear``, ``task_arithmetic``, ``dare_linear``,
-``dare_ties``, ``della`` and ``della_linear`` against mergekit on the same YAML, and against the least
-any merge can do, all in one process, on tmpfs by default.
+``dare_ties``, ``della``, ``della_linear``, ``sce`` and the other built methods against mergekit on the
+same YAML, and against the least any merge can do, all in one process, on tmpfs by default.
 
 The models are synthetic Mistral-shaped bf16 checkpoints with normally distributed values
 (:func:`tensorsurgery.synthetic.make_mistral`, one seed each; the base of task_arithmetic is
@@ -127,6 +127,12 @@ def configs(models: list[Path]) -> dict[str, dict]:
                     "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models[1:3], weights)]},
         "multislerp": {"merge_method": "multislerp", "base_model": str(models[0]),
                        "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models[1:], weights)]},
+        "sce": {"merge_method": "sce", "base_model": str(models[0]), "parameters": {"select_topk": 0.3},
+                "models": [{"model": str(m)} for m in models[1:]]},
+        "nearswap": {"merge_method": "nearswap", "base_model": str(models[0]), "parameters": {"t": 0.1},
+                     "models": [{"model": str(models[1])}]},
+        **{method: {"merge_method": method, "base_model": str(models[0]),
+                    "models": [{"model": str(m)} for m in models[1:]]} for method in ("ram", "ramplus_tl")},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(models[0]),
                             "models": [{"model": str(m), "parameters": {"weight": w}}
                                        for m, w in zip(models[1:], weights)]},
@@ -137,12 +143,18 @@ def configs(models: list[Path]) -> dict[str, dict]:
     }
 
 
-#: mergekit-yaml with torch.argsort and torch.sort made stable (the lowest index first among equal values).
+#: mergekit-yaml with torch.argsort, torch.sort and torch.topk made stable (the lowest index first among
+#: equal values).
 STABLE_MERGEKIT = ("import sys, torch; a, s = torch.argsort, torch.sort; "
                    "torch.argsort = lambda x, dim=-1, descending=False, **k: a(x, dim=dim, descending=descending, "
                    "stable=True); torch.sort = lambda x, dim=-1, descending=False, **k: s(x, dim=dim, "
-                   "descending=descending, stable=True); from mergekit.scripts.run_yaml import main; "
-                   "sys.argv[0] = 'mergekit-yaml'; main()")
+                   "descending=descending, stable=True); "
+                   "torch.topk = lambda x, k, dim=-1, largest=True, sorted=True: (lambda o: (torch.gather(x, dim, o), "
+                   "o))(a(x, dim=dim, descending=largest, stable=True).narrow(dim, 0, k)); "
+                   "from mergekit.scripts.run_yaml import main; sys.argv[0] = 'mergekit-yaml'; main()")
+#: The methods whose result depends on which of equal values a sort or top-k keeps (and for sce
+#: on torch's sums: run on one thread).
+SORTING = ("ties", "breadcrumbs_ties", "sce")
 
 
 def differing_elements(a: Path, b: Path) -> tuple[int, int]:
@@ -204,7 +216,7 @@ def measure(layers: int, count: int, workdir: Path | None, runs: int, methods: l
             seeded = ["--random-seed", str(SEED)] if method.startswith(("dare", "della")) else []
             yml = bench / f"{method}.yml"
             yml.write_text(json.dumps(config))  # JSON is YAML
-            merged = models[:2] if method == "slerp" else models  # slerp: the base and one other
+            merged = models[:2] if method in ("slerp", "nearswap") else models  # the base and one other
             inputs = sorted(f for m in merged for f in m.glob("*.safetensors"))
             base = min(raw(inputs, bench / "raw.bin", size) for _ in range(runs))
             (bench / "raw.bin").unlink()
@@ -229,8 +241,9 @@ def measure(layers: int, count: int, workdir: Path | None, runs: int, methods: l
                 row.update(mergekit_s=t[0], mergekit_rss_mb=t[1], differing=differing_elements(theirs, ours))
                 shutil.rmtree(theirs)
                 # which equal magnitudes it keeps (della: how it ranks them) is torch's unstable sort's choice
-                if "ties" in method or method.startswith("della"):
-                    run([sys.executable, "-c", STABLE_MERGEKIT, *flags], env, bench / "rss")
+                if "ties" in method or method.startswith("della") or method in SORTING:
+                    one = ["--num-threads", "1"] if method == "sce" else []
+                    run([sys.executable, "-c", STABLE_MERGEKIT, *flags, *one], env, bench / "rss")
                     row.update(differing_stable=differing_elements(theirs, ours))
                     shutil.rmtree(theirs)
             shutil.rmtree(ours)
@@ -253,7 +266,7 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(f"{r['method']:<16} {r['raw_s']:>6.2f} {r['ours_s']:>7.2f} {r['ours_s'] / r['raw_s']:>6.2f} "
                      f"{r['ours_rss_mb']:>7.0f} {r['verify_s']:>8.2f} {mk}")
         if "differing_stable" in r:
-            lines.append(f"{'':<16} against mergekit with a stable argsort: "
+            lines.append(f"{'':<16} against mergekit with stable sorts: "
                          f"{'{} ({})'.format(*r['differing_stable'])} elements differing (max ulps)")
     return "\n".join(lines)
 

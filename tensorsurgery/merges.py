@@ -97,14 +97,20 @@ METHODS: Mapping[str, Method] = MappingProxyType({
         Parameter("normalize", bool, False, name == "della"), Parameter("rescale", bool, False, True),
         Parameter("lambda", float, False, 1.0), Parameter("int8_mask", bool, False, False, inert=True)),
         needs_base=True) for name in ("della", "della_linear")},
+    "sce": Method("sce", (Parameter("select_topk", float, False, 1.0),
+                          Parameter("int8_mask", bool, False, False, inert=True)), needs_base=True),
+    "nearswap": Method("nearswap", (Parameter("t", float, False),), needs_base=True, max_models=1),
+    "ram": Method("ram", (Parameter("epsilon", float, False, 1e-5),), needs_base=True),
+    "ramplus_tl": Method("ramplus_tl", (Parameter("r", float, False, 0.1), Parameter("alpha", float, False, 0.2),
+                                        Parameter("epsilon", float, False, 1e-5)), needs_base=True),
 })
 #: The parameters of mergekit's other methods: a config written for one may carry them, and
 #: mergekit ignores those a method does not take; so do we (a name outside this list is a typo).
 MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "normalize", "rescale", "t", "int8_mask",
                        "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_",
-                       "normalize_weights", "eps")
+                       "normalize_weights", "eps", "r", "alpha")
 #: mergekit's methods that are not (yet) built here, for a message that says so.
-OTHER_METHODS = ("sce", "karcher", "arcee_fusion", "nearswap", "ram")
+OTHER_METHODS = ("karcher", "arcee_fusion")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,22 @@ from .dtypes import is_castable
 from .errors import PlanError
 from .merge_slices import locate
 from .merges import METHODS, MergeSpec, MissingParameter, Resolved, resolve
-from .ops import COPY, Breadcrumbs, Linear, ModelStock, Multislerp, Nuslerp, Operation, Slerp, TaskArithmetic, Ties
+from .ops import (
+    COPY,
+    Breadcrumbs,
+    Linear,
+    ModelStock,
+    Multislerp,
+    NearSwap,
+    Nuslerp,
+    Operation,
+    Ram,
+    RamPlus,
+    Sce,
+    Slerp,
+    TaskArithmetic,
+    Ties,
+)
 from .recipe import ByteRange, Input
 
 
@@ -72,6 +87,11 @@ OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType
                                      bool(v.shared["nuslerp_flatten"]), v.base, md),
     "multislerp": lambda v, md: Multislerp(_weights(v), bool(v.shared["normalize_weights"]), float(v.shared["eps"]),
                                            v.base, md),
+    "sce": lambda v, md: Sce(float(v.shared["select_topk"]), md),
+    "nearswap": lambda v, md: NearSwap(float(v.shared["t"]), md),
+    "ram": lambda v, md: Ram(float(v.shared["epsilon"]), md),
+    "ramplus_tl": lambda v, md: RamPlus(float(v.shared["r"]), float(v.shared["alpha"]), float(v.shared["epsilon"]),
+                                        md),
 })
 
 

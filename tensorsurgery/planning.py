@@ -354,7 +354,8 @@ def _merged(specs: list[_Spec], positions: Mapping[str, int | None], merger: Mer
                             f"combine with; merge models that need no rename that permutes or fills tensors")
         first = s.inputs[0]
         inputs, op, md = merger.recipe(first, positions[s.name], s.name)
-        out = dtype or md
+        # The merge dtype, but ramplus_tl's float32 promotion; a copied base-only slice stays in it.
+        out = dtype or (md if op is COPY else op.result_dtype(inputs))
         nbytes = s.nbytes // element_size(s.dtype) * element_size(out)  # s is planned in the output dtype
         merged.append(_Spec(s.name, out, s.shape, nbytes, inputs, op, label(False, op, first.dtype, out)))
     return merged

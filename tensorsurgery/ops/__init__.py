@@ -103,15 +103,18 @@ from .linear import Linear  # noqa: E402
 from .lora import LoraMerge  # noqa: E402
 from .model_stock import ModelStock  # noqa: E402
 from .multislerp import Multislerp  # noqa: E402
+from .nearswap import NearSwap  # noqa: E402
 from .nuslerp import Nuslerp  # noqa: E402
 from .permute import PermuteRotary, rotary_row_order  # noqa: E402
+from .ram import Ram, RamPlus  # noqa: E402
 from .scale import Scale  # noqa: E402
+from .sce import Sce  # noqa: E402
 from .slerp import Slerp  # noqa: E402
 from .task_arithmetic import TaskArithmetic  # noqa: E402
 from .ties import Ties  # noqa: E402
 from .zeros import ZEROS, Zeros  # noqa: E402
 
 __all__ = ["COPY", "OPERATIONS", "ZEROS", "Breadcrumbs", "Copy", "Dare", "Della", "DequantFP8", "DequantMXFP4",
-           "Linear", "LoraMerge", "ModelStock", "Multislerp", "Nuslerp", "Operation", "PermuteRotary",
-           "RowwiseOperation", "Scale", "Slerp", "TaskArithmetic", "Ties", "TwoPassOperation", "Zeros", "register",
-           "rotary_row_order"]
+           "Linear", "LoraMerge", "ModelStock", "Multislerp", "NearSwap", "Nuslerp", "Operation", "PermuteRotary",
+           "Ram", "RamPlus", "RowwiseOperation", "Scale", "Sce", "Slerp", "TaskArithmetic", "Ties",
+           "TwoPassOperation", "Zeros", "register", "rotary_row_order"]

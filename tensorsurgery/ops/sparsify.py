@@ -75,12 +75,16 @@ def deltas(raws: Sequence[np.ndarray], inputs: Sequence[Input], md: str) -> tupl
 Request = tuple[int, bool, int]
 
 
+#: Reads the inputs once and calls ``visit(model, start, keys)`` for each block of each model's keys.
+Scan = Callable[[Sequence["Input"], Sequence[int], str, Callable[[int, int, "np.ndarray"], None]], None]
+
+
 def find_ranks(inputs: Sequence[Input], fds: Sequence[int], md: str,
-               requests: Sequence[Request]) -> dict[Request, Rank]:
+               requests: Sequence[Request], scan: Scan | None = None) -> dict[Request, Rank]:
     """The :class:`Rank` of each request ``(m, descending, r)``: the ``r`` largest (or smallest)
-    magnitudes of model ``m``'s difference from the base. One pass of histograms of the keys (two
-    for float32: high then low 16 bits), one more when a threshold's equal elements are not all
-    taken."""
+    magnitudes of model ``m``'s difference from the base (or of the keys ``scan`` gives, numbered
+    as it numbers them). One pass of histograms of the keys (two for float32: high then low 16
+    bits), one more when a threshold's equal elements are not all taken."""
     import numpy as np
 
     count = inputs[0].range.length // element_size(inputs[0].dtype)
@@ -88,10 +92,11 @@ def find_ranks(inputs: Sequence[Input], fds: Sequence[int], md: str,
     todo = [q for q in dict.fromkeys(requests) if q not in out]
     if not todo:
         return out
+    read = scan or _scan_deltas
     wide = md == "F32"
     models = sorted({m for m, _, _ in todo})
     hist = {m: np.zeros(1 << 15, np.int64) for m in models}
-    _scan(inputs, fds, md, lambda m, _, keys: _add(hist, m, keys >> 16 if wide else keys, 1 << 15))
+    read(inputs, fds, md, lambda m, _, keys: _add(hist, m, keys >> 16 if wide else keys, 1 << 15))
     threshold, before = {}, {}
     for q in todo:
         threshold[q], before[q] = _bin(hist[q[0]], q[1], q[2])
@@ -104,7 +109,7 @@ def find_ranks(inputs: Sequence[Input], fds: Sequence[int], md: str,
                 if q[0] == m:
                     low[q] += np.bincount(keys[(keys >> 16) == threshold[q]] & np.uint32(0xFFFF), minlength=1 << 16)
 
-        _scan(inputs, fds, md, histogram_low)
+        read(inputs, fds, md, histogram_low)
         for q in todo:
             bin_low, more = _bin(low[q], q[1], q[2] - before[q])
             threshold[q], before[q], at[q] = threshold[q] << 16 | bin_low, before[q] + more, int(low[q][bin_low])
@@ -122,7 +127,7 @@ def find_ranks(inputs: Sequence[Input], fds: Sequence[int], md: str,
                 seen[q] += where.size
 
     if partial:
-        _scan(inputs, fds, md, find_cut)
+        read(inputs, fds, md, find_cut)
     return {**out, **{q: Rank(q[1], threshold[q], cut[q]) for q in todo}}
 
 
@@ -147,7 +152,8 @@ def _bin(hist: np.ndarray, descending: bool, r: int) -> tuple[int, int]:
     return b, int(reached[b] - hist[b])
 
 
-def _scan(inputs: Sequence[Input], fds: Sequence[int], md: str, visit: Callable[[int, int, np.ndarray], None]) -> None:
+def _scan_deltas(inputs: Sequence[Input], fds: Sequence[int], md: str,
+                 visit: Callable[[int, int, np.ndarray], None]) -> None:
     """``visit(model, start, keys)`` for each block of each non-base input's magnitude keys."""
     from .blocks import input_blocks
 

@@ -1,0 +1,153 @@
+"""Merges (issue 19): mergekit's ``nearswap``, through both front doors, bitwise equal to stock
+mergekit 0.1.5 (elementwise: no sort, no random draw, no reduction), and the kernel on hard values
+against mergekit's own function."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from test_merge_sce import CODES
+from test_merges import (
+    FINE_TUNES,
+    _raw,
+    _yaml,
+    assert_bitwise_equal,
+    config_differences,
+    mergekit,
+    read_all,
+    toml_manifest,
+)
+
+from cli_helpers import differences, error_line, run
+
+pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
+
+
+def _hard(n: int, dtype: torch.dtype, gen: torch.Generator, scale: float) -> torch.Tensor:
+    """Normal values times ``scale``, with signed zeros, subnormals, huge values, infinities."""
+    info = torch.finfo(dtype)
+    x = torch.randn(n, generator=gen) * scale
+    special = torch.tensor([0.0, -0.0, info.tiny / 4, -info.tiny / 8, info.max, -info.max, float("inf"),
+                            float("-inf"), 1e-30])
+    pick = torch.randint(0, n, (n // 200,), generator=gen)
+    x[pick] = special[torch.randint(0, len(special), (len(pick),), generator=gen)]
+    return x.to(dtype)
+
+
+def _same(reference: torch.Tensor, ours: Any, n: int) -> torch.Tensor:
+    """Elements bitwise equal, NaN payloads aside (torch's vector and scalar paths quiet NaNs
+    differently)."""
+    mine = torch.from_numpy(ours.copy()).view(reference.dtype)
+    same = (reference.view(-1).view(torch.uint8).reshape(n, -1) == mine.view(torch.uint8).reshape(n, -1)).all(1)
+    return same | (reference.isnan() & mine.isnan())
+
+
+def _group(tensors: list[torch.Tensor]) -> Any:
+    from mergekit.merge_methods.base import TensorGroup
+
+    return TensorGroup.from_tensors(tensors, base_index=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nearswap_kernel_on_hard_values(dtype):
+    """Elements near and far apart (differences around t), equal ones (below the 1e-6 floor) and
+    the hard values, on chunks longer than a block: bitwise mergekit's ``nearswap_merge``."""
+    from mergekit.merge_methods.nearswap import nearswap_merge
+
+    from tensorsurgery.ops import NearSwap
+    from tensorsurgery.ops.arith import BLOCK
+    from tensorsurgery.recipe import Input
+
+    n = BLOCK * 2 + 17
+    gen = torch.Generator().manual_seed(4)
+    base = _hard(n, dtype, gen, 1.0)
+    other = (base.float() + torch.randn(n, generator=gen) * 0.01).to(dtype)
+    other[::7] = base[::7]
+    other[::101] = _hard(n, dtype, gen, 1.0)[::101]
+    inputs = [Input("s", "k", CODES[dtype], (n,), None)] * 2
+    for t in (0.0, 0.001, 0.0123, 2.0):
+        reference = nearswap_merge.merge_group(_group([base, other]), t=t)
+        ours = NearSwap(t, CODES[dtype]).apply([_raw(base), _raw(other)], inputs, 0)
+        same = _same(reference, ours, n)
+        assert same.all(), (t, int((~same).sum()))
+        assert reference.isnan().any() and reference.isinf().any()  # the hard values are there
+
+
+#: nearswap's cases (base and one other model).
+NEARSWAP_CASES = {
+    "nearswap": lambda p: {"merge_method": "nearswap", "base_model": str(p["base"]),
+                           "models": [{"model": str(p["base"])}, {"model": str(p["ft1"])}],
+                           "parameters": {"t": 0.01}},
+    "nearswap-f16-gradient-filters": lambda p: {
+        "merge_method": "nearswap", "base_model": str(p["base"]), "models": [{"model": str(p["ft0"])}],
+        "dtype": "float16", "out_dtype": "bfloat16",
+        "parameters": {"t": [{"filter": "mlp", "value": [0.001, 0.03]}, {"value": 0.02}]}},
+    "nearswap-f32": lambda p: {"merge_method": "nearswap", "base_model": str(p["base"]), "dtype": "float32",
+                               "models": [{"model": str(p["ft2"])}], "parameters": {"t": 0.0005}},
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from test_merges import _family
+
+    return _family(tmp_path_factory.mktemp("models"), FINE_TUNES)
+
+
+def _equals_mergekit(capsys: Any, tmp_path: Path, config: dict[str, Any], door: str) -> None:
+    theirs = mergekit(config, tmp_path / "mergekit")
+    ours = tmp_path / "ours"
+    manifest = tmp_path / f"m.{'yml' if door == 'yaml' else 'toml'}"
+    manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else toml_manifest(config, ours))
+    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
+    assert code == 0, out + err
+    assert_bitwise_equal(read_all(theirs), read_all(ours))
+    assert config_differences(theirs, ours) == {}
+    code, out, err = run(capsys, "verify", manifest, ours, "--no-progress")
+    assert code == 0 and "every byte matches" in out, out + err
+
+
+@pytest.mark.parametrize("door", ["yaml", "toml"])
+@pytest.mark.parametrize("case", sorted(NEARSWAP_CASES))
+def test_nearswap_equals_mergekit(capsys, tmp_path, models, case, door):
+    _equals_mergekit(capsys, tmp_path, NEARSWAP_CASES[case](models), door)
+
+
+def _threads_and_verify(capsys: Any, tmp_path: Path, config: dict[str, Any], label: str) -> None:
+    """The same bytes on 1 and 3 threads; verify catches one changed byte in both modes."""
+    manifest = _yaml(tmp_path, config)
+    outputs = []
+    for threads in (1, 3):
+        out = tmp_path / f"t{threads}"
+        assert run(capsys, "apply", manifest, "--output", out, "--threads", threads, "--no-progress")[0] == 0
+        outputs.append(read_all(out))
+    assert_bitwise_equal(*outputs)
+    shard = tmp_path / "t3" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3000] ^= 4
+    shard.write_bytes(bytes(data))
+    for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
+        found = differences(*run(capsys, *argv, "--no-progress"))
+        assert len(found) == 1 and f"(transform: {label}" in found[0], found
+
+
+def test_nearswap_is_reproducible_and_verified(capsys, tmp_path, models):
+    _threads_and_verify(capsys, tmp_path, NEARSWAP_CASES["nearswap"](models), "nearswap")
+
+
+def test_nearswap_refusals(capsys, tmp_path, models):
+    out = tmp_path / "out"
+    two = [{"model": str(models["ft0"])}, {"model": str(models["ft1"])}]
+    for config, expected in (
+        ({"merge_method": "nearswap", "base_model": str(models["base"]), "models": two, "parameters": {"t": 0.1}},
+         "models: 2 models besides the base; nearswap interpolates the base towards exactly 1"),
+        ({"merge_method": "nearswap", "base_model": str(models["base"]), "models": two[:1]},
+         "parameters: missing t; nearswap needs one"),
+    ):
+        message = error_line(*run(capsys, "apply", _yaml(tmp_path, config), "--output", out))
+        assert expected in message, message
+        assert not out.exists()
+
