@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,13 +25,24 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-#: Test modules that need torch and transformers (and, for parity, mergekit).
-TORCH_MODULES = frozenset({
-    "test_e2e.py", "test_link.py", "test_mergekit_config.py", "test_mergekit_parity.py", "test_native.py",
-    "test_reference.py", "test_transforms.py", "test_family_models.py", "test_families_e2e.py",
-    "test_consistency_e2e.py", "test_sweep.py", "test_cast_nans.py", "test_ops.py", "test_dequant.py",
-    "test_adapters.py", "test_merges.py", "test_dare.py",
-})
+#: What a test module that needs torch imports (directly, or through another such module).
+_IMPORTS = re.compile(r"^(?:from|import) (\w+)", re.M)
+_TORCH = {"torch", "transformers", "mergekit", "peft"}
+
+
+def _torch_modules() -> frozenset[str]:
+    """Test modules that need torch and transformers (and, for parity, mergekit or peft): found
+    from their imports, so a new module is never left out of the list by hand."""
+    imports = {p.name: set(_IMPORTS.findall(p.read_text(encoding="utf-8"))) for p in TESTS_DIR.glob("*.py")}
+    needs = {name for name, found in imports.items() if found & _TORCH}
+    while True:  # importing a local module that needs torch (test_merges, family_models) needs it too
+        more = {name for name, found in imports.items() if {f"{m}.py" for m in found} & needs} - needs
+        if not more:
+            return frozenset(n for n in needs if n.startswith("test_"))
+        needs |= more
+
+
+TORCH_MODULES = _torch_modules()
 
 if importlib.util.find_spec("torch") is None:
     collect_ignore = sorted(TORCH_MODULES)
