@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 from tensorsurgery import api
@@ -85,6 +86,7 @@ def test_lora_py_measures_an_adapter_merge_against_the_raw_copy(tmp_path):
     assert not any((tmp_path / "w").iterdir())
 
 
+@pytest.mark.torch  # mergekit runs beside us
 def test_run_py_measures_merges_side_by_side_with_mergekit(tmp_path):
     """``--merges``: a row per method with our time and RSS, its raw baseline, verify, and mergekit's
     time with the elements that differ (0 for linear, bitwise mergekit's)."""
