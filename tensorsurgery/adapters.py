@@ -1,5 +1,6 @@
 """LoRA adapters merged into their source (``[sources.NAME] adapter = PATH``, mergekit's
 ``BASE+ADAPTER``): which output tensors become ``W + scaling * (B @ A)`` (:class:`~tensorsurgery.ops.LoraMerge`)
+(their biases ``b + scaling * lora_B.bias`` with ``lora_bias``: :class:`~tensorsurgery.ops.LoraBias`)
 and which are replaced by the adapter's own copy (peft's ``modules_to_save``).
 
 :func:`read_adapter` reads a local peft folder (``adapter_config.json`` and the header of
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 from .errors import AdapterError, HeaderError, SourceError
 from .format import Header, read_header
 from .fsio import read_json
-from .ops import COPY, LoraMerge, Operation
+from .ops import COPY, LoraBias, LoraMerge, Operation
 from .recipe import ByteRange, Input
 
 CONFIG_FILE = "adapter_config.json"
@@ -28,6 +29,8 @@ _PREFIX = "base_model.model."
 _FLOATS = ("F32", "BF16", "F16")
 #: The suffix of a DoRA module's magnitude vector (peft saves it without ``.weight``).
 _MAGNITUDE = ".lora_magnitude_vector"
+#: The suffix of ``lora_B``'s bias (``lora_bias``).
+_BIAS = ".lora_B.bias"
 #: The suffixes of a module's two factors in an adapter file, and whether it is an embedding's.
 _FACTORS = ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", ".lora_embedding_B", True))
 #: Bytes read at a time when hashing the adapter files.
@@ -111,6 +114,7 @@ class _Module(NamedTuple):
     b: str
     embedding: bool
     magnitude: str | None = None  # DoRA's lora_magnitude_vector key
+    bias: str | None = None  # lora_bias's lora_B.bias key
 
 
 def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, str], dict[str, str]]:
@@ -118,14 +122,16 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, str], dict
     by base key) and base weights it carries (``<module>.base_layer.weight``, by base key).
 
     Raises:
-        AdapterError: a key peft's LoRA does not save (a bias; a magnitude without ``use_dora``), a
-            lone factor, a DoRA module without its magnitude.
+        AdapterError: a key peft's LoRA does not save (a magnitude without ``use_dora``, a
+            ``lora_B.bias`` without ``lora_bias`` or with DoRA), a lone factor, a DoRA module
+            without its magnitude.
     """
     modules: dict[str, _Module] = {}
     saved: dict[str, str] = {}
     bases: dict[str, str] = {}
     keys = adapter.header.tensors
     dora = bool(adapter.config.get("use_dora"))
+    lora_bias = bool(adapter.config.get("lora_bias"))
     for key in keys:
         name = key.removeprefix(_PREFIX)
         for a, b, emb in _FACTORS:
@@ -138,11 +144,15 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, str], dict
                 if dora and magnitude not in keys:
                     raise AdapterError(f"{adapter.root / WEIGHTS_FILE}: {key!r} has no {_MAGNITUDE.lstrip('.')!r}; "
                                        f"the DoRA adapter file (use_dora) is incomplete")
-                modules[module] = _Module(key, key.removesuffix(a) + b, emb, magnitude if dora else None)
+                bias = key.removesuffix(a) + _BIAS
+                modules[module] = _Module(key, key.removesuffix(a) + b, emb, magnitude if dora else None,
+                                          bias if bias in keys and lora_bias and not dora else None)
                 break
         else:
             if name.endswith((".lora_B.weight", ".lora_embedding_B")) or (dora and name.endswith(_MAGNITUDE)):
                 continue
+            if name.endswith(_BIAS) and lora_bias and not dora and key.removesuffix(_BIAS) + ".lora_A.weight" in keys:
+                continue  # the bias of a module read above
             if name.endswith(".base_layer.weight"):
                 bases[name.removesuffix(".base_layer.weight") + ".weight"] = key
             elif ".lora_" in name:
@@ -201,6 +211,8 @@ def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input]) -> tuple[d
         else:
             recipes[key] = Recipe((w, a, b, _magnitude(adapter, module, m, transposed, w.shape[0])),
                                   LoraMerge(s, False, False, base.dtype, base.dtype, dora=True))
+        if m.bias is not None:
+            recipes[module + ".bias"] = _bias(adapter, module, m.bias, base_keys.get(module + ".bias"), s)
         scalings.append((module, s))
     for key, saved_key in saved.items():
         base = base_keys.get(key)
@@ -210,6 +222,24 @@ def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input]) -> tuple[d
                                f"shape {list(i.shape)}; the adapter was trained for another model")
         recipes[key] = Recipe((i,), COPY)
     return recipes, AdapterInfo(adapter.source, str(adapter.root), adapter.hashes, tuple(sorted(scalings)))
+
+
+def _bias(adapter: Adapter, module: str, key: str, base: Input | None, s: float) -> Recipe:
+    """The recipe of a ``lora_bias`` module's merged bias: the base layer's plus ``lora_B``'s.
+
+    Raises:
+        AdapterError: the base layer has no bias (peft cannot merge it either), shapes or dtypes
+            that do not fit.
+    """
+    where = f"sources.{adapter.source}: adapter {adapter.root}: module {module!r}"
+    if base is None:
+        raise AdapterError(f"{where}: the adapter has a lora_B bias (lora_bias) but its base layer has no bias "
+                           f"{module + '.bias'!r}; peft cannot merge it either (its merge raises)")
+    i = _input(adapter, key)
+    if i.shape != base.shape or len(i.shape) != 1 or i.dtype not in _FLOATS or base.dtype not in _FLOATS:
+        raise AdapterError(f"{where}: its lora_B bias is {i.dtype} {list(i.shape)}, its base bias {base.dtype} "
+                           f"{list(base.shape)}; they do not fit: the adapter was trained for another model")
+    return Recipe((base, i), LoraBias(s, base.dtype))
 
 
 def _magnitude(adapter: Adapter, module: str, m: _Module, transposed: bool, rows: int) -> Input:
@@ -257,4 +287,5 @@ def source_inputs(weight_map: Mapping[str, str], headers: Mapping[str, Header], 
 def adapter_keys(adapter: Adapter) -> set[str]:
     """The base keys an adapter's file refers to (its modules' weights and modules_to_save)."""
     modules, saved, _ = _modules(adapter)
-    return {m + ".weight" for m in modules} | set(saved)
+    biases = {name + ".bias" for name, m in modules.items() if m.bias is not None}
+    return {m + ".weight" for m in modules} | set(saved) | biases

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the card is made from a plan: planning.py imports this modu
 _TRANSFORMS = {"none": "copied byte for byte", "cast": "cast", "permute": "rows permuted",
                "permute+cast": "rows permuted and cast", "slice": "a row range of a fused tensor",
                "zeros": "zeros (the source has no such tensor)", "dequant": "dequantized from FP8 blocks",
-               "lora": "a LoRA adapter merged in",
+               "lora": "a LoRA adapter merged in", "lora_bias": "a LoRA bias (lora_bias) merged in",
                "linear": "a weighted average (linear)",
                "task_arithmetic": "a base plus weighted differences (task_arithmetic)"}
 

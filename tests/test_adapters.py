@@ -2,7 +2,7 @@
 with peft's ``get_peft_model`` (``init_lora_weights=False``: B is not zero), saved in float32 and
 bfloat16; every output tensor bitwise equal to peft's ``merge_and_unload()`` then
 ``save_pretrained``, at r = 8 and 64, rsLoRA, rank_pattern / alpha_pattern, an embedding LoRA,
-modules_to_save, DoRA (r = 8, rsLoRA r = 16; its row norm's kernel against torch's); the logits
+modules_to_save, DoRA (r = 8, rsLoRA r = 16; its row norm's kernel against torch's), lora_bias; the logits
 equal when loaded; an adapter + DUS in one manifest; verify finds a flipped byte; 1 and 3 threads;
 the refusals (one line, exit 2, nothing written)."""
 from __future__ import annotations
@@ -25,26 +25,48 @@ DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module", params=["F32", "BF16"])
-def base(request, tmp_path_factory) -> Path:
-    """A tiny Llama (3 layers, hidden 200, intermediate 136, 4 heads, 2 KV heads, vocab 320) in F32 or BF16."""
-    folder = tmp_path_factory.mktemp("lora") / f"base-{request.param}"
+def tiny_llama(folder: Path, dtype: str, **extra) -> Path:
+    """A tiny Llama (3 layers, hidden 200, intermediate 136, 4 heads, 2 KV heads, vocab 320) in ``dtype``."""
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=200, intermediate_size=136, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=64, tie_word_embeddings=False)
-    LlamaForCausalLM(config).to(DTYPES[request.param]).save_pretrained(folder)
+                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=64, tie_word_embeddings=False,
+                         **extra)
+    LlamaForCausalLM(config).to(DTYPES[dtype]).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["F32", "BF16"])
+def base(request, tmp_path_factory) -> Path:
+    """The tiny Llama in F32 or BF16 (no biases)."""
+    return tiny_llama(tmp_path_factory.mktemp("lora") / f"base-{request.param}", request.param)
+
+
+@pytest.fixture(scope="module", params=["F32", "BF16"])
+def biased_base(request, tmp_path_factory) -> Path:
+    """The tiny Llama in F32 or BF16 with biases on every attention and MLP projection (random, not zero)."""
+    folder = tiny_llama(tmp_path_factory.mktemp("lora") / f"biased-{request.param}", request.param,
+                        attention_bias=True, mlp_bias=True)
+    weights = load_file(str(folder / "model.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    for k, v in weights.items():
+        if k.endswith(".bias"):
+            weights[k] = torch.randn(v.shape, generator=g).to(v.dtype)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
 
 def make_adapter(folder: Path, base: Path, save_dtype: torch.dtype, **lora) -> Path:
     """A peft LoRA of ``base`` with random A and B, saved in ``save_dtype``; a DoRA's magnitudes
-    (peft starts them at the rows' norms, a factor of 1) moved by up to 20%, as training does."""
+    (peft starts them at the rows' norms, a factor of 1) moved by up to 20%, as training does; a
+    ``lora_bias``'s biases (peft starts them at 0) random."""
     torch.manual_seed(1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(init_lora_weights=False, **lora))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * (torch.rand(p.shape) - 0.5))
+            if "lora_B" in name and name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape))
     model.to(save_dtype).save_pretrained(folder)
     return folder
 
@@ -138,17 +160,54 @@ def test_an_adapter_and_dus_in_one_manifest_and_verify_finds_a_flipped_byte(tmp_
         assert bitwise(t, reference[".".join(parts)]), key
     code, _, err = run(capsys, "verify", m, out, "--no-progress")
     assert code == 0, err
-    key = "model.layers.2.self_attn.q_proj.weight"
+    assert_verify_finds_a_flipped_byte(capsys, m, out, "model.layers.2.self_attn.q_proj.weight", 51)
+
+
+def assert_verify_finds_a_flipped_byte(capsys, m: Path, out: Path, key: str, at: int) -> None:
+    """Flip one bit of byte ``at`` of tensor ``key`` in ``out``: verify, with the manifest and from
+    the record alone, names the tensor and exits 1."""
     shard = next(p for p in sorted(out.glob("*.safetensors")) if key in safe_open(str(p), framework="pt").keys())
     raw = bytearray(shard.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
     start, _ = json.loads(raw[8:8 + n])[key]["data_offsets"]
-    raw[8 + n + start + 51] ^= 0x10
+    raw[8 + n + start + at] ^= 0x10
     shard.write_bytes(bytes(raw))
     code, text, _ = run(capsys, "verify", m, out, "--no-progress")
     assert code == 1 and key in text
     code, text, _ = run(capsys, "verify", out, "--no-progress")
     assert code == 1 and key in text
+
+
+BIAS = dict(r=8, lora_alpha=16, lora_bias=True, target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"v_proj": 4})
+
+
+@pytest.mark.parametrize("save", ["F32", "BF16"])
+def test_lora_bias_is_peft_merge_and_unload_bitwise(tmp_path, capsys, biased_base, save):
+    """lora_bias: lora_B's bias times the scaling added to the base layer's bias (and the weights
+    merged as ever); every tensor bitwise peft's; the record holds the bias's two inputs; verify
+    passes and finds a flipped byte of a merged bias."""
+    adapter = make_adapter(tmp_path / "adapter", biased_base, DTYPES[save], **BIAS)
+    assert any(k.endswith("lora_B.bias") for k in load_file(str(adapter / "adapter_model.safetensors")))
+    reference = state(peft_merged(biased_base, adapter, tmp_path / "ref"))
+    m = manifest(tmp_path, biased_base, adapter)
+    code, _, err = run(capsys, "apply", m, "--no-progress")
+    assert code == 0, err
+    out = tmp_path / "out"
+    got = state(out)
+    assert set(got) == set(reference)
+    assert [k for k in got if not bitwise(got[k], reference[k])] == []
+    original = load_file(str(biased_base / "model.safetensors"))
+    changed = {k for k in got if k.endswith(".bias") and not bitwise(got[k], original[k])}
+    assert changed == {f"model.layers.{n}.{p}.bias" for n in range(3)
+                       for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    record = json.loads((out / "tensorsurgery.json").read_text())
+    t = record["tensors"]["model.layers.1.self_attn.v_proj.bias"]
+    assert [i["source_key"] for i in t["inputs"]] == ["model.layers.1.self_attn.v_proj.bias",
+                                                      "base_model.model.model.layers.1.self_attn.v_proj.lora_B.bias"]
+    assert t["operation"]["scaling"] == 16 / 4
+    assert run(capsys, "verify", m, out, "--no-progress")[0] == 0
+    assert_verify_finds_a_flipped_byte(capsys, m, out, "model.layers.1.self_attn.v_proj.bias", 3)
 
 
 def test_mergekit_base_plus_adapter(tmp_path, capsys, base):
@@ -189,6 +248,9 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
     ("no base tensor", "module 'model.layers.0.self_attn.nope' has no base tensor"),
     ("shape", "module 'model.layers.0.self_attn.q_proj': A [8, 100] and B [200, 8] (rank 8) do not fit its base "
               "tensor [200, 200]"),
+    ("lora_bias, no base bias", "module 'model.layers.0.mlp.down_proj': the adapter has a lora_B bias "
+                                "(lora_bias) but its base layer has no bias 'model.layers.0.mlp.down_proj.bias'; "
+                                "peft cannot merge it either"),
     ("no folder", "not a peft adapter folder (it needs adapter_config.json and adapter_model.safetensors)"),
 ])
 def test_what_cannot_be_merged_is_one_line_and_nothing_is_written(tmp_path, capsys, base, case, message):
@@ -196,6 +258,8 @@ def test_what_cannot_be_merged_is_one_line_and_nothing_is_written(tmp_path, caps
     if case.startswith("dora") or case == "magnitude without dora":
         lora = dict(r=8, lora_alpha=16, use_dora=True,
                     target_modules=["embed_tokens", "q_proj"] if case == "dora embedding" else ["q_proj", "o_proj"])
+    if case == "lora_bias, no base bias":
+        lora = dict(BIAS)
     adapter = make_adapter(tmp_path / "adapter", base, torch.float32, **lora)
     m = Q + ".lora_magnitude_vector"
     if case == "not lora":
@@ -216,7 +280,7 @@ def test_what_cannot_be_merged_is_one_line_and_nothing_is_written(tmp_path, caps
                                                   nope + ".lora_B.weight": t[Q + ".lora_B.weight"].clone()})
     elif case == "shape":
         _edit_adapter(adapter, tensors=lambda t: {**t, Q + ".lora_A.weight": t[Q + ".lora_A.weight"][:, :100].clone()})
-    else:
+    elif case == "no folder":
         adapter = tmp_path / "missing"
     text = error_line(*run(capsys, "apply", manifest(tmp_path, base, adapter), "--no-progress"))
     assert message in text, text

@@ -179,6 +179,37 @@ class LoraMerge:
         return product
 
 
+@register
+@dataclass(frozen=True, slots=True)
+class LoraBias:
+    """peft's ``lora_bias``: the base layer's bias ``b`` plus ``lora_B``'s own bias ``c``, as peft's
+    ``Linear.merge`` makes it (``bias.data += lora_B.bias * scaling``, the factor held in float32):
+    ``merge_dtype(f32(b) + f32(c) * f32(scaling))``, the product rounded to float32, then one
+    rounding to the base's dtype. Inputs: ``b``, ``c`` (1-D, one value per output row)."""
+
+    scaling: float
+    merge_dtype: str
+    label: ClassVar[str] = "lora_bias"
+    verbatim: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = True
+
+    def result_dtype(self, inputs: Sequence[Input]) -> str:
+        return self.merge_dtype  # peft's bias is in the base's dtype; a cast to the output's follows
+
+    def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
+        import numpy as np
+
+        from ..transforms import cast_chunk
+
+        bias, lora = (cast_chunk(r, i.dtype, "F32").view(np.float32) for r, i in zip(raws, inputs))
+        with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN, as torch makes them
+            merged = lora * np.float32(self.scaling) + bias
+        return cast_chunk(merged, "F32", self.merge_dtype)
+
+    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError("lora_bias is elementwise")  # the interpreter never asks
+
+
 def _read(fd: int, i: Input, first: int, count: int, slot: int) -> np.ndarray:
     """Elements ``first..first+count-1`` of input ``i``, raw (uint8, scratch buffer ``slot``)."""
     from ..dtypes import element_size
