@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Merge benchmark: tensorsurgery's ``slerp``, ``ties``, ``linear``, ``task_arithmetic``, ``dare_linear``,
-``dare_ties``, ``della``, ``della_linear``, ``sce`` and the other built methods against mergekit on the
+``dare_ties``, ``della``, ``della_linear``, ``sce``, ``karcher`` and the other built methods against mergekit on the
 same YAML, and against the least any merge can do, all in one process, on tmpfs by default.
 
 The models are synthetic Mistral-shaped bf16 checkpoints with normally distributed values
@@ -9,8 +9,8 @@ the first). The baseline (**raw**) reads every input file once and writes the ou
 once (a reader and a writer thread, 4 MiB buffers, fsync): a merge cannot move fewer bytes.
 Each row prints wall time, its ratio to raw and to mergekit, and the command's own peak RSS
 (``wait4``). mergekit's output is compared with ours byte for byte, and ``verify`` is timed too.
-The DARE and DELLA rows run both with ``--random-seed`` (:data:`SEED`), and they and ``ties_rescale``
-run mergekit with ``--num-threads 1`` (its rescale sums round otherwise with several threads).
+The DARE and DELLA rows run both with ``--random-seed`` (:data:`SEED`), and they, ``ties_rescale`` and
+``karcher`` run mergekit with ``--num-threads 1`` (its rescale sums round otherwise with several threads).
 Everything written is removed at the end.
 
     python benchmarks/merge.py [--layers N] [--models K] [--method M] [--workdir DIR] [--runs N] [--no-mergekit]
@@ -127,6 +127,7 @@ def configs(models: list[Path]) -> dict[str, dict]:
                     "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models[1:3], weights)]},
         "multislerp": {"merge_method": "multislerp", "base_model": str(models[0]),
                        "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models[1:], weights)]},
+        "karcher": {"merge_method": "karcher", "models": [{"model": str(m)} for m in models]},
         "sce": {"merge_method": "sce", "base_model": str(models[0]), "parameters": {"select_topk": 0.3},
                 "models": [{"model": str(m)} for m in models[1:]]},
         "nearswap": {"merge_method": "nearswap", "base_model": str(models[0]), "parameters": {"t": 0.1},
@@ -235,8 +236,9 @@ def measure(layers: int, count: int, workdir: Path | None, runs: int, methods: l
             if mergekit:
                 theirs = bench / f"mergekit-{method}"
                 flags = [str(yml), str(theirs), "--device", "cpu", "--no-copy-tokenizer", "--no-write-model-card",
-                         # the rescale sums round as ours on one torch thread only
-                         "--quiet", *seeded, *(["--num-threads", "1"] if seeded or "rescale" in method else [])]
+                         # the rescale sums (karcher's norms) round as ours on one torch thread only
+                         "--quiet", *seeded, *(["--num-threads", "1"] if seeded or "rescale" in method or
+                                               method == "karcher" else [])]
                 t = run([mergekit, *flags], env, bench / "rss")
                 row.update(mergekit_s=t[0], mergekit_rss_mb=t[1], differing=differing_elements(theirs, ours))
                 shutil.rmtree(theirs)

@@ -103,14 +103,16 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "ram": Method("ram", (Parameter("epsilon", float, False, 1e-5),), needs_base=True),
     "ramplus_tl": Method("ramplus_tl", (Parameter("r", float, False, 0.1), Parameter("alpha", float, False, 0.2),
                                         Parameter("epsilon", float, False, 1e-5)), needs_base=True),
+    "karcher": Method("karcher", (Parameter("max_iter", float, False, 10), Parameter("tol", float, False, 1e-5)),
+                      needs_base=False),
 })
 #: The parameters of mergekit's other methods: a config written for one may carry them, and
 #: mergekit ignores those a method does not take; so do we (a name outside this list is a typo).
 MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "normalize", "rescale", "t", "int8_mask",
                        "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_",
-                       "normalize_weights", "eps", "r", "alpha")
+                       "normalize_weights", "eps", "r", "alpha", "max_iter", "tol")
 #: mergekit's methods that are not (yet) built here, for a message that says so.
-OTHER_METHODS = ("karcher", "arcee_fusion")
+OTHER_METHODS = ("arcee_fusion",)
 
 
 @dataclass(frozen=True, slots=True)

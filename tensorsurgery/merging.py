@@ -18,6 +18,7 @@ from .merges import METHODS, MergeSpec, MissingParameter, Resolved, resolve
 from .ops import (
     COPY,
     Breadcrumbs,
+    Karcher,
     Linear,
     ModelStock,
     Multislerp,
@@ -75,6 +76,13 @@ def _model_stock(values: Resolved, md: str) -> Operation:
     return ModelStock(md)
 
 
+def _karcher(values: Resolved, md: str) -> Operation:
+    steps = float(values.shared["max_iter"])
+    if not steps.is_integer() or steps < 0:
+        raise NotBuilt(f"karcher: max_iter is the number of steps (a whole number, 0 or more), found {steps:g}")
+    return Karcher(int(steps), float(values.shared["tol"]), md)
+
+
 #: Each method's operation from one tensor's resolved parameters and the merge dtype.
 OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType({
     "linear": lambda v, md: Linear(_weights(v), bool(v.shared["normalize"]), md),
@@ -92,6 +100,7 @@ OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType
     "ram": lambda v, md: Ram(float(v.shared["epsilon"]), md),
     "ramplus_tl": lambda v, md: RamPlus(float(v.shared["r"]), float(v.shared["alpha"]), float(v.shared["epsilon"]),
                                         md),
+    "karcher": _karcher,
 })
 
 

@@ -344,8 +344,8 @@ def test_refusals_are_one_line_and_write_nothing(capsys, tmp_path, models):
     two = [{"model": str(models["ft0"]), "parameters": {"weight": 1}},
            {"model": str(models["ft1"]), "parameters": {"weight": 1}}]
     cases = [
-        ({"merge_method": "karcher", "base_model": str(models["base"]), "models": two},
-         "merge_method: 'karcher' is not built yet"),
+        ({"merge_method": "arcee_fusion", "base_model": str(models["base"]), "models": two},
+         "merge_method: 'arcee_fusion' is not built yet"),
         ({"merge_method": "slerp", "base_model": str(models["base"]), "models": two, "parameters": {"t": 0.5}},
          "models: 2 models besides the base; slerp interpolates the base towards exactly 1"),
         ({"merge_method": "slerp", "base_model": str(models["base"]), "models": two[:1]},

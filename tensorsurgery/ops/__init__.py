@@ -99,6 +99,7 @@ from .dare import Dare  # noqa: E402
 from .della import Della  # noqa: E402
 from .dequant_fp8 import DequantFP8  # noqa: E402
 from .dequant_mxfp4 import DequantMXFP4  # noqa: E402
+from .karcher import Karcher  # noqa: E402
 from .linear import Linear  # noqa: E402
 from .lora import LoraBias, LoraMerge  # noqa: E402
 from .model_stock import ModelStock  # noqa: E402
@@ -115,6 +116,6 @@ from .ties import Ties  # noqa: E402
 from .zeros import ZEROS, Zeros  # noqa: E402
 
 __all__ = ["COPY", "OPERATIONS", "ZEROS", "Breadcrumbs", "Copy", "Dare", "Della", "DequantFP8", "DequantMXFP4",
-           "Linear", "LoraBias", "LoraMerge", "ModelStock", "Multislerp", "NearSwap", "Nuslerp", "Operation",
-           "PermuteRotary", "Ram", "RamPlus", "RowwiseOperation", "Scale", "Sce", "Slerp", "TaskArithmetic", "Ties",
-           "TwoPassOperation", "Zeros", "register", "rotary_row_order"]
+           "Karcher", "Linear", "LoraBias", "LoraMerge", "ModelStock", "Multislerp", "NearSwap", "Nuslerp",
+           "Operation", "PermuteRotary", "Ram", "RamPlus", "RowwiseOperation", "Scale", "Sce", "Slerp",
+           "TaskArithmetic", "Ties", "TwoPassOperation", "Zeros", "register", "rotary_row_order"]
