@@ -11,7 +11,7 @@ measurements), wall time of the operation and the child's peak RSS (``ru_maxrss`
   reader parses and validates the whole header at open, ``keys()`` makes the Python names.
 * ``official full``: the same plus ``get_slice(name)`` with ``get_dtype()`` and ``get_shape()`` of
   every tensor, kept in a list: what our ``Header`` holds (names, dtypes, shapes) in Python objects.
-* ``ours read_header``: ``tensorsurgery.format.read_header(path)``, the Header kept alive.
+* ``ours read_header``: ``tensorsurgery.formats.safetensors.read_header(path)``, the Header kept alive.
 * ``plan keep`` and ``plan dus`` (``--names model`` only): ``tensorsurgery plan MANIFEST`` as a user
   runs it (the command line in-process, its summary printed to a buffer) on a manifest beside the
   file that keeps the layers or stacks them DUS-style (overlap: a quarter of the layers), with a
@@ -80,7 +80,7 @@ print(json.dumps({"seconds": dt, "rss_after_imports_kb": int(rss0), "tensors": l
 """,
     "ours read_header": """
 import sys, time, json
-from tensorsurgery.format import read_header
+from tensorsurgery.formats.safetensors import read_header
 rss0 = open('/proc/self/status').read().split('VmRSS:')[1].split()[0]
 t = time.perf_counter()
 h = read_header(sys.argv[1])

@@ -31,9 +31,10 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the synthetic checkpoints
 
-from tensorsurgery.synthetic import FULL, SMALL, Dims, make_mistral  # noqa: E402
-from tensorsurgery.synthetic import tensor_bytes as _tensor_bytes  # noqa: E402
+from synthetic import FULL, SMALL, Dims, make_mistral  # noqa: E402
+from synthetic import tensor_bytes as _tensor_bytes  # noqa: E402
 
 #: The real repository's shard cut (transformers' default ``max_shard_size="10GB"``).
 FULL_MAX_SHARD = 10_000_000_000

@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tensorsurgery.format import encode_header
+from tensorsurgery.formats.safetensors import encode_header
 
 HERE = Path(__file__).resolve().parent
 

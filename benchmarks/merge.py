@@ -33,8 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the synthetic checkpoints
 
-from tensorsurgery.synthetic import SMALL, Dims, make_mistral, tensor_bytes  # noqa: E402
+from synthetic import SMALL, Dims, make_mistral, tensor_bytes  # noqa: E402
 
 BUFFER = 4 << 20
 #: The DARE rows' seed.

@@ -332,7 +332,7 @@ def _plan_with_any_api(manifest: Path, link: bool):
             takes_link = False
         if takes_link:
             return fn(manifest, link=True), f"{how}(link=True)"
-    from tensorsurgery.manifest import load_manifest
+    from tensorsurgery.manifest.toml import load_manifest
     from tensorsurgery.plan import build_plan  # an early checkout's module names
     from tensorsurgery.source import resolve_source
     m = load_manifest(manifest)
@@ -996,7 +996,7 @@ def benchmark(args: argparse.Namespace, repo: Repo, workdir: Path, bench: Path, 
     if args.merges:  # in the same workdir, after the DUS rows, each row with its own raw baseline
         import merge
 
-        from tensorsurgery.synthetic import SMALL, TINY
+        from synthetic import SMALL, TINY
         merges = merge.measure(8, 3, workdir, args.runs, None if args.merges == ["all"] else args.merges,
                                not args.no_mergekit, TINY if args.size == "tiny" else SMALL)
     if args.json:

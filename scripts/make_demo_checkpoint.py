@@ -21,8 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the synthetic checkpoints
 
-from tensorsurgery.synthetic import TINY, make_mistral  # noqa: E402
+from synthetic import TINY, make_mistral  # noqa: E402
 
 DEFAULT_OUTDIR = REPO / "examples" / "tiny-mistral"
 

@@ -16,10 +16,9 @@ import os as _os
 # before numpy is first imported; a caller's own setting wins.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from ._version import __version__  # noqa: E402
-from .api import ApplyResult, PushResult, apply, execute, inspect, load, plan, push, resolve, verify
-from .checkpoint import Checkpoint
-from .errors import (
+from tensorsurgery._version import __version__  # noqa: E402
+from tensorsurgery.api import ApplyResult, PushResult, apply, execute, inspect, load, plan, push, resolve, verify
+from tensorsurgery.errors import (
     HeaderError,
     ManifestError,
     NotVerifiedError,
@@ -32,9 +31,10 @@ from .errors import (
     VerifyError,
     WriteError,
 )
-from .format import Header, read_header
-from .manifest import Manifest
-from .planning import Plan, build_plan
+from tensorsurgery.formats.safetensors import Header, read_header
+from tensorsurgery.manifest.toml import Manifest
+from tensorsurgery.planning.planner import Plan, build_plan
+from tensorsurgery.sources.checkpoint import Checkpoint
 
 __all__ = [
     "__version__",
@@ -52,6 +52,6 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # VerifyReport comes with the verify module, which loads numpy: not needed to plan or inspect.
     if name == "VerifyReport":
-        from .verification import VerifyReport
+        from tensorsurgery.verification.verifier import VerifyReport
         return VerifyReport
     raise AttributeError(f"module 'tensorsurgery' has no attribute {name!r}")

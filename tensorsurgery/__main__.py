@@ -1,6 +1,6 @@
 """``python -m tensorsurgery``: the command line."""
 import sys
 
-from .cli import main
+from tensorsurgery.cli import main
 
 sys.exit(main())

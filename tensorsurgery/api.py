@@ -1,7 +1,7 @@
 """The public Python API: what the command line does, for notebooks, CI scripts and other tools.
 
 Each function takes a manifest as a path, as text (TOML, or a mergekit passthrough YAML) or as a
-:class:`~tensorsurgery.manifest.Manifest`, with the command line's overrides (``sources`` for
+:class:`~tensorsurgery.manifest.toml.Manifest`, with the command line's overrides (``sources`` for
 ``--source``, ``output`` for ``--output``), returns typed results and raises the package's
 exceptions (:mod:`tensorsurgery.errors`); it never prints or exits.
 
@@ -20,24 +20,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Union
 
-from .checkpoint import Checkpoint
-from .errors import ManifestError, NotVerifiedError, VerifyError
-from .format import Header, read_header
-from .hashing import DEFAULT_THREADS as DEFAULT_THREADS  # the CLI's defaults, re-exported
-from .hashing import MAX_THREADS as MAX_THREADS
-from .hashing import check_threads as check_threads
-from .loading import load_manifest, manifest_from_text
-from .local import load_checkpoint
-from .manifest import Manifest, apply_overrides
-from .planning import Plan, build_plan
-from .record import read_record, require_folder
-from .recorded_sources import check_source_files
-from .repo_id import is_repo_id
-from .sources import resolve_source
+from tensorsurgery.errors import ManifestError, NotVerifiedError, VerifyError
+from tensorsurgery.formats.safetensors import Header, read_header
+from tensorsurgery.io.hashing import DEFAULT_THREADS as DEFAULT_THREADS  # the CLI's defaults, re-exported
+from tensorsurgery.io.hashing import MAX_THREADS as MAX_THREADS
+from tensorsurgery.io.hashing import check_threads as check_threads
+from tensorsurgery.manifest.loading import load_manifest, manifest_from_text
+from tensorsurgery.manifest.repo_id import is_repo_id
+from tensorsurgery.manifest.toml import Manifest, apply_overrides
+from tensorsurgery.output.record import read_record, require_folder
+from tensorsurgery.output.recorded_sources import check_source_files
+from tensorsurgery.planning.planner import Plan, build_plan
+from tensorsurgery.sources.checkpoint import Checkpoint
+from tensorsurgery.sources.local import load_checkpoint
+from tensorsurgery.sources.resolver import resolve_source
 
 if TYPE_CHECKING:  # imported where used: they load numpy, which plan and inspect do without
-    from .verification import VerifyReport
-    from .writer import WriteResult
+    from tensorsurgery.output.writer import WriteResult
+    from tensorsurgery.verification.verifier import VerifyReport
 
 #: A manifest as the API takes it: a path, manifest text, or a parsed Manifest.
 ManifestLike = Union[Manifest, str, "os.PathLike[str]"]
@@ -123,7 +123,7 @@ def plan(manifest: ManifestLike, *, sources: SourcesLike = None,
 
     Raises:
         ManifestError, SourceError, HeaderError, PlanError: see :func:`load`, :func:`resolve` and
-            :func:`tensorsurgery.planning.build_plan`.
+            :func:`tensorsurgery.planning.planner.build_plan`.
 
     Example:
         >>> len(plan("manifests/demo.toml").layers)
@@ -162,7 +162,7 @@ def apply(manifest: ManifestLike, *, sources: SourcesLike = None,
 def execute(plan: Plan, *, force: bool = False, resume: bool = False, progress: Progress = None,
             threads: int | None = None, push_to_hub: str | None = None, private: bool = True) -> ApplyResult:
     """Write an already-built ``plan`` (see :func:`apply`, which plans and then calls this)."""
-    from .writer import execute_plan
+    from tensorsurgery.output.writer import execute_plan
     written = execute_plan(plan, force=force, resume=resume, progress=progress, threads=check_threads(threads))
     if push_to_hub is None:
         return ApplyResult(plan, written)
@@ -186,7 +186,7 @@ def verify(target: ManifestLike, output: str | os.PathLike[str] | None = None, *
         VerifyError: no output folder, or a record that cannot be used.
         ManifestError, SourceError, HeaderError, PlanError: see :func:`plan`.
     """
-    from .verification import verify_output, verify_record
+    from tensorsurgery.verification.verifier import verify_output, verify_record
     threads = check_threads(threads)
     if output is None and not isinstance(target, Manifest) and _is_folder(target):
         folder = Path(target)
@@ -233,7 +233,7 @@ def plan_from_record(output: Path, sources: Mapping[str, str]) -> RecordedPlan:
     it) is the one ``apply`` wrote; Hub sources resolve again by repo id and
     recorded commit, local ones from their recorded folders (a pulled copy's record names none:
     the record alone is checked). A recorded source file must be there
-    with its recorded size and sha256 (:mod:`tensorsurgery.recorded_sources`): a source updated
+    with its recorded size and sha256 (:mod:`tensorsurgery.output.recorded_sources`): a source updated
     since apply is not what the output was made from, so the record alone is checked then.
 
     Raises:
@@ -293,7 +293,7 @@ def _recorded_root(entry: Mapping[str, object]) -> Path | None:
     # Only what apply records (a repo id and a commit): a record naming anything else must not
     # make verify look outside the cache.
     if isinstance(repo_id, str) and is_repo_id(repo_id) and isinstance(revision, str) and _COMMIT.fullmatch(revision):
-        from .hub import snapshot_folder
+        from tensorsurgery.sources.hub import snapshot_folder
         return snapshot_folder(repo_id, revision)
     return None
 
@@ -321,12 +321,12 @@ def push(output: str | os.PathLike[str], repo_id: str, *, plan: Plan | None = No
         WriteError: a file changed since it was verified (nothing uploaded), or the upload failed
             (the folder is untouched).
     """
-    from .push_files import stamp_folder
-    from .upload import push_folder
-    from .verification import verify_output
+    from tensorsurgery.publish.push_files import stamp_folder
+    from tensorsurgery.publish.upload import push_folder
+    from tensorsurgery.verification.verifier import verify_output
     threads = check_threads(threads)
     folder = require_folder(Path(output))
-    # Before verify reads them: the upload must read these very files (see tensorsurgery.push_files).
+    # Before verify reads them: the upload must read these very files (see tensorsurgery.publish.push_files).
     stamps = stamp_folder(folder)
     report = (verify_output(plan, folder, progress=progress, progress_total=progress_total, threads=threads)
               if plan is not None else verify(folder, progress=progress, progress_total=progress_total,

@@ -18,13 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
-from . import api
-from ._version import __version__
-from .errors import COMMAND_LINE_WORDS, NotVerifiedError, OutputExistsError, TensorSurgeryError
-from .format import Header
-from .fsio import existing_ancestor
-from .linking import find_copied_links
-from .report import (
+from tensorsurgery import api
+from tensorsurgery._version import __version__
+from tensorsurgery.errors import COMMAND_LINE_WORDS, NotVerifiedError, OutputExistsError, TensorSurgeryError
+from tensorsurgery.formats.safetensors import Header
+from tensorsurgery.io.fsio import existing_ancestor
+from tensorsurgery.output.linking import find_copied_links
+from tensorsurgery.output.target import check_output, temp_path
+from tensorsurgery.report import (
     checkpoint_as_dict,
     disk_needed,
     format_bytes,
@@ -36,10 +37,9 @@ from .report import (
     plan_as_dict,
     printable,
 )
-from .target import check_output, temp_path
 
 if TYPE_CHECKING:
-    from .verification import VerifyReport
+    from tensorsurgery.verification.verifier import VerifyReport
 
 
 class _Terminated(BaseException):

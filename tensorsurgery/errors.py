@@ -55,7 +55,7 @@ class ManifestError(TensorSurgeryError):
 
 
 class HeaderError(TensorSurgeryError):
-    """A safetensors file breaks one of the format's rules (raised by :mod:`tensorsurgery.format`)."""
+    """A safetensors file breaks one of the format's rules (raised by :mod:`tensorsurgery.formats.safetensors`)."""
 
 
 class SourceError(TensorSurgeryError):

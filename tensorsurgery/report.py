@@ -5,19 +5,19 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from .layers import LayerRef
-from .merge_report import merge_parameter_lines
-from .merge_slices import merged_runs
-from .merges import describe, spec_data
-from .ops import DequantFP8, DequantMXFP4
-from .recipe import inputs_data
+from tensorsurgery.families.layers import LayerRef
+from tensorsurgery.manifest.merge_slices import merged_runs
+from tensorsurgery.manifest.merges import describe, spec_data
+from tensorsurgery.ops import DequantFP8, DequantMXFP4
+from tensorsurgery.ops.recipe import inputs_data
+from tensorsurgery.planning.merge_report import merge_parameter_lines
 
 if TYPE_CHECKING:  # views of these; planning.py makes its card with this module's helpers
-    from .checkpoint import Checkpoint
-    from .format import Header
-    from .linking import CopiedLinks
-    from .planning import Plan
-    from .verification import VerifyReport
+    from tensorsurgery.formats.safetensors import Header
+    from tensorsurgery.output.linking import CopiedLinks
+    from tensorsurgery.planning.planner import Plan
+    from tensorsurgery.sources.checkpoint import Checkpoint
+    from tensorsurgery.verification.verifier import VerifyReport
 
 
 def format_bytes(n: float) -> str:

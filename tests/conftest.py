@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorsurgery.synthetic import TINY, make_mistral
+from synthetic import TINY, make_mistral
 
 TESTS_DIR = Path(__file__).resolve().parent
 # ``import helpers`` / ``import reference`` from the tests, whatever the rootdir / import mode.

@@ -1,9 +1,10 @@
 """Shared test helpers: synthetic checkpoints built from hand-made headers (no files), manifests
 parsed from TOML text, and folder snapshots.
 
-A synthetic :class:`~tensorsurgery.checkpoint.Checkpoint` holds real :class:`~tensorsurgery.format.Header`
-values: ``data_start`` is the length of the header :func:`~tensorsurgery.format.encode_header`
-would write for those tensors, and offsets are contiguous from 0, as in a file on disk.
+A synthetic :class:`~tensorsurgery.sources.checkpoint.Checkpoint` holds real
+:class:`~tensorsurgery.formats.safetensors.Header` values: ``data_start`` is the length of the header
+:func:`~tensorsurgery.formats.safetensors.encode_header` would write for those tensors, and offsets
+are contiguous from 0, as in a file on disk.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
-from tensorsurgery.checkpoint import Checkpoint
-from tensorsurgery.format import Header, TensorEntry, encode_header, tensor_nbytes
-from tensorsurgery.manifest import Manifest, parse_manifest
+from tensorsurgery.formats.safetensors import Header, TensorEntry, encode_header, tensor_nbytes
+from tensorsurgery.manifest.toml import Manifest, parse_manifest
+from tensorsurgery.sources.checkpoint import Checkpoint
 
 #: (name, safetensors dtype, shape)
 Spec = tuple[str, str, tuple[int, ...]]

@@ -288,7 +288,7 @@ def test_what_cannot_be_merged_is_one_line_and_nothing_is_written(tmp_path, caps
 
 
 def test_base_plus_adapter_is_a_source_with_an_adapter(tmp_path):
-    from tensorsurgery.loading import manifest_from_text
+    from tensorsurgery.manifest.loading import manifest_from_text
     m = manifest_from_text("merge_method: passthrough\nslices:\n  - sources:\n      - model: org/base@v1+./my-lora\n"
                            "        layer_range: [0, 2]\n  - sources:\n      - model: org/base@v1\n"
                            "        layer_range: [1, 2]\n", tmp_path / "m.yaml")

@@ -1,4 +1,4 @@
-"""The output's model card (:mod:`tensorsurgery.card`): plans from synthetic checkpoints (no
+"""The output's model card (:mod:`tensorsurgery.output.card`): plans from synthetic checkpoints (no
 files), and one end-to-end apply that writes README.md."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import yaml
 
 from helpers import decoder_config, decoder_specs, make_checkpoint, manifest_from_text, split_in_two
 from tensorsurgery import __version__
-from tensorsurgery.card import is_depth_up_scaled, model_card
-from tensorsurgery.checkpoint import card_licence, front_matter
 from tensorsurgery.cli import main
-from tensorsurgery.planning import build_plan
+from tensorsurgery.output.card import is_depth_up_scaled, model_card
+from tensorsurgery.planning.planner import build_plan
 from tensorsurgery.report import layer_runs
+from tensorsurgery.sources.checkpoint import card_licence, front_matter
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HUB_ROOT = Path("/cache/hub/models--org--base/snapshots") / COMMIT
@@ -124,7 +124,7 @@ def test_local_sources_are_not_named_as_base_model():
 
 
 def test_a_local_copy_of_a_declared_repo_is_named_by_the_repo():
-    from tensorsurgery.manifest import apply_overrides
+    from tensorsurgery.manifest.toml import apply_overrides
     local = hub_checkpoint(root=Path("/data/copy"), revision=None, repo_id=None)
     m = apply_overrides(manifest_from_text(manifest_text('plan = "keep"', model="org/base")),
                         {"": "/data/copy"}, None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tensorsurgery.transforms import cast_chunk
+from tensorsurgery.ops.transforms import cast_chunk
 
 TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 BITS = {"F16": np.uint16, "BF16": np.uint16, "F32": np.uint32}

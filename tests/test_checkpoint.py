@@ -1,4 +1,4 @@
-"""Checkpoint assembly (:mod:`tensorsurgery.checkpoint`), pure: which files make a checkpoint
+"""Checkpoint assembly (:mod:`tensorsurgery.sources.checkpoint`), pure: which files make a checkpoint
 (one weight format), which are copied, the index's weight map, the checks between index, shards
 and config."""
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import decoder_config, decoder_specs, make_header
-from tensorsurgery.checkpoint import SourceFiles, assemble, index_weight_map, select_files
 from tensorsurgery.errors import SourceError
+from tensorsurgery.sources.checkpoint import SourceFiles, assemble, index_weight_map, select_files
 
 HF_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 
@@ -95,7 +95,7 @@ def test_assemble_counts_layers_and_checks_the_config(tmp_path):
 
 
 def test_an_index_that_disagrees_with_its_shards_is_found_by_its_summary(tmp_path):
-    from tensorsurgery.checkpoint import IndexMismatch, index_difference, summarize_index
+    from tensorsurgery.sources.checkpoint import IndexMismatch, index_difference, summarize_index
     specs = decoder_specs(2)
     right = {name: "model.safetensors" for name, _, _ in specs}
     assert _assemble(tmp_path, decoder_config(2), index=summarize_index(right)).num_layers == 2

@@ -1,4 +1,4 @@
-"""The config/tensor consistency check (tensorsurgery.consistency): alone on signatures, in apply
+"""The config/tensor consistency check (tensorsurgery.families.consistency): alone on signatures, in apply
 (a [config] override or a second source that breaks it is refused: one line, exit 2, nothing
 written) and in verify (a hand-edited config.json of an output is a difference, exit 1)."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import differences, error_line, run, write_manifest
-from tensorsurgery.consistency import check_consistency, differing_sources
-from tensorsurgery.families import family_of, get_family
-from tensorsurgery.layers import LayerRef
-from tensorsurgery.synthetic import TINY, Dims, make_mistral, mistral_config, mistral_tensors, write_checkpoint
+from synthetic import TINY, Dims, make_mistral, mistral_config, mistral_tensors, write_checkpoint
+from tensorsurgery.families.consistency import check_consistency, differing_sources
+from tensorsurgery.families.layers import LayerRef
+from tensorsurgery.families.registry import family_of, get_family
 
 SMALL = replace(TINY, layers=4)
 

@@ -14,7 +14,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from cli_helpers import error_line, run, write_manifest
-from tensorsurgery.synthetic import TINY, mistral_config, mistral_tensors, write_checkpoint
+from synthetic import TINY, mistral_config, mistral_tensors, write_checkpoint
 
 SMALL = replace(TINY, layers=4)
 

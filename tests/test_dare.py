@@ -266,7 +266,7 @@ def test_resume_keeps_the_shards_that_verify(capsys, tmp_path, models):
     output's order, from a fresh table of generator states): a good one is kept, a damaged one
     made again, and the output is the uninterrupted one."""
     from tensorsurgery.ops import mt_stream
-    from tensorsurgery.target import TMP_MARKER, temp_path
+    from tensorsurgery.output.target import TMP_MARKER, temp_path
 
     dtype, seed, make = CASES["dare_linear-bf16"]
     whole = tmp_path / "whole"

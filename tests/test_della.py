@@ -149,8 +149,8 @@ def test_refusals_are_one_line(capsys, tmp_path, models):
 
 
 def test_shapes_mergekit_cannot_rank_are_refused():
-    from tensorsurgery.della import della_operation
-    from tensorsurgery.merges import MergeModel, MergeSpec, Resolved
+    from tensorsurgery.manifest.merges import MergeModel, MergeSpec, Resolved
+    from tensorsurgery.planning.della import della_operation
 
     spec = MergeSpec("della", (MergeModel("a", {}),), "base", {}, seed=1)
     values = Resolved({"normalize": True, "rescale": True, "lambda": 1.0},
@@ -196,7 +196,7 @@ def test_kernel_on_tensors_of_many_chunks(tmp_path, dtype, shape, ties):
     from mergekit.sparsify import RescaleNorm, della_magprune
 
     from tensorsurgery.ops import Della
-    from tensorsurgery.recipe import ByteRange, Input
+    from tensorsurgery.ops.recipe import ByteRange, Input
 
     code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
     gen = torch.Generator().manual_seed(1)

@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 
 from helpers import make_checkpoint, manifest_from_text
-from tensorsurgery.checkpoint import SourceFiles, assemble
-from tensorsurgery.config import build_config
 from tensorsurgery.errors import PlanError, SourceError
-from tensorsurgery.families import (
+from tensorsurgery.families.config import build_config
+from tensorsurgery.families.layers import LayerRef
+from tensorsurgery.families.registry import (
     GENERIC,
     NoRopeSliding,
     Periodic,
@@ -22,11 +22,11 @@ from tensorsurgery.families import (
     is_moe_layer,
     layer_lists,
 )
-from tensorsurgery.layers import LayerRef
 from tensorsurgery.ops import ZEROS
-from tensorsurgery.planning import build_plan
-from tensorsurgery.recipe import RowSlice
+from tensorsurgery.ops.recipe import RowSlice
+from tensorsurgery.planning.planner import build_plan
 from tensorsurgery.report import format_plan
+from tensorsurgery.sources.checkpoint import SourceFiles, assemble
 
 ROOT = "/models/src"
 

@@ -35,7 +35,7 @@ from family_models import (  # noqa: E402
 )
 from tensorsurgery import api  # noqa: E402
 from tensorsurgery.errors import PlanError  # noqa: E402
-from tensorsurgery.families import get_family, layer_lists  # noqa: E402
+from tensorsurgery.families.registry import get_family, layer_lists  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("quiet_transformers")
 

@@ -27,11 +27,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-from tensorsurgery.loading import load_manifest  # noqa: E402
-from tensorsurgery.local import load_checkpoint  # noqa: E402
-from tensorsurgery.planning import build_plan  # noqa: E402
-from tensorsurgery.synthetic import Dims, make_mistral, tensor_bytes  # noqa: E402
-from tensorsurgery.target import TMP_MARKER  # noqa: E402
+from synthetic import Dims, make_mistral, tensor_bytes  # noqa: E402
+from tensorsurgery.manifest.loading import load_manifest  # noqa: E402
+from tensorsurgery.output.target import TMP_MARKER  # noqa: E402
+from tensorsurgery.planning.planner import build_plan  # noqa: E402
+from tensorsurgery.sources.local import load_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals and RLIMIT_FSIZE on Linux")
 
@@ -284,8 +284,8 @@ def test_file_too_large_part_way_then_resume(job, source):
 
 from cli_helpers import REPO as CHECKOUT  # noqa: E402
 from cli_helpers import child_env, error_line, run  # noqa: E402
-from tensorsurgery.outlock import lock_path, output_lock  # noqa: E402
-from tensorsurgery.shardfile import PARTIAL_SUFFIX  # noqa: E402
+from tensorsurgery.io.shardfile import PARTIAL_SUFFIX  # noqa: E402
+from tensorsurgery.output.outlock import lock_path, output_lock  # noqa: E402
 
 
 def tiny_job(folder: Path, source: Path, *, overlap: int = 8, name: str = "m.toml") -> Path:
@@ -507,9 +507,9 @@ def test_every_step(capsys, tiny_mistral, tmp_path, force, action):
 
 def test_an_output_that_is_a_mount_point(capsys, monkeypatch, tiny_mistral, tmp_path):
     """A container volume mounted at the output: refused before anything is written (the final
-    rename would fail with EBUSY). Simulated at tensorsurgery.target.is_mount_point: a real bind
+    rename would fail with EBUSY). Simulated at tensorsurgery.output.target.is_mount_point: a real bind
     mount needs root (or a user namespace the suite does not assume)."""
-    import tensorsurgery.target as target_module
+    import tensorsurgery.output.target as target_module
     manifest = tiny_job(tmp_path, tiny_mistral)
     out = tmp_path / "out"
     out.mkdir()
@@ -537,7 +537,7 @@ def test_verify_while_an_apply_writes_the_output(capsys, tiny_mistral, tmp_path)
 
 @pytest.mark.parametrize("kind", ["folder", "link", "fifo"])
 def test_something_else_at_the_lock_file_name(capsys, tiny_mistral, tmp_path, kind):
-    from tensorsurgery.outlock import lock_path
+    from tensorsurgery.output.outlock import lock_path
 
     manifest = tiny_job(tmp_path, tiny_mistral)
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""Tests for tensorsurgery.format: one hostile file per header rule, round trips through the
+"""Tests for tensorsurgery.formats.safetensors: one hostile file per header rule, round trips through the
 official ``safetensors`` library, and a property test that parse_header never fails any other way.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from safetensors import TensorSpec, safe_open
 from safetensors.numpy import save_file
 
 from tensorsurgery.errors import HeaderError, SourceError
-from tensorsurgery.format import (
+from tensorsurgery.formats.safetensors import (
     DTYPE_BITS,
     MAX_HEADER_SIZE,
     Header,
@@ -531,9 +531,9 @@ def test_encode_header_writes_what_json_dumps_writes_property(layout):
 def test_encode_header_refuses_a_header_over_the_maximum(monkeypatch):
     tensors = [(f"t{i}", "U8", (1,), i, i + 1) for i in range(3)]
     size = len(encode_header(tensors)) - 8
-    monkeypatch.setattr("tensorsurgery.format.MAX_HEADER_SIZE", size)
+    monkeypatch.setattr("tensorsurgery.formats.safetensors.MAX_HEADER_SIZE", size)
     assert len(encode_header(tensors)) == 8 + size
-    monkeypatch.setattr("tensorsurgery.format.MAX_HEADER_SIZE", size - 1)
+    monkeypatch.setattr("tensorsurgery.formats.safetensors.MAX_HEADER_SIZE", size - 1)
     with pytest.raises(HeaderError) as excinfo:
         encode_header(tensors)
     assert str(excinfo.value) == (f"a header for 3 tensors would be {size} bytes, over the {size - 1} "

@@ -1,4 +1,4 @@
-"""Differential tests of tensorsurgery.format against the official ``safetensors`` reader.
+"""Differential tests of tensorsurgery.formats.safetensors against the official ``safetensors`` reader.
 
 Both readers see the same files: valid headers from a seeded generator, then mutated at the JSON
 level (number spellings, keys, dtypes, shapes, offsets, metadata, padding, duplicate and unknown
@@ -31,7 +31,7 @@ from safetensors import safe_open
 from test_format import mutated_headers, valid_layouts
 
 from tensorsurgery.errors import HeaderError
-from tensorsurgery.format import (
+from tensorsurgery.formats.safetensors import (
     DELIBERATE_DIFFERENCES,
     DTYPE_BITS,
     MAX_HEADER_SIZE,

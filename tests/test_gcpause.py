@@ -5,11 +5,11 @@ import gc
 
 import pytest
 
+from synthetic import make_mistral
 from tensorsurgery import api
 from tensorsurgery.errors import HeaderError, PlanError
-from tensorsurgery.format import read_header
-from tensorsurgery.gcpause import paused_gc
-from tensorsurgery.synthetic import make_mistral
+from tensorsurgery.formats.safetensors import read_header
+from tensorsurgery.io.gcpause import paused_gc
 
 
 def test_pause_restores_enabled_collector_after_an_error():

@@ -22,11 +22,11 @@ from typing import Callable
 import pytest
 
 from helpers import write_manifest
-from tensorsurgery.checkpoint import INDEX_NAME
+from synthetic import TINY, make_mistral
 from tensorsurgery.cli import main
 from tensorsurgery.errors import HeaderError
-from tensorsurgery.format import MAX_HEADER_SIZE, encode_header, read_header
-from tensorsurgery.synthetic import TINY, make_mistral
+from tensorsurgery.formats.safetensors import MAX_HEADER_SIZE, encode_header, read_header
+from tensorsurgery.sources.checkpoint import INDEX_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"

@@ -1,10 +1,10 @@
-"""Hub sources (:mod:`tensorsurgery.hub`), with no network.
+"""Hub sources (:mod:`tensorsurgery.sources.hub`), with no network.
 
 Offline tests build the cache layout huggingface_hub reads (``models--org--name/refs/main``,
 ``snapshots/<commit>/<file>`` symlinks into ``blobs/``) and run with HF_HUB_OFFLINE, so the
 library's own resolution code (``HfApi.resolve_revision``, ``snapshot_download``) runs. The
 online paths (downloading only one format, planning from remote headers) run against
-:class:`FakeHub`, which serves a folder's bytes through the :class:`~tensorsurgery.hub.HubClient`
+:class:`FakeHub`, which serves a folder's bytes through the :class:`~tensorsurgery.sources.hub.HubClient`
 interface: the HTTP layer itself is not exercised here.
 """
 from __future__ import annotations
@@ -21,16 +21,16 @@ import pytest
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-from tensorsurgery import hub
 from tensorsurgery.cli import main
 from tensorsurgery.errors import SourceError
-from tensorsurgery.format import encode_header, read_header
-from tensorsurgery.hub import resolve_hub_source
-from tensorsurgery.loading import load_manifest
-from tensorsurgery.planning import build_plan
+from tensorsurgery.formats.safetensors import encode_header, read_header
+from tensorsurgery.manifest.loading import load_manifest
+from tensorsurgery.output.source_hash import cached_sha256
+from tensorsurgery.planning.planner import build_plan
 from tensorsurgery.report import plan_as_dict
-from tensorsurgery.source_hash import cached_sha256
-from tensorsurgery.sources import resolve_source
+from tensorsurgery.sources import hub
+from tensorsurgery.sources.hub import resolve_hub_source
+from tensorsurgery.sources.resolver import resolve_source
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -254,7 +254,7 @@ def test_cli_environment_in_a_fresh_process(tmp_path, hf_repo):
 
 
 class FakeHub:
-    """A :class:`~tensorsurgery.hub.HubClient` serving ``files`` at ``commit``; "downloads" write the
+    """A :class:`~tensorsurgery.sources.hub.HubClient` serving ``files`` at ``commit``; "downloads" write the
     cache layout. Records what was fetched and which byte ranges were read."""
 
     def __init__(self, cache: Path, files: dict[str, bytes], commit: str = COMMIT):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from cli_helpers import run, write_manifest
-from tensorsurgery.fsio import JSON_DEPTH, json_depth
+from tensorsurgery.io.fsio import JSON_DEPTH, json_depth
 
 DEEP = json.loads("[" * 600 + "]" * 600)
 

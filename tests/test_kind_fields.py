@@ -1,4 +1,4 @@
-"""tensorsurgery.kind_fields, pure: each rule's encode against a brute-force search over every
+"""tensorsurgery.families.kind_fields, pure: each rule's encode against a brute-force search over every
 value of its config keys, for every assignment of kinds to up to 9 layers (7 for the three-key
 span), and what the index lists and pattern strings write."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from tensorsurgery.kind_fields import KindIndices, PatternString, PeriodOffset, SpanInterval, Unexpressible
-from tensorsurgery.layers import LayerRef
+from tensorsurgery.families.kind_fields import KindIndices, PatternString, PeriodOffset, SpanInterval, Unexpressible
+from tensorsurgery.families.layers import LayerRef
 
 JAMBA = PeriodOffset("attn_layer_period", "attn_layer_offset", "attention", "mamba", 8, 4)
 ERNIE = SpanInterval("moe_layer_interval", "moe_layer_start_index", "moe_layer_end_index", "MoE", "dense", (1, -1, 1))

@@ -1,9 +1,9 @@
-"""Tests for tensorsurgery.layers: arrangements as literal lists, the ``layers.N`` segment, seams."""
+"""Tests for tensorsurgery.families.layers: arrangements as literal lists, the ``layers.N`` segment, seams."""
 from __future__ import annotations
 
 import pytest
 
-from tensorsurgery.layers import GENERIC_LAYERS, LayerRef, dus, interlock, keep, seams
+from tensorsurgery.families.layers import GENERIC_LAYERS, LayerRef, dus, interlock, keep, seams
 
 # --- arrangements -------------------------------------------------------------------------------
 
@@ -150,7 +150,7 @@ def test_source_change_is_a_seam_even_when_the_index_continues():
 # --- family layer places ------------------------------------------------------------------------------
 
 def test_a_scheme_with_several_prefixes_finds_each_and_nothing_else():
-    from tensorsurgery.layers import LayerScheme
+    from tensorsurgery.families.layers import LayerScheme
     scheme = LayerScheme(("language_model.model.layers", "model.language_model.layers"))
     assert scheme.index("language_model.model.layers.12.mlp.up_proj.weight") == 12
     assert scheme.index("model.language_model.layers.3.self_attn.q_proj.weight") == 3

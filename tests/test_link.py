@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 from tensorsurgery.cli import main
-from tensorsurgery.format import read_header
-from tensorsurgery.layers import GENERIC_LAYERS
+from tensorsurgery.families.layers import GENERIC_LAYERS
+from tensorsurgery.formats.safetensors import read_header
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 

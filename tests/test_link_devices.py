@@ -14,8 +14,8 @@ import pytest
 
 import tensorsurgery as ts
 from cli_helpers import run, snapshot
-from tensorsurgery import writer
-from tensorsurgery.linking import CopiedLinks, copied_links, find_copied_links
+from tensorsurgery.output import writer
+from tensorsurgery.output.linking import CopiedLinks, copied_links, find_copied_links
 from tensorsurgery.report import format_bytes
 
 SOLAR = Path(__file__).resolve().parent.parent / "manifests" / "solar-dus.toml"

@@ -1,4 +1,4 @@
-"""Tests for tensorsurgery.manifest: the seed manifests, every error path (one line naming the
+"""Tests for tensorsurgery.manifest.toml: the seed manifests, every error path (one line naming the
 file and the key path), sizes, and the --source / --output overrides."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tensorsurgery.errors import ManifestError
-from tensorsurgery.loading import load_manifest
-from tensorsurgery.manifest import (
+from tensorsurgery.manifest.loading import load_manifest
+from tensorsurgery.manifest.toml import (
     DEFAULT_MAX_SHARD_SIZE,
     LayersSpec,
     OutputSpec,

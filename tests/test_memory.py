@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import peak_rss_mb
-from tensorsurgery.synthetic import Dims, make_mistral
+from synthetic import Dims, make_mistral
 
 #: Python + numpy + tensorsurgery is ~35 MB and the buffers 16 MB; a whole tensor is 128 MB.
 RSS_BOUND_MB = 100

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_faults import SHARD, fingerprint, interrupted_apply, tensorsurgery
 
-from tensorsurgery.synthetic import Dims, make_mistral
+from synthetic import Dims, make_mistral
 
 #: 2 layers of 13 MB and 6 MB of embeddings and lm_head each in bf16: 38 MB a model.
 DIMS = Dims(vocab=3000, hidden=1024, intermediate=2816, heads=16, kv_heads=4, head_dim=64, layers=2)

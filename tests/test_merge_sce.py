@@ -23,7 +23,7 @@ from test_merges import (
 )
 
 from cli_helpers import differences, error_line, run
-from tensorsurgery.interpreter import Prepared
+from tensorsurgery.ops.interpreter import Prepared
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 
@@ -58,7 +58,7 @@ def _sce_reference(tensors: list[torch.Tensor], select_topk: float) -> torch.Ten
 
 
 def _file_inputs(tmp_path: Path, tensors: list[torch.Tensor]):
-    from tensorsurgery.recipe import ByteRange, Input
+    from tensorsurgery.ops.recipe import ByteRange, Input
 
     path = tmp_path / "x.bin"
     path.write_bytes(b"".join(_raw(x).tobytes() for x in tensors))
@@ -68,7 +68,7 @@ def _file_inputs(tmp_path: Path, tensors: list[torch.Tensor]):
 
 
 def _prepared(op: Any, path: Path, inputs: tuple[Any, ...]) -> Any:
-    from tensorsurgery.interpreter import prepared
+    from tensorsurgery.ops.interpreter import prepared
 
     fd = os.open(path, os.O_RDONLY)
     try:

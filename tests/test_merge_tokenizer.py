@@ -19,7 +19,7 @@ from torch_helpers import no_network
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from cli_helpers import error_line, run
-from tensorsurgery.synthetic import tokenizer_files
+from synthetic import tokenizer_files
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 

@@ -23,7 +23,7 @@ from torch_helpers import no_network, state
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from cli_helpers import differences, error_line, run
-from tensorsurgery.interpreter import Prepared
+from tensorsurgery.ops.interpreter import Prepared
 
 # mergekit 0.1.5 touches numpy.core (deprecated in numpy 2) when imported; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
@@ -421,7 +421,7 @@ def test_kernels_equal_mergekit_arithmetic_on_hard_values(dtype):
     against mergekit's own torch code (merge_methods/linear.py, generalized_task_arithmetic.py)."""
     from tensorsurgery.ops import Linear, TaskArithmetic
     from tensorsurgery.ops.arith import BLOCK
-    from tensorsurgery.recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
     code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
     n = BLOCK * 2 + 17
@@ -653,10 +653,10 @@ def test_sparsified_kernels_on_tensors_of_many_blocks(tmp_path, dtype, method, r
     from mergekit.merge_methods.generalized_task_arithmetic import get_mask
     from mergekit.sparsify import RescaleNorm, magnitude, magnitude_outliers
 
-    from tensorsurgery.interpreter import prepared
     from tensorsurgery.ops import Breadcrumbs, Ties
     from tensorsurgery.ops.blocks import STAT_BLOCK
-    from tensorsurgery.recipe import ByteRange, Input
+    from tensorsurgery.ops.interpreter import prepared
+    from tensorsurgery.ops.recipe import ByteRange, Input
 
     code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
     n = STAT_BLOCK * 3 + 123

@@ -1,4 +1,4 @@
-"""Moving the layers of a family the registry does not know (tensorsurgery.moves), pure: hand-made
+"""Moving the layers of a family the registry does not know (tensorsurgery.planning.moves), pure: hand-made
 configs and headers, no files, no torch. A config field the generic rules cannot rewrite that says
 which layer is which, a tensor with a block per layer, or layers of different tensors that nothing
 rewritable tells apart make a moving arrangement a one-line refusal; keep is always planned."""
@@ -8,9 +8,9 @@ import pytest
 
 from helpers import decoder_config, decoder_specs, make_checkpoint, manifest_from_text
 from tensorsurgery.errors import NotMovableError
-from tensorsurgery.families import GENERIC
-from tensorsurgery.moves import layer_describing_fields
-from tensorsurgery.planning import build_plan
+from tensorsurgery.families.registry import GENERIC
+from tensorsurgery.planning.moves import layer_describing_fields
+from tensorsurgery.planning.planner import build_plan
 
 ROOT = "/models/src"
 N = 4

@@ -25,17 +25,17 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 from reference import ARRANGEMENTS, load_source_state_dict, reference_state_dict
+from synthetic import Dims, make_mistral
 from tensorsurgery.cli import main
 from tensorsurgery.errors import SourceError
-from tensorsurgery.loading import manifest_from_text
-from tensorsurgery.local import load_checkpoint
-from tensorsurgery.native import config_from_params
+from tensorsurgery.manifest.loading import manifest_from_text
 from tensorsurgery.ops import PermuteRotary
-from tensorsurgery.planning import build_plan
-from tensorsurgery.pump import Pump
-from tensorsurgery.synthetic import Dims, make_mistral
+from tensorsurgery.output.pump import Pump
+from tensorsurgery.planning.planner import build_plan
+from tensorsurgery.sources.local import load_checkpoint
+from tensorsurgery.sources.native import config_from_params
 
-# Hugging Face name -> native name, written out independently of tensorsurgery.rules.
+# Hugging Face name -> native name, written out independently of tensorsurgery.families.rules.
 _TO_NATIVE = (
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
     (r"model\.norm\.weight", "norm.weight"),

@@ -214,10 +214,10 @@ def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     tensor: mergekit's float32 sums are less exact the longer they are), colinear rows bitwise."""
     from mergekit.merge_methods.nuslerp import nuslerp
 
-    from tensorsurgery.interpreter import Prepared, prepared
     from tensorsurgery.ops import Nuslerp
     from tensorsurgery.ops.blocks import STAT_BLOCK
-    from tensorsurgery.recipe import ByteRange, Input
+    from tensorsurgery.ops.interpreter import Prepared, prepared
+    from tensorsurgery.ops.recipe import ByteRange, Input
 
     code = DTYPES[dtype]
     gen = torch.Generator().manual_seed(2)

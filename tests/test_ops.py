@@ -13,14 +13,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tensorsurgery.compare import compare_shard
-from tensorsurgery.dtypes import element_size
-from tensorsurgery.format import encode_header
-from tensorsurgery.interpreter import tensor_chunks
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.formats.safetensors import encode_header
 from tensorsurgery.ops import COPY, OPERATIONS, Copy, PermuteRotary, Scale, Zeros, register, rotary_row_order
-from tensorsurgery.planning import SHARD_METADATA, ByteRange, OutputTensor, Shard, output_tensor
-from tensorsurgery.pump import Pump
-from tensorsurgery.recipe import Input
+from tensorsurgery.ops.interpreter import tensor_chunks
+from tensorsurgery.ops.recipe import Input
+from tensorsurgery.output.pump import Pump
+from tensorsurgery.planning.planner import SHARD_METADATA, ByteRange, OutputTensor, Shard, output_tensor
+from tensorsurgery.verification.compare import compare_shard
 
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

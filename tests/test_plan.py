@@ -1,4 +1,4 @@
-"""Tests for tensorsurgery.planning, from synthetic Checkpoints only (hand-made headers, no files).
+"""Tests for tensorsurgery.planning.planner, from synthetic Checkpoints only (hand-made headers, no files).
 
 The synthetic decoder (tests/helpers.py) has per layer ``self_attn.q_proj`` (32 bytes in BF16),
 ``mlp.up_proj`` (64) and ``input_layernorm`` (8), plus ``model.embed_tokens`` (80),
@@ -15,11 +15,11 @@ import pytest
 from helpers import decoder_config, decoder_specs, layer_specs, make_checkpoint, manifest_from_text, split_in_two
 from tensorsurgery import __version__
 from tensorsurgery.errors import ManifestError, PlanError
-from tensorsurgery.format import parse_header
-from tensorsurgery.layers import LayerRef, dus, interlock
+from tensorsurgery.families.layers import LayerRef, dus, interlock
+from tensorsurgery.formats.safetensors import parse_header
 from tensorsurgery.ops import COPY, PermuteRotary
-from tensorsurgery.planning import ByteRange, CopyFile, OutputTensor, SourceInfo, build_plan
-from tensorsurgery.recipe import Input
+from tensorsurgery.ops.recipe import Input
+from tensorsurgery.planning.planner import ByteRange, CopyFile, OutputTensor, SourceInfo, build_plan
 
 SRC = Path("/models/src")
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"

@@ -1,4 +1,4 @@
-"""The byte pump writes exactly the bytes :mod:`tensorsurgery.expected` defines and their sha256,
+"""The byte pump writes exactly the bytes :mod:`tensorsurgery.output.expected` defines and their sha256,
 whatever the buffer size, the number of threads, and how tensors and elements fall across
 buffers (a cast element split between two buffers, odd offsets, repeated tensors, zeros); and
 ``apply --threads 1`` and ``--threads N`` write identical outputs and records."""
@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tensorsurgery import pump
 from tensorsurgery.cli import main
-from tensorsurgery.dtypes import element_size
 from tensorsurgery.errors import ReadError
-from tensorsurgery.format import encode_header
-from tensorsurgery.interpreter import tensor_chunks
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.formats.safetensors import encode_header
 from tensorsurgery.ops import COPY, ZEROS
-from tensorsurgery.planning import ByteRange, OutputTensor, Shard, output_tensor
-from tensorsurgery.pump import Pump
-from tensorsurgery.recipe import Input, RowSlice
+from tensorsurgery.ops.interpreter import tensor_chunks
+from tensorsurgery.ops.recipe import Input, RowSlice
+from tensorsurgery.output import pump
+from tensorsurgery.output.pump import Pump
+from tensorsurgery.planning.planner import ByteRange, OutputTensor, Shard, output_tensor
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 

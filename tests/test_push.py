@@ -1,4 +1,4 @@
-"""Pushing an output to the Hub (:mod:`tensorsurgery.upload`). The Hub is not reachable here: a
+"""Pushing an output to the Hub (:mod:`tensorsurgery.publish.upload`). The Hub is not reachable here: a
 recording client stands in for ``HfApi`` and the tests assert the calls made to it."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from huggingface_hub.errors import HfHubHTTPError
 import tensorsurgery as ts
 from tensorsurgery.cli import main
 from tensorsurgery.errors import ManifestError, NotVerifiedError, WriteError
-from tensorsurgery.loading import load_manifest
-from tensorsurgery.upload import push_folder
+from tensorsurgery.manifest.loading import load_manifest
+from tensorsurgery.publish.upload import push_folder
 
 
 class RecordingApi:

@@ -1,7 +1,7 @@
 """Nothing push uploads names a local path (issue 16), and a pulled copy of the upload still
 verifies: the local output keeps its record (with the sources' folders, for ``verify OUTPUT``
-here), push uploads the record as :func:`tensorsurgery.record.published_record` makes it, and the
-card is made from the path-free manifest text (:mod:`tensorsurgery.path_free`).
+here), push uploads the record as :func:`tensorsurgery.output.record.published_record` makes it, and the
+card is made from the path-free manifest text (:mod:`tensorsurgery.manifest.path_free`).
 
 The Hub is not reachable: the recording client of test_push stands in for ``HfApi``, and a pulled
 copy is its uploaded bytes written into a new folder."""
@@ -21,7 +21,7 @@ from test_push import RecordingApi
 import tensorsurgery as ts
 from tensorsurgery.cli import main
 from tensorsurgery.errors import PlanError, WriteError
-from tensorsurgery.path_free import folder_name, is_local_path, path_free_manifest
+from tensorsurgery.manifest.path_free import folder_name, is_local_path, path_free_manifest
 
 SECRET = "secret-project-7f3a"
 hf_repo = test_hub.hf_repo  # the files of a Hub repo of the tiny Mistral, a fixture

@@ -1,4 +1,4 @@
-"""Push uploads what verify read (:mod:`tensorsurgery.push_files`): a file swapped between verify
+"""Push uploads what verify read (:mod:`tensorsurgery.publish.push_files`): a file swapped between verify
 and the upload, for a link (even to the same bytes), another file, a FIFO, or rewritten in place,
 is refused in one line and nothing is uploaded. The swaps are made at the one point between them:
 ``push_folder``, which :func:`tensorsurgery.api.push` calls once verify passed."""
@@ -14,11 +14,11 @@ import pytest
 from test_push import RecordingApi, write_manifest
 
 import tensorsurgery as ts
-import tensorsurgery.push_files
-import tensorsurgery.upload
+import tensorsurgery.publish.push_files
+import tensorsurgery.publish.upload
 from tensorsurgery.cli import main
 from tensorsurgery.errors import WriteError
-from tensorsurgery.upload import push_folder
+from tensorsurgery.publish.upload import push_folder
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,12 @@ def first_shard(output: Path) -> Path:
 
 def after_verify(monkeypatch, change):
     """Make ``change(folder)`` happen once verify passed, just before push_folder opens anything."""
-    original = tensorsurgery.upload.push_folder
+    original = tensorsurgery.publish.upload.push_folder
 
     def push_folder_after(folder, *args, **kwargs):
         change(Path(folder))
         return original(folder, *args, **kwargs)
-    monkeypatch.setattr(tensorsurgery.upload, "push_folder", push_folder_after)
+    monkeypatch.setattr(tensorsurgery.publish.upload, "push_folder", push_folder_after)
 
 
 def refused(output: Path, api: RecordingApi) -> str:
@@ -71,7 +71,7 @@ def test_the_bytes_uploaded_are_the_verified_bytes_read_from_the_checked_descrip
 
 
 def test_without_a_descriptor_path_file_objects_are_uploaded(output, monkeypatch):
-    monkeypatch.setattr(tensorsurgery.push_files, "descriptor_path", lambda fd: None)
+    monkeypatch.setattr(tensorsurgery.publish.push_files, "descriptor_path", lambda fd: None)
     api = RecordingApi()
     ts.push(output, "me/x", api=api)
     sources = [op.path_or_fileobj for op in api.calls[-1][1]["operations"] if op.path_in_repo != "tensorsurgery.json"]
@@ -182,14 +182,14 @@ def test_a_change_while_the_files_are_checked_is_not_pushed(output, monkeypatch)
     """A shard written to after push opened it (here: while the copied files are searched for
     local paths, the last check) is refused too: the descriptors are checked again last."""
     shard = first_shard(output)
-    original = tensorsurgery.upload.find_local_path
+    original = tensorsurgery.publish.upload.find_local_path
 
     def find_then_write(*args, **kwargs):
         with open(shard, "r+b") as f:
             f.seek(-1, os.SEEK_END)
             f.write(b"\x00")
         return original(*args, **kwargs)
-    monkeypatch.setattr(tensorsurgery.upload, "find_local_path", find_then_write)
+    monkeypatch.setattr(tensorsurgery.publish.upload, "find_local_path", find_then_write)
     assert refused(output, RecordingApi()).startswith(
         f"{shard}: changed while it was checked for the upload (modified since); nothing was pushed to me/x")
 

@@ -18,8 +18,8 @@ import pytest
 
 import tensorsurgery as ts
 from cli_helpers import write_manifest
-from tensorsurgery import fsio
 from tensorsurgery.errors import SourceError
+from tensorsurgery.io import fsio
 
 SECRET = b'{"secret": "a file outside the source folder that must never reach an output"}'
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tensorsurgery.cli import main
-from tensorsurgery.source_hash import CACHE_ENV, HashCache, SourceHasher, default_cache_dir
+from tensorsurgery.output.source_hash import CACHE_ENV, HashCache, SourceHasher, default_cache_dir
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 PAST = time.time() - 3600

@@ -1,4 +1,4 @@
-"""Tests for tensorsurgery.transforms: casts equal torch's ``.to(dtype)`` bit for bit (every
+"""Tests for tensorsurgery.ops.transforms: casts equal torch's ``.to(dtype)`` bit for bit (every
 16-bit pattern; millions of random float32 patterns and the special values), and the rotary row
 permutation equals transformers' ``permute``."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tensorsurgery.dtypes import element_size
+from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.ops import rotary_row_order
-from tensorsurgery.transforms import cast_chunk, permute_head
+from tensorsurgery.ops.transforms import cast_chunk, permute_head
 
 TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 INT_VIEW = {"F16": torch.int16, "BF16": torch.int16, "F32": torch.int32}

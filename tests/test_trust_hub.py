@@ -9,7 +9,7 @@ from huggingface_hub import constants
 from test_hub import COMMIT, HF_SHARDS, FakeHub, add_to_cache
 
 from cli_helpers import run, write_manifest
-from tensorsurgery import hub
+from tensorsurgery.sources import hub
 
 cache = test_hub.cache  # the same empty offline Hugging Face cache, a fixture
 

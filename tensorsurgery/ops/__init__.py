@@ -1,4 +1,4 @@
-"""The operations a recipe (:mod:`tensorsurgery.recipe`) may apply, one per output tensor, and
+"""The operations a recipe (:mod:`tensorsurgery.ops.recipe`) may apply, one per output tensor, and
 their registry. An operation is a frozen dataclass (hashable: equal operations on equal inputs
 make equal bytes); adding one is a module here that defines it and registers it.
 
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol, Sequence, T
 if TYPE_CHECKING:  # numpy is not imported by planning (``plan`` and ``inspect`` do without it)
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 class Operation(Protocol):
@@ -56,7 +56,7 @@ class Operation(Protocol):
 
 
 class RowwiseOperation(Operation, Protocol):
-    """An operation that says ``rowwise = True`` (:func:`tensorsurgery.recipe.is_rowwise`)."""
+    """An operation that says ``rowwise = True`` (:func:`tensorsurgery.ops.recipe.is_rowwise`)."""
 
     rowwise: ClassVar[bool]
 
@@ -67,7 +67,7 @@ class RowwiseOperation(Operation, Protocol):
 
 
 class TwoPassOperation(Operation, Protocol):
-    """An operation that says ``two_pass = True`` (:func:`tensorsurgery.recipe.is_two_pass`)."""
+    """An operation that says ``two_pass = True`` (:func:`tensorsurgery.ops.recipe.is_two_pass`)."""
 
     two_pass: ClassVar[bool]
 
@@ -93,27 +93,27 @@ def register(cls: type[_T]) -> type[_T]:
     return cls
 
 
-from .breadcrumbs import Breadcrumbs  # noqa: E402 - the operations register themselves on import
-from .copy import COPY, Copy  # noqa: E402
-from .dare import Dare  # noqa: E402
-from .della import Della  # noqa: E402
-from .dequant_fp8 import DequantFP8  # noqa: E402
-from .dequant_mxfp4 import DequantMXFP4  # noqa: E402
-from .karcher import Karcher  # noqa: E402
-from .linear import Linear  # noqa: E402
-from .lora import LoraBias, LoraMerge  # noqa: E402
-from .model_stock import ModelStock  # noqa: E402
-from .multislerp import Multislerp  # noqa: E402
-from .nearswap import NearSwap  # noqa: E402
-from .nuslerp import Nuslerp  # noqa: E402
-from .permute import PermuteRotary, rotary_row_order  # noqa: E402
-from .ram import Ram, RamPlus  # noqa: E402
-from .scale import Scale  # noqa: E402
-from .sce import Sce  # noqa: E402
-from .slerp import Slerp  # noqa: E402
-from .task_arithmetic import TaskArithmetic  # noqa: E402
-from .ties import Ties  # noqa: E402
-from .zeros import ZEROS, Zeros  # noqa: E402
+from tensorsurgery.ops.breadcrumbs import Breadcrumbs  # noqa: E402 - the operations register themselves on import
+from tensorsurgery.ops.copy import COPY, Copy  # noqa: E402
+from tensorsurgery.ops.dare import Dare  # noqa: E402
+from tensorsurgery.ops.della import Della  # noqa: E402
+from tensorsurgery.ops.dequant_fp8 import DequantFP8  # noqa: E402
+from tensorsurgery.ops.dequant_mxfp4 import DequantMXFP4  # noqa: E402
+from tensorsurgery.ops.karcher import Karcher  # noqa: E402
+from tensorsurgery.ops.linear import Linear  # noqa: E402
+from tensorsurgery.ops.lora import LoraBias, LoraMerge  # noqa: E402
+from tensorsurgery.ops.model_stock import ModelStock  # noqa: E402
+from tensorsurgery.ops.multislerp import Multislerp  # noqa: E402
+from tensorsurgery.ops.nearswap import NearSwap  # noqa: E402
+from tensorsurgery.ops.nuslerp import Nuslerp  # noqa: E402
+from tensorsurgery.ops.permute import PermuteRotary, rotary_row_order  # noqa: E402
+from tensorsurgery.ops.ram import Ram, RamPlus  # noqa: E402
+from tensorsurgery.ops.scale import Scale  # noqa: E402
+from tensorsurgery.ops.sce import Sce  # noqa: E402
+from tensorsurgery.ops.slerp import Slerp  # noqa: E402
+from tensorsurgery.ops.task_arithmetic import TaskArithmetic  # noqa: E402
+from tensorsurgery.ops.ties import Ties  # noqa: E402
+from tensorsurgery.ops.zeros import ZEROS, Zeros  # noqa: E402
 
 __all__ = ["COPY", "OPERATIONS", "ZEROS", "Breadcrumbs", "Copy", "Dare", "Della", "DequantFP8", "DequantMXFP4",
            "Karcher", "Linear", "LoraBias", "LoraMerge", "ModelStock", "Multislerp", "NearSwap", "Nuslerp",

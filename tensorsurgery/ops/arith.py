@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..transforms import cast_chunk
+from tensorsurgery.ops.transforms import cast_chunk
 
 
 def values(raw: np.ndarray, dtype: str, merge_dtype: str) -> np.ndarray:

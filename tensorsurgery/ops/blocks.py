@@ -5,9 +5,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..dtypes import element_size
-from ..fsio import pread_exact
-from ..recipe import Input
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.ops.recipe import Input
 
 #: Elements a statistic reads at a time: fixed, so a float sum over the blocks rounds the same way
 #: whoever reads it (the writer, verify, --resume) and whatever their chunk size.

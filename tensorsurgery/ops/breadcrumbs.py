@@ -7,14 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from . import register
-from .sparsify import Selection, SparseMix, find_ranks, rescale_ratios
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops import register
+from tensorsurgery.ops.sparsify import Selection, SparseMix, find_ranks, rescale_ratios
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 def window(density: float, gamma: float, count: int) -> tuple[int, int] | None:

@@ -21,14 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from ..fsio import pread_exact
-from . import register
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 #: Elements a chunk holds, about (rounded to the cascade sum's unit).
 CHUNK_ELEMENTS = 1 << 16
@@ -62,7 +62,7 @@ class Dare:
         raise NotImplementedError("dare draws in order: not elementwise")  # the interpreter never asks
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
-        from .dare_kernel import dare_chunks  # numpy: not imported by planning
+        from tensorsurgery.ops.dare_kernel import dare_chunks  # numpy: not imported by planning
 
         return dare_chunks(self, inputs, fds)
 
@@ -70,8 +70,8 @@ class Dare:
 def read_values(inputs: Sequence[Input], fds: Sequence[int], k: int, start: int, n: int, merge_dtype: str,
                 slot: int) -> np.ndarray:
     """Elements ``start..start+n-1`` of input ``k`` as float32 values of the merge dtype."""
-    from ..scratch import scratch
-    from .arith import values
+    from tensorsurgery.io.scratch import scratch
+    from tensorsurgery.ops.arith import values
 
     i = inputs[k]
     size = element_size(i.dtype)

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from ..dtypes import element_size
-from .arith import encoded, rounded, rounded_scalars
-from .dare import CHUNK_ELEMENTS, read_values
-from .mt_stream import Stream, keep_threshold
-from .torch_sums import CascadeSum, full_sum, model_sum
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops.arith import encoded, rounded, rounded_scalars
+from tensorsurgery.ops.dare import CHUNK_ELEMENTS, read_values
+from tensorsurgery.ops.mt_stream import Stream, keep_threshold
+from tensorsurgery.ops.torch_sums import CascadeSum, full_sum, model_sum
 
 if TYPE_CHECKING:
-    from ..recipe import Input
-    from .dare import Dare
+    from tensorsurgery.ops.dare import Dare
+    from tensorsurgery.ops.recipe import Input
 
 #: mergekit's ``rescaled_masked_tensor`` skips the rescale when a sum is below this.
 EPS = 1e-7

@@ -21,12 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from . import register
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 @register
@@ -58,7 +58,7 @@ class Della:
         raise NotImplementedError("della draws in order: not elementwise")  # the interpreter never asks
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
-        from .della_kernel import della_chunks  # numpy: not imported by planning
+        from tensorsurgery.ops.della_kernel import della_chunks  # numpy: not imported by planning
 
         return della_chunks(self, inputs, fds)
 

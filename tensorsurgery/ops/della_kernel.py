@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..dtypes import element_size
-from .arith import encoded, rounded, rounded_scalars
-from .dare import CHUNK_ELEMENTS, read_values
-from .dare_kernel import EPS, _consensus, _workers
-from .della import row_length
-from .mt_stream import Stream
-from .torch_sums import ChunkedSum, full_sum, model_sum
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops.arith import encoded, rounded, rounded_scalars
+from tensorsurgery.ops.dare import CHUNK_ELEMENTS, read_values
+from tensorsurgery.ops.dare_kernel import EPS, _consensus, _workers
+from tensorsurgery.ops.della import row_length
+from tensorsurgery.ops.mt_stream import Stream
+from tensorsurgery.ops.torch_sums import ChunkedSum, full_sum, model_sum
 
 if TYPE_CHECKING:
-    from ..recipe import Input
-    from .della import Della
+    from tensorsurgery.ops.della import Della
+    from tensorsurgery.ops.recipe import Input
 
 
 def probability_table(columns: int, density: float, epsilon: float, wd: str) -> np.ndarray:

@@ -1,17 +1,17 @@
 """``dequant``: an FP8 block-quantized weight and its scales made plain floats, as DeepSeek-V3's
-``weight_dequant`` makes them (:mod:`tensorsurgery.fp8`), whole block-rows at a time."""
+``weight_dequant`` makes them (:mod:`tensorsurgery.ops.fp8`), whole block-rows at a time."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..fsio import pread_exact
-from . import register
+from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 @register
@@ -39,8 +39,8 @@ class DequantFP8:
         raise NotImplementedError("a dequantization is not elementwise")  # the interpreter never asks
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
-        from ..dtypes import element_size
-        from ..scratch import scratch
+        from tensorsurgery.formats.dtypes import element_size
+        from tensorsurgery.io.scratch import scratch
 
         rows, cols = inputs[0].shape
         step = max(chunk // max(cols, 1), 1)  # rows of at most ``chunk`` weight bytes (one at least)
@@ -57,10 +57,10 @@ class DequantFP8:
         on its own, so the writer spreads them over its threads (``rowwise``)."""
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
-        from ..dtypes import element_size
-        from ..fp8 import column_bases, dequant_block_row
-        from ..scratch import scratch
-        from ..transforms import cast_chunk
+        from tensorsurgery.formats.dtypes import element_size
+        from tensorsurgery.io.scratch import scratch
+        from tensorsurgery.ops.fp8 import column_bases, dequant_block_row
+        from tensorsurgery.ops.transforms import cast_chunk
 
         weight, scale = inputs
         cols = weight.shape[1]

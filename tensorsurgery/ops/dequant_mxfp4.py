@@ -1,17 +1,17 @@
 """``dequant-mxfp4``: GPT-OSS's MXFP4 experts made plain floats, as transformers dequantizes them
-(:mod:`tensorsurgery.mxfp4`), one expert's groups at a time."""
+(:mod:`tensorsurgery.ops.mxfp4`), one expert's groups at a time."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..fsio import pread_exact
-from . import register
+from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 @register
@@ -34,9 +34,9 @@ class DequantMXFP4:
         raise NotImplementedError("a dequantization is not elementwise")  # the interpreter never asks
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
-        from ..dtypes import element_size
-        from ..mxfp4 import dequant_groups, work_size
-        from ..scratch import scratch
+        from tensorsurgery.formats.dtypes import element_size
+        from tensorsurgery.io.scratch import scratch
+        from tensorsurgery.ops.mxfp4 import dequant_groups, work_size
 
         blocks, scales = inputs
         experts, rows, groups, _ = blocks.shape

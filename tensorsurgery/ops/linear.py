@@ -4,13 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from . import register
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 @register
@@ -33,7 +33,7 @@ class Linear:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
-        from .arith import blockwise, encoded, fma32, sequential_sum, values
+        from tensorsurgery.ops.arith import blockwise, encoded, fma32, sequential_sum, values
 
         md = self.dtype
         weights = np.asarray(self.weights, dtype=np.float64).astype(np.float32)

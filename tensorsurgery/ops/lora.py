@@ -22,13 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..fsio import pread_exact
-from . import register
+from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 #: The fewest rows a product is made over (see the module docstring): OpenBLAS's blocked sgemm,
 #: whose accumulation order is torch's, for ranks up to 128.
@@ -70,8 +70,8 @@ class LoraMerge:
         raise NotImplementedError("a LoRA merge is not elementwise")  # the interpreter never asks
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
-        from ..dtypes import element_size
-        from ..scratch import scratch
+        from tensorsurgery.formats.dtypes import element_size
+        from tensorsurgery.io.scratch import scratch
 
         rows, cols = inputs[0].shape
         size = element_size(self.dtype)
@@ -85,7 +85,7 @@ class LoraMerge:
                   out: np.ndarray) -> np.ndarray:
         """Output rows ``start..start+n-1`` made into ``out`` (uint8, their size), :data:`MIN_ROWS`
         rows at a time (bounded memory whatever ``n``); returns ``out``."""
-        from ..dtypes import element_size
+        from tensorsurgery.formats.dtypes import element_size
 
         w = inputs[0]
         rows, cols = w.shape
@@ -100,9 +100,9 @@ class LoraMerge:
         :data:`MIN_ROWS` rows around them (all rows when the tensor has fewer)."""
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
-        from ..dtypes import element_size
-        from ..scratch import scratch
-        from ..transforms import cast_chunk
+        from tensorsurgery.formats.dtypes import element_size
+        from tensorsurgery.io.scratch import scratch
+        from tensorsurgery.ops.transforms import cast_chunk
 
         w, a, b = inputs[:3]
         rows, cols = w.shape
@@ -132,9 +132,9 @@ class LoraMerge:
         place): ``S = W + scaling * product``, each row times ``f32(m / ||S||)``, rounded once."""
         import numpy as np
 
-        from ..dtypes import element_size
-        from ..scratch import scratch
-        from ..transforms import cast_chunk
+        from tensorsurgery.formats.dtypes import element_size
+        from tensorsurgery.io.scratch import scratch
+        from tensorsurgery.ops.transforms import cast_chunk
 
         w, m = inputs[0], inputs[3]
         cols = w.shape[1]
@@ -161,7 +161,7 @@ class LoraMerge:
         (a scratch buffer of this thread: valid until the next call)."""
         import numpy as np
 
-        from ..scratch import scratch
+        from tensorsurgery.io.scratch import scratch
 
         r = a.shape[0]
         if not self.transposed:  # B[lo:hi] @ A
@@ -199,7 +199,7 @@ class LoraBias:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np
 
-        from ..transforms import cast_chunk
+        from tensorsurgery.ops.transforms import cast_chunk
 
         bias, lora = (cast_chunk(r, i.dtype, "F32").view(np.float32) for r, i in zip(raws, inputs))
         with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN, as torch makes them
@@ -212,8 +212,8 @@ class LoraBias:
 
 def _read(fd: int, i: Input, first: int, count: int, slot: int) -> np.ndarray:
     """Elements ``first..first+count-1`` of input ``i``, raw (uint8, scratch buffer ``slot``)."""
-    from ..dtypes import element_size
-    from ..scratch import scratch
+    from tensorsurgery.formats.dtypes import element_size
+    from tensorsurgery.io.scratch import scratch
 
     size = element_size(i.dtype)
     raw = scratch(count * size, slot=slot)[0]
@@ -226,8 +226,8 @@ def _f32(raw: np.ndarray, dtype: str, slot: int) -> np.ndarray:
     scratch buffer ``slot`` (``raw`` itself when it is float32)."""
     import numpy as np
 
-    from ..scratch import scratch
-    from ..transforms import cast_chunk
+    from tensorsurgery.io.scratch import scratch
+    from tensorsurgery.ops.transforms import cast_chunk
 
     return cast_chunk(raw, dtype, "F32", out=scratch(raw.size * 4 // 2 + 1, slot=slot)[1]).view(np.float32)
 

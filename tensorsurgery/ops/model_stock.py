@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from . import register
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 @register
@@ -41,8 +41,8 @@ class ModelStock:
     def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> StockMix:
         import numpy as np
 
-        from .arith import rounded, values
-        from .blocks import input_blocks
+        from tensorsurgery.ops.arith import rounded, values
+        from tensorsurgery.ops.blocks import input_blocks
 
         md, k = self.dtype, len(inputs) - 1
         pairs = list(combinations(range(k), 2))
@@ -99,7 +99,7 @@ class StockMix:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np
 
-        from .arith import blockwise, encoded, rounded, values
+        from tensorsurgery.ops.arith import blockwise, encoded, rounded, values
 
         md, t = self.dtype, np.float32(self.t)
         one_minus_t = rounded(np.asarray([np.float32(1) - t]), md)[0]

@@ -7,7 +7,7 @@ the CPU takes one 32-bit output per element, in order, and keeps the element whe
 ``(r & 0xFFFFFF) * 2**-24 < p`` (measured, bfloat16 and float32 probabilities).
 
 A tensor's draws start where the draws of every tensor before it in mergekit's order end (its
-*offset*, planned: :mod:`tensorsurgery.dare`), but the writer makes tensors in the output's
+*offset*, planned: :mod:`tensorsurgery.planning.dare`), but the writer makes tensors in the output's
 order. The generator's state at an offset is found by advancing from the nearest state known at or
 before it; states are remembered every :data:`SPACING` outputs passed and wherever a tensor's draws
 end, so writing every tensor costs about one extra run through the stream, not one per tensor.

@@ -13,14 +13,14 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from ..errors import PlanError
-from . import register
+from tensorsurgery.errors import PlanError
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 @register
@@ -54,7 +54,7 @@ class Multislerp:
     def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> MultislerpMix:
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         md, k = self.dtype, len(self.weights)
         mix = MultislerpMix(_weights(self.weights, self.normalize, md), self.base, md)
@@ -83,7 +83,7 @@ class Multislerp:
         The bytes are the sequential passes' either way; only the number of passes changes."""
         import numpy as np
 
-        from .arith import rounded_scalars
+        from tensorsurgery.ops.arith import rounded_scalars
 
         md, k = self.dtype, len(self.weights)
         guess = md != "F32"  # float32 sums seldom round alike: a guess would only cost passes
@@ -129,7 +129,7 @@ def _weights(weights: tuple[float, ...], normalize: bool, md: str) -> tuple[floa
     sum rounded to the dtype) when ``normalize``."""
     import numpy as np
 
-    from .arith import rounded, rounded_scalars
+    from tensorsurgery.ops.arith import rounded, rounded_scalars
 
     w = rounded_scalars(weights, md)
     if normalize:
@@ -159,7 +159,7 @@ def _one(x: float | np.floating, md: str) -> np.float32:
     """A float32 scalar result (from a float64 value) rounded to the merge dtype."""
     import numpy as np
 
-    from .arith import rounded
+    from tensorsurgery.ops.arith import rounded
 
     return rounded(np.asarray([x], np.float64).astype(np.float32), md)[0]
 
@@ -225,7 +225,7 @@ def _sums(inputs: Sequence[Input], fds: Sequence[int],
     order every run)."""
     import numpy as np
 
-    from .blocks import input_blocks
+    from tensorsurgery.ops.blocks import input_blocks
 
     parts: list[list[float]] = []
     for _, raws in input_blocks(inputs, fds):
@@ -263,7 +263,7 @@ class MultislerpMix:
 
     def vectors(self, raws: Sequence[np.ndarray], inputs: Sequence[Input]) -> list[np.ndarray]:
         """The models' values, or their differences from the base (rounded), as float32."""
-        from .arith import rounded, values
+        from tensorsurgery.ops.arith import rounded, values
 
         xs = [values(raw, i.dtype, self.dtype) for raw, i in zip(raws, inputs)]
         return [rounded(x - xs[0], self.dtype) for x in xs[1:]] if self.base else xs
@@ -272,14 +272,14 @@ class MultislerpMix:
         """``x_i / (|x_i| + eps)``."""
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         return [rounded(x / np.float32(d), self.dtype) for x, d in zip(self.vectors(raws, inputs), self.divisors)]
 
     def _weighted_sum(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         total = rounded(xs[0] * np.float32(self.w[0]), self.dtype)
         for x, w in zip(xs[1:], self.w[1:]):
@@ -294,13 +294,13 @@ class MultislerpMix:
         """``n = m / |m|``."""
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         return rounded(mean / np.float32(self.mean_norm), self.dtype)
 
     def dot_terms(self, units: Sequence[np.ndarray], n: np.ndarray) -> list[np.ndarray]:
         """Each ``u_i * n``, whose sums are the dots."""
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         return [rounded(u * n, self.dtype) for u in units]
 
@@ -308,7 +308,7 @@ class MultislerpMix:
         """``g = sum w_i (u_i - d_i n)``."""
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         md = self.dtype
         return self._weighted_sum([rounded(u - rounded(np.float32(d) * n, md), md) for u, d in zip(units, self.dots)])
@@ -316,7 +316,7 @@ class MultislerpMix:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np
 
-        from .arith import blockwise, encoded, rounded, values
+        from tensorsurgery.ops.arith import blockwise, encoded, rounded, values
 
         md = self.dtype
         cos, ratio, scale = np.float32(self.cos), np.float32(self.ratio), np.float32(self.scale)

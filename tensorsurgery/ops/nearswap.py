@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from . import register
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 @register
@@ -35,7 +35,7 @@ class NearSwap:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np
 
-        from .arith import blockwise, encoded, rounded, values
+        from tensorsurgery.ops.arith import blockwise, encoded, rounded, values
 
         md, f32 = self.dtype, np.float32
         t = f32(self.t)

@@ -7,14 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from . import register
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
-    from .groups import Groups
+    from tensorsurgery.ops.groups import Groups
+    from tensorsurgery.ops.recipe import Input
 
 #: mergekit's: a norm is clamped below to this before it divides (the unit vectors), and a pair is
 #: colinear where ``1 - cos^2 <= COLINEAR`` (its ``eps ** 2``), both in the merge dtype.
@@ -51,9 +51,9 @@ class Nuslerp:
     def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> NuslerpMix:
         import numpy as np
 
-        from .arith import rounded, rounded_scalars
-        from .blocks import input_blocks
-        from .groups import Groups
+        from tensorsurgery.ops.arith import rounded, rounded_scalars
+        from tensorsurgery.ops.blocks import input_blocks
+        from tensorsurgery.ops.groups import Groups
 
         md, groups = self.dtype, Groups.of(inputs[0].shape, self.flatten, self.row_wise)
         squares = np.zeros((2, groups.count))
@@ -85,7 +85,7 @@ def vectors(raws: Sequence[np.ndarray], inputs: Sequence[Input], base: bool, md:
     ``base`` (the first input) their differences from it (rounded, as torch subtracts)."""
     import numpy as np
 
-    from .arith import rounded, values
+    from tensorsurgery.ops.arith import rounded, values
 
     xs = [values(raw, i.dtype, md) for raw, i in zip(raws, inputs)]
     if not base:
@@ -101,7 +101,7 @@ def angles(t: float, dots: np.ndarray, md: str) -> tuple[np.ndarray, np.ndarray,
     and ``sin`` correctly rounded to float32, then to the merge dtype)."""
     import numpy as np
 
-    from .arith import rounded, rounded_scalars
+    from tensorsurgery.ops.arith import rounded, rounded_scalars
 
     def fn(f: np.ufunc, x: np.ndarray) -> np.ndarray:
         return rounded(f(x.astype(np.float64)).astype(np.float32), md)
@@ -139,7 +139,7 @@ class NuslerpMix:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np
 
-        from .arith import blockwise_at, encoded, rounded, values
+        from tensorsurgery.ops.arith import blockwise_at, encoded, rounded, values
 
         md = self.dtype
         one_minus_t, t = np.float32(1 - self.t), np.float32(self.t)

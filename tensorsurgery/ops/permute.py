@@ -4,13 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..fsio import pread_exact
-from . import register
+from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 @register
@@ -31,8 +31,8 @@ class PermuteRotary:
         raise NotImplementedError("a permutation is not elementwise")  # the interpreter never asks
 
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
-        from ..scratch import scratch  # the kernels need numpy, which planning does not import
-        from ..transforms import permute_head
+        from tensorsurgery.io.scratch import scratch  # the kernels need numpy, which planning does not import
+        from tensorsurgery.ops.transforms import permute_head
 
         source, fd = inputs[0], fds[0]
         length = source.range.length

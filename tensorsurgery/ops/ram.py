@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from . import register
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 def _changed(tvs: list[np.ndarray], epsilon: float, md: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -24,7 +24,7 @@ def _changed(tvs: list[np.ndarray], epsilon: float, md: str) -> tuple[list[np.nd
     ``epsilon`` rounded to it; a NaN is not changed), and how many models change each element."""
     import numpy as np
 
-    from .arith import rounded_scalars
+    from tensorsurgery.ops.arith import rounded_scalars
 
     floor = rounded_scalars([epsilon], md)[0]
     changed = [np.abs(tv) > floor for tv in tvs]
@@ -41,9 +41,9 @@ def _mix(raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int, epsilo
     the unique terms are float32 products, and torch promotes the rest of the sum to float32."""
     import numpy as np
 
-    from .arith import blockwise_at, encoded, rounded
-    from .sparsify import deltas
-    from .torch_sums import model_sum
+    from tensorsurgery.ops.arith import blockwise_at, encoded, rounded
+    from tensorsurgery.ops.sparsify import deltas
+    from tensorsurgery.ops.torch_sums import model_sum
 
     f32 = np.float32
     wide = "F32" if scales is not None else md  # the dtype of the terms summed
@@ -113,8 +113,8 @@ class RamPlus:
     def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> RamPlusMix:
         import numpy as np
 
-        from .blocks import input_blocks
-        from .sparsify import deltas
+        from tensorsurgery.ops.blocks import input_blocks
+        from tensorsurgery.ops.sparsify import deltas
 
         k = len(inputs) - 1
         shared, unique = np.zeros(k, np.int64), np.zeros(k, np.int64)

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from . import register
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 @register
@@ -30,7 +30,7 @@ class Scale:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
-        from ..transforms import cast_chunk
+        from tensorsurgery.ops.transforms import cast_chunk
 
         values = cast_chunk(raws[0], inputs[0].dtype, "F32").view(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN, as torch makes them

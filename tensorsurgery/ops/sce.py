@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from . import register
-from .sparsify import Rank
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops import register
+from tensorsurgery.ops.sparsify import Rank
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 #: mergekit's ``sce_weight`` falls back to equal weights when the weights sum below this.
 WEIGHT_FLOOR = 1e-6
@@ -60,7 +60,7 @@ class Sce:
         """The elements the top-k of the variances keeps: ``int(nonzero * select_topk)`` of them."""
         import numpy as np
 
-        from .sparsify import find_ranks
+        from tensorsurgery.ops.sparsify import find_ranks
 
         if self.select_topk <= 0:
             return Rank.none(True)
@@ -84,7 +84,7 @@ def variances(tvs: Sequence[np.ndarray], md: str) -> np.ndarray:
     accumulation in float64 over the models in order, ``m2 / k`` made a float32 then rounded."""
     import numpy as np
 
-    from .arith import rounded
+    from tensorsurgery.ops.arith import rounded
 
     mean = np.zeros(tvs[0].size, np.float64)
     m2 = np.zeros(tvs[0].size, np.float64)
@@ -99,8 +99,8 @@ def variances(tvs: Sequence[np.ndarray], md: str) -> np.ndarray:
 def _scan_variances(inputs: Sequence[Input], fds: Sequence[int], md: str,
                     visit: Callable[[int, int, np.ndarray], None]) -> None:
     """``visit(0, start, keys)`` for each block of the variances' magnitude keys (one "model")."""
-    from .blocks import input_blocks
-    from .sparsify import deltas, magnitude_keys
+    from tensorsurgery.ops.blocks import input_blocks
+    from tensorsurgery.ops.sparsify import deltas, magnitude_keys
 
     for start, raws in input_blocks(inputs, fds):
         visit(0, start, magnitude_keys(variances(deltas(raws, inputs, md)[1], md), md))
@@ -111,7 +111,7 @@ def selected(tvs: list[np.ndarray], keep: Rank | None, md: str, start: int) -> l
     -x * 0 is -0, inf * 0 NaN); all of them without a selection."""
     import numpy as np
 
-    from .sparsify import magnitude_keys
+    from tensorsurgery.ops.sparsify import magnitude_keys
 
     if keep is None:
         return tvs
@@ -128,10 +128,10 @@ def _weights(inputs: Sequence[Input], fds: Sequence[int], md: str, keep: Rank | 
     1e-6 in magnitude. As merge-dtype values."""
     import numpy as np
 
-    from .arith import rounded
-    from .blocks import STAT_BLOCK, input_blocks
-    from .sparsify import deltas
-    from .torch_sums import CascadeSum, full_sum
+    from tensorsurgery.ops.arith import rounded
+    from tensorsurgery.ops.blocks import STAT_BLOCK, input_blocks
+    from tensorsurgery.ops.sparsify import deltas
+    from tensorsurgery.ops.torch_sums import CascadeSum, full_sum
 
     k = len(inputs) - 1
     sums = [CascadeSum(count, "F32") for _ in range(k)]  # torch sums a 16-bit tensor's mean as float32
@@ -170,9 +170,9 @@ class SceMix:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np
 
-        from .arith import blockwise_at, encoded, rounded
-        from .sparsify import deltas
-        from .torch_sums import model_sum
+        from tensorsurgery.ops.arith import blockwise_at, encoded, rounded
+        from tensorsurgery.ops.sparsify import deltas
+        from tensorsurgery.ops.torch_sums import model_sum
 
         md, n = self.dtype, self.count
         vector = 8 if md == "F32" else 16

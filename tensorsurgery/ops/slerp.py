@@ -8,13 +8,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from . import register
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 #: mergekit's: above this |cos theta| the tensors are taken as collinear and interpolated linearly;
 #: norms at or below ``EPS`` are taken as 1.
@@ -46,8 +46,8 @@ class Slerp:
     def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> Mix:
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
-        from .arith import values
-        from .blocks import input_blocks
+        from tensorsurgery.ops.arith import values
+        from tensorsurgery.ops.blocks import input_blocks
 
         squares_a, squares_b, dots = [], [], []
         for _, (raw_a, raw_b) in input_blocks(inputs, fds):
@@ -105,7 +105,7 @@ class Mix:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np
 
-        from .arith import blockwise, encoded, values
+        from tensorsurgery.ops.arith import blockwise, encoded, values
 
         md, c_a, c_b = self.dtype, np.float32(self.c_a), np.float32(self.c_b)
 

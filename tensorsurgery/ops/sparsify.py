@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
+from tensorsurgery.formats.dtypes import element_size
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 #: Above and below every magnitude key.
 _ABOVE, _BELOW = 1 << 32, -1
@@ -54,7 +54,7 @@ def magnitude_keys(delta: np.ndarray, md: str) -> np.ndarray:
     its absolute value in the merge dtype (15 bits for 16-bit dtypes, 31 for float32)."""
     import numpy as np
 
-    from .arith import encoded
+    from tensorsurgery.ops.arith import encoded
 
     if md == "F32":
         return delta.view(np.uint32) & np.uint32(0x7FFFFFFF)
@@ -65,7 +65,7 @@ def magnitude_keys(delta: np.ndarray, md: str) -> np.ndarray:
 
 def deltas(raws: Sequence[np.ndarray], inputs: Sequence[Input], md: str) -> tuple[np.ndarray, list[np.ndarray]]:
     """The base's values and each other input's difference from it, rounded to the merge dtype."""
-    from .arith import rounded, values
+    from tensorsurgery.ops.arith import rounded, values
 
     base = values(raws[0], inputs[0].dtype, md)
     return base, [rounded(values(raw, i.dtype, md) - base, md) for raw, i in zip(raws[1:], inputs[1:])]
@@ -155,7 +155,7 @@ def _bin(hist: np.ndarray, descending: bool, r: int) -> tuple[int, int]:
 def _scan_deltas(inputs: Sequence[Input], fds: Sequence[int], md: str,
                  visit: Callable[[int, int, np.ndarray], None]) -> None:
     """``visit(model, start, keys)`` for each block of each non-base input's magnitude keys."""
-    from .blocks import input_blocks
+    from tensorsurgery.ops.blocks import input_blocks
 
     for start, raws in input_blocks(inputs, fds):
         for m, delta in enumerate(deltas(raws, inputs, md)[1]):
@@ -198,9 +198,9 @@ def rescale_ratios(inputs: Sequence[Input], fds: Sequence[int], md: str,
     One more pass over the inputs in fixed blocks."""
     import numpy as np
 
-    from .arith import rounded
-    from .blocks import input_blocks
-    from .torch_sums import ChunkedSum
+    from tensorsurgery.ops.arith import rounded
+    from tensorsurgery.ops.blocks import input_blocks
+    from tensorsurgery.ops.torch_sums import ChunkedSum
 
     count = inputs[0].range.length // element_size(inputs[0].dtype)
     models = [m for m, s in enumerate(selections) if not s.everything]
@@ -248,7 +248,7 @@ class SparseMix:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np
 
-        from .arith import blockwise_at, encoded, rounded, rounded_scalars, sequential_sum
+        from tensorsurgery.ops.arith import blockwise_at, encoded, rounded, rounded_scalars, sequential_sum
 
         md = self.dtype
         weights = rounded_scalars(self.weights, md)

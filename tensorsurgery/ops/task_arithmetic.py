@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from ..dtypes import element_size
-from . import register
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.recipe import Input
 
 
 @register
@@ -38,7 +38,7 @@ class TaskArithmetic:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
-        from .arith import blockwise, encoded, rounded, rounded_scalars, sequential_sum, values
+        from tensorsurgery.ops.arith import blockwise, encoded, rounded, rounded_scalars, sequential_sum, values
 
         md = self.dtype
         weights = rounded_scalars(self.weights, md)

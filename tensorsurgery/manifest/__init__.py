@@ -1,0 +1,1 @@
+"""Stage 1, what is asked: a manifest (TOML or mergekit YAML) read into a frozen, checked Manifest."""

@@ -1,0 +1,91 @@
+"""The one interpreter of recipes (:mod:`tensorsurgery.ops.recipe`): an output tensor's bytes, made on
+bounded chunks. The writer (:mod:`tensorsurgery.output.pump`) and every comparison (``--resume``, both
+``verify`` modes: :mod:`tensorsurgery.verification.compare`) make bytes only here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple, Sequence, cast
+
+import numpy as np
+
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.io.scratch import scratch as _scratch
+from tensorsurgery.ops import Operation, TwoPassOperation, Zeros
+from tensorsurgery.ops.recipe import Input, Recipe, element_count, is_elementwise, is_two_pass
+from tensorsurgery.ops.transforms import cast_chunk
+
+#: Source bytes (of all its inputs) per chunk of a computed tensor; small because a cast makes a few
+#: temporaries, and a merge reads several inputs.
+CAST_CHUNK = 1 << 20
+
+#: Opens a source file for reading; the descriptor stays the opener's to close (a pool of open files).
+Opener = Callable[[Path], int]
+
+
+def tensor_chunks(t: Recipe, open_file: Opener, chunk: int = CAST_CHUNK) -> Iterator[memoryview]:
+    """The output bytes of ``t``, in bounded chunks, its inputs opened with ``open_file``.
+
+    Each yielded view is valid only until the next one is requested: buffers are reused, per
+    thread, so a thread consumes one of these generators at a time.
+    """
+    inputs, op, dtype, nbytes = t.inputs, t.op, t.dtype, t.nbytes
+    if isinstance(op, Zeros):
+        zeros = _scratch(min(nbytes, chunk))[1].data
+        zeros[:] = bytes(len(zeros))
+        for start in range(0, nbytes, len(zeros) or 1):
+            yield zeros[:min(len(zeros), nbytes - start)]
+        return
+    fds = [open_file(i.range.path) for i in inputs]
+    t = prepared(t, fds)
+    if is_elementwise(t):
+        count = element_count(t)
+        step = max(chunk // sum(element_size(i.dtype) for i in inputs), 1)  # all inputs together: ``chunk``
+        out = _scratch(step * element_size(dtype), slot=-1)[1]
+        for start in range(0, count, step):
+            n = min(step, count - start)
+            yield compute_elements(t, fds, start, n, out[:n * element_size(dtype)]).data
+        return
+    result = op.result_dtype(inputs)
+    for values in op.chunks(inputs, fds, chunk):
+        if result != dtype:
+            values = cast_chunk(values, result, dtype, out=_scratch(values.size, slot=-1)[1])
+        yield values.data
+
+
+class Prepared(NamedTuple):
+    """A two-pass recipe with its statistic read: the same inputs, an elementwise operation."""
+
+    dtype: str
+    nbytes: int
+    inputs: tuple[Input, ...]
+    op: Operation
+
+
+def prepared(t: Recipe, fds: Sequence[int]) -> Recipe:
+    """``t`` itself, or for a two-pass recipe (:func:`~tensorsurgery.ops.recipe.is_two_pass`) the
+    elementwise recipe its operation's :meth:`~tensorsurgery.ops.TwoPassOperation.prepare`
+    makes, having read the inputs (open as ``fds``) once for its statistic."""
+    if not is_two_pass(t):
+        return t
+    op = cast(TwoPassOperation, t.op).prepare(t.inputs, fds)
+    return Prepared(t.dtype, t.nbytes, t.inputs, op)
+
+
+def compute_elements(t: Recipe, fds: Sequence[int], start: int, n: int, out: np.ndarray) -> np.ndarray:
+    """Output elements ``start..start+n-1`` of the elementwise recipe ``t`` (its inputs open as
+    ``fds``), written into ``out`` (a uint8 buffer of their size) when it can be; returns the bytes
+    (``out`` or a view of a scratch buffer)."""
+    inputs, op, dtype = t.inputs, t.op, t.dtype
+    raws = []
+    for k, (i, fd) in enumerate(zip(inputs, fds)):
+        size = element_size(i.dtype)
+        raw = _scratch(n * size, slot=k)[0]
+        pread_exact(fd, raw.data, i.range.offset + start * size)
+        raws.append(raw)
+    values = op.apply(raws, inputs, start)
+    result = op.result_dtype(inputs)
+    if result == dtype:
+        return values
+    return cast_chunk(values, result, dtype, out=out)

@@ -1,0 +1,212 @@
+"""Planning a merge (pure): each output tensor of a ``[merge]`` manifest becomes a recipe of the
+same tensor of every merged source and one merge operation, its parameters resolved for that
+tensor (:mod:`tensorsurgery.manifest.merges`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from math import prod
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping
+
+from tensorsurgery.errors import PlanError
+from tensorsurgery.formats.dtypes import is_castable
+from tensorsurgery.manifest.merge_slices import locate
+from tensorsurgery.manifest.merges import METHODS, MergeSpec, MissingParameter, Resolved, resolve
+from tensorsurgery.ops import (
+    COPY,
+    Breadcrumbs,
+    Karcher,
+    Linear,
+    ModelStock,
+    Multislerp,
+    NearSwap,
+    Nuslerp,
+    Operation,
+    Ram,
+    RamPlus,
+    Sce,
+    Slerp,
+    TaskArithmetic,
+    Ties,
+)
+from tensorsurgery.ops.recipe import ByteRange, Input
+from tensorsurgery.planning.dare import RANDOM_METHODS, dare_operation, stream_offsets
+from tensorsurgery.planning.della import della_operation
+from tensorsurgery.sources.checkpoint import Checkpoint
+
+
+def promoted(dtypes: tuple[str, ...]) -> str:
+    """torch's promoted dtype of float tensors (mergekit's merge dtype when none is given): the
+    one dtype, else float32 (bfloat16 and float16 promote to it)."""
+    return dtypes[0] if len(set(dtypes)) == 1 else "F32"
+
+
+def _weights(values: Resolved) -> tuple[float, ...]:
+    return tuple(float(p["weight"]) for p in values.per_model)
+
+
+class NotBuilt(Exception):
+    """A setting of a built method that is not built yet (for a message that says so)."""
+
+
+def _sparsified(method: str) -> Callable[[Resolved, str], Operation]:
+    """ties, breadcrumbs or breadcrumbs_ties from a tensor's parameters."""
+    def make(values: Resolved, md: str) -> Operation:
+        weights, densities = _weights(values), tuple(float(p["density"]) for p in values.per_model)
+        normalize, lam = bool(values.shared["normalize"]), float(values.shared["lambda"])
+        rescale = bool(values.shared["rescale"])
+        if method == "ties":
+            return Ties(weights, densities, normalize, lam, md, rescale)
+        return Breadcrumbs(weights, densities, tuple(float(p["gamma"]) for p in values.per_model),
+                           method == "breadcrumbs_ties", normalize, lam, md, rescale)
+    return make
+
+
+def _interpolation(weights: tuple[float, ...]) -> float:
+    """nuslerp's ``t`` from its two models' weights, as mergekit's (Python floats): the second's
+    share, 0.5 when they sum to (almost) 0."""
+    total = sum(weights)
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+def _model_stock(values: Resolved, md: str) -> Operation:
+    if values.shared["filter_wise"]:
+        raise NotBuilt("model_stock with filter_wise = true (a ratio per row) is not built yet; remove it, or use "
+                       "mergekit")
+    return ModelStock(md)
+
+
+def _karcher(values: Resolved, md: str) -> Operation:
+    steps = float(values.shared["max_iter"])
+    if not steps.is_integer() or steps < 0:
+        raise NotBuilt(f"karcher: max_iter is the number of steps (a whole number, 0 or more), found {steps:g}")
+    return Karcher(int(steps), float(values.shared["tol"]), md)
+
+
+#: Each method's operation from one tensor's resolved parameters and the merge dtype.
+OPERATION: Mapping[str, Callable[[Resolved, str], Operation]] = MappingProxyType({
+    "linear": lambda v, md: Linear(_weights(v), bool(v.shared["normalize"]), md),
+    "task_arithmetic": lambda v, md: TaskArithmetic(_weights(v), bool(v.shared["normalize"]),
+                                                    float(v.shared["lambda"]), md),
+    **{method: _sparsified(method) for method in ("ties", "breadcrumbs", "breadcrumbs_ties")},
+    "slerp": lambda v, md: Slerp(float(v.shared["t"]), md),
+    "model_stock": lambda v, md: _model_stock(v, md),
+    "nuslerp": lambda v, md: Nuslerp(_interpolation(_weights(v)), bool(v.shared["nuslerp_row_wise"]),
+                                     bool(v.shared["nuslerp_flatten"]), v.base, md),
+    "multislerp": lambda v, md: Multislerp(_weights(v), bool(v.shared["normalize_weights"]), float(v.shared["eps"]),
+                                           v.base, md),
+    "sce": lambda v, md: Sce(float(v.shared["select_topk"]), md),
+    "nearswap": lambda v, md: NearSwap(float(v.shared["t"]), md),
+    "ram": lambda v, md: Ram(float(v.shared["epsilon"]), md),
+    "ramplus_tl": lambda v, md: RamPlus(float(v.shared["r"]), float(v.shared["alpha"]), float(v.shared["epsilon"]),
+                                        md),
+    "karcher": _karcher,
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Merger:
+    """Makes the merged recipe of each output tensor: ``layers`` output layers (for gradients),
+    ``where`` the manifest (for messages)."""
+
+    spec: MergeSpec
+    checkpoints: Mapping[str, Checkpoint]
+    layers: int
+    where: str
+    #: Each tensor's first random draw (DARE: :mod:`tensorsurgery.planning.dare`), by source tensor name.
+    offsets: Mapping[str, int] | None = None
+    #: The output dtype (None: the merge dtype), for a slice of the base alone (a copy).
+    out_dtype: str | None = None
+
+    def with_draws(self, tensors: Iterable[tuple[str, tuple[int, ...], int | None]]) -> Merger:
+        """This merger knowing where each tensor's draws start, for a method that draws: from
+        ``(key, shape, position)`` of every merged tensor (itself for the other methods).
+
+        Raises:
+            PlanError: no seed, or a tensor without a weight or density.
+        """
+        if self.spec.method not in RANDOM_METHODS:
+            return self
+        if self.spec.seed is None:
+            raise PlanError(f"{self.where}: merge: {self.spec.method} keeps random parts of each delta and needs a "
+                            f"seed: set seed = N in [merge], or give --random-seed N as mergekit takes it (its YAML "
+                            f"has no seed); without one mergekit draws differently every run")
+        try:
+            offsets = stream_offsets(self.spec, ((key, prod(shape), self.t(position))
+                                                 for key, shape, position in tensors))
+        except MissingParameter as e:
+            raise PlanError(f"{self.where}: merge: {e}") from None
+        return replace(self, offsets=offsets)
+
+    def t(self, position: int | None) -> float:
+        """Where a tensor lies across the layers, as mergekit's gradients see it: 0 outside them
+        (embeddings, final norm, lm_head), ``i / (n - 1)`` for layer ``i`` (1 for a single layer)."""
+        if position is None:
+            return 0.0
+        return position / (self.layers - 1) if self.layers > 1 else 1.0
+
+    def recipe(self, first: Input, position: int | None,
+               name: str | None = None) -> tuple[tuple[Input, ...], Operation, str]:
+        """The inputs (tensor ``first.key`` of every merged source, the base first; in a merge of
+        slices, each source's own layer of the slice), the operation and the merge dtype of the
+        output tensor ``name`` (default ``first.key``) planned from ``first``.
+
+        Raises:
+            PlanError: a source lacks the tensor or has it in another shape, it is not a float
+                tensor, or a required parameter has no value for it.
+        """
+        key, name = first.key, name or first.key
+        if first.part is not None:
+            raise PlanError(f"{self.where}: tensor {key!r} is a part of a fused tensor; merging parts is not "
+                            f"supported: merge models whose tensors are not split")
+        part, t = None, self.t(position)
+        sources, keys = self.spec.sources, (key,) * len(self.spec.sources)
+        if self.spec.slices:
+            part, offset, t = locate(self.spec, position, name)
+            sources = part.sources(self.spec.base, METHODS[self.spec.method].takes_base(self.spec.base))
+            keys = tuple(key if offset is None else
+                         self.checkpoints[s].family.layers.with_index(key, part.starts[s] + offset) for s in sources)
+        inputs = tuple(self._input(source, k, first.shape) for source, k in zip(sources, keys))
+        md = self.spec.dtype or promoted(tuple(i.dtype for i in inputs))
+        if part is not None and not part.models:  # the base alone: mergekit returns it, in the merge dtype
+            return inputs, self._base_alone(inputs[0], md, name), md
+        try:
+            values = resolve(self.spec, name, t, part, keys[len(keys) - len(part.models):] if part else ())
+            if self.spec.method in RANDOM_METHODS:
+                assert self.offsets is not None, "with_draws first"
+                if self.spec.method.startswith("della"):
+                    return inputs, della_operation(self.spec, values, md, self.offsets[key], first.shape), md
+                return inputs, dare_operation(self.spec, values, md, self.offsets[key]), md
+            return inputs, OPERATION[self.spec.method](values, md), md
+        except (MissingParameter, NotBuilt) as e:
+            raise PlanError(f"{self.where}: merge: {e}") from None
+        except ValueError as e:  # a density below 0, della's density and epsilon or shape
+            raise PlanError(f"{self.where}: merge: tensor {key!r}: {e}") from None
+
+    def _base_alone(self, base: Input, md: str, name: str) -> Operation:
+        """A copy of the base's tensor (cast once to the output dtype when planned): mergekit rounds
+        it to the merge dtype, then to the output's, the same bytes when the first rounding loses
+        nothing (the merge dtype is the base's or float32) or the output is in the merge dtype."""
+        out = self.out_dtype or md
+        if md not in (base.dtype, "F32") and out != md:
+            raise PlanError(f"{self.where}: merge: tensor {name!r} is the base's alone, which mergekit rounds to "
+                            f"{md} and then to {out}; tensorsurgery casts once: set the output dtype to the merge "
+                            f"dtype, or give the slice another model")
+        return COPY
+
+    def _input(self, source: str, key: str, shape: tuple[int, ...]) -> Input:
+        ckpt = self.checkpoints[source]
+        shard = ckpt.weight_map.get(key)
+        if shard is None:
+            raise PlanError(f"{self.where}: merge: source {source!r} ({ckpt.root}) has no tensor {key!r}; merge "
+                            f"models of one architecture and size")
+        header = ckpt.headers[shard]
+        entry = header.tensors[key]
+        where = f"{ckpt.root / shard}: tensor {key!r}"
+        if entry.shape != shape:
+            raise PlanError(f"{where}: shape {list(entry.shape)}, but the first source's is {list(shape)}; merge "
+                            f"models of one architecture and size")
+        if not is_castable(entry.dtype):
+            raise PlanError(f"{where}: {entry.dtype} is not a float dtype a merge computes with (F16, BF16, F32)")
+        return Input(source, key, entry.dtype, shape,
+                     ByteRange(header.path, header.data_start + entry.start, entry.nbytes))

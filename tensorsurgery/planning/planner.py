@@ -1,0 +1,566 @@
+"""The pure planning step: (Manifest, Checkpoints) -> Plan. No disk or network.
+
+Every output tensor is a byte range of a source shard plus typed transform steps
+(:mod:`tensorsurgery.ops.transforms`). Shard files, config.json, the index and the model card are all
+decided here, so ``plan`` and ``--dry-run`` show exactly what ``apply`` will write and ``verify``
+knows exactly what to expect.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from operator import add, itemgetter
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple
+
+from tensorsurgery._version import __version__
+from tensorsurgery.errors import AdapterError, ConsistencyError, PlanError
+from tensorsurgery.families.config import build_config
+from tensorsurgery.families.consistency import differing_sources, output_findings
+from tensorsurgery.families.layers import LayerRef, seams
+from tensorsurgery.families.rules import get_preset
+from tensorsurgery.formats.dtypes import CAST_DTYPES, element_size, is_castable
+from tensorsurgery.formats.safetensors import Header, encode_header
+from tensorsurgery.io.gcpause import paused_gc
+from tensorsurgery.manifest.merge_slices import range_problem
+from tensorsurgery.manifest.merges import MergeSpec
+from tensorsurgery.manifest.toml import Manifest
+from tensorsurgery.ops import (
+    COPY,
+    ZEROS,
+    DequantFP8,
+    DequantMXFP4,
+    LoraMerge,
+    Operation,
+    PermuteRotary,
+    rotary_row_order,
+)
+from tensorsurgery.ops.recipe import ByteRange, Input, RowSlice, label
+from tensorsurgery.output.card import model_card
+from tensorsurgery.planning.adapters import AdapterInfo, adapter_keys, adapter_recipes, read_adapter, source_inputs
+from tensorsurgery.planning.merging import Merger
+from tensorsurgery.planning.quantized import (
+    MXFP4_BLOCKS,
+    dequant_recipe,
+    fp8_sources,
+    mxfp4_recipe,
+    mxfp4_sources,
+    without_quantization,
+)
+from tensorsurgery.planning.selection import Pick, natural_order, select
+from tensorsurgery.planning.vocabulary import copied_files, tokenizer_donor
+from tensorsurgery.sources.checkpoint import Checkpoint
+
+SHARD_METADATA = MappingProxyType({"format": "pt"})
+SINGLE_SHARD = "model.safetensors"
+
+
+class OutputTensor(NamedTuple):  # not a frozen dataclass: one per tensor (see recipe.ByteRange)
+    """One output tensor: its recipe (its inputs and the operation that makes it of them, see
+    :mod:`tensorsurgery.ops.recipe`). ``offset`` is its start in its shard's data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    inputs: tuple[Input, ...]
+    op: Operation
+    #: The recipe in one word per stage (:func:`~tensorsurgery.ops.recipe.label`), made when planned.
+    transform: str
+
+    @property
+    def source(self) -> ByteRange | None:
+        """The first input's byte range (None for a tensor of no input: zeros)."""
+        return self.inputs[0].range if self.inputs else None
+
+    @property
+    def source_name(self) -> str:
+        """The first input's source name ("" for none)."""
+        return self.inputs[0].source if self.inputs else ""
+
+    @property
+    def source_key(self) -> str:
+        """The first input's tensor name in its source ("" for none)."""
+        return self.inputs[0].key if self.inputs else ""
+
+    @property
+    def source_dtype(self) -> str:
+        """The first input's dtype (the output's for none)."""
+        return self.inputs[0].dtype if self.inputs else self.dtype
+
+
+#: OutputTensor's fields by position, for loops in C over a plan's tensors.
+_NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES, _TRANSFORM = (itemgetter(i) for i in (0, 1, 2, 3, 4, 7))
+
+
+def output_tensor(name: str, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int,
+                  inputs: tuple[Input, ...], op: Operation = COPY) -> OutputTensor:
+    """An :class:`OutputTensor` with its transform label (for plans made by hand: tests, tools)."""
+    first = inputs[0].dtype if inputs else None
+    return OutputTensor(name, dtype, shape, offset, nbytes, inputs, op,
+                        label(any(i.part is not None for i in inputs), op, first, dtype))
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """An output file: its encoded header and its tensors in data order. ``link`` names a source
+    file that is byte-identical to this shard (planned with ``link=True``): it may be hard-linked
+    or reflinked instead of written."""
+
+    filename: str
+    header: bytes
+    tensors: tuple[OutputTensor, ...]
+    link: Path | None = None
+    data_size: int = -1
+
+    def __post_init__(self) -> None:
+        if self.data_size < 0:  # summed once: plans ask for it often, and a shard may hold 100k tensors
+            object.__setattr__(self, "data_size", sum(map(_NBYTES, self.tensors)))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + self.data_size
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """A source as the plan records it (for provenance and display). ``inside`` is the folder its
+    files must really be in; ``files`` its weight files."""
+
+    name: str
+    model: str
+    root: Path
+    layout: str
+    revision: str | None
+    files: tuple[str, ...]
+    repo_id: str | None = None
+    inside: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CopyFile:
+    """A small file copied byte for byte from a source folder into the output."""
+
+    source: Path
+    name: str
+    inside: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything ``apply`` will write, computed from headers alone. ``card`` is the model card's
+    text (README.md); ``card_meta`` the front matter it carries over from the base source's card;
+    ``family`` the :mod:`tensorsurgery.families.registry` entry whose rules were used (``generic`` when the
+    base's model_type is not in the registry); ``kinds`` a label of each output layer's kind."""
+
+    output: Path
+    sources: tuple[SourceInfo, ...]
+    layers: tuple[LayerRef, ...]
+    seams: tuple[tuple[int, int], ...]
+    shards: tuple[Shard, ...]
+    config: Mapping[str, Any]
+    copy_files: tuple[CopyFile, ...]
+    manifest_text: str
+    manifest_name: str = "manifest.toml"
+    card: str | None = None
+    card_meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    family: str = "generic"
+    kinds: tuple[str, ...] = ()
+    #: The LoRA adapters merged into their sources (:mod:`tensorsurgery.planning.adapters`).
+    adapters: tuple[AdapterInfo, ...] = ()
+    #: The merge every tensor is computed by (``[merge]``, a mergekit merge method), or None.
+    merge: MergeSpec | None = None
+
+    @property
+    def index(self) -> Mapping[str, Any] | None:
+        """``model.safetensors.index.json`` content; None for a single ``model.safetensors``, as
+        Hugging Face writes no index then. Made when asked (90k entries for DeepSeek-V3)."""
+        return _index(self.shards)
+
+    @property
+    def total_size(self) -> int:
+        """Tensor bytes (``metadata.total_size`` of the index)."""
+        return sum(s.data_size for s in self.shards)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all shard files, headers included."""
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def written_nbytes(self) -> int:
+        """Bytes of the shard files ``apply`` writes (linked shards excluded)."""
+        return sum(s.nbytes for s in self.shards if s.link is None)
+
+    @property
+    def tensors(self) -> tuple[OutputTensor, ...]:
+        """Every output tensor, shard by shard (a new tuple each time: keep it if used often)."""
+        return tuple(t for s in self.shards for t in s.tensors)
+
+    @property
+    def tensor_count(self) -> int:
+        """How many output tensors (without building :attr:`tensors`)."""
+        return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def transform_counts(self) -> Mapping[str, int]:
+        """How many output tensors each transform makes (``{"none": 280, "cast": 11}``), sorted by
+        transform. Counted in C (a plan may hold 1.7M tensors)."""
+        counts: Counter[str] = Counter()
+        for shard in self.shards:
+            counts.update(map(_TRANSFORM, shard.tensors))
+        return dict(sorted(counts.items()))
+
+
+@paused_gc()  # a few objects per tensor, no cycles: see gcpause
+def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, link: bool = False) -> Plan:
+    """Plan the output of ``manifest`` applied to ``checkpoints`` (keyed by source name).
+
+    With ``link``, every shard of the first source whose tensors all pass through unchanged
+    (same names, dtypes and bytes) becomes an output shard of its own, byte-identical to that
+    source file (its header reused), whatever ``max_shard_size`` says; the writer can then link
+    it instead of copying. The other tensors are sharded as usual.
+
+    Raises:
+        PlanError: a layer out of range (naming the arrangement position), two tensors renamed
+            to one name, a renamed layer tensor without its layer index, layers whose shapes
+            cannot stack, a permutation that does not fit the head count, an output with no
+            tensors or a layer with none.
+        ManifestError: an unknown preset, a name no preset rule maps, an invalid replacement.
+
+    Example:
+        >>> plan = build_plan(load_manifest("manifests/solar-dus.toml"), {"source": ckpt})  # doctest: +SKIP
+        >>> len(plan.layers)                                                              # doctest: +SKIP
+        48
+    """
+    base = manifest.sources[0].name
+    if manifest.merge and manifest.merge.slices:
+        problem = range_problem(manifest.merge, {name: c.num_layers for name, c in checkpoints.items()})
+        if problem:
+            raise PlanError(f"{manifest.path}: {problem}")
+    chosen = select(manifest, checkpoints)
+    arrangement, moe, kinds = chosen.arrangement, chosen.moe, chosen.kinds
+    dtype = CAST_DTYPES[manifest.output.dtype] if manifest.output.dtype else None
+    # The layers saved after the counted ones (MTP) that the output keeps: rename.drop may drop them.
+    held = checkpoints[base].found_layers > checkpoints[base].num_layers
+    extra = len({p.position for p in chosen.picks if p.position is not None and p.position >= len(arrangement)}) \
+        if held else None
+    picks = sorted(chosen.picks, key=_ORDER)
+    del chosen  # from here on each tensor is held once: picks, then specs, then placed tensors
+    positions = {p.out: p.position for p in picks} if manifest.merge else None
+    specs = _specs(picks, checkpoints, dtype)
+    del picks
+    # Quantized sources (FP8 blocks, MXFP4), dequantized when a dtype is asked for.
+    fp8, mxfp4 = fp8_sources(checkpoints, dtype), mxfp4_sources(checkpoints, dtype)
+    if (fp8 or mxfp4) and dtype:
+        specs = _dequantized(specs, checkpoints, fp8, mxfp4, dtype)
+    adapters = tuple(_adapted(specs, manifest, checkpoints))  # merges the LoRA adapters into ``specs``
+    if manifest.merge and positions is not None:
+        specs = _merged(specs, positions, Merger(manifest.merge, checkpoints, len(arrangement), str(manifest.path),
+                                                 out_dtype=dtype), dtype)
+    linked = _identical_source_shards(specs, checkpoints[base]) if link else []
+    taken = {t.name for _, group in linked for t in group}
+    groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
+    groups += [(None, group) for group in _cut([s for s in specs if s[0] not in taken] if taken else specs,
+                                               manifest.output.max_shard_size)]
+    del specs
+    shards = _name_shards(groups)
+    base_ckpt = checkpoints[base]
+    donor = base
+    if manifest.merge and manifest.merge.tokenizer_source is not None:
+        donor = tokenizer_donor(manifest.merge.tokenizer_source, manifest.merge.sources, base, checkpoints,
+                                str(manifest.path))
+    preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
+    config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
+                          family=base_ckpt.family, moe=moe, preset=preset, dtype=dtype,
+                          overrides=manifest.config, where=f"{manifest.path}: layers", extra_layers=extra)
+    if fp8 or mxfp4:
+        without_quantization(config, manifest.config)
+    _check_consistency(manifest, checkpoints, arrangement, config, shards)
+    plan = Plan(
+        output=Path(manifest.output.path),
+        sources=tuple(_source_info(s.name, s.model, checkpoints[s.name]) for s in manifest.sources),
+        layers=arrangement, seams=seams(arrangement), shards=shards,
+        config=MappingProxyType(config),
+        copy_files=tuple(CopyFile(c.root / f, f, c.inside) for c, f in copied_files(base_ckpt, checkpoints[donor])),
+        manifest_text=manifest.text, manifest_name=manifest.path.name,
+        card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds, adapters=adapters,
+        merge=manifest.merge,
+    )
+    return replace(plan, card=model_card(plan))
+
+
+def _check_consistency(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...],
+                       config: Mapping[str, Any], shards: tuple[Shard, ...]) -> None:
+    """Refuse an output whose config.json and tensors disagree (:mod:`tensorsurgery.families.consistency`),
+    or whose layers come from a source that computes them otherwise."""
+    base = checkpoints[manifest.sources[0].name]
+    texts = {name: base.family.text_config(c.config) for name, c in checkpoints.items()}
+    for finding in differing_sources(texts, manifest.sources[0].name, arrangement, base.family):
+        raise ConsistencyError(f"{manifest.path}: layers: {finding}; take them from a source whose config agrees")
+    found = output_findings(config, (t for s in shards for t in s.tensors), base.config,
+                            (e for h in base.headers.values() for e in h.entries), base.family)
+    if found:
+        raise ConsistencyError(f"{manifest.path}: the output's config.json and tensors would disagree: {found[0]}; "
+                               f"change [config] (or the renames) so that both describe the same model")
+
+
+#: The output order: natural order of names (``layers.2`` before ``layers.10``), then the names.
+_ORDER = itemgetter(7, 0)  # Pick.order, Pick.out
+
+
+def _source_info(name: str, model: str, ckpt: Checkpoint) -> SourceInfo:
+    return SourceInfo(name, model, ckpt.root, ckpt.layout, ckpt.revision, tuple(sorted(ckpt.headers)),
+                      repo_id=ckpt.repo_id, inside=ckpt.inside)
+
+
+class _Spec(NamedTuple):
+    """An output tensor before it is placed in a shard: :class:`OutputTensor` but ``offset``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    inputs: tuple[Input, ...]
+    op: Operation
+    transform: str
+
+
+#: A plain tuple's constructor, used for the NamedTuples made per tensor: theirs costs 3x.
+_new = tuple.__new__
+
+
+def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> list[_Spec]:
+    """The output tensor of each pick (:func:`_spec`), verbatim copies inline: they are most tensors
+    of most plans, and the loop runs for every tensor of a 1.7M-tensor plan. Empties ``picks``
+    (each is freed as its spec is made, so the two lists never both hold every tensor)."""
+    sources = {name: (c.weight_map, c.headers) for name, c in checkpoints.items()}
+    specs: list[_Spec] = []
+    append = specs.append
+    picks.reverse()
+    pop = picks.pop
+    for _ in range(len(picks)):
+        p = pop()
+        out, source, key, permute, rows, _, zeros, _ = p
+        weight_map, headers = sources[source]
+        header = headers[weight_map[key]]
+        _, e_dtype, shape, start, end = header.tensors[key]
+        if rows is None and permute is None and not zeros and (
+                not dtype or e_dtype == dtype or not is_castable(e_dtype)):
+            whole = _new(ByteRange, (header.path, header.data_start + start, end - start))
+            append(_new(_Spec, (out, e_dtype, shape, end - start,
+                                (_new(Input, (source, key, e_dtype, shape, whole, None)),), COPY, "none")))
+        else:
+            append(_spec(p, checkpoints, dtype))
+    return specs
+
+
+def _merged(specs: list[_Spec], positions: Mapping[str, int | None], merger: Merger,
+            dtype: str | None) -> list[_Spec]:
+    """Each output tensor as the merge of the same tensor of every merged source (in a merge of
+    slices, each source's layer of the slice: :class:`~tensorsurgery.planning.merging.Merger`), in the
+    output ``dtype`` (default: the merge dtype)."""
+    merged = []
+    merger = merger.with_draws((s.inputs[0].key, s.shape, positions[s.name]) for s in specs if s.inputs)
+    for s in specs:
+        if s.op is not COPY or not s.inputs:
+            raise PlanError(f"{merger.where}: tensor {s.name!r} is planned as {s.transform!r}, which a merge cannot "
+                            f"combine with; merge models that need no rename that permutes or fills tensors")
+        first = s.inputs[0]
+        inputs, op, md = merger.recipe(first, positions[s.name], s.name)
+        # The merge dtype, but ramplus_tl's float32 promotion; a copied base-only slice stays in it.
+        out = dtype or (md if op is COPY else op.result_dtype(inputs))
+        nbytes = s.nbytes // element_size(s.dtype) * element_size(out)  # s is planned in the output dtype
+        merged.append(_Spec(s.name, out, s.shape, nbytes, inputs, op, label(False, op, first.dtype, out)))
+    return merged
+
+
+def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> _Spec:
+    """The output tensor of pick ``p``: its recipe, of one input (none for zeros)."""
+    ckpt = checkpoints[p.source]
+    shard = ckpt.weight_map[p.key]
+    header = ckpt.headers[shard]
+    entry = header.tensors[p.key]
+    out_dtype = dtype if dtype and is_castable(entry.dtype) else entry.dtype
+    if p.zeros:
+        shape = entry.shape[:1]
+        nbytes = (shape[0] if shape else 1) * element_size(out_dtype)
+        return _Spec(p.out, out_dtype, shape, nbytes, (), ZEROS, label(False, ZEROS, None, out_dtype))
+    shape, source = entry.shape, ByteRange(header.path, header.data_start + entry.start, entry.nbytes)
+    part = None
+    if p.rows is not None:
+        start, stop, total = _rows(p, ckpt.family.text_config(ckpt.config), _where(ckpt, shard, p.key))
+        if not shape or shape[0] != total:
+            raise PlanError(f"{_where(ckpt, shard, p.key)}: has {shape[0] if shape else 0} rows, but config.json "
+                            f"makes the fused parts {total} rows; the config does not describe these weights")
+        row_bytes = entry.nbytes // total
+        shape = (stop - start, *shape[1:])
+        source = ByteRange(source.path, source.offset + start * row_bytes, (stop - start) * row_bytes)
+        part = RowSlice(start, stop, total)
+    op: Operation = COPY
+    if p.permute:
+        heads = ckpt.config.get(p.permute)
+        try:
+            rotary_row_order(shape[0] if shape else 0, heads if isinstance(heads, int) else 0)
+        except ValueError as e:
+            raise PlanError(f"{_where(ckpt, shard, p.key)}: cannot permute for rotary: {e} "
+                            f"({p.permute} = {heads!r})") from None
+        assert isinstance(heads, int)
+        op = PermuteRotary(heads)
+    nbytes = source.length // element_size(entry.dtype) * element_size(out_dtype)
+    inputs = (Input(p.source, p.key, entry.dtype, shape, source, part),)
+    return _Spec(p.out, out_dtype, shape, nbytes, inputs, op, label(part is not None, op, entry.dtype, out_dtype))
+
+
+def _where(ckpt: Checkpoint, shard: str, key: str) -> str:
+    return f"{ckpt.root / shard}: tensor {key!r}"
+
+
+def _placed(spec: _Spec, offset: int) -> OutputTensor:
+    name, dtype, shape, nbytes, inputs, op, transform = spec
+    return _new(OutputTensor, (name, dtype, shape, offset, nbytes, inputs, op, transform))
+
+
+def _rows(p: Pick, config: Mapping[str, Any], where: str) -> tuple[int, int, int]:
+    assert p.rows is not None
+    try:
+        return p.rows.rows(config)
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise PlanError(f"{where}: config.json lacks what splitting the fused tensor needs ({e}); add it "
+                        f"in [config]") from None
+
+
+def _identical_source_shards(specs: list[_Spec], ckpt: Checkpoint) -> list[tuple[Header, list[OutputTensor]]]:
+    """Source shards whose every tensor is an output tensor of the same name, taken verbatim:
+    each with its tensors placed where the source file has them."""
+    by_name = {spec.name: spec for spec in specs}
+    found = []
+    for _, header in sorted(ckpt.headers.items()):
+        group = []
+        for e in header.entries:
+            spec = by_name.get(e.name)
+            if (spec is None or spec.transform != "none" or spec.inputs[0].key != e.name
+                    or spec.inputs[0].range.path != header.path):
+                break
+            group.append(_placed(spec, e.start))
+        else:
+            if group and header.raw:
+                found.append((header, group))
+    return found
+
+
+#: Header bytes a shard of our own may take (safetensors readers refuse headers over 100 MB):
+#: ``max_shard_size`` bounds data bytes, this bounds the tensor count of shards of tiny tensors.
+MAX_SHARD_HEADER = 50_000_000
+
+
+def _cut(specs: list[_Spec], max_size: int) -> list[list[OutputTensor]]:
+    """Greedy in-order sharding, each tensor placed at its offset in its shard: a new shard starts
+    when the next tensor would pass ``max_size`` (or the header :data:`MAX_SHARD_HEADER`). Not
+    optimal (no bin packing, so order stays natural); a tensor larger than ``max_size`` gets a shard
+    of its own, as Hugging Face does. Empties ``specs`` (each is freed as it is placed: a plan
+    holds each tensor once)."""
+    groups: list[list[OutputTensor]] = []
+    size = header = 0
+    specs.reverse()
+    pop = specs.pop
+    for _ in range(len(specs)):
+        spec = pop()
+        name, shape, nbytes = spec.name, spec.shape, spec.nbytes
+        # An upper bound of the tensor's entry in the JSON header.
+        entry = (len(name) if name.isascii() else len(name.encode("utf-8"))) + 100 + 24 * len(shape)
+        if not groups or (groups[-1] and (size + nbytes > max_size or header + entry > MAX_SHARD_HEADER)):
+            groups.append([])
+            size = header = 0
+        groups[-1].append(_placed(spec, size))
+        size += nbytes
+        header += entry
+    return groups
+
+
+def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]]) -> tuple[Shard, ...]:
+    """Name shards as Hugging Face does and lay out each one's header; a group with a source
+    header is that source file, reproduced as is."""
+    n = len(groups)
+    shards = []
+    for i, (source, group) in enumerate(groups):
+        name = SINGLE_SHARD if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        placed = tuple(group)
+        if source is not None:
+            shards.append(Shard(name, source.raw, placed, link=source.path))
+            continue
+        # (name, dtype, shape, start, end) of each tensor, zipped in C.
+        starts = list(map(_OFFSET, placed))
+        header = encode_header(zip(map(_NAME, placed), map(_DTYPE, placed), map(_SHAPE, placed), starts,
+                                   map(add, starts, map(_NBYTES, placed))), SHARD_METADATA)
+        shards.append(Shard(name, header, placed))
+    return tuple(shards)
+
+
+def _index(shards: tuple[Shard, ...]) -> Mapping[str, Any] | None:
+    if len(shards) == 1:
+        return None
+    return MappingProxyType({
+        "metadata": {"total_size": sum(s.data_size for s in shards), "tensorsurgery_version": __version__},
+        "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
+    })
+
+
+def _dequantized(specs: list[_Spec], checkpoints: Mapping[str, Checkpoint], blocks: Mapping[str, tuple[int, int]],
+                 mxfp4: frozenset[str], dtype: str) -> list[_Spec]:
+    """``specs`` with every FP8 weight of a source in ``blocks`` (its block size) and every MXFP4
+    tensor of a source in ``mxfp4`` dequantized to ``dtype`` (:mod:`tensorsurgery.planning.quantized`),
+    and the scale tensors these read left out."""
+    scales: set[tuple[str, str]] = set()
+    out = []
+    op: Operation
+    for s in specs:
+        first = s.inputs[0] if len(s.inputs) == 1 else None
+        if first is not None and first.source in blocks and first.dtype.startswith("F8_"):
+            inputs, op = dequant_recipe(first, checkpoints[first.source], blocks[first.source], dtype, s.op is not COPY)
+            name, shape = s.name, s.shape
+        elif (first is not None and first.source in mxfp4 and first.key.endswith(MXFP4_BLOCKS)
+              and s.name.endswith(MXFP4_BLOCKS)):
+            suffix, shape, inputs, op = mxfp4_recipe(first, checkpoints[first.source], dtype, s.op is not COPY)
+            name = s.name[:-len(suffix)]
+        else:
+            out.append(s)
+            continue
+        scales.add((inputs[1].source, inputs[1].key))
+        nbytes = element_size(dtype) * (first.range.length if isinstance(op, DequantFP8) else 2 * first.range.length)
+        out.append(_Spec(name, dtype, shape, nbytes, inputs, op, label(False, op, first.dtype, dtype)))
+    kept = [s for s in out if len(s.inputs) != 1 or (s.inputs[0].source, s.inputs[0].key) not in scales]
+    if any(isinstance(s.op, DequantMXFP4) for s in kept):  # renamed (P_blocks -> P): back to the output order
+        kept.sort(key=lambda s: natural_order(s.name))
+    return kept
+
+
+def _adapted(specs: list[_Spec], manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> list[AdapterInfo]:
+    """Merge each source's LoRA adapter into ``specs`` in place (:mod:`tensorsurgery.planning.adapters`):
+    every output tensor made of a tensor it changes gets the adapter's recipe. Returns what the
+    record says of each adapter (reads the adapter folders: their configs, headers and hashes)."""
+    infos = []
+    for spec in manifest.sources:
+        if spec.adapter is None:
+            continue
+        adapter = read_adapter(spec.name, spec.adapter)
+        ckpt = checkpoints[spec.name]
+        recipes, info = adapter_recipes(adapter, source_inputs(ckpt.weight_map, ckpt.headers, spec.name,
+                                                               adapter_keys(adapter)))
+        infos.append(info)
+        for n, s in enumerate(specs):
+            first = s.inputs[0] if len(s.inputs) == 1 else None
+            if first is None or first.source != spec.name or first.key not in recipes:
+                continue
+            if s.op is not COPY or first.part is not None:
+                raise AdapterError(f"sources.{spec.name}: tensor {first.key!r} is permuted or sliced on its way to "
+                                   f"{s.name!r}, and an adapter cannot be merged into it; drop the rename that "
+                                   f"transforms it")
+            inputs, op = recipes[first.key]
+            if isinstance(op, LoraMerge):
+                op = replace(op, dtype=s.dtype)
+            specs[n] = _Spec(s.name, s.dtype, s.shape, s.nbytes, inputs, op,
+                             label(False, op, inputs[0].dtype if op is COPY else first.dtype, s.dtype))
+    return infos

@@ -1,0 +1,1 @@
+"""Stage 6, publishing: upload a verified output to the Hub, each file checked to be the one verify read."""
