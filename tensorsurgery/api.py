@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Union
 
-from tensorsurgery.errors import ManifestError, NotVerifiedError, VerifyError
+from tensorsurgery.errors import ManifestError, NotVerifiedError, OutputExistsError, VerifyError
 from tensorsurgery.formats.safetensors import Header, read_header
+from tensorsurgery.io.fsio import existing_ancestor
 from tensorsurgery.io.hashing import DEFAULT_THREADS as DEFAULT_THREADS  # the CLI's defaults, re-exported
 from tensorsurgery.io.hashing import MAX_THREADS as MAX_THREADS
 from tensorsurgery.io.hashing import check_threads as check_threads
 from tensorsurgery.manifest.loading import load_manifest, manifest_from_text
 from tensorsurgery.manifest.repo_id import is_repo_id
 from tensorsurgery.manifest.toml import Manifest, apply_overrides
+from tensorsurgery.output.linking import CopiedLinks, find_copied_links
 from tensorsurgery.output.record import read_record, require_folder
 from tensorsurgery.output.recorded_sources import check_source_files
+from tensorsurgery.output.target import check_output, temp_path
 from tensorsurgery.planning.planner import Plan, build_plan
 from tensorsurgery.sources.checkpoint import Checkpoint
 from tensorsurgery.sources.local import load_checkpoint
@@ -345,3 +349,36 @@ def inspect(path: str | os.PathLike[str]) -> Checkpoint | Header:
     """
     path = Path(path)
     return load_checkpoint(path) if path.is_dir() else read_header(path)
+
+
+# -- what the command line shows around a run (it reaches the stages through this module only) --
+
+def copied_links(plan: Plan) -> tuple[CopiedLinks, ...]:
+    """Which of the links a ``link=True`` plan asks for can be made (the devices looked up on
+    disk), for ``plan``'s and ``--dry-run``'s summary and the disk space apply needs."""
+    return find_copied_links(plan)
+
+
+def free_bytes(output: str | os.PathLike[str]) -> int | None:
+    """Free bytes on the file system ``output`` would be written to (its nearest existing folder),
+    or None when that cannot be told."""
+    try:
+        return shutil.disk_usage(existing_ancestor(Path(output).expanduser().resolve())).free
+    except OSError:
+        return None
+
+
+def temp_folder(plan: Plan) -> Path:
+    """The temporary folder :func:`execute` writes ``plan`` into before renaming it into place
+    (what ``--resume`` takes up after an interruption)."""
+    return temp_path(Path(os.path.abspath(plan.output.expanduser())))
+
+
+def target_refusal(plan: Plan) -> str | None:
+    """Why :func:`execute` would refuse ``plan``'s output even with ``force=True`` (a source, the
+    current folder, a mount point...), or None: what a dry run says without refusing."""
+    try:
+        check_output(plan, force=True)
+    except OutputExistsError as e:
+        return str(e)
+    return None

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import traceback
@@ -20,11 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 from tensorsurgery import api
 from tensorsurgery._version import __version__
-from tensorsurgery.errors import COMMAND_LINE_WORDS, NotVerifiedError, OutputExistsError, TensorSurgeryError
-from tensorsurgery.formats.safetensors import Header
-from tensorsurgery.io.fsio import existing_ancestor
-from tensorsurgery.output.linking import find_copied_links
-from tensorsurgery.output.target import check_output, temp_path
+from tensorsurgery.errors import COMMAND_LINE_WORDS, NotVerifiedError, TensorSurgeryError
 from tensorsurgery.report import (
     checkpoint_as_dict,
     disk_needed,
@@ -39,7 +34,7 @@ from tensorsurgery.report import (
 )
 
 if TYPE_CHECKING:
-    from tensorsurgery.verification.verifier import VerifyReport
+    from tensorsurgery.api import VerifyReport
 
 
 class _Terminated(BaseException):
@@ -253,11 +248,11 @@ def _progress(args: argparse.Namespace, desc: str, total: int | None = None) -> 
 def _cmd_plan(args: argparse.Namespace) -> int:
     plan = api.plan(args.manifest, sources=_source_overrides(args.source), output=args.output, link=args.link,
                     seed=args.random_seed)
-    copied = find_copied_links(plan)
+    copied = api.copied_links(plan)
     if args.json:
         print(json.dumps(plan_as_dict(plan, copied), indent=2))
     else:
-        print(format_plan(plan, free=_free_bytes(plan.output), copied=copied))
+        print(format_plan(plan, free=api.free_bytes(plan.output), copied=copied))
     return 0
 
 
@@ -269,13 +264,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     repo = args.push_to_hub or manifest.output.push_to_hub
     if args.dry_run:
         plan = api.plan(manifest, link=args.link)
-        print(format_plan(plan, free=_free_bytes(plan.output), copied=find_copied_links(plan)))
+        print(format_plan(plan, free=api.free_bytes(plan.output), copied=api.copied_links(plan)))
         _dry_run_notes(plan, args)
         print("dry run: nothing written" + (f", nothing pushed to {repo}" if repo else ""))
         return 0
     plan = api.plan(manifest, link=args.link, download=True)
-    _apply_tmp = temp_path(Path(os.path.abspath(plan.output.expanduser())))
-    with _progress(args, "writing", disk_needed(plan, find_copied_links(plan))) as bar:
+    _apply_tmp = api.temp_folder(plan)
+    with _progress(args, "writing", disk_needed(plan, api.copied_links(plan))) as bar:
         result = api.execute(plan, force=args.force, resume=args.resume, progress=bar and bar.update,
                              threads=args.threads)
     _apply_tmp = None
@@ -299,10 +294,9 @@ def _dry_run_notes(plan: Any, args: argparse.Namespace) -> None:
     target = Path(os.path.abspath(plan.output.expanduser()))
     if (target.exists() or target.is_symlink()) and not args.force:
         print(f"note: {target} exists: apply would need --force to replace it")
-    try:
-        check_output(plan, force=True)
-    except OutputExistsError as e:
-        print(f"note: apply would refuse: {e}")
+    refusal = api.target_refusal(plan)
+    if refusal:
+        print(f"note: apply would refuse: {refusal}")
 
 
 def _push(args: argparse.Namespace, output: Path, repo: str, *, private: bool, plan: Any = None) -> int:
@@ -369,18 +363,11 @@ _NOT_FOUND = "sources not found, so not compared with them"
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     found = api.inspect(args.path)
-    if isinstance(found, Header):
+    if isinstance(found, api.Header):
         print(json.dumps(header_as_dict(found), indent=2) if args.json else format_header(found))
     else:
         print(json.dumps(checkpoint_as_dict(found), indent=2) if args.json else format_checkpoint(found))
     return 0
-
-
-def _free_bytes(output: Path) -> int | None:
-    try:
-        return shutil.disk_usage(existing_ancestor(output.expanduser().resolve())).free
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,45 +5,20 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from tensorsurgery.families.layers import LayerRef
+from tensorsurgery.families.layers import layer_runs, span
 from tensorsurgery.manifest.merge_slices import merged_runs
 from tensorsurgery.manifest.merges import describe, spec_data
 from tensorsurgery.ops import DequantFP8, DequantMXFP4
 from tensorsurgery.ops.recipe import inputs_data
 from tensorsurgery.planning.merge_report import merge_parameter_lines
+from tensorsurgery.units import format_bytes
 
-if TYPE_CHECKING:  # views of these; planning.py makes its card with this module's helpers
+if TYPE_CHECKING:  # views of these
     from tensorsurgery.formats.safetensors import Header
     from tensorsurgery.output.linking import CopiedLinks
     from tensorsurgery.planning.planner import Plan
     from tensorsurgery.sources.checkpoint import Checkpoint
     from tensorsurgery.verification.verifier import VerifyReport
-
-
-def format_bytes(n: float) -> str:
-    """Decimal units, as Hugging Face and disk vendors count: ``format_bytes(21.5e9) == '21.50 GB'``."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
-def layer_runs(layers: tuple[LayerRef, ...]) -> list[tuple[int, int, str, int, int]]:
-    """Maximal runs where the source continues: ``(out_start, out_end, source, src_start, src_end)``,
-    inclusive bounds."""
-    runs: list[list[Any]] = []
-    for pos, ref in enumerate(layers):
-        if runs and runs[-1][2] == ref.source and runs[-1][4] + 1 == ref.layer:
-            runs[-1][1], runs[-1][4] = pos, ref.layer
-        else:
-            runs.append([pos, pos, ref.source, ref.layer, ref.layer])
-    return [tuple(r) for r in runs]
-
-
-def span(a: int, b: int) -> str:
-    """``a..b``, or ``a`` when they are equal."""
-    return f"{a}" if a == b else f"{a}..{b}"
 
 
 def _dequant_line(plan: Plan) -> str:

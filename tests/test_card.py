@@ -13,9 +13,9 @@ import yaml
 from helpers import decoder_config, decoder_specs, make_checkpoint, manifest_from_text, split_in_two
 from tensorsurgery import __version__
 from tensorsurgery.cli import main
+from tensorsurgery.families.layers import layer_runs
 from tensorsurgery.output.card import is_depth_up_scaled, model_card
 from tensorsurgery.planning.planner import build_plan
-from tensorsurgery.report import layer_runs
 from tensorsurgery.sources.checkpoint import card_licence, front_matter
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

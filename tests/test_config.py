@@ -1,4 +1,4 @@
-"""Tests for tensorsurgery.families.config.build_config: the mistral-to-llama relabel, the layer count,
+"""Tests for tensorsurgery.planning.config.build_config: the mistral-to-llama relabel, the layer count,
 per-layer lists, the dtype key, overrides; both config.json generations (transformers 4's
 ``torch_dtype`` + ``rope_theta`` and transformers 5's ``dtype`` + ``rope_parameters``)."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 
 from helpers import decoder_config, decoder_specs, make_checkpoint, manifest_from_text
 from tensorsurgery.errors import PlanError
-from tensorsurgery.families.config import build_config
 from tensorsurgery.families.layers import LayerRef, dus
 from tensorsurgery.families.registry import family_of
 from tensorsurgery.families.rules import get_preset
+from tensorsurgery.planning.config import build_config
 from tensorsurgery.planning.planner import build_plan
 
 PRESET = get_preset("mistral-to-llama")

@@ -196,7 +196,7 @@ def test_kernel_on_tensors_of_many_chunks(tmp_path, dtype, shape, ties):
     from mergekit.sparsify import RescaleNorm, della_magprune
 
     from tensorsurgery.ops import Della
-    from tensorsurgery.ops.recipe import ByteRange, Input
+    from tensorsurgery.ops.base import ByteRange, Input
 
     code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
     gen = torch.Generator().manual_seed(1)

@@ -10,7 +10,6 @@ import pytest
 
 from helpers import make_checkpoint, manifest_from_text
 from tensorsurgery.errors import PlanError, SourceError
-from tensorsurgery.families.config import build_config
 from tensorsurgery.families.layers import LayerRef
 from tensorsurgery.families.registry import (
     GENERIC,
@@ -23,7 +22,8 @@ from tensorsurgery.families.registry import (
     layer_lists,
 )
 from tensorsurgery.ops import ZEROS
-from tensorsurgery.ops.recipe import RowSlice
+from tensorsurgery.ops.base import RowSlice
+from tensorsurgery.planning.config import build_config
 from tensorsurgery.planning.planner import build_plan
 from tensorsurgery.report import format_plan
 from tensorsurgery.sources.checkpoint import SourceFiles, assemble

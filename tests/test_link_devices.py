@@ -16,7 +16,7 @@ import tensorsurgery as ts
 from cli_helpers import run, snapshot
 from tensorsurgery.output import writer
 from tensorsurgery.output.linking import CopiedLinks, copied_links, find_copied_links
-from tensorsurgery.report import format_bytes
+from tensorsurgery.units import format_bytes
 
 SOLAR = Path(__file__).resolve().parent.parent / "manifests" / "solar-dus.toml"
 

@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 
 from tensorsurgery.errors import ManifestError
+from tensorsurgery.families.rules import RenameRule, RenameSpec
 from tensorsurgery.manifest.loading import load_manifest
 from tensorsurgery.manifest.toml import (
     DEFAULT_MAX_SHARD_SIZE,
     LayersSpec,
     OutputSpec,
-    RenameRule,
-    RenameSpec,
     Segment,
     SourceSpec,
     apply_overrides,

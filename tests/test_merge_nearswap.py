@@ -59,7 +59,7 @@ def test_nearswap_kernel_on_hard_values(dtype):
 
     from tensorsurgery.ops import NearSwap
     from tensorsurgery.ops.arith import BLOCK
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
 
     n = BLOCK * 2 + 17
     gen = torch.Generator().manual_seed(4)

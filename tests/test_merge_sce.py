@@ -58,7 +58,7 @@ def _sce_reference(tensors: list[torch.Tensor], select_topk: float) -> torch.Ten
 
 
 def _file_inputs(tmp_path: Path, tensors: list[torch.Tensor]):
-    from tensorsurgery.ops.recipe import ByteRange, Input
+    from tensorsurgery.ops.base import ByteRange, Input
 
     path = tmp_path / "x.bin"
     path.write_bytes(b"".join(_raw(x).tobytes() for x in tensors))

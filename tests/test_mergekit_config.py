@@ -17,10 +17,11 @@ import transformers
 from reference import ARRANGEMENTS, load_source_state_dict, reference_state_dict
 from tensorsurgery.cli import main
 from tensorsurgery.errors import ManifestError
+from tensorsurgery.families.rules import RenameSpec
 from tensorsurgery.manifest.loading import load_manifest
 from tensorsurgery.manifest.mergekit import manifest_from_mergekit
 from tensorsurgery.manifest.merges import METHODS
-from tensorsurgery.manifest.toml import LayersSpec, RenameSpec, Segment, SourceSpec
+from tensorsurgery.manifest.toml import LayersSpec, Segment, SourceSpec
 
 DATA = Path(__file__).resolve().parent / "data"
 SEED_YAML = DATA / "mergekit_DUS.yaml"

@@ -421,7 +421,7 @@ def test_kernels_equal_mergekit_arithmetic_on_hard_values(dtype):
     against mergekit's own torch code (merge_methods/linear.py, generalized_task_arithmetic.py)."""
     from tensorsurgery.ops import Linear, TaskArithmetic
     from tensorsurgery.ops.arith import BLOCK
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
 
     code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
     n = BLOCK * 2 + 17
@@ -654,9 +654,9 @@ def test_sparsified_kernels_on_tensors_of_many_blocks(tmp_path, dtype, method, r
     from mergekit.sparsify import RescaleNorm, magnitude, magnitude_outliers
 
     from tensorsurgery.ops import Breadcrumbs, Ties
+    from tensorsurgery.ops.base import ByteRange, Input
     from tensorsurgery.ops.blocks import STAT_BLOCK
     from tensorsurgery.ops.interpreter import prepared
-    from tensorsurgery.ops.recipe import ByteRange, Input
 
     code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
     n = STAT_BLOCK * 3 + 123

@@ -182,9 +182,9 @@ def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     three refused as mergekit fails (in float16 mergekit's eps is 0: both make NaN)."""
     from tensorsurgery.errors import PlanError
     from tensorsurgery.ops import Multislerp
+    from tensorsurgery.ops.base import ByteRange, Input
     from tensorsurgery.ops.blocks import STAT_BLOCK
     from tensorsurgery.ops.interpreter import Prepared, prepared
-    from tensorsurgery.ops.recipe import ByteRange, Input
 
     code = DTYPES[dtype]
     gen = torch.Generator().manual_seed(3)
@@ -242,8 +242,8 @@ def test_wrong_guesses_cost_passes_not_bytes(tmp_path, monkeypatch):
     never a byte: mergekit's bytes whatever the guesses."""
     import tensorsurgery.ops.blocks as blocks
     import tensorsurgery.ops.multislerp as ms
+    from tensorsurgery.ops.base import ByteRange, Input
     from tensorsurgery.ops.interpreter import Prepared, prepared
-    from tensorsurgery.ops.recipe import ByteRange, Input
 
     gen = torch.Generator().manual_seed(5)  # (seed 4: a mean's norm within 2% of a unit of a rounding midpoint,
     shape, dtype = (29, 9001), torch.bfloat16  # where the Gram matrix's guess falls on the other side: 3 passes)

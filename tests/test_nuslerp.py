@@ -215,9 +215,9 @@ def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     from mergekit.merge_methods.nuslerp import nuslerp
 
     from tensorsurgery.ops import Nuslerp
+    from tensorsurgery.ops.base import ByteRange, Input
     from tensorsurgery.ops.blocks import STAT_BLOCK
     from tensorsurgery.ops.interpreter import Prepared, prepared
-    from tensorsurgery.ops.recipe import ByteRange, Input
 
     code = DTYPES[dtype]
     gen = torch.Generator().manual_seed(2)

@@ -16,11 +16,11 @@ from safetensors.torch import save_file
 from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.formats.safetensors import encode_header
 from tensorsurgery.ops import COPY, OPERATIONS, Copy, PermuteRotary, Scale, Zeros, register, rotary_row_order
+from tensorsurgery.ops.base import Input
 from tensorsurgery.ops.interpreter import tensor_chunks
-from tensorsurgery.ops.recipe import Input
+from tensorsurgery.output.compare import compare_shard
 from tensorsurgery.output.pump import Pump
 from tensorsurgery.planning.planner import SHARD_METADATA, ByteRange, OutputTensor, Shard, output_tensor
-from tensorsurgery.verification.compare import compare_shard
 
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

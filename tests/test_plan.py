@@ -18,7 +18,7 @@ from tensorsurgery.errors import ManifestError, PlanError
 from tensorsurgery.families.layers import LayerRef, dus, interlock
 from tensorsurgery.formats.safetensors import parse_header
 from tensorsurgery.ops import COPY, PermuteRotary
-from tensorsurgery.ops.recipe import Input
+from tensorsurgery.ops.base import Input
 from tensorsurgery.planning.planner import ByteRange, CopyFile, OutputTensor, SourceInfo, build_plan
 
 SRC = Path("/models/src")

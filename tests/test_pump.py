@@ -18,8 +18,8 @@ from tensorsurgery.errors import ReadError
 from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.formats.safetensors import encode_header
 from tensorsurgery.ops import COPY, ZEROS
+from tensorsurgery.ops.base import Input, RowSlice
 from tensorsurgery.ops.interpreter import tensor_chunks
-from tensorsurgery.ops.recipe import Input, RowSlice
 from tensorsurgery.output import pump
 from tensorsurgery.output.pump import Pump
 from tensorsurgery.planning.planner import ByteRange, OutputTensor, Shard, output_tensor

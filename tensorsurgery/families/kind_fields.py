@@ -1,5 +1,5 @@
 """Config fields that say which layers are of a kind by a rule rather than one value per layer
-(pure data and arithmetic; :mod:`tensorsurgery.families.config` applies them).
+(pure data and arithmetic; :mod:`tensorsurgery.planning.config` applies them).
 
 Each field reads, from a source's config, whether each of its layers is of ``kind`` (:meth:`decode`),
 and writes, for the output's layers (each as its source layer), the values of its config keys that

@@ -8,6 +8,7 @@ DUS is ``g = n - m``; iDUS-1 is ``g = 1``; iDUS-8 is ``g = 8``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +138,20 @@ def seams(arrangement: tuple[LayerRef, ...]) -> tuple[tuple[int, int], ...]:
         if cur.source != prev.source or cur.layer != prev.layer + 1:
             out.append((pos, cur.layer - (prev.layer + 1)))
     return tuple(out)
+
+
+def layer_runs(layers: tuple[LayerRef, ...]) -> list[tuple[int, int, str, int, int]]:
+    """Maximal runs where the source continues: ``(out_start, out_end, source, src_start, src_end)``,
+    inclusive bounds."""
+    runs: list[list[Any]] = []
+    for pos, ref in enumerate(layers):
+        if runs and runs[-1][2] == ref.source and runs[-1][4] + 1 == ref.layer:
+            runs[-1][1], runs[-1][4] = pos, ref.layer
+        else:
+            runs.append([pos, pos, ref.source, ref.layer, ref.layer])
+    return [tuple(r) for r in runs]
+
+
+def span(a: int, b: int) -> str:
+    """``a..b``, or ``a`` when they are equal."""
+    return f"{a}" if a == b else f"{a}..{b}"

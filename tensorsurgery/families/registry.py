@@ -273,7 +273,7 @@ _MOE_INDICES = LayerIndices("moe_layers", "moe", (("interleave_moe_layer_step", 
 _LEADING_DENSE = LeadingCount("first_k_dense_replace", "dense")
 
 #: The rules for a model_type no entry knows. Its per-layer lists follow the arrangement (the
-#: generic rule in :mod:`tensorsurgery.families.config`); the fields that say which layers are dense or MoE
+#: generic rule in :mod:`tensorsurgery.planning.config`); the fields that say which layers are dense or MoE
 #: are named the same across the families that have them (Qwen-MoE's ``mlp_only_layers``, Llama 4's
 #: ``moe_layers``, DeepSeek/GLM/Kimi's ``first_k_dense_replace``), so they are recomputed where a
 #: config has them, rather than left describing the source's layers.

@@ -11,12 +11,27 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from tensorsurgery.errors import ManifestError, PlanError
 
-if TYPE_CHECKING:
-    from tensorsurgery.manifest.toml import RenameSpec
+
+@dataclass(frozen=True, slots=True)
+class RenameRule:
+    """Replace regex ``match`` with ``replace`` (``re.sub`` template) in tensor names."""
+
+    match: str
+    replace: str
+
+
+@dataclass(frozen=True, slots=True)
+class RenameSpec:
+    """Key renaming: an optional built-in preset, then ``rules`` in order; ``drop`` removes tensors."""
+
+    preset: str | None = None
+    rules: tuple[RenameRule, ...] = ()
+    drop: tuple[str, ...] = ()
+
 
 #: The header key the safetensors format keeps for metadata: no tensor may have this name.
 RESERVED_NAME = "__metadata__"

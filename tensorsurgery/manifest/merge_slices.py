@@ -24,8 +24,15 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-from tensorsurgery.manifest.merges import ErrorAt, MergeModel, MergeSlice, MergeSpec, check_method, check_settings
-from tensorsurgery.planning.dare import RANDOM_METHODS
+from tensorsurgery.manifest.merges import (
+    RANDOM_METHODS,
+    ErrorAt,
+    MergeModel,
+    MergeSlice,
+    MergeSpec,
+    check_method,
+    check_settings,
+)
 
 #: The methods whose slice may hold the base alone (their result is then the base).
 BASE_ONLY = frozenset({"task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"})

@@ -32,19 +32,12 @@ from types import MappingProxyType
 from typing import Any
 
 from tensorsurgery.errors import ManifestError
+from tensorsurgery.families.rules import RenameSpec
 from tensorsurgery.formats.dtypes import CAST_DTYPES
 from tensorsurgery.manifest.limits import MAX_OUTPUT_LAYERS, MAX_SOURCES, MAX_YAML_NODES, check_count
 from tensorsurgery.manifest.merge_slices import RawSlice, SliceSource, arrangement, sliced_spec
 from tensorsurgery.manifest.merges import METHODS, check_method, check_tokenizer_source, merge_spec
-from tensorsurgery.manifest.toml import (
-    LayersSpec,
-    Manifest,
-    OutputSpec,
-    RenameSpec,
-    Segment,
-    SourceSpec,
-    check_arrangement_size,
-)
+from tensorsurgery.manifest.toml import LayersSpec, Manifest, OutputSpec, Segment, SourceSpec, check_arrangement_size
 
 _KEYS = ("merge_method", "slices", "dtype", "out_dtype", "base_model", "tokenizer_source")
 #: The keys of a config with a merge method (:func:`_merge_manifest`).

@@ -16,13 +16,12 @@ from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 from tensorsurgery.errors import ManifestError
-from tensorsurgery.families.rules import PRESETS
+from tensorsurgery.families.rules import PRESETS, RenameRule, RenameSpec
 from tensorsurgery.formats.dtypes import CAST_DTYPES
 from tensorsurgery.manifest.limits import MAX_OUTPUT_LAYERS, MAX_RENAME_PATTERNS, MAX_SOURCES, check_count
 from tensorsurgery.manifest.merge_slices import arrangement, sliced_spec, toml_slices
-from tensorsurgery.manifest.merges import METHODS, MergeSpec, check_tokenizer_source, merge_spec
+from tensorsurgery.manifest.merges import METHODS, MergeSpec, check_seed, check_tokenizer_source, merge_spec
 from tensorsurgery.manifest.repo_id import is_push_target
-from tensorsurgery.planning.dare import check_seed
 
 PLANS = ("keep", "dus", "idus", "explicit")
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
@@ -44,23 +43,6 @@ class SourceSpec:
     revision: str | None = None
     #: A local peft LoRA folder merged into the model (:mod:`tensorsurgery.planning.adapters`).
     adapter: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RenameRule:
-    """Replace regex ``match`` with ``replace`` (``re.sub`` template) in tensor names."""
-
-    match: str
-    replace: str
-
-
-@dataclass(frozen=True, slots=True)
-class RenameSpec:
-    """Key renaming: an optional built-in preset, then ``rules`` in order; ``drop`` removes tensors."""
-
-    preset: str | None = None
-    rules: tuple[RenameRule, ...] = ()
-    drop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ import numpy as np
 
 from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.io.fsio import pread_exact
-from tensorsurgery.ops.recipe import Input
+from tensorsurgery.ops.base import Input
 
 #: Elements a statistic reads at a time: fixed, so a float sum over the blocks rounds the same way
 #: whoever reads it (the writer, verify, --resume) and whatever their chunk size.

@@ -21,18 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.io.fsio import pread_exact
-from tensorsurgery.ops import register
+from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from tensorsurgery.ops.recipe import Input
-
-#: Elements a chunk holds, about (rounded to the cascade sum's unit).
-CHUNK_ELEMENTS = 1 << 16
-
+    from tensorsurgery.ops.base import Input
 
 @register
 @dataclass(frozen=True, slots=True)
@@ -65,16 +59,3 @@ class Dare:
         from tensorsurgery.ops.dare_kernel import dare_chunks  # numpy: not imported by planning
 
         return dare_chunks(self, inputs, fds)
-
-
-def read_values(inputs: Sequence[Input], fds: Sequence[int], k: int, start: int, n: int, merge_dtype: str,
-                slot: int) -> np.ndarray:
-    """Elements ``start..start+n-1`` of input ``k`` as float32 values of the merge dtype."""
-    from tensorsurgery.io.scratch import scratch
-    from tensorsurgery.ops.arith import values
-
-    i = inputs[k]
-    size = element_size(i.dtype)
-    raw = scratch(n * size, slot=slot)[0]
-    pread_exact(fds[k], raw.data, i.range.offset + start * size)
-    return values(raw, i.dtype, merge_dtype)

@@ -4,19 +4,46 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.ops.arith import encoded, rounded, rounded_scalars
-from tensorsurgery.ops.dare import CHUNK_ELEMENTS, read_values
+from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.io.scratch import scratch
+from tensorsurgery.ops.arith import encoded, rounded, rounded_scalars, values
 from tensorsurgery.ops.mt_stream import Stream, keep_threshold
 from tensorsurgery.ops.torch_sums import CascadeSum, full_sum, model_sum
 
 if TYPE_CHECKING:
-    from tensorsurgery.ops.dare import Dare
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
+
+#: Elements a chunk holds, about (rounded to the cascade sum's unit).
+CHUNK_ELEMENTS = 1 << 16
+
+
+class DareParameters(Protocol):
+    """What the kernel reads of a :class:`~tensorsurgery.ops.dare.Dare` (a protocol: the op's
+    module imports this one, lazily, so this one names no class of it)."""
+
+    @property
+    def weights(self) -> tuple[float, ...]: ...
+    @property
+    def densities(self) -> tuple[float, ...]: ...
+    @property
+    def normalize(self) -> bool: ...
+    @property
+    def rescale(self) -> bool: ...
+    @property
+    def lam(self) -> float: ...
+    @property
+    def ties(self) -> bool: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
 
 #: mergekit's ``rescaled_masked_tensor`` skips the rescale when a sum is below this.
 EPS = 1e-7
@@ -37,7 +64,7 @@ def _workers() -> ThreadPoolExecutor:
         return _pool
 
 
-def dare_chunks(op: Dare, inputs: Sequence[Input], fds: Sequence[int]) -> Iterator[np.ndarray]:
+def dare_chunks(op: DareParameters, inputs: Sequence[Input], fds: Sequence[int]) -> Iterator[np.ndarray]:
     """Every value of ``op`` on ``inputs`` (open as ``fds``), in chunks (raw bytes of the merge dtype)."""
     md = op.dtype
     wd = "BF16" if md == "BF16" else "F32"  # torch's CPU bernoulli has no float16: mergekit widens
@@ -95,7 +122,7 @@ def dare_chunks(op: Dare, inputs: Sequence[Input], fds: Sequence[int]) -> Iterat
             yield encoded(rounded(base + mixed, md), md)
 
 
-def _first_pass(op: Dare, inputs: Sequence[Input], fds: Sequence[int], n: int, chunk: int, sparse: list[int],
+def _first_pass(op: DareParameters, inputs: Sequence[Input], fds: Sequence[int], n: int, chunk: int, sparse: list[int],
                 keep: dict[int, int], wd: str) -> tuple[dict[int, Stream], dict[int, np.float32 | None]]:
     """Each sparsified model's stream at its first draw, and with ``rescale`` its factor
     ``sum|delta| / sum|kept|`` in the work dtype (None: skipped, a sum below 1e-7); the draws
@@ -142,3 +169,13 @@ def _consensus(terms: list[np.ndarray], weights: np.ndarray, start: int, n: int,
     div = rounded(model_sum([w * a for a, w in zip(agree, weights)], start, n, vector), md)
     div[div == 0] = 1
     return mixed, div
+
+
+def read_values(inputs: Sequence[Input], fds: Sequence[int], k: int, start: int, n: int, merge_dtype: str,
+                slot: int) -> np.ndarray:
+    """Elements ``start..start+n-1`` of input ``k`` as float32 values of the merge dtype."""
+    i = inputs[k]
+    size = element_size(i.dtype)
+    raw = scratch(n * size, slot=slot)[0]
+    pread_exact(fds[k], raw.data, i.range.offset + start * size)
+    return values(raw, i.dtype, merge_dtype)

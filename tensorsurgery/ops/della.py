@@ -21,12 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from tensorsurgery.ops import register
+from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
 
 
 @register
@@ -60,7 +60,7 @@ class Della:
     def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
         from tensorsurgery.ops.della_kernel import della_chunks  # numpy: not imported by planning
 
-        return della_chunks(self, inputs, fds)
+        return della_chunks(self, inputs, fds, row_length(inputs[0].shape))
 
 
 def row_length(shape: Sequence[int]) -> int:

@@ -3,21 +3,25 @@ passes, whole rows at a time."""
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.ops.arith import encoded, rounded, rounded_scalars
-from tensorsurgery.ops.dare import CHUNK_ELEMENTS, read_values
-from tensorsurgery.ops.dare_kernel import EPS, _consensus, _workers
-from tensorsurgery.ops.della import row_length
+from tensorsurgery.ops.dare_kernel import CHUNK_ELEMENTS, EPS, DareParameters, _consensus, _workers, read_values
 from tensorsurgery.ops.mt_stream import Stream
 from tensorsurgery.ops.torch_sums import ChunkedSum, full_sum, model_sum
 
 if TYPE_CHECKING:
-    from tensorsurgery.ops.della import Della
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
+
+
+class DellaParameters(DareParameters, Protocol):
+    """What the kernel reads of a :class:`~tensorsurgery.ops.della.Della`."""
+
+    @property
+    def epsilons(self) -> tuple[float, ...]: ...
 
 
 def probability_table(columns: int, density: float, epsilon: float, wd: str) -> np.ndarray:
@@ -60,13 +64,13 @@ def row_ranks(delta: np.ndarray, columns: int, md: str) -> np.ndarray:
 Masker = Callable[[int, Stream, np.ndarray], np.ndarray]
 
 
-def della_chunks(op: Della, inputs: Sequence[Input], fds: Sequence[int]) -> Iterator[np.ndarray]:
+def della_chunks(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int], columns: int
+                 ) -> Iterator[np.ndarray]:
     """Every value of ``op`` on ``inputs`` (open as ``fds``), in chunks of whole rows (raw bytes of
     the merge dtype)."""
     md = op.dtype
     wd = "BF16" if md == "BF16" else "F32"  # mergekit's work dtype (float16 widened, as for bernoulli)
     n = inputs[0].range.length // element_size(inputs[0].dtype)
-    columns = row_length(inputs[0].shape)
     sparse = [k for k, d in enumerate(op.densities) if 0 < d < 1]
     tables = {k: probability_table(columns, op.densities[k], op.epsilons[k], wd) for k in sparse}
 
@@ -123,7 +127,7 @@ def della_chunks(op: Della, inputs: Sequence[Input], fds: Sequence[int]) -> Iter
             yield encoded(rounded(base + mixed, md), md)
 
 
-def _first_pass(op: Della, inputs: Sequence[Input], fds: Sequence[int], n: int, chunk: int, sparse: list[int],
+def _first_pass(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int], n: int, chunk: int, sparse: list[int],
                 mask: Masker, wd: str) -> tuple[dict[int, Stream], dict[int, np.float32 | None]]:
     """Each pruned model's stream at its first draw, and with ``rescale`` its factor
     ``sum|delta| / sum|kept|`` in the work dtype (None: skipped, a sum below 1e-7); the draws for

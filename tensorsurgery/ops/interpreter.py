@@ -1,6 +1,6 @@
 """The one interpreter of recipes (:mod:`tensorsurgery.ops.recipe`): an output tensor's bytes, made on
 bounded chunks. The writer (:mod:`tensorsurgery.output.pump`) and every comparison (``--resume``, both
-``verify`` modes: :mod:`tensorsurgery.verification.compare`) make bytes only here.
+``verify`` modes: :mod:`tensorsurgery.output.compare`) make bytes only here.
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import numpy as np
 from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.io.fsio import pread_exact
 from tensorsurgery.io.scratch import scratch as _scratch
-from tensorsurgery.ops import Operation, TwoPassOperation, Zeros
-from tensorsurgery.ops.recipe import Input, Recipe, element_count, is_elementwise, is_two_pass
+from tensorsurgery.ops.base import Input, Operation, TwoPassOperation
+from tensorsurgery.ops.recipe import Recipe, element_count, is_elementwise, is_two_pass
 from tensorsurgery.ops.transforms import cast_chunk
+from tensorsurgery.ops.zeros import Zeros
 
 #: Source bytes (of all its inputs) per chunk of a computed tensor; small because a cast makes a few
 #: temporaries, and a merge reads several inputs.

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
 from tensorsurgery.io.fsio import pread_exact
-from tensorsurgery.ops import register
+from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
 
 #: The fewest rows a product is made over (see the module docstring): OpenBLAS's blocked sgemm,
 #: whose accumulation order is torch's, for ranks up to 128.

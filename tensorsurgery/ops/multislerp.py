@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
 
 from tensorsurgery.errors import PlanError
 from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.ops import register
+from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
 
 
 @register

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
 from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.ops import register
+from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.ops.base import Input
     from tensorsurgery.ops.groups import Groups
-    from tensorsurgery.ops.recipe import Input
 
 #: mergekit's: a norm is clamped below to this before it divides (the unit vectors), and a pair is
 #: colinear where ``1 - cos^2 <= COLINEAR`` (its ``eps ** 2``), both in the merge dtype.

@@ -11,43 +11,10 @@ from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import Hashable, NamedTuple, Protocol
+from typing import Hashable, Protocol
 
 from tensorsurgery.formats.dtypes import element_size, is_castable
-from tensorsurgery.ops import Operation
-
-
-# ByteRange and Input are NamedTuples, not frozen dataclasses: as immutable and typed, but a plan
-# makes one of each per tensor (1.7M in the largest headers) and a frozen dataclass's __init__
-# costs ten times a tuple's.
-class ByteRange(NamedTuple):
-    """``length`` bytes of ``path`` starting at absolute file offset ``offset``."""
-
-    path: Path
-    offset: int
-    length: int
-
-
-class RowSlice(NamedTuple):
-    """Rows ``start..stop-1`` of a source tensor of ``rows`` rows (a fused tensor's part: Phi-3's
-    ``qkv_proj``); the input's byte range is already narrowed to them, so it costs nothing."""
-
-    start: int
-    stop: int
-    rows: int
-
-
-class Input(NamedTuple):
-    """One input of a recipe: tensor ``key`` of source ``source``, of ``dtype`` and ``shape``, read
-    from ``range`` (rows ``part`` of it when the source tensor is a fused one)."""
-
-    source: str
-    key: str
-    dtype: str
-    shape: tuple[int, ...]
-    range: ByteRange
-    part: RowSlice | None = None
+from tensorsurgery.ops.base import Input, Operation
 
 
 @lru_cache(maxsize=1024)

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
 
 from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.ops import register
+from tensorsurgery.ops.base import register
 from tensorsurgery.ops.sparsify import Rank
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
 
 #: mergekit's ``sce_weight`` falls back to equal weights when the weights sum below this.
 WEIGHT_FLOOR = 1e-6

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
 from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.ops import register
+from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
 
 #: mergekit's: above this |cos theta| the tensors are taken as collinear and interpolated linearly;
 #: norms at or below ``EPS`` are taken as 1.

@@ -19,7 +19,7 @@ from tensorsurgery.formats.dtypes import element_size
 if TYPE_CHECKING:
     import numpy as np
 
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
 
 #: Above and below every magnitude key.
 _ABOVE, _BELOW = 1 << 32, -1

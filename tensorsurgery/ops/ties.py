@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
 from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.ops import register
+from tensorsurgery.ops.base import register
 from tensorsurgery.ops.sparsify import Selection, SparseMix, find_ranks, rescale_ratios
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from tensorsurgery.ops.recipe import Input
+    from tensorsurgery.ops.base import Input
 
 
 def keep_count(density: float, count: int) -> int | None:

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from tensorsurgery._version import __version__
-from tensorsurgery.manifest.merges import describe
+from tensorsurgery.families.layers import layer_runs, span
+from tensorsurgery.manifest.merges import RANDOM_METHODS, describe
 from tensorsurgery.manifest.path_free import path_free_manifest
 from tensorsurgery.manifest.repo_id import is_repo_id
-from tensorsurgery.planning.dare import RANDOM_METHODS
-from tensorsurgery.report import format_bytes, layer_runs, span
+from tensorsurgery.units import format_bytes
 
 if TYPE_CHECKING:  # the card is made from a plan: planning.py imports this module
     from tensorsurgery.planning.planner import Plan, SourceInfo

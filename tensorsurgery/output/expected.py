@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from tensorsurgery.output.card import model_card
 from tensorsurgery.planning.planner import CopyFile, Plan, Shard
 from tensorsurgery.sources.checkpoint import CARD_NAME, CONFIG_NAME, INDEX_NAME
 
@@ -53,6 +54,5 @@ def expected_files(plan: Plan) -> tuple[ExpectedFile, ...]:
     if plan.index is not None:
         files.append(ExpectedFile(INDEX_NAME, data=json_bytes(plan.index)))
     files.append(ExpectedFile(CONFIG_NAME, data=json_bytes(plan.config)))
-    if plan.card is not None:
-        files.append(ExpectedFile(CARD_NAME, data=plan.card.encode("utf-8")))
+    files.append(ExpectedFile(CARD_NAME, data=model_card(plan).encode("utf-8")))
     return tuple(files)

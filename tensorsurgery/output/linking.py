@@ -13,7 +13,7 @@ from typing import Mapping
 
 from tensorsurgery.io.fsio import existing_ancestor
 from tensorsurgery.planning.planner import Plan
-from tensorsurgery.report import format_bytes
+from tensorsurgery.units import format_bytes
 
 
 @dataclass(frozen=True, slots=True)

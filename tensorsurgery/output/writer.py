@@ -48,6 +48,7 @@ from typing import Callable, Mapping
 
 from tensorsurgery.errors import OutputExistsError, WriteError
 from tensorsurgery.io.fsio import copy_file, describe_entry, existing_ancestor, open_regular
+from tensorsurgery.output.compare import compare_shard
 from tensorsurgery.output.expected import ExpectedFile, expected_files, json_bytes
 from tensorsurgery.output.linking import find_copied_links
 from tensorsurgery.output.outlock import output_lock
@@ -58,7 +59,6 @@ from tensorsurgery.output.swap import finish_interrupted, fsync_dir, make_temp_f
 from tensorsurgery.output.target import TMP_MARKER, check_output, check_place, is_ours, temp_path
 from tensorsurgery.planning.planner import Plan, Shard
 from tensorsurgery.sources.checkpoint import RECORD_NAME
-from tensorsurgery.verification.compare import compare_shard
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from tensorsurgery.errors import AdapterError, HeaderError, SourceError
 from tensorsurgery.formats.safetensors import Header, read_header
 from tensorsurgery.io.fsio import read_json
 from tensorsurgery.ops import COPY, LoraBias, LoraMerge, Operation
-from tensorsurgery.ops.recipe import ByteRange, Input
+from tensorsurgery.ops.base import ByteRange, Input
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

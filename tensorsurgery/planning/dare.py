@@ -9,27 +9,10 @@ whatever order the writer later makes the tensors in.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 from tensorsurgery.manifest.merges import MergeSpec, Resolved, resolve
 from tensorsurgery.ops import Dare
-
-#: The methods that draw random numbers, and so need a seed (della's: :mod:`tensorsurgery.planning.della`).
-RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
-#: torch takes any 64-bit seed, but transformers.set_seed (mergekit's --random-seed) also seeds
-#: numpy, which takes 0..2**32-1 only.
-MAX_SEED = (1 << 32) - 1
-
-
-def check_seed(error: Callable[[str], Exception], value: Any) -> int:
-    """``value`` as a seed mergekit takes (an integer 0..2**32-1).
-
-    Raises:
-        whatever ``error(message)`` makes.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise error(f"expected an integer from 0 to {MAX_SEED} (mergekit's --random-seed), found {value!r:.60}")
-    return value
 
 
 def draws(method: str, values: Resolved) -> int:

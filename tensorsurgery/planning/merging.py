@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Mapping
 from tensorsurgery.errors import PlanError
 from tensorsurgery.formats.dtypes import is_castable
 from tensorsurgery.manifest.merge_slices import locate
-from tensorsurgery.manifest.merges import METHODS, MergeSpec, MissingParameter, Resolved, resolve
+from tensorsurgery.manifest.merges import METHODS, RANDOM_METHODS, MergeSpec, MissingParameter, Resolved, resolve
 from tensorsurgery.ops import (
     COPY,
     Breadcrumbs,
@@ -29,8 +29,8 @@ from tensorsurgery.ops import (
     TaskArithmetic,
     Ties,
 )
-from tensorsurgery.ops.recipe import ByteRange, Input
-from tensorsurgery.planning.dare import RANDOM_METHODS, dare_operation, stream_offsets
+from tensorsurgery.ops.base import ByteRange, Input
+from tensorsurgery.planning.dare import dare_operation, stream_offsets
 from tensorsurgery.planning.della import della_operation
 from tensorsurgery.sources.checkpoint import Checkpoint
 

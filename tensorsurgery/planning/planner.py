@@ -1,9 +1,9 @@
 """The pure planning step: (Manifest, Checkpoints) -> Plan. No disk or network.
 
-Every output tensor is a byte range of a source shard plus typed transform steps
-(:mod:`tensorsurgery.ops.transforms`). Shard files, config.json, the index and the model card are all
-decided here, so ``plan`` and ``--dry-run`` show exactly what ``apply`` will write and ``verify``
-knows exactly what to expect.
+Every output tensor is a recipe (:mod:`tensorsurgery.ops.recipe`): its inputs, byte ranges of
+source shards, and one operation. Shard files, config.json, the index and everything the model card
+says (:mod:`tensorsurgery.output.card` renders it) are decided here, so ``plan`` and ``--dry-run``
+show exactly what ``apply`` will write and ``verify`` knows exactly what to expect.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from typing import Any, Mapping, NamedTuple
 
 from tensorsurgery._version import __version__
 from tensorsurgery.errors import AdapterError, ConsistencyError, PlanError
-from tensorsurgery.families.config import build_config
 from tensorsurgery.families.consistency import differing_sources, output_findings
 from tensorsurgery.families.layers import LayerRef, seams
 from tensorsurgery.families.rules import get_preset
@@ -36,9 +35,10 @@ from tensorsurgery.ops import (
     PermuteRotary,
     rotary_row_order,
 )
-from tensorsurgery.ops.recipe import ByteRange, Input, RowSlice, label
-from tensorsurgery.output.card import model_card
+from tensorsurgery.ops.base import ByteRange, Input, RowSlice
+from tensorsurgery.ops.recipe import label
 from tensorsurgery.planning.adapters import AdapterInfo, adapter_keys, adapter_recipes, read_adapter, source_inputs
+from tensorsurgery.planning.config import build_config
 from tensorsurgery.planning.merging import Merger
 from tensorsurgery.planning.quantized import (
     MXFP4_BLOCKS,
@@ -150,10 +150,10 @@ class CopyFile:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Everything ``apply`` will write, computed from headers alone. ``card`` is the model card's
-    text (README.md); ``card_meta`` the front matter it carries over from the base source's card;
-    ``family`` the :mod:`tensorsurgery.families.registry` entry whose rules were used (``generic`` when the
-    base's model_type is not in the registry); ``kinds`` a label of each output layer's kind."""
+    """Everything ``apply`` will write, computed from headers alone. ``card_meta`` is the front
+    matter it carries over from the base source's card; ``family`` the
+    :mod:`tensorsurgery.families.registry` entry whose rules were used (``generic`` when the base's
+    model_type is not in the registry); ``kinds`` a label of each output layer's kind."""
 
     output: Path
     sources: tuple[SourceInfo, ...]
@@ -164,7 +164,6 @@ class Plan:
     copy_files: tuple[CopyFile, ...]
     manifest_text: str
     manifest_name: str = "manifest.toml"
-    card: str | None = None
     card_meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     family: str = "generic"
     kinds: tuple[str, ...] = ()
@@ -279,7 +278,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     if fp8 or mxfp4:
         without_quantization(config, manifest.config)
     _check_consistency(manifest, checkpoints, arrangement, config, shards)
-    plan = Plan(
+    return Plan(
         output=Path(manifest.output.path),
         sources=tuple(_source_info(s.name, s.model, checkpoints[s.name]) for s in manifest.sources),
         layers=arrangement, seams=seams(arrangement), shards=shards,
@@ -289,7 +288,6 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds, adapters=adapters,
         merge=manifest.merge,
     )
-    return replace(plan, card=model_card(plan))
 
 
 def _check_consistency(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], arrangement: tuple[LayerRef, ...],

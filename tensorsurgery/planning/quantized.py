@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from tensorsurgery.errors import QuantizationError
 from tensorsurgery.ops import DequantFP8, DequantMXFP4
-from tensorsurgery.ops.recipe import ByteRange, Input
+from tensorsurgery.ops.base import ByteRange, Input
 from tensorsurgery.sources.checkpoint import Checkpoint
 
 #: The scale of weight ``W`` is ``W + SCALE_SUFFIX`` (``...q_proj.weight_scale_inv``).

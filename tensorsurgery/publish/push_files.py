@@ -22,8 +22,8 @@ from typing import BinaryIO, Mapping
 
 from tensorsurgery.errors import SourceError, WriteError
 from tensorsurgery.io.fsio import open_regular, read_fd_limited, sha256_fd
+from tensorsurgery.output.compare import read_raw_header
 from tensorsurgery.output.record import RecordedShard, header_sha256
-from tensorsurgery.verification.compare import read_raw_header
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,11 +27,7 @@ from tensorsurgery.formats.safetensors import parse_header, read_header
 from tensorsurgery.io.fsio import pread_exact, read_json
 from tensorsurgery.io.hashing import DEFAULT_THREADS, first_of_each
 from tensorsurgery.ops.recipe import identity
-from tensorsurgery.output.expected import expected_files
-from tensorsurgery.output.record import Record, build_record, header_sha256, read_record, require_folder
-from tensorsurgery.planning.planner import OutputTensor, Plan
-from tensorsurgery.sources.checkpoint import CONFIG_NAME, RECORD_NAME
-from tensorsurgery.verification.compare import (
+from tensorsurgery.output.compare import (
     Difference,
     Progress,
     compare_copy,
@@ -47,6 +43,10 @@ from tensorsurgery.verification.compare import (
     thread_buffer,
     unexpected_entries,
 )
+from tensorsurgery.output.expected import expected_files
+from tensorsurgery.output.record import Record, build_record, header_sha256, read_record, require_folder
+from tensorsurgery.planning.planner import OutputTensor, Plan
+from tensorsurgery.sources.checkpoint import CONFIG_NAME, RECORD_NAME
 
 
 @dataclass(frozen=True, slots=True)
