@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Union
 
 from tensorsurgery.errors import ManifestError, NotVerifiedError, OutputExistsError, VerifyError
-from tensorsurgery.formats.safetensors import Header, read_header
+from tensorsurgery.formats.safetensors import Header as Header  # what inspect returns, re-exported
+from tensorsurgery.formats.safetensors import read_header
 from tensorsurgery.io.fsio import existing_ancestor
 from tensorsurgery.io.hashing import DEFAULT_THREADS as DEFAULT_THREADS  # the CLI's defaults, re-exported
 from tensorsurgery.io.hashing import MAX_THREADS as MAX_THREADS
@@ -41,7 +42,7 @@ from tensorsurgery.sources.resolver import resolve_source
 
 if TYPE_CHECKING:  # imported where used: they load numpy, which plan and inspect do without
     from tensorsurgery.output.writer import WriteResult
-    from tensorsurgery.verification.verifier import VerifyReport
+    from tensorsurgery.verification.verifier import VerifyReport as VerifyReport
 
 #: A manifest as the API takes it: a path, manifest text, or a parsed Manifest.
 ManifestLike = Union[Manifest, str, "os.PathLike[str]"]

@@ -23,7 +23,6 @@ from tensorsurgery.errors import COMMAND_LINE_WORDS, NotVerifiedError, TensorSur
 from tensorsurgery.report import (
     checkpoint_as_dict,
     disk_needed,
-    format_bytes,
     format_checkpoint,
     format_header,
     format_plan,
@@ -32,6 +31,7 @@ from tensorsurgery.report import (
     plan_as_dict,
     printable,
 )
+from tensorsurgery.units import format_bytes
 
 if TYPE_CHECKING:
     from tensorsurgery.api import VerifyReport

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union, cast
 
 #: The methods that draw random numbers, and so need a seed (della's: :mod:`tensorsurgery.planning.della`).
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
@@ -357,8 +357,8 @@ def evaluate(setting: Setting, tensor_name: str, t: float, kind: type) -> float 
     return None
 
 
-def _valid(value: Scalar, kind: type) -> Any:
-    return value if kind is bool else float(value)
+def _valid(value: Scalar, kind: type) -> float | bool:
+    return cast(bool, value) if kind is bool else float(value)  # a bool setting was checked to be one
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,7 +458,7 @@ def check_tokenizer_source(error: ErrorAt, value: Any, sources: Mapping[str, str
         whatever ``error`` makes: another value.
     """
     if value is None or value in ("base", "union"):
-        return value
+        return None if value is None else str(value)
     if isinstance(value, str) and value in sources:
         return sources[value]
     raise error(where, f"{value!r} is not base, union or one of the merged models ({', '.join(sources)})")

@@ -3,7 +3,7 @@ passes, whole rows at a time."""
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, cast
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def della_chunks(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int
     tables = {k: probability_table(columns, op.densities[k], op.epsilons[k], wd) for k in sparse}
 
     def mask(k: int, stream: Stream, delta: np.ndarray) -> np.ndarray:
-        return stream.low24(delta.size) < tables[k][row_ranks(delta, columns, md)]
+        return cast(np.ndarray, stream.low24(delta.size) < tables[k][row_ranks(delta, columns, md)])
 
     chunk = max(1, CHUNK_ELEMENTS // columns) * columns
     pool = _workers()

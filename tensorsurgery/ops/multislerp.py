@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence, cast
 
 from tensorsurgery.errors import PlanError
 from tensorsurgery.formats.dtypes import element_size
@@ -161,7 +161,7 @@ def _one(x: float | np.floating, md: str) -> np.float32:
 
     from tensorsurgery.ops.arith import rounded
 
-    return rounded(np.asarray([x], np.float64).astype(np.float32), md)[0]
+    return cast(np.float32, rounded(np.asarray([x], np.float64).astype(np.float32), md)[0])
 
 
 def _products(xs: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -12,7 +12,7 @@ sort orders equal values), in bounded memory; :class:`SparseMix` then makes any 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence, cast
 
 from tensorsurgery.formats.dtypes import element_size
 
@@ -46,7 +46,7 @@ class Rank:
     def taken(self, keys: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Which elements (their magnitude ``keys``, int64, at tensor ``index``) it takes."""
         past = keys > self.threshold if self.descending else keys < self.threshold
-        return past | ((keys == self.threshold) & (index < self.cut))
+        return cast(np.ndarray, past | ((keys == self.threshold) & (index < self.cut)))
 
 
 def magnitude_keys(delta: np.ndarray, md: str) -> np.ndarray:

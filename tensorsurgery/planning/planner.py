@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from operator import add, itemgetter
+from operator import add, attrgetter, itemgetter
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
@@ -306,7 +306,7 @@ def _check_consistency(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]
 
 
 #: The output order: natural order of names (``layers.2`` before ``layers.10``), then the names.
-_ORDER = itemgetter(7, 0)  # Pick.order, Pick.out
+_ORDER = attrgetter("order", "out")  # by name: Pick is selection's
 
 
 def _source_info(name: str, model: str, ckpt: Checkpoint) -> SourceInfo:
