@@ -33,7 +33,7 @@ from test_merges import (
     read_all,
     toml_manifest,
 )
-from test_nuslerp import _f32_units
+from test_merge_nuslerp import _f32_units
 from torch_helpers import no_network
 
 from cli_helpers import differences, error_line, run

@@ -2,7 +2,7 @@
 bitwise equal to mergekit 0.1.5 run with one torch thread, the same seed and its ``torch.argsort``
 made stable (equal magnitudes ranked in index order).
 
-The models are test_dare's: a tiny random Llama of 12 layers (mergekit's order of tensors by
+The models are test_merge_dare's: a tiny random Llama of 12 layers (mergekit's order of tensors by
 name, ``layers.10`` before ``layers.2``, is not the output's) and three fine-tunes of it, bf16 and
 f32. The kernel is checked on its own against mergekit's ``della_magprune`` on tensors of many
 chunks whose magnitudes tie massively, and its probability table against torch's arithmetic.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_dare import FINE_TUNES, _family, _manifest, mergekit, one_thread
+from test_merge_dare import FINE_TUNES, _family, _manifest, mergekit, one_thread
 from test_merges import _raw, assert_bitwise_equal, config_differences, read_all, stable_argsort
 from torch_helpers import no_network
 from transformers import AutoModelForCausalLM
