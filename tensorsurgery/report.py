@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from tensorsurgery.families.layers import layer_runs, span
 from tensorsurgery.manifest.merge_slices import merged_runs
 from tensorsurgery.manifest.merges import describe, spec_data
-from tensorsurgery.ops import DequantFP8, DequantMXFP4
-from tensorsurgery.ops.recipe import inputs_data
+from tensorsurgery.ops.recipe import dequantized, inputs_data
 from tensorsurgery.planning.merge_report import merge_parameter_lines
 from tensorsurgery.units import format_bytes
 
@@ -27,13 +26,9 @@ def _dequant_line(plan: Plan) -> str:
     kinds: Counter[str] = Counter()
     scales = set()
     for t in (t for s in plan.shards for t in s.tensors):
-        if isinstance(t.op, DequantFP8):
-            kinds[f"FP8 in {t.op.block_rows}x{t.op.block_cols} blocks -> {t.dtype}"] += 1
-        elif isinstance(t.op, DequantMXFP4):
-            kinds[f"MXFP4 -> {t.dtype}"] += 1
-        else:
-            continue
-        scales.add((t.inputs[1].source, t.inputs[1].key))
+        if (op := dequantized(t)) is not None:
+            kinds[f"{op.quantization()} -> {t.dtype}"] += 1
+            scales.add((t.inputs[1].source, t.inputs[1].key))
     made = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
     return f"dequantized: {made}; {len(scales)} scale tensors left out"
 

@@ -101,3 +101,14 @@ def register(cls: type[_T]) -> type[_T]:
         raise ValueError(f"two operations are labelled {label!r}")
     OPERATIONS[label] = cls
     return cls
+
+
+class DequantizingOperation(Operation, Protocol):
+    """An operation that says ``dequantizes = True`` (:func:`tensorsurgery.ops.recipe.dequantized`):
+    it makes plain floats of a quantized weight and its scales (its second input), which leave the
+    output."""
+
+    dequantizes: ClassVar[bool]
+
+    def quantization(self) -> str:
+        """The source's quantization in a few words, for ``plan``: ``FP8 in 128x128 blocks``."""

@@ -31,6 +31,10 @@ class DequantFP8:
     #: Output row ``i`` depends on weight row ``i`` and scale row ``i // block_rows`` only
     #: (:meth:`rows_into`): the writer makes row ranges on its threads.
     rowwise: ClassVar[bool] = True
+    dequantizes: ClassVar[bool] = True
+
+    def quantization(self) -> str:
+        return f"FP8 in {self.block_rows}x{self.block_cols} blocks"
 
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype  # made in the output dtype directly: one rounding, no cast stage after

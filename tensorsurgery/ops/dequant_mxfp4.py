@@ -26,6 +26,10 @@ class DequantMXFP4:
     label: ClassVar[str] = "dequant-mxfp4"
     verbatim: ClassVar[bool] = False
     elementwise: ClassVar[bool] = False
+    dequantizes: ClassVar[bool] = True
+
+    def quantization(self) -> str:
+        return "MXFP4"
 
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype  # made in the output dtype directly: one rounding, no cast stage after

@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Hashable, Protocol
 
 from tensorsurgery.formats.dtypes import element_size, is_castable
-from tensorsurgery.ops.base import Input, Operation
+from tensorsurgery.ops.base import DequantizingOperation, Input, Operation
 
 
 @lru_cache(maxsize=1024)
@@ -80,6 +80,11 @@ def is_rowwise(t: Recipe) -> bool:
     block-row's scales). Any row range can be made on its own, so the writer spreads them over
     threads as it does element ranges. An operation that says nothing is not."""
     return bool(getattr(t.op, "rowwise", False)) and bool(t.inputs)
+
+
+def dequantized(t: Recipe) -> DequantizingOperation | None:
+    """The operation when it dequantizes (it says ``dequantizes = True``), else None."""
+    return t.op if getattr(t.op, "dequantizes", False) else None  # type: ignore[return-value]
 
 
 def is_two_pass(t: Recipe) -> bool:
