@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from test_merge_nuslerp import _f32_units
 from test_merges import (
     FINE_TUNES,
     _family,
@@ -33,7 +34,6 @@ from test_merges import (
     read_all,
     toml_manifest,
 )
-from test_merge_nuslerp import _f32_units
 from torch_helpers import no_network
 
 from cli_helpers import differences, error_line, run
