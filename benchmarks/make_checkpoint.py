@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Generate a synthetic Mistral-shaped checkpoint in Hugging Face layout, for benchmarks: a thin
-command line over :mod:`tensorsurgery.synthetic` (this checkout's, whichever checkout a benchmark
+command line over ``tests/synthetic.py`` (this checkout's, whichever checkout a benchmark
 measures), with raw random bytes as values (the fastest to make; values do not matter here).
 
 Sizes:

@@ -4,7 +4,7 @@
 same YAML, and against the least any merge can do, all in one process, on tmpfs by default.
 
 The models are synthetic Mistral-shaped bf16 checkpoints with normally distributed values
-(:func:`tensorsurgery.synthetic.make_mistral`, one seed each; the base of task_arithmetic is
+(``tests/synthetic.py``'s ``make_mistral``, one seed each; the base of task_arithmetic is
 the first). The baseline (**raw**) reads every input file once and writes the output's bytes
 once (a reader and a writer thread, 4 MiB buffers, fsync): a merge cannot move fewer bytes.
 Each row prints wall time, its ratio to raw and to mergekit, and the command's own peak RSS

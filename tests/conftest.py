@@ -1,6 +1,6 @@
 """Shared pytest fixtures: tiny synthetic Mistral checkpoints written to temporary folders.
 
-The checkpoints come from :mod:`tensorsurgery.synthetic` (real names, shapes and config.json,
+The checkpoints come from ``tests/synthetic.py`` (real names, shapes and config.json,
 seeded finite values, a word-level tokenizer), which needs no torch. Tests that need torch or
 transformers (logits, casts against torch, mergekit) live in the modules of :data:`TORCH_MODULES`:
 they carry the ``torch`` marker, so ``pytest -m "not torch"`` runs the rest, and without torch

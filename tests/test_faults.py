@@ -5,7 +5,7 @@ Whatever happens, nothing appears under the output name until it is complete, th
 never touched (bytes and mtimes), unfinished ``*.partial`` shards do not survive a reported
 failure, and ``apply --resume`` finishes the job from the shards that are whole and verify.
 
-The checkpoint is a ~170 MB synthetic Mistral (tensorsurgery.synthetic); the job is a
+The checkpoint is a ~170 MB synthetic Mistral (tests/synthetic.py); the job is a
 DUS to 4 layers cut into ~40 MB shards, so a signal can land between shards. The tests wait for
 the temporary folder to hold a shard (no fixed sleeps); if a fast machine finishes the whole job
 before the signal is sent, the run is repeated.

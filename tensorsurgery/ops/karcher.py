@@ -18,15 +18,15 @@ import ctypes
 import ctypes.util
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence, cast
 
-from ..dtypes import element_size
-from . import register
+from tensorsurgery.formats.dtypes import element_size
+from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..recipe import Input
+    from tensorsurgery.ops.base import Input
 
 _LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
 
@@ -35,7 +35,7 @@ def _libm(name: str) -> Callable[[float], float]:
     """glibc's float32 function ``name`` (what torch calls on a one-element float tensor)."""
     f = getattr(_LIBM, name)
     f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-    return f
+    return cast(Callable[[float], float], f)
 
 
 _ACOS, _SIN, _COS = _libm("acosf"), _libm("sinf"), _libm("cosf")
@@ -65,7 +65,7 @@ class Karcher:
     def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> KarcherMean:
         import numpy as np
 
-        from .torch_norms import VectorNorm
+        from tensorsurgery.ops.torch_norms import VectorNorm
 
         md, k, tol = self.dtype, len(inputs), self.tol
         n = inputs[0].range.length // element_size(inputs[0].dtype)
@@ -94,8 +94,8 @@ class Karcher:
         remade every step before would)."""
         import numpy as np
 
-        from .arith import rounded
-        from .torch_norms import VectorNorm, dot_sum
+        from tensorsurgery.ops.arith import rounded
+        from tensorsurgery.ops.torch_norms import VectorNorm, dot_sum
 
         md, tol = self.dtype, self.tol
 
@@ -160,7 +160,7 @@ class _Kept:
     def read(self, which: int, start: int, count: int) -> np.ndarray:
         import numpy as np
 
-        from ..fsio import pread_exact
+        from tensorsurgery.io.fsio import pread_exact
 
         out = np.empty(count, np.float32)
         pread_exact(self._files[which].fileno(), out.view(np.uint8).data, start * 4)
@@ -198,8 +198,8 @@ def _stream(inputs: Sequence[Input], fds: Sequence[int], md: str, sums: list[Any
     as float32)."""
     import numpy as np
 
-    from .arith import values
-    from .blocks import input_blocks
+    from tensorsurgery.ops.arith import values
+    from tensorsurgery.ops.blocks import input_blocks
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for start, raws in input_blocks(inputs, fds):
@@ -270,16 +270,16 @@ class KarcherMean:
         """A float32 scalar rounded to the merge dtype (a one-element tensor of it)."""
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
-        return rounded(np.asarray([x], np.float32), self.dtype)[0]
+        return cast(np.float32, rounded(np.asarray([x], np.float32), self.dtype)[0])
 
     def units(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The valid models' ``x / |x|`` (the float32 norm itself divides: torch keeps a scalar
         operand's value)."""
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         return [rounded(xs[i] / np.float32(self.norms[i]), self.dtype) for i in self.valid]
 
@@ -287,7 +287,7 @@ class KarcherMean:
         """``zeros; t += x`` for each term (None: skipped), each sum rounded."""
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         total: np.ndarray | None = None
         for t in terms:
@@ -300,7 +300,7 @@ class KarcherMean:
         """``sum alpha_i u_i``, before its normalization."""
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         return self._sum([rounded(u * np.float32(a), self.dtype) for u, a in zip(units, self.alphas)])
 
@@ -308,7 +308,7 @@ class KarcherMean:
         """``sum f_i (u_i - d_i m)`` over the units not skipped (zeros if all are)."""
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         md = self.dtype
         terms = [None if f is None else rounded(np.float32(f) * rounded(u - rounded(np.float32(d) * m, md), md), md)
@@ -320,7 +320,7 @@ class KarcherMean:
         normalization."""
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         md = self.dtype
         g = rounded(g / np.float32(step.tangent_norm), md)
@@ -330,7 +330,7 @@ class KarcherMean:
         """The unit vectors and the mean after the steps known so far."""
         import numpy as np
 
-        from .arith import rounded
+        from tensorsurgery.ops.arith import rounded
 
         units = self.units(xs)
         m = units[0] if self.first else rounded(self.weighted(units) / np.float32(self.mean_norm), self.dtype)
@@ -343,7 +343,7 @@ class KarcherMean:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         import numpy as np
 
-        from .arith import blockwise, encoded, rounded, values
+        from tensorsurgery.ops.arith import blockwise, encoded, rounded, values
 
         md = self.dtype
 

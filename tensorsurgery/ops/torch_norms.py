@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from .lora import _fma_square
+from tensorsurgery.ops.lora import _fma_square
 
 #: Lanes of torch's norm reduction.
 NORM_LANES = 8
