@@ -92,7 +92,7 @@ def fma32(x: np.ndarray, w: np.float32, acc: np.ndarray) -> np.ndarray:
             err = (ps - (ss - bb)) + (a - bb)
             fix = (err != 0) & np.isfinite(ss) & ((ss.view(np.uint64) & np.uint64(1)) == 0)
             s[suspect] = np.where(fix, np.nextafter(ss, np.where(err > 0, np.inf, -np.inf)), ss)
-        return cast(np.ndarray, s.astype(np.float32))
+        return cast("np.ndarray", s.astype(np.float32))
 
 
 #: Elements a merge operation computes at a time: its float64 temporaries stay in the CPU's cache

@@ -75,7 +75,7 @@ def della_chunks(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int
     tables = {k: probability_table(columns, op.densities[k], op.epsilons[k], wd) for k in sparse}
 
     def mask(k: int, stream: Stream, delta: np.ndarray) -> np.ndarray:
-        return cast(np.ndarray, stream.low24(delta.size) < tables[k][row_ranks(delta, columns, md)])
+        return cast("np.ndarray", stream.low24(delta.size) < tables[k][row_ranks(delta, columns, md)])
 
     chunk = max(1, CHUNK_ELEMENTS // columns) * columns
     pool = _workers()

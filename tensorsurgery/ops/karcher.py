@@ -272,7 +272,7 @@ class KarcherMean:
 
         from tensorsurgery.ops.arith import rounded
 
-        return cast(np.float32, rounded(np.asarray([x], np.float32), self.dtype)[0])
+        return cast("np.float32", rounded(np.asarray([x], np.float32), self.dtype)[0])
 
     def units(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The valid models' ``x / |x|`` (the float32 norm itself divides: torch keeps a scalar

@@ -59,7 +59,7 @@ class ModelStock:
 
         def scalar(x: float) -> np.float32:  # a float32 sum as torch returns it in the merge dtype
             with np.errstate(over="ignore"):
-                return cast(np.float32, rounded(np.asarray([x], np.float64).astype(np.float32), md)[0])
+                return cast("np.float32", rounded(np.asarray([x], np.float64).astype(np.float32), md)[0])
 
         norms = [scalar(math.sqrt(math.fsum(s))) for s in squares]
         floor = scalar(1e-6)

@@ -161,7 +161,7 @@ def _one(x: float | np.floating, md: str) -> np.float32:
 
     from tensorsurgery.ops.arith import rounded
 
-    return cast(np.float32, rounded(np.asarray([x], np.float64).astype(np.float32), md)[0])
+    return cast("np.float32", rounded(np.asarray([x], np.float64).astype(np.float32), md)[0])
 
 
 def _products(xs: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -46,7 +46,7 @@ class Rank:
     def taken(self, keys: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Which elements (their magnitude ``keys``, int64, at tensor ``index``) it takes."""
         past = keys > self.threshold if self.descending else keys < self.threshold
-        return cast(np.ndarray, past | ((keys == self.threshold) & (index < self.cut)))
+        return cast("np.ndarray", past | ((keys == self.threshold) & (index < self.cut)))
 
 
 def magnitude_keys(delta: np.ndarray, md: str) -> np.ndarray:

@@ -134,9 +134,9 @@ class CascadeSum:
     def _vectors(self, values: np.ndarray) -> np.ndarray:
         v = values.reshape(-1, self.vector)
         if self.dtype == "BF16":  # its own load: the two halves of 16 elements
-            return cast(np.ndarray, v[:, :LANES] + v[:, LANES:])
+            return cast("np.ndarray", v[:, :LANES] + v[:, LANES:])
         if self.dtype == "F16":  # the generic load: neighbours
-            return cast(np.ndarray, (np.float32(0) + v[:, 0::2]) + v[:, 1::2])
+            return cast("np.ndarray", (np.float32(0) + v[:, 0::2]) + v[:, 1::2])
         return v
 
     def _add_rows(self, rows: np.ndarray) -> None:
