@@ -30,13 +30,15 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from cli_helpers import error_line, run
 from tensorsurgery.formats.safetensors import encode_header
+from tensorsurgery.formats.safetensors_output import SAFETENSORS
 from tensorsurgery.ops import OPERATIONS, DequantFP8, DequantMXFP4
 from tensorsurgery.ops.base import ByteRange, Input
 from tensorsurgery.ops.interpreter import tensor_chunks
 from tensorsurgery.output.compare import compare_shard
 from tensorsurgery.output.pump import Pump
-from tensorsurgery.planning.planner import SHARD_METADATA, Shard, output_tensor
+from tensorsurgery.planning.planner import Shard, output_tensor
 
+SHARD_METADATA = dict(SAFETENSORS.metadata)  # what a planned shard's header says
 BLOCK = (128, 128)
 QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

@@ -15,13 +15,15 @@ from safetensors.torch import save_file
 
 from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.formats.safetensors import encode_header
+from tensorsurgery.formats.safetensors_output import SAFETENSORS
 from tensorsurgery.ops import COPY, OPERATIONS, Copy, PermuteRotary, Scale, Zeros, register, rotary_row_order
 from tensorsurgery.ops.base import Input
 from tensorsurgery.ops.interpreter import tensor_chunks
 from tensorsurgery.output.compare import compare_shard
 from tensorsurgery.output.pump import Pump
-from tensorsurgery.planning.planner import SHARD_METADATA, ByteRange, OutputTensor, Shard, output_tensor
+from tensorsurgery.planning.planner import ByteRange, OutputTensor, Shard, output_tensor
 
+SHARD_METADATA = dict(SAFETENSORS.metadata)  # what a planned shard's header says
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 

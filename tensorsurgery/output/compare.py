@@ -19,7 +19,8 @@ from typing import Any, Callable, Container, Iterator
 import numpy as np
 
 from tensorsurgery.errors import SourceError
-from tensorsurgery.formats.safetensors import MAX_HEADER_SIZE
+from tensorsurgery.formats.output_format import OutputFormat
+from tensorsurgery.formats.safetensors_output import SAFETENSORS
 from tensorsurgery.io.fsio import (
     JSON_DEPTH,
     STREAM_CHUNK,
@@ -74,37 +75,23 @@ def open_output_file(path: Path, diffs: list[Difference]) -> int | None:
     return fd
 
 
-def read_raw_header(fd: int, size: int) -> bytes | None:
-    """A shard's header bytes as the file holds them (length prefix, JSON, padding), or None when
-    the length prefix does not fit the file."""
-    if size < 8:
-        return None
-    prefix = bytearray(8)
-    pread_exact(fd, memoryview(prefix), 0)
-    n = int.from_bytes(prefix, "little")
-    if n > min(size - 8, MAX_HEADER_SIZE):
-        return None
-    raw = bytearray(n)
-    pread_exact(fd, memoryview(raw), 8)
-    return bytes(prefix + raw)
-
-
 def compare_shard(shard: Shard, path: Path, *, threads: int = 2, progress: Progress = None,
-                  stop_early: bool = False, unhashed: Container[str] = ()) -> tuple[dict[str, str], list[Difference]]:
-    """Compare the shard file ``path`` with ``shard``: header bytes, size, every tensor's bytes
-    against its source. Returns the sha256 of each tensor whose bytes are right, and the
-    differences. ``stop_early`` (for ``--resume``) stops at the first one. Tensors named in
-    ``unhashed`` are compared but not hashed (the caller knows an identical tensor's hash): when
-    their bytes are right they map to ``""``."""
+                  stop_early: bool = False, unhashed: Container[str] = (), fmt: OutputFormat = SAFETENSORS
+                  ) -> tuple[dict[str, str], list[Difference]]:
+    """Compare the shard file ``path`` (of the container ``fmt``) with ``shard``: header bytes,
+    size, every tensor's bytes against its source. Returns the sha256 of each tensor whose bytes
+    are right, and the differences. ``stop_early`` (for ``--resume``) stops at the first one.
+    Tensors named in ``unhashed`` are compared but not hashed (the caller knows an identical
+    tensor's hash): when their bytes are right they map to ``""``."""
     diffs: list[Difference] = []
     fd = open_output_file(path, diffs)
     if fd is None:
         return {}, diffs
     try:
         size = os.fstat(fd).st_size
-        header = read_raw_header(fd, size)
+        header = fmt.read_raw_header(fd, size)
         if header != shard.header:
-            diffs.append(Difference(shard.filename, _header_difference(header, shard.header)))
+            diffs.append(Difference(shard.filename, fmt.header_difference(header, shard.header)))
             if stop_early or size != shard.nbytes:
                 return {}, diffs
         elif size != shard.nbytes:
@@ -136,31 +123,6 @@ def _map(threads: int, fn: Callable[[OutputTensor], tuple[str, int | None]], ten
         return
     with ThreadPoolExecutor(threads) as pool:
         yield from zip(tensors, pool.map(fn, tensors))
-
-
-def _header_difference(found: bytes | None, expected: bytes) -> str:
-    """What differs between two shard headers, in words."""
-    if found is None:
-        return "has no valid safetensors header (its length prefix does not fit the file)"
-    try:
-        got = json.loads(found[8:].decode("utf-8"))
-        want = json.loads(expected[8:].decode("utf-8"))
-    except ValueError:
-        return "header is not the planned one (not valid JSON)"
-    if not isinstance(got, dict):
-        return "header is not the planned one (not a JSON object)"
-    if got.get("__metadata__") != want.get("__metadata__"):
-        return f"header metadata is {got.get('__metadata__')!r}, expected {want.get('__metadata__')!r}"
-    extra = sorted(set(got) - set(want))
-    missing = sorted(set(want) - set(got))
-    if missing:
-        return f"header lacks tensor {missing[0]!r}"
-    if extra:
-        return f"header has unexpected tensor {extra[0]!r}"
-    changed = [k for k in want if got[k] != want[k]]
-    if changed:
-        return f"header says {changed[0]!r} is {got[changed[0]]}, expected {want[changed[0]]}"
-    return "header bytes differ from the planned ones (order, spacing or padding)"
 
 
 def _compare_tensor(t: OutputTensor, path: Path, data_start: int, progress: Progress,

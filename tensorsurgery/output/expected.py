@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from tensorsurgery.output.card import model_card
 from tensorsurgery.planning.planner import CopyFile, Plan, Shard
-from tensorsurgery.sources.checkpoint import CARD_NAME, CONFIG_NAME, INDEX_NAME
+from tensorsurgery.sources.checkpoint import CARD_NAME, CONFIG_NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +52,7 @@ def expected_files(plan: Plan) -> tuple[ExpectedFile, ...]:
     files = [ExpectedFile(s.filename, shard=s) for s in plan.shards]
     files += [ExpectedFile(c.name, copy=c) for c in plan.copy_files]
     if plan.index is not None:
-        files.append(ExpectedFile(INDEX_NAME, data=json_bytes(plan.index)))
+        files.append(ExpectedFile(plan.output_format.index_name, data=json_bytes(plan.index)))
     files.append(ExpectedFile(CONFIG_NAME, data=json_bytes(plan.config)))
     files.append(ExpectedFile(CARD_NAME, data=model_card(plan).encode("utf-8")))
     return tuple(files)

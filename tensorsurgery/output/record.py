@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 from tensorsurgery._version import __version__
 from tensorsurgery.errors import SourceError, VerifyError
+from tensorsurgery.formats.safetensors_output import SAFETENSORS
 from tensorsurgery.io.fsio import INDEX_LIMIT, describe_entry, read_json
 from tensorsurgery.manifest.merges import spec_data
 from tensorsurgery.manifest.path_free import folder_name, path_free_manifest
@@ -218,7 +219,7 @@ def parse_record(data: Any, path: Path) -> Record:
         raise fail("shards", "an object naming at least one shard")
     shards = {}
     for name, entry in data["shards"].items():
-        if not (_is_file_name(name) and name.endswith(".safetensors")):
+        if not (_is_file_name(name) and SAFETENSORS.is_shard_name(name)):  # the one container written
             raise fail(f"shards[{name!r}]", "a file name in the output folder")
         if not (isinstance(entry, dict) and _is_count(entry.get("size")) and _is_sha(entry.get("header_sha256"))):
             raise fail(f"shards[{name!r}]", "{size, header_sha256}")

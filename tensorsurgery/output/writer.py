@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from tensorsurgery.errors import OutputExistsError, WriteError
+from tensorsurgery.formats.output_format import OutputFormat
 from tensorsurgery.io.fsio import copy_file, describe_entry, existing_ancestor, open_regular
 from tensorsurgery.output.compare import compare_shard
 from tensorsurgery.output.expected import ExpectedFile, expected_files, json_bytes
@@ -171,7 +172,7 @@ def _write(plan: Plan, target: Path, tmp: Path, notes: list[str], started: float
             finish_interrupted(target)
             if not os.path.lexists(tmp):
                 _placed(e, target)
-        finished = _discard_unfinished(tmp)
+        finished = _discard_unfinished(tmp, plan.output_format)
         then = (f"run the same command with --resume to keep the {finished} finished shard(s)" if finished
                 else "run the same command again")
         if isinstance(e, WriteError):
@@ -229,7 +230,7 @@ def _reuse_leftover(plan: Plan, tmp: Path, resume: bool, notes: list[str]) -> di
         return {}
     kept = {}
     for shard in plan.shards:
-        hashes, diffs = compare_shard(shard, tmp / shard.filename, stop_early=True)
+        hashes, diffs = compare_shard(shard, tmp / shard.filename, stop_early=True, fmt=plan.output_format)
         if not diffs:
             kept[shard.filename] = hashes
     for path in tmp.iterdir():
@@ -280,13 +281,13 @@ def _write_bytes(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _discard_unfinished(tmp: Path) -> int:
-    """After a failure: keep finished shards (for ``--resume``), drop everything else; returns
-    how many shards were kept."""
+def _discard_unfinished(tmp: Path, fmt: OutputFormat) -> int:
+    """After a failure: keep finished shards (of the container ``fmt``, for ``--resume``), drop
+    everything else; returns how many shards were kept."""
     if not is_ours(tmp):
         return 0
     for path in tmp.iterdir():
-        if not path.name.endswith(".safetensors") and path.name != TMP_MARKER:
+        if not fmt.is_shard_name(path.name) and path.name != TMP_MARKER:
             path.unlink(missing_ok=True) if not path.is_dir() or path.is_symlink() else shutil.rmtree(path)
     kept = len([p for p in tmp.iterdir() if p.name != TMP_MARKER])
     if not kept:

@@ -14,13 +14,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
 
-from tensorsurgery._version import __version__
 from tensorsurgery.errors import AdapterError, ConsistencyError, PlanError
 from tensorsurgery.families.consistency import differing_sources, output_findings
 from tensorsurgery.families.layers import LayerRef, seams
 from tensorsurgery.families.rules import get_preset
 from tensorsurgery.formats.dtypes import CAST_DTYPES, element_size, is_castable
-from tensorsurgery.formats.safetensors import Header, encode_header
+from tensorsurgery.formats.output_format import OutputFormat
+from tensorsurgery.formats.safetensors import Header
+from tensorsurgery.formats.safetensors_output import SAFETENSORS
 from tensorsurgery.io.gcpause import paused_gc
 from tensorsurgery.manifest.merge_slices import range_problem
 from tensorsurgery.manifest.merges import MergeSpec
@@ -51,9 +52,6 @@ from tensorsurgery.planning.quantized import (
 from tensorsurgery.planning.selection import Pick, natural_order, select
 from tensorsurgery.planning.vocabulary import copied_files, tokenizer_donor
 from tensorsurgery.sources.checkpoint import Checkpoint
-
-SHARD_METADATA = MappingProxyType({"format": "pt"})
-SINGLE_SHARD = "model.safetensors"
 
 
 class OutputTensor(NamedTuple):  # not a frozen dataclass: one per tensor (see recipe.ByteRange)
@@ -171,12 +169,14 @@ class Plan:
     adapters: tuple[AdapterInfo, ...] = ()
     #: The merge every tensor is computed by (``[merge]``, a mergekit merge method), or None.
     merge: MergeSpec | None = None
+    #: The container of its shards: their names, headers and index.
+    output_format: OutputFormat = SAFETENSORS
 
     @property
     def index(self) -> Mapping[str, Any] | None:
-        """``model.safetensors.index.json`` content; None for a single ``model.safetensors``, as
-        Hugging Face writes no index then. Made when asked (90k entries for DeepSeek-V3)."""
-        return _index(self.shards)
+        """The index file's content (:meth:`OutputFormat.index`); None when the output needs none
+        (a single shard). Made when asked (90k entries for DeepSeek-V3)."""
+        return self.output_format.index([(s.filename, s.data_size, (t.name for t in s.tensors)) for s in self.shards])
 
     @property
     def total_size(self) -> int:
@@ -214,8 +214,10 @@ class Plan:
 
 
 @paused_gc()  # a few objects per tensor, no cycles: see gcpause
-def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, link: bool = False) -> Plan:
-    """Plan the output of ``manifest`` applied to ``checkpoints`` (keyed by source name).
+def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, link: bool = False,
+               output_format: OutputFormat = SAFETENSORS) -> Plan:
+    """Plan the output of ``manifest`` applied to ``checkpoints`` (keyed by source name), its
+    shards in the container ``output_format``.
 
     With ``link``, every shard of the first source whose tensors all pass through unchanged
     (same names, dtypes and bytes) becomes an output shard of its own, byte-identical to that
@@ -265,7 +267,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     groups += [(None, group) for group in _cut([s for s in specs if s[0] not in taken] if taken else specs,
                                                manifest.output.max_shard_size)]
     del specs
-    shards = _name_shards(groups)
+    shards = _name_shards(groups, output_format)
     base_ckpt = checkpoints[base]
     donor = base
     if manifest.merge and manifest.merge.tokenizer_source is not None:
@@ -286,7 +288,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         copy_files=tuple(CopyFile(c.root / f, f, c.inside) for c, f in copied_files(base_ckpt, checkpoints[donor])),
         manifest_text=manifest.text, manifest_name=manifest.path.name,
         card_meta=base_ckpt.card_meta, family=base_ckpt.family.name, kinds=kinds, adapters=adapters,
-        merge=manifest.merge,
+        merge=manifest.merge, output_format=output_format,
     )
 
 
@@ -478,32 +480,23 @@ def _cut(specs: list[_Spec], max_size: int) -> list[list[OutputTensor]]:
     return groups
 
 
-def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]]) -> tuple[Shard, ...]:
-    """Name shards as Hugging Face does and lay out each one's header; a group with a source
-    header is that source file, reproduced as is."""
+def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]], fmt: OutputFormat) -> tuple[Shard, ...]:
+    """Name shards and lay out each one's header as the container ``fmt`` does; a group with a
+    source header is that source file, reproduced as is."""
     n = len(groups)
     shards = []
     for i, (source, group) in enumerate(groups):
-        name = SINGLE_SHARD if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        name = fmt.shard_name(i, n)
         placed = tuple(group)
         if source is not None:
             shards.append(Shard(name, source.raw, placed, link=source.path))
             continue
         # (name, dtype, shape, start, end) of each tensor, zipped in C.
         starts = list(map(_OFFSET, placed))
-        header = encode_header(zip(map(_NAME, placed), map(_DTYPE, placed), map(_SHAPE, placed), starts,
-                                   map(add, starts, map(_NBYTES, placed))), SHARD_METADATA)
+        header = fmt.encode_header(zip(map(_NAME, placed), map(_DTYPE, placed), map(_SHAPE, placed), starts,
+                                       map(add, starts, map(_NBYTES, placed))))
         shards.append(Shard(name, header, placed))
     return tuple(shards)
-
-
-def _index(shards: tuple[Shard, ...]) -> Mapping[str, Any] | None:
-    if len(shards) == 1:
-        return None
-    return MappingProxyType({
-        "metadata": {"total_size": sum(s.data_size for s in shards), "tensorsurgery_version": __version__},
-        "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
-    })
 
 
 def _dequantized(specs: list[_Spec], checkpoints: Mapping[str, Checkpoint], blocks: Mapping[str, tuple[int, int]],

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import BinaryIO, Mapping
 
 from tensorsurgery.errors import SourceError, WriteError
+from tensorsurgery.formats.safetensors_output import SAFETENSORS
 from tensorsurgery.io.fsio import open_regular, read_fd_limited, sha256_fd
-from tensorsurgery.output.compare import read_raw_header
 from tensorsurgery.output.record import RecordedShard, header_sha256
 
 
@@ -107,7 +107,7 @@ class UploadFiles:
         if size != shard.size:
             raise self._refuse(f"{self.folder / shard.name}: is {size:,} bytes, tensorsurgery.json says "
                                f"{shard.size:,}", verify=True)
-        raw = read_raw_header(fd, size)
+        raw = SAFETENSORS.read_raw_header(fd, size)  # a record's shards: the one container written
         if raw is None or header_sha256(raw) != shard.header_sha256:
             raise self._refuse(f"{self.folder / shard.name}: its header is not the one tensorsurgery.json records",
                                verify=True)

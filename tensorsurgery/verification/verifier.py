@@ -23,7 +23,8 @@ from typing import Any, Mapping
 from tensorsurgery.errors import HeaderError, SourceError, VerifyError
 from tensorsurgery.families.consistency import check_consistency, failing_checks
 from tensorsurgery.families.registry import family_of
-from tensorsurgery.formats.safetensors import parse_header, read_header
+from tensorsurgery.formats.output_format import OutputFormat
+from tensorsurgery.formats.safetensors_output import SAFETENSORS
 from tensorsurgery.io.fsio import pread_exact, read_json
 from tensorsurgery.io.hashing import DEFAULT_THREADS, first_of_each
 from tensorsurgery.ops.recipe import identity
@@ -39,7 +40,6 @@ from tensorsurgery.output.compare import (
     hash_output_range,
     json_diff,
     open_output_file,
-    read_raw_header,
     thread_buffer,
     unexpected_entries,
 )
@@ -99,7 +99,8 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None, progre
     for f in files:
         path = output / f.name
         if f.shard is not None:
-            hashes, found = compare_shard(f.shard, path, threads=threads, progress=progress, unhashed=unhashed)
+            hashes, found = compare_shard(f.shard, path, threads=threads, progress=progress, unhashed=unhashed,
+                                          fmt=plan.output_format)
             tensor_hashes.update(hashes)
         else:
             digest, found = (compare_copy(f.copy, path) if f.copy is not None
@@ -109,7 +110,7 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None, progre
         diffs += found
     _borrow_hashes(plan, tensors, output, same, tensor_hashes)
     diffs += _check_record(plan, output, tensor_hashes, file_hashes)
-    diffs += check_meaning(output, [s.filename for s in plan.shards], planned=plan.config)
+    diffs += check_meaning(output, [s.filename for s in plan.shards], plan.output_format, planned=plan.config)
     nbytes = sum(t.nbytes for t in tensors)
     return VerifyReport(output, "manifest", len(tensors), nbytes, len(files) + 1, tuple(diffs))
 
@@ -174,11 +175,12 @@ def verify_record(output: Path, *, progress: Progress = None, progress_total: Pr
     record = read_record(output)
     expected = set(record.shards) | set(record.files) | {RECORD_NAME}
     diffs = unexpected_entries(output, expected)
+    fmt = SAFETENSORS  # the container of every output tensorsurgery writes, and so of every record's
     fds: list[int] = []
     try:
         tensors: list[_Recorded] = []
         for shard in record.shards.values():
-            tensors += _recorded_tensors(output, record, shard.name, diffs, fds)
+            tensors += _recorded_tensors(output, record, shard.name, fmt, diffs, fds)
         if progress_total:
             progress_total(sum(t.nbytes for t in tensors))
         diffs += _check_recorded_tensors(tensors, threads, progress)
@@ -190,18 +192,19 @@ def verify_record(output: Path, *, progress: Progress = None, progress_total: Pr
         if found and name == CONFIG_NAME:
             # Which checks apply to the family is known from its source, not here: the check
             # only says what a changed config.json breaks.
-            found += check_meaning(output, list(record.shards))
+            found += check_meaning(output, list(record.shards), fmt)
         diffs += found
     return VerifyReport(output, "record", len(record.tensors), sum(t.nbytes for t in tensors), len(expected),
                         tuple(diffs))
 
 
-def check_meaning(output: Path, shards: list[str], planned: Mapping[str, Any] | None = None) -> list[Difference]:
-    """config.json of ``output`` against its shards' headers (:mod:`tensorsurgery.families.consistency`): a
-    config that disagrees with the tensors loads another model than they hold. A check that the
-    ``planned`` config fails too with these tensors does not describe the family (apply let it
-    through), so it is not reported. A missing or broken file is a difference of its own, reported
-    elsewhere, so it is not checked here."""
+def check_meaning(output: Path, shards: list[str], fmt: OutputFormat,
+                  planned: Mapping[str, Any] | None = None) -> list[Difference]:
+    """config.json of ``output`` against the headers of its shards (of the container ``fmt``;
+    :mod:`tensorsurgery.families.consistency`): a config that disagrees with the tensors loads
+    another model than they hold. A check that the ``planned`` config fails too with these tensors
+    does not describe the family (apply let it through), so it is not reported. A missing or
+    broken file is a difference of its own, reported elsewhere, so it is not checked here."""
     probe: list[Difference] = []
     for name in (CONFIG_NAME, *shards):
         fd = open_output_file(output / name, probe)
@@ -210,7 +213,7 @@ def check_meaning(output: Path, shards: list[str], planned: Mapping[str, Any] | 
         os.close(fd)
     try:
         config = read_json(output / CONFIG_NAME, inside=output)
-        tensors = [e for name in shards for e in read_header(output / name, keep_raw=False).entries]
+        tensors = [e for name in shards for e in fmt.read_header(output / name).entries]
     except (SourceError, HeaderError):
         return []
     if not isinstance(config, dict):
@@ -235,10 +238,11 @@ class _Recorded:
     sha256: str
 
 
-def _recorded_tensors(output: Path, record: Record, name: str, diffs: list[Difference],
+def _recorded_tensors(output: Path, record: Record, name: str, fmt: OutputFormat, diffs: list[Difference],
                       fds: list[int]) -> list[_Recorded]:
-    """Check one shard's size, header and tensor names against the record; returns its tensors
-    to check, in file order (none when the shard itself is wrong). Its descriptor goes in ``fds``."""
+    """Check one shard's size, header and tensor names (of the container ``fmt``) against the
+    record; returns its tensors to check, in file order (none when the shard itself is wrong).
+    Its descriptor goes in ``fds``."""
     shard = record.shards[name]
     path = output / name
     fd = open_output_file(path, diffs)
@@ -247,12 +251,12 @@ def _recorded_tensors(output: Path, record: Record, name: str, diffs: list[Diffe
     fds.append(fd)
     size = os.fstat(fd).st_size
     try:
-        raw = read_raw_header(fd, size)
+        raw = fmt.read_raw_header(fd, size)
     except OSError as e:
         diffs.append(Difference(name, f"cannot be read ({e.strerror or e})"))
         return []
     if raw is None:
-        diffs.append(Difference(name, "has no valid safetensors header (its length prefix does not fit the file)"))
+        diffs.append(Difference(name, fmt.header_difference(None, b"")))
         return []
     # The header first: an added metadata key changes the size too, and is better named as such.
     if header_sha256(raw) != shard.header_sha256:
@@ -263,7 +267,7 @@ def _recorded_tensors(output: Path, record: Record, name: str, diffs: list[Diffe
         diffs.append(Difference(name, f"is {size} bytes, the record says {shard.size} (truncated or padded)"))
         return []
     try:
-        header = parse_header(path, raw[8:], size)
+        header = fmt.parse_header(path, raw, size)
     except HeaderError as e:
         diffs.append(Difference(name, f"invalid safetensors header: {e}"))
         return []
