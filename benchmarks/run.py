@@ -298,7 +298,9 @@ def plan_spec(manifest: str, output: str, spec_path: str, link: bool) -> int:
         ranges = []
         for t in s.tensors:
             transforms += getattr(t, "transform", "none") != "none"
-            ranges.append([str(t.source.path), int(t.source.offset), int(t.source.length)])
+            # A range's file: a path, or (since the byte-source seam) a LocalFile whose location it is.
+            where = t.source.path if hasattr(t.source, "path") else t.source.file.location
+            ranges.append([str(where), int(t.source.offset), int(t.source.length)])
         shards.append({"filename": s.filename, "header": header.hex(), "ranges": ranges,
                        "link": str(s.link) if getattr(s, "link", None) is not None else None})
     Path(spec_path).write_text(json.dumps({

@@ -116,7 +116,7 @@ def plan_as_dict(plan: Plan, copied: Sequence[CopiedLinks] = ()) -> dict[str, An
         "shards": [{"filename": s.filename, "nbytes": s.nbytes, "link": str(s.link) if s.link else None, "tensors": [
             {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes,
              "source": t.source_name, "source_key": t.source_key,
-             "source_file": str(t.source.path) if t.source else None,
+             "source_file": t.source.file.location if t.source else None,
              "source_offset": t.source.offset if t.source else None, "transform": t.transform,
              **inputs_data(t, with_offsets=True)} for t in s.tensors]}
             for s in plan.shards],

@@ -9,7 +9,6 @@ dequantization (``Mxfp4Config(dequantize=True)``), the same logits."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from cli_helpers import error_line, run
 from tensorsurgery.formats.safetensors import encode_header
 from tensorsurgery.formats.safetensors_output import SAFETENSORS
+from tensorsurgery.io.byte_source import LocalFile, Readers
 from tensorsurgery.ops import OPERATIONS, DequantFP8, DequantMXFP4
 from tensorsurgery.ops.base import ByteRange, Input
 from tensorsurgery.ops.interpreter import tensor_chunks
@@ -216,10 +216,11 @@ def _fp8_file(path: Path, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]])
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
+    file = LocalFile(path)
 
     def one(key: str) -> Input:
         start, end = header[key]["data_offsets"]
-        return Input("s", key, header[key]["dtype"], tuple(header[key]["shape"]), ByteRange(path, 8 + n + start,
+        return Input("s", key, header[key]["dtype"], tuple(header[key]["shape"]), ByteRange(file, 8 + n + start,
                                                                                            end - start))
     return {name: (one(name), one(name + "_scale_inv")) for name in tensors}
 
@@ -264,13 +265,8 @@ def test_the_kernel_is_torch_for_every_byte_nans_and_odd_blocks_included(tmp_pat
             nan = torch.isnan(want)
             assert nan.any() and torch.equal(torch.isnan(got), nan), name
             assert bitwise(got, want), name  # NaNs too: the bits of torch's vectorized cast
-    fds: dict[Path, int] = {}
-    try:
-        again = b"".join(bytes(c) for t in tensors
-                         for c in tensor_chunks(t, lambda p: fds.setdefault(p, os.open(p, os.O_RDONLY))))
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    with Readers() as readers:
+        again = b"".join(bytes(c) for t in tensors for c in tensor_chunks(t, readers.open))
     assert out.read_bytes() == header + again
     assert OPERATIONS["dequant"] is DequantFP8
 
@@ -375,7 +371,7 @@ def test_verify_compares_dequantized_chunks_larger_than_its_buffer(tmp_path):
 
     def one(key: str) -> Input:
         start, end = header[key]["data_offsets"]
-        return Input("s", key, "U8", tuple(header[key]["shape"]), ByteRange(tmp_path / "mx.safetensors",
+        return Input("s", key, "U8", tuple(header[key]["shape"]), ByteRange(LocalFile(tmp_path / "mx.safetensors"),
                                                                             8 + n + start, end - start))
     tensors = [output_tensor("w", "F32", w.shape, 0, w.numel() * 4, inputs, DequantFP8(128, 128, "F32")),
                output_tensor("p", "BF16", (1, 2880, 2880), w.numel() * 4, 2880 * 2880 * 2,

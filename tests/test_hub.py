@@ -157,7 +157,7 @@ def test_offline_cache_with_both_formats_uses_only_the_hf_shards(cache, hf_repo,
     assert "params.json" not in ckpt.extra_files and ckpt.extra_files == TOKENIZER_FILES
     manifest = write_manifest(cache.parent / "m.toml", "org/tiny", cache.parent / "out")
     plan = build_plan(load_manifest(manifest), {"source": ckpt})
-    assert {t.source.path.name for t in plan.tensors} == set(HF_SHARDS)
+    assert {t.source.file.name for t in plan.tensors} == set(HF_SHARDS)
     assert plan.sources[0].files == HF_SHARDS
 
 

@@ -10,7 +10,6 @@ chunks whose magnitudes tie massively, and its probability table against torch's
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +194,7 @@ def test_kernel_on_tensors_of_many_chunks(tmp_path, dtype, shape, ties):
     from mergekit.merge_methods.generalized_task_arithmetic import get_mask
     from mergekit.sparsify import RescaleNorm, della_magprune
 
+    from tensorsurgery.io.byte_source import LocalFile
     from tensorsurgery.ops import Della
     from tensorsurgery.ops.base import ByteRange, Input
 
@@ -206,7 +206,7 @@ def test_kernel_on_tensors_of_many_chunks(tmp_path, dtype, shape, ties):
     path = tmp_path / "x.bin"
     path.write_bytes(b"".join(_raw(x).tobytes() for x in (base, *xs)))
     size = base.numel() * base.element_size()
-    inputs = tuple(Input("s", "k", code, shape, ByteRange(path, i * size, size)) for i in range(4))
+    inputs = tuple(Input("s", "k", code, shape, ByteRange(LocalFile(path), i * size, size)) for i in range(4))
     weights, densities, epsilons, lam = (0.7, 0.4, -0.3), (0.31, 0.5, 1.0), (0.2, 0.05, 0.1), 0.8
     torch.manual_seed(11)
     with stable_argsort(), one_thread():
@@ -223,11 +223,11 @@ def test_kernel_on_tensors_of_many_chunks(tmp_path, dtype, shape, ties):
         mixed, divisor = deltas.sum(dim=0), w.sum(dim=0)
     expected = _raw((base + mixed / divisor * lam).to(dtype))
     op = Della(weights, densities, epsilons, True, True, lam, ties, code, 11, 1000)
-    fd = os.open(path, os.O_RDONLY)
+    reader = LocalFile(path).open()
     try:
-        ours = np.concatenate(list(op.chunks(inputs, [fd] * 4, 1 << 20)))
+        ours = np.concatenate(list(op.chunks(inputs, [reader] * 4, 1 << 20)))
     finally:
-        os.close(fd)
+        reader.close()
     assert (ours != expected).sum() == 0
 
 

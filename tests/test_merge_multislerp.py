@@ -14,7 +14,6 @@ within 32 float32 units of the largest input at that element on the tiny models 
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from test_merges import (
 from torch_helpers import no_network
 
 from cli_helpers import differences, error_line, run
+from tensorsurgery.io.byte_source import LocalFile
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 
@@ -181,6 +181,7 @@ def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     antipodal models of equal weight (the mean is zero) interpolated linearly as mergekit does,
     three refused as mergekit fails (in float16 mergekit's eps is 0: both make NaN)."""
     from tensorsurgery.errors import PlanError
+    from tensorsurgery.io.byte_source import LocalFile
     from tensorsurgery.ops import Multislerp
     from tensorsurgery.ops.base import ByteRange, Input
     from tensorsurgery.ops.blocks import STAT_BLOCK
@@ -198,12 +199,13 @@ def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
         path = tmp_path / "x.bin"
         path.write_bytes(b"".join(_raw(v).tobytes() for v in tensors))
         size = base.element_size() * n
-        inputs = tuple(Input("s", "k", code, shape, ByteRange(path, i * size, size)) for i in range(len(tensors)))
-        fd = os.open(path, os.O_RDONLY)
+        file = LocalFile(path)
+        inputs = tuple(Input("s", "k", code, shape, ByteRange(file, i * size, size)) for i in range(len(tensors)))
+        reader = LocalFile(path).open()
         try:
-            mix = prepared(Prepared(code, size, inputs, op), [fd] * len(inputs)).op
+            mix = prepared(Prepared(code, size, inputs, op), [reader] * len(inputs)).op
         finally:
-            os.close(fd)
+            reader.close()
         raws, k = [_raw(v) for v in tensors], base.element_size()
         parts = [torch.from_numpy(mix.apply([r[a * k:b * k] for r in raws], inputs, a).copy()).view(dtype)
                  for a, b in ((0, STAT_BLOCK - 5), (STAT_BLOCK - 5, STAT_BLOCK * 2 + 7), (STAT_BLOCK * 2 + 7, n))]
@@ -254,7 +256,7 @@ def test_wrong_guesses_cost_passes_not_bytes(tmp_path, monkeypatch):
     path = tmp_path / "x.bin"
     path.write_bytes(b"".join(_raw(v).tobytes() for v in (base, *xs)))
     size = base.element_size() * base.numel()
-    inputs = tuple(Input("s", "k", "BF16", shape, ByteRange(path, i * size, size)) for i in range(4))
+    inputs = tuple(Input("s", "k", "BF16", shape, ByteRange(LocalFile(path), i * size, size)) for i in range(4))
     passes = []
     original = blocks.input_blocks
     monkeypatch.setattr(blocks, "input_blocks", lambda *a, **k: (passes.append(1), original(*a, **k))[1])
@@ -266,12 +268,12 @@ def test_wrong_guesses_cost_passes_not_bytes(tmp_path, monkeypatch):
         monkeypatch.setattr(ms, "_guess_mean_norm", mean_norm)
         monkeypatch.setattr(ms, "_guess_dots", dots)
         passes.clear()
-        fd = os.open(path, os.O_RDONLY)
+        reader = LocalFile(path).open()
         try:
             mix = prepared(Prepared("BF16", size, inputs, ms.Multislerp(tuple(weights), True, 1e-8, True, "BF16")),
-                           [fd] * 4).op
+                           [reader] * 4).op
         finally:
-            os.close(fd)
+            reader.close()
         counts[name] = len(passes)
         ours = torch.from_numpy(mix.apply([_raw(v) for v in (base, *xs)], inputs, 0).copy()).view(dtype)
         assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), name

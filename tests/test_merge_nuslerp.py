@@ -13,7 +13,6 @@ units of the largest input at that element (measured: 6). Where two vectors are 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from test_merges import (
 from torch_helpers import no_network
 
 from cli_helpers import differences, error_line, run
+from tensorsurgery.io.byte_source import LocalFile
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 
@@ -242,13 +242,15 @@ def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
             path = tmp_path / "x.bin"
             path.write_bytes(b"".join(_raw(v).tobytes() for v in tensors))
             size = x.element_size() * n
-            inputs = tuple(Input("s", "k", code, shape, ByteRange(path, i * size, size)) for i in range(len(tensors)))
-            fd = os.open(path, os.O_RDONLY)
+            file = LocalFile(path)
+            inputs = tuple(Input("s", "k", code, shape, ByteRange(file, i * size, size))
+                           for i in range(len(tensors)))
+            reader = LocalFile(path).open()
             try:
                 mix = prepared(Prepared(code, size, inputs, Nuslerp(t, row_wise, flatten, with_base, code)),
-                               [fd] * len(inputs)).op
+                               [reader] * len(inputs)).op
             finally:
-                os.close(fd)
+                reader.close()
             raws, k = [_raw(v) for v in tensors], x.element_size()
             largest = torch.stack([v.reshape(-1).abs() for v in (v0, v1, *tensors)]).amax(0)
             units = _f32_units(largest) * 2.0 ** (23 - {torch.bfloat16: 7, torch.float16: 10}.get(dtype, 23))

@@ -3,7 +3,6 @@ run with one torch thread and its ``torch.topk`` made stable (the lowest index f
 variances); the kernel on tensors of many statistics blocks against mergekit's own function."""
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from test_merges import (
 )
 
 from cli_helpers import differences, error_line, run
+from tensorsurgery.io.byte_source import LocalFile
 from tensorsurgery.ops.interpreter import Prepared
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
@@ -64,17 +64,18 @@ def _file_inputs(tmp_path: Path, tensors: list[torch.Tensor]):
     path.write_bytes(b"".join(_raw(x).tobytes() for x in tensors))
     n, code = tensors[0].numel(), CODES[tensors[0].dtype]
     size = tensors[0].element_size() * n
-    return path, tuple(Input("s", "k", code, (n,), ByteRange(path, i * size, size)) for i in range(len(tensors)))
+    file = LocalFile(path)
+    return path, tuple(Input("s", "k", code, (n,), ByteRange(file, i * size, size)) for i in range(len(tensors)))
 
 
 def _prepared(op: Any, path: Path, inputs: tuple[Any, ...]) -> Any:
     from tensorsurgery.ops.interpreter import prepared
 
-    fd = os.open(path, os.O_RDONLY)
+    reader = LocalFile(path).open()
     try:
-        return prepared(Prepared(inputs[0].dtype, inputs[0].range.length, inputs, op), [fd] * len(inputs))
+        return prepared(Prepared(inputs[0].dtype, inputs[0].range.length, inputs, op), [reader] * len(inputs))
     finally:
-        os.close(fd)
+        reader.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -11,7 +11,6 @@ one), and the output must load in transformers, verify, and fail verify when one
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from torch_helpers import no_network, state
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from cli_helpers import differences, error_line, run
+from tensorsurgery.io.byte_source import LocalFile
 from tensorsurgery.ops.interpreter import Prepared
 
 # mergekit 0.1.5 touches numpy.core (deprecated in numpy 2) when imported; not ours to fix.
@@ -667,7 +667,7 @@ def test_sparsified_kernels_on_tensors_of_many_blocks(tmp_path, dtype, method, r
     path = tmp_path / "x.bin"
     path.write_bytes(b"".join(_raw(x).tobytes() for x in (base, *xs)))
     size = base.element_size() * n
-    inputs = tuple(Input("s", "k", code, (n,), ByteRange(path, i * size, size)) for i in range(4))
+    inputs = tuple(Input("s", "k", code, (n,), ByteRange(LocalFile(path), i * size, size)) for i in range(4))
     weights, densities, gammas, lam = (0.7, 0.4, -0.3), (0.31, 0.05, 1.0), (0.1, 0.0, 0.01), 0.8
     norm = RescaleNorm.l1 if rescale else None
     threads = torch.get_num_threads()
@@ -689,11 +689,11 @@ def test_sparsified_kernels_on_tensors_of_many_blocks(tmp_path, dtype, method, r
     mixed, divisor = (deltas * mask).sum(dim=0), (w * mask).sum(dim=0)
     divisor[divisor == 0] = 1
     expected = _raw((base + mixed / divisor * lam).to(dtype))
-    fd = os.open(path, os.O_RDONLY)
+    reader = LocalFile(path).open()
     try:
-        t = prepared(Prepared(code, size, inputs, op), [fd] * 4)
+        t = prepared(Prepared(code, size, inputs, op), [reader] * 4)
     finally:
-        os.close(fd)
+        reader.close()
     cuts = [r.cut for s in t.op.selections for r in (s.keep, s.drop) if r is not None]
     assert any(0 < c < n for c in cuts)  # a cut falls inside a tie group
     assert (t.op.ratios[0] is not None and t.op.ratios[1] is not None) if rescale else not t.op.ratios

@@ -4,7 +4,6 @@ arithmetic; and the registry that makes an operation known by its label."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.formats.safetensors import encode_header
 from tensorsurgery.formats.safetensors_output import SAFETENSORS
+from tensorsurgery.io.byte_source import LocalFile, Readers
 from tensorsurgery.ops import COPY, OPERATIONS, Copy, PermuteRotary, Scale, Zeros, register, rotary_row_order
 from tensorsurgery.ops.base import Input
 from tensorsurgery.ops.interpreter import tensor_chunks
@@ -41,11 +41,12 @@ def _source(path: Path) -> dict[str, tuple[torch.Tensor, Input]]:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
+    file = LocalFile(path)
     out = {}
     for name, t in tensors.items():
         start, end = header[name]["data_offsets"]
         shape = tuple(header[name]["shape"])
-        out[name] = (t, Input("s", name, header[name]["dtype"], shape, ByteRange(path, 8 + n + start, end - start)))
+        out[name] = (t, Input("s", name, header[name]["dtype"], shape, ByteRange(file, 8 + n + start, end - start)))
     return out
 
 
@@ -129,13 +130,8 @@ def test_the_interpreter_and_the_pump_agree_on_every_operation(tmp_path):
     shard = _shard(tensors)
     out = tmp_path / "model.safetensors"
     Pump(buffer_size=4096, direct=False, threads=2).run([(shard, out)])
-    fds: dict[Path, int] = {}
-    try:
-        want = b"".join(bytes(chunk) for t in shard.tensors
-                        for chunk in tensor_chunks(t, lambda p: fds.setdefault(p, os.open(p, os.O_RDONLY))))
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    with Readers() as readers:
+        want = b"".join(bytes(chunk) for t in shard.tensors for chunk in tensor_chunks(t, readers.open))
     assert out.read_bytes() == shard.header + want
     with safe_open(str(out), "pt") as f:
         assert torch.equal(f.get_tensor("copy"), base)

@@ -17,6 +17,7 @@ from tensorsurgery import __version__
 from tensorsurgery.errors import ManifestError, PlanError
 from tensorsurgery.families.layers import LayerRef, dus, interlock
 from tensorsurgery.formats.safetensors import parse_header
+from tensorsurgery.io.byte_source import LocalFile
 from tensorsurgery.ops import COPY, PermuteRotary
 from tensorsurgery.ops.base import Input
 from tensorsurgery.planning.planner import ByteRange, CopyFile, OutputTensor, SourceInfo, build_plan
@@ -44,7 +45,8 @@ def checkpoint(n_layers: int = 4, root: Path = SRC, **config):
 def source_range(ckpt, key: str) -> ByteRange:
     header = ckpt.headers[ckpt.weight_map[key]]
     entry = header.tensors[key]
-    return ByteRange(ckpt.root / ckpt.weight_map[key], header.data_start + entry.start, entry.end - entry.start)
+    return ByteRange(LocalFile(ckpt.root / ckpt.weight_map[key]), header.data_start + entry.start,
+                     entry.end - entry.start)
 
 
 def size_of(name: str) -> int:
@@ -83,7 +85,7 @@ def test_keep_plan_whole():
     h1, h2 = ckpt.headers[SHARD1].data_start, ckpt.headers[SHARD2].data_start
     # Source shard 1: embed 0..80, L0.q 80..112, L0.up 112..176, L0.ln 176..184;
     # shard 2: L1.q 0..32, L1.up 32..96, L1.ln 96..104, norm 104..112, lm_head 112..192.
-    s1, s2 = SRC / SHARD1, SRC / SHARD2
+    s1, s2 = LocalFile(SRC / SHARD1), LocalFile(SRC / SHARD2)
     rows = [
         ("lm_head.weight", (10, 4), 0, 80, "lm_head.weight", ByteRange(s2, h2 + 112, 80)),
         ("model.embed_tokens.weight", (10, 4), 80, 80, "model.embed_tokens.weight", ByteRange(s1, h1 + 0, 80)),
@@ -204,10 +206,10 @@ def test_multi_source_explicit_plan():
             t = by_name[f"model.layers.{pos}.{s}"]
             assert (t.source_name, t.source_key) == (src, f"model.layers.{layer}.{s}")
             assert t.source == source_range(ckpt, t.source_key)
-            assert t.source.path.parent == Path(f"/models/{src}")
+            assert t.source.file.path.parent == Path(f"/models/{src}")
     # Non-layer tensors come from the first source.
     for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
-        assert (by_name[name].source_name, by_name[name].source.path.parent) == ("a", Path("/models/a"))
+        assert (by_name[name].source_name, by_name[name].source.file.path.parent) == ("a", Path("/models/a"))
     assert plan.sources == tuple(SourceInfo(n, f"/models/{n}", Path(f"/models/{n}"), "hf", None, (SHARD1, SHARD2),
                                             inside=Path(f"/models/{n}")) for n in "ab")
     assert plan.config["num_hidden_layers"] == 7

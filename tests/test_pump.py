@@ -7,7 +7,6 @@ from __future__ import annotations
 import filecmp
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from tensorsurgery.cli import main
 from tensorsurgery.errors import ReadError
 from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.formats.safetensors import encode_header
+from tensorsurgery.io.byte_source import LocalFile, Readers
 from tensorsurgery.ops import COPY, ZEROS
 from tensorsurgery.ops.base import Input, RowSlice
 from tensorsurgery.ops.interpreter import tensor_chunks
@@ -32,7 +32,7 @@ def _tensor(name: str, src: Path, offset: int, count: int, src_dtype: str, dtype
     dtype = dtype or src_dtype
     length = count * element_size(src_dtype)
     part = RowSlice(0, 1, 2) if row_slice else None
-    inputs = () if zeros else (Input("s", name, src_dtype, (count,), ByteRange(src, offset, length), part),)
+    inputs = () if zeros else (Input("s", name, src_dtype, (count,), ByteRange(LocalFile(src), offset, length), part),)
     return output_tensor(name, dtype, (count,), 0, count * element_size(dtype), inputs, ZEROS if zeros else COPY)
 
 
@@ -48,21 +48,11 @@ def _shard(filename: str, tensors: list[OutputTensor]) -> Shard:
 
 def _expected(shard: Shard) -> tuple[bytes, dict[str, str]]:
     data, hashes = [shard.header], {}
-    fds: dict[Path, int] = {}
-
-    def open_file(path: Path) -> int:
-        if path not in fds:
-            fds[path] = os.open(path, os.O_RDONLY)
-        return fds[path]
-
-    try:
+    with Readers() as readers:
         for t in shard.tensors:
-            b = b"".join(bytes(c) for c in tensor_chunks(t, open_file))
+            b = b"".join(bytes(c) for c in tensor_chunks(t, readers.open))
             data.append(b)
             hashes[t.name] = hashlib.sha256(b).hexdigest()
-    finally:
-        for fd in fds.values():
-            os.close(fd)
     return b"".join(data), hashes
 
 

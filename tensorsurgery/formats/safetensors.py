@@ -29,6 +29,7 @@ from typing import Iterable, Mapping, NamedTuple
 
 from tensorsurgery.errors import HeaderError
 from tensorsurgery.formats.dtypes import DTYPE_BITS
+from tensorsurgery.io.byte_source import LocalFile
 from tensorsurgery.io.fsio import FileId, open_regular
 from tensorsurgery.io.gcpause import paused_gc
 
@@ -103,6 +104,12 @@ class Header:
     tensors: Mapping[str, TensorEntry]
     raw: bytes = b""
     file_id: FileId | None = field(default=None, compare=False)  # where it was read, not what it says
+    #: The byte source the tensors' bytes are read from (the file at ``path``): made once here,
+    #: so a plan's byte ranges of this file share it (one object, not one per tensor).
+    source: LocalFile = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", LocalFile(self.path))
 
     @property
     def data_size(self) -> int:

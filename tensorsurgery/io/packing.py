@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.io.byte_source import Reader
 
 ALIGN = 4096
 
@@ -70,14 +70,14 @@ class Packer:
             self._advance(n, tid)
             data = data[n:]
 
-    def read_into(self, fd: int, offset: int, length: int, tid: int | None) -> None:
-        """Append ``length`` bytes of ``fd`` from ``offset``, read straight into the buffers."""
+    def read_into(self, reader: Reader, offset: int, length: int, tid: int | None) -> None:
+        """Append ``length`` bytes of ``reader`` from ``offset``, read straight into the buffers."""
         done = 0
         while done < length:
             b = self._current()
             n = min(self._size - b.length, length - done)
             with memoryview(b.buf) as whole:
-                pread_exact(fd, whole[b.length:b.length + n], offset + done)
+                reader.read_into(whole[b.length:b.length + n], offset + done)
             self._advance(n, tid)
             done += n
 

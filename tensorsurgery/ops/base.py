@@ -3,20 +3,22 @@ tensors), the :class:`Operation` protocols the interpreter relies on, and the re
 package docstring (:mod:`tensorsurgery.ops`) says what each member promises."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 if TYPE_CHECKING:  # numpy is not imported by planning (``plan`` and ``inspect`` do without it)
     import numpy as np
+
+    from tensorsurgery.io.byte_source import ByteSource, Reader
 
 
 # ByteRange and Input are NamedTuples, not frozen dataclasses: as immutable and typed, but a plan
 # makes one of each per tensor (1.7M in the largest headers) and a frozen dataclass's __init__
 # costs ten times a tuple's.
 class ByteRange(NamedTuple):
-    """``length`` bytes of ``path`` starting at absolute file offset ``offset``."""
+    """``length`` bytes of the byte source ``file`` (:mod:`tensorsurgery.io.byte_source`) from its
+    absolute offset ``offset``."""
 
-    path: Path
+    file: ByteSource
     offset: int
     length: int
 
@@ -60,9 +62,9 @@ class Operation(Protocol):
         the same element range of each input (``raws``, raw bytes of each input's dtype), the range
         that starts at element ``start``."""
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         """Other operations: every value in order (raw bytes of :meth:`result_dtype`), reading the
-        inputs (open as ``fds``) at most ``chunk`` bytes or one natural unit (a head) at a time."""
+        inputs (read by ``readers``) at most ``chunk`` bytes or one natural unit (a head) at a time."""
 
 
 class RowwiseOperation(Operation, Protocol):
@@ -70,10 +72,10 @@ class RowwiseOperation(Operation, Protocol):
 
     rowwise: ClassVar[bool]
 
-    def rows_into(self, inputs: Sequence[Input], fds: Sequence[int], start: int, n: int,
+    def rows_into(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int, n: int,
                   out: np.ndarray) -> np.ndarray:
         """Output rows ``start..start+n-1`` (raw bytes of :meth:`result_dtype`) made into ``out``
-        (uint8, their size), reading the inputs (open as ``fds``); returns ``out``."""
+        (uint8, their size), reading the inputs (read by ``readers``); returns ``out``."""
 
 
 class TwoPassOperation(Operation, Protocol):
@@ -81,8 +83,8 @@ class TwoPassOperation(Operation, Protocol):
 
     two_pass: ClassVar[bool]
 
-    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> Operation:
-        """Read the inputs (open as ``fds``) once, a bounded block at a time, for the statistic the
+    def prepare(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> Operation:
+        """Read the inputs (read by ``readers``) once, a bounded block at a time, for the statistic the
         values need, and return the elementwise operation that makes them with it bound. The
         blocks are the operation's own, not the caller's chunks: the statistic (a float sum) is
         the same bytes whoever asks (the writer, ``verify``, ``--resume``)."""

@@ -6,7 +6,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.io.byte_source import Reader
 from tensorsurgery.ops.base import Input
 
 #: Elements a statistic reads at a time: fixed, so a float sum over the blocks rounds the same way
@@ -14,10 +14,10 @@ from tensorsurgery.ops.base import Input
 STAT_BLOCK = 1 << 16
 
 
-def input_blocks(inputs: Sequence[Input], fds: Sequence[int], block: int = STAT_BLOCK
+def input_blocks(inputs: Sequence[Input], readers: Sequence[Reader], block: int = STAT_BLOCK
                  ) -> Iterator[tuple[int, list[np.ndarray]]]:
     """``(start, raws)`` for each block of ``block`` elements in order: ``raws`` the raw bytes
-    (uint8) of elements ``start..`` of each input (open as ``fds``). The buffers are reused: each
+    (uint8) of elements ``start..`` of each input (read by ``readers``). The buffers are reused: each
     is valid until the next block is asked for."""
     sizes = [element_size(i.dtype) for i in inputs]
     count = inputs[0].range.length // sizes[0]
@@ -25,8 +25,8 @@ def input_blocks(inputs: Sequence[Input], fds: Sequence[int], block: int = STAT_
     for start in range(0, count, block):
         n = min(block, count - start)
         raws = []
-        for i, fd, k, buf in zip(inputs, fds, sizes, buffers):
+        for i, reader, k, buf in zip(inputs, readers, sizes, buffers):
             raw = buf[:n * k]
-            pread_exact(fd, raw.data, i.range.offset + start * k)
+            reader.read_into(raw.data, i.range.offset + start * k)
             raws.append(raw)
         yield start, raws

@@ -14,6 +14,7 @@ from tensorsurgery.ops.sparsify import Selection, SparseMix, find_ranks, rescale
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -52,19 +53,19 @@ class Breadcrumbs:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype
 
-    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> SparseMix:
+    def prepare(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> SparseMix:
         count = inputs[0].range.length // element_size(inputs[0].dtype)
         windows = [window(d, g, count) for d, g in zip(self.densities, self.gammas)]
         requests = [(m, False, r) for m, w in enumerate(windows) if w is not None for r in w]
-        ranks = find_ranks(inputs, fds, self.dtype, requests)
+        ranks = find_ranks(inputs, readers, self.dtype, requests)
         selections = tuple(Selection(None) if w is None else Selection(ranks[(m, False, w[1])], ranks[(m, False, w[0])])
                            for m, w in enumerate(windows))
-        ratios = rescale_ratios(inputs, fds, self.dtype, selections) if self.rescale else ()
+        ratios = rescale_ratios(inputs, readers, self.dtype, selections) if self.rescale else ()
         return SparseMix(self.label, self.weights, selections, self.consensus, self.normalize, self.lam, self.dtype,
                          ratios)
 
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("breadcrumbs is two-pass: the interpreter applies what prepare returns")
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("breadcrumbs is two-pass")  # the interpreter never asks

@@ -26,6 +26,7 @@ from tensorsurgery.ops.base import register
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 @register
@@ -55,7 +56,7 @@ class Dare:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], *args: object) -> np.ndarray:
         raise NotImplementedError("dare draws in order: not elementwise")  # the interpreter never asks
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         from tensorsurgery.ops.dare_kernel import dare_chunks  # numpy: not imported by planning
 
-        return dare_chunks(self, inputs, fds)
+        return dare_chunks(self, inputs, readers)

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.io.fsio import pread_exact
 from tensorsurgery.io.scratch import scratch
 from tensorsurgery.ops.arith import encoded, rounded, rounded_scalars, values
 from tensorsurgery.ops.mt_stream import Stream, keep_threshold
 from tensorsurgery.ops.torch_sums import CascadeSum, full_sum, model_sum
 
 if TYPE_CHECKING:
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 #: Elements a chunk holds, about (rounded to the cascade sum's unit).
@@ -64,8 +64,8 @@ def _workers() -> ThreadPoolExecutor:
         return _pool
 
 
-def dare_chunks(op: DareParameters, inputs: Sequence[Input], fds: Sequence[int]) -> Iterator[np.ndarray]:
-    """Every value of ``op`` on ``inputs`` (open as ``fds``), in chunks (raw bytes of the merge dtype)."""
+def dare_chunks(op: DareParameters, inputs: Sequence[Input], readers: Sequence[Reader]) -> Iterator[np.ndarray]:
+    """Every value of ``op`` on ``inputs`` (read by ``readers``), in chunks (raw bytes of the merge dtype)."""
     md = op.dtype
     wd = "BF16" if md == "BF16" else "F32"  # torch's CPU bernoulli has no float16: mergekit widens
     n = inputs[0].range.length // element_size(inputs[0].dtype)
@@ -75,7 +75,7 @@ def dare_chunks(op: DareParameters, inputs: Sequence[Input], fds: Sequence[int])
     chunk = max(unit, CHUNK_ELEMENTS // unit * unit)
     pool = _workers()
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
-        streams, ratios = _first_pass(op, inputs, fds, n, chunk, sparse, keep, wd)
+        streams, ratios = _first_pass(op, inputs, readers, n, chunk, sparse, keep, wd)
         weights = rounded_scalars(op.weights, md)
         divisor: Any = None
         if not op.ties:
@@ -86,7 +86,7 @@ def dare_chunks(op: DareParameters, inputs: Sequence[Input], fds: Sequence[int])
 
         def term(k: int, base: np.ndarray, start: int, count: int) -> np.ndarray:
             with np.errstate(over="ignore", invalid="ignore"):
-                delta = rounded(read_values(inputs, fds, k + 1, start, count, md, slot=k + 1) - base, md)
+                delta = rounded(read_values(inputs, readers, k + 1, start, count, md, slot=k + 1) - base, md)
                 if k in streams:
                     delta *= streams[k].low24(count) < keep[k]  # as torch multiplies by the 0/1 mask
                     ratio = ratios.get(k)
@@ -100,7 +100,7 @@ def dare_chunks(op: DareParameters, inputs: Sequence[Input], fds: Sequence[int])
             """The base's chunk from ``start`` (two scratch slots in turn: the last one is still
             in use) and the models' terms of it, being made."""
             count = min(chunk, n - start)
-            base = read_values(inputs, fds, 0, start, count, md, slot=-2 - (start // chunk) % 2)
+            base = read_values(inputs, readers, 0, start, count, md, slot=-2 - (start // chunk) % 2)
             return base, [pool.submit(term, k, base, start, count) for k in range(len(weights))]
 
         # The next chunk's terms are made while this one's are combined (and written).
@@ -122,8 +122,9 @@ def dare_chunks(op: DareParameters, inputs: Sequence[Input], fds: Sequence[int])
             yield encoded(rounded(base + mixed, md), md)
 
 
-def _first_pass(op: DareParameters, inputs: Sequence[Input], fds: Sequence[int], n: int, chunk: int, sparse: list[int],
-                keep: dict[int, int], wd: str) -> tuple[dict[int, Stream], dict[int, np.float32 | None]]:
+def _first_pass(op: DareParameters, inputs: Sequence[Input], readers: Sequence[Reader], n: int, chunk: int,
+                sparse: list[int], keep: dict[int, int], wd: str
+                ) -> tuple[dict[int, Stream], dict[int, np.float32 | None]]:
     """Each sparsified model's stream at its first draw, and with ``rescale`` its factor
     ``sum|delta| / sum|kept|`` in the work dtype (None: skipped, a sum below 1e-7); the draws
     for the sums are the same the values take again. The models side by side: each takes up
@@ -144,8 +145,8 @@ def _first_pass(op: DareParameters, inputs: Sequence[Input], fds: Sequence[int],
         with np.errstate(over="ignore", invalid="ignore"):
             for at in range(0, n, chunk):
                 count = min(chunk, n - at)
-                base = read_values(inputs, fds, 0, at, count, md, slot=0)
-                size = np.abs(rounded(read_values(inputs, fds, k + 1, at, count, md, slot=1) - base, md))
+                base = read_values(inputs, readers, 0, at, count, md, slot=0)
+                size = np.abs(rounded(read_values(inputs, readers, k + 1, at, count, md, slot=1) - base, md))
                 before.add(size)
                 size *= stream.low24(count) < keep[k]
                 after.add(size)
@@ -171,11 +172,11 @@ def _consensus(terms: list[np.ndarray], weights: np.ndarray, start: int, n: int,
     return mixed, div
 
 
-def read_values(inputs: Sequence[Input], fds: Sequence[int], k: int, start: int, n: int, merge_dtype: str,
+def read_values(inputs: Sequence[Input], readers: Sequence[Reader], k: int, start: int, n: int, merge_dtype: str,
                 slot: int) -> np.ndarray:
     """Elements ``start..start+n-1`` of input ``k`` as float32 values of the merge dtype."""
     i = inputs[k]
     size = element_size(i.dtype)
     raw = scratch(n * size, slot=slot)[0]
-    pread_exact(fds[k], raw.data, i.range.offset + start * size)
+    readers[k].read_into(raw.data, i.range.offset + start * size)
     return values(raw, i.dtype, merge_dtype)

@@ -26,6 +26,7 @@ from tensorsurgery.ops.base import register
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -57,10 +58,10 @@ class Della:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], *args: object) -> np.ndarray:
         raise NotImplementedError("della draws in order: not elementwise")  # the interpreter never asks
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         from tensorsurgery.ops.della_kernel import della_chunks  # numpy: not imported by planning
 
-        return della_chunks(self, inputs, fds, row_length(inputs[0].shape))
+        return della_chunks(self, inputs, readers, row_length(inputs[0].shape))
 
 
 def row_length(shape: Sequence[int]) -> int:

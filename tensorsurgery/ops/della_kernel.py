@@ -14,6 +14,7 @@ from tensorsurgery.ops.mt_stream import Stream
 from tensorsurgery.ops.torch_sums import ChunkedSum, full_sum, model_sum
 
 if TYPE_CHECKING:
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -64,9 +65,9 @@ def row_ranks(delta: np.ndarray, columns: int, md: str) -> np.ndarray:
 Masker = Callable[[int, Stream, np.ndarray], np.ndarray]
 
 
-def della_chunks(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int], columns: int
+def della_chunks(op: DellaParameters, inputs: Sequence[Input], readers: Sequence[Reader], columns: int
                  ) -> Iterator[np.ndarray]:
-    """Every value of ``op`` on ``inputs`` (open as ``fds``), in chunks of whole rows (raw bytes of
+    """Every value of ``op`` on ``inputs`` (read by ``readers``), in chunks of whole rows (raw bytes of
     the merge dtype)."""
     md = op.dtype
     wd = "BF16" if md == "BF16" else "F32"  # mergekit's work dtype (float16 widened, as for bernoulli)
@@ -80,7 +81,7 @@ def della_chunks(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int
     chunk = max(1, CHUNK_ELEMENTS // columns) * columns
     pool = _workers()
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
-        streams, ratios = _first_pass(op, inputs, fds, n, chunk, sparse, mask, wd)
+        streams, ratios = _first_pass(op, inputs, readers, n, chunk, sparse, mask, wd)
         weights = rounded_scalars(op.weights, md)
         divisor: Any = None
         if not op.ties:
@@ -93,7 +94,7 @@ def della_chunks(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int
             with np.errstate(over="ignore", invalid="ignore"):
                 if op.densities[k] <= 0:  # torch.zeros_like: +0 whatever the delta's sign
                     return rounded(np.zeros(count, np.float32) * weights[k], md)
-                delta = rounded(read_values(inputs, fds, k + 1, start, count, md, slot=k + 1) - base, md)
+                delta = rounded(read_values(inputs, readers, k + 1, start, count, md, slot=k + 1) - base, md)
                 if k in streams:
                     delta *= mask(k, streams[k], delta)  # as torch multiplies by the 0/1 mask
                     ratio = ratios.get(k)
@@ -106,7 +107,7 @@ def della_chunks(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int
         def submit(start: int) -> tuple[np.ndarray, list[Future[np.ndarray]]]:
             """The base's chunk from ``start`` (two scratch slots in turn) and the models' terms."""
             count = min(chunk, n - start)
-            base = read_values(inputs, fds, 0, start, count, md, slot=-2 - (start // chunk) % 2)
+            base = read_values(inputs, readers, 0, start, count, md, slot=-2 - (start // chunk) % 2)
             return base, [pool.submit(term, k, base, start, count) for k in range(len(weights))]
 
         pending = submit(0) if n else None  # the next chunk's terms are made while this one's are combined
@@ -127,8 +128,8 @@ def della_chunks(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int
             yield encoded(rounded(base + mixed, md), md)
 
 
-def _first_pass(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int], n: int, chunk: int, sparse: list[int],
-                mask: Masker, wd: str) -> tuple[dict[int, Stream], dict[int, np.float32 | None]]:
+def _first_pass(op: DellaParameters, inputs: Sequence[Input], readers: Sequence[Reader], n: int, chunk: int,
+                sparse: list[int], mask: Masker, wd: str) -> tuple[dict[int, Stream], dict[int, np.float32 | None]]:
     """Each pruned model's stream at its first draw, and with ``rescale`` its factor
     ``sum|delta| / sum|kept|`` in the work dtype (None: skipped, a sum below 1e-7); the draws for
     the sums are the same the values take again. The models side by side, each taking up the
@@ -149,8 +150,8 @@ def _first_pass(op: DellaParameters, inputs: Sequence[Input], fds: Sequence[int]
         with np.errstate(over="ignore", invalid="ignore"):
             for at in range(0, n, chunk):
                 count = min(chunk, n - at)
-                base = read_values(inputs, fds, 0, at, count, md, slot=0)
-                delta = rounded(read_values(inputs, fds, k + 1, at, count, md, slot=1) - base, md)
+                base = read_values(inputs, readers, 0, at, count, md, slot=0)
+                delta = rounded(read_values(inputs, readers, k + 1, at, count, md, slot=1) - base, md)
                 size = np.abs(delta)
                 before.add(size)
                 size *= mask(k, stream, delta)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from tensorsurgery.io.fsio import pread_exact
 from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -42,7 +42,7 @@ class DequantFP8:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("a dequantization is not elementwise")  # the interpreter never asks
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         from tensorsurgery.formats.dtypes import element_size
         from tensorsurgery.io.scratch import scratch
 
@@ -52,9 +52,9 @@ class DequantFP8:
         out = scratch(-(-step * cols * size // 2), slot=1)[1]
         for start in range(0, rows, step):
             n = min(step, rows - start)
-            yield self.rows_into(inputs, fds, start, n, out[:n * cols * size])
+            yield self.rows_into(inputs, readers, start, n, out[:n * cols * size])
 
-    def rows_into(self, inputs: Sequence[Input], fds: Sequence[int], start: int, n: int,
+    def rows_into(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int, n: int,
                   out: np.ndarray) -> np.ndarray:
         """Output rows ``start..start+n-1`` made into ``out`` (uint8, their size), block-row by
         block-row (each part its block-row's scales); returns ``out``. Any row range can be made
@@ -77,9 +77,9 @@ class DequantFP8:
             block = row // self.block_rows
             m = min(n - done, (block + 1) * self.block_rows - row)  # the rest of this block-row
             raw = scratch(m * cols, slot=0)[0]
-            pread_exact(fds[0], raw.data, weight.range.offset + row * cols)
+            readers[0].read_into(raw.data, weight.range.offset + row * cols)
             scale_raw = scratch(scale_row, slot=2)[0]
-            pread_exact(fds[1], scale_raw.data, scale.range.offset + block * scale_row)
+            readers[1].read_into(scale_raw.data, scale.range.offset + block * scale_row)
             scales = cast_chunk(scale_raw, scale.dtype, "F32").view(np.float32)
             work = scratch(m * cols * bases.itemsize, slot=3)[0]
             dequant_block_row(raw, scales, bases, self.dtype, out[done * out_row:(done + m) * out_row], work)

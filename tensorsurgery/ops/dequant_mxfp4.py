@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from tensorsurgery.io.fsio import pread_exact
 from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -37,7 +37,7 @@ class DequantMXFP4:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("a dequantization is not elementwise")  # the interpreter never asks
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         from tensorsurgery.formats.dtypes import element_size
         from tensorsurgery.io.scratch import scratch
         from tensorsurgery.ops.mxfp4 import dequant_groups, work_size
@@ -50,9 +50,9 @@ class DequantMXFP4:
         work = scratch(work_size(rows, step, self.dtype), slot=3)[0]
         for e in range(experts):
             packed = scratch(rows * groups * 16, slot=0)[0]
-            pread_exact(fds[0], packed.data, blocks.range.offset + e * packed.size)
+            readers[0].read_into(packed.data, blocks.range.offset + e * packed.size)
             exps = scratch(rows * groups, slot=2)[0]
-            pread_exact(fds[1], exps.data, scales.range.offset + e * exps.size)
+            readers[1].read_into(exps.data, scales.range.offset + e * exps.size)
             packed3, exps2 = packed.reshape(rows, groups, 16), exps.reshape(rows, groups)
             for g in range(0, groups, step):
                 yield dequant_groups(packed3[:, g:g + step], exps2[:, g:g + step], self.dtype, out, work)

@@ -4,13 +4,12 @@ bounded chunks. The writer (:mod:`tensorsurgery.output.pump`) and every comparis
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence, cast
 
 import numpy as np
 
 from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.io.fsio import pread_exact
+from tensorsurgery.io.byte_source import ByteSource, Reader
 from tensorsurgery.io.scratch import scratch as _scratch
 from tensorsurgery.ops.base import Input, Operation, TwoPassOperation
 from tensorsurgery.ops.recipe import Recipe, element_count, is_elementwise, is_two_pass
@@ -21,12 +20,13 @@ from tensorsurgery.ops.zeros import Zeros
 #: temporaries, and a merge reads several inputs.
 CAST_CHUNK = 1 << 20
 
-#: Opens a source file for reading; the descriptor stays the opener's to close (a pool of open files).
-Opener = Callable[[Path], int]
+#: Opens a byte source for reading; the reader stays the opener's to close (a pool of readers,
+#: :class:`tensorsurgery.io.byte_source.Readers`).
+Opener = Callable[[ByteSource], Reader]
 
 
-def tensor_chunks(t: Recipe, open_file: Opener, chunk: int = CAST_CHUNK) -> Iterator[memoryview]:
-    """The output bytes of ``t``, in bounded chunks, its inputs opened with ``open_file``.
+def tensor_chunks(t: Recipe, open_source: Opener, chunk: int = CAST_CHUNK) -> Iterator[memoryview]:
+    """The output bytes of ``t``, in bounded chunks, its inputs opened with ``open_source``.
 
     Each yielded view is valid only until the next one is requested: buffers are reused, per
     thread, so a thread consumes one of these generators at a time.
@@ -38,18 +38,18 @@ def tensor_chunks(t: Recipe, open_file: Opener, chunk: int = CAST_CHUNK) -> Iter
         for start in range(0, nbytes, len(zeros) or 1):
             yield zeros[:min(len(zeros), nbytes - start)]
         return
-    fds = [open_file(i.range.path) for i in inputs]
-    t = prepared(t, fds)
+    readers = [open_source(i.range.file) for i in inputs]
+    t = prepared(t, readers)
     if is_elementwise(t):
         count = element_count(t)
         step = max(chunk // sum(element_size(i.dtype) for i in inputs), 1)  # all inputs together: ``chunk``
         out = _scratch(step * element_size(dtype), slot=-1)[1]
         for start in range(0, count, step):
             n = min(step, count - start)
-            yield compute_elements(t, fds, start, n, out[:n * element_size(dtype)]).data
+            yield compute_elements(t, readers, start, n, out[:n * element_size(dtype)]).data
         return
     result = op.result_dtype(inputs)
-    for values in op.chunks(inputs, fds, chunk):
+    for values in op.chunks(inputs, readers, chunk):
         if result != dtype:
             values = cast_chunk(values, result, dtype, out=_scratch(values.size, slot=-1)[1])
         yield values.data
@@ -64,26 +64,26 @@ class Prepared(NamedTuple):
     op: Operation
 
 
-def prepared(t: Recipe, fds: Sequence[int]) -> Recipe:
+def prepared(t: Recipe, readers: Sequence[Reader]) -> Recipe:
     """``t`` itself, or for a two-pass recipe (:func:`~tensorsurgery.ops.recipe.is_two_pass`) the
     elementwise recipe its operation's :meth:`~tensorsurgery.ops.TwoPassOperation.prepare`
-    makes, having read the inputs (open as ``fds``) once for its statistic."""
+    makes, having read the inputs (with ``readers``) once for its statistic."""
     if not is_two_pass(t):
         return t
-    op = cast(TwoPassOperation, t.op).prepare(t.inputs, fds)
+    op = cast(TwoPassOperation, t.op).prepare(t.inputs, readers)
     return Prepared(t.dtype, t.nbytes, t.inputs, op)
 
 
-def compute_elements(t: Recipe, fds: Sequence[int], start: int, n: int, out: np.ndarray) -> np.ndarray:
-    """Output elements ``start..start+n-1`` of the elementwise recipe ``t`` (its inputs open as
-    ``fds``), written into ``out`` (a uint8 buffer of their size) when it can be; returns the bytes
+def compute_elements(t: Recipe, readers: Sequence[Reader], start: int, n: int, out: np.ndarray) -> np.ndarray:
+    """Output elements ``start..start+n-1`` of the elementwise recipe ``t`` (its inputs read by
+    ``readers``), written into ``out`` (a uint8 buffer of their size) when it can be; returns the bytes
     (``out`` or a view of a scratch buffer)."""
     inputs, op, dtype = t.inputs, t.op, t.dtype
     raws = []
-    for k, (i, fd) in enumerate(zip(inputs, fds)):
+    for k, (i, reader) in enumerate(zip(inputs, readers)):
         size = element_size(i.dtype)
         raw = _scratch(n * size, slot=k)[0]
-        pread_exact(fd, raw.data, i.range.offset + start * size)
+        reader.read_into(raw.data, i.range.offset + start * size)
         raws.append(raw)
     values = op.apply(raws, inputs, start)
     result = op.result_dtype(inputs)

@@ -26,6 +26,7 @@ from tensorsurgery.ops.base import register
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 _LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
@@ -62,7 +63,7 @@ class Karcher:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype
 
-    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> KarcherMean:
+    def prepare(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> KarcherMean:
         import numpy as np
 
         from tensorsurgery.ops.torch_norms import VectorNorm
@@ -72,7 +73,7 @@ class Karcher:
         mix = KarcherMean(md)
         if k == 1:  # mergekit returns the one tensor
             return mix
-        norms = tuple(float(x) for x in _stream(inputs, fds, md, [VectorNorm(n) for _ in inputs],
+        norms = tuple(float(x) for x in _stream(inputs, readers, md, [VectorNorm(n) for _ in inputs],
                                                  lambda _, xs: [(x,) for x in xs]))
         alphas = [1.0 / k] * k
         scale = np.float32(0)
@@ -85,9 +86,9 @@ class Karcher:
         mix = replace(mix, models=k, norms=norms, valid=valid, alphas=tuple(alphas[i] / total for i in valid),
                       scale=float(scale))
         with _Kept(n) as kept:
-            return self._iterate(mix, inputs, fds, kept, n)
+            return self._iterate(mix, inputs, readers, kept, n)
 
-    def _iterate(self, mix: KarcherMean, inputs: Sequence[Input], fds: Sequence[int], kept: _Kept,
+    def _iterate(self, mix: KarcherMean, inputs: Sequence[Input], readers: Sequence[Reader], kept: _Kept,
                  n: int) -> KarcherMean:
         """The passes of the iteration, the mean and the tangent kept in ``kept`` from one pass
         to the next (each pass makes one step's part from them, the same values a pass that
@@ -100,7 +101,7 @@ class Karcher:
         md, tol = self.dtype, self.tol
 
         def norm(make: Callable[[int, list[np.ndarray]], np.ndarray]) -> float:
-            return float(_stream(inputs, fds, md, [VectorNorm(n)], lambda start, xs: [(make(start, xs),)])[0])
+            return float(_stream(inputs, readers, md, [VectorNorm(n)], lambda start, xs: [(make(start, xs),)])[0])
 
         def weighted(start: int, xs: list[np.ndarray]) -> np.ndarray:
             return kept.write(0, start, mix.weighted(mix.units(xs)))
@@ -117,7 +118,7 @@ class Karcher:
             return [(m, u) for u in units]
 
         for _ in range(self.max_iter):
-            dots = _stream(inputs, fds, md, [dot_sum(n, md) for _ in mix.valid], dot_terms)
+            dots = _stream(inputs, readers, md, [dot_sum(n, md) for _ in mix.valid], dot_terms)
             divisor = None
             step = _step(mix, dots, tol)
             if all(f is None for f in step.factors):  # no tangent at all: its norm is 0, below tol
@@ -135,7 +136,7 @@ class Karcher:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("karcher is two-pass: the interpreter applies what prepare returns")
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("karcher is two-pass")  # the interpreter never asks
 
 
@@ -173,9 +174,9 @@ class _Kept:
         import numpy as np
 
         view = np.ascontiguousarray(x, np.float32).view(np.uint8).data
-        fd, offset = self._files[which].fileno(), start * 4
+        reader, offset = self._files[which].fileno(), start * 4
         while len(view):
-            done = os.pwrite(fd, view, offset)
+            done = os.pwrite(reader, view, offset)
             view, offset = view[done:], offset + done
         return x
 
@@ -191,7 +192,7 @@ def _kept_move(mix: KarcherMean, kept: _Kept, step: KarcherStep, start: int, xs:
     return kept.write(0, start, mix.moved(kept.read(0, start, xs[0].size), kept.read(1, start, xs[0].size), step))
 
 
-def _stream(inputs: Sequence[Input], fds: Sequence[int], md: str, sums: list[Any],
+def _stream(inputs: Sequence[Input], readers: Sequence[Reader], md: str, sums: list[Any],
             terms: Callable[[int, list[np.ndarray]], list[tuple[np.ndarray, ...]]]) -> list[np.float32]:
     """One statistics pass: each of ``sums`` (:mod:`~tensorsurgery.ops.torch_norms`) fed what
     ``terms`` makes of each block (its first element, and the inputs' values in the merge dtype
@@ -202,7 +203,7 @@ def _stream(inputs: Sequence[Input], fds: Sequence[int], md: str, sums: list[Any
     from tensorsurgery.ops.blocks import input_blocks
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for start, raws in input_blocks(inputs, fds):
+        for start, raws in input_blocks(inputs, readers):
             xs = [values(raw, i.dtype, md) for raw, i in zip(raws, inputs)]
             for acc, args in zip(sums, terms(start, xs)):
                 acc.add(*args)
@@ -360,5 +361,5 @@ class KarcherMean:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
             return blockwise(raws, [element_size(i.dtype) for i in inputs], element_size(md), compute)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("karcher's mean is elementwise")  # the interpreter never asks

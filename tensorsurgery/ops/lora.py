@@ -22,12 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from tensorsurgery.io.fsio import pread_exact
 from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 #: The fewest rows a product is made over (see the module docstring): OpenBLAS's blocked sgemm,
@@ -69,7 +69,7 @@ class LoraMerge:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("a LoRA merge is not elementwise")  # the interpreter never asks
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         from tensorsurgery.formats.dtypes import element_size
         from tensorsurgery.io.scratch import scratch
 
@@ -79,9 +79,9 @@ class LoraMerge:
         out = scratch(step * cols * size // 2 + 1, slot=1)[1]
         for start in range(0, rows, step):
             n = min(step, rows - start)
-            yield self.rows_into(inputs, fds, start, n, out[:n * cols * size])
+            yield self.rows_into(inputs, readers, start, n, out[:n * cols * size])
 
-    def rows_into(self, inputs: Sequence[Input], fds: Sequence[int], start: int, n: int,
+    def rows_into(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int, n: int,
                   out: np.ndarray) -> np.ndarray:
         """Output rows ``start..start+n-1`` made into ``out`` (uint8, their size), :data:`MIN_ROWS`
         rows at a time (bounded memory whatever ``n``); returns ``out``."""
@@ -92,10 +92,10 @@ class LoraMerge:
         row_bytes = cols * element_size(self.dtype)
         for first in range(start, start + n, MIN_ROWS):
             m = min(MIN_ROWS, start + n - first)
-            self._block(inputs, fds, first, m, out[(first - start) * row_bytes:(first - start + m) * row_bytes])
+            self._block(inputs, readers, first, m, out[(first - start) * row_bytes:(first - start + m) * row_bytes])
         return out
 
-    def _block(self, inputs: Sequence[Input], fds: Sequence[int], start: int, n: int, out: np.ndarray) -> None:
+    def _block(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int, n: int, out: np.ndarray) -> None:
         """Rows ``start..start+n-1`` (``n <= MIN_ROWS``), their product made over a window of
         :data:`MIN_ROWS` rows around them (all rows when the tensor has fewer)."""
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
@@ -108,11 +108,11 @@ class LoraMerge:
         rows, cols = w.shape
         lo = max(0, min(start, rows - MIN_ROWS))  # the window the product is made over
         hi = min(rows, lo + MIN_ROWS)
-        product = self._product(a, b, fds[1], fds[2], lo, hi)[start - lo:start - lo + n].reshape(-1)
+        product = self._product(a, b, readers[1], readers[2], lo, hi)[start - lo:start - lo + n].reshape(-1)
         size = element_size(self.dtype)
         scale = np.float32(self.scaling)
         if self.dora:
-            self._dora(inputs, fds, start, n, product, out)
+            self._dora(inputs, readers, start, n, product, out)
             return
         for i in range(0, n * cols, _PIECE):  # the rest elementwise, in small pieces: small temporaries
             m = min(_PIECE, n * cols - i)
@@ -121,12 +121,12 @@ class LoraMerge:
             if self.round_delta:
                 rounded = cast_chunk(delta, "F32", self.merge_dtype, out=scratch(m * 4, slot=13)[0])
                 delta = _f32(rounded, self.merge_dtype, slot=14)
-            delta += _f32(_read(fds[0], w, start * cols + i, m, slot=15), w.dtype, slot=16)
+            delta += _f32(_read(readers[0], w, start * cols + i, m, slot=15), w.dtype, slot=16)
             merged = cast_chunk(delta, "F32", self.merge_dtype, out=scratch(m * 4, slot=17)[0])
             out[i * size:(i + m) * size] = cast_chunk(merged, self.merge_dtype, self.dtype,
                                                       out=scratch(m * 4, slot=18)[0])
 
-    def _dora(self, inputs: Sequence[Input], fds: Sequence[int], start: int, n: int, product: np.ndarray,
+    def _dora(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int, n: int, product: np.ndarray,
               out: np.ndarray) -> None:
         """DoRA's rows ``start..start+n-1`` from their float32 ``product`` rows (flat, changed in
         place): ``S = W + scaling * product``, each row times ``f32(m / ||S||)``, rounded once."""
@@ -144,9 +144,9 @@ class LoraMerge:
             k = min(_PIECE, n * cols - i)
             s = product[i:i + k]
             s *= scale
-            s += _f32(_read(fds[0], w, start * cols + i, k, slot=15), w.dtype, slot=16)
+            s += _f32(_read(readers[0], w, start * cols + i, k, slot=15), w.dtype, slot=16)
         rows = product.reshape(n, cols)
-        magnitude = _f32(_read(fds[3], m, start, n, slot=22), m.dtype, slot=23)
+        magnitude = _f32(_read(readers[3], m, start, n, slot=22), m.dtype, slot=23)
         with np.errstate(divide="ignore", invalid="ignore"):  # a zero row: inf or NaN, as torch makes it
             factor = magnitude / row_norms(rows)
         rows *= factor[:, None]
@@ -156,7 +156,7 @@ class LoraMerge:
             out[i * size:(i + k) * size] = cast_chunk(merged, self.merge_dtype, self.dtype,
                                                       out=scratch(k * 4, slot=18)[0])
 
-    def _product(self, a: Input, b: Input, fd_a: int, fd_b: int, lo: int, hi: int) -> np.ndarray:
+    def _product(self, a: Input, b: Input, reader_a: Reader, reader_b: Reader, lo: int, hi: int) -> np.ndarray:
         """Rows ``lo..hi-1`` of the float32 product (``B @ A``, or its transpose), shape ``[hi - lo, cols]``
         (a scratch buffer of this thread: valid until the next call)."""
         import numpy as np
@@ -165,15 +165,15 @@ class LoraMerge:
 
         r = a.shape[0]
         if not self.transposed:  # B[lo:hi] @ A
-            fa = _f32(_read(fd_a, a, 0, a.shape[0] * a.shape[1], slot=10), a.dtype, slot=11).reshape(a.shape)
-            fb = _f32(_read(fd_b, b, lo * r, (hi - lo) * r, slot=12), b.dtype, slot=19).reshape(hi - lo, r)
+            fa = _f32(_read(reader_a, a, 0, a.shape[0] * a.shape[1], slot=10), a.dtype, slot=11).reshape(a.shape)
+            fb = _f32(_read(reader_b, b, lo * r, (hi - lo) * r, slot=12), b.dtype, slot=19).reshape(hi - lo, r)
             product = scratch((hi - lo) * fa.shape[1] * 4, slot=20)[0].view(np.float32).reshape(hi - lo, fa.shape[1])
             return np.matmul(fb, fa, out=product)
         # (B @ A[:, lo:hi])^T: the same dot products as peft's full B @ A, in the same order
         fa = scratch(r * (hi - lo) * 4, slot=21)[0].view(np.float32).reshape(r, hi - lo)
         for k in range(r):
-            fa[k] = _f32(_read(fd_a, a, k * a.shape[1] + lo, hi - lo, slot=10), a.dtype, slot=11)
-        fb = _f32(_read(fd_b, b, 0, b.shape[0] * r, slot=12), b.dtype, slot=19).reshape(b.shape)
+            fa[k] = _f32(_read(reader_a, a, k * a.shape[1] + lo, hi - lo, slot=10), a.dtype, slot=11)
+        fb = _f32(_read(reader_b, b, 0, b.shape[0] * r, slot=12), b.dtype, slot=19).reshape(b.shape)
         product = scratch((hi - lo) * b.shape[0] * 4, slot=20)[0].view(np.float32).reshape(hi - lo, b.shape[0])
         np.copyto(product, np.matmul(fb, fa).T)
         return product
@@ -206,18 +206,18 @@ class LoraBias:
             merged = lora * np.float32(self.scaling) + bias
         return cast_chunk(merged, "F32", self.merge_dtype)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("lora_bias is elementwise")  # the interpreter never asks
 
 
-def _read(fd: int, i: Input, first: int, count: int, slot: int) -> np.ndarray:
+def _read(reader: Reader, i: Input, first: int, count: int, slot: int) -> np.ndarray:
     """Elements ``first..first+count-1`` of input ``i``, raw (uint8, scratch buffer ``slot``)."""
     from tensorsurgery.formats.dtypes import element_size
     from tensorsurgery.io.scratch import scratch
 
     size = element_size(i.dtype)
     raw = scratch(count * size, slot=slot)[0]
-    pread_exact(fd, raw.data, i.range.offset + first * size)
+    reader.read_into(raw.data, i.range.offset + first * size)
     return raw
 
 

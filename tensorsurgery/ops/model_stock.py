@@ -15,6 +15,7 @@ from tensorsurgery.ops.base import register
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -38,7 +39,7 @@ class ModelStock:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype
 
-    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> StockMix:
+    def prepare(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> StockMix:
         import numpy as np
 
         from tensorsurgery.ops.arith import rounded, values
@@ -48,7 +49,7 @@ class ModelStock:
         pairs = list(combinations(range(k), 2))
         squares: list[list[float]] = [[] for _ in range(k)]
         dots: list[list[float]] = [[] for _ in pairs]
-        for _, raws in input_blocks(inputs, fds):
+        for _, raws in input_blocks(inputs, readers):
             base = values(raws[0], inputs[0].dtype, md)
             offsets = [rounded(values(raw, i.dtype, md) - base, md) for raw, i in zip(raws[1:], inputs[1:])]
             for i, o in enumerate(offsets):
@@ -76,7 +77,7 @@ class ModelStock:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("model_stock is two-pass: the interpreter applies what prepare returns")
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("model_stock is two-pass")  # the interpreter never asks
 
 
@@ -115,5 +116,5 @@ class StockMix:
         with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN as torch makes them
             return blockwise(raws, [element_size(i.dtype) for i in inputs], element_size(md), compute)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("model_stock's mix is elementwise")  # the interpreter never asks

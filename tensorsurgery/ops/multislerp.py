@@ -20,6 +20,7 @@ from tensorsurgery.ops.base import register
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -51,7 +52,7 @@ class Multislerp:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype
 
-    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> MultislerpMix:
+    def prepare(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> MultislerpMix:
         import numpy as np
 
         from tensorsurgery.ops.arith import rounded
@@ -62,10 +63,10 @@ class Multislerp:
             return mix
         eps = np.float32(self.eps)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            gram = _gram(_sums(inputs, fds, lambda b: _products(mix.vectors(b, inputs))), k)
+            gram = _gram(_sums(inputs, readers, lambda b: _products(mix.vectors(b, inputs))), k)
             norms = [_one(math.sqrt(gram[i, i]), md) for i in range(k)]
             mix = replace(mix, divisors=tuple(float(_one(n + eps, md)) for n in norms))
-            found = self._statistics(mix, inputs, fds, gram)
+            found = self._statistics(mix, inputs, readers, gram)
             if isinstance(found, str):
                 return replace(mix, linear=True)
             mix, tangent = found
@@ -73,7 +74,7 @@ class Multislerp:
             scale = _one(_sum32(rounded(np.asarray(norms, np.float32) * np.asarray(mix.w, np.float32), md)), md)
         return replace(mix, cos=float(cos), ratio=float(_one(sin / tangent, md)), scale=float(scale))
 
-    def _statistics(self, mix: MultislerpMix, inputs: Sequence[Input], fds: Sequence[int],
+    def _statistics(self, mix: MultislerpMix, inputs: Sequence[Input], readers: Sequence[Reader],
                     gram: np.ndarray) -> tuple[MultislerpMix, np.float32] | str:
         """``mix`` with the mean's norm and the dots known, and the tangent average's norm (``r``),
         or ``"linear"`` (two models whose mean is zero). Each needs the one before it, so a pass
@@ -96,7 +97,7 @@ class Multislerp:
             trial = replace(mix, mean_norm=1.0 if m_use is None else m_use, dots=d_use or ())
             want_mean, want_dots, want_tangent = mean_norm is None, m_use is not None and dots is None, \
                 d_use is not None
-            sums = _sums(inputs, fds, _terms(trial, inputs, want_mean, want_dots, want_tangent))
+            sums = _sums(inputs, readers, _terms(trial, inputs, want_mean, want_dots, want_tangent))
             if want_mean:
                 mean_norm = float(_one(math.sqrt(sums.pop(0)), md))
                 if mean_norm < rounded_scalars([self.eps], md)[0]:  # mergekit: mean_norm < eps
@@ -120,7 +121,7 @@ class Multislerp:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("multislerp is two-pass: the interpreter applies what prepare returns")
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("multislerp is two-pass")  # the interpreter never asks
 
 
@@ -218,7 +219,7 @@ def _sum32(xs: np.ndarray) -> np.float32:
     return total
 
 
-def _sums(inputs: Sequence[Input], fds: Sequence[int],
+def _sums(inputs: Sequence[Input], readers: Sequence[Reader],
           terms: Callable[[list[np.ndarray]], list[np.ndarray]]) -> list[float]:
     """The sums over the whole tensors of each array ``terms`` makes of a block's raw inputs:
     float64, numpy's pairwise sum in each fixed block and an exact sum of the blocks' (the same
@@ -228,7 +229,7 @@ def _sums(inputs: Sequence[Input], fds: Sequence[int],
     from tensorsurgery.ops.blocks import input_blocks
 
     parts: list[list[float]] = []
-    for _, raws in input_blocks(inputs, fds):
+    for _, raws in input_blocks(inputs, readers):
         made = terms(raws)
         parts = parts or [[] for _ in made]
         for part, term in zip(parts, made):
@@ -338,5 +339,5 @@ class MultislerpMix:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
             return blockwise(raws, [element_size(i.dtype) for i in inputs], element_size(md), compute)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("multislerp's mix is elementwise")  # the interpreter never asks

@@ -13,6 +13,7 @@ from tensorsurgery.ops.base import register
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
     from tensorsurgery.ops.groups import Groups
 
@@ -48,7 +49,7 @@ class Nuslerp:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype
 
-    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> NuslerpMix:
+    def prepare(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> NuslerpMix:
         import numpy as np
 
         from tensorsurgery.ops.arith import rounded, rounded_scalars
@@ -57,7 +58,7 @@ class Nuslerp:
 
         md, groups = self.dtype, Groups.of(inputs[0].shape, self.flatten, self.row_wise)
         squares = np.zeros((2, groups.count))
-        for start, raws in input_blocks(inputs, fds):
+        for start, raws in input_blocks(inputs, readers):
             for v, acc in zip(vectors(raws, inputs, self.base, md), squares):
                 v64 = v.astype(np.float64)
                 groups.add(v64 * v64, start, acc)
@@ -65,7 +66,7 @@ class Nuslerp:
             norms = rounded(np.sqrt(squares).astype(np.float32).ravel(), md).reshape(2, -1)  # torch.norm
             norms = np.maximum(norms, rounded_scalars([NORM_FLOOR], md)[0])  # .clamp(min=eps)
         dots = np.zeros(groups.count)
-        for start, raws in input_blocks(inputs, fds):
+        for start, raws in input_blocks(inputs, readers):
             g = groups.index(start, raws[0].size // element_size(inputs[0].dtype)) if groups.count > 1 else 0
             v0, v1 = vectors(raws, inputs, self.base, md)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -76,7 +77,7 @@ class Nuslerp:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("nuslerp is two-pass: the interpreter applies what prepare returns")
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("nuslerp is two-pass")  # the interpreter never asks
 
 
@@ -160,5 +161,5 @@ class NuslerpMix:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
             return blockwise_at(raws, [element_size(i.dtype) for i in inputs], element_size(md), start, compute)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("nuslerp's mix is elementwise")  # the interpreter never asks

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
-from tensorsurgery.io.fsio import pread_exact
 from tensorsurgery.ops.base import register
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -30,18 +30,18 @@ class PermuteRotary:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("a permutation is not elementwise")  # the interpreter never asks
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         from tensorsurgery.io.scratch import scratch  # the kernels need numpy, which planning does not import
         from tensorsurgery.ops.transforms import permute_head
 
-        source, fd = inputs[0], fds[0]
+        source, reader = inputs[0], readers[0]
         length = source.range.length
         row_bytes = length // source.shape[0]
         step = row_bytes * (source.shape[0] // self.heads)  # one head
         buf = scratch(step)[0]
         for start in range(0, length, step):
             n = min(step, length - start)
-            pread_exact(fd, buf.data[:n], source.range.offset + start)
+            reader.read_into(buf.data[:n], source.range.offset + start)
             yield permute_head(buf[:n], row_bytes)
 
 

@@ -16,6 +16,7 @@ from tensorsurgery.ops.base import register
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -86,7 +87,7 @@ class Ram:
         count = inputs[0].range.length // element_size(inputs[0].dtype)
         return _mix(raws, inputs, start, self.epsilon, self.dtype, count, None)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("ram is elementwise")  # the interpreter never asks
 
 
@@ -110,7 +111,7 @@ class RamPlus:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return "F32"
 
-    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> RamPlusMix:
+    def prepare(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> RamPlusMix:
         import numpy as np
 
         from tensorsurgery.ops.blocks import input_blocks
@@ -120,7 +121,7 @@ class RamPlus:
         shared, unique = np.zeros(k, np.int64), np.zeros(k, np.int64)
         f32 = np.float32
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
-            for _, raws in input_blocks(inputs, fds):
+            for _, raws in input_blocks(inputs, readers):
                 changed, counts = _changed(deltas(raws, inputs, self.dtype)[1], self.epsilon, self.dtype)
                 for m, c in enumerate(changed):
                     shared[m] += int(np.count_nonzero(c & (counts > 1)))
@@ -134,7 +135,7 @@ class RamPlus:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("ramplus_tl is two-pass: the interpreter applies what prepare returns")
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("ramplus_tl is two-pass")  # the interpreter never asks
 
 
@@ -157,5 +158,5 @@ class RamPlusMix:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         return _mix(raws, inputs, start, self.epsilon, self.dtype, self.count, self.scales)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("ramplus_tl's mix is elementwise")  # the interpreter never asks

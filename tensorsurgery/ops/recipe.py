@@ -41,7 +41,7 @@ def inputs_data(t: Recipe, *, with_offsets: bool = False) -> dict[str, object]:
     already say it all (and a 1.7M-tensor record stays small)."""
     if len(t.inputs) < 2:
         return {}
-    inputs = [{"source": i.source, "source_file": i.range.path.name if not with_offsets else str(i.range.path),
+    inputs = [{"source": i.source, "source_file": i.range.file.location if with_offsets else i.range.file.name,
                "source_key": i.key, **({"source_offset": i.range.offset} if with_offsets else {})}
               for i in t.inputs]
     op = t.op
@@ -76,7 +76,7 @@ def is_elementwise(t: Recipe) -> bool:
 
 def is_rowwise(t: Recipe) -> bool:
     """Output row ``i`` is made of rows of the inputs alone: the operation says ``rowwise = True``
-    and has ``rows_into(inputs, fds, start, n, out)`` (a dequantization: the weight's row and its
+    and has ``rows_into(inputs, readers, start, n, out)`` (a dequantization: the weight's row and its
     block-row's scales). Any row range can be made on its own, so the writer spreads them over
     threads as it does element ranges. An operation that says nothing is not."""
     return bool(getattr(t.op, "rowwise", False)) and bool(t.inputs)
@@ -89,7 +89,7 @@ def dequantized(t: Recipe) -> DequantizingOperation | None:
 
 def is_two_pass(t: Recipe) -> bool:
     """Output element ``i`` is made of element ``i`` of each input and a statistic of the whole
-    inputs: the operation says ``two_pass = True`` and has ``prepare(inputs, fds)``, which reads
+    inputs: the operation says ``two_pass = True`` and has ``prepare(inputs, readers)``, which reads
     the statistic and returns an elementwise operation
     (:func:`tensorsurgery.ops.interpreter.prepared`). An operation that says nothing is not."""
     return bool(getattr(t.op, "two_pass", False)) and bool(t.inputs)

@@ -9,6 +9,7 @@ from tensorsurgery.ops.base import register
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -36,5 +37,5 @@ class Scale:
         with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN, as torch makes them
             return np.multiply(values, np.float32(self.factor), dtype=np.float32).view(np.uint8)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("scale is elementwise")  # the interpreter never asks

@@ -25,6 +25,7 @@ from tensorsurgery.ops.sparsify import Rank
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 #: mergekit's ``sce_weight`` falls back to equal weights when the weights sum below this.
@@ -48,15 +49,15 @@ class Sce:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype
 
-    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> SceMix:
+    def prepare(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> SceMix:
         import numpy as np
 
         md, count = self.dtype, inputs[0].range.length // element_size(inputs[0].dtype)
         with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN as torch makes them
-            keep = self._selection(inputs, fds) if self.select_topk < 1 else None
-        return SceMix(_weights(inputs, fds, md, keep, count), keep, count, md)
+            keep = self._selection(inputs, readers) if self.select_topk < 1 else None
+        return SceMix(_weights(inputs, readers, md, keep, count), keep, count, md)
 
-    def _selection(self, inputs: Sequence[Input], fds: Sequence[int]) -> Rank:
+    def _selection(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> Rank:
         """The elements the top-k of the variances keeps: ``int(nonzero * select_topk)`` of them."""
         import numpy as np
 
@@ -65,17 +66,17 @@ class Sce:
         if self.select_topk <= 0:
             return Rank.none(True)
         nonzero: list[int] = []
-        _scan_variances(inputs, fds, self.dtype, lambda _, __, keys: nonzero.append(int(np.count_nonzero(keys))))
+        _scan_variances(inputs, readers, self.dtype, lambda _, __, keys: nonzero.append(int(np.count_nonzero(keys))))
         # torch: the int64 count times a Python float is a float32 product, truncated by int()
         k = int(np.float32(sum(nonzero)) * np.float32(self.select_topk))
         if k == 0:
             return Rank.none(True)
-        return find_ranks(inputs, fds, self.dtype, [(0, True, k)], _scan_variances)[(0, True, k)]
+        return find_ranks(inputs, readers, self.dtype, [(0, True, k)], _scan_variances)[(0, True, k)]
 
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("sce is two-pass: the interpreter applies what prepare returns")
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("sce is two-pass")  # the interpreter never asks
 
 
@@ -96,13 +97,13 @@ def variances(tvs: Sequence[np.ndarray], md: str) -> np.ndarray:
     return rounded((m2 / np.float64(len(tvs))).astype(np.float32), md)
 
 
-def _scan_variances(inputs: Sequence[Input], fds: Sequence[int], md: str,
+def _scan_variances(inputs: Sequence[Input], readers: Sequence[Reader], md: str,
                     visit: Callable[[int, int, np.ndarray], None]) -> None:
     """``visit(0, start, keys)`` for each block of the variances' magnitude keys (one "model")."""
     from tensorsurgery.ops.blocks import input_blocks
     from tensorsurgery.ops.sparsify import deltas, magnitude_keys
 
-    for start, raws in input_blocks(inputs, fds):
+    for start, raws in input_blocks(inputs, readers):
         visit(0, start, magnitude_keys(variances(deltas(raws, inputs, md)[1], md), md))
 
 
@@ -120,7 +121,7 @@ def selected(tvs: list[np.ndarray], keep: Rank | None, md: str, start: int) -> l
     return [tv * mask for tv in tvs]
 
 
-def _weights(inputs: Sequence[Input], fds: Sequence[int], md: str, keep: Rank | None,
+def _weights(inputs: Sequence[Input], readers: Sequence[Reader], md: str, keep: Rank | None,
              count: int) -> tuple[float, ...]:
     """mergekit's ``sce_weight``: each model's mean square of its selected task vector (torch's
     ``mean``: a float32 sum in its one-thread order, divided by the count, rounded to the merge
@@ -137,7 +138,7 @@ def _weights(inputs: Sequence[Input], fds: Sequence[int], md: str, keep: Rank | 
     sums = [CascadeSum(count, "F32") for _ in range(k)]  # torch sums a 16-bit tensor's mean as float32
     unit = sums[0].unit
     with np.errstate(over="ignore", invalid="ignore"):
-        for start, raws in input_blocks(inputs, fds, max(unit, STAT_BLOCK // unit * unit)):
+        for start, raws in input_blocks(inputs, readers, max(unit, STAT_BLOCK // unit * unit)):
             for total, tv in zip(sums, selected(deltas(raws, inputs, md)[1], keep, md, start)):
                 total.add(rounded(tv * tv, md))
         means = rounded(np.asarray([s.value() for s in sums], np.float32) / np.float32(count), md)
@@ -193,5 +194,5 @@ class SceMix:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
             return blockwise_at(raws, [element_size(i.dtype) for i in inputs], element_size(md), start, compute)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("sce's mix is elementwise")  # the interpreter never asks

@@ -14,6 +14,7 @@ from tensorsurgery.ops.base import register
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 #: mergekit's: above this |cos theta| the tensors are taken as collinear and interpolated linearly;
@@ -43,14 +44,14 @@ class Slerp:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype
 
-    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> Mix:
+    def prepare(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> Mix:
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
         from tensorsurgery.ops.arith import values
         from tensorsurgery.ops.blocks import input_blocks
 
         squares_a, squares_b, dots = [], [], []
-        for _, (raw_a, raw_b) in input_blocks(inputs, fds):
+        for _, (raw_a, raw_b) in input_blocks(inputs, readers):
             a = values(raw_a, inputs[0].dtype, self.dtype).astype(np.float64)
             b = values(raw_b, inputs[1].dtype, self.dtype).astype(np.float64)
             squares_a.append(float(np.sum(a * a)))  # numpy's pairwise sum: the same order every run
@@ -61,7 +62,7 @@ class Slerp:
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("slerp is two-pass: the interpreter applies what prepare returns")
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("slerp is two-pass")  # the interpreter never asks
 
 
@@ -117,5 +118,5 @@ class Mix:
         with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN as torch makes them
             return blockwise(raws, [element_size(i.dtype) for i in inputs], element_size(md), compute)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("slerp's mix is elementwise")  # the interpreter never asks

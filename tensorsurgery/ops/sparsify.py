@@ -19,6 +19,7 @@ from tensorsurgery.formats.dtypes import element_size
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 #: Above and below every magnitude key.
@@ -76,10 +77,10 @@ Request = tuple[int, bool, int]
 
 
 #: Reads the inputs once and calls ``visit(model, start, keys)`` for each block of each model's keys.
-Scan = Callable[[Sequence["Input"], Sequence[int], str, Callable[[int, int, "np.ndarray"], None]], None]
+Scan = Callable[[Sequence["Input"], Sequence["Reader"], str, Callable[[int, int, "np.ndarray"], None]], None]
 
 
-def find_ranks(inputs: Sequence[Input], fds: Sequence[int], md: str,
+def find_ranks(inputs: Sequence[Input], readers: Sequence[Reader], md: str,
                requests: Sequence[Request], scan: Scan | None = None) -> dict[Request, Rank]:
     """The :class:`Rank` of each request ``(m, descending, r)``: the ``r`` largest (or smallest)
     magnitudes of model ``m``'s difference from the base (or of the keys ``scan`` gives, numbered
@@ -96,7 +97,7 @@ def find_ranks(inputs: Sequence[Input], fds: Sequence[int], md: str,
     wide = md == "F32"
     models = sorted({m for m, _, _ in todo})
     hist = {m: np.zeros(1 << 15, np.int64) for m in models}
-    read(inputs, fds, md, lambda m, _, keys: _add(hist, m, keys >> 16 if wide else keys, 1 << 15))
+    read(inputs, readers, md, lambda m, _, keys: _add(hist, m, keys >> 16 if wide else keys, 1 << 15))
     threshold, before = {}, {}
     for q in todo:
         threshold[q], before[q] = _bin(hist[q[0]], q[1], q[2])
@@ -109,7 +110,7 @@ def find_ranks(inputs: Sequence[Input], fds: Sequence[int], md: str,
                 if q[0] == m:
                     low[q] += np.bincount(keys[(keys >> 16) == threshold[q]] & np.uint32(0xFFFF), minlength=1 << 16)
 
-        read(inputs, fds, md, histogram_low)
+        read(inputs, readers, md, histogram_low)
         for q in todo:
             bin_low, more = _bin(low[q], q[1], q[2] - before[q])
             threshold[q], before[q], at[q] = threshold[q] << 16 | bin_low, before[q] + more, int(low[q][bin_low])
@@ -127,7 +128,7 @@ def find_ranks(inputs: Sequence[Input], fds: Sequence[int], md: str,
                 seen[q] += where.size
 
     if partial:
-        read(inputs, fds, md, find_cut)
+        read(inputs, readers, md, find_cut)
     return {**out, **{q: Rank(q[1], threshold[q], cut[q]) for q in todo}}
 
 
@@ -152,12 +153,12 @@ def _bin(hist: np.ndarray, descending: bool, r: int) -> tuple[int, int]:
     return b, int(reached[b] - hist[b])
 
 
-def _scan_deltas(inputs: Sequence[Input], fds: Sequence[int], md: str,
+def _scan_deltas(inputs: Sequence[Input], readers: Sequence[Reader], md: str,
                  visit: Callable[[int, int, np.ndarray], None]) -> None:
     """``visit(model, start, keys)`` for each block of each non-base input's magnitude keys."""
     from tensorsurgery.ops.blocks import input_blocks
 
-    for start, raws in input_blocks(inputs, fds):
+    for start, raws in input_blocks(inputs, readers):
         for m, delta in enumerate(deltas(raws, inputs, md)[1]):
             visit(m, start, magnitude_keys(delta, md))
 
@@ -190,7 +191,7 @@ class Selection:
 RESCALE_EPS = 1e-7
 
 
-def rescale_ratios(inputs: Sequence[Input], fds: Sequence[int], md: str,
+def rescale_ratios(inputs: Sequence[Input], readers: Sequence[Reader], md: str,
                    selections: Sequence[Selection]) -> tuple[float | None, ...]:
     """mergekit's L1 rescale of each sparsified model (``rescale = true``): ``sum|delta| /
     sum|kept|`` in the merge dtype, both torch's one-thread whole-tensor sums
@@ -206,7 +207,7 @@ def rescale_ratios(inputs: Sequence[Input], fds: Sequence[int], md: str,
     models = [m for m, s in enumerate(selections) if not s.everything]
     sums = {m: (ChunkedSum(count, md), ChunkedSum(count, md)) for m in models}
     with np.errstate(over="ignore", invalid="ignore"):
-        for start, raws in (input_blocks(inputs, fds) if models else ()):
+        for start, raws in (input_blocks(inputs, readers) if models else ()):
             ds = deltas(raws, inputs, md)[1]
             index = np.arange(start, start + ds[0].size)
             for m in models:
@@ -285,5 +286,5 @@ class SparseMix:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
             return blockwise_at(raws, [element_size(i.dtype) for i in inputs], element_size(md), start, compute)
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("a sparsified mix is elementwise")  # the interpreter never asks

@@ -13,6 +13,7 @@ from tensorsurgery.ops.sparsify import Selection, SparseMix, find_ranks, rescale
 if TYPE_CHECKING:
     import numpy as np
 
+    from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
 
@@ -48,17 +49,17 @@ class Ties:
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype
 
-    def prepare(self, inputs: Sequence[Input], fds: Sequence[int]) -> SparseMix:
+    def prepare(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> SparseMix:
         count = inputs[0].range.length // element_size(inputs[0].dtype)
         ks = [keep_count(d, count) for d in self.densities]
         requests = [(m, True, k) for m, k in enumerate(ks) if k is not None]
-        ranks = find_ranks(inputs, fds, self.dtype, requests)
+        ranks = find_ranks(inputs, readers, self.dtype, requests)
         selections = tuple(Selection(None if k is None else ranks[(m, True, k)]) for m, k in enumerate(ks))
-        ratios = rescale_ratios(inputs, fds, self.dtype, selections) if self.rescale else ()
+        ratios = rescale_ratios(inputs, readers, self.dtype, selections) if self.rescale else ()
         return SparseMix(self.label, self.weights, selections, True, self.normalize, self.lam, self.dtype, ratios)
 
     def apply(self, raws: Sequence[np.ndarray], inputs: Sequence[Input], start: int) -> np.ndarray:
         raise NotImplementedError("ties is two-pass: the interpreter applies what prepare returns")
 
-    def chunks(self, inputs: Sequence[Input], fds: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("ties is two-pass")  # the interpreter never asks

@@ -21,6 +21,7 @@ import numpy as np
 from tensorsurgery.errors import SourceError
 from tensorsurgery.formats.output_format import OutputFormat
 from tensorsurgery.formats.safetensors_output import SAFETENSORS
+from tensorsurgery.io.byte_source import LocalFile, Readers
 from tensorsurgery.io.fsio import (
     JSON_DEPTH,
     STREAM_CHUNK,
@@ -106,7 +107,7 @@ def compare_shard(shard: Shard, path: Path, *, threads: int = 2, progress: Progr
         if first is None:
             hashes[t.name] = digest
         else:
-            where = f"{t.source_key!r} of {t.source.path.name}" if t.source else "zeros"
+            where = f"{t.source_key!r} of {t.source.file.name}" if t.source else "zeros"
             diffs.append(Difference(t.name, f"bytes differ from {where} (transform: {t.transform}) from byte "
                                             f"{first} on"))
             if stop_early:
@@ -132,13 +133,13 @@ def _compare_tensor(t: OutputTensor, path: Path, data_start: int, progress: Prog
     digest = hashlib.sha256()
     actual = thread_buffer("actual", CAST_CHUNK * 2)
     pos, first = 0, None
-    with OpenFiles() as files:
-        out = files.open(path)
-        for chunk in tensor_chunks(t, files.open):
+    with Readers() as readers:
+        out = readers.open(LocalFile(path))
+        for chunk in tensor_chunks(t, readers.open):
             if len(chunk) > len(actual):  # an operation's natural unit made more (a dequantized expert's rows)
                 actual = thread_buffer("actual", len(chunk))
             view = memoryview(actual)[:len(chunk)]
-            pread_exact(out, view, data_start + t.offset + pos)
+            out.read_into(view, data_start + t.offset + pos)
             if hashed:
                 digest.update(view)
             if first is None and (at := first_difference(view, chunk)) is not None:

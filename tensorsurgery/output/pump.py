@@ -26,7 +26,7 @@ import numpy as np
 
 from tensorsurgery.errors import WriteError
 from tensorsurgery.formats.dtypes import element_size
-from tensorsurgery.io.fsio import OpenFiles
+from tensorsurgery.io.byte_source import FileReader, Reader, Readers
 from tensorsurgery.io.hashing import HashPool, first_of_each
 from tensorsurgery.io.packing import ALIGN, Block, Packer
 from tensorsurgery.io.shardfile import PARTIAL_SUFFIX, ShardFile
@@ -146,7 +146,7 @@ class _Lane:
         # a repeat of it (DUS) is read back from the output (page cache) instead of cast again.
         self._placed: dict[int, tuple[int, int, int]] = {}
         self._written: dict[int, int] = {}  # file -> bytes written from its start, in order
-        self._readback: dict[int, int] = {}  # file -> read descriptor, when written through the page cache
+        self._readback: dict[int, FileReader] = {}  # file -> its reader, when written through the page cache
         self._progress = threading.Condition()
 
     def run_catching(self) -> None:
@@ -161,7 +161,7 @@ class _Lane:
         writer = threading.Thread(target=self._write_loop, args=(hashes,), name="ts-writer", daemon=True)
         writer.start()
         packer = Packer(self._take, self._to_write.put, self.size)
-        sources = OpenFiles()
+        sources = Readers()
         try:
             while not self._stop.is_set():
                 try:
@@ -193,8 +193,8 @@ class _Lane:
             writer.join()
             packer.wait_current()  # a job may still fill the block that was never handed on
             sources.close()
-            for fd in self._readback.values():
-                os.close(fd)
+            for reader in self._readback.values():
+                reader.close()
             self.digests = self._close(hashes)
 
     def _read_back(self, packer: Packer, tid: int, nbytes: int) -> bool:
@@ -214,28 +214,28 @@ class _Lane:
                 if self._stop.is_set() or self.error is not None:
                     raise _Stopped
                 self._progress.wait(0.1)
-            fd = self._readback.get(file)
-        if fd is None:
+            reader = self._readback.get(file)
+        if reader is None:
             return False
-        packer.read_into(fd, offset, length, None)
+        packer.read_into(reader, offset, length, None)
         return True
 
-    def _pack_tensor(self, packer: Packer, sources: OpenFiles, t: OutputTensor, tid: int | None) -> None:
+    def _pack_tensor(self, packer: Packer, sources: Readers, t: OutputTensor, tid: int | None) -> None:
         if is_two_pass(t) and self._casts is not None:  # its statistic read here, its elements as any others'
-            fds = [sources.open(i.range.path) for i in t.inputs]
-            self._pack_elements(packer, fds, prepared(t, fds), tid)
+            readers = [sources.open(i.range.file) for i in t.inputs]
+            self._pack_elements(packer, readers, prepared(t, readers), tid)
         elif is_verbatim(t):
             source = t.inputs[0].range
-            packer.read_into(sources.open(source.path), source.offset, source.length, tid)
+            packer.read_into(sources.open(source.file), source.offset, source.length, tid)
         elif is_elementwise(t) and self._casts is not None:
-            self._pack_elements(packer, [sources.open(i.range.path) for i in t.inputs], t, tid)
+            self._pack_elements(packer, [sources.open(i.range.file) for i in t.inputs], t, tid)
         elif is_rowwise(t) and self._casts is not None and t.nbytes:
-            self._pack_rows(packer, [sources.open(i.range.path) for i in t.inputs], t, tid)
+            self._pack_rows(packer, [sources.open(i.range.file) for i in t.inputs], t, tid)
         else:
             for chunk in tensor_chunks(t, sources.open):
                 packer.put(chunk, tid)
 
-    def _pack_elements(self, packer: Packer, fds: list[int], t: Recipe, tid: int | None) -> None:
+    def _pack_elements(self, packer: Packer, readers: list[Reader], t: Recipe, tid: int | None) -> None:
         """Lay out an elementwise tensor (a cast, a scale...) as jobs of whole elements, each making
         up to ``CAST_CHUNK`` source bytes' worth straight into its place in a buffer on a cast thread."""
         osz = element_size(t.dtype)
@@ -244,13 +244,13 @@ class _Lane:
         while left:
             n = min(packer.space() // osz, left, chunk)
             if n == 0:  # an element straddles two buffers: make it here, copy it across
-                packer.put(memoryview(_element_now(fds, t, start)), tid)
+                packer.put(memoryview(_element_now(readers, t, start)), tid)
                 start, left = start + 1, left - 1
                 continue
-            packer.fill(n * osz, tid, partial(self._start_elements, fds, t, start, n))
+            packer.fill(n * osz, tid, partial(self._start_elements, readers, t, start, n))
             start, left = start + n, left - n
 
-    def _pack_rows(self, packer: Packer, fds: list[int], t: OutputTensor, tid: int | None) -> None:
+    def _pack_rows(self, packer: Packer, readers: list[Reader], t: OutputTensor, tid: int | None) -> None:
         """Lay out a rowwise tensor (a dequantization) as jobs of whole rows, each making up to
         ``CAST_CHUNK`` source bytes' worth straight into its place in a buffer on a cast thread."""
         rows = t.shape[0]
@@ -260,22 +260,22 @@ class _Lane:
         while left:
             n = min(packer.space() // row_bytes, left, chunk)
             if n == 0:  # a row straddles two buffers: make it here, copy it across
-                packer.put(_rows_into(fds, t, start, 1, np.empty(row_bytes, np.uint8)).data, tid)
+                packer.put(_rows_into(readers, t, start, 1, np.empty(row_bytes, np.uint8)).data, tid)
                 start, left = start + 1, left - 1
                 continue
-            packer.fill(n * row_bytes, tid, partial(self._start_rows, fds, t, start, n))
+            packer.fill(n * row_bytes, tid, partial(self._start_rows, readers, t, start, n))
             start, left = start + n, left - n
 
-    def _start_rows(self, fds: list[int], t: OutputTensor, start: int, n: int, buf: mmap.mmap,
+    def _start_rows(self, readers: list[Reader], t: OutputTensor, start: int, n: int, buf: mmap.mmap,
                     at: int) -> Future[object]:
         assert self._casts is not None
         out = np.frombuffer(buf, np.uint8, count=n * (t.nbytes // t.shape[0]), offset=at)
-        return self._casts.submit(_rows_into, fds, t, start, n, out)
+        return self._casts.submit(_rows_into, readers, t, start, n, out)
 
-    def _start_elements(self, fds: list[int], t: Recipe, start: int, n: int, buf: mmap.mmap,
+    def _start_elements(self, readers: list[Reader], t: Recipe, start: int, n: int, buf: mmap.mmap,
                         at: int) -> Future[object]:
         assert self._casts is not None
-        return self._casts.submit(_elements_into, fds, t, start, n, buf, at)
+        return self._casts.submit(_elements_into, readers, t, start, n, buf, at)
 
     def _take(self) -> mmap.mmap:
         while True:
@@ -310,7 +310,7 @@ class _Lane:
                 if out is None:
                     out = files[block.file] = ShardFile(self._paths[block.file], direct=self.pump.direct)
                     if not out.direct:
-                        self._readback[block.file] = os.open(out.partial, os.O_RDONLY | os.O_CLOEXEC)
+                        self._readback[block.file] = FileReader(os.open(out.partial, os.O_RDONLY | os.O_CLOEXEC))
                 hashes.submit(block)  # hashed while it is written
                 try:
                     with memoryview(block.buf) as whole:
@@ -335,24 +335,24 @@ class _Lane:
                 out.close()
 
 
-def _element_now(fds: list[int], t: Recipe, index: int) -> bytes:
+def _element_now(readers: list[Reader], t: Recipe, index: int) -> bytes:
     """Element ``index`` of ``t``, made on this thread (one that straddles two buffers)."""
-    return compute_elements(t, fds, index, 1, np.empty(element_size(t.dtype), np.uint8)).tobytes()
+    return compute_elements(t, readers, index, 1, np.empty(element_size(t.dtype), np.uint8)).tobytes()
 
 
-def _elements_into(fds: list[int], t: Recipe, start: int, n: int, buf: mmap.mmap, at: int) -> None:
+def _elements_into(readers: list[Reader], t: Recipe, start: int, n: int, buf: mmap.mmap, at: int) -> None:
     """On a cast thread: make elements ``start..start+n-1`` of ``t`` into ``buf`` from ``at``."""
     out = np.frombuffer(buf, np.uint8, count=n * element_size(t.dtype), offset=at)
-    result = compute_elements(t, fds, start, n, out)
+    result = compute_elements(t, readers, start, n, out)
     if result.ctypes.data != out.ctypes.data:  # not made in place after all
         out[:] = result
 
 
-def _rows_into(fds: list[int], t: OutputTensor, start: int, n: int, out: np.ndarray) -> np.ndarray:
+def _rows_into(readers: list[Reader], t: OutputTensor, start: int, n: int, out: np.ndarray) -> np.ndarray:
     """Rows ``start..start+n-1`` of the rowwise ``t`` made into ``out`` (on a cast thread, or
     here for a row that straddles two buffers)."""
     op = cast(RowwiseOperation, t.op)  # is_rowwise(t) said so
-    return op.rows_into(t.inputs, fds, start, n, out)
+    return op.rows_into(t.inputs, readers, start, n, out)
 
 
 def _as_write_error(e: BaseException) -> BaseException:

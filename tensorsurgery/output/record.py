@@ -115,7 +115,7 @@ def build_record(plan: Plan, tensor_hashes: Mapping[str, str], file_hashes: Mapp
         "shards": {s.filename: {"size": s.nbytes, "header_sha256": header_sha256(s.header)} for s in plan.shards},
         "files": dict(sorted(file_hashes.items())),
         "tensors": {t.name: {"shard": shard.filename, "dtype": t.dtype, "shape": list(t.shape),
-                             "source": t.source_name, "source_file": t.source.path.name if t.source else None,
+                             "source": t.source_name, "source_file": t.source.file.name if t.source else None,
                              "source_key": t.source_key, "transform": t.transform, **inputs_data(t),
                              "sha256": tensor_hashes[t.name]}
                     for shard in plan.shards for t in shard.tensors},

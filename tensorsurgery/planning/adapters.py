@@ -166,7 +166,7 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, str], dict
 def _input(adapter: Adapter, key: str) -> Input:
     e = adapter.header.tensors[key]
     return Input(adapter.source, key, e.dtype, e.shape,
-                 ByteRange(adapter.header.path, adapter.header.data_start + e.start, e.nbytes))
+                 ByteRange(adapter.header.source, adapter.header.data_start + e.start, e.nbytes))
 
 
 class Recipe(NamedTuple):
@@ -280,7 +280,7 @@ def source_inputs(weight_map: Mapping[str, str], headers: Mapping[str, Header], 
             continue
         h = headers[shard]
         e = h.tensors[key]
-        out[key] = Input(source, key, e.dtype, e.shape, ByteRange(h.path, h.data_start + e.start, e.nbytes))
+        out[key] = Input(source, key, e.dtype, e.shape, ByteRange(h.source, h.data_start + e.start, e.nbytes))
     return out
 
 

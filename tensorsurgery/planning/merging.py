@@ -209,4 +209,4 @@ class Merger:
         if not is_castable(entry.dtype):
             raise PlanError(f"{where}: {entry.dtype} is not a float dtype a merge computes with (F16, BF16, F32)")
         return Input(source, key, entry.dtype, shape,
-                     ByteRange(header.path, header.data_start + entry.start, entry.nbytes))
+                     ByteRange(header.source, header.data_start + entry.start, entry.nbytes))

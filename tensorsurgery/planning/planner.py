@@ -349,7 +349,7 @@ def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str 
         _, e_dtype, shape, start, end = header.tensors[key]
         if rows is None and permute is None and not zeros and (
                 not dtype or e_dtype == dtype or not is_castable(e_dtype)):
-            whole = _new(ByteRange, (header.path, header.data_start + start, end - start))
+            whole = _new(ByteRange, (header.source, header.data_start + start, end - start))
             append(_new(_Spec, (out, e_dtype, shape, end - start,
                                 (_new(Input, (source, key, e_dtype, shape, whole, None)),), COPY, "none")))
         else:
@@ -388,7 +388,7 @@ def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> 
         shape = entry.shape[:1]
         nbytes = (shape[0] if shape else 1) * element_size(out_dtype)
         return _Spec(p.out, out_dtype, shape, nbytes, (), ZEROS, label(False, ZEROS, None, out_dtype))
-    shape, source = entry.shape, ByteRange(header.path, header.data_start + entry.start, entry.nbytes)
+    shape, source = entry.shape, ByteRange(header.source, header.data_start + entry.start, entry.nbytes)
     part = None
     if p.rows is not None:
         start, stop, total = _rows(p, ckpt.family.text_config(ckpt.config), _where(ckpt, shard, p.key))
@@ -397,7 +397,7 @@ def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> 
                             f"makes the fused parts {total} rows; the config does not describe these weights")
         row_bytes = entry.nbytes // total
         shape = (stop - start, *shape[1:])
-        source = ByteRange(source.path, source.offset + start * row_bytes, (stop - start) * row_bytes)
+        source = ByteRange(source.file, source.offset + start * row_bytes, (stop - start) * row_bytes)
         part = RowSlice(start, stop, total)
     op: Operation = COPY
     if p.permute:
@@ -442,7 +442,7 @@ def _identical_source_shards(specs: list[_Spec], ckpt: Checkpoint) -> list[tuple
         for e in header.entries:
             spec = by_name.get(e.name)
             if (spec is None or spec.transform != "none" or spec.inputs[0].key != e.name
-                    or spec.inputs[0].range.path != header.path):
+                    or spec.inputs[0].range.file != header.source):
                 break
             group.append(_placed(spec, e.start))
         else:

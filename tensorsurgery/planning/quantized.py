@@ -76,7 +76,7 @@ def mxfp4_recipe(blocks: Input, ckpt: Checkpoint, dtype: str,
         QuantizationError: no scales tensor, blocks or scales of the wrong shape or dtype, a
             permuted or sliced tensor.
     """
-    where = f"{blocks.range.path}: tensor {blocks.key!r}"
+    where = f"{blocks.range.file.location}: tensor {blocks.key!r}"
     if transformed or blocks.part is not None:
         raise QuantizationError(f"{where}: an MXFP4 tensor cannot also be permuted or sliced; leave [output] dtype "
                                 f"unset to keep the MXFP4 tensors, or drop the rename that transforms it")
@@ -93,7 +93,7 @@ def mxfp4_recipe(blocks: Input, ckpt: Checkpoint, dtype: str,
                                 f"[experts, rows, groups], found {list(shape)} and {key!r} {entry.dtype} "
                                 f"{list(entry.shape)}; tensorsurgery dequantizes GPT-OSS's layout only")
     scales = Input(blocks.source, key, entry.dtype, entry.shape,
-                   ByteRange(header.path, header.data_start + entry.start, entry.nbytes))
+                   ByteRange(header.source, header.data_start + entry.start, entry.nbytes))
     return MXFP4_BLOCKS, (shape[0], shape[2] * 32, shape[1]), (blocks, scales), DequantMXFP4(dtype)
 
 
@@ -111,7 +111,7 @@ def dequant_recipe(weight: Input, ckpt: Checkpoint, block: tuple[int, int], dtyp
 
 
 def _scale_input(weight: Input, ckpt: Checkpoint, block: tuple[int, int], transformed: bool) -> Input:
-    where = f"{weight.range.path}: tensor {weight.key!r}"
+    where = f"{weight.range.file.location}: tensor {weight.key!r}"
     if weight.dtype != FP8:
         raise QuantizationError(f"{where} is {weight.dtype}; tensorsurgery dequantizes {FP8} (e4m3fn) weights only: "
                                 f"leave [output] dtype unset to keep the FP8 tensors")
@@ -132,7 +132,7 @@ def _scale_input(weight: Input, ckpt: Checkpoint, block: tuple[int, int], transf
                                 f"scale of shape {wanted}, but {key!r} is {entry.dtype} {list(entry.shape)}; the "
                                 f"weight_block_size of config.json does not describe this checkpoint")
     return Input(weight.source, key, entry.dtype, entry.shape,
-                 ByteRange(header.path, header.data_start + entry.start, entry.nbytes))
+                 ByteRange(header.source, header.data_start + entry.start, entry.nbytes))
 
 
 def without_quantization(config: dict[str, Any], overrides: Mapping[str, Any]) -> None:
