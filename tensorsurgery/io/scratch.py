@@ -2,11 +2,14 @@
 inputs of computed tensors)."""
 from __future__ import annotations
 
+import mmap
 import threading
 
 import numpy as np
 
 _local = threading.local()
+#: Buffers from this size on are mappings of their own (:func:`_buffer`).
+MAPPED = 1 << 16
 
 
 def scratch(n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -21,5 +24,15 @@ def scratch(n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         buffers = _local.buffers = {}
     have = buffers.get(slot)
     if have is None or have[0].size < n:
-        have = buffers[slot] = (np.empty(n, np.uint8), np.empty(2 * n, np.uint8))
+        have = buffers[slot] = (_buffer(n), _buffer(2 * n))
     return have[0][:n], have[1][:2 * n]
+
+
+def _buffer(n: int) -> np.ndarray:
+    """``n`` bytes that take memory only where they are written: a large one is an anonymous
+    mapping of its own (not part of malloc's heap, whose pages, once touched by anything, stay
+    resident: a slot whose second buffer is never used cost its size nonetheless), unmapped when
+    the slot grows."""
+    if n < MAPPED:
+        return np.empty(n, np.uint8)
+    return np.frombuffer(mmap.mmap(-1, n), np.uint8)

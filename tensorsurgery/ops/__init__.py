@@ -13,7 +13,9 @@ What the interpreter may ask of an operation, and all it may ask:
   to the output's dtype);
 * ``rowwise`` (optional, :class:`RowwiseOperation`): output row ``i`` is made of rows of the
   inputs alone; then :meth:`RowwiseOperation.rows_into` makes any row range on its own, and the
-  writer spreads ranges over threads as it does element ranges (a dequantization);
+  writer spreads ranges over threads as it does element ranges (a dequantization); an optional
+  ``job_rows`` asks for ranges of at least that many rows (a LoRA merge makes its product over
+  windows of 128 rows: a range of fewer makes the window's product all the same);
 * ``two_pass`` (optional, :class:`TwoPassOperation`): element ``i`` depends on element ``i`` of
   each input and on a statistic of the whole input tensors (slerp's norms and angle, ties' top-k
   threshold); :meth:`TwoPassOperation.prepare` reads the inputs once, in bounded blocks, for the

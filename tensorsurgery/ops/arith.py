@@ -109,15 +109,16 @@ def blockwise(raws: Sequence[np.ndarray], sizes: Sequence[int], out_size: int,
 
 
 def blockwise_at(raws: Sequence[np.ndarray], sizes: Sequence[int], out_size: int, start: int,
-                 compute: Callable[[list[np.ndarray], int], np.ndarray]) -> np.ndarray:
+                 compute: Callable[[list[np.ndarray], int], np.ndarray], block: int = BLOCK) -> np.ndarray:
     """:func:`blockwise` for an operation that needs to know where it is: ``compute`` is also
-    given the index of each block's first element, ``raws`` holding the elements from ``start``."""
+    given the index of each block's first element, ``raws`` holding the elements from ``start``;
+    ``block`` elements at a time (fewer for an operation with many temporaries per element)."""
     n = raws[0].size // sizes[0]
-    if n <= BLOCK:
+    if n <= block:
         return compute(list(raws), start)
     out = np.empty(n * out_size, np.uint8)
-    for first in range(0, n, BLOCK):
-        stop = min(first + BLOCK, n)
+    for first in range(0, n, block):
+        stop = min(first + block, n)
         out[first * out_size:stop * out_size] = compute([r[first * k:stop * k] for r, k in zip(raws, sizes)],
                                                         start + first)
     return out

@@ -61,6 +61,11 @@ def row_ranks(delta: np.ndarray, columns: int, md: str) -> np.ndarray:
     return ranks.reshape(-1)
 
 
+#: Elements of a chunk (whole rows; a longer row is a chunk of its own): half DARE's, because each
+#: model's term also makes the rank arrays of its rows (the sort's int64 indices, int32 ranks, the
+#: keep thresholds), the models side by side. The bytes do not depend on it.
+CHUNK = CHUNK_ELEMENTS // 2
+
 #: Makes model ``k``'s kept-mask of the delta values of a chunk of whole rows, drawing from a stream.
 Masker = Callable[[int, Stream, np.ndarray], np.ndarray]
 
@@ -78,7 +83,7 @@ def della_chunks(op: DellaParameters, inputs: Sequence[Input], readers: Sequence
     def mask(k: int, stream: Stream, delta: np.ndarray) -> np.ndarray:
         return cast("np.ndarray", stream.low24(delta.size) < tables[k][row_ranks(delta, columns, md)])
 
-    chunk = max(1, CHUNK_ELEMENTS // columns) * columns
+    chunk = max(1, CHUNK // columns) * columns
     pool = _workers()
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
         streams, ratios = _first_pass(op, inputs, readers, n, chunk, sparse, mask, wd)

@@ -18,7 +18,7 @@ from tensorsurgery.ops.zeros import Zeros
 
 #: Source bytes (of all its inputs) per chunk of a computed tensor; small because a cast makes a few
 #: temporaries, and a merge reads several inputs.
-CAST_CHUNK = 1 << 20
+CAST_CHUNK = 1 << 18
 
 #: Opens a byte source for reading; the reader stays the opener's to close (a pool of readers,
 #: :class:`tensorsurgery.io.byte_source.Readers`).

@@ -20,7 +20,7 @@ dtype. The norm of a row needs that row alone, so the operation stays rowwise.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, ClassVar, ContextManager, Iterator, Sequence
 
 from tensorsurgery.ops.base import register
 
@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 #: The fewest rows a product is made over (see the module docstring): OpenBLAS's blocked sgemm,
 #: whose accumulation order is torch's, for ranks up to 128.
 MIN_ROWS = 128
+#: Column blocks of a product are at least this wide (:func:`column_blocks`): 128 KiB of float32 per
+#: thread for a 128-row window at r = 128 (512 KiB at r = 16, the product's own bound), where the
+#: whole window of a 5632-column ``down_proj`` is 2.75 MiB.
+MIN_BLOCK_COLS = 256
+#: The fewest multiply-adds a block's product makes (:func:`column_blocks`): OpenBLAS sends smaller
+#: single-precision products (below about 10^6) to its small-matrix kernels, whose tails round
+#: otherwise (measured: 128 x 104 x 32 differs from the same columns of a wider product).
+BLAS_MIN_PRODUCT = 1 << 21
 #: Elements made at a time after the product (the scaling, the add and the roundings).
 _PIECE = 1 << 15
 #: The float32 lanes of torch's vectorized row norm on CPU (AVX2 and AVX512 builds alike: measured).
@@ -62,6 +70,8 @@ class LoraMerge:
     elementwise: ClassVar[bool] = False
     #: Output row ``i`` depends on row ``i`` of W and of the product only (:meth:`rows_into`).
     rowwise: ClassVar[bool] = True
+    #: The writer's row ranges are at least a product window (fewer rows would cost a whole window).
+    job_rows: ClassVar[int] = MIN_ROWS
 
     def result_dtype(self, inputs: Sequence[Input]) -> str:
         return self.dtype  # the cast to the output dtype is made here (rowwise: no cast stage after)
@@ -75,7 +85,7 @@ class LoraMerge:
 
         rows, cols = inputs[0].shape
         size = element_size(self.dtype)
-        step = max(chunk // max(cols * 4, 1), 1)
+        step = max(chunk // max(cols * size, 1), MIN_ROWS)  # fewer rows would cost a whole window each
         out = scratch(step * cols * size // 2 + 1, slot=1)[1]
         for start in range(0, rows, step):
             n = min(step, rows - start)
@@ -96,86 +106,121 @@ class LoraMerge:
         return out
 
     def _block(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int, n: int, out: np.ndarray) -> None:
-        """Rows ``start..start+n-1`` (``n <= MIN_ROWS``), their product made over a window of
-        :data:`MIN_ROWS` rows around them (all rows when the tensor has fewer)."""
+        """Rows ``start..start+n-1`` (``n <= MIN_ROWS``) into ``out``, their product made over a
+        window of :data:`MIN_ROWS` rows around them (all rows when the tensor has fewer), a block
+        of columns at a time (:func:`column_blocks`). DoRA makes the blocks twice: their row norms,
+        then the values (a product made again costs less than holding the window's)."""
         import numpy as np  # not imported by planning (see tensorsurgery.ops)
 
         from tensorsurgery.formats.dtypes import element_size
         from tensorsurgery.io.scratch import scratch
         from tensorsurgery.ops.transforms import cast_chunk
 
-        w, a, b = inputs[:3]
-        rows, cols = w.shape
-        lo = max(0, min(start, rows - MIN_ROWS))  # the window the product is made over
-        hi = min(rows, lo + MIN_ROWS)
-        product = self._product(a, b, readers[1], readers[2], lo, hi)[start - lo:start - lo + n].reshape(-1)
-        size = element_size(self.dtype)
-        scale = np.float32(self.scaling)
-        if self.dora:
-            self._dora(inputs, readers, start, n, product, out)
-            return
-        for i in range(0, n * cols, _PIECE):  # the rest elementwise, in small pieces: small temporaries
-            m = min(_PIECE, n * cols - i)
-            delta = product[i:i + m]
-            delta *= scale
-            if self.round_delta:
-                rounded = cast_chunk(delta, "F32", self.merge_dtype, out=scratch(m * 4, slot=13)[0])
-                delta = _f32(rounded, self.merge_dtype, slot=14)
-            delta += _f32(_read(readers[0], w, start * cols + i, m, slot=15), w.dtype, slot=16)
-            merged = cast_chunk(delta, "F32", self.merge_dtype, out=scratch(m * 4, slot=17)[0])
-            out[i * size:(i + m) * size] = cast_chunk(merged, self.merge_dtype, self.dtype,
-                                                      out=scratch(m * 4, slot=18)[0])
+        w = inputs[0]
+        cols = w.shape[1]
+        wsize, size = element_size(w.dtype), element_size(self.dtype)
+        grid = out.reshape(n, cols * size)  # the output rows, each block of columns written in place
+        if wsize == size:  # W's rows read straight into the output bytes they become: no copy of them
+            readers[0].read_into(out.data, w.range.offset + start * cols * wsize)
+            weights = grid
+        else:
+            weights = _read(readers[0], w, start * cols, n * cols, slot=15).reshape(n, cols * wsize)
+        with self._factor(inputs, readers) as factor:
+            scale: np.ndarray | None = None
+            if self.dora:
+                norms = RowNorms(n, cols)
+                for c0, _, i, g, s in self._sums(inputs, readers, factor, start, n, weights):
+                    norms.add(s.reshape(g, -1), i, c0)
+                m = inputs[3]
+                magnitude = _f32(_read(readers[3], m, start, n, slot=22), m.dtype, slot=23)
+                with np.errstate(divide="ignore", invalid="ignore"):  # a zero row: inf or NaN, as torch makes it
+                    scale = magnitude / norms.value()
+            for c0, c1, i, g, s in self._sums(inputs, readers, factor, start, n, weights):
+                if scale is not None:
+                    s.reshape(g, -1)[...] *= scale[i:i + g, None]
+                merged = cast_chunk(s, "F32", self.merge_dtype, out=scratch(s.size * 4, slot=17)[0])
+                made = cast_chunk(merged, self.merge_dtype, self.dtype, out=scratch(s.size * 4, slot=18)[0])
+                grid[i:i + g, c0 * size:c1 * size] = made.reshape(g, (c1 - c0) * size)
 
-    def _dora(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int, n: int, product: np.ndarray,
-              out: np.ndarray) -> None:
-        """DoRA's rows ``start..start+n-1`` from their float32 ``product`` rows (flat, changed in
-        place): ``S = W + scaling * product``, each row times ``f32(m / ||S||)``, rounded once."""
+    def _sums(self, inputs: Sequence[Input], readers: Sequence[Reader], factor: np.ndarray, start: int, n: int,
+              weights: np.ndarray) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
+        """``S = f32(W) + f32(delta) * f32(scaling)`` (``delta`` rounded to the merge dtype first
+        when ``round_delta``) of rows ``start..start+n-1``, in pieces of about :data:`_PIECE`
+        elements: ``(c0, c1, i, g, s)``, ``s`` the float32 values (flat, in this thread's scratch,
+        valid until the next piece) of rows ``start+i..start+i+g-1`` and columns ``c0..c1-1``;
+        ``weights`` is W's raw rows ``[n, cols * element size]``."""
         import numpy as np
 
         from tensorsurgery.formats.dtypes import element_size
         from tensorsurgery.io.scratch import scratch
         from tensorsurgery.ops.transforms import cast_chunk
 
-        w, m = inputs[0], inputs[3]
-        cols = w.shape[1]
-        size = element_size(self.dtype)
+        w = inputs[0]
+        rows, cols = w.shape
+        wsize = element_size(w.dtype)
+        lo = max(0, min(start, rows - MIN_ROWS))  # the window the product is made over
+        hi = min(rows, lo + MIN_ROWS)
         scale = np.float32(self.scaling)
-        for i in range(0, n * cols, _PIECE):  # S, in place
-            k = min(_PIECE, n * cols - i)
-            s = product[i:i + k]
-            s *= scale
-            s += _f32(_read(readers[0], w, start * cols + i, k, slot=15), w.dtype, slot=16)
-        rows = product.reshape(n, cols)
-        magnitude = _f32(_read(readers[3], m, start, n, slot=22), m.dtype, slot=23)
-        with np.errstate(divide="ignore", invalid="ignore"):  # a zero row: inf or NaN, as torch makes it
-            factor = magnitude / row_norms(rows)
-        rows *= factor[:, None]
-        for i in range(0, n * cols, _PIECE):
-            k = min(_PIECE, n * cols - i)
-            merged = cast_chunk(product[i:i + k], "F32", self.merge_dtype, out=scratch(k * 4, slot=17)[0])
-            out[i * size:(i + k) * size] = cast_chunk(merged, self.merge_dtype, self.dtype,
-                                                      out=scratch(k * 4, slot=18)[0])
+        for c0, c1 in column_blocks(cols, self._rank(inputs)):
+            width = c1 - c0
+            product = self._product(inputs, readers, factor, lo, hi, c0, c1)[start - lo:start - lo + n]
+            step = max(1, _PIECE // width)
+            for i in range(0, n, step):  # elementwise, in small pieces: small temporaries
+                g = min(step, n - i)
+                delta = product[i:i + g].reshape(-1)
+                delta *= scale
+                if self.round_delta:
+                    rounded = cast_chunk(delta, "F32", self.merge_dtype, out=scratch(delta.size * 4, slot=13)[0])
+                    delta = _f32(rounded, self.merge_dtype, slot=14)
+                piece = scratch(g * width * wsize, slot=24)[0]
+                np.copyto(piece.reshape(g, width * wsize), weights[i:i + g, c0 * wsize:c1 * wsize])
+                delta += _f32(piece, w.dtype, slot=16)
+                yield c0, c1, i, g, delta
 
-    def _product(self, a: Input, b: Input, reader_a: Reader, reader_b: Reader, lo: int, hi: int) -> np.ndarray:
-        """Rows ``lo..hi-1`` of the float32 product (``B @ A``, or its transpose), shape ``[hi - lo, cols]``
-        (a scratch buffer of this thread: valid until the next call)."""
+    def _rank(self, inputs: Sequence[Input]) -> int:
+        return inputs[1].shape[0]  # A is [r, cols] (or [r, rows] transposed)
+
+    def _factor(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> ContextManager[np.ndarray]:
+        """The whole factor each window multiplies, in float32 (``A`` ``[r, cols]``; transposed:
+        ``B`` ``[cols, r]``), shared by the threads (:mod:`tensorsurgery.ops.lora_factor`)."""
+        import numpy as np
+
+        from tensorsurgery.ops.lora_factor import FACTORS
+
+        i, reader = (inputs[2], readers[2]) if self.transposed else (inputs[1], readers[1])
+        count = i.shape[0] * i.shape[1]
+
+        def fill(buffer: np.ndarray) -> None:  # a piece at a time: no second whole copy on this thread
+            values = buffer.view(np.float32)
+            for first in range(0, count, _PIECE):
+                k = min(_PIECE, count - first)
+                values[first:first + k] = _f32(_read(reader, i, first, k, slot=10), i.dtype, slot=11)
+
+        return _as_float32(FACTORS.taken((i.range.file, i.range.offset, i.range.length, i.dtype), count * 4, fill),
+                           i.shape)
+
+    def _product(self, inputs: Sequence[Input], readers: Sequence[Reader], factor: np.ndarray, lo: int, hi: int,
+                 c0: int, c1: int) -> np.ndarray:
+        """Rows ``lo..hi-1``, columns ``c0..c1-1`` of the float32 product (``B @ A``, or its
+        transpose), shape ``[hi - lo, c1 - c0]`` (a scratch buffer of this thread: valid until the
+        next call); ``factor`` is :meth:`_factor`'s. Each value is the same dot product whatever the
+        block (:func:`column_blocks`)."""
         import numpy as np
 
         from tensorsurgery.io.scratch import scratch
 
+        a, b = inputs[1], inputs[2]
         r = a.shape[0]
-        if not self.transposed:  # B[lo:hi] @ A
-            fa = _f32(_read(reader_a, a, 0, a.shape[0] * a.shape[1], slot=10), a.dtype, slot=11).reshape(a.shape)
-            fb = _f32(_read(reader_b, b, lo * r, (hi - lo) * r, slot=12), b.dtype, slot=19).reshape(hi - lo, r)
-            product = scratch((hi - lo) * fa.shape[1] * 4, slot=20)[0].view(np.float32).reshape(hi - lo, fa.shape[1])
-            return np.matmul(fb, fa, out=product)
-        # (B @ A[:, lo:hi])^T: the same dot products as peft's full B @ A, in the same order
+        product = scratch((hi - lo) * (c1 - c0) * 4, slot=20)[0].view(np.float32).reshape(hi - lo, c1 - c0)
+        if not self.transposed:  # B[lo:hi] @ A[:, c0:c1]
+            fb = _f32(_read(readers[2], b, lo * r, (hi - lo) * r, slot=12), b.dtype, slot=19).reshape(hi - lo, r)
+            return np.matmul(fb, factor[:, c0:c1], out=product)
+        # (B[c0:c1] @ A[:, lo:hi])^T: the same dot products as peft's full B @ A, in the same order
         fa = scratch(r * (hi - lo) * 4, slot=21)[0].view(np.float32).reshape(r, hi - lo)
         for k in range(r):
-            fa[k] = _f32(_read(reader_a, a, k * a.shape[1] + lo, hi - lo, slot=10), a.dtype, slot=11)
-        fb = _f32(_read(reader_b, b, 0, b.shape[0] * r, slot=12), b.dtype, slot=19).reshape(b.shape)
-        product = scratch((hi - lo) * b.shape[0] * 4, slot=20)[0].view(np.float32).reshape(hi - lo, b.shape[0])
-        np.copyto(product, np.matmul(fb, fa).T)
+            fa[k] = _f32(_read(readers[1], a, k * a.shape[1] + lo, hi - lo, slot=10), a.dtype, slot=11)
+        made = scratch((c1 - c0) * (hi - lo) * 4, slot=25)[0].view(np.float32).reshape(c1 - c0, hi - lo)
+        np.copyto(product, np.matmul(factor[c0:c1], fa, out=made).T)
         return product
 
 
@@ -210,6 +255,35 @@ class LoraBias:
         raise NotImplementedError("lora_bias is elementwise")  # the interpreter never asks
 
 
+def column_blocks(cols: int, rank: int) -> list[tuple[int, int]]:
+    """The column ranges a product of :data:`MIN_ROWS` rows is made in: all columns when fewer
+    than two blocks of the width below fit, else blocks of that width, the last one up to twice
+    as wide. The width makes each block's product at least :data:`BLAS_MIN_PRODUCT` multiply-adds,
+    so that OpenBLAS makes every block with the blocked kernel it makes the whole product with,
+    and each value the same dot product in the same order as the whole product's (measured bitwise,
+    tests/test_lora_blocks.py): the per-thread product buffer is a block, not the window."""
+    width = max(MIN_BLOCK_COLS, -(-BLAS_MIN_PRODUCT // (MIN_ROWS * max(rank, 1))))
+    width = -(-width // 64) * 64
+    if cols < 2 * width:
+        return [(0, cols)]
+    starts = list(range(0, cols // width * width, width))
+    return [(s, s + width) for s in starts[:-1]] + [(starts[-1], cols)]
+
+
+def _as_float32(taken: ContextManager[np.ndarray], shape: tuple[int, ...]) -> ContextManager[np.ndarray]:
+    """``taken``'s bytes seen as a float32 array of ``shape``."""
+    from contextlib import contextmanager
+
+    import numpy as np
+
+    @contextmanager
+    def view() -> Iterator[np.ndarray]:
+        with taken as raw:
+            yield raw.view(np.float32).reshape(shape)
+
+    return view()
+
+
 def _read(reader: Reader, i: Input, first: int, count: int, slot: int) -> np.ndarray:
     """Elements ``first..first+count-1`` of input ``i``, raw (uint8, scratch buffer ``slot``)."""
     from tensorsurgery.formats.dtypes import element_size
@@ -234,34 +308,62 @@ def _f32(raw: np.ndarray, dtype: str, slot: int) -> np.ndarray:
 
 def row_norms(x: np.ndarray) -> np.ndarray:
     """The float32 Euclidean norm of each row of float32 ``x`` ``[n, cols]``, rounded as torch 2's
-    ``linalg.norm(x, dim=1)`` on CPU makes it (measured bit for bit, tests/test_adapters.py): the
-    squares (each rounded) summed into :data:`LANES` lanes in column order, the lanes added in
-    order; of the last ``cols % LANES`` columns, four (when there are as many) squared and added
-    one by one, the rest by fused multiply-adds; then the float32 square root. Rows a block of
-    about :data:`_PIECE` elements at a time (small temporaries)."""
-    import numpy as np
-
+    ``linalg.norm(x, dim=1)`` on CPU makes it (measured bit for bit, tests/test_adapters.py), rows
+    a block of about :data:`_PIECE` elements at a time (small temporaries); see :class:`RowNorms`."""
     n, cols = x.shape
-    main = cols - cols % LANES
-    quad = main + 4 if cols - main >= 4 else main
-    out = np.empty(n, np.float32)
+    norms = RowNorms(n, cols)
     step = max(1, _PIECE // max(cols, 1))
     for r in range(0, n, step):
-        block = x[r:r + step]
-        g = len(block)
-        # each lane's sum in column order (a reduction over the middle axis adds lane by lane)
-        lanes = np.add.reduce(np.square(block[:, :main]).reshape(g, main // LANES, LANES), axis=1)
-        total = np.zeros(g, np.float32)
+        norms.add(x[r:r + step], r, 0)
+    return norms.value()
+
+
+class RowNorms:
+    """torch 2's CPU ``linalg.norm(dim=1)`` of ``n`` float32 rows of ``cols`` columns, given a
+    block of rows and columns at a time (:meth:`add`: each row's blocks in column order, each
+    starting at a multiple of :data:`LANES`): the squares (each rounded) summed into
+    :data:`LANES` lanes in column order, the lanes added in order; of the last ``cols % LANES``
+    columns, four (when there are as many) squared and added one by one, the rest by fused
+    multiply-adds; then the float32 square root."""
+
+    def __init__(self, n: int, cols: int) -> None:
+        import numpy as np
+
+        self.cols, self.main = cols, cols - cols % LANES
+        self.lanes = np.zeros((n, LANES), np.float32)
+        self.tail = np.zeros((n, cols - self.main), np.float32)
+
+    def add(self, block: np.ndarray, row: int, c0: int) -> None:
+        """The float32 values of rows ``row..`` and columns ``c0..`` (``block`` ``[g, width]``)."""
+        import numpy as np
+
+        g, width = block.shape
+        end = min(c0 + width, self.main)
+        if end > c0:
+            # each lane's sum in column order (a reduction over the middle axis adds lane by lane),
+            # from where the row's earlier blocks left it
+            squares = np.square(block[:, :end - c0]).reshape(g, (end - c0) // LANES, LANES)
+            if c0:
+                squares[:, 0] += self.lanes[row:row + g]
+            self.lanes[row:row + g] = np.add.reduce(squares, axis=1)
+        if c0 + width > self.main:
+            self.tail[row:row + g] = block[:, self.main - c0:]
+
+    def value(self) -> np.ndarray:
+        """Each row's norm (once every block was added)."""
+        import numpy as np
+
+        total = np.zeros(len(self.lanes), np.float32)
         for j in range(LANES):
-            total += lanes[:, j]
-        if quad > main:
-            squares = np.square(block[:, main:quad])
-            for j in range(4):
+            total += self.lanes[:, j]
+        quad = 4 if self.cols - self.main >= 4 else 0
+        if quad:
+            squares = np.square(self.tail[:, :quad])
+            for j in range(quad):
                 total += squares[:, j]
-        for d in range(quad, cols):
-            total = _fma_square(block[:, d], total)
-        out[r:r + g] = np.sqrt(total)
-    return out
+        for d in range(quad, self.cols - self.main):
+            total = _fma_square(self.tail[:, d], total)
+        return np.sqrt(total)
 
 
 def _fma_square(v: np.ndarray, acc: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence, cast
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Iterator, Sequence, cast
 
 from tensorsurgery.errors import PlanError
 from tensorsurgery.formats.dtypes import element_size
@@ -141,18 +141,20 @@ def _weights(weights: tuple[float, ...], normalize: bool, md: str) -> tuple[floa
 
 
 def _terms(mix: MultislerpMix, inputs: Sequence[Input], mean: bool, dots: bool,
-           tangent: bool) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+           tangent: bool) -> Callable[[list[np.ndarray]], Iterator[np.ndarray]]:
     """What a statistics pass sums, from a block's raw inputs: the squares of the mean (``mean``),
-    each ``u_i * n`` (``dots``), the squares of the tangent average (``tangent``)."""
-    def terms(raws: list[np.ndarray]) -> list[np.ndarray]:
+    each ``u_i * n`` (``dots``), the squares of the tangent average (``tangent``), one at a time."""
+    def terms(raws: list[np.ndarray]) -> Iterator[np.ndarray]:
         units = mix.units(raws, inputs)
         m = mix.mean(units)
-        out = [_squares(m)] if mean else []
+        if mean:
+            yield _squares(m)
         if dots or tangent:
             n = mix.normalized(m)
-            out += mix.dot_terms(units, n) if dots else []
-            out += [_squares(mix.tangent(units, n))] if tangent else []
-        return out
+            if dots:
+                yield from mix.dot_terms(units, n)
+            if tangent:
+                yield _squares(mix.tangent(units, n))
     return terms
 
 
@@ -165,12 +167,14 @@ def _one(x: float | np.floating, md: str) -> np.float32:
     return cast("np.float32", rounded(np.asarray([x], np.float64).astype(np.float32), md)[0])
 
 
-def _products(xs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each ``x_i * x_j`` (``i <= j``, row by row) in float64: the terms of the Gram matrix."""
+def _products(xs: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+    """Each ``x_i * x_j`` (``i <= j``, row by row) in float64: the terms of the Gram matrix, one
+    at a time (``k (k + 1) / 2`` of them: made all at once, the largest part of a merge's memory)."""
     import numpy as np
 
-    x64 = [x.astype(np.float64) for x in xs]
-    return [x64[i] * x64[j] for i in range(len(xs)) for j in range(i, len(xs))]
+    for i in range(len(xs)):
+        for j in range(i, len(xs)):
+            yield np.multiply(xs[i], xs[j], dtype=np.float64)  # widened on the way: no float64 copies
 
 
 def _gram(sums: Sequence[float], k: int) -> np.ndarray:
@@ -202,11 +206,10 @@ def _guess_dots(mix: MultislerpMix, gram: np.ndarray, mean_norm: float) -> tuple
 
 
 def _squares(x: np.ndarray) -> np.ndarray:
-    """``x * x`` in float64 (exact for float32 values)."""
+    """``x * x`` in float64 (exact for float32 values), widened on the way (no float64 copy)."""
     import numpy as np
 
-    x64 = x.astype(np.float64)
-    return x64 * x64
+    return cast("np.ndarray", np.multiply(x, x, dtype=np.float64))
 
 
 def _sum32(xs: np.ndarray) -> np.float32:
@@ -220,20 +223,20 @@ def _sum32(xs: np.ndarray) -> np.float32:
 
 
 def _sums(inputs: Sequence[Input], readers: Sequence[Reader],
-          terms: Callable[[list[np.ndarray]], list[np.ndarray]]) -> list[float]:
+          terms: Callable[[list[np.ndarray]], Iterable[np.ndarray]]) -> list[float]:
     """The sums over the whole tensors of each array ``terms`` makes of a block's raw inputs:
     float64, numpy's pairwise sum in each fixed block and an exact sum of the blocks' (the same
-    order every run)."""
+    order every run). Each array is summed and let go before the next is made."""
     import numpy as np
 
     from tensorsurgery.ops.blocks import input_blocks
 
     parts: list[list[float]] = []
     for _, raws in input_blocks(inputs, readers):
-        made = terms(raws)
-        parts = parts or [[] for _ in made]
-        for part, term in zip(parts, made):
-            part.append(float(np.sum(term.astype(np.float64))))
+        for i, term in enumerate(terms(raws)):
+            if i == len(parts):
+                parts.append([])
+            parts[i].append(float(np.sum(np.asarray(term, np.float64))))
     return [math.fsum(p) for p in parts]
 
 

@@ -255,7 +255,7 @@ class _Lane:
         ``CAST_CHUNK`` source bytes' worth straight into its place in a buffer on a cast thread."""
         rows = t.shape[0]
         row_bytes = t.nbytes // rows
-        chunk = max(CAST_CHUNK // max(t.inputs[0].range.length // rows, 1), 1)
+        chunk = max(CAST_CHUNK // max(t.inputs[0].range.length // rows, 1), getattr(t.op, "job_rows", 1))
         start, left = 0, rows
         while left:
             n = min(packer.space() // row_bytes, left, chunk)
