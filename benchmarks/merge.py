@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Merge benchmark: tensorsurgery's ``slerp``, ``ties``, ``linear``, ``task_arithmetic``, ``dare_linear``,
-``dare_ties``, ``della``, ``della_linear``, ``sce``, ``karcher`` and the other built methods against mergekit on the
-same YAML, and against the least any merge can do, all in one process, on tmpfs by default.
+``dare_ties``, ``della``, ``della_linear``, ``sce``, ``karcher``, ``arcee_fusion`` and the other built
+methods against mergekit on the same YAML, and against the least any merge can do, all in one process,
+on tmpfs by default.
 
 The models are synthetic Mistral-shaped bf16 checkpoints with normally distributed values
 (``tests/synthetic.py``'s ``make_mistral``, one seed each; the base of task_arithmetic is
@@ -9,7 +10,7 @@ the first). The baseline (**raw**) reads every input file once and writes the ou
 once (a reader and a writer thread, 4 MiB buffers, fsync): a merge cannot move fewer bytes.
 Each row prints wall time, its ratio to raw and to mergekit, and the command's own peak RSS
 (``wait4``). mergekit's output is compared with ours byte for byte, and ``verify`` is timed too.
-The DARE and DELLA rows run both with ``--random-seed`` (:data:`SEED`), and they, ``ties_rescale`` and
+The DARE, DELLA and arcee_fusion rows run both with ``--random-seed`` (:data:`SEED`), and they, ``ties_rescale`` and
 ``karcher`` run mergekit with ``--num-threads 1`` (its rescale sums round otherwise with several threads).
 Everything written is removed at the end.
 
@@ -129,6 +130,8 @@ def configs(models: list[Path]) -> dict[str, dict]:
         "multislerp": {"merge_method": "multislerp", "base_model": str(models[0]),
                        "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models[1:], weights)]},
         "karcher": {"merge_method": "karcher", "models": [{"model": str(m)} for m in models]},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": str(models[0]),
+                         "models": [{"model": str(models[1])}]},
         "sce": {"merge_method": "sce", "base_model": str(models[0]), "parameters": {"select_topk": 0.3},
                 "models": [{"model": str(m)} for m in models[1:]]},
         "nearswap": {"merge_method": "nearswap", "base_model": str(models[0]), "parameters": {"t": 0.1},
@@ -215,10 +218,10 @@ def measure(layers: int, count: int, workdir: Path | None, runs: int, methods: l
         for method, config in configs(models).items():
             if methods and method not in methods:
                 continue
-            seeded = ["--random-seed", str(SEED)] if method.startswith(("dare", "della")) else []
+            seeded = ["--random-seed", str(SEED)] if method.startswith(("dare", "della", "arcee")) else []
             yml = bench / f"{method}.yml"
             yml.write_text(json.dumps(config))  # JSON is YAML
-            merged = models[:2] if method in ("slerp", "nearswap") else models  # the base and one other
+            merged = models[:2] if method in ("slerp", "nearswap", "arcee_fusion") else models  # the base and one other
             inputs = sorted(f for m in merged for f in m.glob("*.safetensors"))
             base = min(raw(inputs, bench / "raw.bin", size) for _ in range(runs))
             (bench / "raw.bin").unlink()

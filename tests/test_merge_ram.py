@@ -77,6 +77,9 @@ RAM_CASES = {
         "merge_method": "ramplus_tl", "base_model": str(p["base"]), "out_dtype": "bfloat16",
         "models": [{"model": str(p[n]), "parameters": {"weight": 1}} for n in FINE_TUNES],
         "parameters": {"epsilon": [{"filter": "mlp", "value": 0.03}, {"value": 0.01}], "r": [0.1, 0.9]}},
+    # mergekit writes the float32 result whatever the merge dtype (not cast to it without out_dtype)
+    "ramplus_tl-f16-writes-f32": lambda p: {"merge_method": "ramplus_tl", "base_model": str(p["base"]),
+                                            "dtype": "float16", "models": [{"model": str(p[n])} for n in FINE_TUNES]},
     "ramplus_tl-f32": lambda p: {"merge_method": "ramplus_tl", "base_model": str(p["base"]), "dtype": "float32",
                                  "models": [{"model": str(p[n])} for n in FINE_TUNES]},
 }

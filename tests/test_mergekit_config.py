@@ -193,9 +193,6 @@ BUILT = ", ".join(METHODS)
 
 
 @pytest.mark.parametrize("text, message", [
-    ("merge_method: arcee_fusion\n" + SLICE,
-     f"merge_method: 'arcee_fusion' is not built yet; methods: {BUILT} (and passthrough as layer plans); use mergekit "
-     f"for arcee_fusion"),
     ("merge_method: average\n" + SLICE,
      f"merge_method: expected one of: {BUILT}, found 'average'"),
     (SLICE, f"merge_method: missing; give passthrough (slices of layers) or a merge method ({BUILT})"),
@@ -263,11 +260,11 @@ def test_dtype_names():
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):
-    (tmp_path / "m.yaml").write_text("merge_method: arcee_fusion\nbase_model: m\nmodels:\n  - model: a\n")
+    (tmp_path / "m.yaml").write_text("merge_method: average\nbase_model: m\nmodels:\n  - model: a\n")
     assert main(["apply", str(tmp_path / "m.yaml")]) == 2
     err = capsys.readouterr().err
-    assert err == (f"tensorsurgery: error: {tmp_path / 'm.yaml'}: merge_method: 'arcee_fusion' is not built yet; "
-                   f"methods: {BUILT} (and passthrough as layer plans); use mergekit for arcee_fusion\n")
+    assert err == (f"tensorsurgery: error: {tmp_path / 'm.yaml'}: merge_method: expected one of: {BUILT}, "
+                   f"found 'average'\n")
 
 
 def test_layer_range_beyond_the_source(tmp_path, tiny_mistral, capsys):

@@ -345,7 +345,7 @@ def test_refusals_are_one_line_and_write_nothing(capsys, tmp_path, models):
            {"model": str(models["ft1"]), "parameters": {"weight": 1}}]
     cases = [
         ({"merge_method": "arcee_fusion", "base_model": str(models["base"]), "models": two},
-         "merge_method: 'arcee_fusion' is not built yet"),
+         "models: 2 models besides the base; arcee_fusion interpolates the base towards exactly 1"),
         ({"merge_method": "slerp", "base_model": str(models["base"]), "models": two, "parameters": {"t": 0.5}},
          "models: 2 models besides the base; slerp interpolates the base towards exactly 1"),
         ({"merge_method": "slerp", "base_model": str(models["base"]), "models": two[:1]},

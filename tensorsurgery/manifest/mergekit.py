@@ -36,7 +36,14 @@ from tensorsurgery.families.rules import RenameSpec
 from tensorsurgery.formats.dtypes import CAST_DTYPES
 from tensorsurgery.manifest.limits import MAX_OUTPUT_LAYERS, MAX_SOURCES, MAX_YAML_NODES, check_count
 from tensorsurgery.manifest.merge_slices import RawSlice, SliceSource, arrangement, sliced_spec
-from tensorsurgery.manifest.merges import METHODS, check_method, check_tokenizer_source, merge_spec
+from tensorsurgery.manifest.merges import (
+    FLOAT32_RESULTS,
+    METHODS,
+    MergeSpec,
+    check_method,
+    check_tokenizer_source,
+    merge_spec,
+)
 from tensorsurgery.manifest.toml import LayersSpec, Manifest, OutputSpec, Segment, SourceSpec, check_arrangement_size
 
 _KEYS = ("merge_method", "slices", "dtype", "out_dtype", "base_model", "tokenizer_source")
@@ -150,7 +157,7 @@ def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) ->
         path=path, text=text,
         sources=tuple(SourceSpec(names[m], m[0], m[1]) for m in models),
         rename=RenameSpec(), layers=LayersSpec(plan="keep"), config=MappingProxyType({}),
-        output=OutputSpec(path=f"out/{path.stem}", dtype=out or dtype), merge=spec,
+        output=OutputSpec(path=f"out/{path.stem}", dtype=_output_dtype(spec, dtype, out)), merge=spec,
     )
 
 
@@ -185,7 +192,7 @@ def _sliced_manifest(path: Path, text: str, data: dict[str, Any], method: Any) -
         layers=LayersSpec(plan="explicit",
                           arrangement=tuple(Segment(*seg) for seg in arrangement(spec, names[models[0]]))),
         config=MappingProxyType({}),
-        output=OutputSpec(path=f"out/{path.stem}", dtype=out or dtype), merge=spec,
+        output=OutputSpec(path=f"out/{path.stem}", dtype=_output_dtype(spec, dtype, out)), merge=spec,
     )
 
 
@@ -371,6 +378,12 @@ def _dtype(path: Path, data: dict[str, Any]) -> str | None:
         raise ManifestError(f"{path}: dtype: {dtype} then out_dtype {out} rounds every tensor twice; "
                             f"tensorsurgery casts once: remove dtype or set it to {out} or float32")
     return out or dtype
+
+
+def _output_dtype(spec: MergeSpec, dtype: str | None, out: str | None) -> str | None:
+    """The output's dtype: ``out_dtype``, else the merge dtype (mergekit's results are in it), but
+    for a method whose result torch promotes to float32 (mergekit writes that)."""
+    return out or (None if spec.method in FLOAT32_RESULTS else dtype)
 
 
 def _dtype_name(path: Path, key: str, value: Any) -> str | None:

@@ -121,16 +121,18 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "ram": Method("ram", (Parameter("epsilon", float, False, 1e-5),), needs_base=True),
     "ramplus_tl": Method("ramplus_tl", (Parameter("r", float, False, 0.1), Parameter("alpha", float, False, 0.2),
                                         Parameter("epsilon", float, False, 1e-5)), needs_base=True),
+    "arcee_fusion": Method("arcee_fusion", (), needs_base=True, max_models=1),
     "karcher": Method("karcher", (Parameter("max_iter", float, False, 10), Parameter("tol", float, False, 1e-5)),
                       needs_base=False),
 })
+#: The methods whose result torch promotes to float32 (by a float32 factor or mask): mergekit writes
+#: it so unless ``out_dtype`` says otherwise, so the merge dtype does not cast their output.
+FLOAT32_RESULTS = frozenset({"ramplus_tl", "arcee_fusion"})
 #: The parameters of mergekit's other methods: a config written for one may carry them, and
 #: mergekit ignores those a method does not take; so do we (a name outside this list is a typo).
 MERGEKIT_PARAMETERS = ("weight", "density", "epsilon", "gamma", "lambda", "normalize", "rescale", "t", "int8_mask",
                        "filter_wise", "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "k", "lambda_",
                        "normalize_weights", "eps", "r", "alpha", "max_iter", "tol")
-#: mergekit's methods that are not (yet) built here, for a message that says so.
-OTHER_METHODS = ("arcee_fusion",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,14 +201,11 @@ def check_method(error: ErrorAt, method: Any, where: str = "merge") -> Method:
     """The method called ``method``.
 
     Raises:
-        whatever ``error`` makes: a method not built yet (mergekit's others) or unknown.
+        whatever ``error`` makes: an unknown method (every method of mergekit 0.1.5 that needs no
+            forward pass is built).
     """
     if not isinstance(method, str) or method not in METHODS:
-        known = ", ".join(METHODS)
-        if isinstance(method, str) and method in OTHER_METHODS:
-            raise error(f"{where}.method", f"{method!r} is not built yet; methods: {known} (and passthrough "
-                                           f"as layer plans); use mergekit for {method}")
-        raise error(f"{where}.method", f"expected one of: {known}, found {method!r:.60}")
+        raise error(f"{where}.method", f"expected one of: {', '.join(METHODS)}, found {method!r:.60}")
     return METHODS[method]
 
 

@@ -20,7 +20,14 @@ from tensorsurgery.families.rules import PRESETS, RenameRule, RenameSpec
 from tensorsurgery.formats.dtypes import CAST_DTYPES
 from tensorsurgery.manifest.limits import MAX_OUTPUT_LAYERS, MAX_RENAME_PATTERNS, MAX_SOURCES, check_count
 from tensorsurgery.manifest.merge_slices import arrangement, sliced_spec, toml_slices
-from tensorsurgery.manifest.merges import METHODS, MergeSpec, check_seed, check_tokenizer_source, merge_spec
+from tensorsurgery.manifest.merges import (
+    FLOAT32_RESULTS,
+    METHODS,
+    MergeSpec,
+    check_seed,
+    check_tokenizer_source,
+    merge_spec,
+)
 from tensorsurgery.manifest.repo_id import is_push_target
 
 PLANS = ("keep", "dus", "idus", "explicit")
@@ -188,7 +195,8 @@ def parse_manifest(path: Path, text: str, data: Mapping[str, Any]) -> Manifest:
         elif layers.plan != "keep":
             raise root.error("layers.plan", f"{layers.plan!r} with [merge]: a merge keeps the layers as they are; "
                                             f"to merge parts of models, give [[merge.slices]]")
-        if output.dtype is None and merge.dtype is not None:  # the merged values are in the merge dtype
+        # the merged values are in the merge dtype (but float32 where torch promotes them)
+        if output.dtype is None and merge.dtype is not None and merge.method not in FLOAT32_RESULTS:
             output = replace(output, dtype=next(k for k, v in CAST_DTYPES.items() if v == merge.dtype))
     return Manifest(
         path=path, text=text, sources=srcs, rename=rename, layers=layers, config=config, output=output, merge=merge,

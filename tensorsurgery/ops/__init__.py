@@ -24,8 +24,9 @@ What the interpreter may ask of an operation, and all it may ask:
 * :meth:`Operation.chunks`: for an operation that is none of these, its values in bounded
   chunks, reading its inputs itself, in order (a random stream that must be consumed in order).
 """
+from tensorsurgery.ops.arcee_fusion import ArceeFusion  # the operations register themselves on import
 from tensorsurgery.ops.base import OPERATIONS, Operation, RowwiseOperation, TwoPassOperation, register
-from tensorsurgery.ops.breadcrumbs import Breadcrumbs  # the operations register themselves on import
+from tensorsurgery.ops.breadcrumbs import Breadcrumbs
 from tensorsurgery.ops.copy import COPY, Copy
 from tensorsurgery.ops.dare import Dare
 from tensorsurgery.ops.della import Della
@@ -47,7 +48,7 @@ from tensorsurgery.ops.task_arithmetic import TaskArithmetic
 from tensorsurgery.ops.ties import Ties
 from tensorsurgery.ops.zeros import ZEROS, Zeros
 
-__all__ = ["COPY", "OPERATIONS", "ZEROS", "Breadcrumbs", "Copy", "Dare", "Della", "DequantFP8", "DequantMXFP4",
-           "Karcher", "Linear", "LoraBias", "LoraMerge", "ModelStock", "Multislerp", "NearSwap", "Nuslerp",
-           "Operation", "PermuteRotary", "Ram", "RamPlus", "RowwiseOperation", "Scale", "Sce", "Slerp",
+__all__ = ["COPY", "OPERATIONS", "ZEROS", "ArceeFusion", "Breadcrumbs", "Copy", "Dare", "Della", "DequantFP8",
+           "DequantMXFP4", "Karcher", "Linear", "LoraBias", "LoraMerge", "ModelStock", "Multislerp", "NearSwap",
+           "Nuslerp", "Operation", "PermuteRotary", "Ram", "RamPlus", "RowwiseOperation", "Scale", "Sce", "Slerp",
            "TaskArithmetic", "Ties", "TwoPassOperation", "Zeros", "register", "rotary_row_order"]

@@ -73,6 +73,12 @@ class Stream:
         self.offset += count
         return out
 
+    def raw32(self, count: int) -> np.ndarray:
+        """The next ``count`` outputs, whole (uint64 values below 2**32)."""
+        out = self._bits.random_raw(count)
+        self.offset += count
+        return out
+
     def remember(self) -> None:
         """Keep the current state for later streams of this seed."""
         offset, state = self.offset, self._bits.state

@@ -14,6 +14,7 @@ from tensorsurgery.manifest.merge_slices import locate
 from tensorsurgery.manifest.merges import METHODS, RANDOM_METHODS, MergeSpec, MissingParameter, Resolved, resolve
 from tensorsurgery.ops import (
     COPY,
+    ArceeFusion,
     Breadcrumbs,
     Karcher,
     Linear,
@@ -29,6 +30,7 @@ from tensorsurgery.ops import (
     TaskArithmetic,
     Ties,
 )
+from tensorsurgery.ops.arcee_fusion import SAMPLE
 from tensorsurgery.ops.base import ByteRange, Input
 from tensorsurgery.planning.dare import dare_operation, stream_offsets
 from tensorsurgery.planning.della import della_operation
@@ -125,6 +127,8 @@ class Merger:
         Raises:
             PlanError: no seed, or a tensor without a weight or density.
         """
+        if self.spec.method == "arcee_fusion":
+            return replace(self, offsets=self._samples(tensors))
         if self.spec.method not in RANDOM_METHODS:
             return self
         if self.spec.seed is None:
@@ -137,6 +141,26 @@ class Merger:
         except MissingParameter as e:
             raise PlanError(f"{self.where}: merge: {e}") from None
         return replace(self, offsets=offsets)
+
+    def _samples(self, tensors: Iterable[tuple[str, tuple[int, ...], int | None]]) -> dict[str, int]:
+        """arcee_fusion's draws: each tensor of more than :data:`~tensorsurgery.ops.arcee_fusion.SAMPLE`
+        elements draws that many indices from torch's generator (``randint``), in mergekit's order
+        of the tensors (their names' string order, as DARE's); where each tensor's draws start.
+
+        Raises:
+            PlanError: such a tensor, and no seed.
+        """
+        offsets, at = {}, 0
+        for key, shape, _ in sorted(tensors):
+            offsets[key] = at
+            if prod(shape) > SAMPLE:
+                if self.spec.seed is None:
+                    raise PlanError(f"{self.where}: merge: arcee_fusion takes the quartiles of tensor {key!r} "
+                                    f"({prod(shape):,} elements) from {SAMPLE:,} importances drawn at random and "
+                                    f"needs a seed: set seed = N in [merge], or give --random-seed N as mergekit "
+                                    f"takes it; without one mergekit draws differently every run")
+                at += SAMPLE
+        return offsets
 
     def t(self, position: int | None) -> float:
         """Where a tensor lies across the layers, as mergekit's gradients see it: 0 outside them
@@ -177,6 +201,15 @@ class Merger:
                 if self.spec.method.startswith("della"):
                     return inputs, della_operation(self.spec, values, md, self.offsets[key], first.shape), md
                 return inputs, dare_operation(self.spec, values, md, self.offsets[key]), md
+            if self.spec.method == "arcee_fusion":
+                assert self.offsets is not None, "with_draws first"
+                sampled = prod(first.shape) > SAMPLE
+                if sampled and self.spec.slices:
+                    raise NotBuilt(f"arcee_fusion over slices samples the importances of tensor {key!r} from "
+                                   f"torch's random stream in an order not built yet; merge whole models, or use "
+                                   f"mergekit")
+                return inputs, ArceeFusion(md, self.spec.seed if sampled else None,
+                                           self.offsets[key] if sampled else 0), md
             return inputs, OPERATION[self.spec.method](values, md), md
         except (MissingParameter, NotBuilt) as e:
             raise PlanError(f"{self.where}: merge: {e}") from None

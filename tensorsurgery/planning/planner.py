@@ -274,8 +274,10 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
         donor = tokenizer_donor(manifest.merge.tokenizer_source, manifest.merge.sources, base, checkpoints,
                                 str(manifest.path))
     preset = get_preset(manifest.rename.preset) if manifest.rename.preset else None
+    # config.json says the merge dtype, as mergekit's, also where the tensors are float32 (ramplus_tl)
+    said = dtype or (manifest.merge.dtype if manifest.merge else None)
     config = build_config({n: c.config for n, c in checkpoints.items()}, base, arrangement,
-                          family=base_ckpt.family, moe=moe, preset=preset, dtype=dtype,
+                          family=base_ckpt.family, moe=moe, preset=preset, dtype=said,
                           overrides=manifest.config, where=f"{manifest.path}: layers", extra_layers=extra)
     if fp8 or mxfp4:
         without_quantization(config, manifest.config)
