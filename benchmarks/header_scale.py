@@ -17,11 +17,16 @@ measurements), wall time of the operation and the child's peak RSS (``ru_maxrss`
   file that keeps the layers or stacks them DUS-style (overlap: a quarter of the layers), with a
   Qwen3-MoE config.json: headers read, every output tensor planned, shard headers encoded.
 
-and prints ratios (ours / official) for time and peak RSS. ``--baseline DIR`` adds ``baseline
-...`` rows: our rows again with ``DIR`` (another checkout of tensorsurgery, e.g. from ``git
-archive`` or ``git worktree``) first on ``PYTHONPATH``, for before/after numbers measured side by
-side (the plan rows need a checkout with ``tensorsurgery.cli.main``). Runs alternate
-and the table shows medians. The file is removed at the end unless ``--keep``.
+and prints ratios (ours / official) for time and peak RSS. ``--apply`` measures instead, per run
+and plan (``--only "plan keep"`` for one), ``tensorsurgery apply`` of the plan into ``WORKDIR-out``
+(the tiny tensors are 256 bytes each, read from the hole: a 540k-tensor output is 138 MB), then
+``verify MANIFEST OUTPUT``, then ``verify OUTPUT`` with the file renamed away (the record alone),
+and prints each one's peak RSS against the budget of issue 18, 64 MB + 1 KB per output tensor.
+``--baseline DIR`` adds ``baseline ...`` rows: our rows again with ``DIR`` (another checkout of
+tensorsurgery, e.g. from ``git archive`` or ``git worktree``) first on ``PYTHONPATH``, for
+before/after numbers measured side by side (the plan rows need a checkout with
+``tensorsurgery.cli.main``). Runs alternate and the table shows medians. The file is removed at the
+end unless ``--keep``.
 
 Tensor names follow a mixture-of-experts model, ``model.layers.{i}.mlp.experts.{j}.{gate,up,
 down}_proj.weight`` (``--names model``, the default: ~0.8M tensors fit in 100 MB, each entry being
@@ -35,13 +40,14 @@ Usage::
 
     python benchmarks/header_scale.py [--names model|short] [--runs N] [--workdir DIR]
         [--max-header-bytes B] [--tensors N] [--baseline DIR] [--keep] [--json]
-        [--only "official keys,ours read_header,..."]
+        [--only "official keys,ours read_header,..."] [--apply]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,6 +111,22 @@ print(json.dumps({"seconds": dt, "rss_after_imports_kb": int(rss0), "tensors": N
 """
 PLANS = {"plan keep": 'plan = "keep"', "plan dus": 'plan = "dus"\noverlap = {overlap}'}
 CHILDREN.update({label: _PLAN_CHILD for label in PLANS})
+# ``--apply``: the commands that write and read the output, in this order per run and plan (each a
+# child as above; argv[2:] are the command's arguments). ``verify OUTPUT`` runs with the source
+# renamed away, so it checks the record only.
+_COMMAND_CHILD = """
+import io, sys, time, json, contextlib
+from tensorsurgery.cli import main
+rss0 = open('/proc/self/status').read().split('VmRSS:')[1].split()[0]
+out = io.StringIO()
+t = time.perf_counter()
+with contextlib.redirect_stdout(out):
+    code = main(sys.argv[2:])
+dt = time.perf_counter() - t
+assert code == 0, (code, out.getvalue()[-2000:])
+print(json.dumps({"seconds": dt, "rss_after_imports_kb": int(rss0), "tensors": None}))
+"""
+COMMANDS = ("apply", "verify MANIFEST OUTPUT", "verify OUTPUT")
 OFFICIAL = ("official keys", "official full")
 OURS = ("ours read_header", *PLANS)
 BASELINE = "baseline "
@@ -184,13 +206,19 @@ def manifest_name(label: str) -> str:
     return label.replace(" ", "-") + ".toml"
 
 
-def measure(label: str, path: Path, baseline: Path | None = None) -> dict:
+def measure(label: str, path: Path, baseline: Path | None = None,
+            args: list[str] | None = None) -> dict:
+    """Run ``label``'s child on ``path`` (``args`` after it: a command's arguments) and return its
+    JSON line with wall time and peak RSS."""
     env = dict(os.environ)
     own = label.removeprefix(BASELINE)
     root = baseline if own != label and baseline is not None else REPO
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    argv = [sys.executable, "-c", CHILDREN[own], str(path)]
-    if own in PLANS:
+    program = _COMMAND_CHILD if args is not None else CHILDREN[own]
+    argv = [sys.executable, "-c", program, str(path)]
+    if args is not None:
+        argv += args
+    elif own in PLANS:
         argv.append(str(path.parent / manifest_name(own)))
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env,
@@ -209,6 +237,51 @@ def measure(label: str, path: Path, baseline: Path | None = None) -> dict:
     return result
 
 
+def output_tensors(folder: Path) -> int:
+    """How many tensors the output's shards hold (from their headers)."""
+    count = 0
+    for shard in folder.glob("*.safetensors"):
+        with open(shard, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            count += len(json.loads(f.read(n))) - 1  # __metadata__
+    return count
+
+
+def command_runs(path: Path, plans: list[str], runs: int, baseline: Path | None) -> dict[str, list[dict]]:
+    """``--apply``: per run and plan, ``apply`` into ``out``, ``verify MANIFEST OUTPUT``, then
+    ``verify OUTPUT`` with the source renamed away (the record alone); the output removed after."""
+    folder = path.parent
+    out = folder.with_name(folder.name + "-out")  # outside the source folder, as apply requires
+    hidden = folder / "model.safetensors.hidden"
+    roots = [""] + ([BASELINE] if baseline else [])
+    results: dict[str, list[dict]] = {}
+    for run in range(runs):
+        for root in roots[run % len(roots):] + roots[:run % len(roots)]:
+            for plan in plans:
+                manifest = str(folder / manifest_name(plan))
+                steps = {"apply": ["apply", manifest, "--no-progress", "--output", str(out)],
+                         "verify MANIFEST OUTPUT": ["verify", manifest, str(out), "--no-progress"],
+                         "verify OUTPUT": ["verify", str(out), "--no-progress"]}
+                try:
+                    for command, argv in steps.items():
+                        label = f"{root}{command} ({plan.removeprefix('plan ')})"
+                        if command == "verify OUTPUT":
+                            path.rename(hidden)
+                        try:
+                            r = measure(label, path, baseline, argv)
+                        finally:
+                            if hidden.exists():
+                                hidden.rename(path)
+                        if command == "apply":
+                            r["tensors"] = output_tensors(out)
+                        results.setdefault(label, []).append(r)
+                        print(f"# run {run + 1} {label}: {r['seconds']:.2f} s, peak {r['peak_mb']:.0f} MB",
+                              file=sys.stderr)
+                finally:
+                    shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--names", choices=["model", "short"], default="model")
@@ -221,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, default=None,
                     help="another tensorsurgery checkout whose read_header and plan rows to measure too "
                          "('baseline ...')")
+    ap.add_argument("--apply", action="store_true",
+                    help="measure apply, verify MANIFEST OUTPUT and verify OUTPUT (the record alone) of "
+                         "the --only plans (default both) instead of the readers; output in WORKDIR-out")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -240,7 +316,12 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     results: dict[str, list[dict]] = {label: [] for label in labels}
     try:
-        for run in range(args.runs):
+        if args.apply:
+            if args.names != "model":
+                raise SystemExit("--apply needs --names model (a config.json and manifests)")
+            plans = [label for label in labels if label in PLANS] or list(PLANS)
+            results = command_runs(path, plans, args.runs, args.baseline)
+        for run in range(0 if args.apply else args.runs):
             order = labels[run % len(labels):] + labels[:run % len(labels)]
             for label in order:
                 r = measure(label, path, args.baseline)
@@ -256,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 workdir.rmdir()
 
     summary = {label: {"seconds": statistics.median(r["seconds"] for r in rs),
+                       "tensors": rs[0]["tensors"],
                        "peak_mb": statistics.median(r["peak_mb"] for r in rs),
                        "base_mb": statistics.median(r["base_mb"] for r in rs),
                        "runs": [round(r["seconds"], 3) for r in rs]}
@@ -266,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{count:,} tensors, header {header_len:,} bytes ({args.names} names), "
           f"median of {args.runs} run(s)\n")
+    if args.apply:
+        print_commands(summary, results)
+        return 0
     refs = [o for o in OFFICIAL if o in summary]
     head = "| reader | seconds | peak RSS MB | RSS after imports MB |"
     sep = "|---|---:|---:|---:|"
@@ -281,6 +366,23 @@ def main(argv: list[str] | None = None) -> int:
                     f" {s['peak_mb'] / summary[o]['peak_mb']:.2f}x |")
         print(row)
     return 0
+
+
+def print_commands(summary: dict[str, dict], results: dict[str, list[dict]]) -> None:
+    """``--apply``'s table: each command's peak RSS against the budget of 64 MB + 1 KB per output
+    tensor (the output tensor count is its apply's)."""
+    print("| command | output tensors | wall s | peak RSS MB | MB per 1k output tensors over 64 MB "
+          "| budget MB (64 + 1 KB/tensor) | runs: wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    tensors: dict[str, int] = {}
+    for label, s in summary.items():
+        plan = label[label.index("("):]
+        root = label[:len(BASELINE)] if label.startswith(BASELINE) else ""
+        n = tensors.setdefault(root + plan, s["tensors"] or tensors.get(root + plan, 0))
+        peak = max(r["peak_mb"] for r in results[label])
+        per_k = (peak - 64) / n * 1000 if n else float("nan")
+        print(f"| {label} | {n:,} | {s['seconds']:.2f} | {peak:.0f} | {per_k:.2f} | {64 + n / 1024:.0f} | "
+              f"{', '.join(f'{x:.2f}' for x in s['runs'])} |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Mapping, Union
 
 from tensorsurgery.errors import ManifestError, NotVerifiedError, OutputExistsError, VerifyError
@@ -244,7 +245,8 @@ def plan_from_record(output: Path, sources: Mapping[str, str]) -> RecordedPlan:
     Raises:
         VerifyError: no usable record.
     """
-    record = read_record(require_folder(output))
+    # Its tensor entries are checked (a wrong one is refused here, as verify would), not kept.
+    record = replace(read_record(require_folder(output), "typed"), tensors=MappingProxyType({}))
     manifest = manifest_from_text(record.manifest, record.manifest_name)
     recorded = {s.get("name"): s for s in record.data["sources"] if isinstance(s, dict)}
     given = {(k or manifest.sources[0].name): v for k, v in sources.items()}
@@ -306,7 +308,7 @@ def _recorded_root(entry: Mapping[str, object]) -> Path | None:
 def _recorded_link(output: Path) -> bool:
     """Whether the record in ``output`` says it was planned with ``--link`` (False without one)."""
     try:
-        return read_record(output).link
+        return read_record(output, "head").link
     except VerifyError:
         return False
 

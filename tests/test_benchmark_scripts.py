@@ -46,6 +46,17 @@ def test_header_scale_measures_every_row(tmp_path):
     assert not any(tmp_path.iterdir())  # the file and the manifests are removed
 
 
+def test_header_scale_apply_measures_apply_and_both_verifies(tmp_path):
+    work = tmp_path / "w"
+    result = json.loads(bench("header_scale.py", "--apply", "--only", "plan keep", "--tensors", 2000, "--runs", 1,
+                              "--json", "--workdir", work, cwd=tmp_path))
+    rows = result["results"]
+    assert set(rows) == {"apply (keep)", "verify MANIFEST OUTPUT (keep)", "verify OUTPUT (keep)"}
+    assert rows["apply (keep)"]["tensors"] == 2000  # counted in the output's header
+    assert all(r["seconds"] > 0 and r["peak_mb"] >= r["base_mb"] > 0 for r in rows.values())
+    assert not any(work.iterdir()) and not (tmp_path / "w-out").exists()  # all removed
+
+
 def test_run_py_measures_apply_against_the_raw_copy(tmp_path):
     """The smallest run.py round (tiny size, tmpfs when it has room, three rows): every row ran,
     apply wrote as many shard bytes as the raw copy, and verify read them back."""

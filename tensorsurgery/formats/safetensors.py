@@ -617,9 +617,14 @@ def _encode_entries(items: list[tuple[str, str, tuple[int, ...], int, int]],
     # key, but json writes it otherwise.
     middles: dict[str, dict[tuple[int, ...], tuple[tuple[int, ...], str]]] = {}
     ints = _INT_TYPES
+    # Pieces are joined and encoded every _JOIN entries: one short-lived str per entry, never one per
+    # tensor of the shard at once (~165 B each, beside the header itself).
     pieces: list[str] = []
     append = pieces.append
     for name, dtype, shape, start, end in items:
+        if len(pieces) == _JOIN:
+            parts.append("".join(pieces).encode())
+            pieces.clear()
         if (type(name) is not str or type(dtype) is not str or type(shape) is not tuple or type(start) is not int
                 or type(end) is not int):
             return None
@@ -640,6 +645,7 @@ def _encode_entries(items: list[tuple[str, str, tuple[int, ...], int, int]],
     return parts
 
 
+_JOIN = 4096
 #: json's own string encoder (the C one where built): what json.dumps writes for a str.
 _encode_string = json.encoder.encode_basestring
 _INT_TYPES = frozenset({int})

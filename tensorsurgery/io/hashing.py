@@ -54,6 +54,18 @@ def first_of_each(recipes: Iterable[Hashable]) -> dict[int, int]:
 _Work = tuple[Block, list[tuple[int, int, int]]]
 
 
+class _Open:
+    """A tensor being hashed: its hash object and the bytes still to come."""
+
+    __slots__ = ("sha256", "left")
+
+    def __init__(self, sha256: hashlib._Hash, left: int):
+        self.sha256, self.left = sha256, left
+
+
+_EMPTY = hashlib.sha256().hexdigest()
+
+
 class HashPool:
     """sha256 of tensors (by number) from the segments of the blocks passed to :meth:`submit`.
 
@@ -63,7 +75,9 @@ class HashPool:
 
     def __init__(self, threads: int, release: Callable[[Block], None]):
         self._release = release
-        self._digests: dict[int, hashlib._Hash] = {}
+        # A tensor's hash object (~300 B) lives only while its bytes come: then its digest stays.
+        self._open: dict[int, _Open] = {}
+        self._digests: dict[int, str] = {}
         self._queues: list[queue.SimpleQueue[_Work | None]] = [queue.SimpleQueue() for _ in range(max(1, threads))]
         self._pending: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -73,9 +87,12 @@ class HashPool:
         for thread in self._threads:
             thread.start()
 
-    def start(self, tid: int) -> None:
-        """Tensor ``tid`` will be hashed (call before its first block is submitted)."""
-        self._digests[tid] = hashlib.sha256()
+    def start(self, tid: int, nbytes: int) -> None:
+        """Tensor ``tid``, of ``nbytes`` bytes, will be hashed (call before its first block is submitted)."""
+        if nbytes:
+            self._open[tid] = _Open(hashlib.sha256(), nbytes)
+        else:
+            self._digests[tid] = _EMPTY
 
     def submit(self, block: Block) -> None:
         """Hash the tensor bytes ``block`` holds. The caller holds the block (it is being
@@ -113,7 +130,10 @@ class HashPool:
             thread.join()
         if self.error is not None:
             raise self.error
-        return {tid: h.hexdigest() for tid, h in self._digests.items()}
+        # What is still open was not hashed whole (a stopped run): its digest of what came.
+        self._digests.update((tid, h.sha256.hexdigest()) for tid, h in self._open.items())
+        self._open.clear()
+        return self._digests
 
     def _run(self, q: queue.SimpleQueue[_Work | None]) -> None:
         while (item := q.get()) is not None:
@@ -122,7 +142,13 @@ class HashPool:
                 if self.error is None:
                     with memoryview(block.buf) as view:
                         for tid, start, end in segments:
-                            self._digests[tid].update(view[start:end])
+                            # A tensor's segments all go to one thread (by tid): no lock needed.
+                            h = self._open[tid]
+                            h.sha256.update(view[start:end])
+                            h.left -= end - start
+                            if not h.left:
+                                self._digests[tid] = h.sha256.hexdigest()
+                                del self._open[tid]
             except BaseException as e:  # noqa: BLE001 - handed to close()
                 self.error = e
             self._unref(block)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from json.encoder import encode_basestring
+from typing import Any, Iterable, Iterator, Mapping
 
 from tensorsurgery.output.card import model_card
 from tensorsurgery.planning.planner import CopyFile, Plan, Shard
@@ -37,6 +38,40 @@ class ExpectedFile:
 def json_bytes(data: Mapping[str, Any]) -> bytes:
     """The bytes tensorsurgery writes for a JSON file: indented, UTF-8, a final newline."""
     return (json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n").encode("utf-8")
+
+
+def json_stream(head: Mapping[str, Any], last_key: str,
+                entries: Iterable[tuple[str, Any]]) -> Iterator[bytes]:
+    """:func:`json_bytes` of ``{**head, last_key: dict(entries)}``, byte for byte, in pieces of
+    about :data:`STREAM_PIECE` bytes, made as ``entries`` are taken: the record of a 500k-tensor
+    output is never one object, one string or one list of chunks (the json module's ``dumps``
+    holds all three at once). ``entries``' names must be distinct, as a dict's keys are."""
+    text = json.dumps({**head, last_key: {}}, indent=2, ensure_ascii=False, default=_jsonable)
+    empty = text.rindex("{}")  # the last key's empty object, just before the final "\n}"
+    parts = [text[:empty + 1]]
+    size = 0
+    separator = _NESTED  # before the first entry; ",\n    " before the others
+    for name, value in entries:
+        # Nested two levels deep: every newline of the value's own indented JSON gets two more
+        # indents (a JSON string holds no raw newline, so those are all indentation).
+        value_text = (encode_basestring(value) if type(value) is str  # as dumps makes it, in C
+                      else json.dumps(value, indent=2, ensure_ascii=False, default=_jsonable))
+        piece = f"{separator}{json.dumps(name, ensure_ascii=False)}: {value_text.replace(chr(10), _NESTED)}"
+        parts.append(piece)
+        separator = "," + _NESTED
+        size += len(piece)
+        if size >= STREAM_PIECE:
+            yield "".join(parts).encode("utf-8")
+            parts, size = [], 0
+    closing = "" if separator == _NESTED else "\n" + _INDENT  # "{}" when there was no entry
+    parts.append(closing + text[empty + 1:] + "\n")
+    yield "".join(parts).encode("utf-8")
+
+
+#: About how many characters :func:`json_stream` hands on at a time.
+STREAM_PIECE = 1 << 20
+_INDENT = "  "
+_NESTED = "\n" + _INDENT * 2
 
 
 def _jsonable(value: Any) -> Any:

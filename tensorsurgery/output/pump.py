@@ -169,9 +169,9 @@ class _Lane:
                 except IndexError:
                     break
                 tid = self.first_tid[index]
-                for i in range(tid, tid + len(shard.tensors)):
+                for i, t in enumerate(shard.tensors, tid):
                     if i not in self.same:
-                        hashes.start(i)
+                        hashes.start(i, t.nbytes)
                 self._paths.append(path)
                 packer.start_file(len(self._paths) - 1)
                 packer.put(memoryview(shard.header), None)

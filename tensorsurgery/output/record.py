@@ -11,19 +11,20 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping, Protocol
 
 from tensorsurgery._version import __version__
 from tensorsurgery.errors import SourceError, VerifyError
 from tensorsurgery.formats.safetensors_output import SAFETENSORS
-from tensorsurgery.io.fsio import INDEX_LIMIT, describe_entry, read_json
+from tensorsurgery.io.fsio import INDEX_LIMIT, describe_entry, parse_json, read_json
 from tensorsurgery.manifest.merges import spec_data
 from tensorsurgery.manifest.path_free import folder_name, path_free_manifest
 from tensorsurgery.ops.recipe import inputs_data
 from tensorsurgery.output.outlock import holder
+from tensorsurgery.output.record_stream import NotStreamable, iter_entries, open_record, read_head
 from tensorsurgery.planning.planner import Plan
 from tensorsurgery.sources.checkpoint import CONFIG_NAME, RECORD_NAME
 
@@ -75,6 +76,12 @@ class Record:
     tensors: Mapping[str, RecordedTensor]
     link: bool
     data: Mapping[str, Any]
+    #: Where the tensor entries start in the file (read with ``part="head"``), else None.
+    tensors_offset: int | None = None
+
+
+#: How much of a record :func:`read_record` reads.
+RecordPart = Literal["whole", "typed", "head"]
 
 
 def header_sha256(shard_header: bytes) -> str:
@@ -84,7 +91,8 @@ def header_sha256(shard_header: bytes) -> str:
 
 def build_record(plan: Plan, tensor_hashes: Mapping[str, str], file_hashes: Mapping[str, str],
                  source_hashes: Mapping[Path, SourceHash] | None = None) -> dict[str, Any]:
-    """The record of ``plan``'s output.
+    """The record of ``plan``'s output, whole (the writer streams it instead:
+    :func:`record_head` and :func:`tensor_entries`, the same JSON).
 
     Args:
         plan: what was written.
@@ -93,6 +101,17 @@ def build_record(plan: Plan, tensor_hashes: Mapping[str, str], file_hashes: Mapp
             copied files) -> sha256.
         source_hashes: each source weight file's path -> its hash and where it came from.
     """
+    return {**record_head(plan, file_hashes, source_hashes), TENSORS: dict(tensor_entries(plan, tensor_hashes))}
+
+
+#: The record's last key: one entry per output tensor, written (and compared) one at a time.
+TENSORS = "tensors"
+
+
+def record_head(plan: Plan, file_hashes: Mapping[str, str],
+                source_hashes: Mapping[Path, SourceHash] | None = None) -> dict[str, Any]:
+    """Everything in the record before its :data:`TENSORS` (small, whatever the tensor count);
+    arguments as for :func:`build_record`."""
     source_hashes = source_hashes or {}
     return {
         "tool": "tensorsurgery",
@@ -114,12 +133,25 @@ def build_record(plan: Plan, tensor_hashes: Mapping[str, str], file_hashes: Mapp
         "link": any(s.link is not None for s in plan.shards),
         "shards": {s.filename: {"size": s.nbytes, "header_sha256": header_sha256(s.header)} for s in plan.shards},
         "files": dict(sorted(file_hashes.items())),
-        "tensors": {t.name: {"shard": shard.filename, "dtype": t.dtype, "shape": list(t.shape),
-                             "source": t.source_name, "source_file": t.source.file.name if t.source else None,
-                             "source_key": t.source_key, "transform": t.transform, **inputs_data(t),
-                             "sha256": tensor_hashes[t.name]}
-                    for shard in plan.shards for t in shard.tensors},
     }
+
+
+class TensorHashes(Protocol):
+    """Output tensor name -> sha256 of its bytes (a dict, or verify's view of what it checked)."""
+
+    def __getitem__(self, name: str, /) -> str: ...
+
+
+def tensor_entries(plan: Plan, tensor_hashes: TensorHashes) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The record's :data:`TENSORS`, one ``(name, entry)`` at a time in output order: made as they
+    are written or compared, so that no 500k-entry object is ever held."""
+    for shard in plan.shards:
+        filename = shard.filename
+        for t in shard.tensors:
+            source = t.source
+            yield t.name, {"shard": filename, "dtype": t.dtype, "shape": list(t.shape), "source": t.source_name,
+                           "source_file": source.file.name if source else None, "source_key": t.source_key,
+                           "transform": t.transform, **inputs_data(t), "sha256": tensor_hashes[t.name]}
 
 
 def published_record(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -165,11 +197,22 @@ def require_folder(output: Path) -> Path:
     return output
 
 
-def read_record(output: Path) -> Record:
-    """The provenance record of the output folder ``output``.
+def read_record(output: Path, part: RecordPart = "whole") -> Record:
+    """The provenance record of the output folder ``output``: ``part`` says how much of it.
+
+    * ``whole``: everything, ``data`` the whole JSON object;
+    * ``typed``: ``data`` without the tensor entries (``data["tensors"]`` is empty) but
+      ``tensors`` typed, parsed one entry at a time (:mod:`tensorsurgery.output.record_stream`): ~0.3 KB
+      a tensor instead of ~2 KB while read;
+    * ``head``: no tensors at all, and the file offset where their entries start
+      (``tensors_offset``), for :func:`tensorsurgery.output.record_stream.same_tensors`.
+
+    A record not laid out as the writer lays it out is read whole whatever ``part`` says (and
+    ``tensors_offset`` is None then).
 
     Raises:
-        VerifyError: missing, unreadable, or not a record this version can check.
+        VerifyError: missing, unreadable, or not a record this version can check (with ``head``,
+            the tensor entries are not checked).
     """
     path = output / RECORD_NAME
     try:
@@ -182,11 +225,55 @@ def read_record(output: Path) -> Record:
     if not stat.S_ISREG(mode):
         raise VerifyError(f"{path}: is {describe_entry(path, mode)}, expected a regular file; cannot verify "
                           f"against it: verify with the manifest instead")
+    if part != "whole":
+        streamed = _read_streamed(path, output, part)
+        if streamed is not None:
+            return streamed
     try:
         data = read_json(path, limit=INDEX_LIMIT, inside=output)
     except SourceError as e:
         raise VerifyError(f"unreadable provenance record: {e}") from None
     return parse_record(data, path)
+
+
+def _read_streamed(path: Path, output: Path, part: RecordPart) -> Record | None:
+    """:func:`read_record`'s ``head`` and ``typed`` parts; None when the record is to be read whole
+    (laid out otherwise, or wrong in its tensors: the whole read says how, with its own message)."""
+    try:
+        fd = open_record(path, output)
+    except (SourceError, NotStreamable):
+        return None
+    try:
+        head_bytes, offset = read_head(fd)
+        head = parse_json(head_bytes, path)
+        if not isinstance(head, dict) or TENSORS in head:
+            return None
+        record = parse_record({**head, TENSORS: {}}, path)
+        if part == "head":
+            return replace(record, tensors_offset=offset)
+        tensors, names = {}, _Interned()
+        for name, entry in iter_entries(fd, offset):
+            t = _recorded_tensor(name, entry, record.shards, _read_whole)
+            # One string object for each shard and dtype, not one per tensor.
+            tensors[name] = RecordedTensor(name, names[t.shard], names[t.dtype], t.shape, t.sha256)
+        return replace(record, tensors=MappingProxyType(tensors))
+    except (NotStreamable, SourceError, VerifyError, OSError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_whole(where: str, expected: str) -> VerifyError:
+    """A wrong tensor entry met while streaming: caught, and the record read whole, which names it."""
+    return VerifyError(f"{where} is not {expected}")
+
+
+class _Interned(dict[str, str]):
+    """Equal strings as one object: ``interned[s]`` is the first ``s`` seen."""
+
+    def __missing__(self, key: str) -> str:
+        self[key] = key
+        return key
 
 
 def parse_record(data: Any, path: Path) -> Record:
@@ -231,16 +318,20 @@ def parse_record(data: Any, path: Path) -> Record:
             raise fail(f"files[{name!r}]", "a sha256")
     if CONFIG_NAME not in data["files"]:
         raise fail("files", f"an object naming {CONFIG_NAME}")
-    tensors = {}
-    for name, entry in data["tensors"].items():
-        if not (isinstance(entry, dict) and entry.get("shard") in shards and isinstance(entry.get("dtype"), str)
-                and isinstance(entry.get("shape"), list) and all(_is_count(d) for d in entry["shape"])
-                and _is_sha(entry.get("sha256"))):
-            raise fail(f"tensors[{name!r}]", "{shard (one of the shards), dtype, shape, sha256}")
-        tensors[name] = RecordedTensor(name, entry["shard"], entry["dtype"], tuple(entry["shape"]), entry["sha256"])
+    tensors = {name: _recorded_tensor(name, entry, shards, fail) for name, entry in data["tensors"].items()}
     return Record(path=path, manifest_name=data["manifest_name"], manifest=data["manifest"],
                   shards=MappingProxyType(shards), files=MappingProxyType(dict(data["files"])),
                   tensors=MappingProxyType(tensors), link=data.get("link") is True, data=MappingProxyType(data))
+
+
+def _recorded_tensor(name: str, entry: Any, shards: Mapping[str, RecordedShard],
+                     fail: Callable[[str, str], VerifyError]) -> RecordedTensor:
+    """A record's tensor entry, type-checked (its shard one of ``shards``)."""
+    if not (isinstance(entry, dict) and entry.get("shard") in shards and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list) and all(_is_count(d) for d in entry["shape"])
+            and _is_sha(entry.get("sha256"))):
+        raise fail(f"tensors[{name!r}]", "{shard (one of the shards), dtype, shape, sha256}")
+    return RecordedTensor(name, entry["shard"], entry["dtype"], tuple(entry["shape"]), entry["sha256"])
 
 
 def _check_sources(sources: list[Any], fail: Callable[[str, str], VerifyError]) -> None:

@@ -44,17 +44,17 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from tensorsurgery.errors import OutputExistsError, WriteError
 from tensorsurgery.formats.output_format import OutputFormat
 from tensorsurgery.io.fsio import copy_file, describe_entry, existing_ancestor, open_regular
 from tensorsurgery.output.compare import compare_shard
-from tensorsurgery.output.expected import ExpectedFile, expected_files, json_bytes
+from tensorsurgery.output.expected import ExpectedFile, expected_files, json_stream
 from tensorsurgery.output.linking import find_copied_links
 from tensorsurgery.output.outlock import output_lock
 from tensorsurgery.output.pump import Pump
-from tensorsurgery.output.record import SourceHash, build_record
+from tensorsurgery.output.record import TENSORS, SourceHash, record_head, tensor_entries
 from tensorsurgery.output.source_hash import SourceHasher
 from tensorsurgery.output.swap import finish_interrupted, fsync_dir, make_temp_folder, move_into_place, remove_folder
 from tensorsurgery.output.target import TMP_MARKER, check_output, check_place, is_ours, temp_path
@@ -257,7 +257,9 @@ def _write_files(plan: Plan, folder: Path, hashes: Mapping[str, str],
                  source_hashes: Mapping[Path, SourceHash]) -> None:
     """Everything but the shards, then the record, whose content needs all their hashes."""
     file_hashes = {f.name: _write_file(folder, f) for f in expected_files(plan) if f.shard is None}
-    _write_bytes(folder / RECORD_NAME, json_bytes(build_record(plan, hashes, file_hashes, source_hashes)))
+    # Streamed: the record of a 500k-tensor plan is ~200 MB of JSON, never held whole.
+    _write_bytes(folder / RECORD_NAME, json_stream(record_head(plan, file_hashes, source_hashes), TENSORS,
+                                                   tensor_entries(plan, hashes)))
     fsync_dir(folder)
 
 
@@ -268,17 +270,20 @@ def _write_file(folder: Path, f: ExpectedFile) -> str:
     return _write_bytes(folder / f.name, f.data)
 
 
-def _write_bytes(path: Path, data: bytes) -> str:
-    """Write ``data`` to the new file ``path``, fsynced; returns its sha256."""
+def _write_bytes(path: Path, data: bytes | Iterable[bytes]) -> str:
+    """Write ``data`` (bytes, or pieces of them) to the new file ``path``, fsynced; returns its sha256."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    digest = hashlib.sha256()
     try:
-        view = memoryview(data)
-        while len(view):
-            view = view[os.write(fd, view):]
+        for piece in [data] if isinstance(data, bytes) else data:
+            digest.update(piece)
+            view = memoryview(piece)
+            while len(view):
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
-    return hashlib.sha256(data).hexdigest()
+    return digest.hexdigest()
 
 
 def _discard_unfinished(tmp: Path, fmt: OutputFormat) -> int:

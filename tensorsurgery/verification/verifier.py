@@ -13,15 +13,17 @@ expected is a difference.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from tensorsurgery.errors import HeaderError, SourceError, VerifyError
-from tensorsurgery.families.consistency import check_consistency, failing_checks
+from tensorsurgery.families.consistency import Tensor, check_consistency, failing_checks
 from tensorsurgery.families.registry import family_of
 from tensorsurgery.formats.output_format import OutputFormat
 from tensorsurgery.formats.safetensors_output import SAFETENSORS
@@ -29,6 +31,7 @@ from tensorsurgery.io.fsio import pread_exact, read_json
 from tensorsurgery.io.hashing import DEFAULT_THREADS, first_of_each
 from tensorsurgery.ops.recipe import identity
 from tensorsurgery.output.compare import (
+    IN_FLIGHT,
     Difference,
     Progress,
     compare_copy,
@@ -43,8 +46,17 @@ from tensorsurgery.output.compare import (
     thread_buffer,
     unexpected_entries,
 )
-from tensorsurgery.output.expected import expected_files
-from tensorsurgery.output.record import Record, build_record, header_sha256, read_record, require_folder
+from tensorsurgery.output.expected import expected_files, json_stream
+from tensorsurgery.output.record import (
+    TENSORS,
+    Record,
+    header_sha256,
+    read_record,
+    record_head,
+    require_folder,
+    tensor_entries,
+)
+from tensorsurgery.output.record_stream import NotStreamable, open_record, same_tensors
 from tensorsurgery.planning.planner import OutputTensor, Plan
 from tensorsurgery.sources.checkpoint import CONFIG_NAME, RECORD_NAME
 
@@ -96,12 +108,14 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None, progre
     unhashed = {tensors[i].name for i in same}
     tensor_hashes: dict[str, str] = {}
     file_hashes: dict[str, str] = {}
+    planned_headers = True  # every shard's header is the planned one, byte for byte
     for f in files:
         path = output / f.name
         if f.shard is not None:
             hashes, found = compare_shard(f.shard, path, threads=threads, progress=progress, unhashed=unhashed,
                                           fmt=plan.output_format)
             tensor_hashes.update(hashes)
+            planned_headers = planned_headers and not any(d.where == f.name for d in found)
         else:
             digest, found = (compare_copy(f.copy, path) if f.copy is not None
                              else compare_data(f.name, path, f.data or b""))
@@ -110,7 +124,9 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None, progre
         diffs += found
     _borrow_hashes(plan, tensors, output, same, tensor_hashes)
     diffs += _check_record(plan, output, tensor_hashes, file_hashes)
-    diffs += check_meaning(output, [s.filename for s in plan.shards], plan.output_format, planned=plan.config)
+    # Headers equal to the planned ones hold the planned tensors: not read (and held) again.
+    diffs += check_meaning(output, [s.filename for s in plan.shards], plan.output_format, planned=plan.config,
+                           tensors=tensors if planned_headers else None)
     nbytes = sum(t.nbytes for t in tensors)
     return VerifyReport(output, "manifest", len(tensors), nbytes, len(files) + 1, tuple(diffs))
 
@@ -143,19 +159,86 @@ def _check_record(plan: Plan, output: Path, tensor_hashes: dict[str, str],
         return diffs
     os.close(fd)
     try:
-        record = read_record(output)
+        record = read_record(output, "head")
+        # The tensors as the writer lays them out, with the hashes verify took: byte for byte the
+        # record's (the usual case), or read whole and compared entry by entry.
+        same = record.tensors_offset is not None and _same_tensors(plan, output, record.tensors_offset, tensor_hashes)
+        if not same:
+            record = read_record(output)
     except VerifyError as e:
         return [Difference(RECORD_NAME, str(e))]
-    # Where the bytes are wrong (a difference already), the record's own hash stands in, so that
-    # one damaged tensor is not reported twice.
-    recorded = {name: t.sha256 for name, t in record.tensors.items()}
-    tensors = {t.name: tensor_hashes.get(t.name, recorded.get(t.name, "")) for t in plan.tensors}
     files = {f.name: file_hashes.get(f.name, record.files.get(f.name, "")) for f in expected_files(plan)
              if f.shard is None}
-    want = json.loads(json.dumps(build_record(plan, tensors, files)))
-    for key in ("layers", "link", "shards", "files", "tensors"):
+    want = json.loads(json.dumps(record_head(plan, files)))
+    for key in ("layers", "link", "shards", "files"):
         diffs += [Difference(RECORD_NAME, line) for line in json_diff(want[key], record.data.get(key), key)][:20]
+    if not same:
+        found = record.data.get(TENSORS)
+        assert isinstance(found, dict)  # parse_record checked
+        hashes = _RecordHashes(tensor_hashes, record)
+        diffs += [Difference(RECORD_NAME, line) for line in _tensor_diffs(plan, hashes, found)][:20]
     return diffs
+
+
+def _same_tensors(plan: Plan, output: Path, offset: int, tensor_hashes: Mapping[str, str]) -> bool:
+    """Whether the record's tensor entries, from ``offset``, are the bytes the writer makes of
+    ``plan`` and ``tensor_hashes`` (False at once when a tensor was not verified: its bytes differ)."""
+    if any(t.name not in tensor_hashes for s in plan.shards for t in s.tensors):
+        return False
+    pieces = json_stream({}, TENSORS, tensor_entries(plan, tensor_hashes))
+    first = next(pieces)
+    try:
+        fd = open_record(output / RECORD_NAME, output)
+    except (SourceError, NotStreamable):
+        return False
+    try:
+        return same_tensors(fd, offset, itertools.chain([first[len(_TENSORS_OPEN):]], pieces))
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class _RecordHashes:
+    """Tensor name -> the sha256 verify took of its bytes; where the bytes are wrong (a difference
+    already) the record's own hash stands in, so that one damaged tensor is not reported twice."""
+
+    verified: Mapping[str, str]
+    record: Record
+
+    def __getitem__(self, name: str) -> str:
+        digest = self.verified.get(name)
+        if digest is not None:
+            return digest
+        recorded = self.record.tensors.get(name)
+        return recorded.sha256 if recorded is not None else ""
+
+
+def _tensor_diffs(plan: Plan, hashes: _RecordHashes, found: Mapping[str, Any]) -> list[str]:
+    """:func:`json_diff` of the record's tensors against the plan's (the lines sorted by tensor
+    name, as for the whole objects), made one planned entry at a time: the plan's entries are
+    never one object beside the record's."""
+    differing: list[tuple[str, list[str]]] = []
+    matched = 0
+    for name, entry in tensor_entries(plan, hashes):
+        got = found.get(name, _MISSING)
+        if got is not _MISSING:
+            matched += 1
+            # Equal canonical JSON is json_diff finding nothing (types included: 1, 1.0 and true differ).
+            if json.dumps(entry, sort_keys=True) == json.dumps(got, sort_keys=True):
+                continue
+        want = json.loads(json.dumps(entry))
+        differing.append((name, list(json_diff({name: want}, {} if got is _MISSING else {name: got}, TENSORS))))
+    if matched != len(found):  # the record names tensors the plan does not make (rare: a set only then)
+        planned = {t.name for s in plan.shards for t in s.tensors}
+        differing += [(name, list(json_diff({}, {name: got}, TENSORS))) for name, got in found.items()
+                      if name not in planned]
+    differing.sort(key=itemgetter(0))
+    return [line for _, lines in differing for line in lines]
+
+
+_MISSING = object()
+#: What :func:`json_stream` of an empty head puts before the first tensor entry.
+_TENSORS_OPEN = json.dumps({TENSORS: {}}, indent=2).encode()[:-len("}\n}")]
 
 
 def verify_record(output: Path, *, progress: Progress = None, progress_total: Progress = None,
@@ -172,7 +255,7 @@ def verify_record(output: Path, *, progress: Progress = None, progress_total: Pr
         VerifyError: no usable provenance record.
     """
     output = require_folder(output)
-    record = read_record(output)
+    record = read_record(output, "typed")
     expected = set(record.shards) | set(record.files) | {RECORD_NAME}
     diffs = unexpected_entries(output, expected)
     fmt = SAFETENSORS  # the container of every output tensorsurgery writes, and so of every record's
@@ -199,12 +282,15 @@ def verify_record(output: Path, *, progress: Progress = None, progress_total: Pr
 
 
 def check_meaning(output: Path, shards: list[str], fmt: OutputFormat,
-                  planned: Mapping[str, Any] | None = None) -> list[Difference]:
+                  planned: Mapping[str, Any] | None = None,
+                  tensors: Sequence[Tensor] | None = None) -> list[Difference]:
     """config.json of ``output`` against the headers of its shards (of the container ``fmt``;
     :mod:`tensorsurgery.families.consistency`): a config that disagrees with the tensors loads
     another model than they hold. A check that the ``planned`` config fails too with these tensors
     does not describe the family (apply let it through), so it is not reported. A missing or
-    broken file is a difference of its own, reported elsewhere, so it is not checked here."""
+    broken file is a difference of its own, reported elsewhere, so it is not checked here.
+    ``tensors``: what the headers hold, when the caller knows it (they are the planned ones); else
+    they are read."""
     probe: list[Difference] = []
     for name in (CONFIG_NAME, *shards):
         fd = open_output_file(output / name, probe)
@@ -213,7 +299,8 @@ def check_meaning(output: Path, shards: list[str], fmt: OutputFormat,
         os.close(fd)
     try:
         config = read_json(output / CONFIG_NAME, inside=output)
-        tensors = [e for name in shards for e in fmt.read_header(output / name).entries]
+        if tensors is None:
+            tensors = [e for name in shards for e in fmt.read_header(output / name).entries]
     except (SourceError, HeaderError):
         return []
     if not isinstance(config, dict):
@@ -281,16 +368,23 @@ def _check_recorded_tensors(tensors: list[_Recorded], threads: int, progress: Pr
     """sha256 of every tensor against the record, on ``threads`` threads; a repeat of an earlier
     tensor (same recorded sha256 and size) is compared with it instead, once it matched."""
     first: dict[tuple[str, int], int] = {}
-    jobs: list[Future[str]] = []
+    digests: list[str] = [""] * len(tensors)
+    # Only the jobs in flight are held (a Future is ~1.6 KB): at most IN_FLIGHT, oldest first.
+    jobs: dict[int, Future[str]] = {}
     # FIFO: a repeat starts after its first copy has started, so waiting for it cannot deadlock.
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for i, t in enumerate(tensors):
             j = first.setdefault((t.sha256, t.nbytes), i)
             if j == i:
-                jobs.append(pool.submit(_hash_tensor, t, progress))
+                jobs[i] = pool.submit(_hash_tensor, t, progress)
             else:
-                jobs.append(pool.submit(_check_repeat, t, tensors[j], jobs[j], progress))
-        digests = [job.result() for job in jobs]
+                original = jobs[j].result if j in jobs else _done(digests[j])
+                jobs[i] = pool.submit(_check_repeat, t, tensors[j], original, progress)
+            if len(jobs) > IN_FLIGHT:
+                oldest = next(iter(jobs))
+                digests[oldest] = jobs.pop(oldest).result()
+        for i, job in jobs.items():
+            digests[i] = job.result()
     return [Difference(t.name, f"sha256 {digest} differs from the record's {t.sha256}")
             for t, digest in zip(tensors, digests) if digest != t.sha256]
 
@@ -299,10 +393,14 @@ def _hash_tensor(t: _Recorded, progress: Progress) -> str:
     return hash_fd_range(t.fd, t.offset, t.nbytes, progress)
 
 
-def _check_repeat(t: _Recorded, original: _Recorded, original_digest: Future[str], progress: Progress) -> str:
+def _done(digest: str) -> Callable[[], str]:
+    return lambda: digest
+
+
+def _check_repeat(t: _Recorded, original: _Recorded, original_digest: Callable[[], str], progress: Progress) -> str:
     """The sha256 of ``t``'s bytes: the record's when they equal ``original``'s bytes and those
-    matched the record; else hashed."""
-    if original_digest.result() != original.sha256:
+    matched the record (``original_digest()``, waited for); else hashed."""
+    if original_digest() != original.sha256:
         return _hash_tensor(t, progress)
     a, b = thread_buffer("a"), thread_buffer("b")
     for start in range(0, t.nbytes, len(a)):
