@@ -16,12 +16,16 @@ child processes through ``run.py``'s launcher (wall time, user/sys CPU and peak 
 ``--dora``: the adapters are DoRA ones (``use_dora``, a float32 ``lora_magnitude_vector`` per
 module), so each merged row is also normed and scaled.
 
+``--peft``: also ``peft merge_and_unload`` at each rank, as people merge today: transformers loads
+the whole base, peft merges every module and ``save_pretrained`` writes the output (the oracle the
+tests compare our bytes with, here for its time and memory).
+
 Everything is written in a new folder under ``/dev/shm`` (or ``--workdir``) and removed at the end.
 
 Usage::
 
-    python benchmarks/lora.py [--size tiny|default] [--runs N] [--dora] [--workdir DIR] [--repo PATH]
-                              [--max-wait SECONDS] [--json]
+    python benchmarks/lora.py [--size tiny|default] [--runs N] [--dora] [--peft] [--workdir DIR]
+                              [--repo PATH] [--max-wait SECONDS] [--json]
 """
 from __future__ import annotations
 
@@ -44,6 +48,10 @@ import run as runner  # noqa: E402 - the launcher, the raw copy, the table: one 
 #: --size -> (layers, hidden, intermediate, kv rows, vocab). ``tiny`` proves the runner works.
 SIZES = {"tiny": (2, 256, 640, 128, 1024), "default": (8, 2048, 5632, 512, 32000)}
 RANKS = (16, 128)
+#: The peft baseline, run as a child: base folder, adapter folder, output folder.
+PEFT_MERGE = ("import sys, torch; from transformers import AutoModelForCausalLM; from peft import PeftModel; "
+              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16); "
+              "PeftModel.from_pretrained(m, sys.argv[2]).merge_and_unload().save_pretrained(sys.argv[3])")
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
          "mlp.up_proj", "mlp.down_proj")
 
@@ -123,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", type=Path, default=runner.DEFAULT_REPO, help="the checkout to measure")
     p.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for a quiet machine")
     p.add_argument("--dora", action="store_true", help="DoRA adapters (use_dora, a magnitude per row)")
+    p.add_argument("--peft", action="store_true", help="also peft's merge_and_unload + save_pretrained")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -173,6 +182,9 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
         runner.Approach("verify", f"verify MANIFEST OUTPUT (r={RANKS[0]}: the merge made again)",
                         repo.ts("verify", str(manifests[RANKS[0]]), str(out / f"r{RANKS[0]}"), "--no-progress"),
                         after=f"lora-r{RANKS[0]}"),
+        *(runner.Approach(f"peft-r{r}", f"peft merge_and_unload + save_pretrained ({kind} r={r})",
+                          [sys.executable, "-c", PEFT_MERGE, str(source), str(work / f"adapter-r{r}"),
+                           str(out / f"peft-r{r}")], out / f"peft-r{r}") for r in (RANKS if args.peft else ())),
     ]
     runner.run_one(rows[0], bench, 0, {"dropped": 0, "why": None, "max_wait": 0, "tmpfs": True, "env": env,
                                        "runs": 0})
@@ -184,7 +196,7 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     runner.run_all(rows, bench, args.runs, ctx)
     summary = runner.summarize(rows)
     command = " ".join(["python benchmarks/lora.py", "--size", args.size, "--runs", str(args.runs)]
-                       + (["--dora"] if args.dora else []))
+                       + (["--dora"] if args.dora else []) + (["--peft"] if args.peft else []))
     m = runner.machine(work, repo)
     if args.json:
         print(json.dumps({"command": command, "source_bytes": source_bytes, "adapter_bytes": adapter_bytes,
