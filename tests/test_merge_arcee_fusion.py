@@ -11,19 +11,23 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
-from test_merge_sce import CODES, _file_inputs, _prepared
+from merge_checks import (
+    CODES,
+    equals_mergekit,
+    family_fixture,
+    file_inputs,
+    flipped_byte_found,
+    prepared_op,
+    same_bytes_on_threads,
+    single_thread_mergekit,
+)
 from test_merges import (
     _raw,
     _yaml,
-    assert_bitwise_equal,
-    config_differences,
-    mergekit,
     read_all,
-    toml_manifest,
 )
 
-from cli_helpers import differences, error_line, run
+from cli_helpers import error_line, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 
@@ -52,9 +56,9 @@ def _differing(tmp_path: Path, base: torch.Tensor, x: torch.Tensor, seed: int | 
     from tensorsurgery.ops.base import Input
 
     expected = _raw(_reference(base, x))
-    path, flat = _file_inputs(tmp_path, [base.reshape(-1), x.reshape(-1)])
+    path, flat = file_inputs(tmp_path, [base.reshape(-1), x.reshape(-1)])
     inputs = tuple(Input(i.source, i.key, i.dtype, tuple(base.shape), i.range) for i in flat)
-    t = _prepared(ArceeFusion(CODES[base.dtype], seed, offset), path, inputs)
+    t = prepared_op(ArceeFusion(CODES[base.dtype], seed, offset), path, inputs)
     n, k = base.numel(), base.element_size()
     cuts = sorted({0, n // 3 + 7, 2 * n // 3 + 1, n})
     raws = [_raw(base), _raw(x)]
@@ -102,36 +106,15 @@ FUSION_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    from test_merges import _family
-
-    return _family(tmp_path_factory.mktemp("models"), ("ft0", "ft1"))
-
-
-def _single_thread_mergekit(config: dict[str, Any], out: Path) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return mergekit(config, out)
-    finally:
-        torch.set_num_threads(threads)
+models = family_fixture(("ft0", "ft1"))
 
 
 @pytest.mark.parametrize("door", ["yaml", "toml"])
 @pytest.mark.parametrize("case", sorted(FUSION_CASES))
 def test_arcee_fusion_equals_mergekit(capsys, tmp_path, models, case, door):
     config = FUSION_CASES[case](models)
-    theirs = _single_thread_mergekit(config, tmp_path / "mergekit")
-    ours = tmp_path / "ours"
-    manifest = tmp_path / f"{case}.{'yml' if door == 'yaml' else 'toml'}"
-    manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else toml_manifest(config, ours))
-    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
-    assert code == 0, out + err
-    assert_bitwise_equal(read_all(theirs), read_all(ours))
-    assert config_differences(theirs, ours) == {}
-    code, out, err = run(capsys, "verify", manifest, ours, "--no-progress")
-    assert code == 0 and "every byte matches" in out, out + err
+    theirs = single_thread_mergekit(config, tmp_path / "mergekit")
+    equals_mergekit(capsys, tmp_path, config, door, theirs, case)
 
 
 def _threshold_flips(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], paths: dict[str, Path],
@@ -156,7 +139,7 @@ def _threshold_flips(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tens
 def test_arcee_fusion_f32_is_mergekit_but_at_the_threshold(capsys, tmp_path, models):
     """dtype float32: measured 1 element of 83,376 differs (its importance at the threshold)."""
     config = _config(models, dtype="float32")
-    theirs = read_all(_single_thread_mergekit(config, tmp_path / "mergekit"))
+    theirs = read_all(single_thread_mergekit(config, tmp_path / "mergekit"))
     assert run(capsys, "apply", _yaml(tmp_path, config), "--output", tmp_path / "ours", "--no-progress")[0] == 0
     assert _threshold_flips(theirs, read_all(tmp_path / "ours"), models, torch.float32) <= 5
 
@@ -164,19 +147,8 @@ def test_arcee_fusion_f32_is_mergekit_but_at_the_threshold(capsys, tmp_path, mod
 def test_arcee_fusion_is_reproducible_and_verified(capsys, tmp_path, models):
     """The same bytes on 1 and 3 threads; verify catches one changed byte in both modes."""
     manifest = _yaml(tmp_path, FUSION_CASES["arcee_fusion"](models))
-    outputs = []
-    for threads in (1, 3):
-        out = tmp_path / f"t{threads}"
-        assert run(capsys, "apply", manifest, "--output", out, "--threads", threads, "--no-progress")[0] == 0
-        outputs.append(read_all(out))
-    assert_bitwise_equal(*outputs)
-    shard = tmp_path / "t3" / "model.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3000] ^= 4
-    shard.write_bytes(bytes(data))
-    for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
-        found = differences(*run(capsys, *argv, "--no-progress"))
-        assert len(found) == 1 and "(transform: arcee_fusion" in found[0], found
+    t3 = same_bytes_on_threads(capsys, tmp_path, manifest)
+    flipped_byte_found(capsys, manifest, t3, "arcee_fusion")
 
 
 def test_arcee_fusion_refusals(capsys, tmp_path, models):

@@ -10,18 +10,21 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
-from test_merge_sce import CODES, _file_inputs, _prepared
+from merge_checks import (
+    CODES,
+    equals_mergekit,
+    family_fixture,
+    file_inputs,
+    prepared_op,
+    single_thread_mergekit,
+)
 from test_merges import (
     FINE_TUNES,
     _raw,
     _ulps,
     _yaml,
     assert_bitwise_equal,
-    config_differences,
-    mergekit,
     read_all,
-    toml_manifest,
 )
 
 from cli_helpers import differences, error_line, run
@@ -49,8 +52,8 @@ def _ours(tmp_path: Path, tensors: list[torch.Tensor], max_iter: int = 10, tol: 
     from tensorsurgery.ops import Karcher
     from tensorsurgery.ops.blocks import STAT_BLOCK
 
-    path, inputs = _file_inputs(tmp_path, tensors)
-    t = _prepared(Karcher(max_iter, tol, CODES[tensors[0].dtype]), path, inputs)
+    path, inputs = file_inputs(tmp_path, tensors)
+    t = prepared_op(Karcher(max_iter, tol, CODES[tensors[0].dtype]), path, inputs)
     raws, k, n = [_raw(x) for x in tensors], tensors[0].element_size(), tensors[0].numel()
     cuts = sorted({0, min(n, STAT_BLOCK - 5), min(n, 2 * STAT_BLOCK + 7), n})
     parts = [t.op.apply([r[a * k:b * k] for r in raws], inputs, a) for a, b in zip(cuts, cuts[1:]) if b > a]
@@ -151,36 +154,15 @@ KARCHER_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    from test_merges import _family
-
-    return _family(tmp_path_factory.mktemp("models"), FINE_TUNES)
-
-
-def _single_thread_mergekit(config: dict[str, Any], out: Path) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return mergekit(config, out)
-    finally:
-        torch.set_num_threads(threads)
+models = family_fixture()
 
 
 @pytest.mark.parametrize("door", ["yaml", "toml"])
 @pytest.mark.parametrize("case", sorted(KARCHER_CASES))
 def test_karcher_equals_mergekit(capsys, tmp_path, models, case, door):
     config = KARCHER_CASES[case](models)
-    theirs = _single_thread_mergekit(config, tmp_path / "mergekit")
-    ours = tmp_path / "ours"
-    manifest = tmp_path / f"{case}.{'yml' if door == 'yaml' else 'toml'}"
-    manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else toml_manifest(config, ours))
-    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
-    assert code == 0, out + err
-    assert_bitwise_equal(read_all(theirs), read_all(ours))
-    assert config_differences(theirs, ours) == {}
-    code, out, err = run(capsys, "verify", manifest, ours, "--no-progress")
-    assert code == 0 and "every byte matches" in out, out + err
+    theirs = single_thread_mergekit(config, tmp_path / "mergekit")
+    equals_mergekit(capsys, tmp_path, config, door, theirs, case)
 
 
 def test_karcher_f32_merge_follows_the_rule(capsys, tmp_path, models):
@@ -188,7 +170,7 @@ def test_karcher_f32_merge_follows_the_rule(capsys, tmp_path, models):
     test_karcher_f32_rule's bound (measured: 28 of 39 tensors, 35,226 of 83,376 elements differ,
     by at most 1.8e-7 of a tensor's largest magnitude)."""
     config = {**KARCHER_CASES["karcher"](models), "dtype": "float32"}
-    theirs = read_all(_single_thread_mergekit(config, tmp_path / "mergekit"))
+    theirs = read_all(single_thread_mergekit(config, tmp_path / "mergekit"))
     assert run(capsys, "apply", _yaml(tmp_path, config), "--output", tmp_path / "ours", "--no-progress")[0] == 0
     ours = read_all(tmp_path / "ours")
     assert theirs.keys() == ours.keys()

@@ -20,27 +20,28 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from merge_checks import (
+    CODES,
+    apply_door,
+    equals_mergekit,
+    family_fixture,
+    flipped_byte_found,
+    same_bytes_on_threads,
+)
 from test_merge_nuslerp import _f32_units
 from test_merges import (
     FINE_TUNES,
-    _family,
     _raw,
     _yaml,
-    assert_bitwise_equal,
-    config_differences,
     mergekit,
     read_all,
-    toml_manifest,
 )
 from torch_helpers import no_network
 
-from cli_helpers import differences, error_line, run
+from cli_helpers import error_line, run
 from tensorsurgery.io.byte_source import LocalFile
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
-
-DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,9 +50,7 @@ def offline():
         yield
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return _family(tmp_path_factory.mktemp("models"), FINE_TUNES)
+models = family_fixture()
 
 
 def _models(p: dict[str, Path], *weights: Any) -> list[dict[str, Any]]:
@@ -78,32 +77,19 @@ F32_CASES = {
 }
 
 
-def _apply(capsys, tmp_path: Path, case: str, config: dict[str, Any], door: str = "yaml") -> tuple[Path, Path]:
-    ours = tmp_path / "ours"
-    manifest = tmp_path / f"{case}.{'yml' if door == 'yaml' else 'toml'}"
-    manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else toml_manifest(config, ours))
-    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
-    assert code == 0, out + err
-    return manifest, ours
-
-
 @pytest.mark.parametrize("door", ["yaml", "toml"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_multislerp_equals_mergekit(capsys, tmp_path, models, case, door):
     config = CASES[case](models)
     theirs = mergekit(config, tmp_path / "mergekit")
-    manifest, ours = _apply(capsys, tmp_path, case, config, door)
-    assert_bitwise_equal(read_all(theirs), read_all(ours))
-    assert config_differences(theirs, ours) == {}
-    code, out, err = run(capsys, "verify", manifest, ours, "--no-progress")
-    assert code == 0 and "every byte matches" in out, out + err
+    equals_mergekit(capsys, tmp_path, config, door, theirs, case)
 
 
 @pytest.mark.parametrize("case", sorted(F32_CASES))
 def test_float32_is_mergekit_to_a_few_units(capsys, tmp_path, models, case):
     config = F32_CASES[case](models)
     theirs = read_all(mergekit(config, tmp_path / "mergekit"))
-    ours = read_all(_apply(capsys, tmp_path, case, config)[1])
+    ours = read_all(apply_door(capsys, tmp_path, config, name=case)[1])
     sources = {n: read_all(models[n]) for n in ("base", *FINE_TUNES)}
     differing = 0
     for key in sorted(theirs):
@@ -124,19 +110,8 @@ def test_threads_and_verify(capsys, tmp_path, models):
     manifest = _yaml(tmp_path, config)
     code, out, err = run(capsys, "plan", manifest)
     assert code == 0 and "merge: multislerp of ft0, ft1, ft2 onto base" in out, out + err
-    outputs = []
-    for threads in (1, 3):
-        out_dir = tmp_path / f"t{threads}"
-        assert run(capsys, "apply", manifest, "--output", out_dir, "--threads", threads, "--no-progress")[0] == 0
-        outputs.append(read_all(out_dir))
-    assert_bitwise_equal(*outputs)
-    shard = tmp_path / "t3" / "model.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3000] ^= 4
-    shard.write_bytes(bytes(data))
-    for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
-        found = differences(*run(capsys, *argv, "--no-progress"))
-        assert len(found) == 1 and "(transform: multislerp" in found[0], found
+    t3 = same_bytes_on_threads(capsys, tmp_path, manifest)
+    flipped_byte_found(capsys, manifest, t3, "multislerp")
 
 
 def test_refusals(capsys, tmp_path, models):
@@ -173,7 +148,7 @@ def _mergekit_multislerp(tensors: list[torch.Tensor], weights: list[float], base
     return multislerp([group], parameters={"weight": weights, "normalize_weights": normalize, "eps": eps})[0]
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", list(CODES))
 def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     """The four statistics passes on a tensor longer than a statistics block (65,536 elements),
     with and without a base, normalized or not, against mergekit's own method, in several element
@@ -187,7 +162,7 @@ def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     from tensorsurgery.ops.blocks import STAT_BLOCK
     from tensorsurgery.ops.interpreter import Prepared, prepared
 
-    code = DTYPES[dtype]
+    code = CODES[dtype]
     gen = torch.Generator().manual_seed(3)
     shape = (31, 7001)
     n = 31 * 7001

@@ -3,25 +3,18 @@ mergekit 0.1.5 (elementwise: no sort, no random draw, no reduction), and the ker
 against mergekit's own function."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
-from test_merge_sce import CODES
+from merge_checks import CODES, equals_mergekit, family_fixture, threads_and_verify
 from test_merges import (
-    FINE_TUNES,
     _raw,
     _yaml,
-    assert_bitwise_equal,
-    config_differences,
     mergekit,
-    read_all,
-    toml_manifest,
 )
 
-from cli_helpers import differences, error_line, run
+from cli_helpers import error_line, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 
@@ -90,52 +83,18 @@ NEARSWAP_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    from test_merges import _family
-
-    return _family(tmp_path_factory.mktemp("models"), FINE_TUNES)
-
-
-def _equals_mergekit(capsys: Any, tmp_path: Path, config: dict[str, Any], door: str) -> None:
-    theirs = mergekit(config, tmp_path / "mergekit")
-    ours = tmp_path / "ours"
-    manifest = tmp_path / f"m.{'yml' if door == 'yaml' else 'toml'}"
-    manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else toml_manifest(config, ours))
-    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
-    assert code == 0, out + err
-    assert_bitwise_equal(read_all(theirs), read_all(ours))
-    assert config_differences(theirs, ours) == {}
-    code, out, err = run(capsys, "verify", manifest, ours, "--no-progress")
-    assert code == 0 and "every byte matches" in out, out + err
+models = family_fixture()
 
 
 @pytest.mark.parametrize("door", ["yaml", "toml"])
 @pytest.mark.parametrize("case", sorted(NEARSWAP_CASES))
 def test_nearswap_equals_mergekit(capsys, tmp_path, models, case, door):
-    _equals_mergekit(capsys, tmp_path, NEARSWAP_CASES[case](models), door)
-
-
-def _threads_and_verify(capsys: Any, tmp_path: Path, config: dict[str, Any], label: str) -> None:
-    """The same bytes on 1 and 3 threads; verify catches one changed byte in both modes."""
-    manifest = _yaml(tmp_path, config)
-    outputs = []
-    for threads in (1, 3):
-        out = tmp_path / f"t{threads}"
-        assert run(capsys, "apply", manifest, "--output", out, "--threads", threads, "--no-progress")[0] == 0
-        outputs.append(read_all(out))
-    assert_bitwise_equal(*outputs)
-    shard = tmp_path / "t3" / "model.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3000] ^= 4
-    shard.write_bytes(bytes(data))
-    for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
-        found = differences(*run(capsys, *argv, "--no-progress"))
-        assert len(found) == 1 and f"(transform: {label}" in found[0], found
+    config = NEARSWAP_CASES[case](models)
+    equals_mergekit(capsys, tmp_path, config, door, mergekit(config, tmp_path / "mergekit"))
 
 
 def test_nearswap_is_reproducible_and_verified(capsys, tmp_path, models):
-    _threads_and_verify(capsys, tmp_path, NEARSWAP_CASES["nearswap"](models), "nearswap")
+    threads_and_verify(capsys, tmp_path, NEARSWAP_CASES["nearswap"](models), "nearswap")
 
 
 def test_nearswap_refusals(capsys, tmp_path, models):

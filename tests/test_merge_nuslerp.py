@@ -18,26 +18,26 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from merge_checks import (
+    CODES,
+    apply_door,
+    equals_mergekit,
+    family_fixture,
+    flipped_byte_found,
+    same_bytes_on_threads,
+)
 from test_merges import (
-    FINE_TUNES,
-    _family,
     _raw,
     _yaml,
-    assert_bitwise_equal,
-    config_differences,
     mergekit,
     read_all,
-    toml_manifest,
 )
 from torch_helpers import no_network
 
-from cli_helpers import differences, error_line, run
+from cli_helpers import error_line, run
 from tensorsurgery.io.byte_source import LocalFile
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
-
-DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,9 +46,7 @@ def offline():
         yield
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return _family(tmp_path_factory.mktemp("models"), FINE_TUNES)
+models = family_fixture()
 
 
 def _two(p: dict[str, Path], a: Any, b: Any, names: tuple[str, str] = ("ft0", "ft1")) -> list[dict[str, Any]]:
@@ -76,25 +74,12 @@ F32_CASES = {
 }
 
 
-def _apply(capsys, tmp_path: Path, case: str, config: dict[str, Any], door: str = "yaml") -> tuple[Path, Path]:
-    ours = tmp_path / "ours"
-    manifest = tmp_path / f"{case}.{'yml' if door == 'yaml' else 'toml'}"
-    manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else toml_manifest(config, ours))
-    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
-    assert code == 0, out + err
-    return manifest, ours
-
-
 @pytest.mark.parametrize("door", ["yaml", "toml"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_nuslerp_equals_mergekit(capsys, tmp_path, models, case, door):
     config = CASES[case](models)
     theirs = mergekit(config, tmp_path / "mergekit")
-    manifest, ours = _apply(capsys, tmp_path, case, config, door)
-    assert_bitwise_equal(read_all(theirs), read_all(ours))
-    assert config_differences(theirs, ours) == {}
-    code, out, err = run(capsys, "verify", manifest, ours, "--no-progress")
-    assert code == 0 and "every byte matches" in out, out + err
+    equals_mergekit(capsys, tmp_path, config, door, theirs, case)
 
 
 def _f32_units(x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +92,7 @@ def _f32_units(x: torch.Tensor) -> torch.Tensor:
 def test_float32_is_mergekit_to_a_few_units(capsys, tmp_path, models, case):
     config = F32_CASES[case](models)
     theirs = read_all(mergekit(config, tmp_path / "mergekit"))
-    _, out = _apply(capsys, tmp_path, case, config)
+    _, out = apply_door(capsys, tmp_path, config, name=case)
     ours = read_all(out)
     sources = {n: read_all(models[n]) for n in ("base", "ft0", "ft1")}
     differing = elements = 0
@@ -132,25 +117,14 @@ def test_record_plan_threads_and_verify(capsys, tmp_path, models):
     manifest = _yaml(tmp_path, config)
     code, out, err = run(capsys, "plan", manifest)
     assert code == 0 and "merge: nuslerp of ft0, ft2 onto base" in out, out + err
-    outputs = []
-    for threads in (1, 3):
-        out_dir = tmp_path / f"t{threads}"
-        assert run(capsys, "apply", manifest, "--output", out_dir, "--threads", threads, "--no-progress")[0] == 0
-        outputs.append(read_all(out_dir))
-    assert_bitwise_equal(*outputs)
+    t3 = same_bytes_on_threads(capsys, tmp_path, manifest)
     import json
-    record = json.loads((tmp_path / "t3" / "tensorsurgery.json").read_text())
+    record = json.loads((t3 / "tensorsurgery.json").read_text())
     op = record["tensors"]["model.layers.1.self_attn.q_proj.weight"]["operation"]
     assert op == {"name": "nuslerp", "t": pytest.approx(2 / 3), "row_wise": True, "flatten": False, "base": True,
                   "dtype": "BF16"}
     assert record["tensors"]["model.layers.1.mlp.up_proj.weight"]["operation"]["row_wise"] is False
-    shard = tmp_path / "t3" / "model.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3000] ^= 4
-    shard.write_bytes(bytes(data))
-    for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
-        found = differences(*run(capsys, *argv, "--no-progress"))
-        assert len(found) == 1 and "(transform: nuslerp" in found[0], found
+    flipped_byte_found(capsys, manifest, t3, "nuslerp")
 
 
 def test_refusals(capsys, tmp_path, models):
@@ -203,7 +177,7 @@ def _group(v: torch.Tensor, flatten: bool, row_wise: bool, g: int) -> torch.Tens
     return v.reshape(v.shape[0], -1)[:, g] if row_wise else v.reshape(-1, v.shape[-1])[g]
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", list(CODES))
 def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     """The two statistics passes on tensors longer than a statistics block (65,536 elements), with
     rows that cross block boundaries, in the three groupings and with and without a base, against
@@ -219,7 +193,7 @@ def test_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     from tensorsurgery.ops.blocks import STAT_BLOCK
     from tensorsurgery.ops.interpreter import Prepared, prepared
 
-    code = DTYPES[dtype]
+    code = CODES[dtype]
     gen = torch.Generator().manual_seed(2)
     explained = 0
     for shape in ((40, 5003), (9, 7, 3001)):

@@ -3,22 +3,16 @@ to stock mergekit 0.1.5 (no sort, no random draw; the sums over the models in to
 the kernels on tensors of several blocks against mergekit's own functions."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from test_merge_nearswap import _equals_mergekit, _group, _hard, _same, _threads_and_verify
-from test_merge_sce import CODES, _file_inputs, _prepared
-from test_merges import FINE_TUNES, _raw
+from merge_checks import CODES, equals_mergekit, family_fixture, file_inputs, prepared_op, threads_and_verify
+from test_merge_nearswap import _group, _hard, _same
+from test_merges import FINE_TUNES, _raw, mergekit
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    from test_merges import _family
-
-    return _family(tmp_path_factory.mktemp("models"), FINE_TUNES)
+models = family_fixture()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -44,7 +38,7 @@ def test_ram_kernels_on_tensors_of_many_blocks(tmp_path, dtype):
         x[::i + 2] = base[::i + 2]  # each model changes another share of the elements
         x[(3 * i)::103] = _hard(n, dtype, gen, 1.0)[(3 * i)::103]
         xs.append(x)
-    path, inputs = _file_inputs(tmp_path, [base, *xs])
+    path, inputs = file_inputs(tmp_path, [base, *xs])
     raws = [_raw(x) for x in (base, *xs)]
     k = base.element_size()
     varied = False
@@ -55,7 +49,7 @@ def test_ram_kernels_on_tensors_of_many_blocks(tmp_path, dtype):
         for r, alpha in ((0.1, 0.2), (2.5, 7.0)):
             plus = ramplus_tl_merge.merge_group(_group([base, *xs]), r=r, alpha=alpha, epsilon=epsilon)
             assert plus.dtype == torch.float32
-            t = _prepared(RamPlus(r, alpha, epsilon, CODES[dtype]), path, inputs)
+            t = prepared_op(RamPlus(r, alpha, epsilon, CODES[dtype]), path, inputs)
             for start, stop in ((0, n), (STAT_BLOCK - 5, STAT_BLOCK + 7), (n - 3, n)):
                 mine = t.op.apply([x[start * k:stop * k] for x in raws], inputs, start)
                 same = _same(plus[start:stop], mine, stop - start)
@@ -88,8 +82,9 @@ RAM_CASES = {
 @pytest.mark.parametrize("door", ["yaml", "toml"])
 @pytest.mark.parametrize("case", sorted(RAM_CASES))
 def test_ram_equals_mergekit(capsys, tmp_path, models, case, door):
-    _equals_mergekit(capsys, tmp_path, RAM_CASES[case](models), door)
+    config = RAM_CASES[case](models)
+    equals_mergekit(capsys, tmp_path, config, door, mergekit(config, tmp_path / "mergekit"))
 
 
 def test_ram_is_reproducible_and_verified(capsys, tmp_path, models):
-    _threads_and_verify(capsys, tmp_path, RAM_CASES["ramplus_tl"](models), "ramplus_tl")
+    threads_and_verify(capsys, tmp_path, RAM_CASES["ramplus_tl"](models), "ramplus_tl")

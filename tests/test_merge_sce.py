@@ -9,26 +9,25 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from merge_checks import (
+    CODES,
+    equals_mergekit,
+    family_fixture,
+    file_inputs,
+    flipped_byte_found,
+    prepared_op,
+    same_bytes_on_threads,
+)
 from test_merges import (
     FINE_TUNES,
     _raw,
     _yaml,
-    assert_bitwise_equal,
-    config_differences,
     mergekit,
-    read_all,
-    toml_manifest,
 )
 
-from cli_helpers import differences, error_line, run
-from tensorsurgery.io.byte_source import LocalFile
-from tensorsurgery.ops.interpreter import Prepared
+from cli_helpers import error_line, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
-
-CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-
 
 @contextmanager
 def stable_topk():
@@ -57,27 +56,6 @@ def _sce_reference(tensors: list[torch.Tensor], select_topk: float) -> torch.Ten
         return sce_merge.merge_group(TensorGroup.from_tensors(tensors, base_index=0), select_topk=select_topk)
 
 
-def _file_inputs(tmp_path: Path, tensors: list[torch.Tensor]):
-    from tensorsurgery.ops.base import ByteRange, Input
-
-    path = tmp_path / "x.bin"
-    path.write_bytes(b"".join(_raw(x).tobytes() for x in tensors))
-    n, code = tensors[0].numel(), CODES[tensors[0].dtype]
-    size = tensors[0].element_size() * n
-    file = LocalFile(path)
-    return path, tuple(Input("s", "k", code, (n,), ByteRange(file, i * size, size)) for i in range(len(tensors)))
-
-
-def _prepared(op: Any, path: Path, inputs: tuple[Any, ...]) -> Any:
-    from tensorsurgery.ops.interpreter import prepared
-
-    reader = LocalFile(path).open()
-    try:
-        return prepared(Prepared(inputs[0].dtype, inputs[0].range.length, inputs, op), [reader] * len(inputs))
-    finally:
-        reader.close()
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_sce_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     """Both passes on tensors longer than a statistics block, whose variances tie massively
@@ -93,13 +71,13 @@ def test_sce_kernel_on_tensors_of_many_blocks(tmp_path, dtype):
     xs = [base + (torch.randint(-6, 7, (n,), generator=gen) / 64).to(dtype) for _ in range(4)]
     xs[1][::97] = base[::97]
     xs[2][::5] = base[::5]
-    path, inputs = _file_inputs(tmp_path, [base, *xs])
+    path, inputs = file_inputs(tmp_path, [base, *xs])
     raws = [_raw(x) for x in (base, *xs)]
     k = base.element_size()
     cuts = []
     for topk in (0.0, 0.013, 0.37, 1.0):
         expected = _raw(_sce_reference([base, *xs], topk).to(dtype))
-        t = _prepared(Sce(topk, CODES[dtype]), path, inputs)
+        t = prepared_op(Sce(topk, CODES[dtype]), path, inputs)
         if t.op.keep is not None:
             cuts.append(t.op.keep.cut)
         for start, stop in ((0, n), (STAT_BLOCK - 5, STAT_BLOCK * 2 + 7), (n - 3, n)):
@@ -117,9 +95,9 @@ def test_sce_weights_fall_back_to_equal_when_the_vectors_vanish(tmp_path):
     base = torch.randn(5000, generator=gen).to(torch.bfloat16)
     for noise, equal in ((1e-4, True), (3e-2, False)):
         xs = [(base.float() + torch.randn(5000, generator=gen) * noise).to(torch.bfloat16) for _ in range(3)]
-        path, inputs = _file_inputs(tmp_path, [base, *xs])
+        path, inputs = file_inputs(tmp_path, [base, *xs])
         for topk in (1.0, 0.0, 0.5):
-            t = _prepared(Sce(topk, "BF16"), path, inputs)
+            t = prepared_op(Sce(topk, "BF16"), path, inputs)
             ours = t.op.apply([_raw(x) for x in (base, *xs)], inputs, 0)
             assert (ours != _raw(_sce_reference([base, *xs], topk))).sum() == 0, (noise, topk)
             assert (t.op.weights == (0.333984375,) * 3) == (equal or topk == 0), (noise, topk, t.op.weights)
@@ -144,11 +122,7 @@ SCE_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    from test_merges import _family
-
-    return _family(tmp_path_factory.mktemp("models"), FINE_TUNES)
+models = family_fixture()
 
 
 @pytest.mark.parametrize("door", ["yaml", "toml"])
@@ -157,34 +131,15 @@ def test_sce_equals_mergekit_with_a_stable_topk(capsys, tmp_path, models, case, 
     config = SCE_CASES[case](models)
     with stable_topk():
         theirs = mergekit(config, tmp_path / "mergekit")
-    ours = tmp_path / "ours"
-    manifest = tmp_path / f"{case}.{'yml' if door == 'yaml' else 'toml'}"
-    manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else toml_manifest(config, ours))
-    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
-    assert code == 0, out + err
-    assert_bitwise_equal(read_all(theirs), read_all(ours))
-    assert config_differences(theirs, ours) == {}
-    code, out, err = run(capsys, "verify", manifest, ours, "--no-progress")
-    assert code == 0 and "every byte matches" in out, out + err
+    equals_mergekit(capsys, tmp_path, config, door, theirs, case)
 
 
 def test_sce_is_reproducible_and_verified(capsys, tmp_path, models):
     """The same bytes on 1 and 3 threads; verify (which recomputes the statistics) catches one
     changed byte in both modes."""
     manifest = _yaml(tmp_path, SCE_CASES["sce"](models))
-    outputs = []
-    for threads in (1, 3):
-        out = tmp_path / f"t{threads}"
-        assert run(capsys, "apply", manifest, "--output", out, "--threads", threads, "--no-progress")[0] == 0
-        outputs.append(read_all(out))
-    assert_bitwise_equal(*outputs)
-    shard = tmp_path / "t3" / "model.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3000] ^= 4
-    shard.write_bytes(bytes(data))
-    for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
-        found = differences(*run(capsys, *argv, "--no-progress"))
-        assert len(found) == 1 and "(transform: sce" in found[0], found
+    t3 = same_bytes_on_threads(capsys, tmp_path, manifest)
+    flipped_byte_found(capsys, manifest, t3, "sce")
 
 
 def test_sce_refusals(capsys, tmp_path, models):
