@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, cast
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.io.scratch import scratch
 from tensorsurgery.ops.arith import encoded, rounded, rounded_scalars, values
 from tensorsurgery.ops.mt_stream import Stream, keep_threshold
-from tensorsurgery.ops.torch_sums import CascadeSum, full_sum, model_sum
+from tensorsurgery.ops.torch_sums import CascadeSum, ChunkedSum, full_sum, model_sum
 
 if TYPE_CHECKING:
     from tensorsurgery.io.byte_source import Reader
@@ -64,18 +64,37 @@ def _workers() -> ThreadPoolExecutor:
         return _pool
 
 
+#: Model ``k``'s 0/1 kept-mask of a chunk of its deltas (their magnitudes, or the signed values: a
+#: mask depends on magnitudes only), drawing from its stream.
+Masker = Callable[[int, Stream, np.ndarray], np.ndarray]
+
+
 def dare_chunks(op: DareParameters, inputs: Sequence[Input], readers: Sequence[Reader]) -> Iterator[np.ndarray]:
     """Every value of ``op`` on ``inputs`` (read by ``readers``), in chunks (raw bytes of the merge dtype)."""
-    md = op.dtype
-    wd = "BF16" if md == "BF16" else "F32"  # torch's CPU bernoulli has no float16: mergekit widens
+    wd = "BF16" if op.dtype == "BF16" else "F32"  # torch's CPU bernoulli has no float16: mergekit widens
     n = inputs[0].range.length // element_size(inputs[0].dtype)
     sparse = [k for k, d in enumerate(op.densities) if d < 1]
     keep = {k: keep_threshold(rounded_scalars([op.densities[k]], wd)[0]) for k in sparse}
+
+    def mask(k: int, stream: Stream, delta: np.ndarray) -> np.ndarray:
+        return cast("np.ndarray", stream.low24(delta.size) < keep[k])
+
     unit = CascadeSum(n, wd).unit
-    chunk = max(unit, CHUNK_ELEMENTS // unit * unit)
+    return sparsified_chunks(op, inputs, readers, n, max(unit, CHUNK_ELEMENTS // unit * unit), wd, sparse, mask,
+                             CascadeSum, zero_dropped=False)
+
+
+def sparsified_chunks(op: DareParameters, inputs: Sequence[Input], readers: Sequence[Reader], n: int, chunk: int,
+                      wd: str, sparse: list[int], mask: Masker, sums: type[CascadeSum] | type[ChunkedSum], *,
+                      zero_dropped: bool) -> Iterator[np.ndarray]:
+    """Both passes of DARE and DELLA (generalized task arithmetic with random sparsification), in
+    chunks of ``chunk`` elements: the models in ``sparse`` keep what ``mask`` draws (their rescale
+    sums made by ``sums`` in the work dtype ``wd``); with ``zero_dropped``, a model of density 0
+    adds +0 (DELLA's ``torch.zeros_like``), else its masked delta."""
+    md = op.dtype
     pool = _workers()
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch makes them
-        streams, ratios = _first_pass(op, inputs, readers, n, chunk, sparse, keep, wd)
+        streams, ratios = _first_pass(op, inputs, readers, n, chunk, sparse, mask, wd, sums)
         weights = rounded_scalars(op.weights, md)
         divisor: Any = None
         if not op.ties:
@@ -86,9 +105,11 @@ def dare_chunks(op: DareParameters, inputs: Sequence[Input], readers: Sequence[R
 
         def term(k: int, base: np.ndarray, start: int, count: int) -> np.ndarray:
             with np.errstate(over="ignore", invalid="ignore"):
+                if zero_dropped and op.densities[k] <= 0:  # torch.zeros_like: +0 whatever the delta's sign
+                    return rounded(np.zeros(count, np.float32) * weights[k], md)
                 delta = rounded(read_values(inputs, readers, k + 1, start, count, md, slot=k + 1) - base, md)
                 if k in streams:
-                    delta *= streams[k].low24(count) < keep[k]  # as torch multiplies by the 0/1 mask
+                    delta *= mask(k, streams[k], delta)  # as torch multiplies by the 0/1 mask
                     ratio = ratios.get(k)
                     if ratio is not None:
                         delta = rounded(delta * ratio, wd)
@@ -123,7 +144,7 @@ def dare_chunks(op: DareParameters, inputs: Sequence[Input], readers: Sequence[R
 
 
 def _first_pass(op: DareParameters, inputs: Sequence[Input], readers: Sequence[Reader], n: int, chunk: int,
-                sparse: list[int], keep: dict[int, int], wd: str
+                sparse: list[int], mask: Masker, wd: str, sums: type[CascadeSum] | type[ChunkedSum]
                 ) -> tuple[dict[int, Stream], dict[int, np.float32 | None]]:
     """Each sparsified model's stream at its first draw, and with ``rescale`` its factor
     ``sum|delta| / sum|kept|`` in the work dtype (None: skipped, a sum below 1e-7); the draws
@@ -141,14 +162,14 @@ def _first_pass(op: DareParameters, inputs: Sequence[Input], readers: Sequence[R
             stream.advance(n)
             return start, None, stream
         md = op.dtype
-        before, after = CascadeSum(n, wd), CascadeSum(n, wd)
+        before, after = sums(n, wd), sums(n, wd)
         with np.errstate(over="ignore", invalid="ignore"):
             for at in range(0, n, chunk):
                 count = min(chunk, n - at)
                 base = read_values(inputs, readers, 0, at, count, md, slot=0)
                 size = np.abs(rounded(read_values(inputs, readers, k + 1, at, count, md, slot=1) - base, md))
                 before.add(size)
-                size *= stream.low24(count) < keep[k]
+                size *= mask(k, stream, size)
                 after.add(size)
             b, a = (rounded(np.asarray([s.value()], np.float32), wd)[0] for s in (before, after))
             ratio = None if b < EPS or a < EPS else rounded(np.asarray([b / a], np.float32), wd)[0]
