@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_merge_dare import FINE_TUNES, _family, _manifest, mergekit, one_thread
+from test_merge_dare import FINE_TUNES, _family, _manifest, _models, mergekit, one_thread
 from test_merges import _raw, assert_bitwise_equal, config_differences, read_all, stable_argsort
 from torch_helpers import no_network
 from transformers import AutoModelForCausalLM
@@ -38,10 +38,6 @@ def models(tmp_path_factory) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("della-models")
     return {"bf16": _family(root / "bf16", FINE_TUNES, layers=12),
             "f32": _family(root / "f32", FINE_TUNES, layers=12, dtype=torch.float32)}
-
-
-def _models(paths: dict[str, Path], parameters: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"model": str(paths[name]), "parameters": p} for name, p in zip(FINE_TUNES, parameters)]
 
 
 #: Every parameter form: a per-model epsilon, a density gradient, filtered densities, an epsilon
