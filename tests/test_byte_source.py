@@ -7,6 +7,7 @@ each source is opened once per user; a source that ends early is a ReadError nam
 """
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -133,3 +134,33 @@ def test_a_source_that_ends_early_is_one_read_error(tmp_path):
                                                            ByteRange(MemorySource("m", bytes(100)), 0, 8192)),), COPY)
     with pytest.raises(ReadError, match="memory:100: ends before byte 100"):
         Pump(buffer_size=4096, direct=False).run([(_shard([t]), tmp_path / "x.safetensors")])
+
+
+class _ThreadRecordingSource(MemorySource):
+    """A memory source that notes the thread of every read."""
+
+    threads: list[threading.Thread] = []
+
+    def open(self) -> _MemoryReader:
+        reader = super().open()
+        plain = reader.read_into
+
+        def read_into(view: memoryview, offset: int) -> None:
+            self.threads.append(threading.current_thread())
+            plain(view, offset)
+
+        reader.read_into = read_into  # type: ignore[method-assign]
+        return reader
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_the_pump_never_reads_or_waits_on_the_main_thread(tmp_path, threads):
+    """Ctrl-C and SIGTERM raise on the main thread at any bytecode; one raised inside a queue's
+    ``with lock:`` left the lock held and the writer blocked on it for ever (a hung apply after
+    SIGINT, tests/test_faults.py, about 1 run in 100). So the main thread only waits for the lanes,
+    with one lane too: no read of a source happens on it."""
+    _ThreadRecordingSource.threads.clear()
+    shard = _shard(_tensors(_ThreadRecordingSource("m", _values(8192))))
+    Pump(buffer_size=4096, direct=False, threads=threads).run([(shard, tmp_path / "a.safetensors")])
+    assert _ThreadRecordingSource.threads
+    assert threading.main_thread() not in _ThreadRecordingSource.threads

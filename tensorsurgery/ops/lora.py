@@ -6,10 +6,10 @@ The arithmetic is peft's on CPU, measured bit for bit (tests/test_adapters.py): 
 to float32, their float32 product, times ``float32(scaling)``, added to ``float32(W)`` and rounded
 once to W's dtype (an embedding's product is rounded to W's dtype before the add, as peft's
 ``Embedding.merge`` does). torch's float32 matmul (MKL) accumulates each dot product in rank order
-with fused multiply-adds; numpy's (OpenBLAS) does too for the blocked kernel it uses on a product of
-at least :data:`MIN_ROWS` rows, but not for its small-matrix and single-row paths. So every product
-here is made over a window of at least that many rows around the rows asked for (the rows
-themselves when the tensor has fewer), whatever row range the writer asks for.
+with fused multiply-adds; the product here is made in that order by
+:func:`tensorsurgery.ops.fma_product.fma_product`, not by numpy's BLAS, whose order depends on the
+kernel it picks for the CPU. A product is made over a window of :data:`MIN_ROWS` rows and a block
+of columns at a time (:func:`column_blocks`), which bounds its memory.
 
 DoRA (``dora``, peft's ``use_dora`` on a linear layer): a fourth input, the magnitude vector ``m``
 (one value per output row), and peft's ``DoraLinearVariant.merge``: ``S = f32(W) + delta`` (delta
@@ -30,16 +30,14 @@ if TYPE_CHECKING:
     from tensorsurgery.io.byte_source import Reader
     from tensorsurgery.ops.base import Input
 
-#: The fewest rows a product is made over (see the module docstring): OpenBLAS's blocked sgemm,
-#: whose accumulation order is torch's, for ranks up to 128.
+#: The rows a product is made over at a time (see the module docstring).
 MIN_ROWS = 128
 #: Column blocks of a product are at least this wide (:func:`column_blocks`): 128 KiB of float32 per
 #: thread for a 128-row window at r = 128 (512 KiB at r = 16, the product's own bound), where the
 #: whole window of a 5632-column ``down_proj`` is 2.75 MiB.
 MIN_BLOCK_COLS = 256
-#: The fewest multiply-adds a block's product makes (:func:`column_blocks`): OpenBLAS sends smaller
-#: single-precision products (below about 10^6) to its small-matrix kernels, whose tails round
-#: otherwise (measured: 128 x 104 x 32 differs from the same columns of a wider product).
+#: The fewest multiply-adds a block's product makes (:func:`column_blocks`): fewer, wider blocks
+#: where a tensor is narrow (each block's product has a fixed cost per rank step).
 BLAS_MIN_PRODUCT = 1 << 21
 #: Elements made at a time after the product (the scaling, the add and the roundings).
 _PIECE = 1 << 15
@@ -208,19 +206,20 @@ class LoraMerge:
         import numpy as np
 
         from tensorsurgery.io.scratch import scratch
+        from tensorsurgery.ops.fma_product import fma_product
 
         a, b = inputs[1], inputs[2]
         r = a.shape[0]
         product = scratch((hi - lo) * (c1 - c0) * 4, slot=20)[0].view(np.float32).reshape(hi - lo, c1 - c0)
         if not self.transposed:  # B[lo:hi] @ A[:, c0:c1]
             fb = _f32(_read(readers[2], b, lo * r, (hi - lo) * r, slot=12), b.dtype, slot=19).reshape(hi - lo, r)
-            return np.matmul(fb, factor[:, c0:c1], out=product)
+            return fma_product(fb, factor[:, c0:c1], product)
         # (B[c0:c1] @ A[:, lo:hi])^T: the same dot products as peft's full B @ A, in the same order
         fa = scratch(r * (hi - lo) * 4, slot=21)[0].view(np.float32).reshape(r, hi - lo)
         for k in range(r):
             fa[k] = _f32(_read(readers[1], a, k * a.shape[1] + lo, hi - lo, slot=10), a.dtype, slot=11)
         made = scratch((c1 - c0) * (hi - lo) * 4, slot=25)[0].view(np.float32).reshape(c1 - c0, hi - lo)
-        np.copyto(product, np.matmul(factor[c0:c1], fa, out=made).T)
+        np.copyto(product, fma_product(factor[c0:c1], fa, made).T)
         return product
 
 

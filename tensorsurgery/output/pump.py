@@ -91,18 +91,18 @@ class Pump:
         todo = [(i, *job) for i, job in enumerate(jobs)][::-1]  # popped from the end by the lanes
         runs = [_Lane(self, size, max(1, self.threads // lanes), stop, casts, same, first_tid, todo)
                 for _ in range(lanes)]
-        workers: list[threading.Thread] = []
+        # Even one lane runs off the main thread, which only waits: Ctrl-C and SIGTERM raise on
+        # the main thread at any bytecode, and one raised inside a queue's or an executor's
+        # ``with lock:`` leaves that lock held, so the writer blocked on it forever (seen as a
+        # hung apply after SIGINT). A lane stops at the next buffer once ``stop`` is set.
+        workers = [threading.Thread(target=lane.run_catching, name=f"ts-lane-{i}", daemon=True)
+                   for i, lane in enumerate(runs)]
         try:
-            if lanes == 1:
-                runs[0].run()
-            else:
-                workers = [threading.Thread(target=lane.run_catching, name=f"ts-lane-{i}", daemon=True)
-                           for i, lane in enumerate(runs)]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    while w.is_alive():
-                        w.join(0.1)  # interruptible
+            for w in workers:
+                w.start()
+            for w in workers:
+                while w.is_alive():
+                    w.join(0.1)  # interruptible
         except BaseException:
             stop.set()
             for w in workers:
