@@ -20,6 +20,12 @@ import pytest
 
 from synthetic import TINY, make_mistral
 
+# torch's CPU kernels sum in their vector width: 8 float32 lanes at AVX2, 16 at AVX512. Where an
+# oracle's bytes depend on it (mergekit's arcee_fusion softmax), ours are its AVX2 order, on any
+# machine; so the oracles run at AVX2 everywhere (set before torch is imported, in this process
+# and the mergekit and peft children that inherit it).
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
 TESTS_DIR = Path(__file__).resolve().parent
 # ``import helpers`` / ``import reference`` from the tests, whatever the rootdir / import mode.
 if str(TESTS_DIR) not in sys.path:

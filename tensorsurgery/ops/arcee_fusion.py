@@ -37,7 +37,7 @@ def _columns(inputs: Sequence[Input]) -> int:
 class ArceeFusion:
     """mergekit's ``arcee_fusion`` of the base (the first input) and one model in the merge
     ``dtype``, every step rounded to it as torch rounds it; the softmaxes as torch's kernel makes
-    them (bfloat16: float32 exponentials summed in 16 lanes, times the sum's reciprocal), the
+    them (bfloat16: float32 exponentials summed in 8 lanes, times the sum's reciprocal), the
     rows' sums in torch's order (:mod:`~tensorsurgery.ops.torch_sums`). Its result is float32
     (torch promotes by the float32 mask). A tensor of more than :data:`SAMPLE` elements takes
     its quartiles from the importances at torch's ``randint`` draws: ``seed`` and the stream
@@ -149,8 +149,9 @@ def _rounded(x: np.ndarray, md: str) -> np.ndarray:
     return rounded(x.reshape(-1), md).reshape(x.shape)
 
 
-#: Float32 lanes of torch's softmax vectors (its AVX512 kernel).
-LANES = 16
+#: Float32 lanes of torch's softmax vectors: its AVX2 kernel, the one torch runs on every x86-64
+#: CPU of this decade (an AVX512 machine runs 16 lanes unless ``ATEN_CPU_CAPABILITY=avx2``).
+LANES = 8
 
 
 def _softmax(x: np.ndarray, md: str) -> np.ndarray:
