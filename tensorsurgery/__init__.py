@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os as _os
 
-# The writer makes tensors on its own threads (one BLAS call each for a LoRA merge): OpenBLAS's
-# threads on top of them would only spin against each other (a merge took twice as long). Set
+# The writer makes tensors on its own threads: OpenBLAS's threads under any numpy linear algebra
+# there would only spin against them (a LoRA merge took twice as long when it used BLAS). Set
 # before numpy is first imported; a caller's own setting wins.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 

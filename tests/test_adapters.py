@@ -77,7 +77,8 @@ def peft_merged(base: Path, adapter: Path, out: Path) -> Path:
     return out
 
 
-def manifest(tmp_path: Path, base: Path, adapter: Path, *, layers: str = 'plan = "keep"', name: str = "m.toml") -> Path:
+def manifest(tmp_path: Path, base: Path, adapter: Path | str, *, layers: str = 'plan = "keep"',
+             name: str = "m.toml") -> Path:
     path = tmp_path / name
     path.write_text(f'[sources.base]\nmodel = "{base}"\nadapter = "{adapter}"\n[layers]\n{layers}\n'
                     f'[output]\npath = "{tmp_path / "out"}"\nmax_shard_size = "300KB"\n')
@@ -326,3 +327,42 @@ def test_a_dora_merge_is_the_same_bytes_on_1_and_3_threads(tmp_path, capsys, bas
         assert run(capsys, "apply", m, "--output", out, "--threads", threads, "--no-progress")[0] == 0
         outs.append(state(out))
     assert set(outs[0]) == set(outs[1]) and all(bitwise(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_an_adapter_from_the_hub_cache_is_the_local_folders_merge(tmp_path, capsys, monkeypatch, base):
+    """``adapter = "org/name"`` (no such local folder): the peft files from the Hugging Face cache,
+    offline; the bytes those of the same adapter given as a folder, the record naming the repo and
+    its commit, verify passing. A repo id the cache lacks: one line, exit 2, nothing written."""
+    import json
+
+    from huggingface_hub import constants
+    from test_hub import add_to_cache
+
+    from tensorsurgery.sources.checkpoint import RECORD_NAME
+
+    adapter = make_adapter(tmp_path / "adapter", base, torch.float32, **CASES["r8"])
+    (tmp_path / "local").mkdir()
+    assert run(capsys, "apply", manifest(tmp_path / "local", base, adapter), "--no-progress")[0] == 0
+    hub_cache = tmp_path / "hf_home" / "hub"
+    hub_cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    commit = "c" * 40
+    add_to_cache(hub_cache, "someone/tiny-lora", commit,
+                 {name: (adapter / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")})
+    monkeypatch.chdir(tmp_path)  # "someone/tiny-lora" is no folder here
+    code, _, err = run(capsys, "apply", manifest(tmp_path, base, "someone/tiny-lora"), "--no-progress")
+    assert code == 0, err
+    assert state(tmp_path / "out").keys() == state(tmp_path / "local" / "out").keys()
+    assert all(bitwise(v, state(tmp_path / "local" / "out")[k]) for k, v in state(tmp_path / "out").items())
+    record = json.loads((tmp_path / "out" / RECORD_NAME).read_text())
+    [entry] = record["adapters"]
+    assert (entry["repo_id"], entry["revision"]) == ("someone/tiny-lora", commit)
+    code, out, err = run(capsys, "verify", tmp_path / "out", "--no-progress")
+    assert code == 0, out + err
+
+    text = error_line(*run(capsys, "apply", manifest(tmp_path, base, "someone/absent", name="absent.toml"),
+                           "--output", tmp_path / "absent", "--no-progress"))
+    assert "sources.base: adapter someone/absent@main: not in the Hugging Face cache" in text, text
+    assert not (tmp_path / "absent").exists()

@@ -126,6 +126,7 @@ def record_head(plan: Plan, file_hashes: Mapping[str, str],
         "layers": [{"source": r.source, "layer": r.layer} for r in plan.layers],
         # The LoRA adapters merged (each module's scaling is also its tensors' operation's).
         **({"adapters": [{"source": a.source, "path": a.path,
+                          **({"repo_id": a.hub[0], "revision": a.hub[1]} if a.hub else {}),
                           "files": [{"name": n, "size": size, "sha256": h} for n, size, h in a.files],
                           "scalings": dict(a.scalings)} for a in plan.adapters]} if plan.adapters else {}),
         **({"merge": spec_data(plan.merge)} if plan.merge else {}),

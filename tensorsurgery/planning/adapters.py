@@ -3,9 +3,10 @@
 (their biases ``b + scaling * lora_B.bias`` with ``lora_bias``: :class:`~tensorsurgery.ops.LoraBias`)
 and which are replaced by the adapter's own copy (peft's ``modules_to_save``).
 
-:func:`read_adapter` reads a local peft folder (``adapter_config.json`` and the header of
-``adapter_model.safetensors``, no tensor data); :func:`adapted` is pure: it turns the planned
-tensors of the adapted source into their recipes, as peft's ``merge_and_unload`` computes them.
+:func:`read_adapter` reads a peft folder, local or a Hub repo's in the Hugging Face cache
+(``adapter_config.json`` and the header of ``adapter_model.safetensors``, no tensor data);
+:func:`adapted` is pure: it turns the planned tensors of the adapted source into their
+recipes, as peft's ``merge_and_unload`` computes them.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 from tensorsurgery.errors import AdapterError, HeaderError, SourceError
 from tensorsurgery.formats.safetensors import Header, read_header
 from tensorsurgery.io.fsio import read_json
+from tensorsurgery.manifest.repo_id import is_repo_id
 from tensorsurgery.ops import COPY, LoraBias, LoraMerge, Operation
 from tensorsurgery.ops.base import ByteRange, Input
+from tensorsurgery.sources.hub import hub_files
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -47,6 +50,8 @@ class Adapter:
     config: Mapping[str, Any]
     header: Header
     hashes: tuple[tuple[str, int, str], ...]  # (file name, size, sha256)
+    #: ``(repo id, commit)`` of an adapter read from the Hugging Face cache; None for a local folder.
+    hub: tuple[str, str] | None = None
 
 
 class AdapterInfo(NamedTuple):
@@ -56,6 +61,7 @@ class AdapterInfo(NamedTuple):
     path: str
     files: tuple[tuple[str, int, str], ...]
     scalings: tuple[tuple[str, float], ...]
+    hub: tuple[str, str] | None = None  # (repo id, commit) of a Hub adapter
 
 
 def read_adapter(source: str, path: str) -> Adapter:
@@ -66,9 +72,16 @@ def read_adapter(source: str, path: str) -> Adapter:
     """
     root = Path(path).expanduser()
     where = f"sources.{source}: adapter {path!r}"
+    hub: tuple[str, str] | None = None
+    if not root.exists() and is_repo_id(path):  # a local folder first, as for a source's model
+        try:
+            root, commit = hub_files(path, (CONFIG_FILE, WEIGHTS_FILE), what=f"sources.{source}: adapter")
+        except SourceError as e:
+            raise AdapterError(str(e)) from None
+        hub = (path, commit)
     if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
         raise AdapterError(f"{where}: not a peft adapter folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-                           f"give the folder save_pretrained wrote (Hub adapters: download them first)")
+                           f"give the folder save_pretrained wrote, or its Hub repo id")
     try:
         config = read_json(root / CONFIG_FILE)
         header = read_header(root / WEIGHTS_FILE, keep_raw=False)
@@ -82,7 +95,7 @@ def read_adapter(source: str, path: str) -> Adapter:
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
             raise AdapterError(f"{where}: {CONFIG_FILE} has no positive {key!r}")
-    return Adapter(source, root, config, header, tuple(_hash(root / f) for f in (CONFIG_FILE, WEIGHTS_FILE)))
+    return Adapter(source, root, config, header, tuple(_hash(root / f) for f in (CONFIG_FILE, WEIGHTS_FILE)), hub)
 
 
 def _hash(path: Path) -> tuple[str, int, str]:
@@ -221,7 +234,8 @@ def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input]) -> tuple[d
             raise AdapterError(f"{where}: {saved_key!r} (modules_to_save) replaces no tensor of the source's "
                                f"shape {list(i.shape)}; the adapter was trained for another model")
         recipes[key] = Recipe((i,), COPY)
-    return recipes, AdapterInfo(adapter.source, str(adapter.root), adapter.hashes, tuple(sorted(scalings)))
+    return recipes, AdapterInfo(adapter.source, str(adapter.root), adapter.hashes, tuple(sorted(scalings)),
+                              adapter.hub)
 
 
 def _bias(adapter: Adapter, module: str, key: str, base: Input | None, s: float) -> Recipe:

@@ -180,6 +180,33 @@ def resolve_hub_source(repo_id: str, revision: str | None = None, *, download: b
     return read_checkpoint(reader, files, revision=commit, repo_id=repo_id)
 
 
+def hub_files(repo_id: str, files: tuple[str, ...], *, what: str, client: HubClient | None = None) -> tuple[Path, str]:
+    """``(snapshot folder, commit)`` of ``repo_id``'s main branch with ``files`` in the cache:
+    fetched when missing (the Hub resolves the branch; offline, or when it cannot be reached, the
+    cache's ``refs/`` do). For the small files of a source that is not a checkpoint (an adapter).
+
+    Raises:
+        SourceError: not resolvable or not cached (one line, as for a checkpoint), or a file is
+            not in the repo.
+    """
+    from huggingface_hub import constants
+    where = f"{what} {repo_id}@main"
+    with _hub_errors(where):
+        client = client or HubClient()
+        commit = client.resolve(repo_id, None)
+        snapshot = client.snapshot_dir(repo_id, commit)
+        missing = _missing(snapshot, files)
+        online = not constants.is_offline_mode() and client.reachable(repo_id, commit)
+        if missing and online:
+            client.fetch(repo_id, commit, missing)
+            missing = _missing(snapshot, files)
+    if missing:
+        why = "not in the repo" if online else f"not in the Hugging Face cache and {_unreachable()}"
+        raise SourceError(f"{what} {repo_id}@{commit[:12]}: {', '.join(missing)} {why}; give the repo of a "
+                          f"peft adapter, or a local folder")
+    return snapshot, commit
+
+
 #: A full commit hash (what huggingface_hub accepts as a revision that needs no resolving).
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
