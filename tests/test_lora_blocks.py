@@ -140,3 +140,18 @@ def test_the_product_is_torchs_on_any_cpu(rank):
         reference = (torch.from_numpy(left) @ torch.from_numpy(right)).numpy()
         made = fma_product(left, right, np.empty((200, 300), np.float32))
         assert made.view(np.int32).tolist() == reference.view(np.int32).tolist()
+
+
+def test_the_product_rounds_once_where_a_float64_sum_would_round_twice():
+    """(1 + 2^-23) + 2^-24 (1 + 2^-15) (1 - 2^-15) = 1 + 3 * 2^-24 - 2^-54: its float64 sum is
+    the float32 midpoint 1 + 3 * 2^-24, which ties to 1 + 2^-22; the fused multiply-add (torch's,
+    on a product of a size MKL runs its kernel on) rounds the exact sum, below the midpoint, to
+    1 + 2^-23. Without fma_product's correction every element came out 1 + 2^-22."""
+    from tensorsurgery.ops.fma_product import fma_product
+
+    torch.set_num_threads(1)
+    left = np.tile(np.array([[1 + 2 ** -23, 2 ** -24 * (1 + 2 ** -15)]], np.float32), (256, 1))
+    right = np.tile(np.array([[1.0], [1 - 2 ** -15]], np.float32), (1, 300))
+    reference = (torch.from_numpy(left) @ torch.from_numpy(right)).numpy()
+    assert (reference == np.float32(1 + 2 ** -23)).all()
+    assert (fma_product(left, right, np.empty((256, 300), np.float32)) == reference).all()
