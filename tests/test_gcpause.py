@@ -85,6 +85,8 @@ def test_objects_the_program_froze_stay_frozen():
         assert frozen > 0
         with paused_gc():
             _ = [(i,) for i in range(1000)]
-        assert gc.get_freeze_count() == frozen
+        # unfreeze() would leave none frozen. Not ==: a frozen object that dies meanwhile (a
+        # frame of an earlier test's daemon thread ending) leaves the count: CI saw 644,607 of 644,609.
+        assert gc.get_freeze_count() > frozen - 100
     finally:
         gc.unfreeze()
