@@ -35,6 +35,7 @@ from tensorsurgery.ops.dequant_mxfp4 import DequantMXFP4
 from tensorsurgery.ops.karcher import Karcher
 from tensorsurgery.ops.linear import Linear
 from tensorsurgery.ops.lora import LoraBias, LoraMerge
+from tensorsurgery.ops.lora_experts import LoraExperts
 from tensorsurgery.ops.model_stock import ModelStock
 from tensorsurgery.ops.multislerp import Multislerp
 from tensorsurgery.ops.nearswap import NearSwap
@@ -49,6 +50,6 @@ from tensorsurgery.ops.ties import Ties
 from tensorsurgery.ops.zeros import ZEROS, Zeros
 
 __all__ = ["COPY", "OPERATIONS", "ZEROS", "ArceeFusion", "Breadcrumbs", "Copy", "Dare", "Della", "DequantFP8",
-           "DequantMXFP4", "Karcher", "Linear", "LoraBias", "LoraMerge", "ModelStock", "Multislerp", "NearSwap",
-           "Nuslerp", "Operation", "PermuteRotary", "Ram", "RamPlus", "RowwiseOperation", "Scale", "Sce", "Slerp",
-           "TaskArithmetic", "Ties", "TwoPassOperation", "Zeros", "register", "rotary_row_order"]
+           "DequantMXFP4", "Karcher", "Linear", "LoraBias", "LoraExperts", "LoraMerge", "ModelStock", "Multislerp",
+           "NearSwap", "Nuslerp", "Operation", "PermuteRotary", "Ram", "RamPlus", "RowwiseOperation", "Scale", "Sce",
+           "Slerp", "TaskArithmetic", "Ties", "TwoPassOperation", "Zeros", "register", "rotary_row_order"]

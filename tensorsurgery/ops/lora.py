@@ -81,7 +81,7 @@ class LoraMerge:
         from tensorsurgery.formats.dtypes import element_size
         from tensorsurgery.io.scratch import scratch
 
-        rows, cols = inputs[0].shape
+        rows, cols = grid(inputs[0].shape)
         size = element_size(self.dtype)
         step = max(chunk // max(cols * size, 1), MIN_ROWS)  # fewer rows would cost a whole window each
         out = scratch(step * cols * size // 2 + 1, slot=1)[1]
@@ -95,13 +95,23 @@ class LoraMerge:
         rows at a time (bounded memory whatever ``n``); returns ``out``."""
         from tensorsurgery.formats.dtypes import element_size
 
-        w = inputs[0]
-        rows, cols = w.shape
+        rows, cols = grid(inputs[0].shape)
         row_bytes = cols * element_size(self.dtype)
-        for first in range(start, start + n, MIN_ROWS):
-            m = min(MIN_ROWS, start + n - first)
+        for first, m in self._spans(rows, start, n):
             self._block(inputs, readers, first, m, out[(first - start) * row_bytes:(first - start + m) * row_bytes])
         return out
+
+    def _spans(self, rows: int, start: int, n: int) -> Iterator[tuple[int, int]]:
+        """The ``(first row, count)`` blocks rows ``start..start+n-1`` are made in: at most
+        :data:`MIN_ROWS` rows each."""
+        for first in range(start, start + n, MIN_ROWS):
+            yield first, min(MIN_ROWS, start + n - first)
+
+    def _window(self, rows: int, start: int, n: int) -> tuple[int, int]:
+        """The rows ``lo..hi-1`` the product of rows ``start..start+n-1`` is made over:
+        :data:`MIN_ROWS` rows around them (all rows when the tensor has fewer)."""
+        lo = max(0, min(start, rows - MIN_ROWS))
+        return lo, min(rows, lo + MIN_ROWS)
 
     def _block(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int, n: int, out: np.ndarray) -> None:
         """Rows ``start..start+n-1`` (``n <= MIN_ROWS``) into ``out``, their product made over a
@@ -115,12 +125,12 @@ class LoraMerge:
         from tensorsurgery.ops.transforms import cast_chunk
 
         w = inputs[0]
-        cols = w.shape[1]
+        cols = grid(w.shape)[1]
         wsize, size = element_size(w.dtype), element_size(self.dtype)
-        grid = out.reshape(n, cols * size)  # the output rows, each block of columns written in place
+        rows_out = out.reshape(n, cols * size)  # the output rows, each block of columns written in place
         if wsize == size:  # W's rows read straight into the output bytes they become: no copy of them
             readers[0].read_into(out.data, w.range.offset + start * cols * wsize)
-            weights = grid
+            weights = rows_out
         else:
             weights = _read(readers[0], w, start * cols, n * cols, slot=15).reshape(n, cols * wsize)
         with self._factor(inputs, readers) as factor:
@@ -138,7 +148,7 @@ class LoraMerge:
                     s.reshape(g, -1)[...] *= scale[i:i + g, None]
                 merged = cast_chunk(s, "F32", self.merge_dtype, out=scratch(s.size * 4, slot=17)[0])
                 made = cast_chunk(merged, self.merge_dtype, self.dtype, out=scratch(s.size * 4, slot=18)[0])
-                grid[i:i + g, c0 * size:c1 * size] = made.reshape(g, (c1 - c0) * size)
+                rows_out[i:i + g, c0 * size:c1 * size] = made.reshape(g, (c1 - c0) * size)
 
     def _sums(self, inputs: Sequence[Input], readers: Sequence[Reader], factor: np.ndarray, start: int, n: int,
               weights: np.ndarray) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
@@ -154,10 +164,9 @@ class LoraMerge:
         from tensorsurgery.ops.transforms import cast_chunk
 
         w = inputs[0]
-        rows, cols = w.shape
+        rows, cols = grid(w.shape)
         wsize = element_size(w.dtype)
-        lo = max(0, min(start, rows - MIN_ROWS))  # the window the product is made over
-        hi = min(rows, lo + MIN_ROWS)
+        lo, hi = self._window(rows, start, n)
         scale = np.float32(self.scaling)
         for c0, c1 in column_blocks(cols, self._rank(inputs)):
             width = c1 - c0
@@ -252,6 +261,14 @@ class LoraBias:
 
     def chunks(self, inputs: Sequence[Input], readers: Sequence[Reader], chunk: int) -> Iterator[np.ndarray]:
         raise NotImplementedError("lora_bias is elementwise")  # the interpreter never asks
+
+
+def grid(shape: Sequence[int]) -> tuple[int, int]:
+    """A weight's shape as the rows and columns a merge makes: its last dimension the columns,
+    the others the rows (``[experts, rows, cols]`` is ``experts * rows`` rows)."""
+    from tensorsurgery.ops.recipe import row_count
+
+    return row_count(shape), shape[-1]
 
 
 def column_blocks(cols: int, rank: int) -> list[tuple[int, int]]:

@@ -9,9 +9,10 @@ operation: what they may ask of one is in :class:`~tensorsurgery.ops.Operation`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import fields, is_dataclass
 from functools import lru_cache
-from typing import Hashable, Protocol
+from typing import Hashable, Protocol, Sequence
 
 from tensorsurgery.formats.dtypes import element_size, is_castable
 from tensorsurgery.ops.base import DequantizingOperation, Input, Operation
@@ -78,8 +79,15 @@ def is_rowwise(t: Recipe) -> bool:
     """Output row ``i`` is made of rows of the inputs alone: the operation says ``rowwise = True``
     and has ``rows_into(inputs, readers, start, n, out)`` (a dequantization: the weight's row and its
     block-row's scales). Any row range can be made on its own, so the writer spreads them over
-    threads as it does element ranges. An operation that says nothing is not."""
+    threads as it does element ranges. An operation that says nothing is not.
+    A row is every dimension but the last (:func:`row_count`)."""
     return bool(getattr(t.op, "rowwise", False)) and bool(t.inputs)
+
+
+def row_count(shape: Sequence[int]) -> int:
+    """The rows of a rowwise tensor of ``shape``: the product of every dimension but the last (a
+    3-D ``[experts, rows, cols]`` tensor has ``experts * rows``)."""
+    return math.prod(shape[:-1])
 
 
 def dequantized(t: Recipe) -> DequantizingOperation | None:

@@ -40,6 +40,7 @@ from tensorsurgery.ops.recipe import (
     is_rowwise,
     is_two_pass,
     is_verbatim,
+    row_count,
 )
 from tensorsurgery.planning.planner import OutputTensor, Shard
 
@@ -253,7 +254,7 @@ class _Lane:
     def _pack_rows(self, packer: Packer, readers: list[Reader], t: OutputTensor, tid: int | None) -> None:
         """Lay out a rowwise tensor (a dequantization) as jobs of whole rows, each making up to
         ``CAST_CHUNK`` source bytes' worth straight into its place in a buffer on a cast thread."""
-        rows = t.shape[0]
+        rows = row_count(t.shape)
         row_bytes = t.nbytes // rows
         chunk = max(CAST_CHUNK // max(t.inputs[0].range.length // rows, 1), getattr(t.op, "job_rows", 1))
         start, left = 0, rows
@@ -269,7 +270,7 @@ class _Lane:
     def _start_rows(self, readers: list[Reader], t: OutputTensor, start: int, n: int, buf: mmap.mmap,
                     at: int) -> Future[object]:
         assert self._casts is not None
-        out = np.frombuffer(buf, np.uint8, count=n * (t.nbytes // t.shape[0]), offset=at)
+        out = np.frombuffer(buf, np.uint8, count=n * (t.nbytes // row_count(t.shape)), offset=at)
         return self._casts.submit(_rows_into, readers, t, start, n, out)
 
     def _start_elements(self, readers: list[Reader], t: Recipe, start: int, n: int, buf: mmap.mmap,

@@ -21,8 +21,9 @@ from tensorsurgery.errors import AdapterError, HeaderError, SourceError
 from tensorsurgery.formats.safetensors import Header, read_header
 from tensorsurgery.io.fsio import read_json
 from tensorsurgery.manifest.repo_id import is_repo_id
-from tensorsurgery.ops import COPY, LoraBias, LoraMerge, Operation
+from tensorsurgery.ops import COPY, LoraBias, LoraExperts, LoraMerge, Operation
 from tensorsurgery.ops.base import ByteRange, Input
+from tensorsurgery.planning.adapter_params import assign, owners, parameter, piece_keys, targeted
 from tensorsurgery.sources.hub import hub_files
 
 CONFIG_FILE = "adapter_config.json"
@@ -189,10 +190,12 @@ class Recipe(NamedTuple):
     op: Operation
 
 
-def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input]) -> tuple[dict[str, Recipe], AdapterInfo]:
+def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input],
+                    transposed_experts: bool = False) -> tuple[dict[str, Recipe], AdapterInfo]:
     """Every base tensor ``adapter`` changes, by source key, with the recipe that makes it
     (``dtype`` filled in later by :func:`with_dtype`: the output's); ``base_keys`` are the source's
-    tensors (key -> its input). Pure.
+    tensors (key -> its input); ``transposed_experts``: the model stores its experts
+    ``[experts, in, out]`` (:func:`~tensorsurgery.planning.adapter_params.experts_transposed`). Pure.
 
     Raises:
         AdapterError: a module with no base tensor, shapes that do not fit, a factor not a float.
@@ -202,7 +205,17 @@ def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input]) -> tuple[d
     recipes: dict[str, Recipe] = {}
     scalings = []
     fan = bool(adapter.config.get("fan_in_fan_out"))
+    shapes = {k: i.shape for k, i in base_keys.items()}
+    groups = owners(adapter.config, modules, shapes)
+    for parent, depths in groups.items():
+        made, scaled = _parameter_recipes(adapter, parent, {d: modules[n] for d, n in depths.items()}, base_keys,
+                                          transposed_experts)
+        recipes.update(made)
+        scalings += scaled
+    wrapped = {n for depths in groups.values() for n in depths.values()}
     for module, m in modules.items():
+        if module in wrapped:
+            continue
         key = module + ".weight"
         base = base_keys.get(key)
         if base is None:
@@ -236,6 +249,48 @@ def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input]) -> tuple[d
         recipes[key] = Recipe((i,), COPY)
     return recipes, AdapterInfo(adapter.source, str(adapter.root), adapter.hashes, tuple(sorted(scalings)),
                               adapter.hub)
+
+
+def _parameter_recipes(adapter: Adapter, parent: str, depths: Mapping[int, _Module], base_keys: Mapping[str, Input],
+                       transposed: bool) -> tuple[dict[str, Recipe], list[tuple[str, float]]]:
+    """The recipes of the parameters of module ``parent`` a ``target_parameters`` LoRA changes
+    (:mod:`tensorsurgery.planning.adapter_params`), by source key, and each parameter's scaling;
+    ``depths`` are the module's wrappers' factors by depth.
+
+    Raises:
+        AdapterError: options peft's ParamWrapper refuses, factors that fit no parameter (or two
+            ways), tensors not float.
+    """
+    where = f"sources.{adapter.source}: adapter {adapter.root}: module {parent!r}"
+    refused = [k for k in ("use_dora", "lora_bias", "fan_in_fan_out") if adapter.config.get(k)]
+    if refused:
+        raise AdapterError(f"{where}: {', '.join(refused)} with target_parameters: peft's ParamWrapper refuses it, "
+                           f"so no adapter peft makes has it; the adapter config is wrong")
+    factors = {d: (_input(adapter, m.a), _input(adapter, m.b)) for d, m in depths.items()}
+    shapes = {k: i.shape for k, i in base_keys.items()}
+    params = {k: p for k in targeted(adapter.config, parent) if (p := parameter(k, shapes)) is not None}
+    chosen = assign(where, {d: (a.shape, b.shape) for d, (a, b) in factors.items()},
+                    {k: (p.shape, scaling(adapter.config, k)[0]) for k, p in params.items()}, transposed)
+    out, scalings = {}, []
+    for d, key in chosen.items():
+        p, (a, b) = params[key], factors[d]
+        s = scaling(adapter.config, key)[1]
+        scalings.append((key, s))
+        if transposed and not p.fused:
+            raise AdapterError(f"{where}: parameter {key!r} is stored one expert at a time, and this model's "
+                               f"experts are [experts, in, out]: tensorsurgery does not know how its pieces make "
+                               f"the parameter; merge it with peft")
+        for piece, row0 in p.pieces:
+            base = base_keys[piece]
+            if any(i.dtype not in _FLOATS for i in (base, a, b)):
+                raise AdapterError(f"{where}: parameter {key!r}: its tensors are {base.dtype}, {a.dtype}, "
+                                   f"{b.dtype}; LoRA merges float tensors only")
+            # peft casts a parameter's scaled delta to the weight's dtype before the add (round_delta)
+            op: Operation = (LoraMerge(s, False, True, base.dtype, base.dtype) if len(p.shape) == 2 else
+                             LoraExperts(s, transposed, True, base.dtype, base.dtype, experts=p.shape[0],
+                                         expert_rows=p.shape[1], row0=row0))
+            out[piece] = Recipe((base, a, b), op)
+    return out, scalings
 
 
 def _bias(adapter: Adapter, module: str, key: str, base: Input | None, s: float) -> Recipe:
@@ -302,4 +357,11 @@ def adapter_keys(adapter: Adapter) -> set[str]:
     """The base keys an adapter's file refers to (its modules' weights and modules_to_save)."""
     modules, saved, _ = _modules(adapter)
     biases = {name + ".bias" for name, m in modules.items() if m.bias is not None}
-    return {m + ".weight" for m in modules} | set(saved) | biases
+    # what may be a parameter's LoRA (the source's keys tell at planning), and the module weights
+    params = set()
+    for parent, depths in owners(adapter.config, modules).items():
+        for key in targeted(adapter.config, parent):
+            r = scaling(adapter.config, key)[0]
+            experts = max(adapter.header.tensors[modules[n].a].shape[0] // r for n in depths.values())
+            params |= piece_keys(key, experts)
+    return {m + ".weight" for m in modules} | set(saved) | biases | params

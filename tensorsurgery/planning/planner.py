@@ -38,6 +38,7 @@ from tensorsurgery.ops import (
 )
 from tensorsurgery.ops.base import ByteRange, Input, RowSlice
 from tensorsurgery.ops.recipe import label
+from tensorsurgery.planning.adapter_params import experts_transposed
 from tensorsurgery.planning.adapters import AdapterInfo, adapter_keys, adapter_recipes, read_adapter, source_inputs
 from tensorsurgery.planning.config import build_config
 from tensorsurgery.planning.merging import Merger
@@ -541,7 +542,7 @@ def _adapted(specs: list[_Spec], manifest: Manifest, checkpoints: Mapping[str, C
         adapter = read_adapter(spec.name, spec.adapter)
         ckpt = checkpoints[spec.name]
         recipes, info = adapter_recipes(adapter, source_inputs(ckpt.weight_map, ckpt.headers, spec.name,
-                                                               adapter_keys(adapter)))
+                                                               adapter_keys(adapter)), experts_transposed(ckpt.config))
         infos.append(info)
         for n, s in enumerate(specs):
             first = s.inputs[0] if len(s.inputs) == 1 else None
