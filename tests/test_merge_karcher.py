@@ -17,17 +17,17 @@ from merge_checks import (
     file_inputs,
     prepared_op,
     single_thread_mergekit,
+    threads_and_verify,
 )
 from test_merges import (
     FINE_TUNES,
     _raw,
     _ulps,
     _yaml,
-    assert_bitwise_equal,
     read_all,
 )
 
-from cli_helpers import differences, error_line, run
+from cli_helpers import error_line, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning")
 
@@ -184,20 +184,7 @@ def test_karcher_f32_merge_follows_the_rule(capsys, tmp_path, models):
 def test_karcher_is_reproducible_and_verified(capsys, tmp_path, models):
     """The same bytes on 1 and 3 threads; verify (which re-makes every pass) catches one changed
     byte in both modes."""
-    manifest = _yaml(tmp_path, KARCHER_CASES["karcher"](models))
-    outputs = []
-    for threads in (1, 3):
-        out = tmp_path / f"t{threads}"
-        assert run(capsys, "apply", manifest, "--output", out, "--threads", threads, "--no-progress")[0] == 0
-        outputs.append(read_all(out))
-    assert_bitwise_equal(*outputs)
-    shard = tmp_path / "t3" / "model.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3000] ^= 4
-    shard.write_bytes(bytes(data))
-    for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
-        found = differences(*run(capsys, *argv, "--no-progress"))
-        assert len(found) == 1 and "(transform: karcher" in found[0], found
+    threads_and_verify(capsys, tmp_path, KARCHER_CASES["karcher"](models), "karcher")
 
 
 def test_karcher_refusals(capsys, tmp_path, models):

@@ -400,14 +400,10 @@ def test_toml_base_must_be_the_first_source(capsys, tmp_path, models):
 
 
 def test_bytes_do_not_depend_on_threads(capsys, tmp_path, models):
+    from merge_checks import same_bytes_on_threads  # it imports this module
+
     config = CASES["task_arithmetic-f16-lambda-normalize-gradient"](models)
-    manifest = _yaml(tmp_path, config)
-    outputs = []
-    for threads in (1, 3):
-        out = tmp_path / f"t{threads}"
-        assert run(capsys, "apply", manifest, "--output", out, "--threads", threads, "--no-progress")[0] == 0
-        outputs.append(read_all(out))
-    assert_bitwise_equal(*outputs)
+    same_bytes_on_threads(capsys, tmp_path, _yaml(tmp_path, config))
 
 
 def _raw(t: torch.Tensor):
@@ -564,22 +560,10 @@ def test_two_pass_merges_are_reproducible_and_verified(capsys, tmp_path, models,
     """slerp's coefficients and ties' thresholds come from the whole tensors, read in fixed blocks:
     the same bytes on 1 and 3 threads, and verify (which recomputes them) catches one changed byte
     in both modes."""
+    from merge_checks import threads_and_verify  # it imports this module
+
     config = {**SLERP_CASES, **TIES_CASES}[case](models)
-    manifest = _yaml(tmp_path, config)
-    outputs = []
-    for threads in (1, 3):
-        out = tmp_path / f"t{threads}"
-        assert run(capsys, "apply", manifest, "--output", out, "--threads", threads, "--no-progress")[0] == 0
-        outputs.append(read_all(out))
-    assert_bitwise_equal(*outputs)
-    shard = tmp_path / "t3" / "model.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3000] ^= 4
-    shard.write_bytes(bytes(data))
-    for argv in (("verify", manifest, tmp_path / "t3"), ("verify", tmp_path / "t3")):
-        found = differences(*run(capsys, *argv, "--no-progress"))
-        label = config["merge_method"].removesuffix("_ties")
-        assert len(found) == 1 and f"(transform: {label}" in found[0], found
+    threads_and_verify(capsys, tmp_path, config, config["merge_method"].removesuffix("_ties"))
 
 
 def _as_slice(config: dict[str, Any], layers: int = 4, **slice_parameters: Any) -> dict[str, Any]:
