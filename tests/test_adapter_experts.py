@@ -15,21 +15,24 @@ from merge_checks import same_bytes_on_threads
 from safetensors.torch import load_file
 from test_adapters import DTYPES, assert_verify_finds_a_flipped_byte, make_adapter, manifest, peft_merged
 from torch_helpers import bitwise, state
-from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig
+from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
 from cli_helpers import error_line, run
 from tensorsurgery.planning.adapter_params import TRANSPOSED_EXPERTS
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 #: Where a fused parameter is on disk: transformers saves Mixtral one expert at a time (its
-#: ``w1``/``w3`` halves of ``gate_up_proj``, ``w2``), GPT-OSS fused.
+#: ``w1``/``w3`` halves of ``gate_up_proj``, ``w2``), Qwen3-MoE too (``gate_proj``/``up_proj``,
+#: ``down_proj``), GPT-OSS fused.
 ON_DISK = {"mixtral": {"gate_up_proj": r"block_sparse_moe\.experts\.\d+\.w[13]\.weight$",
                        "down_proj": r"block_sparse_moe\.experts\.\d+\.w2\.weight$"},
+           "qwen3_moe": {"gate_up_proj": r"mlp\.experts\.\d+\.(gate|up)_proj\.weight$",
+                         "down_proj": r"mlp\.experts\.\d+\.down_proj\.weight$"},
            "gpt_oss": {"gate_up_proj": r"mlp\.experts\.gate_up_proj$", "down_proj": r"mlp\.experts\.down_proj$"}}
 
 
 def tiny_moe(folder: Path, family: str, dtype: str) -> Path:
-    """A tiny Mixtral or GPT-OSS (2 layers, 4 experts) in ``dtype``. Mixtral's experts have more
+    """A tiny Mixtral, Qwen3-MoE or GPT-OSS (2 layers, 4 experts) in ``dtype``. Mixtral's experts have more
     rows than a product window (2 * 152 = 304 > 128) so a window must stop at an expert's end;
     GPT-OSS's ``down_proj`` is square (hidden = intermediate, as in the real model), so only the
     model type tells its layout."""
@@ -38,6 +41,11 @@ def tiny_moe(folder: Path, family: str, dtype: str) -> Path:
         config = MixtralConfig(vocab_size=160, hidden_size=96, intermediate_size=152, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False)
+    elif family == "qwen3_moe":
+        config = Qwen3MoeConfig(vocab_size=160, hidden_size=96, moe_intermediate_size=152, intermediate_size=200,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                tie_word_embeddings=False)
     else:
         config = GptOssConfig(vocab_size=160, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
@@ -47,7 +55,7 @@ def tiny_moe(folder: Path, family: str, dtype: str) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", params=[("mixtral", "F32"), ("mixtral", "BF16"), ("gpt_oss", "BF16")],
+@pytest.fixture(scope="module", params=[("mixtral", "F32"), ("mixtral", "BF16"), ("qwen3_moe", "BF16"), ("gpt_oss", "BF16")],
                 ids=lambda p: "-".join(p))
 def moe(request, tmp_path_factory) -> Path:
     family, dtype = request.param
