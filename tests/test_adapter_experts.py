@@ -55,8 +55,10 @@ def tiny_moe(folder: Path, family: str, dtype: str) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", params=[("mixtral", "F32"), ("mixtral", "BF16"), ("qwen3_moe", "BF16"), ("gpt_oss", "BF16")],
-                ids=lambda p: "-".join(p))
+MOES = [("mixtral", "F32"), ("mixtral", "BF16"), ("qwen3_moe", "BF16"), ("gpt_oss", "BF16")]
+
+
+@pytest.fixture(scope="module", params=MOES, ids=lambda p: "-".join(p))
 def moe(request, tmp_path_factory) -> Path:
     family, dtype = request.param
     return tiny_moe(tmp_path_factory.mktemp("experts") / f"{family}-{dtype}", family, dtype)

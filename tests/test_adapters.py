@@ -8,6 +8,7 @@ the refusals (one line, exit 2, nothing written)."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch_helpers import bitwise, state
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from cli_helpers import error_line, run
+from tensorsurgery.errors import ManifestError
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -288,6 +290,12 @@ def test_what_cannot_be_merged_is_one_line_and_nothing_is_written(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def _with_revision(m: Path, revision: str) -> Path:
+    """Manifest ``m`` with ``adapter_revision = REVISION`` after its adapter."""
+    m.write_text(re.sub(r'(adapter = "[^"]*"\n)', rf'\1adapter_revision = "{revision}"\n', m.read_text()))
+    return m
+
+
 def test_base_plus_adapter_is_a_source_with_an_adapter(tmp_path):
     from tensorsurgery.manifest.loading import manifest_from_text
     m = manifest_from_text("merge_method: passthrough\nslices:\n  - sources:\n      - model: org/base@v1+./my-lora\n"
@@ -298,6 +306,17 @@ def test_base_plus_adapter_is_a_source_with_an_adapter(tmp_path):
     t = manifest_from_text('[sources.a]\nmodel = "m"\nadapter = "lora"\n[layers]\nplan = "keep"\n'
                            '[output]\npath = "out/x"\n', tmp_path / "m.toml")
     assert t.sources[0].adapter == "lora"
+    # an adapter's Hub revision: ADAPTER@REVISION after the +, as mergekit reads it; adapter_revision in TOML
+    m = manifest_from_text("merge_method: passthrough\nslices:\n  - sources:\n      - model: org/base+org/lora@v2\n"
+                           "        layer_range: [0, 2]\n", tmp_path / "m.yaml")
+    assert [(s.model, s.revision, s.adapter, s.adapter_revision) for s in m.sources] == [
+        ("org/base", None, "org/lora", "v2")]
+    t = manifest_from_text('[sources.a]\nmodel = "m"\nadapter = "org/lora"\nadapter_revision = "v2"\n'
+                           '[layers]\nplan = "keep"\n[output]\npath = "out/x"\n', tmp_path / "m.toml")
+    assert (t.sources[0].adapter, t.sources[0].adapter_revision) == ("org/lora", "v2")
+    with pytest.raises(ManifestError, match="adapter_revision: is set without an adapter"):
+        manifest_from_text('[sources.a]\nmodel = "m"\nadapter_revision = "v2"\n[layers]\nplan = "keep"\n'
+                           '[output]\npath = "out/x"\n', tmp_path / "m.toml")
 
 
 def test_dora_row_norms_are_torchs_bit_for_bit():
@@ -366,3 +385,21 @@ def test_an_adapter_from_the_hub_cache_is_the_local_folders_merge(tmp_path, caps
                            "--output", tmp_path / "absent", "--no-progress"))
     assert "sources.base: adapter someone/absent@main: not in the Hugging Face cache" in text, text
     assert not (tmp_path / "absent").exists()
+
+    # another adapter at the tag v2 of the same repo: adapter_revision picks it, main stays the first
+    other = make_adapter(tmp_path / "other", base, torch.bfloat16, **CASES["r64-rslora"])
+    add_to_cache(hub_cache, "someone/tiny-lora", "d" * 40,
+                 {name: (other / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")},
+                 ref="v2")
+    reference = state(peft_merged(base, other, tmp_path / "ref-v2"))
+    m = _with_revision(manifest(tmp_path, base, "someone/tiny-lora", name="v2.toml"), "v2")
+    code, _, err = run(capsys, "apply", m, "--output", tmp_path / "v2", "--no-progress")
+    assert code == 0, err
+    got = state(tmp_path / "v2")
+    assert got.keys() == reference.keys() and all(bitwise(v, reference[k]) for k, v in got.items())
+    [entry] = json.loads((tmp_path / "v2" / RECORD_NAME).read_text())["adapters"]
+    assert (entry["repo_id"], entry["revision"]) == ("someone/tiny-lora", "d" * 40)
+    assert run(capsys, "verify", m, tmp_path / "v2", "--no-progress")[0] == 0
+    text = error_line(*run(capsys, "apply", _with_revision(manifest(tmp_path, base, adapter, name="rev.toml"), "v2"),
+                           "--output", tmp_path / "local-rev", "--no-progress"))
+    assert "is a local folder, and adapter_revision 'v2' is for a Hub repo id" in text, text

@@ -101,7 +101,7 @@ def manifest_from_mergekit(path: Path, text: str) -> Manifest:
     owners = {t: first for t in _FIRST_SLICE_TENSORS} | {t: last for t in _LAST_SLICE_TENSORS}
     return Manifest(
         path=path, text=text,
-        sources=tuple(SourceSpec(names[m], m[0], m[1], m[2]) for m in models),
+        sources=tuple(SourceSpec(names[m], m[0], m[1], *_adapter_ref(m[2])) for m in models),
         rename=RenameSpec(),
         layers=LayersSpec(plan="explicit", arrangement=tuple(Segment(names[m], a, b) for m, a, b in slices)),
         config=MappingProxyType({}),
@@ -355,6 +355,15 @@ def _model(path: Path, where: str, value: Any) -> tuple[str, str | None, str | N
     if "@" in revision or not model or (at and not revision):
         raise ManifestError(f"{path}: {where}: {value!r} is not a model reference; use PATH or REPO@REVISION")
     return model, revision or None, adapter or None
+
+
+def _adapter_ref(adapter: str | None) -> tuple[str | None, str | None]:
+    """``(adapter, revision)`` of the ``ADAPTER[@REVISION]`` after a model's ``+``, split at its
+    ``@`` as mergekit splits it."""
+    if adapter is None:
+        return None, None
+    name, _, revision = adapter.partition("@")
+    return name, revision or None
 
 
 def _source_names(models: list[tuple[str, str | None, str | None]]) -> list[str]:

@@ -48,8 +48,11 @@ class SourceSpec:
     name: str
     model: str
     revision: str | None = None
-    #: A local peft LoRA folder merged into the model (:mod:`tensorsurgery.planning.adapters`).
+    #: A peft LoRA merged into the model, a local folder or a Hub repo id
+    #: (:mod:`tensorsurgery.planning.adapters`).
     adapter: str | None = None
+    #: The Hub adapter's branch, tag or commit (default: its main branch).
+    adapter_revision: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +257,7 @@ def _parse_sources(root: _Reader) -> tuple[SourceSpec, ...]:
 
 
 def _parse_source(r: _Reader, name: str) -> SourceSpec:
-    r.check_keys(("model", "revision", "adapter"))
+    r.check_keys(("model", "revision", "adapter", "adapter_revision"))
     model = r.get("model", str, required=True)
     if not model.strip():
         raise r.error("model", "is empty; give a local folder or a Hugging Face repo id")
@@ -262,7 +265,12 @@ def _parse_source(r: _Reader, name: str) -> SourceSpec:
     if adapter is not None and not adapter.strip():
         raise r.error("adapter", "is empty; give the folder of a peft LoRA adapter (adapter_config.json and "
                                  "adapter_model.safetensors)")
-    return SourceSpec(name=name, model=model, revision=r.get("revision", str), adapter=adapter)
+    adapter_revision = r.get("adapter_revision", str)
+    if adapter_revision is not None and (adapter is None or not adapter_revision.strip()):
+        raise r.error("adapter_revision", "is empty; give a branch, tag or commit of the adapter's Hub repo"
+                      if adapter is not None else "is set without an adapter; add adapter = \"org/name\" or drop it")
+    return SourceSpec(name=name, model=model, revision=r.get("revision", str), adapter=adapter,
+                      adapter_revision=adapter_revision)
 
 
 def _parse_config(r: _Reader) -> Mapping[str, Any]:

@@ -65,18 +65,24 @@ class AdapterInfo(NamedTuple):
     hub: tuple[str, str] | None = None  # (repo id, commit) of a Hub adapter
 
 
-def read_adapter(source: str, path: str) -> Adapter:
-    """The adapter of source ``source`` in the local peft folder ``path``.
+def read_adapter(source: str, path: str, revision: str | None = None) -> Adapter:
+    """The adapter of source ``source``: the local peft folder ``path``, or the Hub repo ``path``
+    at ``revision`` (default: its main branch) through the Hugging Face cache.
 
     Raises:
-        AdapterError: not a folder with both files, not a LoRA, a malformed config.
+        AdapterError: not a folder with both files, not a LoRA, a malformed config, a revision
+            for a local folder.
     """
     root = Path(path).expanduser()
     where = f"sources.{source}: adapter {path!r}"
     hub: tuple[str, str] | None = None
+    if root.exists() and revision is not None:
+        raise AdapterError(f"{where} is a local folder, and adapter_revision {revision!r} is for a Hub repo id; "
+                           f"drop the revision, or give the repo id")
     if not root.exists() and is_repo_id(path):  # a local folder first, as for a source's model
         try:
-            root, commit = hub_files(path, (CONFIG_FILE, WEIGHTS_FILE), what=f"sources.{source}: adapter")
+            root, commit = hub_files(path, (CONFIG_FILE, WEIGHTS_FILE), what=f"sources.{source}: adapter",
+                                     revision=revision)
         except SourceError as e:
             raise AdapterError(str(e)) from None
         hub = (path, commit)

@@ -539,7 +539,7 @@ def _adapted(specs: list[_Spec], manifest: Manifest, checkpoints: Mapping[str, C
     for spec in manifest.sources:
         if spec.adapter is None:
             continue
-        adapter = read_adapter(spec.name, spec.adapter)
+        adapter = read_adapter(spec.name, spec.adapter, spec.adapter_revision)
         ckpt = checkpoints[spec.name]
         recipes, info = adapter_recipes(adapter, source_inputs(ckpt.weight_map, ckpt.headers, spec.name,
                                                                adapter_keys(adapter)), experts_transposed(ckpt.config))

@@ -180,8 +180,10 @@ def resolve_hub_source(repo_id: str, revision: str | None = None, *, download: b
     return read_checkpoint(reader, files, revision=commit, repo_id=repo_id)
 
 
-def hub_files(repo_id: str, files: tuple[str, ...], *, what: str, client: HubClient | None = None) -> tuple[Path, str]:
-    """``(snapshot folder, commit)`` of ``repo_id``'s main branch with ``files`` in the cache:
+def hub_files(repo_id: str, files: tuple[str, ...], *, what: str, revision: str | None = None,
+              client: HubClient | None = None) -> tuple[Path, str]:
+    """``(snapshot folder, commit)`` of ``repo_id`` at ``revision`` (default: its main branch)
+    with ``files`` in the cache:
     fetched when missing (the Hub resolves the branch; offline, or when it cannot be reached, the
     cache's ``refs/`` do). For the small files of a source that is not a checkpoint (an adapter).
 
@@ -190,10 +192,10 @@ def hub_files(repo_id: str, files: tuple[str, ...], *, what: str, client: HubCli
             not in the repo.
     """
     from huggingface_hub import constants
-    where = f"{what} {repo_id}@main"
+    where = f"{what} {repo_id}@{revision or 'main'}"
     with _hub_errors(where):
         client = client or HubClient()
-        commit = client.resolve(repo_id, None)
+        commit = client.resolve(repo_id, revision)
         snapshot = client.snapshot_dir(repo_id, commit)
         missing = _missing(snapshot, files)
         online = not constants.is_offline_mode() and client.reachable(repo_id, commit)
