@@ -19,6 +19,7 @@ dtype. The norm of a row needs that row alone, so the operation stays rowwise.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, ContextManager, Iterator, Sequence
 
@@ -133,7 +134,7 @@ class LoraMerge:
             weights = rows_out
         else:
             weights = _read(readers[0], w, start * cols, n * cols, slot=15).reshape(n, cols * wsize)
-        with self._factor(inputs, readers) as factor:
+        with self._factor(inputs, readers, start) as factor:
             scale: np.ndarray | None = None
             if self.dora:
                 norms = RowNorms(n, cols)
@@ -187,24 +188,11 @@ class LoraMerge:
     def _rank(self, inputs: Sequence[Input]) -> int:
         return inputs[1].shape[0]  # A is [r, cols] (or [r, rows] transposed)
 
-    def _factor(self, inputs: Sequence[Input], readers: Sequence[Reader]) -> ContextManager[np.ndarray]:
-        """The whole factor each window multiplies, in float32 (``A`` ``[r, cols]``; transposed:
-        ``B`` ``[cols, r]``), shared by the threads (:mod:`tensorsurgery.ops.lora_factor`)."""
-        import numpy as np
-
-        from tensorsurgery.ops.lora_factor import FACTORS
-
+    def _factor(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int) -> ContextManager[np.ndarray]:
+        """The whole factor the windows multiply (rows from ``start`` on), in float32 (``A``
+        ``[r, cols]``; transposed: ``B`` ``[cols, r]``), shared by the threads."""
         i, reader = (inputs[2], readers[2]) if self.transposed else (inputs[1], readers[1])
-        count = i.shape[0] * i.shape[1]
-
-        def fill(buffer: np.ndarray) -> None:  # a piece at a time: no second whole copy on this thread
-            values = buffer.view(np.float32)
-            for first in range(0, count, _PIECE):
-                k = min(_PIECE, count - first)
-                values[first:first + k] = _f32(_read(reader, i, first, k, slot=10), i.dtype, slot=11)
-
-        return _as_float32(FACTORS.taken((i.range.file, i.range.offset, i.range.length, i.dtype), count * 4, fill),
-                           i.shape)
+        return shared_factor(i, reader, 0, i.shape)
 
     def _product(self, inputs: Sequence[Input], readers: Sequence[Reader], factor: np.ndarray, lo: int, hi: int,
                  c0: int, c1: int) -> np.ndarray:
@@ -284,6 +272,26 @@ def column_blocks(cols: int, rank: int) -> list[tuple[int, int]]:
         return [(0, cols)]
     starts = list(range(0, cols // width * width, width))
     return [(s, s + width) for s in starts[:-1]] + [(starts[-1], cols)]
+
+
+def shared_factor(i: Input, reader: Reader, first: int, shape: tuple[int, ...]) -> ContextManager[np.ndarray]:
+    """Elements ``first..`` of input ``i`` (as many as ``shape`` holds) in float32, of ``shape``,
+    shared by the threads (:mod:`tensorsurgery.ops.lora_factor`)."""
+    import numpy as np
+
+    from tensorsurgery.formats.dtypes import element_size
+    from tensorsurgery.ops.lora_factor import FACTORS
+
+    count = math.prod(shape)
+
+    def fill(buffer: np.ndarray) -> None:  # a piece at a time: no second whole copy on this thread
+        values = buffer.view(np.float32)
+        for at in range(0, count, _PIECE):
+            k = min(_PIECE, count - at)
+            values[at:at + k] = _f32(_read(reader, i, first + at, k, slot=10), i.dtype, slot=11)
+
+    offset = i.range.offset + first * element_size(i.dtype)
+    return _as_float32(FACTORS.taken((i.range.file, offset, count, i.dtype), count * 4, fill), shape)
 
 
 def _as_float32(taken: ContextManager[np.ndarray], shape: tuple[int, ...]) -> ContextManager[np.ndarray]:

@@ -14,10 +14,10 @@ each expert's product the same rank-order chain of fused multiply-adds as torch'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, ClassVar, ContextManager, Iterator, Sequence
 
 from tensorsurgery.ops.base import register
-from tensorsurgery.ops.lora import LoraMerge, _f32, _read
+from tensorsurgery.ops.lora import LoraMerge, _f32, _read, shared_factor
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,6 +45,16 @@ class LoraExperts(LoraMerge):
     def _rank(self, inputs: Sequence[Input]) -> int:
         return inputs[1].shape[0] // self.experts
 
+    def _factor(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int) -> ContextManager[np.ndarray]:
+        """Not transposed: the expert's own ``A_e`` (``[r, cols]``, rows ``e * r..`` of ``A``:
+        contiguous); transposed: the whole ``B`` (``[cols, r * experts]``: its expert's ranks are
+        every ``experts``-th column), in float32."""
+        if self.transposed:
+            return LoraMerge._factor(self, inputs, readers, start)
+        r, cols = self._rank(inputs), inputs[1].shape[1]
+        e = (self.row0 + start) // self.expert_rows
+        return shared_factor(inputs[1], readers[1], e * r * cols, (r, cols))
+
     def _expert(self, rows: int, row: int) -> tuple[int, int]:
         """The output rows ``a..b-1`` of the expert output row ``row`` is in."""
         v = self.row0 + row
@@ -66,7 +76,7 @@ class LoraExperts(LoraMerge):
     def _product(self, inputs: Sequence[Input], readers: Sequence[Reader], factor: np.ndarray, lo: int, hi: int,
                  c0: int, c1: int) -> np.ndarray:
         """Output rows ``lo..hi-1`` (of one expert), columns ``c0..c1-1`` of the float32 product of
-        that expert's factors; ``factor`` is the whole ``A`` (``B`` transposed) in float32."""
+        that expert's factors; ``factor`` is :meth:`_factor`'s."""
         import numpy as np
 
         from tensorsurgery.io.scratch import scratch
@@ -80,7 +90,7 @@ class LoraExperts(LoraMerge):
         if not self.transposed:  # B_e[i0:i1] @ A_e[:, c0:c1]; B_e's rank k is B's column k * experts + e
             rows_b = _f32(_read(readers[2], b, i0 * r * experts, (i1 - i0) * r * experts, slot=12), b.dtype, slot=19)
             fb = rows_b.reshape(i1 - i0, r, experts)[:, :, e]
-            return fma_product(fb, factor[e * r:(e + 1) * r, c0:c1], product)
+            return fma_product(fb, factor[:, c0:c1], product)
         # (B_e[c0:c1] @ A_e[:, i0:i1])^T
         fa = scratch(r * (i1 - i0) * 4, slot=21)[0].view(np.float32).reshape(r, i1 - i0)
         for k in range(r):
