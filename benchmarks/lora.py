@@ -13,6 +13,11 @@ child processes through ``run.py``'s launcher (wall time, user/sys CPU and peak 
   ``plan = "keep"`` with ``adapter =`` on the source;
 * ``verify MANIFEST OUTPUT`` of the rank-16 output (the merge made again, compared byte for byte).
 
+``--moe``: the base is a Qwen3-MoE-shaped one (each layer's MLP 16 experts of intermediate 768,
+stored one expert at a time as transformers saves them) and the adapters are peft's
+``target_parameters`` LoRAs on the fused ``mlp.experts.gate_up_proj`` and ``down_proj`` (plus the
+attention projections), merged into every expert's ``gate_proj``/``up_proj``/``down_proj``.
+
 ``--dora``: the adapters are DoRA ones (``use_dora``, a float32 ``lora_magnitude_vector`` per
 module), so each merged row is also normed and scaled.
 
@@ -24,7 +29,7 @@ Everything is written in a new folder under ``/dev/shm`` (or ``--workdir``) and 
 
 Usage::
 
-    python benchmarks/lora.py [--size tiny|default] [--runs N] [--dora] [--peft] [--workdir DIR]
+    python benchmarks/lora.py [--size tiny|default] [--runs N] [--moe] [--dora] [--peft] [--workdir DIR]
                               [--repo PATH] [--max-wait SECONDS] [--json]
 """
 from __future__ import annotations
@@ -48,6 +53,9 @@ import run as runner  # noqa: E402 - the launcher, the raw copy, the table: one 
 #: --size -> (layers, hidden, intermediate, kv rows, vocab). ``tiny`` proves the runner works.
 SIZES = {"tiny": (2, 256, 640, 128, 1024), "default": (8, 2048, 5632, 512, 32000)}
 RANKS = (16, 128)
+#: --moe: experts and their intermediate size (Qwen3-30B-A3B has 128 of 768; fewer keep it mid-size).
+MOE = (16, 768)
+_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 #: The peft baseline, run as a child: base folder, adapter folder, output folder.
 PEFT_MERGE = ("import sys, torch; from transformers import AutoModelForCausalLM; from peft import PeftModel; "
               "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16); "
@@ -56,8 +64,15 @@ _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
          "mlp.up_proj", "mlp.down_proj")
 
 
-def _shapes(size: str) -> dict[str, tuple[int, int]]:
+def _shapes(size: str, moe: bool = False) -> dict[str, tuple[int, int]]:
+    """Each layer's 2-D tensors (name -> shape): with ``moe``, every expert's instead of the MLP's."""
     _, hidden, inter, kv, _ = SIZES[size]
+    if moe:
+        experts, inter = MOE
+        mlp = {f"mlp.experts.{e}.{n}": shape for e in range(experts)
+               for n, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                                ("down_proj", (hidden, inter)))}
+        return {**{k: v for k, v in _shapes(size).items() if k in _ATTENTION}, "mlp.gate": (experts, hidden), **mlp}
     return {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
             "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
             "mlp.down_proj": (hidden, inter)}
@@ -78,8 +93,9 @@ def _write(path: Path, specs: list[tuple[str, str, tuple[int, ...]]], values) ->
     return offset
 
 
-def make_base(folder: Path, size: str, seed: int = 0) -> int:
-    """A BF16 Llama-shaped checkpoint of ``size`` in ``folder``; returns its tensor bytes."""
+def make_base(folder: Path, size: str, seed: int = 0, moe: bool = False) -> int:
+    """A BF16 Llama-shaped (``moe``: Qwen3-MoE-shaped) checkpoint of ``size`` in ``folder``;
+    returns its tensor bytes."""
     layers, hidden, inter, kv, vocab = SIZES[size]
     folder.mkdir(parents=True)
     specs = [("model.embed_tokens.weight", "BF16", (vocab, hidden))]
@@ -87,7 +103,7 @@ def make_base(folder: Path, size: str, seed: int = 0) -> int:
         p = f"model.layers.{i}."
         specs += [(p + "input_layernorm.weight", "BF16", (hidden,)),
                   (p + "post_attention_layernorm.weight", "BF16", (hidden,))]
-        specs += [(p + name + ".weight", "BF16", shape) for name, shape in _shapes(size).items()]
+        specs += [(p + name + ".weight", "BF16", shape) for name, shape in _shapes(size, moe).items()]
     specs += [("model.norm.weight", "BF16", (hidden,)), ("lm_head.weight", "BF16", (vocab, hidden))]
     rng = np.random.default_rng(seed)
 
@@ -100,25 +116,41 @@ def make_base(folder: Path, size: str, seed: int = 0) -> int:
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": hidden // 128,
               "num_key_value_heads": kv // 128, "head_dim": 128, "vocab_size": vocab, "rms_norm_eps": 1e-6,
               "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    if moe:
+        config.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=MOE[0],
+                      num_experts_per_tok=2, moe_intermediate_size=MOE[1], decoder_sparse_step=1, mlp_only_layers=[])
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return total
 
 
-def make_adapter(folder: Path, size: str, r: int, seed: int = 1, dora: bool = False) -> int:
+def make_adapter(folder: Path, size: str, r: int, seed: int = 1, dora: bool = False, moe: bool = False) -> int:
     """A peft LoRA folder of rank ``r`` on every projection (float32 factors; with ``dora``, a
-    float32 magnitude per output row too); returns its tensor bytes."""
+    float32 magnitude per output row too; with ``moe``, on the attention projections and the
+    fused expert parameters, as peft's ``target_parameters`` saves them); returns its tensor bytes."""
     folder.mkdir(parents=True)
     specs = []
+    hidden = SIZES[size][1]
+    experts, inter = MOE
     for i in range(SIZES[size][0]):
         for name, (rows, cols) in _shapes(size).items():
+            if moe and name not in _ATTENTION:
+                continue
             key = f"base_model.model.model.layers.{i}.{name}"
             specs += [(key + ".lora_A.weight", "F32", (r, cols)), (key + ".lora_B.weight", "F32", (rows, r))]
             specs += [(key + ".lora_magnitude_vector", "F32", (rows,))] if dora else []
+        if moe:  # gate_up_proj [E, 2I, H] innermost (registered first), then down_proj [E, H, I]
+            key = f"base_model.model.model.layers.{i}.mlp.experts"
+            specs += [(key + ".base_layer.lora_A.weight", "F32", (experts * r, hidden)),
+                      (key + ".base_layer.lora_B.weight", "F32", (2 * inter, r * experts)),
+                      (key + ".lora_A.weight", "F32", (experts * r, inter)),
+                      (key + ".lora_B.weight", "F32", (hidden, r * experts))]
     rng = np.random.default_rng(seed)
     total = _write(folder / "adapter_model.safetensors", specs,
                    lambda _dtype, shape: (rng.standard_normal(shape, dtype=np.float32) * 0.01).tobytes())
     (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": [p.split(".")[1] for p in _PROJ],
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+        "target_modules": [p.split(".")[1] for p in (_ATTENTION if moe else _PROJ)],
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if moe else None,
         "use_rslora": False, "use_dora": dora, "fan_in_fan_out": False, "task_type": "CAUSAL_LM"}))
     return total
 
@@ -130,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, help="a folder on tmpfs (default: a new one under /dev/shm)")
     p.add_argument("--repo", type=Path, default=runner.DEFAULT_REPO, help="the checkout to measure")
     p.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for a quiet machine")
+    p.add_argument("--moe", action="store_true", help="a Qwen3-MoE base, LoRA on its fused expert parameters")
     p.add_argument("--dora", action="store_true", help="DoRA adapters (use_dora, a magnitude per row)")
     p.add_argument("--peft", action="store_true", help="also peft's merge_and_unload + save_pretrained")
     p.add_argument("--json", action="store_true")
@@ -153,8 +186,10 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     source, bench = work / "source", work / "bench"
     bench.mkdir()
     runner.log(f"writing the {args.size} checkpoint and its adapters in {work} ...")
-    source_bytes = make_base(source, args.size)
-    adapter_bytes = {r: make_adapter(work / f"adapter-r{r}", args.size, r, dora=args.dora)
+    if args.moe and args.dora:
+        raise SystemExit("lora.py: error: --moe with --dora: peft's target_parameters cannot be DoRA")
+    source_bytes = make_base(source, args.size, moe=args.moe)
+    adapter_bytes = {r: make_adapter(work / f"adapter-r{r}", args.size, r, dora=args.dora, moe=args.moe)
                      for r in RANKS}
     out = bench / "out"
     manifests = {}
@@ -173,7 +208,7 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     copy.write_text(f'[source]\nmodel = "{made}"\n[layers]\nplan = "keep"\n[output]\npath = "{out / "raw"}"\n')
     spec = runner.build_spec(repo.path, copy, out / "raw", bench / "raw.json")
     assert spec["transforms"] == 0, spec["transforms"]
-    kind = "DoRA" if args.dora else "LoRA"
+    kind = ("DoRA" if args.dora else "LoRA") + (" on experts" if args.moe else "")
     rows = [
         runner.Approach("raw", "raw pipelined copy (baseline: the merged output's bytes)",
                         [sys.executable, str(runner.THIS), "--raw-copy", str(bench / "raw.json")], out / "raw"),
@@ -195,8 +230,8 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     ctx = {"dropped": 0, "why": None, "max_wait": args.max_wait, "tmpfs": True, "env": env}
     runner.run_all(rows, bench, args.runs, ctx)
     summary = runner.summarize(rows)
-    command = " ".join(["python benchmarks/lora.py", "--size", args.size, "--runs", str(args.runs)]
-                       + (["--dora"] if args.dora else []) + (["--peft"] if args.peft else []))
+    flags = [f"--{f}" for f in ("moe", "dora", "peft") if getattr(args, f)]
+    command = " ".join(["python benchmarks/lora.py", "--size", args.size, "--runs", str(args.runs), *flags])
     m = runner.machine(work, repo)
     if args.json:
         print(json.dumps({"command": command, "source_bytes": source_bytes, "adapter_bytes": adapter_bytes,
