@@ -155,3 +155,35 @@ def test_the_product_rounds_once_where_a_float64_sum_would_round_twice():
     reference = (torch.from_numpy(left) @ torch.from_numpy(right)).numpy()
     assert (reference == np.float32(1 + 2 ** -23)).all()
     assert (fma_product(left, right, np.empty((256, 300), np.float32)) == reference).all()
+
+
+@pytest.mark.parametrize("transposed, round_delta", [(False, False), (True, False), (False, True)])
+def test_the_blas_product_stands_only_where_its_error_bound_settles_the_bytes(tmp_path, monkeypatch, transposed,
+                                                                              round_delta):
+    """A 16-bit merge takes BLAS's product where its bracket (ops/product_bound.py) gives one
+    merged value, the chain's elsewhere. Factors whose first two ranks cancel (``|B| @ |A|`` far
+    above ``B @ A``) leave some elements unsettled: the bytes are torch's (one thread) all the same,
+    with the chain made for some elements and not all."""
+    from tensorsurgery.ops import fma_product
+
+    torch.set_num_threads(1)
+    rows, cols, r = 300, 700, 16
+    (w, a, b, _), inputs = _tensors(tmp_path, rows, cols, r, transposed=transposed, dora=False)
+    a[1] = -a[0] * (1 + 1e-3 * torch.rand(a.shape[1], generator=torch.Generator().manual_seed(9)))
+    a[0] *= 20
+    a[1] *= 20
+    b[:, 1] = b[:, 0]
+    data = bytearray(inputs[0].range.file.path.read_bytes())
+    for i, t in ((1, a), (2, b)):
+        data[inputs[i].range.offset:inputs[i].range.offset + inputs[i].range.length] = t.numpy().tobytes()
+    inputs[0].range.file.path.write_bytes(bytes(data))
+    made = []
+    chain = fma_product.fma_dots
+    monkeypatch.setattr(fma_product, "fma_dots", lambda left, right: made.append(len(left)) or chain(left, right))
+    op = LoraMerge(scaling=0.75, transposed=transposed, round_delta=round_delta, merge_dtype="BF16", dtype="BF16")
+    delta = ((b @ a).T if transposed else b @ a) * torch.tensor(0.75, dtype=torch.float32)
+    if round_delta:
+        delta = delta.to(torch.bfloat16).float()
+    expected = (w.float() + delta).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    assert _merged(op, inputs, rows, cols, [0, 128, 129, 229]) == expected
+    assert 0 < sum(made) < rows * cols / 2, sum(made)

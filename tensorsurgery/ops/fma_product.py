@@ -67,3 +67,25 @@ def _off_midpoints(s: np.ndarray, p: np.ndarray, acc: np.ndarray, at: tuple[np.n
     t = ss - pp
     err = (pp - (ss - t)) + (aa - t)  # TwoSum: ss + err == pp + aa exactly
     s[at] = np.where(err > 0, np.nextafter(ss, np.inf), np.where(err < 0, np.nextafter(ss, -np.inf), ss))
+
+
+def fma_dots(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """The rank-order chain of fused multiply-adds of each pair of rows (float32 ``[m, r]`` both):
+    element ``i`` is the value :func:`fma_product` makes of ``left[i]`` and ``right[i]`` as a row
+    and a column; returns float32 ``[m]``."""
+    import numpy as np
+
+    m, r = left.shape
+    if r == 0:
+        return np.zeros(m, np.float32)
+    lw, rw = left.astype(np.float64), right.astype(np.float64)
+    low, midpoint = np.uint64(_LOW), np.uint64(_MIDPOINT)
+    acc = (lw[:, 0] * rw[:, 0]).astype(np.float32)
+    for k in range(1, r):
+        p = lw[:, k] * rw[:, k]
+        s = p + acc
+        at = np.nonzero((s.view(np.uint64) & low) == midpoint)
+        if at[0].size:
+            _off_midpoints(s, p, acc, at)
+        acc = s.astype(np.float32)
+    return acc

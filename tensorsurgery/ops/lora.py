@@ -162,28 +162,64 @@ class LoraMerge:
 
         from tensorsurgery.formats.dtypes import element_size
         from tensorsurgery.io.scratch import scratch
-        from tensorsurgery.ops.transforms import cast_chunk
+        from tensorsurgery.ops.fma_product import fma_dots
+        from tensorsurgery.ops.product_bound import bracket
 
         w = inputs[0]
         rows, cols = grid(w.shape)
         wsize = element_size(w.dtype)
         lo, hi = self._window(rows, start, n)
-        scale = np.float32(self.scaling)
-        for c0, c1 in column_blocks(cols, self._rank(inputs)):
+        r = self._rank(inputs)
+        fast = not self.dora and self.merge_dtype != "F32"  # a 16-bit merge: BLAS settles nearly every element
+        for c0, c1 in column_blocks(cols, r):
             width = c1 - c0
-            product = self._product(inputs, readers, factor, lo, hi, c0, c1)[start - lo:start - lo + n]
+            left, right = self._operands(inputs, readers, factor, lo, hi, c0, c1)
+            if fast:
+                product, bound = self._estimate(left, right, lo, hi, c0, c1)
+                bound = bound[start - lo:start - lo + n]
+            else:
+                product = self._product(left, right, lo, hi, c0, c1)
+            product = product[start - lo:start - lo + n]
             step = max(1, _PIECE // width)
             for i in range(0, n, step):  # elementwise, in small pieces: small temporaries
                 g = min(step, n - i)
-                delta = product[i:i + g].reshape(-1)
-                delta *= scale
-                if self.round_delta:
-                    rounded = cast_chunk(delta, "F32", self.merge_dtype, out=scratch(delta.size * 4, slot=13)[0])
-                    delta = _f32(rounded, self.merge_dtype, slot=14)
                 piece = scratch(g * width * wsize, slot=24)[0]
                 np.copyto(piece.reshape(g, width * wsize), weights[i:i + g, c0 * wsize:c1 * wsize])
-                delta += _f32(piece, w.dtype, slot=16)
-                yield c0, c1, i, g, delta
+                base = _f32(piece, w.dtype, slot=16)
+                delta = product[i:i + g].reshape(-1)
+                if fast:  # the chain's value where the BLAS value's bracket does not settle the merge
+                    ends = bracket(delta, bound[i:i + g].reshape(-1), r)
+                    unsure = np.flatnonzero(~np.isfinite(delta) | np.not_equal(*(
+                        self._merged(end, base, slot).view(np.uint16) for end, slot in zip(ends, (26, 27)))))
+                    if unsure.size:
+                        at, col = np.divmod(unsure, width)
+                        at += start - lo + i  # rows in the window
+                        pair = (at, col) if not self.transposed else (col, at)
+                        delta[unsure] = fma_dots(left[pair[0]], right[:, pair[1]].T)
+                yield c0, c1, i, g, self._delta_plus(delta, base)
+
+    def _delta_plus(self, delta: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """``f32(W) + f32(delta) * f32(scaling)`` (flat float32; ``delta`` rounded to the merge
+        dtype first when ``round_delta``), made in ``delta``'s buffer."""
+        import numpy as np
+
+        from tensorsurgery.io.scratch import scratch
+        from tensorsurgery.ops.transforms import cast_chunk
+
+        delta *= np.float32(self.scaling)
+        if self.round_delta:
+            rounded = cast_chunk(delta, "F32", self.merge_dtype, out=scratch(delta.size * 4, slot=13)[0])
+            delta[...] = _f32(rounded, self.merge_dtype, slot=14)
+        delta += base
+        return delta
+
+    def _merged(self, end: np.ndarray, base: np.ndarray, slot: int) -> np.ndarray:
+        """The merge-dtype bytes an end of a bracket (:func:`~tensorsurgery.ops.product_bound.bracket`,
+        float32, overwritten) would make."""
+        from tensorsurgery.io.scratch import scratch
+        from tensorsurgery.ops.transforms import cast_chunk
+
+        return cast_chunk(self._delta_plus(end, base), "F32", self.merge_dtype, out=scratch(end.size * 4, slot=slot)[0])
 
     def _rank(self, inputs: Sequence[Input]) -> int:
         return inputs[1].shape[0]  # A is [r, cols] (or [r, rows] transposed)
@@ -194,30 +230,58 @@ class LoraMerge:
         i, reader = (inputs[2], readers[2]) if self.transposed else (inputs[1], readers[1])
         return shared_factor(i, reader, 0, i.shape)
 
-    def _product(self, inputs: Sequence[Input], readers: Sequence[Reader], factor: np.ndarray, lo: int, hi: int,
-                 c0: int, c1: int) -> np.ndarray:
-        """Rows ``lo..hi-1``, columns ``c0..c1-1`` of the float32 product (``B @ A``, or its
-        transpose), shape ``[hi - lo, c1 - c0]`` (a scratch buffer of this thread: valid until the
-        next call); ``factor`` is :meth:`_factor`'s. Each value is the same dot product whatever the
-        block (:func:`column_blocks`)."""
+    def _operands(self, inputs: Sequence[Input], readers: Sequence[Reader], factor: np.ndarray, lo: int, hi: int,
+                  c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(left, right)``, float32: rows ``lo..hi-1``, columns ``c0..c1-1`` of the product are
+        ``left @ right`` (``B[lo:hi] @ A[:, c0:c1]``), or, ``transposed``, its transpose
+        (``(B[c0:c1] @ A[:, lo:hi])^T``: the same dot products as peft's whole ``B @ A``); each in
+        a scratch buffer of this thread or ``factor`` (:meth:`_factor`'s)."""
+        import numpy as np
+
+        from tensorsurgery.io.scratch import scratch
+
+        a, b = inputs[1], inputs[2]
+        r = a.shape[0]
+        if not self.transposed:
+            return _f32(_read(readers[2], b, lo * r, (hi - lo) * r, slot=12), b.dtype, slot=19).reshape(hi - lo, r), \
+                factor[:, c0:c1]
+        fa = scratch(r * (hi - lo) * 4, slot=21)[0].view(np.float32).reshape(r, hi - lo)
+        for k in range(r):
+            fa[k] = _f32(_read(readers[1], a, k * a.shape[1] + lo, hi - lo, slot=10), a.dtype, slot=11)
+        return factor[c0:c1], fa
+
+    def _product(self, left: np.ndarray, right: np.ndarray, lo: int, hi: int, c0: int, c1: int) -> np.ndarray:
+        """The product of :meth:`_operands`, ``[hi - lo, c1 - c0]``, each element the rank-order
+        chain of fused multiply-adds (a scratch buffer of this thread: valid until the next call)."""
         import numpy as np
 
         from tensorsurgery.io.scratch import scratch
         from tensorsurgery.ops.fma_product import fma_product
 
-        a, b = inputs[1], inputs[2]
-        r = a.shape[0]
         product = scratch((hi - lo) * (c1 - c0) * 4, slot=20)[0].view(np.float32).reshape(hi - lo, c1 - c0)
-        if not self.transposed:  # B[lo:hi] @ A[:, c0:c1]
-            fb = _f32(_read(readers[2], b, lo * r, (hi - lo) * r, slot=12), b.dtype, slot=19).reshape(hi - lo, r)
-            return fma_product(fb, factor[:, c0:c1], product)
-        # (B[c0:c1] @ A[:, lo:hi])^T: the same dot products as peft's full B @ A, in the same order
-        fa = scratch(r * (hi - lo) * 4, slot=21)[0].view(np.float32).reshape(r, hi - lo)
-        for k in range(r):
-            fa[k] = _f32(_read(readers[1], a, k * a.shape[1] + lo, hi - lo, slot=10), a.dtype, slot=11)
+        if not self.transposed:
+            return fma_product(left, right, product)
         made = scratch((c1 - c0) * (hi - lo) * 4, slot=25)[0].view(np.float32).reshape(c1 - c0, hi - lo)
-        np.copyto(product, fma_product(factor[c0:c1], fa, made).T)
+        np.copyto(product, fma_product(left, right, made).T)
         return product
+
+    def _estimate(self, left: np.ndarray, right: np.ndarray, lo: int, hi: int, c0: int,
+                  c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """The product of :meth:`_operands` by BLAS and its bound ``|left| @ |right|``
+        (:func:`~tensorsurgery.ops.product_bound.estimate`), both ``[hi - lo, c1 - c0]`` in
+        scratch buffers of this thread."""
+        import numpy as np
+
+        from tensorsurgery.io.scratch import scratch
+        from tensorsurgery.ops.product_bound import estimate
+
+        shape = (hi - lo, c1 - c0) if not self.transposed else (c1 - c0, hi - lo)
+        made, bound = (scratch(shape[0] * shape[1] * 4, slot=slot)[0].view(np.float32).reshape(shape)
+                       for slot in (20, 25))
+        estimate(left, right, made, bound)
+        if not self.transposed:
+            return made, bound
+        return (np.ascontiguousarray(made.T), np.ascontiguousarray(bound.T))
 
 
 @register

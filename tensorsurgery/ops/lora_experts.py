@@ -73,28 +73,23 @@ class LoraExperts(LoraMerge):
         lo, hi = LoraMerge._window(self, b - a, start - a, n)
         return a + lo, a + hi
 
-    def _product(self, inputs: Sequence[Input], readers: Sequence[Reader], factor: np.ndarray, lo: int, hi: int,
-                 c0: int, c1: int) -> np.ndarray:
-        """Output rows ``lo..hi-1`` (of one expert), columns ``c0..c1-1`` of the float32 product of
-        that expert's factors; ``factor`` is :meth:`_factor`'s."""
+    def _operands(self, inputs: Sequence[Input], readers: Sequence[Reader], factor: np.ndarray, lo: int, hi: int,
+                  c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`LoraMerge._operands`, of output rows ``lo..hi-1`` of one expert and that
+        expert's factors: ``B_e[i0:i1] @ A_e[:, c0:c1]`` (``B_e``'s rank ``k`` is ``B``'s column
+        ``k * experts + e``), transposed ``(B_e[c0:c1] @ A_e[:, i0:i1])^T``."""
         import numpy as np
 
         from tensorsurgery.io.scratch import scratch
-        from tensorsurgery.ops.fma_product import fma_product
 
         a, b = inputs[1], inputs[2]
         experts, r = self.experts, self._rank(inputs)
         e, i0 = divmod(self.row0 + lo, self.expert_rows)  # the expert and its rows i0..i1-1
         i1 = i0 + hi - lo
-        product = scratch((hi - lo) * (c1 - c0) * 4, slot=20)[0].view(np.float32).reshape(hi - lo, c1 - c0)
-        if not self.transposed:  # B_e[i0:i1] @ A_e[:, c0:c1]; B_e's rank k is B's column k * experts + e
+        if not self.transposed:
             rows_b = _f32(_read(readers[2], b, i0 * r * experts, (i1 - i0) * r * experts, slot=12), b.dtype, slot=19)
-            fb = rows_b.reshape(i1 - i0, r, experts)[:, :, e]
-            return fma_product(fb, factor[:, c0:c1], product)
-        # (B_e[c0:c1] @ A_e[:, i0:i1])^T
+            return rows_b.reshape(i1 - i0, r, experts)[:, :, e], factor[:, c0:c1]
         fa = scratch(r * (i1 - i0) * 4, slot=21)[0].view(np.float32).reshape(r, i1 - i0)
         for k in range(r):
             fa[k] = _f32(_read(readers[1], a, (e * r + k) * a.shape[1] + i0, i1 - i0, slot=10), a.dtype, slot=11)
-        made = scratch((c1 - c0) * (i1 - i0) * 4, slot=25)[0].view(np.float32).reshape(c1 - c0, i1 - i0)
-        np.copyto(product, fma_product(factor[c0:c1, e::experts], fa, made).T)
-        return product
+        return factor[c0:c1, e::experts], fa
