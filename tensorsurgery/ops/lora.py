@@ -6,10 +6,13 @@ The arithmetic is peft's on CPU, measured bit for bit (tests/test_adapters.py): 
 to float32, their float32 product, times ``float32(scaling)``, added to ``float32(W)`` and rounded
 once to W's dtype (an embedding's product is rounded to W's dtype before the add, as peft's
 ``Embedding.merge`` does). torch's float32 matmul (MKL) accumulates each dot product in rank order
-with fused multiply-adds; the product here is made in that order by
-:func:`tensorsurgery.ops.fma_product.fma_product`, not by numpy's BLAS, whose order depends on the
-kernel it picks for the CPU. A product is made over a window of :data:`MIN_ROWS` rows and a block
-of columns at a time (:func:`column_blocks`), which bounds its memory.
+with fused multiply-adds, and the bytes here are that chain's (numpy's BLAS sums in an order that
+depends on the kernel it picks for the CPU). A float32 merge makes the chain itself
+(:func:`tensorsurgery.ops.fma_product.fma_product`, BLAS-free and slow); a 16-bit one takes BLAS's
+product where its proven error bound gives one merged value, and makes the chain only for the few
+elements where it does not (:mod:`tensorsurgery.ops.product_bound`). A product is made over a
+window of :data:`MIN_ROWS` rows and a block of columns at a time (:func:`column_blocks`), which
+bounds its memory.
 
 DoRA (``dora``, peft's ``use_dora`` on a linear layer): a fourth input, the magnitude vector ``m``
 (one value per output row), and peft's ``DoraLinearVariant.merge``: ``S = f32(W) + delta`` (delta
@@ -170,7 +173,9 @@ class LoraMerge:
         wsize = element_size(w.dtype)
         lo, hi = self._window(rows, start, n)
         r = self._rank(inputs)
-        fast = not self.dora and self.merge_dtype != "F32"  # a 16-bit merge: BLAS settles nearly every element
+        # A 16-bit merge: BLAS's product settles nearly every element. Not a float32 one (its rounding
+        # is as fine as the bound), nor DoRA's (its row norms need every sum exact).
+        fast = not self.dora and self.merge_dtype != "F32"
         for c0, c1 in column_blocks(cols, r):
             width = c1 - c0
             left, right = self._operands(inputs, readers, factor, lo, hi, c0, c1)
@@ -326,10 +331,9 @@ def grid(shape: Sequence[int]) -> tuple[int, int]:
 def column_blocks(cols: int, rank: int) -> list[tuple[int, int]]:
     """The column ranges a product of :data:`MIN_ROWS` rows is made in: all columns when fewer
     than two blocks of the width below fit, else blocks of that width, the last one up to twice
-    as wide. The width makes each block's product at least :data:`BLAS_MIN_PRODUCT` multiply-adds,
-    so that OpenBLAS makes every block with the blocked kernel it makes the whole product with,
-    and each value the same dot product in the same order as the whole product's (measured bitwise,
-    tests/test_lora_blocks.py): the per-thread product buffer is a block, not the window."""
+    as wide. The width makes each block's product at least :data:`BLAS_MIN_PRODUCT` multiply-adds
+    (a BLAS call on a narrower block costs more per element than its work): the per-thread product
+    buffer is a block, not the window. Every value is the chain's whatever the blocks."""
     width = max(MIN_BLOCK_COLS, -(-BLAS_MIN_PRODUCT // (MIN_ROWS * max(rank, 1))))
     width = -(-width // 64) * 64
     if cols < 2 * width:
