@@ -135,7 +135,7 @@ def test_unknown_key_in_layers(tmp_path):
 
 def test_unknown_key_in_source(tmp_path):
     path, msg = manifest_error(tmp_path, BASE.replace("[output]", 'rev = "main"\n[output]'))
-    assert msg == f"{path}: source.rev: unknown key; expected one of: model, revision, adapter"
+    assert msg == f"{path}: source.rev: unknown key; expected one of: model, revision, adapter, adapter_revision"
 
 
 def test_unknown_key_in_output(tmp_path):
