@@ -194,8 +194,8 @@ class LoraMerge:
                 delta = product[i:i + g].reshape(-1)
                 if fast:  # the chain's value where the BLAS value's bracket does not settle the merge
                     ends = bracket(delta, bound[i:i + g].reshape(-1), r)
-                    unsure = np.flatnonzero(~np.isfinite(delta) | np.not_equal(*(
-                        self._merged(end, base, slot).view(np.uint16) for end, slot in zip(ends, (26, 27)))))
+                    lo_key, hi_key = (self._merged_key(end, base) for end in ends)
+                    unsure = np.flatnonzero((lo_key != hi_key) | ~np.isfinite(delta))
                     if unsure.size:
                         at, col = np.divmod(unsure, width)
                         at += start - lo + i  # rows in the window
@@ -218,13 +218,19 @@ class LoraMerge:
         delta += base
         return delta
 
-    def _merged(self, end: np.ndarray, base: np.ndarray, slot: int) -> np.ndarray:
-        """The merge-dtype bytes an end of a bracket (:func:`~tensorsurgery.ops.product_bound.bracket`,
-        float32, overwritten) would make."""
-        from tensorsurgery.io.scratch import scratch
-        from tensorsurgery.ops.transforms import cast_chunk
+    def _merged_key(self, end: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """:func:`~tensorsurgery.ops.product_bound.rounded_key` of the merged value an end of a
+        bracket (float32 products, overwritten) makes: the arithmetic of :meth:`_delta_plus`."""
+        import numpy as np
 
-        return cast_chunk(self._delta_plus(end, base), "F32", self.merge_dtype, out=scratch(end.size * 4, slot=slot)[0])
+        from tensorsurgery.ops.product_bound import key_value, rounded_key
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            end *= np.float32(self.scaling)
+            if self.round_delta:
+                end = key_value(rounded_key(end, self.merge_dtype), self.merge_dtype)
+            end += base
+        return rounded_key(end, self.merge_dtype)
 
     def _rank(self, inputs: Sequence[Input]) -> int:
         return inputs[1].shape[0]  # A is [r, cols] (or [r, rows] transposed)

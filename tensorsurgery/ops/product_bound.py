@@ -34,15 +34,42 @@ def estimate(left: np.ndarray, right: np.ndarray, out: np.ndarray, bound: np.nda
 
 def bracket(x: np.ndarray, bound: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """Float32 ``(lo, hi)`` around each BLAS value ``x`` (flat) that hold the chain's value of a
-    rank-``r`` product, ``bound`` being :func:`estimate`'s ``|left| @ |right|``: ``2 gamma_r`` of
-    it doubled (the bound's own rounding, with room), plus ``r + 1`` times four times the
-    smallest normal float32 per side, each end then rounded outward by one float32 step."""
+    rank-``r`` product, ``bound`` being :func:`estimate`'s ``|left| @ |right|``. The half-width
+    ``e`` is made in float32 with room to spare: ``2 gamma_r`` of the bound, doubled (the bound's
+    own rounding), plus ``4 u |x|`` (``x - e`` rounds by at most ``u |x - e|``: this and the
+    doubling cover it), plus ``r + 1`` times a few smallest normals (a product below the normal
+    range, even one a BLAS flushes to zero)."""
     import numpy as np
 
-    x64 = x.astype(np.float64)
-    e = bound.astype(np.float64)
-    e *= 4.0 * (r + 1) * _U
-    e += (r + 1) * 2.0 ** -124  # a product below the normal range, even one flushed to zero
-    lo = np.nextafter((x64 - e).astype(np.float32), np.float32(-np.inf))
-    hi = np.nextafter((x64 + e).astype(np.float32), np.float32(np.inf))
-    return lo, hi
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN: unsettled, the caller checks
+        e = bound * np.float32(8.0 * (r + 1) * _U)
+        e += np.abs(x) * np.float32(4 * _U)
+        e += np.float32((r + 1) * 2.0 ** -124)
+        return x - e, x + e
+
+
+def rounded_key(values: np.ndarray, dtype: str) -> np.ndarray:
+    """A key of each float32 value's rounding to ``dtype`` (BF16 or F16, to nearest even): equal
+    keys, equal rounded values (NaN aside). BF16's is its bits, made with integers (numpy has no
+    bfloat16)."""
+    import numpy as np
+
+    if dtype == "F16":
+        with np.errstate(over="ignore"):
+            return values.astype(np.float16).view(np.uint16)
+    bits = values.view(np.uint32)
+    key = bits >> 16
+    key &= 1
+    key += bits
+    key += np.uint32(0x7FFF)
+    key >>= 16
+    return key
+
+
+def key_value(key: np.ndarray, dtype: str) -> np.ndarray:
+    """The float32 value of :func:`rounded_key`'s key (finite values)."""
+    import numpy as np
+
+    if dtype == "F16":
+        return key.view(np.float16).astype(np.float32)
+    return (key << 16).view(np.float32)
