@@ -47,6 +47,11 @@ _apply_tmp: Path | None = None
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    # The writer's threads are the parallelism: a BLAS product (a LoRA merge's) on each of them
+    # that spread itself over every core again ran 1.4x slower (OpenBLAS's threads spin). Read
+    # when numpy loads, which the command line does only after this.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # argparse cannot take `verify MANIFEST --source S OUTPUT` (a positional after an option

@@ -70,7 +70,7 @@ def _merged(op: LoraMerge, inputs: tuple[Input, ...], n_rows: int, cols: int, st
 
 @pytest.mark.parametrize("case", ["lora", "dora", "transposed"])
 def test_split_products_make_torchs_bytes(tmp_path, monkeypatch, case):
-    """W [300, 4100], r = 16: 4 column blocks (transposed, as an embedding's: B's 4100 rows in 4
+    """W [300, 4100], r = 16: 8 column blocks (transposed, as an embedding's: B's 4100 rows in 8
     blocks), made in row ranges of 128, 1, 100 and 71 (a straddling row, a partial window).
     Bitwise torch's merge on one thread, and the unsplit product's bytes."""
     torch.set_num_threads(1)
@@ -82,7 +82,7 @@ def test_split_products_make_torchs_bytes(tmp_path, monkeypatch, case):
                    dora=dora)
     starts = [0, 128, 129, 229]
     delta = (b @ a).T if transposed else b @ a
-    assert len(column_blocks(cols, r)) == 4
+    assert len(column_blocks(cols, r)) == 8
     s = w.float() + delta * torch.tensor(scaling, dtype=torch.float32)
     if dora:
         ours_norm = lora.row_norms(np.ascontiguousarray(s.numpy()))  # the norm kernel test_adapters checks

@@ -42,7 +42,7 @@ MIN_ROWS = 128
 MIN_BLOCK_COLS = 256
 #: The fewest multiply-adds a block's product makes (:func:`column_blocks`): fewer, wider blocks
 #: where a tensor is narrow (each block's product has a fixed cost per rank step).
-BLAS_MIN_PRODUCT = 1 << 21
+BLAS_MIN_PRODUCT = 1 << 20
 #: Elements made at a time after the product (the scaling, the add and the roundings).
 _PIECE = 1 << 15
 #: The float32 lanes of torch's vectorized row norm on CPU (AVX2 and AVX512 builds alike: measured).
@@ -161,16 +161,8 @@ class LoraMerge:
         elements: ``(c0, c1, i, g, s)``, ``s`` the float32 values (flat, in this thread's scratch,
         valid until the next piece) of rows ``start+i..start+i+g-1`` and columns ``c0..c1-1``;
         ``weights`` is W's raw rows ``[n, cols * element size]``."""
-        import numpy as np
-
-        from tensorsurgery.formats.dtypes import element_size
-        from tensorsurgery.io.scratch import scratch
-        from tensorsurgery.ops.fma_product import fma_dots
-        from tensorsurgery.ops.product_bound import bracket
-
         w = inputs[0]
         rows, cols = grid(w.shape)
-        wsize = element_size(w.dtype)
         lo, hi = self._window(rows, start, n)
         r = self._rank(inputs)
         # A 16-bit merge: BLAS's product settles nearly every element. Not a float32 one (its rounding
@@ -181,27 +173,57 @@ class LoraMerge:
             left, right = self._operands(inputs, readers, factor, lo, hi, c0, c1)
             if fast:
                 product, bound = self._estimate(left, right, lo, hi, c0, c1)
-                bound = bound[start - lo:start - lo + n]
+                product = product[start - lo:start - lo + n]
+                self._settle(product, bound[start - lo:start - lo + n], weights, w.dtype, c0, c1, left, right,
+                             start - lo, r)
             else:
-                product = self._product(left, right, lo, hi, c0, c1)
-            product = product[start - lo:start - lo + n]
+                product = self._product(left, right, lo, hi, c0, c1)[start - lo:start - lo + n]
             step = max(1, _PIECE // width)
             for i in range(0, n, step):  # elementwise, in small pieces: small temporaries
                 g = min(step, n - i)
-                piece = scratch(g * width * wsize, slot=24)[0]
-                np.copyto(piece.reshape(g, width * wsize), weights[i:i + g, c0 * wsize:c1 * wsize])
-                base = _f32(piece, w.dtype, slot=16)
+                base = self._base(weights, w.dtype, i, g, c0, c1)
                 delta = product[i:i + g].reshape(-1)
-                if fast:  # the chain's value where the BLAS value's bracket does not settle the merge
-                    ends = bracket(delta, bound[i:i + g].reshape(-1), r)
-                    lo_key, hi_key = (self._merged_key(end, base) for end in ends)
-                    unsure = np.flatnonzero((lo_key != hi_key) | ~np.isfinite(delta))
-                    if unsure.size:
-                        at, col = np.divmod(unsure, width)
-                        at += start - lo + i  # rows in the window
-                        pair = (at, col) if not self.transposed else (col, at)
-                        delta[unsure] = fma_dots(left[pair[0]], right[:, pair[1]].T)
                 yield c0, c1, i, g, self._delta_plus(delta, base)
+
+    def _settle(self, product: np.ndarray, bound: np.ndarray, weights: np.ndarray, wdtype: str, c0: int, c1: int,
+                left: np.ndarray, right: np.ndarray, first: int, r: int) -> None:
+        """Make the chain's value (:func:`~tensorsurgery.ops.fma_product.fma_dots`) wherever the
+        bracket around BLAS's ``product`` (rows of the window from ``first`` on, columns
+        ``c0..c1-1``; ``bound`` its ``|left| @ |right|``) does not settle the merged value, all of
+        the block's such elements in one call."""
+        import numpy as np
+
+        from tensorsurgery.ops.fma_product import fma_dots
+        from tensorsurgery.ops.product_bound import bracket
+
+        n, width = product.shape
+        step = max(1, _PIECE // width)
+        unsure = []
+        for i in range(0, n, step):
+            g = min(step, n - i)
+            delta = product[i:i + g].reshape(-1)
+            base = self._base(weights, wdtype, i, g, c0, c1)
+            lo_key, hi_key = (self._merged_key(end, base) for end in bracket(delta, bound[i:i + g].reshape(-1), r))
+            unsure.append(np.flatnonzero((lo_key != hi_key) | ~np.isfinite(delta)) + i * width)
+        at = np.concatenate(unsure)
+        if at.size:
+            row, col = np.divmod(at, width)
+            row += first  # rows of the window
+            pair = (row, col) if not self.transposed else (col, row)
+            product.reshape(-1)[at] = fma_dots(left[pair[0]], right[:, pair[1]].T)
+
+    def _base(self, weights: np.ndarray, wdtype: str, i: int, g: int, c0: int, c1: int) -> np.ndarray:
+        """``f32(W)`` of rows ``i..i+g-1`` (of ``weights``, W's raw rows) and columns ``c0..c1-1``,
+        flat (this thread's scratch)."""
+        import numpy as np
+
+        from tensorsurgery.formats.dtypes import element_size
+        from tensorsurgery.io.scratch import scratch
+
+        size = element_size(wdtype)
+        piece = scratch(g * (c1 - c0) * size, slot=24)[0]
+        np.copyto(piece.reshape(g, (c1 - c0) * size), weights[i:i + g, c0 * size:c1 * size])
+        return _f32(piece, wdtype, slot=16)
 
     def _delta_plus(self, delta: np.ndarray, base: np.ndarray) -> np.ndarray:
         """``f32(W) + f32(delta) * f32(scaling)`` (flat float32; ``delta`` rounded to the merge

@@ -1,13 +1,14 @@
-"""A float32 matrix product made fast by BLAS, in whatever order it sums, with a bound on how far
-each element can be from the rank-order chain of fused multiply-adds
-(:mod:`tensorsurgery.ops.fma_product`) torch's matmul makes.
+"""A float32 matrix product made fast by BLAS, with a bound on how far each element can be from
+the rank-order chain of fused multiply-adds (:mod:`tensorsurgery.ops.fma_product`) torch's matmul
+makes.
 
-Any order of float32 sums of ``r`` products, fused or not, is within ``gamma_r * sum_k |l_k r_k|``
-of the exact dot product (``gamma_r = r u / (1 - r u)``, ``u = 2^-24``; Higham, *Accuracy and
-Stability of Numerical Algorithms*, 3.1), so the BLAS value and the chain's are within twice that
-of each other; :func:`bracket` widens it further (the bound's own product is rounded, and a
-product below float32's normal range adds an absolute error, up to its whole value where a BLAS
-flushes subnormals to zero). A merge whose later steps are all monotonic (a
+The product is made in float64 (the float32 factors' products are exact there, and the float64
+sums all but so), then rounded to float32. The float32 chain of ``r`` products is within
+``gamma_r * sum_k |l_k r_k|`` of the exact dot product (``gamma_r = r u / (1 - r u)``,
+``u = 2^-24``; Higham, *Accuracy and Stability of Numerical Algorithms*, 3.1); :func:`bracket`
+widens that (the bound's own float32 product is rounded, the float64 sums and the rounding to
+float32 err a little, and a product below float32's normal range adds an absolute error, up to its
+whole value where a BLAS flushes subnormals to zero). A merge whose later steps are all monotonic (a
 multiplication by one scale, an add, roundings) gives the chain's value the same result as both
 ends of the bracket when it gives both ends the same result: only the elements where the ends
 differ need the chain (:class:`~tensorsurgery.ops.lora.LoraMerge`). For a 16-bit merge that is
@@ -25,24 +26,37 @@ _U = 2.0 ** -24
 
 
 def estimate(left: np.ndarray, right: np.ndarray, out: np.ndarray, bound: np.ndarray) -> None:
-    """``left @ right`` (float32) by BLAS into ``out``, and ``|left| @ |right|`` into ``bound``."""
+    """``left @ right`` (float32 factors) made in float64 by BLAS and rounded into float32 ``out``,
+    and ``|left| @ |right|`` (float32) into ``bound``."""
     import numpy as np
 
-    np.matmul(left, right, out=out)
-    np.matmul(np.abs(left), np.abs(right), out=bound)
+    from tensorsurgery.ops.fma_product import typed
+
+    (n, r), m = left.shape, right.shape[1]
+    wide_left, wide_right = typed(n * r, np.float64, 34).reshape(n, r), typed(r * m, np.float64, 35).reshape(r, m)
+    np.copyto(wide_left, left)
+    np.copyto(wide_right, right)
+    wide = typed(n * m, np.float64, 36).reshape(n, m)
+    np.matmul(wide_left, wide_right, out=wide)
+    out[...] = wide
+    abs_left, abs_right = typed(n * r, np.float32, 37).reshape(n, r), typed(r * m, np.float32, 38).reshape(r, m)
+    np.abs(left, out=abs_left)
+    np.abs(right, out=abs_right)
+    np.matmul(abs_left, abs_right, out=bound)
 
 
 def bracket(x: np.ndarray, bound: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """Float32 ``(lo, hi)`` around each BLAS value ``x`` (flat) that hold the chain's value of a
     rank-``r`` product, ``bound`` being :func:`estimate`'s ``|left| @ |right|``. The half-width
-    ``e`` is made in float32 with room to spare: ``2 gamma_r`` of the bound, doubled (the bound's
-    own rounding), plus ``4 u |x|`` (``x - e`` rounds by at most ``u |x - e|``: this and the
-    doubling cover it), plus ``r + 1`` times a few smallest normals (a product below the normal
-    range, even one a BLAS flushes to zero)."""
+    ``e`` is made in float32 with room to spare: ``gamma_r`` of the bound, doubled (the bound's
+    own rounding, the float64 sums), plus ``4 u |x|`` (``x`` is the float64 value rounded, and
+    ``x - e`` rounds by at most ``u |x - e|``: this and the doubling cover both), plus ``r + 1``
+    times a few smallest normals (a product below the normal range, even one a BLAS flushes to
+    zero)."""
     import numpy as np
 
     with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN: unsettled, the caller checks
-        e = bound * np.float32(8.0 * (r + 1) * _U)
+        e = bound * np.float32(4.0 * (r + 1) * _U)
         e += np.abs(x) * np.float32(4 * _U)
         e += np.float32((r + 1) * 2.0 ** -124)
         return x - e, x + e
