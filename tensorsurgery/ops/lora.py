@@ -43,6 +43,8 @@ MIN_BLOCK_COLS = 256
 #: The fewest multiply-adds a block's product makes (:func:`column_blocks`): fewer, wider blocks
 #: where a tensor is narrow (each block's product has a fixed cost per rank step).
 BLAS_MIN_PRODUCT = 1 << 20
+#: Pairs times rank a chain of unsettled elements (:meth:`LoraMerge._settle`) makes at a time.
+_CHAIN_PAIRS = 1 << 17
 #: Elements made at a time after the product (the scaling, the add and the roundings).
 _PIECE = 1 << 15
 #: The float32 lanes of torch's vectorized row norm on CPU (AVX2 and AVX512 builds alike: measured).
@@ -205,8 +207,10 @@ class LoraMerge:
             base = self._base(weights, wdtype, i, g, c0, c1)
             lo_key, hi_key = (self._merged_key(end, base) for end in bracket(delta, bound[i:i + g].reshape(-1), r))
             unsure.append(np.flatnonzero((lo_key != hi_key) | ~np.isfinite(delta)) + i * width)
-        at = np.concatenate(unsure)
-        if at.size:
+        every = np.concatenate(unsure)
+        most = max(256, _CHAIN_PAIRS // r)  # the chain's float64 buffers: 2 MiB a thread at most
+        for k in range(0, every.size, most):
+            at = every[k:k + most]
             row, col = np.divmod(at, width)
             row += first  # rows of the window
             pair = (row, col) if not self.transposed else (col, row)
