@@ -205,7 +205,8 @@ class LoraMerge:
             g = min(step, n - i)
             delta = product[i:i + g].reshape(-1)
             base = self._base(weights, wdtype, i, g, c0, c1)
-            lo_key, hi_key = (self._merged_key(end, base) for end in bracket(delta, bound[i:i + g].reshape(-1), r))
+            ends = bracket(delta, bound[i:i + g].reshape(-1), r)
+            lo_key, hi_key = (self._merged_key(end, base, slot) for end, slot in zip(ends, (44, 45)))
             unsure.append(np.flatnonzero((lo_key != hi_key) | ~np.isfinite(delta)) + i * width)
         every = np.concatenate(unsure)
         most = max(256, _CHAIN_PAIRS // r)  # the chain's float64 buffers: 2 MiB a thread at most
@@ -244,7 +245,7 @@ class LoraMerge:
         delta += base
         return delta
 
-    def _merged_key(self, end: np.ndarray, base: np.ndarray) -> np.ndarray:
+    def _merged_key(self, end: np.ndarray, base: np.ndarray, slot: int) -> np.ndarray:
         """:func:`~tensorsurgery.ops.product_bound.rounded_key` of the merged value an end of a
         bracket (float32 products, overwritten) makes: the arithmetic of :meth:`_delta_plus`."""
         import numpy as np
@@ -254,9 +255,9 @@ class LoraMerge:
         with np.errstate(over="ignore", invalid="ignore"):
             end *= np.float32(self.scaling)
             if self.round_delta:
-                end = key_value(rounded_key(end, self.merge_dtype), self.merge_dtype)
+                key_value(rounded_key(end, self.merge_dtype, slot), self.merge_dtype, out=end)
             end += base
-        return rounded_key(end, self.merge_dtype)
+        return rounded_key(end, self.merge_dtype, slot)
 
     def _rank(self, inputs: Sequence[Input]) -> int:
         return inputs[1].shape[0]  # A is [r, cols] (or [r, rows] transposed)

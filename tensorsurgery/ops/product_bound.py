@@ -55,14 +55,22 @@ def bracket(x: np.ndarray, bound: np.ndarray, r: int) -> tuple[np.ndarray, np.nd
     zero)."""
     import numpy as np
 
+    from tensorsurgery.ops.fma_product import typed
+
+    n = x.size  # every array in this thread's scratch: fresh 128 KiB arrays stay in malloc's arenas
+    e, t, lo, hi = (typed(n, np.float32, slot) for slot in (40, 41, 42, 43))
     with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN: unsettled, the caller checks
-        e = bound * np.float32(4.0 * (r + 1) * _U)
-        e += np.abs(x) * np.float32(4 * _U)
+        np.multiply(bound, np.float32(4.0 * (r + 1) * _U), out=e)
+        np.abs(x, out=t)
+        t *= np.float32(4 * _U)
+        e += t
         e += np.float32((r + 1) * 2.0 ** -124)
-        return x - e, x + e
+        np.subtract(x, e, out=lo)
+        np.add(x, e, out=hi)
+    return lo, hi
 
 
-def rounded_key(values: np.ndarray, dtype: str) -> np.ndarray:
+def rounded_key(values: np.ndarray, dtype: str, slot: int) -> np.ndarray:
     """A key of each float32 value's rounding to ``dtype`` (BF16 or F16, to nearest even): equal
     keys, equal rounded values (NaN aside). BF16's is its bits, made with integers (numpy has no
     bfloat16)."""
@@ -71,8 +79,11 @@ def rounded_key(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F16":
         with np.errstate(over="ignore"):
             return values.astype(np.float16).view(np.uint16)
+    from tensorsurgery.ops.fma_product import typed
+
     bits = values.view(np.uint32)
-    key = bits >> 16
+    key = typed(values.size, np.uint32, slot)  # this thread's scratch buffer ``slot``
+    np.right_shift(bits, 16, out=key)
     key &= 1
     key += bits
     key += np.uint32(0x7FFF)
@@ -80,10 +91,12 @@ def rounded_key(values: np.ndarray, dtype: str) -> np.ndarray:
     return key
 
 
-def key_value(key: np.ndarray, dtype: str) -> np.ndarray:
-    """The float32 value of :func:`rounded_key`'s key (finite values)."""
+def key_value(key: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """The float32 value of :func:`rounded_key`'s key (finite values), in float32 ``out``."""
     import numpy as np
 
     if dtype == "F16":
-        return key.view(np.float16).astype(np.float32)
-    return (key << 16).view(np.float32)
+        out[...] = key.view(np.float16)
+        return out
+    np.left_shift(key, 16, out=out.view(np.uint32))
+    return out
