@@ -157,9 +157,11 @@ def test_the_product_rounds_once_where_a_float64_sum_would_round_twice():
     assert (fma_product(left, right, np.empty((256, 300), np.float32)) == reference).all()
 
 
-@pytest.mark.parametrize("transposed, round_delta", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("transposed, round_delta, dtype", [(False, False, "BF16"), (True, False, "BF16"),
+                                                           (False, True, "BF16"), (False, False, "F16"),
+                                                           (False, True, "F16")])
 def test_the_blas_product_stands_only_where_its_error_bound_settles_the_bytes(tmp_path, monkeypatch, transposed,
-                                                                              round_delta):
+                                                                              round_delta, dtype):
     """A 16-bit merge takes BLAS's product where its bracket (ops/product_bound.py) gives one
     merged value, the chain's elsewhere. Factors whose first two ranks cancel (``|B| @ |A|`` far
     above ``B @ A``) leave some elements unsettled: the bytes are torch's (one thread) all the same,
@@ -173,17 +175,20 @@ def test_the_blas_product_stands_only_where_its_error_bound_settles_the_bytes(tm
     a[0] *= 20
     a[1] *= 20
     b[:, 1] = b[:, 0]
+    half = {"BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    w = w.float().to(half)
+    inputs = (inputs[0]._replace(dtype=dtype), *inputs[1:])
     data = bytearray(inputs[0].range.file.path.read_bytes())
-    for i, t in ((1, a), (2, b)):
+    for i, t in ((0, w.view(torch.int16)), (1, a), (2, b)):
         data[inputs[i].range.offset:inputs[i].range.offset + inputs[i].range.length] = t.numpy().tobytes()
     inputs[0].range.file.path.write_bytes(bytes(data))
     made = []
     chain = fma_product.fma_dots
     monkeypatch.setattr(fma_product, "fma_dots", lambda left, right: made.append(len(left)) or chain(left, right))
-    op = LoraMerge(scaling=0.75, transposed=transposed, round_delta=round_delta, merge_dtype="BF16", dtype="BF16")
+    op = LoraMerge(scaling=0.75, transposed=transposed, round_delta=round_delta, merge_dtype=dtype, dtype=dtype)
     delta = ((b @ a).T if transposed else b @ a) * torch.tensor(0.75, dtype=torch.float32)
     if round_delta:
-        delta = delta.to(torch.bfloat16).float()
-    expected = (w.float() + delta).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+        delta = delta.to(half).float()
+    expected = (w.float() + delta).to(half).view(torch.int16).numpy().tobytes()
     assert _merged(op, inputs, rows, cols, [0, 128, 129, 229]) == expected
     assert 0 < sum(made) < rows * cols / 2, sum(made)
