@@ -191,8 +191,9 @@ class LoraMerge:
                 left: np.ndarray, right: np.ndarray, first: int, r: int) -> None:
         """Make the chain's value (:func:`~tensorsurgery.ops.fma_product.fma_dots`) wherever the
         bracket around BLAS's ``product`` (rows of the window from ``first`` on, columns
-        ``c0..c1-1``; ``bound`` its ``|left| @ |right|``) does not settle the merged value, all of
-        the block's such elements in one call."""
+        ``c0..c1-1``; ``bound`` its ``|left| @ |right|``) does not settle the merged value: the
+        block's such elements found first, then their chains made a few thousand at a time (a
+        call per piece cost more than the chain itself at high ranks)."""
         import numpy as np
 
         from tensorsurgery.ops.fma_product import fma_dots
@@ -263,8 +264,8 @@ class LoraMerge:
         return inputs[1].shape[0]  # A is [r, cols] (or [r, rows] transposed)
 
     def _factor(self, inputs: Sequence[Input], readers: Sequence[Reader], start: int) -> ContextManager[np.ndarray]:
-        """The whole factor the windows multiply (rows from ``start`` on), in float32 (``A``
-        ``[r, cols]``; transposed: ``B`` ``[cols, r]``), shared by the threads."""
+        """The factor the windows of the block from row ``start`` multiply, in float32: the whole
+        ``A`` ``[r, cols]`` (transposed: ``B`` ``[cols, r]``), shared by the threads."""
         i, reader = (inputs[2], readers[2]) if self.transposed else (inputs[1], readers[1])
         return shared_factor(i, reader, 0, i.shape)
 
