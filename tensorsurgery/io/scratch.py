@@ -28,6 +28,13 @@ def scratch(n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return have[0][:n], have[1][:2 * n]
 
 
+def scratch_array(count: int, dtype: type, slot: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """``count`` elements of ``dtype`` (as ``shape``, when given) in this thread's scratch buffer
+    ``slot`` (:func:`scratch`'s first one)."""
+    values: np.ndarray = scratch(count * np.dtype(dtype).itemsize, slot=slot)[0].view(dtype)
+    return values if shape is None else values.reshape(shape)
+
+
 def _buffer(n: int) -> np.ndarray:
     """``n`` bytes that take memory only where they are written: a large one is an anonymous
     mapping of its own (not part of malloc's heap, whose pages, once touched by anything, stay

@@ -36,7 +36,6 @@ def fma_product(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> np.ndar
         out[...] = 0
         return out
     wide = right.astype(np.float64)
-    low, midpoint = np.uint64(_LOW), np.uint64(_MIDPOINT)
     # Buffers for every step: a fresh array (or np.nonzero) a step made the product 3x slower.
     g = min(ROWS, n)
     p, s = np.empty((g, m), np.float64), np.empty((g, m), np.float64)
@@ -50,12 +49,20 @@ def fma_product(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> np.ndar
         acc[...] = pg
         for k in range(1, r):
             np.multiply(rows[:, k:k + 1], wide[k], out=pg)
-            np.add(pg, acc, out=sg)
-            np.bitwise_and(sg.view(np.uint64), low, out=bg)
-            if np.equal(bg, midpoint, out=ag).any():
-                _off_midpoints(sg, pg, acc, np.nonzero(ag))
-            acc[...] = sg  # the float32 rounding (to nearest even)
+            _add_rounded(pg, acc, sg, bg, ag)
     return out
+
+
+def _add_rounded(p: np.ndarray, acc: np.ndarray, s: np.ndarray, bits: np.ndarray, at: np.ndarray) -> None:
+    """One step of the chain: ``acc = float32(p + acc)`` rounded once (``p`` the float64 products,
+    exact), through the float64 sum ``s``; ``bits`` and ``at`` are buffers of ``s``'s shape."""
+    import numpy as np
+
+    np.add(p, acc, out=s)
+    np.bitwise_and(s.view(np.uint64), np.uint64(_LOW), out=bits)
+    if np.equal(bits, np.uint64(_MIDPOINT), out=at).any():
+        _off_midpoints(s, p, acc, np.nonzero(at))
+    acc[...] = s  # the float32 rounding (to nearest even)
 
 
 def _off_midpoints(s: np.ndarray, p: np.ndarray, acc: np.ndarray, at: tuple[np.ndarray, ...]) -> None:
@@ -75,34 +82,22 @@ def fma_dots(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     and a column; returns float32 ``[m]``."""
     import numpy as np
 
+    from tensorsurgery.io.scratch import scratch_array
+
     m, r = left.shape
     if r == 0:
         return np.zeros(m, np.float32)
     # rank-major: each step reads two contiguous rows (a column of [m, r] is strided: 8x slower);
     # every buffer this thread's scratch (a fresh MB-sized array a call costs page faults)
-    lw, rw = (typed(r * m, np.float64, slot).reshape(r, m) for slot in (28, 29))
+    lw, rw = (scratch_array(r * m, np.float64, slot, (r, m)) for slot in (28, 29))
     np.copyto(lw, left.T)
     np.copyto(rw, right.T)
-    low, midpoint = np.uint64(_LOW), np.uint64(_MIDPOINT)
-    p, s = typed(m, np.float64, 30), typed(m, np.float64, 31)
-    bits, at = typed(m, np.uint64, 32), typed(m, np.bool_, 33)
+    p, s = scratch_array(m, np.float64, 30), scratch_array(m, np.float64, 31)
+    bits, at = scratch_array(m, np.uint64, 32), scratch_array(m, np.bool_, 33)
     acc = np.empty(m, np.float32)
     np.multiply(lw[0], rw[0], out=p)
     acc[...] = p
     for k in range(1, r):
         np.multiply(lw[k], rw[k], out=p)
-        np.add(p, acc, out=s)
-        np.bitwise_and(s.view(np.uint64), low, out=bits)
-        if np.equal(bits, midpoint, out=at).any():
-            _off_midpoints(s, p, acc, np.nonzero(at))
-        acc[...] = s
+        _add_rounded(p, acc, s, bits, at)
     return acc
-
-
-def typed(count: int, dtype: type, slot: int) -> np.ndarray:
-    """``count`` elements of ``dtype`` in this thread's scratch buffer ``slot``."""
-    import numpy as np
-
-    from tensorsurgery.io.scratch import scratch
-
-    return scratch(count * np.dtype(dtype).itemsize, slot=slot)[0].view(dtype)

@@ -30,16 +30,16 @@ def estimate(left: np.ndarray, right: np.ndarray, out: np.ndarray, bound: np.nda
     and ``|left| @ |right|`` (float32) into ``bound``."""
     import numpy as np
 
-    from tensorsurgery.ops.fma_product import typed
+    from tensorsurgery.io.scratch import scratch_array
 
     (n, r), m = left.shape, right.shape[1]
-    wide_left, wide_right = typed(n * r, np.float64, 34).reshape(n, r), typed(r * m, np.float64, 35).reshape(r, m)
+    wide_left, wide_right = scratch_array(n * r, np.float64, 34, (n, r)), scratch_array(r * m, np.float64, 35, (r, m))
     np.copyto(wide_left, left)
     np.copyto(wide_right, right)
-    wide = typed(n * m, np.float64, 36).reshape(n, m)
+    wide = scratch_array(n * m, np.float64, 36, (n, m))
     np.matmul(wide_left, wide_right, out=wide)
     out[...] = wide
-    abs_left, abs_right = typed(n * r, np.float32, 37).reshape(n, r), typed(r * m, np.float32, 38).reshape(r, m)
+    abs_left, abs_right = scratch_array(n * r, np.float32, 37, (n, r)), scratch_array(r * m, np.float32, 38, (r, m))
     np.abs(left, out=abs_left)
     np.abs(right, out=abs_right)
     np.matmul(abs_left, abs_right, out=bound)
@@ -55,10 +55,10 @@ def bracket(x: np.ndarray, bound: np.ndarray, r: int) -> tuple[np.ndarray, np.nd
     zero)."""
     import numpy as np
 
-    from tensorsurgery.ops.fma_product import typed
+    from tensorsurgery.io.scratch import scratch_array
 
     n = x.size  # every array in this thread's scratch: fresh 128 KiB arrays stay in malloc's arenas
-    e, t, lo, hi = (typed(n, np.float32, slot) for slot in (40, 41, 42, 43))
+    e, t, lo, hi = (scratch_array(n, np.float32, slot) for slot in (40, 41, 42, 43))
     with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN: unsettled, the caller checks
         np.multiply(bound, np.float32(4.0 * (r + 1) * _U), out=e)
         np.abs(x, out=t)
@@ -79,10 +79,10 @@ def rounded_key(values: np.ndarray, dtype: str, slot: int) -> np.ndarray:
     if dtype == "F16":
         with np.errstate(over="ignore"):
             return values.astype(np.float16).view(np.uint16)
-    from tensorsurgery.ops.fma_product import typed
+    from tensorsurgery.io.scratch import scratch_array
 
     bits = values.view(np.uint32)
-    key = typed(values.size, np.uint32, slot)  # this thread's scratch buffer ``slot``
+    key = scratch_array(values.size, np.uint32, slot)  # this thread's scratch buffer ``slot``
     np.right_shift(bits, 16, out=key)
     key &= 1
     key += bits

@@ -215,7 +215,7 @@ def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input],
     groups = owners(adapter.config, modules, shapes)
     for parent, depths in groups.items():
         made, scaled = _parameter_recipes(adapter, parent, {d: modules[n] for d, n in depths.items()}, base_keys,
-                                          transposed_experts)
+                                          shapes, transposed_experts)
         recipes.update(made)
         scalings += scaled
     wrapped = {n for depths in groups.values() for n in depths.values()}
@@ -258,10 +258,11 @@ def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input],
 
 
 def _parameter_recipes(adapter: Adapter, parent: str, depths: Mapping[int, _Module], base_keys: Mapping[str, Input],
+                       shapes: Mapping[str, Sequence[int]],
                        transposed: bool) -> tuple[dict[str, Recipe], list[tuple[str, float]]]:
     """The recipes of the parameters of module ``parent`` a ``target_parameters`` LoRA changes
     (:mod:`tensorsurgery.planning.adapter_params`), by source key, and each parameter's scaling;
-    ``depths`` are the module's wrappers' factors by depth.
+    ``depths`` are the module's wrappers' factors by depth, ``shapes`` the base tensors' shapes.
 
     Raises:
         AdapterError: options peft's ParamWrapper refuses, factors that fit no parameter (or two
@@ -273,7 +274,6 @@ def _parameter_recipes(adapter: Adapter, parent: str, depths: Mapping[int, _Modu
         raise AdapterError(f"{where}: {', '.join(refused)} with target_parameters: peft's ParamWrapper refuses it, "
                            f"so no adapter peft makes has it; the adapter config is wrong")
     factors = {d: (_input(adapter, m.a), _input(adapter, m.b)) for d, m in depths.items()}
-    shapes = {k: i.shape for k, i in base_keys.items()}
     params = {k: p for k in targeted(adapter.config, parent) if (p := parameter(k, shapes)) is not None}
     chosen = assign(where, {d: (a.shape, b.shape) for d, (a, b) in factors.items()},
                     {k: (p.shape, scaling(adapter.config, k)[0]) for k, p in params.items()}, transposed)
