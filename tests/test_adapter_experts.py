@@ -13,7 +13,14 @@ import torch
 import transformers
 from merge_checks import same_bytes_on_threads
 from safetensors.torch import load_file
-from test_adapters import DTYPES, assert_verify_finds_a_flipped_byte, make_adapter, manifest, peft_merged
+from test_adapters import (
+    DTYPES,
+    assert_verify_finds_a_flipped_byte,
+    make_adapter,
+    manifest,
+    merged_as_peft,
+    peft_merged,
+)
 from torch_helpers import bitwise, state
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
@@ -76,12 +83,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_an_expert_lora_is_peft_merge_and_unload_bitwise(tmp_path, capsys, moe, case, save):
     adapter = make_adapter(tmp_path / "adapter", moe, DTYPES[save], **CASES[case])
-    reference = state(peft_merged(moe, adapter, tmp_path / "ref"))
-    code, _, err = run(capsys, "apply", manifest(tmp_path, moe, adapter), "--no-progress")
-    assert code == 0, err
-    got = state(tmp_path / "out")
-    assert set(got) == set(reference)
-    assert [k for k in got if not bitwise(got[k], reference[k])] == []
+    got = merged_as_peft(capsys, tmp_path, moe, adapter, manifest(tmp_path, moe, adapter))
     base = load_file(str(moe / "model.safetensors"))
     changed = {k for k in got if not bitwise(got[k], base[k])}
     on_disk = [re.compile(ON_DISK[moe.name.split("-")[0]][p.rpartition(".")[2]])
@@ -105,7 +107,9 @@ def test_the_merged_moe_computes_what_peft_computes_and_verify_proves_it(tmp_pat
     out = same_bytes_on_threads(capsys, tmp_path, m)  # row ranges spread over threads: the same bytes
     ids = torch.randint(0, 160, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ours = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert all(not keys for keys in info.values()), info  # nothing missing, unexpected or mismatched
+        ours = model.eval()(ids).logits
         theirs = AutoModelForCausalLM.from_pretrained(peft_merged(moe, adapter, tmp_path / "ref")).eval()(ids).logits
     assert torch.equal(ours, theirs)
     assert run(capsys, "verify", m, out, "--no-progress")[0] == 0

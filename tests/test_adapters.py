@@ -79,6 +79,18 @@ def peft_merged(base: Path, adapter: Path, out: Path) -> Path:
     return out
 
 
+def merged_as_peft(capsys, tmp_path: Path, base: Path, adapter: Path, m: Path) -> dict[str, torch.Tensor]:
+    """Manifest ``m`` (output ``tmp_path/out``) applied: every output tensor bitwise what peft's
+    ``merge_and_unload`` then ``save_pretrained`` make of ``adapter`` on ``base``; returns them."""
+    reference = state(peft_merged(base, adapter, tmp_path / "ref"))
+    code, _, err = run(capsys, "apply", m, "--no-progress")
+    assert code == 0, err
+    got = state(tmp_path / "out")
+    assert set(got) == set(reference)
+    assert [k for k in got if not bitwise(got[k], reference[k])] == []
+    return got
+
+
 def manifest(tmp_path: Path, base: Path, adapter: Path | str, *, layers: str = 'plan = "keep"',
              name: str = "m.toml") -> Path:
     path = tmp_path / name
@@ -104,13 +116,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_merge_is_peft_merge_and_unload_bitwise(tmp_path, capsys, base, case, save):
     adapter = make_adapter(tmp_path / "adapter", base, DTYPES[save], **CASES[case])
-    reference = state(peft_merged(base, adapter, tmp_path / "ref"))
-    code, _, err = run(capsys, "apply", manifest(tmp_path, base, adapter), "--no-progress")
-    assert code == 0, err
-    got = state(tmp_path / "out")
-    assert set(got) == set(reference)
-    differing = [k for k in got if not bitwise(got[k], reference[k])]
-    assert differing == []
+    got = merged_as_peft(capsys, tmp_path, base, adapter, manifest(tmp_path, base, adapter))
     changed = [k for k in got if not bitwise(got[k], load_file(str(base / "model.safetensors"))[k])]
     assert changed  # the adapter did something
     record = json.loads((tmp_path / "out" / "tensorsurgery.json").read_text())
@@ -138,7 +144,9 @@ def test_the_merged_model_computes_what_peft_computes(tmp_path, capsys, base, ca
     assert code == 0, err
     ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
+        model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+        assert all(not keys for keys in info.values()), info  # nothing missing, unexpected or mismatched
+        ours = model(ids).logits
         theirs = AutoModelForCausalLM.from_pretrained(ref)(ids).logits
     assert torch.equal(ours, theirs)
     code, _, err = run(capsys, "verify", manifest(tmp_path, base, adapter), tmp_path / "out", "--no-progress")
@@ -192,14 +200,9 @@ def test_lora_bias_is_peft_merge_and_unload_bitwise(tmp_path, capsys, biased_bas
     passes and finds a flipped byte of a merged bias."""
     adapter = make_adapter(tmp_path / "adapter", biased_base, DTYPES[save], **BIAS)
     assert any(k.endswith("lora_B.bias") for k in load_file(str(adapter / "adapter_model.safetensors")))
-    reference = state(peft_merged(biased_base, adapter, tmp_path / "ref"))
     m = manifest(tmp_path, biased_base, adapter)
-    code, _, err = run(capsys, "apply", m, "--no-progress")
-    assert code == 0, err
+    got = merged_as_peft(capsys, tmp_path, biased_base, adapter, m)
     out = tmp_path / "out"
-    got = state(out)
-    assert set(got) == set(reference)
-    assert [k for k in got if not bitwise(got[k], reference[k])] == []
     original = load_file(str(biased_base / "model.safetensors"))
     changed = {k for k in got if k.endswith(".bias") and not bitwise(got[k], original[k])}
     assert changed == {f"model.layers.{n}.{p}.bias" for n in range(3)
