@@ -170,13 +170,14 @@ class _Lane:
                 except IndexError:
                     break
                 tid = self.first_tid[index]
-                for i, t in enumerate(shard.tensors, tid):
-                    if i not in self.same:
-                        hashes.start(i, t.nbytes)
                 self._paths.append(path)
                 packer.start_file(len(self._paths) - 1)
                 packer.put(memoryview(shard.header), None)
                 for t in shard.tensors:
+                    # Its hash object is made as its bytes start (not for the whole shard at once:
+                    # ~300 B a tensor, and a shard of tiny tensors holds hundreds of thousands).
+                    if tid not in self.same:
+                        hashes.start(tid, t.nbytes)
                     computed = not is_verbatim(t)
                     if not (computed and tid in self.same and self._read_back(packer, tid, t.nbytes)):
                         if computed:
