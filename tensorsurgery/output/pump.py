@@ -174,15 +174,16 @@ class _Lane:
                 packer.start_file(len(self._paths) - 1)
                 packer.put(memoryview(shard.header), None)
                 for t in shard.tensors:
-                    # Its hash object is made as its bytes start (not for the whole shard at once:
-                    # ~300 B a tensor, and a shard of tiny tensors holds hundreds of thousands).
-                    if tid not in self.same:
+                    repeat = tid in self.same  # its bytes are an earlier tensor's: hashed as that one
+                    if not repeat:
+                        # Its hash object is made as its bytes start (not for the whole shard at once:
+                        # ~300 B a tensor, and a shard of tiny tensors holds hundreds of thousands).
                         hashes.start(tid, t.nbytes)
                     computed = not is_verbatim(t)
-                    if not (computed and tid in self.same and self._read_back(packer, tid, t.nbytes)):
+                    if not (computed and repeat and self._read_back(packer, tid, t.nbytes)):
                         if computed:
                             self._placed[tid] = (*packer.position(), t.nbytes)
-                        self._pack_tensor(packer, sources, t, None if tid in self.same else tid)
+                        self._pack_tensor(packer, sources, t, None if repeat else tid)
                     tid += 1
                 packer.finish_file()
         except _Stopped:
