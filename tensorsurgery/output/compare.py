@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Container, Iterator
+from typing import Any, Callable, Container, Iterator, Sequence
 
 import numpy as np
 
@@ -34,7 +34,8 @@ from tensorsurgery.io.fsio import (
     sha256_fd,
 )
 from tensorsurgery.ops.interpreter import CAST_CHUNK, tensor_chunks
-from tensorsurgery.planning.planner import CopyFile, OutputTensor, Shard
+from tensorsurgery.planning.planner import CopyFile, Shard
+from tensorsurgery.planning.table import OutputTensor
 
 Progress = Callable[[int], None] | None
 
@@ -116,7 +117,7 @@ def compare_shard(shard: Shard, path: Path, *, threads: int = 2, progress: Progr
     return hashes, diffs
 
 
-def _map(threads: int, fn: Callable[[OutputTensor], tuple[str, int | None]], tensors: tuple[OutputTensor, ...],
+def _map(threads: int, fn: Callable[[OutputTensor], tuple[str, int | None]], tensors: Sequence[OutputTensor],
          stop_early: bool) -> Iterator[tuple[OutputTensor, tuple[str, int | None]]]:
     """``fn`` over ``tensors`` in order; on ``threads`` threads (comparing and hashing release the
     GIL) unless stopping at the first difference, where sequential order wastes nothing."""

@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, cast
+from typing import Callable, Hashable, Iterable, Iterator, cast
 
 import numpy as np
 
@@ -42,7 +42,8 @@ from tensorsurgery.ops.recipe import (
     is_verbatim,
     row_count,
 )
-from tensorsurgery.planning.planner import OutputTensor, Shard
+from tensorsurgery.planning.planner import Shard
+from tensorsurgery.planning.table import OutputTensor
 
 BUFFER_SIZE = 4 << 20
 BUFFERS = 4
@@ -77,8 +78,17 @@ class Pump:
             ReadError: a source ended early (it changed since planning).
         """
         jobs = list(jobs)
-        tensors = [t for shard, _ in jobs for t in shard.tensors]
-        same = first_of_each(map(identity, tensors))
+        computed = False  # some tensor is made on the cast threads
+
+        def identities() -> Iterator[Hashable]:  # one pass: a plan's tensors are made as a loop asks
+            nonlocal computed
+            for shard, _ in jobs:
+                for t in shard.tensors:
+                    computed = computed or (
+                        (is_elementwise(t) or is_rowwise(t) or is_two_pass(t)) and not is_verbatim(t))
+                    yield identity(t)
+
+        same = first_of_each(identities())
         first_tid, n = [], 0
         for shard, _ in jobs:
             first_tid.append(n)
@@ -86,9 +96,7 @@ class Pump:
         lanes = max(1, min(self.lanes or self.threads // 2, len(jobs)))
         size = self.buffer_size if lanes == 1 else max(ALIGN, self.buffer_size // lanes // ALIGN * ALIGN)
         stop = threading.Event()
-        casts = (ThreadPoolExecutor(self.threads, thread_name_prefix="ts-cast")
-                 if any((is_elementwise(t) or is_rowwise(t) or is_two_pass(t)) and not is_verbatim(t)
-                        for t in tensors) else None)
+        casts = ThreadPoolExecutor(self.threads, thread_name_prefix="ts-cast") if computed else None
         todo = [(i, *job) for i, job in enumerate(jobs)][::-1]  # popped from the end by the lanes
         runs = [_Lane(self, size, max(1, self.threads // lanes), stop, casts, same, first_tid, todo)
                 for _ in range(lanes)]
@@ -122,7 +130,8 @@ class Pump:
             if lane.error is not None:
                 raise _as_write_error(lane.error)
         digests = {tid: d for lane in runs for tid, d in lane.digests.items()}
-        return {t.name: digests[same.get(i, i)] for i, t in enumerate(tensors)}
+        names = (name for shard, _ in jobs for name in shard.tensors.names)
+        return {name: digests[same.get(i, i)] for i, name in enumerate(names)}
 
 
 class _Lane:

@@ -8,7 +8,8 @@ from dataclasses import fields, is_dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
-    from tensorsurgery.planning.planner import OutputTensor, Plan
+    from tensorsurgery.planning.planner import Plan
+    from tensorsurgery.planning.table import OutputTensor
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.([^.]+)")
 #: Fields of a merge operation that are not parameters a user gave (the merge dtype, DARE's place

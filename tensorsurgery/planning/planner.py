@@ -7,12 +7,13 @@ show exactly what ``apply`` will write and ``verify`` knows exactly what to expe
 """
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from operator import add, attrgetter, itemgetter
+from operator import attrgetter
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 from tensorsurgery.errors import AdapterError, ConsistencyError, PlanError
 from tensorsurgery.families.consistency import differing_sources, output_findings
@@ -51,47 +52,9 @@ from tensorsurgery.planning.quantized import (
     without_quantization,
 )
 from tensorsurgery.planning.selection import Pick, natural_order, select
+from tensorsurgery.planning.table import OutputTensor, PlanTensors, TableBuilder, TensorTable
 from tensorsurgery.planning.vocabulary import copied_files, tokenizer_donor
 from tensorsurgery.sources.checkpoint import Checkpoint
-
-
-class OutputTensor(NamedTuple):  # not a frozen dataclass: one per tensor (see recipe.ByteRange)
-    """One output tensor: its recipe (its inputs and the operation that makes it of them, see
-    :mod:`tensorsurgery.ops.recipe`). ``offset`` is its start in its shard's data section."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    inputs: tuple[Input, ...]
-    op: Operation
-    #: The recipe in one word per stage (:func:`~tensorsurgery.ops.recipe.label`), made when planned.
-    transform: str
-
-    @property
-    def source(self) -> ByteRange | None:
-        """The first input's byte range (None for a tensor of no input: zeros)."""
-        return self.inputs[0].range if self.inputs else None
-
-    @property
-    def source_name(self) -> str:
-        """The first input's source name ("" for none)."""
-        return self.inputs[0].source if self.inputs else ""
-
-    @property
-    def source_key(self) -> str:
-        """The first input's tensor name in its source ("" for none)."""
-        return self.inputs[0].key if self.inputs else ""
-
-    @property
-    def source_dtype(self) -> str:
-        """The first input's dtype (the output's for none)."""
-        return self.inputs[0].dtype if self.inputs else self.dtype
-
-
-#: OutputTensor's fields by position, for loops in C over a plan's tensors.
-_NAME, _DTYPE, _SHAPE, _OFFSET, _NBYTES, _TRANSFORM = (itemgetter(i) for i in (0, 1, 2, 3, 4, 7))
 
 
 def output_tensor(name: str, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int,
@@ -104,19 +67,22 @@ def output_tensor(name: str, dtype: str, shape: tuple[int, ...], offset: int, nb
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """An output file: its encoded header and its tensors in data order. ``link`` names a source
-    file that is byte-identical to this shard (planned with ``link=True``): it may be hard-linked
-    or reflinked instead of written."""
+    """An output file: its encoded header and its tensors in data order, in columns (a shard may
+    hold 100k tensors: :mod:`tensorsurgery.planning.table`; given as a tuple, they are stored so).
+    ``link`` names a source file that is byte-identical to this shard (planned with ``link=True``):
+    it may be hard-linked or reflinked instead of written."""
 
     filename: str
     header: bytes
-    tensors: tuple[OutputTensor, ...]
+    tensors: TensorTable
     link: Path | None = None
     data_size: int = -1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tensors, TensorTable):
+            object.__setattr__(self, "tensors", TensorTable.of(self.tensors))
         if self.data_size < 0:  # summed once: plans ask for it often, and a shard may hold 100k tensors
-            object.__setattr__(self, "data_size", sum(map(_NBYTES, self.tensors)))
+            object.__setattr__(self, "data_size", sum(self.tensors.nbytes))
 
     @property
     def nbytes(self) -> int:
@@ -177,7 +143,7 @@ class Plan:
     def index(self) -> Mapping[str, Any] | None:
         """The index file's content (:meth:`OutputFormat.index`); None when the output needs none
         (a single shard). Made when asked (90k entries for DeepSeek-V3)."""
-        return self.output_format.index([(s.filename, s.data_size, (t.name for t in s.tensors)) for s in self.shards])
+        return self.output_format.index([(s.filename, s.data_size, s.tensors.names) for s in self.shards])
 
     @property
     def total_size(self) -> int:
@@ -195,9 +161,10 @@ class Plan:
         return sum(s.nbytes for s in self.shards if s.link is None)
 
     @property
-    def tensors(self) -> tuple[OutputTensor, ...]:
-        """Every output tensor, shard by shard (a new tuple each time: keep it if used often)."""
-        return tuple(t for s in self.shards for t in s.tensors)
+    def tensors(self) -> PlanTensors:
+        """Every output tensor, shard by shard, each made when asked for (see
+        :mod:`tensorsurgery.planning.table`: keep none, loop again)."""
+        return PlanTensors([s.tensors for s in self.shards])
 
     @property
     def tensor_count(self) -> int:
@@ -210,7 +177,7 @@ class Plan:
         transform. Counted in C (a plan may hold 1.7M tensors)."""
         counts: Counter[str] = Counter()
         for shard in self.shards:
-            counts.update(map(_TRANSFORM, shard.tensors))
+            counts.update(shard.tensors.transforms)
         return dict(sorted(counts.items()))
 
 
@@ -253,20 +220,20 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     del chosen  # from here on each tensor is held once: picks, then specs, then placed tensors
     positions = {p.out: p.position for p in picks} if manifest.merge else None
     specs = _specs(picks, checkpoints, dtype)
-    del picks
+    del picks  # emptied by _specs
     # Quantized sources (FP8 blocks, MXFP4), dequantized when a dtype is asked for.
     fp8, mxfp4 = fp8_sources(checkpoints, dtype), mxfp4_sources(checkpoints, dtype)
     if (fp8 or mxfp4) and dtype:
         specs = _dequantized(specs, checkpoints, fp8, mxfp4, dtype)
-    adapters = tuple(_adapted(specs, manifest, checkpoints))  # merges the LoRA adapters into ``specs``
+    specs, adapters = _adapted(specs, manifest, checkpoints)
     if manifest.merge and positions is not None:
         specs = _merged(specs, positions, Merger(manifest.merge, checkpoints, len(arrangement), str(manifest.path),
                                                  out_dtype=dtype), dtype)
     linked = _identical_source_shards(specs, checkpoints[base]) if link else []
-    taken = {t.name for _, group in linked for t in group}
-    groups: list[tuple[Header | None, list[OutputTensor]]] = [*linked]
-    groups += [(None, group) for group in _cut([s for s in specs if s[0] not in taken] if taken else specs,
-                                               manifest.output.max_shard_size)]
+    taken = {name for _, group in linked for name in group.names}
+    groups: list[tuple[Header | None, TensorTable]] = [*linked]
+    groups += [(None, group) for group in _cut(TensorTable.of(s for s in specs if s.name not in taken)
+                                               if taken else specs, manifest.output.max_shard_size)]
     del specs
     shards = _name_shards(groups, output_format)
     base_ckpt = checkpoints[base]
@@ -319,29 +286,23 @@ def _source_info(name: str, model: str, ckpt: Checkpoint) -> SourceInfo:
                       repo_id=ckpt.repo_id, inside=ckpt.inside)
 
 
-class _Spec(NamedTuple):
-    """An output tensor before it is placed in a shard: :class:`OutputTensor` but ``offset``."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    inputs: tuple[Input, ...]
-    op: Operation
-    transform: str
+def _unplaced(name: str, dtype: str, shape: tuple[int, ...], nbytes: int, inputs: tuple[Input, ...],
+              op: Operation, transform: str) -> OutputTensor:
+    """An output tensor before sharding places it (offset 0)."""
+    return _new(OutputTensor, (name, dtype, shape, 0, nbytes, inputs, op, transform))
 
 
 #: A plain tuple's constructor, used for the NamedTuples made per tensor: theirs costs 3x.
 _new = tuple.__new__
 
 
-def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> list[_Spec]:
-    """The output tensor of each pick (:func:`_spec`), verbatim copies inline: they are most tensors
-    of most plans, and the loop runs for every tensor of a 1.7M-tensor plan. Empties ``picks``
-    (each is freed as its spec is made, so the two lists never both hold every tensor)."""
+def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> TensorTable:
+    """The output tensor of each pick (:func:`_spec`), unplaced, verbatim copies inline: they are
+    most tensors of most plans, and the loop runs for every tensor of a 1.7M-tensor plan. Empties
+    ``picks`` (each is freed as its tensor is added, so the two never both hold every tensor)."""
     sources = {name: (c.weight_map, c.headers) for name, c in checkpoints.items()}
-    specs: list[_Spec] = []
-    append = specs.append
+    specs = TableBuilder()
+    add_copy, append = specs.add_copy, specs.append
     picks.reverse()
     pop = picks.pop
     for _ in range(len(picks)):
@@ -352,20 +313,18 @@ def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str 
         _, e_dtype, shape, start, end = header.tensors[key]
         if rows is None and permute is None and not zeros and (
                 not dtype or e_dtype == dtype or not is_castable(e_dtype)):
-            whole = _new(ByteRange, (header.source, header.data_start + start, end - start))
-            append(_new(_Spec, (out, e_dtype, shape, end - start,
-                                (_new(Input, (source, key, e_dtype, shape, whole, None)),), COPY, "none")))
+            add_copy(out, e_dtype, shape, end - start, source, key, header.source, header.data_start + start)
         else:
             append(_spec(p, checkpoints, dtype))
-    return specs
+    return specs.build()
 
 
-def _merged(specs: list[_Spec], positions: Mapping[str, int | None], merger: Merger,
-            dtype: str | None) -> list[_Spec]:
+def _merged(specs: TensorTable, positions: Mapping[str, int | None], merger: Merger,
+            dtype: str | None) -> TensorTable:
     """Each output tensor as the merge of the same tensor of every merged source (in a merge of
     slices, each source's layer of the slice: :class:`~tensorsurgery.planning.merging.Merger`), in the
     output ``dtype`` (default: the merge dtype)."""
-    merged = []
+    merged = TableBuilder()
     merger = merger.with_draws((s.inputs[0].key, s.shape, positions[s.name]) for s in specs if s.inputs)
     for s in specs:
         if s.op is not COPY or not s.inputs:
@@ -376,11 +335,11 @@ def _merged(specs: list[_Spec], positions: Mapping[str, int | None], merger: Mer
         # The merge dtype, but ramplus_tl's float32 promotion; a copied base-only slice stays in it.
         out = dtype or (md if op is COPY else op.result_dtype(inputs))
         nbytes = s.nbytes // element_size(s.dtype) * element_size(out)  # s is planned in the output dtype
-        merged.append(_Spec(s.name, out, s.shape, nbytes, inputs, op, label(False, op, first.dtype, out)))
-    return merged
+        merged.add(s.name, out, s.shape, 0, nbytes, inputs, op, label(False, op, first.dtype, out))
+    return merged.build()
 
 
-def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> _Spec:
+def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> OutputTensor:
     """The output tensor of pick ``p``: its recipe, of one input (none for zeros)."""
     ckpt = checkpoints[p.source]
     shard = ckpt.weight_map[p.key]
@@ -390,7 +349,7 @@ def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> 
     if p.zeros:
         shape = entry.shape[:1]
         nbytes = (shape[0] if shape else 1) * element_size(out_dtype)
-        return _Spec(p.out, out_dtype, shape, nbytes, (), ZEROS, label(False, ZEROS, None, out_dtype))
+        return _unplaced(p.out, out_dtype, shape, nbytes, (), ZEROS, label(False, ZEROS, None, out_dtype))
     shape, source = entry.shape, ByteRange(header.source, header.data_start + entry.start, entry.nbytes)
     part = None
     if p.rows is not None:
@@ -414,16 +373,11 @@ def _spec(p: Pick, checkpoints: Mapping[str, Checkpoint], dtype: str | None) -> 
         op = PermuteRotary(heads)
     nbytes = source.length // element_size(entry.dtype) * element_size(out_dtype)
     inputs = (Input(p.source, p.key, entry.dtype, shape, source, part),)
-    return _Spec(p.out, out_dtype, shape, nbytes, inputs, op, label(part is not None, op, entry.dtype, out_dtype))
+    return _unplaced(p.out, out_dtype, shape, nbytes, inputs, op, label(part is not None, op, entry.dtype, out_dtype))
 
 
 def _where(ckpt: Checkpoint, shard: str, key: str) -> str:
     return f"{ckpt.root / shard}: tensor {key!r}"
-
-
-def _placed(spec: _Spec, offset: int) -> OutputTensor:
-    name, dtype, shape, nbytes, inputs, op, transform = spec
-    return _new(OutputTensor, (name, dtype, shape, offset, nbytes, inputs, op, transform))
 
 
 def _rows(p: Pick, config: Mapping[str, Any], where: str) -> tuple[int, int, int]:
@@ -435,22 +389,23 @@ def _rows(p: Pick, config: Mapping[str, Any], where: str) -> tuple[int, int, int
                         f"in [config]") from None
 
 
-def _identical_source_shards(specs: list[_Spec], ckpt: Checkpoint) -> list[tuple[Header, list[OutputTensor]]]:
+def _identical_source_shards(specs: TensorTable, ckpt: Checkpoint) -> list[tuple[Header, TensorTable]]:
     """Source shards whose every tensor is an output tensor of the same name, taken verbatim:
     each with its tensors placed where the source file has them."""
-    by_name = {spec.name: spec for spec in specs}
+    by_name = {name: i for i, name in enumerate(specs.names)}
     found = []
     for _, header in sorted(ckpt.headers.items()):
-        group = []
+        group = TableBuilder()
         for e in header.entries:
-            spec = by_name.get(e.name)
+            i = by_name.get(e.name)
+            spec = None if i is None else specs[i]
             if (spec is None or spec.transform != "none" or spec.inputs[0].key != e.name
                     or spec.inputs[0].range.file != header.source):
                 break
-            group.append(_placed(spec, e.start))
+            group.append(spec._replace(offset=e.start))
         else:
-            if group and header.raw:
-                found.append((header, group))
+            if len(group) and header.raw:
+                found.append((header, group.build()))
     return found
 
 
@@ -459,56 +414,48 @@ def _identical_source_shards(specs: list[_Spec], ckpt: Checkpoint) -> list[tuple
 MAX_SHARD_HEADER = 50_000_000
 
 
-def _cut(specs: list[_Spec], max_size: int) -> list[list[OutputTensor]]:
+def _cut(specs: TensorTable, max_size: int) -> list[TensorTable]:
     """Greedy in-order sharding, each tensor placed at its offset in its shard: a new shard starts
     when the next tensor would pass ``max_size`` (or the header :data:`MAX_SHARD_HEADER`). Not
     optimal (no bin packing, so order stays natural); a tensor larger than ``max_size`` gets a shard
-    of its own, as Hugging Face does. Empties ``specs`` (each is freed as it is placed: a plan
-    holds each tensor once)."""
-    groups: list[list[OutputTensor]] = []
+    of its own, as Hugging Face does. The shards are slices of one table (``specs`` placed)."""
+    offsets = array("q")
+    starts: list[int] = []
     size = header = 0
-    specs.reverse()
-    pop = specs.pop
-    for _ in range(len(specs)):
-        spec = pop()
-        name, shape, nbytes = spec.name, spec.shape, spec.nbytes
+    for i, (name, shape, nbytes) in enumerate(zip(specs.names, specs.shapes, specs.nbytes)):
         # An upper bound of the tensor's entry in the JSON header.
         entry = (len(name) if name.isascii() else len(name.encode("utf-8"))) + 100 + 24 * len(shape)
-        if not groups or (groups[-1] and (size + nbytes > max_size or header + entry > MAX_SHARD_HEADER)):
-            groups.append([])
+        if not starts or (i > starts[-1] and (size + nbytes > max_size or header + entry > MAX_SHARD_HEADER)):
+            starts.append(i)
             size = header = 0
-        groups[-1].append(_placed(spec, size))
+        offsets.append(size)
         size += nbytes
         header += entry
-    return groups
+    placed = specs.with_offsets(offsets)
+    return [placed.slice(a, b) for a, b in zip(starts, [*starts[1:], len(placed)])]
 
 
-def _name_shards(groups: list[tuple[Header | None, list[OutputTensor]]], fmt: OutputFormat) -> tuple[Shard, ...]:
+def _name_shards(groups: list[tuple[Header | None, TensorTable]], fmt: OutputFormat) -> tuple[Shard, ...]:
     """Name shards and lay out each one's header as the container ``fmt`` does; a group with a
     source header is that source file, reproduced as is."""
     n = len(groups)
     shards = []
     for i, (source, group) in enumerate(groups):
         name = fmt.shard_name(i, n)
-        placed = tuple(group)
         if source is not None:
-            shards.append(Shard(name, source.raw, placed, link=source.path))
+            shards.append(Shard(name, source.raw, group, link=source.path))
             continue
-        # (name, dtype, shape, start, end) of each tensor, zipped in C.
-        starts = list(map(_OFFSET, placed))
-        header = fmt.encode_header(zip(map(_NAME, placed), map(_DTYPE, placed), map(_SHAPE, placed), starts,
-                                       map(add, starts, map(_NBYTES, placed))))
-        shards.append(Shard(name, header, placed))
+        shards.append(Shard(name, fmt.encode_header(group.header_items()), group))
     return tuple(shards)
 
 
-def _dequantized(specs: list[_Spec], checkpoints: Mapping[str, Checkpoint], blocks: Mapping[str, tuple[int, int]],
-                 mxfp4: frozenset[str], dtype: str) -> list[_Spec]:
+def _dequantized(specs: TensorTable, checkpoints: Mapping[str, Checkpoint], blocks: Mapping[str, tuple[int, int]],
+                 mxfp4: frozenset[str], dtype: str) -> TensorTable:
     """``specs`` with every FP8 weight of a source in ``blocks`` (its block size) and every MXFP4
     tensor of a source in ``mxfp4`` dequantized to ``dtype`` (:mod:`tensorsurgery.planning.quantized`),
     and the scale tensors these read left out."""
     scales: set[tuple[str, str]] = set()
-    out = []
+    out: list[OutputTensor] = []
     op: Operation
     for s in specs:
         first = s.inputs[0] if len(s.inputs) == 1 else None
@@ -524,17 +471,19 @@ def _dequantized(specs: list[_Spec], checkpoints: Mapping[str, Checkpoint], bloc
             continue
         scales.add((inputs[1].source, inputs[1].key))
         nbytes = element_size(dtype) * (first.range.length if isinstance(op, DequantFP8) else 2 * first.range.length)
-        out.append(_Spec(name, dtype, shape, nbytes, inputs, op, label(False, op, first.dtype, dtype)))
+        out.append(_unplaced(name, dtype, shape, nbytes, inputs, op, label(False, op, first.dtype, dtype)))
     kept = [s for s in out if len(s.inputs) != 1 or (s.inputs[0].source, s.inputs[0].key) not in scales]
     if any(isinstance(s.op, DequantMXFP4) for s in kept):  # renamed (P_blocks -> P): back to the output order
         kept.sort(key=lambda s: natural_order(s.name))
-    return kept
+    return TensorTable.of(kept)
 
 
-def _adapted(specs: list[_Spec], manifest: Manifest, checkpoints: Mapping[str, Checkpoint]) -> list[AdapterInfo]:
-    """Merge each source's LoRA adapter into ``specs`` in place (:mod:`tensorsurgery.planning.adapters`):
-    every output tensor made of a tensor it changes gets the adapter's recipe. Returns what the
-    record says of each adapter (reads the adapter folders: their configs, headers and hashes)."""
+def _adapted(specs: TensorTable, manifest: Manifest, checkpoints: Mapping[str, Checkpoint]
+             ) -> tuple[TensorTable, tuple[AdapterInfo, ...]]:
+    """``specs`` with each source's LoRA adapter merged in (:mod:`tensorsurgery.planning.adapters`):
+    every output tensor made of a tensor it changes gets the adapter's recipe. Returns them and
+    what the record says of each adapter (reads the adapter folders: their configs, headers and
+    hashes)."""
     infos = []
     for spec in manifest.sources:
         if spec.adapter is None:
@@ -544,9 +493,11 @@ def _adapted(specs: list[_Spec], manifest: Manifest, checkpoints: Mapping[str, C
         recipes, info = adapter_recipes(adapter, source_inputs(ckpt.weight_map, ckpt.headers, spec.name,
                                                                adapter_keys(adapter)), experts_transposed(ckpt.config))
         infos.append(info)
-        for n, s in enumerate(specs):
+        adapted = TableBuilder()
+        for s in specs:
             first = s.inputs[0] if len(s.inputs) == 1 else None
             if first is None or first.source != spec.name or first.key not in recipes:
+                adapted.append(s)
                 continue
             if s.op is not COPY or first.part is not None:
                 raise AdapterError(f"sources.{spec.name}: tensor {first.key!r} is permuted or sliced on its way to "
@@ -555,6 +506,7 @@ def _adapted(specs: list[_Spec], manifest: Manifest, checkpoints: Mapping[str, C
             inputs, op = recipes[first.key]
             if isinstance(op, LoraMerge):
                 op = replace(op, dtype=s.dtype)
-            specs[n] = _Spec(s.name, s.dtype, s.shape, s.nbytes, inputs, op,
-                             label(False, op, inputs[0].dtype if op is COPY else first.dtype, s.dtype))
-    return infos
+            adapted.add(s.name, s.dtype, s.shape, 0, s.nbytes, inputs, op,
+                        label(False, op, inputs[0].dtype if op is COPY else first.dtype, s.dtype))
+        specs = adapted.build()
+    return specs, tuple(infos)

@@ -57,7 +57,8 @@ from tensorsurgery.output.record import (
     tensor_entries,
 )
 from tensorsurgery.output.record_stream import NotStreamable, open_record, same_tensors
-from tensorsurgery.planning.planner import OutputTensor, Plan
+from tensorsurgery.planning.planner import Plan
+from tensorsurgery.planning.table import OutputTensor
 from tensorsurgery.sources.checkpoint import CONFIG_NAME, RECORD_NAME
 
 
@@ -131,7 +132,7 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None, progre
     return VerifyReport(output, "manifest", len(tensors), nbytes, len(files) + 1, tuple(diffs))
 
 
-def _borrow_hashes(plan: Plan, tensors: tuple[OutputTensor, ...], output: Path, same: dict[int, int],
+def _borrow_hashes(plan: Plan, tensors: Sequence[OutputTensor], output: Path, same: dict[int, int],
                    tensor_hashes: dict[str, str]) -> None:
     """Fill in the hash of each right tensor (``tensors`` is ``plan.tensors``) that was not hashed:
     its first copy's, when that one is right too (same recipe, same expected bytes), else its own,
