@@ -270,7 +270,7 @@ def _check_consistency(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]
     texts = {name: base.family.text_config(c.config) for name, c in checkpoints.items()}
     for finding in differing_sources(texts, manifest.sources[0].name, arrangement, base.family):
         raise ConsistencyError(f"{manifest.path}: layers: {finding}; take them from a source whose config agrees")
-    found = output_findings(config, (t for s in shards for t in s.tensors), base.config,
+    found = output_findings(config, (t for s in shards for t in s.tensors.signatures()), base.config,
                             (e for h in base.headers.values() for e in h.entries), base.family)
     if found:
         raise ConsistencyError(f"{manifest.path}: the output's config.json and tensors would disagree: {found[0]}; "

@@ -111,11 +111,28 @@ class _Columns:
                                    kind.op, kind.transform))
 
 
+def _position(index: int, n: int) -> int:
+    """``index`` of a sequence of ``n`` as a position from 0 (negative: from the end)."""
+    if index < 0:
+        index += n
+    if not 0 <= index < n:
+        raise IndexError("tensor index out of range")
+    return index
+
+
+def _equal(a: Sequence[OutputTensor], b: object) -> bool:
+    """Whether ``b`` (a table, a plan's tensors, a tuple or a list) holds ``a``'s tensors, in order."""
+    if isinstance(b, (TensorTable, PlanTensors, tuple, list)):
+        return len(a) == len(b) and all(x == y for x, y in zip(a, b))
+    return NotImplemented  # type: ignore[no-any-return]
+
+
 class TableBuilder:
     """Rows added one by one (planning), then :meth:`build` once."""
 
     def __init__(self) -> None:
         self._c = _Columns()
+        self._copies: dict[tuple[str, tuple[int, ...], str, int], tuple[ByteSource, int]] = {}
 
     def __len__(self) -> int:
         return len(self._c.names)
@@ -149,7 +166,16 @@ class TableBuilder:
         ``source``), without making its recipe's tuples (most tensors of most plans are these)."""
         c = self._c
         c.keys.append(name if key == name else key)
-        c.kinds.append(c.kind(_new(_Kind, (dtype, shape, COPY, "none", source, dtype, shape, file))))
+        # A copy's kind found by what hashes in C: a byte source's and an operation's hash is
+        # Python (a Path's), and this runs for every tensor of a 1.7M-tensor plan. The cached file
+        # is held, so its id is not reused while the entry lives.
+        found = self._copies.get((dtype, shape, source, id(file)))
+        if found is not None and found[0] is file:
+            k = found[1]
+        else:
+            k = c.kind(_new(_Kind, (dtype, shape, COPY, "none", source, dtype, shape, file)))
+            self._copies[(dtype, shape, source, id(file))] = (file, k)
+        c.kinds.append(k)
         c.in_offsets.append(offset)
         c.in_lengths.append(nbytes)
         c.names.append(name)
@@ -167,7 +193,7 @@ class TableBuilder:
     def build(self) -> TensorTable:
         """The table of every row added (the builder must not be used after)."""
         c, self._c = self._c, _Columns()
-        c.kind_index = {}  # only adding needs it
+        c.kind_index, self._copies = {}, {}  # only adding needs them
         return TensorTable(c, 0, len(c.names))
 
 
@@ -204,21 +230,14 @@ class TensorTable(Sequence[OutputTensor]):
             if step != 1:
                 return TensorTable.of([self[i] for i in range(start, stop, step)])
             return TensorTable(self._c, self._start + start, self._start + max(start, stop))
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError("tensor index out of range")
-        return self._c.row(self._start + index)
+        return self._c.row(self._start + _position(index, len(self)))
 
     def __iter__(self) -> Iterator[OutputTensor]:
         row = self._c.row
         return map(row, range(self._start, self._stop))
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, (TensorTable, tuple, list)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return NotImplemented
+        return _equal(self, other)
 
     def __hash__(self) -> int:
         return hash(tuple(self))
@@ -267,6 +286,13 @@ class TensorTable(Sequence[OutputTensor]):
         kinds = self._c.kind_list
         return (kinds[k].transform for k in islice(self._c.kinds, self._start, self._stop))
 
+    def signatures(self) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+        """``(name, dtype, shape)`` of each tensor, in order (what the consistency checks read)."""
+        c, kinds = self._c, self._c.kind_list
+        for i in range(self._start, self._stop):
+            kind = kinds[c.kinds[i]]
+            yield c.names[i], kind.dtype, kind.shape
+
     def header_items(self) -> Iterator[tuple[str, str, tuple[int, ...], int, int]]:
         """``(name, dtype, shape, start, end)`` of each tensor, as a safetensors header lists them."""
         c, kinds = self._c, self._c.kind_list
@@ -299,11 +325,7 @@ class PlanTensors(Sequence[OutputTensor]):
     def __getitem__(self, index: int | slice) -> OutputTensor | tuple[OutputTensor, ...]:
         if isinstance(index, slice):
             return tuple(self[i] for i in range(*index.indices(len(self))))
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError("tensor index out of range")
+        index = _position(index, len(self))
         k = bisect_right(self._starts, index) - 1
         return self._tables[k][index - self._starts[k]]
 
@@ -312,9 +334,7 @@ class PlanTensors(Sequence[OutputTensor]):
             yield from table
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, (PlanTensors, TensorTable, tuple, list)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return NotImplemented
+        return _equal(self, other)
 
     __hash__ = None  # type: ignore[assignment]
 

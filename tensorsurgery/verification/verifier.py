@@ -104,7 +104,7 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None, progre
         progress_total(plan.total_size)
     files = expected_files(plan)
     diffs = unexpected_entries(output, {f.name for f in files} | {RECORD_NAME})
-    tensors = plan.tensors  # made once: Plan.tensors builds a new tuple each time
+    tensors = plan.tensors  # each tensor made when asked for (planning.table)
     same = first_of_each(map(identity, tensors))
     unhashed = {tensors[i].name for i in same}
     tensor_hashes: dict[str, str] = {}
@@ -128,7 +128,7 @@ def verify_output(plan: Plan, output: Path, *, progress: Progress = None, progre
     # Headers equal to the planned ones hold the planned tensors: not read (and held) again.
     diffs += check_meaning(output, [s.filename for s in plan.shards], plan.output_format, planned=plan.config,
                            tensors=tensors if planned_headers else None)
-    nbytes = sum(t.nbytes for t in tensors)
+    nbytes = sum(s.data_size for s in plan.shards)
     return VerifyReport(output, "manifest", len(tensors), nbytes, len(files) + 1, tuple(diffs))
 
 
@@ -144,7 +144,7 @@ def _borrow_hashes(plan: Plan, tensors: Sequence[OutputTensor], output: Path, sa
         if tensor_hashes.get(tensors[j].name):
             tensor_hashes[name] = tensor_hashes[tensors[j].name]
             continue
-        shard = next(s for s in plan.shards if any(t.name == name for t in s.tensors))
+        shard = next(s for s in plan.shards if name in s.tensors.names)
         t = next(t for t in shard.tensors if t.name == name)
         tensor_hashes[name] = hash_output_range(output / shard.filename, len(shard.header) + t.offset, t.nbytes)
 
@@ -184,7 +184,7 @@ def _check_record(plan: Plan, output: Path, tensor_hashes: dict[str, str],
 def _same_tensors(plan: Plan, output: Path, offset: int, tensor_hashes: Mapping[str, str]) -> bool:
     """Whether the record's tensor entries, from ``offset``, are the bytes the writer makes of
     ``plan`` and ``tensor_hashes`` (False at once when a tensor was not verified: its bytes differ)."""
-    if any(t.name not in tensor_hashes for s in plan.shards for t in s.tensors):
+    if any(name not in tensor_hashes for s in plan.shards for name in s.tensors.names):
         return False
     pieces = json_stream({}, TENSORS, tensor_entries(plan, tensor_hashes))
     first = next(pieces)
@@ -230,7 +230,7 @@ def _tensor_diffs(plan: Plan, hashes: _RecordHashes, found: Mapping[str, Any]) -
         want = json.loads(json.dumps(entry))
         differing.append((name, list(json_diff({name: want}, {} if got is _MISSING else {name: got}, TENSORS))))
     if matched != len(found):  # the record names tensors the plan does not make (rare: a set only then)
-        planned = {t.name for s in plan.shards for t in s.tensors}
+        planned = {name for s in plan.shards for name in s.tensors.names}
         differing += [(name, list(json_diff({}, {name: got}, TENSORS))) for name, got in found.items()
                       if name not in planned]
     differing.sort(key=itemgetter(0))
