@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
-from itertools import islice
-from typing import Iterable, Iterator, NamedTuple, Sequence, overload
+from typing import Iterable, Iterator, NamedTuple, Sequence, TypeVar, overload
 
 from tensorsurgery.io.byte_source import ByteSource
 from tensorsurgery.ops.base import ByteRange, Input, Operation
@@ -72,6 +71,8 @@ class _Kind(NamedTuple):
     in_shape: tuple[int, ...] | None
     file: ByteSource | None
 
+
+_T = TypeVar("_T")
 
 #: A plain tuple's constructor, used for the NamedTuples made per tensor: theirs costs 3x.
 _new = tuple.__new__
@@ -259,32 +260,39 @@ class TensorTable(Sequence[OutputTensor]):
         c.offsets = offsets
         return TensorTable(c, 0, len(offsets))
 
+    def _span(self, column: Sequence[_T]) -> Iterator[_T]:
+        """This table's rows of ``column`` (a slice copies only a slice's references: itertools.islice
+        would step over every row before it, quadratic over a plan's shards)."""
+        if self._start == 0 and self._stop == len(column):
+            return iter(column)
+        return iter(column[self._start:self._stop])
+
     @property
     def shapes(self) -> Iterator[tuple[int, ...]]:
         """Each tensor's shape, in order."""
         kinds = self._c.kind_list
-        return (kinds[k].shape for k in islice(self._c.kinds, self._start, self._stop))
+        return (kinds[k].shape for k in self._span(self._c.kinds))
 
     @property
     def names(self) -> Iterator[str]:
         """Each tensor's name, in order (without making the tensors)."""
-        return islice(self._c.names, self._start, self._stop)
+        return self._span(self._c.names)
 
     @property
     def nbytes(self) -> Iterator[int]:
         """Each tensor's size in bytes, in order."""
-        return islice(self._c.nbytes, self._start, self._stop)
+        return self._span(self._c.nbytes)
 
     @property
     def offsets(self) -> Iterator[int]:
         """Each tensor's offset in its shard's data section, in order."""
-        return islice(self._c.offsets, self._start, self._stop)
+        return self._span(self._c.offsets)
 
     @property
     def transforms(self) -> Iterator[str]:
         """Each tensor's transform label, in order."""
         kinds = self._c.kind_list
-        return (kinds[k].transform for k in islice(self._c.kinds, self._start, self._stop))
+        return (kinds[k].transform for k in self._span(self._c.kinds))
 
     def signatures(self) -> Iterator[tuple[str, str, tuple[int, ...]]]:
         """``(name, dtype, shape)`` of each tensor, in order (what the consistency checks read)."""
