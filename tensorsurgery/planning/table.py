@@ -170,12 +170,13 @@ class TableBuilder:
         # A copy's kind found by what hashes in C: a byte source's and an operation's hash is
         # Python (a Path's), and this runs for every tensor of a 1.7M-tensor plan. The cached file
         # is held, so its id is not reused while the entry lives.
-        found = self._copies.get((dtype, shape, source, id(file)))
+        copy = (dtype, shape, source, id(file))
+        found = self._copies.get(copy)
         if found is not None and found[0] is file:
             k = found[1]
         else:
             k = c.kind(_new(_Kind, (dtype, shape, COPY, "none", source, dtype, shape, file)))
-            self._copies[(dtype, shape, source, id(file))] = (file, k)
+            self._copies[copy] = (file, k)
         c.kinds.append(k)
         c.in_offsets.append(offset)
         c.in_lengths.append(nbytes)
