@@ -2,9 +2,10 @@
 with peft's ``get_peft_model`` (``init_lora_weights=False``: B is not zero), saved in float32 and
 bfloat16; every output tensor bitwise equal to peft's ``merge_and_unload()`` then
 ``save_pretrained``, at r = 8 and 64, rsLoRA, rank_pattern / alpha_pattern, an embedding LoRA,
-modules_to_save, DoRA (r = 8, rsLoRA r = 16; its row norm's kernel against torch's), lora_bias; the logits
-equal when loaded; an adapter + DUS in one manifest; verify finds a flipped byte; 1 and 3 threads;
-the refusals (one line, exit 2, nothing written)."""
+modules_to_save, DoRA (r = 8, rsLoRA r = 16; its row norm's kernel against torch's), lora_bias,
+fan_in_fan_out (GPT-2's Conv1D layers); the logits equal when loaded; an adapter + DUS in one
+manifest; verify finds a flipped byte; 1 and 3 threads; the refusals (one line, exit 2, nothing
+written)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch_helpers import bitwise, state
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cli_helpers import error_line, run
 from tensorsurgery.errors import ManifestError
@@ -406,3 +407,23 @@ def test_an_adapter_from_the_hub_cache_is_the_local_folders_merge(tmp_path, caps
     text = error_line(*run(capsys, "apply", _with_revision(manifest(tmp_path, base, adapter, name="rev.toml"), "v2"),
                            "--output", tmp_path / "local-rev", "--no-progress"))
     assert "is a local folder, and adapter_revision 'v2' is for a Hub repo id" in text, text
+
+
+@pytest.mark.parametrize("save", ["F32", "BF16"])
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_fan_in_fan_out_is_peft_merge_and_unload_bitwise(tmp_path, capsys, dtype, save):
+    """fan_in_fan_out: GPT-2's Conv1D layers store W as [in, out], so the delta is ``(B @ A).T``;
+    every tensor of a tiny GPT-2 (tied embeddings) bitwise peft's merge, and exactly the adapted
+    layers change."""
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)) \
+        .to(DTYPES[dtype]).save_pretrained(base)
+    adapter = make_adapter(tmp_path / "adapter", base, DTYPES[save], r=8, lora_alpha=16, fan_in_fan_out=True,
+                           target_modules=["c_attn", "c_proj", "c_fc"])
+    assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    got = merged_as_peft(capsys, tmp_path, base, adapter, manifest(tmp_path, base, adapter))
+    original = load_file(str(base / "model.safetensors"))
+    changed = {k for k in got if not bitwise(got[k], original[k])}
+    assert changed == {f"transformer.h.{n}.{p}.weight" for n in range(2)
+                       for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
