@@ -194,10 +194,13 @@ KEY = "model.layers.2.mlp.gate_proj.weight"
     ("scale shape", f"tensor {KEY!r} [136, 200] in blocks of 128x128 needs a float scale of shape [2, 2], but "
                     f"'{KEY}_scale_inv' is F32 [1, 2]"),
     ("no block size", "quantization_config is fp8 but its weight_block_size is None, not [rows, cols]"),
+    ("e5m2", f"tensor {KEY!r} is F8_E5M2; tensorsurgery dequantizes F8_E4M3 (e4m3fn) weights only"),
 ])
 def test_what_cannot_be_dequantized_is_one_line_and_nothing_is_written(tmp_path, capsys, fp8_model, case, message):
     if case == "missing scale":
         source = _broken(tmp_path, fp8_model, tensors=lambda s: {k: v for k, v in s.items() if k != KEY + "_scale_inv"})
+    elif case == "e5m2":
+        source = _broken(tmp_path, fp8_model, tensors=lambda s: {**s, KEY: s[KEY].float().to(torch.float8_e5m2)})
     elif case == "scale shape":
         source = _broken(tmp_path, fp8_model, tensors=lambda s: {**s, KEY + "_scale_inv": s[KEY + "_scale_inv"][:1]})
     else:
@@ -207,6 +210,35 @@ def test_what_cannot_be_dequantized_is_one_line_and_nothing_is_written(tmp_path,
         line = error_line(*run(capsys, command, m))
         assert message in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("job", ["merge", "adapter"])
+def test_a_merge_or_an_adapter_on_an_fp8_model_says_to_dequantize_it_first(tmp_path, capsys, fp8_model, job):
+    """A merge and a LoRA compute with floats and a recipe is one operation: an FP8 model is refused
+    in one line that says to dequantize it first, and nothing is written."""
+    out = tmp_path / "out"
+    m = tmp_path / "m.toml"
+    if job == "merge":
+        m.write_text(f'[sources.a]\nmodel = "{fp8_model}"\n[sources.b]\nmodel = "{fp8_model}"\n[merge]\n'
+                     f'method = "linear"\n[merge.models.a]\nweight = 0.5\n[merge.models.b]\nweight = 0.5\n'
+                     f'[output]\npath = "{out}"\ndtype = "bfloat16"\n')
+        expected = "is planned as 'dequant', which a merge cannot combine with; dequantize the model first"
+    else:
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        q = "base_model.model.model.layers.0.self_attn.q_proj"
+        save_file({f"{q}.lora_A.weight": torch.ones(4, 200), f"{q}.lora_B.weight": torch.ones(200, 4)},
+                  str(adapter / "adapter_model.safetensors"))
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+        m.write_text(f'[sources.base]\nmodel = "{fp8_model}"\nadapter = "{adapter}"\n[layers]\nplan = "keep"\n'
+                     f'[output]\npath = "{out}"\ndtype = "bfloat16"\n')
+        expected = ("module 'model.layers.0.self_attn.q_proj': its tensors are F8_E4M3, F32, F32; LoRA merges float "
+                    "tensors only (F8_E4M3: a quantized model); dequantize the model first")
+    for command in ("plan", "apply"):
+        line = error_line(*run(capsys, command, m))
+        assert expected in line and 'with [output] dtype = "bfloat16"' in line, line
+    assert not out.exists()
 
 
 def _fp8_file(path: Path, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[Input, Input]]:

@@ -24,6 +24,7 @@ from tensorsurgery.manifest.repo_id import is_repo_id
 from tensorsurgery.ops import COPY, LoraBias, LoraExperts, LoraMerge, Operation
 from tensorsurgery.ops.base import ByteRange, Input
 from tensorsurgery.planning.adapter_params import assign, owners, parameter, piece_keys, targeted
+from tensorsurgery.planning.quantized import DEQUANTIZE_FIRST
 from tensorsurgery.sources.hub import hub_files
 
 CONFIG_FILE = "adapter_config.json"
@@ -31,6 +32,12 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 #: peft's prefix of every key it saves (the adapter name is stripped on save).
 _PREFIX = "base_model.model."
 _FLOATS = ("F32", "BF16", "F16")
+
+
+def _advice(dtype: str) -> str:
+    """What to do about a base tensor of ``dtype`` that is not a float a LoRA merges: a quantized
+    model (FP8 blocks, MXFP4's U8) can be dequantized first."""
+    return "" if dtype in _FLOATS else f" ({dtype}: a quantized model); {DEQUANTIZE_FIRST}"
 #: The suffix of a DoRA module's magnitude vector (peft saves it without ``.weight``).
 _MAGNITUDE = ".lora_magnitude_vector"
 #: The suffix of ``lora_B``'s bias (``lora_bias``).
@@ -237,7 +244,7 @@ def adapter_recipes(adapter: Adapter, base_keys: Mapping[str, Input],
                                f"model (or its rank_pattern is wrong)")
         if any(i.dtype not in _FLOATS for i in (w, a, b)) or base.dtype not in _FLOATS:
             raise AdapterError(f"{where}: module {module!r}: its tensors are {w.dtype}, {a.dtype}, {b.dtype}; "
-                               f"LoRA merges float tensors only")
+                               f"LoRA merges float tensors only{_advice(w.dtype)}")
         if m.magnitude is None:
             recipes[key] = Recipe((w, a, b), LoraMerge(s, transposed, m.embedding, base.dtype, base.dtype))
         else:
@@ -290,7 +297,7 @@ def _parameter_recipes(adapter: Adapter, parent: str, depths: Mapping[int, _Modu
             base = base_keys[piece]
             if any(i.dtype not in _FLOATS for i in (base, a, b)):
                 raise AdapterError(f"{where}: parameter {key!r}: its tensors are {base.dtype}, {a.dtype}, "
-                                   f"{b.dtype}; LoRA merges float tensors only")
+                                   f"{b.dtype}; LoRA merges float tensors only{_advice(base.dtype)}")
             # peft casts a parameter's scaled delta to the weight's dtype before the add (round_delta)
             op: Operation = (LoraMerge(s, False, True, base.dtype, base.dtype) if len(p.shape) == 2 else
                              LoraExperts(s, transposed, True, base.dtype, base.dtype, experts=p.shape[0],

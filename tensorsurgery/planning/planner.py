@@ -44,6 +44,7 @@ from tensorsurgery.planning.adapters import AdapterInfo, adapter_keys, adapter_r
 from tensorsurgery.planning.config import build_config
 from tensorsurgery.planning.merging import Merger
 from tensorsurgery.planning.quantized import (
+    DEQUANTIZE_FIRST,
     MXFP4_BLOCKS,
     dequant_recipe,
     fp8_sources,
@@ -328,8 +329,10 @@ def _merged(specs: TensorTable, positions: Mapping[str, int | None], merger: Mer
     merger = merger.with_draws((s.inputs[0].key, s.shape, positions[s.name]) for s in specs if s.inputs)
     for s in specs:
         if s.op is not COPY or not s.inputs:
+            fix = (DEQUANTIZE_FIRST if s.op.label.startswith("dequant") else
+                   "merge models that need no rename that permutes or fills tensors")
             raise PlanError(f"{merger.where}: tensor {s.name!r} is planned as {s.transform!r}, which a merge cannot "
-                            f"combine with; merge models that need no rename that permutes or fills tensors")
+                            f"combine with; {fix}")
         first = s.inputs[0]
         inputs, op, md = merger.recipe(first, positions[s.name], s.name)
         # The merge dtype, but ramplus_tl's float32 promotion; a copied base-only slice stays in it.

@@ -26,6 +26,11 @@ SCALE_SUFFIX = "_scale_inv"
 FP8 = "F8_E4M3"
 #: GPT-OSS's MXFP4 tensor ``P`` is stored as ``P + MXFP4_BLOCKS`` and ``P + MXFP4_SCALES``.
 MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
+#: What to do with a quantized model that a merge or an adapter is asked of: they compute with
+#: floats, and a recipe is one operation, so the dequantization is a run of its own.
+DEQUANTIZE_FIRST = ("dequantize the model first (a manifest of it alone, with [output] dtype = \"bfloat16\"), "
+                    "then use the dequantized model")
+
 #: Dtypes a scale may have: widened exactly to float32, as torch's ``w.float() * s`` promotes it.
 _SCALE_DTYPES = ("F32", "BF16", "F16")
 
