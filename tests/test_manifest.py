@@ -393,3 +393,23 @@ def test_apply_overrides_is_pure(tmp_path):
     assert m.sources[0].model == "org/a" and m.output.path == "out/ab"
     assert new.sources[0] == SourceSpec("a", "/x", None) and new.output.path == "/y"
     assert apply_overrides(m, {}, None) == m
+
+
+# --- [merge] with what a merge does not take ------------------------------------------------------
+
+_MERGE = '[merge]\nmethod = "linear"\n[merge.models.a]\nweight = 1\n[merge.models.b]\nweight = 1\n' \
+         '[output]\npath = "out/m"\n'
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ('[layers]\nplan = "dus"\noverlap = 8\n',
+     "layers.plan: 'dus' with [merge]: a merge keeps the layers as they are; to merge parts of models, give "
+     "[[merge.slices]]"),
+    ('adapter = "./lora"\n',
+     "sources.b.adapter: a LoRA adapter in a merge is not supported yet; merge the adapter into its model first, "
+     "then merge that model"),
+])
+def test_merge_refusals_name_the_key(tmp_path, extra, expected):
+    # ``extra`` goes into [sources.b] (an adapter) or is a table of its own
+    path, message = manifest_error(tmp_path, f'[sources.a]\nmodel = "./a"\n[sources.b]\nmodel = "./b"\n{extra}{_MERGE}')
+    assert message == f"{path}: {expected}", message
