@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from tensorsurgery.families.layers import layer_runs, span
 from tensorsurgery.manifest.merge_slices import merged_runs
 from tensorsurgery.manifest.merges import describe, spec_data
+from tensorsurgery.ops.derived import Derived
 from tensorsurgery.ops.recipe import dequantized, inputs_data
 from tensorsurgery.planning.merge_report import merge_parameter_lines
 from tensorsurgery.units import format_bytes
@@ -31,6 +32,30 @@ def _dequant_line(plan: Plan) -> str:
             scales.add((t.inputs[1].source, t.inputs[1].key))
     made = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
     return f"dequantized: {made}; {len(scales)} scale tensors left out"
+
+
+#: What each operation that makes a merge's input does, in ``plan``'s words.
+_MADE = {"dequant": "FP8 weights dequantized", "lora": "weights with the LoRA merged in",
+         "lora_experts": "expert parameters with the LoRA merged in", "lora_bias": "biases with lora_bias added",
+         "copy": "tensors the adapter replaces (modules_to_save)"}
+
+
+def _made_line(plan: Plan) -> str | None:
+    """What the merge reads made first (:mod:`tensorsurgery.planning.made_inputs`), by source: how
+    many dequantized weights, LoRA-merged ones...; None when it reads the sources as they are."""
+    made: dict[str, Counter[str]] = {}
+    seen = set()
+    for t in (t for s in plan.shards for t in s.tensors):
+        for i in t.inputs:
+            f = i.range.file
+            if isinstance(f, Derived) and f not in seen:
+                seen.add(f)
+                made.setdefault(f.source, Counter())[f.op.label] += 1
+    if not made:
+        return None
+    return "made before merging: " + "; ".join(
+        f"{source}: " + ", ".join(f"{n} {_MADE.get(label, label)}" for label, n in sorted(counts.items()))
+        for source, counts in made.items())
 
 
 def format_plan(plan: Plan, *, free: int | None = None, copied: Sequence[CopiedLinks] = ()) -> str:
@@ -65,6 +90,8 @@ def format_plan(plan: Plan, *, free: int | None = None, copied: Sequence[CopiedL
     lines.append("tensors: " + ", ".join(f"{n} {k}" for k, n in plan.transform_counts.items()))
     if "dequant" in plan.transform_counts or "dequant-mxfp4" in plan.transform_counts:
         lines.append(_dequant_line(plan))
+    if plan.merge and (made := _made_line(plan)):
+        lines.append(made)
     lines.append(f"shards: {len(plan.shards)}")
     unlinkable = {name for c in copied for name in c.shards}
     for shard in plan.shards:

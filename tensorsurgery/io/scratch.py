@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 
@@ -26,6 +28,25 @@ def scratch(n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
     if have is None or have[0].size < n:
         have = buffers[slot] = (_buffer(n), _buffer(2 * n))
     return have[0][:n], have[1][:2 * n]
+
+
+@contextmanager
+def nested() -> Iterator[None]:
+    """This thread's scratch buffers swapped for a second set while the block runs: a computation
+    made inside another one's (a derived input, :mod:`tensorsurgery.ops.derived`, read by a merge
+    whose inputs already sit in the first set) must not write over the outer one's buffers. The
+    second set is kept for the next time, as the first is."""
+    outer = getattr(_local, "buffers", None)
+    inner = getattr(_local, "inner", None)
+    if inner is None:
+        inner = _local.inner = {}
+    if outer is inner:
+        raise RuntimeError("scratch buffers nested twice: a derived input read inside another")
+    _local.buffers = inner
+    try:
+        yield
+    finally:
+        _local.buffers = outer
 
 
 def scratch_array(count: int, dtype: type, slot: int, shape: tuple[int, ...] | None = None) -> np.ndarray:

@@ -136,9 +136,6 @@ def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) ->
         if "model" not in item:
             raise ManifestError(f"{path}: {where}.model: missing; give a local folder or a Hugging Face repo id")
         model = _model(path, f"{where}.model", item["model"])
-        if model[2]:
-            raise ManifestError(f"{path}: {where}.model: a LoRA adapter (+ADAPTER) in a merge is not supported yet; "
-                                f"merge the adapter into its model first, then merge that model")
         entries.append((model, item.get("parameters") or {}, where))
     base = _model(path, "base_model", data["base_model"]) if data.get("base_model") is not None else None
     models = list(dict.fromkeys(([base] if base else []) + [model for model, _, _ in entries]))
@@ -149,13 +146,13 @@ def _merge_manifest(path: Path, text: str, data: dict[str, Any], method: Any) ->
     spec = merge_spec(error, method,
                       [(names[m], raw, where) for m, raw, where in entries], names[base] if base else None,
                       data.get("parameters") or {}, CAST_DTYPES[dtype] if dtype else None)
-    # A model is named as models and base_model name it (an adapter cannot be among them).
+    # A model is named as models and base_model name it (a model+adapter by its model).
     by_path = {m[0] if m[1] is None else f"{m[0]}@{m[1]}": names[m] for m in models}
     spec = replace(spec, tokenizer_source=check_tokenizer_source(
         error, data.get("tokenizer_source"), by_path, "tokenizer_source"))
     return Manifest(
         path=path, text=text,
-        sources=tuple(SourceSpec(names[m], m[0], m[1]) for m in models),
+        sources=tuple(SourceSpec(names[m], m[0], m[1], *_adapter_ref(m[2])) for m in models),
         rename=RenameSpec(), layers=LayersSpec(plan="keep"), config=MappingProxyType({}),
         output=OutputSpec(path=f"out/{path.stem}", dtype=_output_dtype(spec, dtype, out)), merge=spec,
     )
@@ -214,8 +211,8 @@ def _merge_slice(path: Path, i: int, item: Any) -> tuple[dict[str, Any], list[tu
             raise ManifestError(f"{path}: {at}.model: missing; give a local folder or a Hugging Face repo id")
         model = _model(path, f"{at}.model", source["model"])
         if model[2]:
-            raise ManifestError(f"{path}: {at}.model: a LoRA adapter (+ADAPTER) in a merge is not supported yet; "
-                                f"merge the adapter into its model first, then merge that model")
+            raise ManifestError(f"{path}: {at}.model: a LoRA adapter (+ADAPTER) in a merge of slices is not supported "
+                                f"yet; merge the adapter into its model first, then merge that model")
         rng = source.get("layer_range")
         if not (isinstance(rng, list) and len(rng) == 2 and all(type(x) is int for x in rng) and 0 <= rng[0] < rng[1]):
             raise ManifestError(f"{path}: {at}.layer_range: expected [start, stop] with 0 <= start < stop "

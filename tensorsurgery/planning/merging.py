@@ -3,7 +3,7 @@ same tensor of every merged source and one merge operation, its parameters resol
 tensor (:mod:`tensorsurgery.manifest.merges`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from math import prod
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
@@ -34,6 +34,7 @@ from tensorsurgery.ops.arcee_fusion import SAMPLE
 from tensorsurgery.ops.base import ByteRange, Input
 from tensorsurgery.planning.dare import dare_operation, stream_offsets
 from tensorsurgery.planning.della import della_operation
+from tensorsurgery.planning.quantized import DEQUANTIZE_FIRST
 from tensorsurgery.sources.checkpoint import Checkpoint
 
 
@@ -119,6 +120,9 @@ class Merger:
     offsets: Mapping[str, int] | None = None
     #: The output dtype (None: the merge dtype), for a slice of the base alone (a copy).
     out_dtype: str | None = None
+    #: Inputs made first, by (source, source key): a dequantized FP8 weight, a tensor a LoRA
+    #: adapter changes (:mod:`tensorsurgery.planning.made_inputs`).
+    made: Mapping[tuple[str, str], Input] = field(default_factory=lambda: MappingProxyType({}))
 
     def with_draws(self, tensors: Iterable[tuple[str, tuple[int, ...], int | None]]) -> Merger:
         """This merger knowing where each tensor's draws start, for a method that draws: from
@@ -229,6 +233,9 @@ class Merger:
 
     def _input(self, source: str, key: str, shape: tuple[int, ...]) -> Input:
         ckpt = self.checkpoints[source]
+        made = self.made.get((source, key))
+        if made is not None and made.shape == shape:
+            return made
         shard = ckpt.weight_map.get(key)
         if shard is None:
             raise PlanError(f"{self.where}: merge: source {source!r} ({ckpt.root}) has no tensor {key!r}; merge "
@@ -240,6 +247,8 @@ class Merger:
             raise PlanError(f"{where}: shape {list(entry.shape)}, but the first source's is {list(shape)}; merge "
                             f"models of one architecture and size")
         if not is_castable(entry.dtype):
-            raise PlanError(f"{where}: {entry.dtype} is not a float dtype a merge computes with (F16, BF16, F32)")
+            fix = f"; {DEQUANTIZE_FIRST}" if entry.dtype.startswith("F8_") or entry.dtype == "U8" else ""
+            raise PlanError(f"{where}: {entry.dtype} is not a float dtype a merge computes with (F16, BF16, F32)"
+                            f"{fix}")
         return Input(source, key, entry.dtype, shape,
                      ByteRange(header.source, header.data_start + entry.start, entry.nbytes))

@@ -41,10 +41,11 @@ from tensorsurgery.ops.base import ByteRange, Input, RowSlice
 from tensorsurgery.ops.recipe import label
 from tensorsurgery.planning.adapter_params import experts_transposed
 from tensorsurgery.planning.adapters import AdapterInfo, adapter_keys, adapter_recipes, read_adapter, source_inputs
+from tensorsurgery.planning.adapters import Recipe as AdapterRecipe
 from tensorsurgery.planning.config import build_config
+from tensorsurgery.planning.made_inputs import made_inputs
 from tensorsurgery.planning.merging import Merger
 from tensorsurgery.planning.quantized import (
-    DEQUANTIZE_FIRST,
     MXFP4_BLOCKS,
     dequant_recipe,
     fp8_sources,
@@ -224,12 +225,16 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     del picks  # emptied by _specs
     # Quantized sources (FP8 blocks, MXFP4), dequantized when a dtype is asked for.
     fp8, mxfp4 = fp8_sources(checkpoints, dtype), mxfp4_sources(checkpoints, dtype)
-    if (fp8 or mxfp4) and dtype:
-        specs = _dequantized(specs, checkpoints, fp8, mxfp4, dtype)
-    specs, adapters = _adapted(specs, manifest, checkpoints)
     if manifest.merge and positions is not None:
+        # A merged source's dequantized or adapted tensors are made inputs of the merge.
+        recipes, adapters = _adapter_recipes(manifest, checkpoints)
+        made = made_inputs(manifest.merge.sources, checkpoints, fp8, dtype, recipes)
         specs = _merged(specs, positions, Merger(manifest.merge, checkpoints, len(arrangement), str(manifest.path),
-                                                 out_dtype=dtype), dtype)
+                                                 out_dtype=dtype, made=made.inputs), dtype, made.consumed)
+    else:
+        if (fp8 or mxfp4) and dtype:
+            specs = _dequantized(specs, checkpoints, fp8, mxfp4, dtype)
+        specs, adapters = _adapted(specs, manifest, checkpoints)
     linked = _identical_source_shards(specs, checkpoints[base]) if link else []
     taken = {name for _, group in linked for name in group.names}
     groups: list[tuple[Header | None, TensorTable]] = [*linked]
@@ -321,24 +326,23 @@ def _specs(picks: list[Pick], checkpoints: Mapping[str, Checkpoint], dtype: str 
 
 
 def _merged(specs: TensorTable, positions: Mapping[str, int | None], merger: Merger,
-            dtype: str | None) -> TensorTable:
+            dtype: str | None, consumed: frozenset[tuple[str, str]] = frozenset()) -> TensorTable:
     """Each output tensor as the merge of the same tensor of every merged source (in a merge of
     slices, each source's layer of the slice: :class:`~tensorsurgery.planning.merging.Merger`), in the
-    output ``dtype`` (default: the merge dtype)."""
+    output ``dtype`` (default: the merge dtype); the source tensors in ``consumed`` (read by a made
+    input: an FP8 weight's scale) are not output tensors."""
     merged = TableBuilder()
-    merger = merger.with_draws((s.inputs[0].key, s.shape, positions[s.name]) for s in specs if s.inputs)
-    for s in specs:
+    kept = [s for s in specs if not (s.inputs and (s.inputs[0].source, s.inputs[0].key) in consumed)]
+    merger = merger.with_draws((s.inputs[0].key, s.shape, positions[s.name]) for s in kept if s.inputs)
+    for s in kept:
         if s.op is not COPY or not s.inputs:
-            fix = (DEQUANTIZE_FIRST if s.op.label.startswith("dequant") else
-                   "merge models that need no rename that permutes or fills tensors")
             raise PlanError(f"{merger.where}: tensor {s.name!r} is planned as {s.transform!r}, which a merge cannot "
-                            f"combine with; {fix}")
-        first = s.inputs[0]
-        inputs, op, md = merger.recipe(first, positions[s.name], s.name)
+                            f"combine with; merge models that need no rename that permutes or fills tensors")
+        inputs, op, md = merger.recipe(s.inputs[0], positions[s.name], s.name)
         # The merge dtype, but ramplus_tl's float32 promotion; a copied base-only slice stays in it.
         out = dtype or (md if op is COPY else op.result_dtype(inputs))
         nbytes = s.nbytes // element_size(s.dtype) * element_size(out)  # s is planned in the output dtype
-        merged.add(s.name, out, s.shape, 0, nbytes, inputs, op, label(False, op, first.dtype, out))
+        merged.add(s.name, out, s.shape, 0, nbytes, inputs, op, label(False, op, inputs[0].dtype, out))
     return merged.build()
 
 
@@ -487,15 +491,11 @@ def _adapted(specs: TensorTable, manifest: Manifest, checkpoints: Mapping[str, C
     every output tensor made of a tensor it changes gets the adapter's recipe. Returns them and
     what the record says of each adapter (reads the adapter folders: their configs, headers and
     hashes)."""
-    infos = []
+    every, infos = _adapter_recipes(manifest, checkpoints)
     for spec in manifest.sources:
-        if spec.adapter is None:
+        if spec.name not in every:
             continue
-        adapter = read_adapter(spec.name, spec.adapter, spec.adapter_revision)
-        ckpt = checkpoints[spec.name]
-        recipes, info = adapter_recipes(adapter, source_inputs(ckpt.weight_map, ckpt.headers, spec.name,
-                                                               adapter_keys(adapter)), experts_transposed(ckpt.config))
-        infos.append(info)
+        recipes = every[spec.name]
         adapted = TableBuilder()
         for s in specs:
             first = s.inputs[0] if len(s.inputs) == 1 else None
@@ -512,4 +512,23 @@ def _adapted(specs: TensorTable, manifest: Manifest, checkpoints: Mapping[str, C
             adapted.add(s.name, s.dtype, s.shape, 0, s.nbytes, inputs, op,
                         label(False, op, inputs[0].dtype if op is COPY else first.dtype, s.dtype))
         specs = adapted.build()
-    return specs, tuple(infos)
+    return specs, infos
+
+
+def _adapter_recipes(manifest: Manifest, checkpoints: Mapping[str, Checkpoint]
+                     ) -> tuple[dict[str, dict[str, AdapterRecipe]], tuple[AdapterInfo, ...]]:
+    """Each source's LoRA adapter as the recipes of the tensors it changes (by source name, then
+    base key), and what the record says of each adapter (reads the adapter folders: their
+    configs, headers and hashes)."""
+    recipes: dict[str, dict[str, AdapterRecipe]] = {}
+    infos = []
+    for spec in manifest.sources:
+        if spec.adapter is None:
+            continue
+        adapter = read_adapter(spec.name, spec.adapter, spec.adapter_revision)
+        ckpt = checkpoints[spec.name]
+        recipes[spec.name], info = adapter_recipes(adapter, source_inputs(ckpt.weight_map, ckpt.headers, spec.name,
+                                                                          adapter_keys(adapter)),
+                                                   experts_transposed(ckpt.config))
+        infos.append(info)
+    return recipes, tuple(infos)
