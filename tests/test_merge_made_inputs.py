@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from merge_checks import flipped_byte_found
+from merge_checks import flipped_byte_found, same_bytes_on_threads
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from test_dequant import QUANT, quantize
@@ -149,3 +149,19 @@ def test_an_fp8_model_merges_as_its_dequantization_would(capsys, tmp_path, model
     code, out, _ = run(capsys, "verify", manifest, ours, "--no-progress")
     assert code == 0 and "every byte matches" in out, out
     flipped_byte_found(capsys, manifest, ours, "linear")
+
+
+def test_made_inputs_are_the_same_bytes_on_any_thread_count(capsys, tmp_path, models, fp8):
+    """A two-pass merge (slerp: norms, then values) of an FP8 model and an adapted one, and a
+    DARE merge (random draws) of them: the same bytes on 1 and 3 threads, verified."""
+    for method, extra in (("slerp", '[merge.parameters]\nt = 0.4\n[merge.models.tuned]\n'),
+                          ("dare_ties", 'seed = 3\n[merge.models.tuned]\nweight = 0.5\ndensity = 0.5\n')):
+        folder = tmp_path / method
+        folder.mkdir()
+        manifest = folder / "m.toml"
+        manifest.write_text(f'[sources.q]\nmodel = "{fp8}"\n[sources.tuned]\nmodel = "{models["ft0"]}"\n'
+                            f'adapter = "{models["lora"]}"\n[merge]\nmethod = "{method}"\nbase = "q"\n{extra}'
+                            f'[output]\npath = "{folder / "out"}"\ndtype = "bfloat16"\n')
+        out = same_bytes_on_threads(capsys, folder, manifest)
+        code, text, _ = run(capsys, "verify", manifest, out, "--no-progress")
+        assert code == 0 and "every byte matches" in text, text

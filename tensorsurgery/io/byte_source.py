@@ -104,10 +104,13 @@ class Readers:
         self._open: dict[ByteSource, Reader] = {}
 
     def open(self, source: ByteSource) -> Reader:
-        """The reader of ``source`` (see :meth:`ByteSource.open`)."""
+        """The reader of ``source`` (see :meth:`ByteSource.open`). A source made of other sources
+        (:mod:`tensorsurgery.ops.derived`) says ``open_in(readers)`` and opens those here: a
+        tensor's made input costs no file descriptor of its own."""
         reader = self._open.get(source)
         if reader is None:
-            reader = self._open[source] = source.open()
+            open_in = getattr(source, "open_in", None)
+            reader = self._open[source] = open_in(self) if open_in is not None else source.open()
         return reader
 
     def close(self) -> None:

@@ -4,20 +4,21 @@ base), so a recipe stays one operation of byte-range inputs and a merge of made 
 nothing new of the writer, ``--resume`` or ``verify``.
 
 A :class:`Derived` source is plan data like a file (immutable, hashable, equal when it makes the
-same bytes); its reader makes the bytes asked for from the derivation's own inputs, a block of
-whole rows at a time (a rowwise operation, :func:`~tensorsurgery.ops.recipe.is_rowwise`) or the
-elements asked for (an elementwise one), in scratch buffers of their own
-(:func:`tensorsurgery.io.scratch.nested`): the merge that reads it holds its inputs in the
-thread's first set. Each thread keeps the last block it made, so a merge reading a tensor in
-blocks of 65,536 elements makes each row block once; memory stays one block per thread and
-derived input.
+same bytes); its reader makes the bytes asked for from the derivation's own inputs, opened in the
+same :class:`~tensorsurgery.io.byte_source.Readers` as the reader itself (no file descriptor per
+made tensor), a block of whole rows at a time (a rowwise operation,
+:func:`~tensorsurgery.ops.recipe.is_rowwise`) or the elements asked for (an elementwise one), in
+scratch buffers of their own (:func:`tensorsurgery.io.scratch.nested`): the merge that reads it
+holds its inputs in the thread's first set. Each thread keeps the last :data:`KEPT` row blocks it
+made, whichever tensors they are of, so a merge that reads its inputs in blocks of 65,536 elements
+makes each row block once, and memory stays a few blocks per thread however many tensors are made.
 """
 from __future__ import annotations
 
 import threading
 from typing import TYPE_CHECKING, NamedTuple, cast
 
-from tensorsurgery.errors import ReadError
+from tensorsurgery.errors import ReadError, SourceError
 from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.ops.recipe import is_rowwise, row_count
 
@@ -32,6 +33,10 @@ BLOCK_BYTES = 1 << 21
 #: Rows a rowwise derivation makes at a time at most: a LoRA product's window (fewer rows cost a
 #: whole window each).
 ROWS = 128
+#: Row blocks each thread keeps (a merge reads one block of each of its inputs at a time).
+KEPT = 8
+
+_local = threading.local()
 
 
 class Derived(NamedTuple):
@@ -55,7 +60,11 @@ class Derived(NamedTuple):
         return f"{self.inputs[0].range.file.location} ({self.op.label} of {self.key!r})"
 
     def open(self) -> DerivedReader:
-        return DerivedReader(self)
+        raise SourceError(f"{self.location}: a made tensor is read through the Readers of its inputs")
+
+    def open_in(self, readers: Readers) -> DerivedReader:
+        """A reader of it whose inputs are opened in ``readers`` (which closes them)."""
+        return DerivedReader(self, [readers.open(i.range.file) for i in self.inputs])
 
 
 def derivable(op: Operation) -> bool:
@@ -65,20 +74,14 @@ def derivable(op: Operation) -> bool:
 
 
 class DerivedReader:
-    """Reads a :class:`Derived` source: makes the bytes asked for (see the module docstring).
-    Shared by threads: each keeps its own last block."""
+    """Reads a :class:`Derived` source (see the module docstring). Shared by threads: it holds
+    nothing but the readers of its inputs."""
 
-    def __init__(self, derived: Derived) -> None:
-        from tensorsurgery.io.byte_source import Readers
+    __slots__ = ("derived", "_readers")
 
+    def __init__(self, derived: Derived, readers: list[Reader]) -> None:
         self.derived = derived
-        self._readers: Readers = Readers()
-        self._lock = threading.Lock()
-        self._local = threading.local()
-
-    def _opened(self) -> list[Reader]:
-        with self._lock:  # Readers opens each source once; its readers may be shared by threads
-            return [self._readers.open(i.range.file) for i in self.derived.inputs]
+        self._readers = readers
 
     def read_into(self, view: memoryview, offset: int) -> None:
         import numpy as np
@@ -90,39 +93,54 @@ class DerivedReader:
             raise ReadError(f"{d.location}: bytes {offset}..{offset + len(view)} asked of a tensor of {d.nbytes}")
         out = np.frombuffer(view, np.uint8)
         with nested():
-            readers = self._opened()
             if is_rowwise(d):
-                self._rows(readers, out, offset)
+                self._rows(out, offset)
             else:
-                self._elements(readers, out, offset)
+                self._elements(out, offset)
 
-    def _rows(self, readers: list[Reader], out: np.ndarray, offset: int) -> None:
-        """``out`` filled from byte ``offset`` by whole row blocks, the last one kept."""
+    def _rows(self, out: np.ndarray, offset: int) -> None:
+        """``out`` filled from byte ``offset`` by whole row blocks."""
         d = self.derived
         rows = row_count(d.shape)
-        row_bytes = d.nbytes // rows if rows else 0
+        row_bytes = d.nbytes // rows
         block = max(1, min(ROWS, BLOCK_BYTES // max(row_bytes, 1)))
-        op = cast("RowwiseOperation", d.op)
         done = 0
         while done < out.size:
             at = offset + done
             first = at // row_bytes // block * block
-            have = getattr(self._local, "block", None)
-            if have is None or have[0] != first:
-                import numpy as np
-
-                n = min(block, rows - first)
-                buf = getattr(self._local, "buf", None)
-                if buf is None or buf.size < block * row_bytes:
-                    buf = self._local.buf = np.empty(block * row_bytes, np.uint8)
-                made = op.rows_into(d.inputs, readers, first, n, buf[:n * row_bytes])
-                have = self._local.block = (first, made)
-            start = at - have[0] * row_bytes
-            k = min(out.size - done, have[1].size - start)
-            out[done:done + k] = have[1][start:start + k]
+            made = self._block(first, min(block, rows - first), row_bytes)
+            start = at - first * row_bytes
+            k = min(out.size - done, made.size - start)
+            out[done:done + k] = made[start:start + k]
             done += k
 
-    def _elements(self, readers: list[Reader], out: np.ndarray, offset: int) -> None:
+    def _block(self, first: int, n: int, row_bytes: int) -> np.ndarray:
+        """Rows ``first..first+n-1``: kept by this thread, or made into the buffer of the block it
+        has not read for longest."""
+        import numpy as np
+
+        kept: list[list[object]] | None = getattr(_local, "kept", None)
+        if kept is None:
+            kept = _local.kept = []
+        for i, entry in enumerate(kept):
+            if entry[0] is self.derived and entry[1] == first:
+                kept.append(kept.pop(i))  # the most recently read last
+                return cast("np.ndarray", entry[2])
+        if len(kept) < KEPT:
+            entry = [None, -1, np.empty(0, np.uint8)]
+        else:
+            entry = kept.pop(0)
+        buf = cast("np.ndarray", entry[2])
+        if buf.size < n * row_bytes:
+            buf = np.empty(n * row_bytes, np.uint8)
+        entry[0], entry[1] = None, -1  # not a valid block while it is made (an error leaves it so)
+        op = cast("RowwiseOperation", self.derived.op)
+        made = op.rows_into(self.derived.inputs, self._readers, first, n, buf[:n * row_bytes])
+        entry[0], entry[1], entry[2] = self.derived, first, buf
+        kept.append(entry)
+        return made
+
+    def _elements(self, out: np.ndarray, offset: int) -> None:
         """``out`` filled from byte ``offset`` with the elements it covers."""
         from tensorsurgery.ops.interpreter import compute_elements
 
@@ -130,7 +148,7 @@ class DerivedReader:
         size = element_size(d.dtype)
         if offset % size or out.size % size:
             raise ReadError(f"{d.location}: a read of whole elements only ({out.size} bytes at {offset})")
-        made = compute_elements(d, readers, offset // size, out.size // size, out)
+        made = compute_elements(d, self._readers, offset // size, out.size // size, out)
         if made.ctypes.data != out.ctypes.data:
             out[:] = made
 
@@ -138,4 +156,4 @@ class DerivedReader:
         return self.derived.nbytes
 
     def close(self) -> None:
-        self._readers.close()
+        """Nothing to release: its inputs' readers are the :class:`Readers`' that opened it."""
