@@ -209,7 +209,9 @@ def measure(layers: int, count: int, workdir: Path | None, runs: int, methods: l
     dims = replace(dims, layers=layers)
     size = tensor_bytes(dims)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    mergekit = shutil.which("mergekit-yaml") if with_mergekit else None
+    # the venv's own mergekit-yaml, found without the venv on PATH (python run by its full path)
+    here = Path(sys.executable).parent / "mergekit-yaml"
+    mergekit = (str(here) if here.exists() else shutil.which("mergekit-yaml")) if with_mergekit else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="ts-merge-bench-", dir=workdir) as tmp:
         bench = Path(tmp)

@@ -3,6 +3,7 @@ same tensor of every merged source and one merge operation, its parameters resol
 tensor (:mod:`tensorsurgery.manifest.merges`)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from math import prod
 from types import MappingProxyType
@@ -36,6 +37,12 @@ from tensorsurgery.planning.dare import dare_operation, stream_offsets
 from tensorsurgery.planning.della import della_operation
 from tensorsurgery.planning.quantized import DEQUANTIZE_FIRST
 from tensorsurgery.sources.checkpoint import Checkpoint
+
+#: Methods whose value at an element needs that element of each model alone (no statistic over a
+#: tensor, no random draw): their values do not depend on how a tensor's elements are stored.
+LAYOUT_FREE = frozenset({"linear", "task_arithmetic", "nearswap", "ram"})
+#: One expert's tensor of a MoE layer stored one expert at a time (Mixtral's ``experts.3.w1``).
+_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def promoted(dtypes: tuple[str, ...]) -> str:
@@ -184,6 +191,11 @@ class Merger:
                 tensor, or a required parameter has no value for it.
         """
         key, name = first.key, name or first.key
+        if self.spec.method not in LAYOUT_FREE and _EXPERT.search(key):
+            raise PlanError(f"{self.where}: merge: tensor {key!r} is one expert of a MoE layer stored one expert at "
+                            f"a time; mergekit 0.1.5 merges the experts fused (transformers' conversion mapping), so "
+                            f"{self.spec.method}'s statistics or draws would be over other elements than its own; "
+                            f"merging them is not built yet: use {', '.join(sorted(LAYOUT_FREE))}, or mergekit")
         if first.part is not None:
             raise PlanError(f"{self.where}: tensor {key!r} is a part of a fused tensor; merging parts is not "
                             f"supported: merge models whose tensors are not split")
