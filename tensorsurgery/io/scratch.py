@@ -56,6 +56,12 @@ def scratch_array(count: int, dtype: type, slot: int, shape: tuple[int, ...] | N
     return values if shape is None else values.reshape(shape)
 
 
+def fresh(n: int) -> np.ndarray:
+    """``n`` new bytes, not a scratch slot (kept by their user, freed with it): a large one a
+    mapping of its own, unmapped when the last view of it goes (:func:`_buffer`)."""
+    return _buffer(n)
+
+
 def _buffer(n: int) -> np.ndarray:
     """``n`` bytes that take memory only where they are written: a large one is an anonymous
     mapping of its own (not part of malloc's heap, whose pages, once touched by anything, stay

@@ -9,13 +9,15 @@ same :class:`~tensorsurgery.io.byte_source.Readers` as the reader itself (no fil
 made tensor), a block of whole rows at a time (a rowwise operation,
 :func:`~tensorsurgery.ops.recipe.is_rowwise`) or the elements asked for (an elementwise one), in
 scratch buffers of their own (:func:`tensorsurgery.io.scratch.nested`): the merge that reads it
-holds its inputs in the thread's first set. Each thread keeps the last :data:`KEPT` row blocks it
-made, whichever tensors they are of, so a merge that reads its inputs in blocks of 65,536 elements
-makes each row block once, and memory stays a few blocks per thread however many tensors are made.
+holds its inputs in the thread's first set. The last :data:`KEPT` row blocks made are kept and
+shared by the threads (a thread that needs a block another is making waits for it), so a merge
+whose threads read consecutive pieces of a tensor makes each row block once, and memory stays a
+few blocks however many tensors are made.
 """
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 from tensorsurgery.errors import ReadError, SourceError
@@ -29,14 +31,29 @@ if TYPE_CHECKING:
     from tensorsurgery.ops.base import Input, Operation, RowwiseOperation
 
 #: Bytes a rowwise derivation makes at a time (whole rows, at least one; at most :data:`ROWS`).
-BLOCK_BYTES = 1 << 21
+BLOCK_BYTES = 1 << 20
 #: Rows a rowwise derivation makes at a time at most: a LoRA product's window (fewer rows cost a
 #: whole window each).
 ROWS = 128
-#: Row blocks each thread keeps (a merge reads one block of each of its inputs at a time).
-KEPT = 8
+#: Row blocks kept, shared by the threads (a merge reads a block of each of its inputs at a time,
+#: its threads consecutive pieces of one tensor).
+KEPT = 6
 
-_local = threading.local()
+class _Block:
+    """A row block of a made tensor, shared by the threads: ``data`` once made (``ready`` set
+    then, also when making it failed, ``data`` then None)."""
+
+    __slots__ = ("derived", "ready", "data")
+
+    def __init__(self, derived: Derived) -> None:
+        self.derived = derived  # held: the key is its id
+        self.ready = threading.Event()
+        self.data: np.ndarray | None = None
+
+
+_lock = threading.Lock()
+#: The row blocks made last, most recently read last, by (id of the made tensor, first row).
+_kept: OrderedDict[tuple[int, int], _Block] = OrderedDict()
 
 
 class Derived(NamedTuple):
@@ -115,30 +132,36 @@ class DerivedReader:
             done += k
 
     def _block(self, first: int, n: int, row_bytes: int) -> np.ndarray:
-        """Rows ``first..first+n-1``: kept by this thread, or made into the buffer of the block it
-        has not read for longest."""
-        import numpy as np
+        """Rows ``first..first+n-1``: from the blocks kept, or made here (while another thread
+        makes it, this one waits for it: each block is made once)."""
+        key = (id(self.derived), first)
+        with _lock:
+            entry = _kept.get(key)
+            mine = entry is None
+            if entry is None:
+                entry = _kept[key] = _Block(self.derived)
+                while len(_kept) > KEPT:
+                    _kept.popitem(last=False)  # a block being made stays its maker's and waiters'
+            else:
+                _kept.move_to_end(key)
+        if not mine:
+            entry.ready.wait()
+            if entry.data is None:
+                raise ReadError(f"{self.derived.location}: rows {first}..{first + n - 1} could not be made")
+            return entry.data
+        try:
+            from tensorsurgery.io.scratch import fresh
 
-        kept: list[list[object]] | None = getattr(_local, "kept", None)
-        if kept is None:
-            kept = _local.kept = []
-        for i, entry in enumerate(kept):
-            if entry[0] is self.derived and entry[1] == first:
-                kept.append(kept.pop(i))  # the most recently read last
-                return cast("np.ndarray", entry[2])
-        if len(kept) < KEPT:
-            entry = [None, -1, np.empty(0, np.uint8)]
-        else:
-            entry = kept.pop(0)
-        buf = cast("np.ndarray", entry[2])
-        if buf.size < n * row_bytes:
-            buf = np.empty(n * row_bytes, np.uint8)
-        entry[0], entry[1] = None, -1  # not a valid block while it is made (an error leaves it so)
-        op = cast("RowwiseOperation", self.derived.op)
-        made = op.rows_into(self.derived.inputs, self._readers, first, n, buf[:n * row_bytes])
-        entry[0], entry[1], entry[2] = self.derived, first, buf
-        kept.append(entry)
-        return made
+            op = cast("RowwiseOperation", self.derived.op)
+            entry.data = op.rows_into(self.derived.inputs, self._readers, first, n, fresh(n * row_bytes))
+        except BaseException:
+            with _lock:
+                if _kept.get(key) is entry:
+                    del _kept[key]
+            raise
+        finally:
+            entry.ready.set()
+        return entry.data
 
     def _elements(self, out: np.ndarray, offset: int) -> None:
         """``out`` filled from byte ``offset`` with the elements it covers."""
