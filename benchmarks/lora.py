@@ -21,6 +21,10 @@ attention projections), merged into every expert's ``gate_proj``/``up_proj``/``d
 ``--dora``: the adapters are DoRA ones (``use_dora``, a float32 ``lora_magnitude_vector`` per
 module), so each merged row is also normed and scaled.
 
+``--merge``: also a linear merge (weights 0.5, 0.5) of the base with the rank-16 adapter and a
+second model of the same shape, mergekit's ``model: BASE+ADAPTER`` (the adapted tensors made while
+the merge reads them: ``tensorsurgery.ops.derived``), beside the same merge without the adapter.
+
 ``--peft``: also ``peft merge_and_unload`` at each rank, as people merge today: transformers loads
 the whole base, peft merges every module and ``save_pretrained`` writes the output (the oracle the
 tests compare our bytes with, here for its time and memory).
@@ -30,7 +34,7 @@ Everything is written in a new folder under ``/dev/shm`` (or ``--workdir``) and 
 Usage::
 
     python benchmarks/lora.py [--size tiny|default] [--runs N] [--moe] [--dora] [--peft] [--workdir DIR]
-                              [--repo PATH] [--max-wait SECONDS] [--json]
+                              [--merge] [--repo PATH] [--max-wait SECONDS] [--json]
 """
 from __future__ import annotations
 
@@ -165,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--moe", action="store_true", help="a Qwen3-MoE base, LoRA on its fused expert parameters")
     p.add_argument("--dora", action="store_true", help="DoRA adapters (use_dora, a magnitude per row)")
     p.add_argument("--peft", action="store_true", help="also peft's merge_and_unload + save_pretrained")
+    p.add_argument("--merge", action="store_true", help="also a linear merge of the base+adapter with another model")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -192,6 +197,15 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     adapter_bytes = {r: make_adapter(work / f"adapter-r{r}", args.size, r, dora=args.dora, moe=args.moe)
                      for r in RANKS}
     out = bench / "out"
+    merges = {}
+    if args.merge:  # the base+adapter (r = 16) merged with a second model, and the same without the adapter
+        make_base(work / "other", args.size, seed=2, moe=args.moe)
+        for key, adapter in (("merge", f'adapter = "{work / f"adapter-r{RANKS[0]}"}"\n'), ("merge-plain", "")):
+            merges[key] = bench / f"{key}.toml"
+            merges[key].write_text(f'[sources.a]\nmodel = "{source}"\n{adapter}'
+                                   f'[sources.b]\nmodel = "{work / "other"}"\n[merge]\nmethod = "linear"\n'
+                                   f'[merge.models.a]\nweight = 0.5\n'
+                                   f'[merge.models.b]\nweight = 0.5\n[output]\npath = "{out / key}"\n')
     manifests = {}
     for r in RANKS:
         manifests[r] = bench / f"lora-r{r}.toml"
@@ -209,6 +223,7 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     spec = runner.build_spec(repo.path, copy, out / "raw", bench / "raw.json")
     assert spec["transforms"] == 0, spec["transforms"]
     kind = ("DoRA" if args.dora else "LoRA") + (" on experts" if args.moe else "")
+    with_adapter = f" + {kind} r={RANKS[0]}"
     rows = [
         runner.Approach("raw", "raw pipelined copy (baseline: the merged output's bytes)",
                         [sys.executable, str(runner.THIS), "--raw-copy", str(bench / "raw.json")], out / "raw"),
@@ -217,6 +232,9 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
         runner.Approach("verify", f"verify MANIFEST OUTPUT (r={RANKS[0]}: the merge made again)",
                         repo.ts("verify", str(manifests[RANKS[0]]), str(out / f"r{RANKS[0]}"), "--no-progress"),
                         after=f"lora-r{RANKS[0]}"),
+        *(runner.Approach(key, f"apply (linear merge of the base{with_adapter if key == 'merge' else ''} and "
+                                f"another model)", repo.ts("apply", str(m), "--no-progress"), out / key)
+          for key, m in merges.items()),
         *(runner.Approach(f"peft-r{r}", f"peft merge_and_unload + save_pretrained ({kind} r={r})",
                           [sys.executable, "-c", PEFT_MERGE, str(source), str(work / f"adapter-r{r}"),
                            str(out / f"peft-r{r}")], out / f"peft-r{r}") for r in (RANKS if args.peft else ())),
@@ -230,7 +248,7 @@ def _benchmark(args: argparse.Namespace, repo: runner.Repo, work: Path) -> int:
     ctx = {"dropped": 0, "why": None, "max_wait": args.max_wait, "tmpfs": True, "env": env}
     runner.run_all(rows, bench, args.runs, ctx)
     summary = runner.summarize(rows)
-    flags = [f"--{f}" for f in ("moe", "dora", "peft") if getattr(args, f)]
+    flags = [f"--{f}" for f in ("moe", "dora", "peft", "merge") if getattr(args, f)]
     command = " ".join(["python benchmarks/lora.py", "--size", args.size, "--runs", str(args.runs), *flags])
     m = runner.machine(work, repo)
     if args.json:

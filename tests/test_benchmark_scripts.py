@@ -85,12 +85,12 @@ def test_dequant_py_measures_dequantization_against_the_raw_copy(tmp_path):
 
 
 def test_lora_py_measures_an_adapter_merge_against_the_raw_copy(tmp_path):
-    """lora.py at its tiny size: the four rows ran, apply wrote the raw copy's shard bytes (plus
-    the small files), and everything it wrote is gone."""
+    """lora.py at its tiny size: the four rows and the two of ``--merge`` ran, apply wrote the raw
+    copy's shard bytes (plus the small files), and everything it wrote is gone."""
     result = json.loads(bench("lora.py", "--size", "tiny", "--runs", 1, "--max-wait", 0, "--workdir",
-                              tmp_path / "w", "--json", cwd=tmp_path))
+                              tmp_path / "w", "--merge", "--json", cwd=tmp_path))
     rows = {r["key"]: r for r in result["results"]}
-    assert set(rows) == {"raw", "lora-r16", "lora-r128", "verify"}
+    assert set(rows) == {"raw", "lora-r16", "lora-r128", "verify", "merge", "merge-plain"}
     assert all(s["exit"] == 0 for r in rows.values() for s in r["samples"])
     raw, apply = rows["raw"]["samples"][0], rows["lora-r16"]["samples"][0]
     assert raw["bytes_written"] > 0 and 0 < apply["bytes_written"] - raw["bytes_written"] < 1_000_000
