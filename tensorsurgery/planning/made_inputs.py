@@ -30,9 +30,6 @@ class MadeInputs:
     consumed: frozenset[tuple[str, str]]
 
 
-NONE = MadeInputs(MappingProxyType({}), frozenset())
-
-
 def made_inputs(sources: Sequence[str], checkpoints: Mapping[str, Checkpoint], fp8: Mapping[str, tuple[int, int]],
                 dtype: str | None, adapted: Mapping[str, Mapping[str, Recipe]]) -> MadeInputs:
     """The made inputs of the merged ``sources``: every FP8 weight of a source in ``fp8`` (its block

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from tensorsurgery.errors import AdapterError, ConsistencyError, PlanError
 from tensorsurgery.families.consistency import differing_sources, output_findings
@@ -332,9 +332,12 @@ def _merged(specs: TensorTable, positions: Mapping[str, int | None], merger: Mer
     output ``dtype`` (default: the merge dtype); the source tensors in ``consumed`` (read by a made
     input: an FP8 weight's scale) are not output tensors."""
     merged = TableBuilder()
-    kept = [s for s in specs if not (s.inputs and (s.inputs[0].source, s.inputs[0].key) in consumed)]
-    merger = merger.with_draws((s.inputs[0].key, s.shape, positions[s.name]) for s in kept if s.inputs)
-    for s in kept:
+
+    def kept() -> Iterator[OutputTensor]:  # twice over the table, each tensor made as it goes
+        return (s for s in specs if not (s.inputs and (s.inputs[0].source, s.inputs[0].key) in consumed))
+
+    merger = merger.with_draws((s.inputs[0].key, s.shape, positions[s.name]) for s in kept() if s.inputs)
+    for s in kept():
         if s.op is not COPY or not s.inputs:
             raise PlanError(f"{merger.where}: tensor {s.name!r} is planned as {s.transform!r}, which a merge cannot "
                             f"combine with; merge models that need no rename that permutes or fills tensors")
