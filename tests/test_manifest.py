@@ -405,15 +405,7 @@ _MERGE = '[merge]\nmethod = "linear"\n[merge.models.a]\nweight = 1\n[merge.model
     ('[layers]\nplan = "dus"\noverlap = 8\n',
      "layers.plan: 'dus' with [merge]: a merge keeps the layers as they are; to merge parts of models, give "
      "[[merge.slices]]"),
-    ('adapter = "./lora"\n',
-     "sources.b.adapter: a LoRA adapter in a merge of slices is not supported yet; merge the adapter into its model "
-     "first, then merge that model"),
 ])
 def test_merge_refusals_name_the_key(tmp_path, extra, expected):
-    # ``extra`` goes into [sources.b] (an adapter, refused in a merge of slices) or is a table of its own
-    merge = _MERGE if extra.startswith("[") else _MERGE.replace(
-        '[merge.models.a]\nweight = 1\n[merge.models.b]\nweight = 1\n',
-        '[[merge.slices]]\nsources = [{ source = "a", layers = [0, 2], parameters = { weight = 1 } }, '
-        '{ source = "b", layers = [0, 2], parameters = { weight = 1 } }]\n')
-    path, message = manifest_error(tmp_path, f'[sources.a]\nmodel = "./a"\n[sources.b]\nmodel = "./b"\n{extra}{merge}')
+    path, message = manifest_error(tmp_path, f'[sources.a]\nmodel = "./a"\n[sources.b]\nmodel = "./b"\n{extra}{_MERGE}')
     assert message == f"{path}: {expected}", message

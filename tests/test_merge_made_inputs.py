@@ -165,3 +165,29 @@ def test_made_inputs_are_the_same_bytes_on_any_thread_count(capsys, tmp_path, mo
         out = same_bytes_on_threads(capsys, folder, manifest)
         code, text, _ = run(capsys, "verify", manifest, out, "--no-progress")
         assert code == 0 and "every byte matches" in text, text
+
+
+def test_a_model_with_an_adapter_in_a_merge_of_slices_is_mergekits(capsys, tmp_path, models):
+    """slices: a linear merge of layers 0-1 of ft0+LoRA and ft1, then layers 2-3 of the same: each
+    layer's adapted tensors are made from that layer's own base tensors; bitwise mergekit's."""
+    adapted = f"{models['ft0']}+{models['lora']}"
+    config = {"merge_method": "linear", "slices": [
+        {"sources": [{"model": adapted, "layer_range": [a, b], "parameters": {"weight": 0.6}},
+                     {"model": str(models["ft1"]), "layer_range": [a, b], "parameters": {"weight": 0.4}}]}
+        for a, b in ((0, 2), (2, 4))]}
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    theirs = tmp_path / "theirs"
+    run_merge(MergeConfiguration.model_validate(config), str(theirs), options=MergeOptions(
+        device="cpu", copy_tokenizer=False, write_model_card=False, lazy_unpickle=False, clone_tensors=True,
+        quiet=True, lora_merge_cache=str(tmp_path / "lora-cache")))
+    manifest = tmp_path / "m.yml"
+    manifest.write_text(yaml.safe_dump(config, sort_keys=False))
+    ours = tmp_path / "ours"
+    code, out, err = run(capsys, "apply", manifest, "--output", ours, "--no-progress")
+    assert code == 0, out + err
+    assert_bitwise_equal(read_all(theirs), read_all(ours))
+    code, out, _ = run(capsys, "verify", manifest, ours, "--no-progress")
+    assert code == 0 and "every byte matches" in out, out

@@ -371,10 +371,6 @@ def test_refusals_are_one_line_and_write_nothing(capsys, tmp_path, models):
         ({"merge_method": "linear", "models": [{"model": f"{models['ft0']}+{models['ft1']}",
                                                 "parameters": {"weight": 1}}, *two[1:]]},
          f"sources.ft0: adapter '{models['ft1']}': not a peft adapter folder"),
-        ({"merge_method": "linear", "slices": [{"sources": [
-            {"model": f"{models['ft0']}+{models['ft1']}", "layer_range": [0, 4], "parameters": {"weight": 1}},
-            {"model": str(models["ft1"]), "layer_range": [0, 4], "parameters": {"weight": 1}}]}]},
-         "slices[0].sources[0].model: a LoRA adapter (+ADAPTER) in a merge of slices is not supported yet"),
     ]
     for config, expected in cases:
         message = error_line(*run(capsys, "apply", _yaml(tmp_path, config), "--output", out))

@@ -184,7 +184,7 @@ def _sliced_manifest(path: Path, text: str, data: dict[str, Any], method: Any) -
         error, data.get("tokenizer_source"), by_path, "tokenizer_source"))
     return Manifest(
         path=path, text=text,
-        sources=tuple(SourceSpec(names[m], m[0], m[1]) for m in models),
+        sources=tuple(SourceSpec(names[m], m[0], m[1], *_adapter_ref(m[2])) for m in models),
         rename=RenameSpec(),
         layers=LayersSpec(plan="explicit",
                           arrangement=tuple(Segment(*seg) for seg in arrangement(spec, names[models[0]]))),
@@ -210,9 +210,6 @@ def _merge_slice(path: Path, i: int, item: Any) -> tuple[dict[str, Any], list[tu
         if "model" not in source:
             raise ManifestError(f"{path}: {at}.model: missing; give a local folder or a Hugging Face repo id")
         model = _model(path, f"{at}.model", source["model"])
-        if model[2]:
-            raise ManifestError(f"{path}: {at}.model: a LoRA adapter (+ADAPTER) in a merge of slices is not supported "
-                                f"yet; merge the adapter into its model first, then merge that model")
         rng = source.get("layer_range")
         if not (isinstance(rng, list) and len(rng) == 2 and all(type(x) is int for x in rng) and 0 <= rng[0] < rng[1]):
             raise ManifestError(f"{path}: {at}.layer_range: expected [start, stop] with 0 <= start < stop "

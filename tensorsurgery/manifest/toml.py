@@ -183,11 +183,6 @@ def parse_manifest(path: Path, text: str, data: Mapping[str, Any]) -> Manifest:
     output = _parse_output(root.sub("output", required=True))
     merge = _parse_merge(root.sub("merge"), names) if "merge" in root.table else None
     if merge is not None:
-        for s in srcs:
-            if s.adapter is not None and merge.slices:
-                raise root.error(f"sources.{s.name}.adapter", "a LoRA adapter in a merge of slices is not supported "
-                                                              "yet; merge the adapter into its model first, then "
-                                                              "merge that model")
         if merge.slices and "layers" in root.table:
             raise root.error("layers", "given with [[merge.slices]]: the slices say which layers are merged; "
                                        "remove [layers]")

@@ -228,7 +228,7 @@ def build_plan(manifest: Manifest, checkpoints: Mapping[str, Checkpoint], *, lin
     if manifest.merge and positions is not None:
         # A merged source's dequantized or adapted tensors are made inputs of the merge.
         recipes, adapters = _adapter_recipes(manifest, checkpoints)
-        made = made_inputs(manifest.merge.sources, checkpoints, fp8, dtype, recipes)
+        made = made_inputs([s.name for s in manifest.sources], checkpoints, fp8, dtype, recipes)
         specs = _merged(specs, positions, Merger(manifest.merge, checkpoints, len(arrangement), str(manifest.path),
                                                  out_dtype=dtype, made=made.inputs), dtype, made.consumed)
     else:
