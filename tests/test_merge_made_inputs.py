@@ -2,7 +2,8 @@
 (mergekit's ``model: BASE+ADAPTER``, which mergekit merges with peft's ``merge_and_unload`` first)
 bitwise equal to mergekit 0.1.5's merge, through both doors; an FP8 model merged as the merge of
 its dequantization (the two steps done in one manifest give the bytes of the two runs); verify
-re-derives both and finds a flipped byte; the record names the made inputs."""
+re-derives both and finds a flipped byte; the record names the made inputs; transformers loads
+the merge with nothing missing, computing mergekit's logits."""
 from __future__ import annotations
 
 import json
@@ -74,14 +75,7 @@ def _toml(paths: dict[str, Path], method: str, out: Path) -> str:
 @pytest.mark.parametrize("door", ["yaml", "toml"])
 def test_a_model_with_an_adapter_merges_as_mergekit_merges_it(capsys, tmp_path, models, method, door):
     config = _lora_config(models, method)
-    theirs = tmp_path / "theirs"
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    run_merge(MergeConfiguration.model_validate(config), str(theirs), options=MergeOptions(
-        device="cpu", copy_tokenizer=False, write_model_card=False, lazy_unpickle=False, clone_tensors=True,
-        quiet=True, lora_merge_cache=str(tmp_path / "lora-cache")))
+    theirs = mergekit(config, tmp_path / "theirs", lora_merge_cache=str(tmp_path / "lora-cache"))
     ours = tmp_path / "ours"
     manifest = tmp_path / f"m.{'yml' if door == 'yaml' else 'toml'}"
     manifest.write_text(yaml.safe_dump(config, sort_keys=False) if door == "yaml" else _toml(models, method, ours))
@@ -108,6 +102,13 @@ def test_a_model_with_an_adapter_merges_as_mergekit_merges_it(capsys, tmp_path, 
     assert "(lora)" in " ".join(i["source_file"] for i in inputs), inputs
     code, out, _ = run(capsys, "verify", manifest, ours, "--no-progress")
     assert code == 0 and "every byte matches" in out, out
+    if method == "linear":  # a model transformers loads whole, computing what mergekit's computes
+        model, info = AutoModelForCausalLM.from_pretrained(ours, output_loading_info=True)
+        assert not any(info.values()), info
+        ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+        reference = AutoModelForCausalLM.from_pretrained(theirs).eval()
+        with torch.no_grad():
+            assert torch.equal(model.eval()(ids).logits, reference(ids).logits)
     if method == "slerp" and door == "yaml":
         flipped_byte_found(capsys, manifest, ours, "slerp")
 
@@ -175,14 +176,7 @@ def test_a_model_with_an_adapter_in_a_merge_of_slices_is_mergekits(capsys, tmp_p
         {"sources": [{"model": adapted, "layer_range": [a, b], "parameters": {"weight": 0.6}},
                      {"model": str(models["ft1"]), "layer_range": [a, b], "parameters": {"weight": 0.4}}]}
         for a, b in ((0, 2), (2, 4))]}
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    theirs = tmp_path / "theirs"
-    run_merge(MergeConfiguration.model_validate(config), str(theirs), options=MergeOptions(
-        device="cpu", copy_tokenizer=False, write_model_card=False, lazy_unpickle=False, clone_tensors=True,
-        quiet=True, lora_merge_cache=str(tmp_path / "lora-cache")))
+    theirs = mergekit(config, tmp_path / "theirs", lora_merge_cache=str(tmp_path / "lora-cache"))
     manifest = tmp_path / "m.yml"
     manifest.write_text(yaml.safe_dump(config, sort_keys=False))
     ours = tmp_path / "ours"

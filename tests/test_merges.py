@@ -70,15 +70,16 @@ def tied_models(tmp_path_factory) -> dict[str, Path]:
     return _family(tmp_path_factory.mktemp("tied"), ("ft0", "ft1"), tied=True)
 
 
-def mergekit(config: dict[str, Any], out: Path) -> Path:
-    """Stock mergekit 0.1.5's merge of ``config``, on the CPU."""
+def mergekit(config: dict[str, Any], out: Path, **options: Any) -> Path:
+    """Stock mergekit 0.1.5's merge of ``config``, on the CPU (``options``: more of its MergeOptions,
+    such as ``lora_merge_cache``)."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     run_merge(MergeConfiguration.model_validate(config), str(out), options=MergeOptions(
         device="cpu", copy_tokenizer=False, write_model_card=False, lazy_unpickle=False, clone_tensors=True,
-        quiet=True))
+        quiet=True, **options))
     return out
 
 

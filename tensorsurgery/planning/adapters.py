@@ -33,11 +33,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _FLOATS = ("F32", "BF16", "F16")
 
-
-def _advice(dtype: str) -> str:
-    """What to do about a base tensor of ``dtype`` that is not a float a LoRA merges: a quantized
-    model (FP8 blocks, MXFP4's U8) can be dequantized first."""
-    return "" if dtype in _FLOATS else f" ({dtype}: a quantized model); {DEQUANTIZE_FIRST}"
 #: The suffix of a DoRA module's magnitude vector (peft saves it without ``.weight``).
 _MAGNITUDE = ".lora_magnitude_vector"
 #: The suffix of ``lora_B``'s bias (``lora_bias``).
@@ -46,6 +41,12 @@ _BIAS = ".lora_B.bias"
 _FACTORS = ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", ".lora_embedding_B", True))
 #: Bytes read at a time when hashing the adapter files.
 _HASH_CHUNK = 1 << 20
+
+
+def _advice(dtype: str) -> str:
+    """What to do about a base tensor of ``dtype`` that is not a float a LoRA merges: a quantized
+    model (FP8 blocks, MXFP4's U8) can be dequantized first."""
+    return "" if dtype in _FLOATS else f" ({dtype}: a quantized model); {DEQUANTIZE_FIRST}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,12 +11,11 @@ from math import prod
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
-from tensorsurgery.errors import AdapterError
 from tensorsurgery.formats.dtypes import element_size
 from tensorsurgery.ops import LoraBias, LoraMerge
 from tensorsurgery.ops.base import ByteRange, Input, Operation
 from tensorsurgery.ops.derived import Derived, derivable
-from tensorsurgery.planning.adapters import Recipe
+from tensorsurgery.planning.adapters import Recipe, source_inputs
 from tensorsurgery.planning.quantized import dequant_recipe
 from tensorsurgery.sources.checkpoint import Checkpoint
 
@@ -38,34 +37,28 @@ def made_inputs(sources: Sequence[str], checkpoints: Mapping[str, Checkpoint], f
 
     Raises:
         QuantizationError: an FP8 weight without its scale, or of another FP8 format.
-        AdapterError: an adapter recipe that cannot be read in pieces (none today).
     """
     inputs: dict[tuple[str, str], Input] = {}
     consumed: set[tuple[str, str]] = set()
-    for source in dict.fromkeys(sources):
+    for source in sources:
         ckpt = checkpoints[source]
         if source in fp8 and dtype is not None:
-            for key, shard in ckpt.weight_map.items():
-                header = ckpt.headers[shard]
-                entry = header.tensors[key]
-                if not entry.dtype.startswith("F8_"):
-                    continue
-                raw = Input(source, key, entry.dtype, entry.shape,
-                            ByteRange(header.source, header.data_start + entry.start, entry.nbytes))
+            quantized = [k for k, shard in ckpt.weight_map.items()
+                         if ckpt.headers[shard].tensors[k].dtype.startswith("F8_")]
+            for key, raw in source_inputs(ckpt.weight_map, ckpt.headers, source, quantized).items():
                 pair, dequant = dequant_recipe(raw, ckpt, fp8[source], dtype)
                 consumed.add((source, pair[1].key))
-                inputs[source, key] = _made(source, key, dtype, entry.shape, pair, dequant)
-        for key, (recipe, op) in adapted.get(source, {}).items():
-            shard = ckpt.weight_map[key]
-            entry = ckpt.headers[shard].tensors[key]
+                inputs[source, key] = _made(source, key, dtype, raw.shape, pair, dequant)
+        recipes = adapted.get(source, {})
+        for key, base in source_inputs(ckpt.weight_map, ckpt.headers, source, recipes).items():
+            recipe, op = recipes[key]
+            # every recipe an adapter makes is rowwise or elementwise: read in any order
+            assert derivable(op), op.label
             # peft's merged model is in the base's dtype, modules_to_save too (loaded into the base's
             # module); mergekit reads it as saved
             made = (op.dtype if isinstance(op, LoraMerge) else op.merge_dtype if isinstance(op, LoraBias)
-                    else entry.dtype)
-            if not derivable(op):
-                raise AdapterError(f"sources.{source}: tensor {key!r}: its adapter recipe ({op.label}) cannot be "
-                                   f"merged with other models yet; merge the adapter into its model first")
-            inputs[source, key] = _made(source, key, made, entry.shape, recipe, op)
+                    else base.dtype)
+            inputs[source, key] = _made(source, key, made, base.shape, recipe, op)
     return MadeInputs(MappingProxyType(inputs), frozenset(consumed))
 
 
